@@ -1,0 +1,224 @@
+"""Capture activations at several sites in one forward pass, stopping after the deepest one.
+
+>>> acts = capture(model, ["Today is Monday."], ["blocks.6.hook_resid_post"], tokenizer=tok)
+>>> acts["blocks.6.hook_resid_post"].shape        # [batch, seq, d_model]
+>>> acts.attention_mask                            # which positions are real tokens
+
+Only this module's hooks are added and removed (by handle, also when the forward raises), the
+model's training flag, attention implementation and parameters are left as they were.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from interp.errors import InputError, SiteError
+from interp.sites import Site, add_read_hook, remove_hooks, resolve, unwrap
+
+Positions = None | str | int | Sequence[int] | Tensor
+
+
+class _StopForward(Exception):
+    """Raised by the stop hook once every requested site has been recorded."""
+
+
+class Activations(dict):
+    """``{site name: tensor}`` plus the tokens and attention mask they came from."""
+
+    input_ids: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+
+
+def tokenize(tokenizer, texts: str | Sequence[str], **kwargs) -> dict[str, Tensor]:
+    """Tokenize with padding; a tokenizer without a pad token pads with EOS (restored after)."""
+    if tokenizer is None:
+        raise InputError("inputs are text, so a tokenizer is needed: pass tokenizer=... "
+                         "(interp.load_model returns one), or pass input_ids instead")
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    had_pad = tokenizer.pad_token is not None
+    if not had_pad:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, **kwargs)
+    finally:
+        if not had_pad:
+            tokenizer.pad_token = None
+    return dict(enc)
+
+
+def as_batch(inputs, tokenizer=None) -> dict[str, Tensor]:
+    """Normalise text, token ids or a tokenizer's output to ``{input_ids, attention_mask, ...}``."""
+    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(x, str) for x in inputs)):
+        return tokenize(tokenizer, inputs)
+    if isinstance(inputs, Tensor):
+        if inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() not in (1, 2):
+            raise InputError(f"token ids must be an integer tensor [batch, seq] or [seq]; got "
+                             f"{inputs.dtype} with shape {tuple(inputs.shape)}")
+        ids = inputs.long().reshape(-1, inputs.shape[-1])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if isinstance(inputs, Mapping) and "input_ids" in inputs:
+        batch = {k: v for k, v in inputs.items() if isinstance(v, Tensor)}
+        ids = batch["input_ids"]
+        if ids.dim() == 1:
+            batch = {k: v.unsqueeze(0) for k, v in batch.items()}
+        batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+        return batch
+    raise InputError(
+        "inputs must be a string, a list of strings (with tokenizer=), an integer tensor of token ids, "
+        f"or a dict with 'input_ids' (a tokenizer's output); got {type(inputs).__name__}"
+        + (" (empty)" if isinstance(inputs, Sequence) and not inputs else "")
+    )
+
+
+def position_ids_for(mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+    """Index of the last real token of each row, for left or right padding."""
+    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), idx, -1).max(dim=1).values
+
+
+def select_positions(x: Float[Tensor, "batch seq d"], positions: Positions, mask: Tensor) -> Tensor:
+    """Apply a ``positions`` argument (see :func:`capture`) to a ``[batch, seq, d]`` tensor."""
+    if positions is None:
+        return x
+    b, s = x.shape[:2]
+    if isinstance(positions, str):
+        if positions != "last":
+            raise InputError(f"positions={positions!r}: the only named choice is 'last' (last real token)")
+        return x[torch.arange(b, device=x.device), last_token_index(mask).to(x.device)]
+    if isinstance(positions, int):
+        positions = [positions]
+    pos = torch.as_tensor(positions, device=x.device)
+    if pos.dtype == torch.bool:
+        if tuple(pos.shape) != (b, s):
+            raise InputError(f"a boolean positions mask must have shape [batch, seq] = {(b, s)}, got {tuple(pos.shape)}")
+        return x[pos]
+    if pos.dim() == 1:
+        pos = pos.expand(b, -1)
+    if pos.dim() != 2 or pos.shape[0] != b:
+        raise InputError(f"positions must be [n] or [batch, n] integers; got shape {tuple(pos.shape)} for batch {b}")
+    if ((pos >= s) | (pos < -s)).any():
+        raise InputError(f"positions {pos.tolist()} are out of range for sequences of length {s}")
+    pos = pos % s
+    return torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _forward_kwargs(hf: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    params = inspect.signature(hf.forward).parameters
+    kw = {k: v for k, v in batch.items() if k in params or k in ("input_ids", "attention_mask")}
+    if "position_ids" in params and "position_ids" not in kw:
+        kw["position_ids"] = position_ids_for(batch["attention_mask"])
+    if "use_cache" in params:
+        kw["use_cache"] = False
+    return kw
+
+
+def run_to_sites(model: nn.Module, batch: dict[str, Tensor], sites: Sequence[Site], stop_early: bool = True):
+    """Run the forward pass; with `stop_early`, raise out of it once the deepest site is reached.
+
+    Returns the model output, or None when the pass was stopped early.
+    """
+    hf = unwrap(model)
+    handles: list = []
+    deepest = max(sites, key=lambda s: s.order)
+    if stop_early and deepest.order[0] < (1 << 30):
+        if deepest.block is not None and deepest.order[1] >= 6:  # raw path inside a block
+            stop = Site("stop", deepest.block, "output", deepest.layer, deepest.order)
+        else:
+            stop = deepest
+
+        def raise_stop(_value):
+            raise _StopForward
+
+        handles += add_read_hook(stop, raise_stop)
+    device = next(hf.parameters()).device
+    kw = _forward_kwargs(hf, {k: v.to(device) for k, v in batch.items()})
+    try:
+        with torch.no_grad():
+            return hf(**kw)
+    except _StopForward:
+        return None
+    finally:
+        remove_hooks(handles)
+
+
+def capture(
+    model: nn.Module,
+    inputs,
+    sites: str | Sequence[str],
+    *,
+    positions: Positions = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    tokenizer=None,
+    batch_size: int | None = None,
+    stop_early: bool = True,
+    progress: bool | None = None,
+) -> Activations:
+    """Capture the activations at `sites` for `inputs`.
+
+    Args:
+        model: a Hugging Face model, or a TransformerLens ``TransformerBridge`` around one.
+        inputs: text (with ``tokenizer=``), token ids ``[batch, seq]``, or a tokenizer's output.
+        sites: one name or several (see :mod:`interp.sites`); all are read in one forward pass.
+        positions: None for every position (``[batch, seq, d]``); ``"last"`` for the last real
+            token of each row (``[batch, d]``); integers ``[n]`` or ``[batch, n]`` for absolute
+            positions (``[batch, n, d]``); a boolean ``[batch, seq]`` mask (``[n_true, d]``).
+        dtype: dtype of the returned tensors (default: the model's).
+        device: where the returned tensors live (default CPU, so GPU memory is not held).
+        batch_size: split the rows into forward passes of this many (with a progress bar).
+        stop_early: stop the forward pass after the deepest requested site.
+    """
+    names = [sites] if isinstance(sites, (str, Site)) else list(sites)
+    if not names:
+        raise InputError("sites is empty: name at least one site, e.g. 'blocks.6.hook_resid_post'")
+    resolved = [resolve(model, n) for n in names]
+    batch = as_batch(inputs, tokenizer)
+    n = batch["input_ids"].shape[0]
+    if n == 0 or batch["input_ids"].shape[1] == 0:
+        raise InputError(f"inputs hold no tokens (input_ids shape {tuple(batch['input_ids'].shape)})")
+    step = batch_size or n
+    pos_t = positions if not isinstance(positions, Tensor) or positions.dim() < 2 else None
+    out: dict[str, list[Tensor]] = {s.name: [] for s in resolved}
+    chunks = range(0, n, step)
+    bar = tqdm(chunks, desc="capture", unit="batch", disable=not (progress if progress is not None else len(chunks) > 1))
+    for start in bar:
+        chunk = {k: v[start:start + step] for k, v in batch.items()}
+        mask = chunk["attention_mask"]
+        pos = pos_t if pos_t is not None or positions is None else positions[start:start + step]
+        got: dict[str, Tensor] = {}
+        handles: list = []
+
+        def recorder(site: Site):
+            def record(value: Tensor) -> None:
+                if site.name not in got:  # a module called twice records its first call
+                    got[site.name] = select_positions(value.detach(), pos, mask.to(value.device)).to(
+                        device=device, dtype=dtype or value.dtype)
+            return record
+
+        try:
+            for s in resolved:
+                handles += add_read_hook(s, recorder(s))
+            run_to_sites(model, chunk, resolved, stop_early)
+        finally:
+            remove_hooks(handles)
+        missing = [s.name for s in resolved if s.name not in got]
+        if missing:
+            raise SiteError(f"sites {missing} were registered but never reached by the forward pass of "
+                            f"{type(unwrap(model)).__name__}; they cannot be captured on this model")
+        for k, v in got.items():
+            out[k].append(v)
+    acts = Activations({k: torch.cat(v) for k, v in out.items()})
+    acts.input_ids = batch["input_ids"]
+    acts.attention_mask = batch["attention_mask"]
+    return acts

@@ -1,0 +1,223 @@
+"""Subspace: what joins "find a feature" to "edit the model".
+
+An orthonormal basis ``[rank, d_model]``, an origin ``[d_model]``, and optionally a coordinate map
+from an attribute value to a point of the subspace:
+
+* :class:`CircleMap` -- an angle (or a class placed on a circle, e.g. a weekday) to a 2-D point;
+* :class:`LinearMap` -- a number (a year, a latitude) to a point, ``intercept + value * slope``;
+* :class:`TableMap`  -- a class label to its mean coordinates.
+
+Every feature finder returns a Subspace; every intervention consumes one. Saved as
+``subspace.safetensors`` + ``subspace.json`` (atomic writes, no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from interp.errors import InputError
+
+
+@dataclass
+class CircleMap:
+    """Points ``center + radius * (cos a, sin a)`` in the first two coordinates of the subspace."""
+
+    center: Float[Tensor, "2"]
+    radius: float
+    angles: dict[str, float] = field(default_factory=dict)
+    """Fitted angle (radians) of each named class, e.g. {"Monday": 0.0, ...}."""
+
+    kind = "circle"
+
+    def to_coords(self, value: float | str) -> Tensor:
+        angle = self.angles[value] if isinstance(value, str) else float(value)
+        return self.center + self.radius * torch.tensor([math.cos(angle), math.sin(angle)], dtype=self.center.dtype)
+
+    def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
+        """Angle (radians, in (-pi, pi]) of each point."""
+        d = coords[..., :2] - self.center.to(coords)
+        return torch.atan2(d[..., 1], d[..., 0])
+
+
+@dataclass
+class LinearMap:
+    """``intercept + value * slope`` (a numeric attribute along a line in the subspace)."""
+
+    intercept: Float[Tensor, " rank"]
+    slope: Float[Tensor, " rank"]
+
+    kind = "linear"
+
+    def to_coords(self, value: float) -> Tensor:
+        return self.intercept + float(value) * self.slope
+
+    def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
+        s = self.slope.to(coords)
+        return ((coords - self.intercept.to(coords)) @ s) / (s @ s)
+
+
+@dataclass
+class TableMap:
+    """Each class label to its mean coordinates."""
+
+    labels: list[str]
+    coords: Float[Tensor, "n_classes rank"]
+
+    kind = "table"
+
+    def to_coords(self, value: str) -> Tensor:
+        if value not in self.labels:
+            raise InputError(f"unknown class {value!r}; this subspace knows {self.labels}")
+        return self.coords[self.labels.index(value)]
+
+    def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
+        """Index of the nearest class mean."""
+        return torch.cdist(coords.reshape(-1, coords.shape[-1]), self.coords.to(coords)).argmin(-1).reshape(coords.shape[:-1])
+
+
+CoordMap = CircleMap | LinearMap | TableMap
+_MAPS = {"circle": CircleMap, "linear": LinearMap, "table": TableMap}
+
+
+class Subspace:
+    """An affine subspace ``origin + span(basis)`` of the residual stream."""
+
+    def __init__(self, basis: Float[Tensor, "rank d_model"], origin: Float[Tensor, " d_model"] | None = None,
+                 coord_map: CoordMap | None = None, *, name: str = "", meta: dict[str, Any] | None = None,
+                 orthonormalize: bool = True):
+        basis = torch.as_tensor(basis)
+        if basis.dim() == 1:
+            basis = basis[None]
+        if basis.dim() != 2 or basis.shape[0] == 0 or basis.shape[0] > basis.shape[1]:
+            raise InputError(f"basis must be [rank, d_model] with 1 <= rank <= d_model; got {tuple(basis.shape)}")
+        basis = basis.float()
+        if orthonormalize:
+            q, r = torch.linalg.qr(basis.T)
+            basis = (q * torch.sign(torch.diagonal(r))).T.contiguous()  # keeps each row's direction
+        self.basis = basis
+        self.origin = torch.zeros(basis.shape[1]) if origin is None else torch.as_tensor(origin).float()
+        if self.origin.shape != (basis.shape[1],):
+            raise InputError(f"origin must be [d_model={basis.shape[1]}]; got {tuple(self.origin.shape)}")
+        self.coord_map = coord_map
+        self.name = name
+        self.meta = dict(meta or {})
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[0]
+
+    @property
+    def d_model(self) -> int:
+        return self.basis.shape[1]
+
+    def __repr__(self) -> str:
+        cm = f", map={self.coord_map.kind}" if self.coord_map is not None else ""
+        return f"Subspace(rank={self.rank}, d_model={self.d_model}{cm}{', name=' + repr(self.name) if self.name else ''})"
+
+    def _bo(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if x.shape[-1] != self.d_model:
+            raise InputError(f"activations must end in d_model={self.d_model}; got shape {tuple(x.shape)}")
+        return self.basis.to(device=x.device, dtype=x.dtype), self.origin.to(device=x.device, dtype=x.dtype)
+
+    def project(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... rank"]:
+        """Coordinates of `x` in the subspace: ``(x - origin) @ basis.T``."""
+        b, o = self._bo(x)
+        return (x - o) @ b.T
+
+    def reconstruct(self, coords: Float[Tensor, "... rank"]) -> Float[Tensor, "... d_model"]:
+        """The point ``origin + coords @ basis``."""
+        b = self.basis.to(coords)
+        return self.origin.to(coords) + coords @ b
+
+    def component(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """The part of ``x - origin`` that lies in the subspace."""
+        b, _ = self._bo(x)
+        return self.project(x) @ b
+
+    def remove(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+        """``x`` with its in-subspace part (relative to the origin) removed."""
+        return x - self.component(x)
+
+    def with_coords(self, x: Float[Tensor, "... d_model"], coords: Float[Tensor, "... rank"]) -> Tensor:
+        """``x`` moved so that its coordinates are `coords`; the orthogonal part is kept."""
+        b, _ = self._bo(x)
+        return x + (coords.to(x) - self.project(x)) @ b
+
+    def to_coords(self, value) -> Tensor:
+        """Coordinates of an attribute value through the coordinate map."""
+        if self.coord_map is None:
+            raise InputError(f"{self!r} has no coordinate map; pass coordinates directly")
+        return self.coord_map.to_coords(value)
+
+    def from_coords(self, coords: Tensor) -> Tensor:
+        if self.coord_map is None:
+            raise InputError(f"{self!r} has no coordinate map")
+        return self.coord_map.from_coords(coords)
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``<path>/subspace.safetensors`` and ``<path>/subspace.json`` atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {"basis": self.basis.contiguous(), "origin": self.origin.contiguous()}
+        info: dict[str, Any] = {"format": "interp.subspace/1", "name": self.name, "meta": self.meta,
+                                "rank": self.rank, "d_model": self.d_model, "coord_map": None}
+        cm = self.coord_map
+        if cm is not None:
+            info["coord_map"] = {"kind": cm.kind}
+            if isinstance(cm, CircleMap):
+                tensors["map.center"] = cm.center.float().contiguous()
+                info["coord_map"].update(radius=float(cm.radius), angles=cm.angles)
+            elif isinstance(cm, LinearMap):
+                tensors["map.intercept"] = cm.intercept.float().contiguous()
+                tensors["map.slope"] = cm.slope.float().contiguous()
+            else:
+                tensors["map.coords"] = cm.coords.float().contiguous()
+                info["coord_map"]["labels"] = list(cm.labels)
+        for fname, write in (("subspace.safetensors", lambda p: save_file(tensors, p)),
+                             ("subspace.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))):
+            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{fname}.")
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, path / fname)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Subspace:
+        path = Path(path)
+        try:
+            info = json.loads((path / "subspace.json").read_text())
+            t = load_file(str(path / "subspace.safetensors"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable subspace folder (subspace.json + "
+                             f"subspace.safetensors): {e}") from e
+        if info.get("format") != "interp.subspace/1":
+            raise InputError(f"{path / 'subspace.json'}: unknown format {info.get('format')!r}")
+        cm = info.get("coord_map")
+        coord_map = None
+        if cm:
+            if cm["kind"] == "circle":
+                coord_map = CircleMap(t["map.center"], cm["radius"], dict(cm.get("angles", {})))
+            elif cm["kind"] == "linear":
+                coord_map = LinearMap(t["map.intercept"], t["map.slope"])
+            elif cm["kind"] == "table":
+                coord_map = TableMap(list(cm["labels"]), t["map.coords"])
+            else:
+                raise InputError(f"{path}: unknown coordinate map {cm['kind']!r}; known: {sorted(_MAPS)}")
+        return cls(t["basis"], t["origin"], coord_map, name=info.get("name", ""), meta=info.get("meta"),
+                   orthonormalize=False)

@@ -1,0 +1,1 @@
+"""probes: k-sparse and dense probes on activations."""

@@ -1,0 +1,166 @@
+"""The contract every sparse autoencoder meets, and the registry keyed by architecture name.
+
+Vocabulary (the same in every module): ``d_model``, ``d_sae``, ``k``,
+``W_enc [d_model, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``, ``b_dec [d_model]``.
+
+An architecture is a subclass of :class:`SAE` with its own frozen config subclass of
+:class:`SAEConfig`, registered with ``@register("name")``. ``SAE.forward`` always returns
+:class:`SaeOutput`; device and dtype are read from the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from interp.errors import InterpError
+
+
+class SAEError(InterpError):
+    """An SAE configuration, checkpoint or call that cannot work."""
+
+
+class SaeOutput(NamedTuple):
+    """What every SAE's ``forward`` returns."""
+
+    x_hat: Float[Tensor, "... d_model"]
+    """The reconstruction."""
+    codes: Float[Tensor, "... d_sae"]
+    """Latent activations (dense; zeros where inactive)."""
+    pre_acts: Float[Tensor, "... d_sae"] | None
+    """Encoder pre-activations before the sparsifying nonlinearity (None where not defined)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEConfig:
+    """Fields shared by every architecture. Subclasses add their own (``k``, ``l1_coeff`` ...)."""
+
+    d_model: int
+    """Width of the activations the SAE reads."""
+    d_sae: int
+    """Number of latents (dictionary size)."""
+    apply_b_dec_to_input: bool = True
+    """Subtract ``b_dec`` from the input before encoding (SAELens' convention)."""
+
+    architecture: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "d_sae"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SAEError(f"{type(self).__name__}.{name} must be a positive integer, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        """Build from a dict, refusing unknown keys (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        extra = set(d) - names - {"architecture"}
+        if extra:
+            raise SAEError(f"{cls.__name__} got unknown fields {sorted(extra)}; valid fields: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SAE(nn.Module):
+    """Base class. Subclasses implement :meth:`encode_pre` and :meth:`activation` (or override
+    :meth:`encode`), and may override :meth:`decode` and :meth:`loss`."""
+
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    architecture: ClassVar[str] = ""
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise SAEError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(cfg).__name__}")
+        self.cfg = cfg
+        d, m = cfg.d_model, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d, m))
+        self.b_enc = nn.Parameter(torch.zeros(m))
+        self.W_dec = nn.Parameter(torch.empty(m, d))
+        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+        with torch.no_grad():
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_model)
+            w /= w.norm(dim=1, keepdim=True)
+            self.W_dec.copy_(w)
+            self.W_enc.copy_(w.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.shape[-1] != self.cfg.d_model:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise SAEError(f"{type(self).__name__} expects [..., d_model={self.cfg.d_model}] input, got {got}")
+
+    def encode_pre(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        """Encoder pre-activations."""
+        self._check_input(x)
+        x = x.to(self.dtype)
+        if self.cfg.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        """The sparsifying nonlinearity."""
+        raise NotImplementedError  # abstractmethod: every registered architecture defines it
+
+    def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        return self.activation(self.encode_pre(x))
+
+    def decode(self, codes: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_model"]:
+        return codes @ self.W_dec + self.b_dec
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> SaeOutput:
+        pre = self.encode_pre(x)
+        codes = self.activation(pre)
+        return SaeOutput(self.decode(codes), codes, pre)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.cfg.to_dict().items())
+
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture loadable by name."""
+
+    def deco(cls: type[SAE]) -> type[SAE]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise SAEError(f"architecture {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+        cls.architecture = name
+        cls.config_class.architecture = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_architecture(name: str) -> type[SAE]:
+    if name not in REGISTRY:
+        raise SAEError(f"unknown SAE architecture {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def build(architecture: str, **cfg: Any) -> SAE:
+    """``build("topk", d_model=576, d_sae=9216, k=32)``."""
+    cls = get_architecture(architecture)
+    return cls(cls.config_class.from_dict(cfg))
