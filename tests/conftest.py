@@ -1,0 +1,76 @@
+"""Shared test fixtures: tiny random models of several architectures, a byte-level tokenizer, and
+the embedded model (for tests marked slow)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+VOCAB = 300  # 256 byte tokens + specials, see byte_tokenizer()
+SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)
+
+ARCHS = ("llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2", "gpt_neox", "gpt_neox_seq", "bert")
+DECODERS = tuple(a for a in ARCHS if a != "bert")
+
+
+def _config(arch: str):
+    import transformers as tr
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=128, **SPECIAL)
+    if arch in ("llama", "mistral", "qwen2", "phi3"):
+        cls = {"llama": tr.LlamaConfig, "mistral": tr.MistralConfig, "qwen2": tr.Qwen2Config,
+               "phi3": tr.Phi3Config}[arch]
+        kw = dict(common, num_key_value_heads=2)
+        return cls(**kw)
+    if arch == "gemma2":
+        return tr.Gemma2Config(**common, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                               sliding_window=16)
+    if arch == "gpt2":
+        return tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=128, **SPECIAL)
+    if arch.startswith("gpt_neox"):
+        return tr.GPTNeoXConfig(**common, use_parallel_residual=(arch == "gpt_neox"))
+    if arch == "bert":
+        return tr.BertConfig(**common)
+    raise ValueError(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(arch: str):
+    import transformers as tr
+
+    torch.manual_seed(0)
+    cfg = _config(arch)
+    model = tr.BertModel(cfg) if arch == "bert" else tr.AutoModelForCausalLM.from_config(cfg)
+    return model.eval()
+
+
+def tiny_model(arch: str):
+    """A tiny random model (cached per session; do not modify it in place)."""
+    return _tiny(arch)
+
+
+@functools.lru_cache(maxsize=None)
+def byte_tokenizer():
+    """An offline byte-level tokenizer (no merges): one token per byte, plus <bos>, <eos>, <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    for s in ("<bos>", "<eos>", "<pad>"):
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M model and tokenizer (slow tests only)."""
+    from interp import load_model
+
+    return load_model("smollm2-135m", device="cpu")
