@@ -1,0 +1,100 @@
+"""Matplotlib figures for probe sweeps: metric against k, top-neuron heat map, activation histograms.
+
+Every function draws on `ax` (or a new figure), saves a PNG when `path` is given, and returns the figure.
+matplotlib is imported when a plot is asked for, never at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def _figure(ax, size):
+    import matplotlib
+
+    if ax is None:
+        if not os.environ.get("DISPLAY") and "inline" not in matplotlib.get_backend().lower():
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=size)
+        return fig, ax
+    return ax.figure, ax
+
+
+def _save(fig, path, dpi: int) -> None:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+
+
+def plot_metric_vs_k(result, path=None, *, metric: str = "f1", ax=None, title: str | None = None, dpi: int = 100):
+    """`metric` against k for every layer of a :class:`probes.SweepResult` (layers coloured by depth)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = _figure(ax, (7, 4.5))
+    cmap = plt.get_cmap("viridis")
+    n = max(len(result.layers) - 1, 1)
+    for i, layer in enumerate(result.layers):
+        rows = sorted((r["k"], r[metric]) for r in result.records if r["layer"] == layer)
+        if rows:
+            ks, vals = zip(*rows)
+            ax.plot(ks, vals, marker="o", ms=3, lw=1.2, color=cmap(i / n), label=layer)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (neurons in the probe)")
+    ax.set_ylabel(f"test {metric}")
+    ax.set_title(title or f"{metric} against k ({result.config.method})")
+    ax.grid(alpha=0.3)
+    if len(result.layers) <= 12:
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(result.layers) - 1))
+        fig.colorbar(sm, ax=ax, label="layer index")
+    _save(fig, path, dpi)
+    return fig
+
+
+def plot_top_neurons(result, path=None, *, ax=None, title: str | None = None, dpi: int = 100):
+    """Rows: layers; columns: rank 1..top_n; colour: that neuron's F1 alone; text: its index."""
+    layers = [layer for layer in result.layers if layer in result.top_neurons]
+    top = max((len(result.top_neurons[layer]) for layer in layers), default=0)
+    fig, ax = _figure(ax, (1.0 + 0.75 * top, 0.9 + 0.28 * len(layers)))
+    grid = torch.full((len(layers), top), float("nan"))
+    for i, layer in enumerate(layers):
+        for j, cell in enumerate(result.top_neurons[layer]):
+            grid[i, j] = cell["f1"]
+            ax.text(j, i, str(cell["neuron"]), ha="center", va="center", fontsize=6.5)
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
+    ax.set_yticks(range(len(layers)), [layer[:24] for layer in layers], fontsize=7)
+    ax.set_xticks(range(top), [str(j + 1) for j in range(top)])
+    ax.set_xlabel("rank of the neuron (selection order)")
+    ax.set_title(title or "best single neurons per layer (colour: test F1 alone, text: index)", fontsize=9)
+    fig.colorbar(im, ax=ax, label="F1 of the neuron alone")
+    _save(fig, path, dpi)
+    return fig
+
+
+def plot_neuron_activations(
+    values: Float[Tensor, " n"], labels, path=None, *, ax=None, title: str = "", class_names=("negative", "positive"),
+    dpi: int = 100,
+):
+    """Histograms of one neuron's activations on held-out examples, split by class."""
+    fig, ax = _figure(ax, (4.5, 3))
+    v = torch.as_tensor(values).float()
+    y = torch.as_tensor(labels).bool()
+    lo, hi = float(v.min()), float(v.max())
+    bins = torch.linspace(lo, hi if hi > lo else lo + 1, 41).numpy()
+    ax.hist(v[~y].numpy(), bins=bins, alpha=0.6, density=True, label=f"{class_names[0]} (n={int((~y).sum())})")
+    ax.hist(v[y].numpy(), bins=bins, alpha=0.6, density=True, label=f"{class_names[1]} (n={int(y.sum())})")
+    ax.set_xlabel("activation")
+    ax.set_ylabel("density")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path, dpi)
+    return fig

@@ -1,0 +1,106 @@
+"""LinearProbe, SparseProbe and RidgeProbe against scikit-learn, and their errors."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression, RidgeCV
+
+from interp.errors import InputError
+from probes import LinearProbe, RidgeProbe, SparseProbe
+
+
+def _classification(n=1200, d=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * (0.3 + 2 * torch.rand(d, generator=g)) + torch.randn(d, generator=g)
+    logit = x[:, :4] @ torch.tensor([1.0, -1.5, 0.7, 0.4]) + torch.randn(n, generator=g)
+    return x, (logit > 0.8).numpy()
+
+
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_linear_probe_matches_sklearn_accuracy(class_weight):
+    """Oracle: same data, same C, same class weights -> the same test accuracy (within 0.01)."""
+    x, y = _classification()
+    tr, te = slice(0, 800), slice(800, None)
+    ours = LinearProbe(C=0.5, standardize=False, class_weight=class_weight).fit(x[tr], y[tr])
+    ref = LogisticRegression(C=0.5, class_weight=class_weight, max_iter=5000).fit(x[tr].numpy(), y[tr])
+    assert abs(ours.score(x[te], y[te]) - ref.score(x[te].numpy(), y[te])) <= 0.01
+    np.testing.assert_allclose(ours.coef_.numpy(), ref.coef_[0], atol=5e-3 * (1 + np.abs(ref.coef_).max()))
+    ours_std = LinearProbe(C=0.5).fit(x[tr], y[tr])  # standardised inputs: compare with a scaled sklearn fit
+    mu, sd = x[tr].mean(0), x[tr].std(0, correction=0)
+    ref_std = LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000).fit(((x[tr] - mu) / sd).numpy(), y[tr])
+    assert abs(ours_std.score(x[te], y[te]) - ref_std.score(((x[te] - mu) / sd).numpy(), y[te])) <= 0.01
+
+
+def test_linear_probe_cross_validates_C():
+    x, y = _classification(n=600, d=200)
+    probe = LinearProbe(Cs=(1e-4, 1e-2, 1.0, 100.0), cv=3).fit(x, y)
+    assert probe.C_ in (1e-4, 1e-2, 1.0, 100.0) and set(probe.cv_scores_) == {1e-4, 1e-2, 1.0, 100.0}
+    assert probe.cv_scores_[probe.C_] == min(probe.cv_scores_.values())
+    assert probe.C_ != 1e-4 and probe.cv_scores_[1e-4] > probe.cv_scores_[probe.C_]  # over-regularised loses
+
+
+def test_probe_api_and_labels():
+    x, y = _classification()
+    labels = np.where(y, "yes", "no")
+    probe = SparseProbe(k=2, method="mean_diff").fit(x, labels)
+    assert probe.classes_ == ["no", "yes"] and probe is probe.fit(x, labels)
+    assert set(probe.predict(x[:5])) <= {"no", "yes"}
+    proba = probe.predict_proba(x[:5])
+    torch.testing.assert_close(proba.sum(1), torch.ones(5))
+    report = probe.evaluate(x, labels)
+    assert set(report) == {"accuracy", "precision", "recall", "f1", "auc"} and report["auc"] > 0.7
+    assert probe.support_.tolist() == probe.ranking_[:2].tolist() and probe.coef_.shape == (2,)
+
+
+def test_sparse_probe_on_sae_latents_like_features():
+    """Any [n, d] features work: non-negative sparse codes with a planted latent."""
+    g = torch.Generator().manual_seed(3)
+    codes = torch.relu(torch.randn(1000, 3000, generator=g) - 2.0)
+    y = (codes[:, 1234] > 0).numpy()
+    probe = SparseProbe(k=1, method="f_stat").fit(codes, y)
+    assert probe.support_.tolist() == [1234] and probe.score(codes, y) > 0.99
+
+
+def test_errors_say_what_to_do():
+    x, y = _classification(n=100, d=5)
+    with pytest.raises(InputError, match="not fitted"):
+        SparseProbe().predict(x)
+    with pytest.raises(InputError, match=r"valid k is 1\.\.5"):
+        SparseProbe(k=6).fit(x, y)
+    with pytest.raises(InputError, match="exactly 2 classes"):
+        LinearProbe(C=1.0).fit(x, np.arange(100) % 3)
+    with pytest.raises(InputError, match="exactly 2 classes; got 1"):
+        SparseProbe(k=1).fit(x, np.zeros(100))
+    with pytest.raises(InputError, match="n_examples, n_features"):
+        SparseProbe(k=1).fit(x[None], y)
+    with pytest.raises(InputError, match="method"):
+        SparseProbe(k=1, method="magic").fit(x, y)
+    probe = SparseProbe(k=1).fit(x, y)
+    with pytest.raises(InputError, match="fitted on 5"):
+        probe.predict(x[:, :3])
+
+
+def test_ridge_probe_matches_sklearn_ridgecv():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 60, generator=g)
+    t = x[:, :3] @ torch.tensor([1.0, 2.0, -1.0]) + 2 * torch.randn(400, generator=g) + 1950
+    alphas = (0.1, 1.0, 10.0, 100.0, 1000.0)
+    ours = RidgeProbe(alphas=alphas, standardize=False).fit(x, t)
+    ref = RidgeCV(alphas=alphas).fit(x.numpy(), t.numpy())
+    assert ours.alpha_ == ref.alpha_
+    np.testing.assert_allclose(ours.coef_.numpy(), ref.coef_, atol=1e-6)
+    assert abs(ours.score(x, t) - ref.score(x.numpy(), t.numpy())) < 1e-6
+    rep = ours.evaluate(x, t)
+    assert set(rep) == {"r2", "spearman"} and rep["spearman"] > 0.5
+
+
+def test_ridge_group_cv_holds_out_entities():
+    g = torch.Generator().manual_seed(1)
+    entity = torch.arange(300) // 10  # 30 entities, 10 prompts each
+    target = torch.randn(30, generator=g)[entity]
+    x = torch.randn(30, 50, generator=g)[entity] + 0.1 * torch.randn(300, 50, generator=g)  # memorisable
+    loo = RidgeProbe().fit(x, target)
+    grouped = RidgeProbe(cv=5).fit(x, target, groups=entity)
+    assert grouped.cv_errors_[grouped.alpha_] > loo.cv_errors_[loo.alpha_]  # LOO leaks across prompts
+    with pytest.raises(InputError, match="cv=5"):
+        RidgeProbe().fit(x, target, groups=entity)
