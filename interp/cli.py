@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 
 from interp.errors import InterpError
 
-_BUILTIN = ("interp.capture_cli", "interp.features.cli", "interp.intervene_cli", "interp.demo")
+_BUILTIN = ("interp.capture_cli", "interp.features.cli", "interp.intervene_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
