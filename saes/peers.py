@@ -1,0 +1,214 @@
+"""Translate between this project's SAEs and the peers' checkpoint layouts.
+
+Three layouts of a weights file, all read through :func:`file_tensors` (what the file must hold
+for a given SAE) and :func:`module_state` (the SAE's ``state_dict`` rebuilt from the file):
+
+* ``"interp"``: this project's own checkpoints. SAELens' tensor names and shapes
+  (``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec``, ``threshold [d_sae]``),
+  so that SAELens loads them; BatchTopK's scalar threshold is written as SAELens' per-latent
+  JumpReLU threshold, the form SAELens itself saves BatchTopK in.
+* ``"saelens"``: files SAELens wrote; ``standard`` is ``relu`` here, ``topk`` and ``jumprelu`` keep
+  their names. SAELens' JumpReLU is ``relu(pre) * (pre > t)``, which equals this project's
+  ``pre * (pre > max(t, 0))``: thresholds are clamped at 0 on import, so outputs are identical.
+  SAELens' ``matching_pursuit`` is the MP-SAE here with non-negative coefficients, repeats allowed
+  and unit-norm atoms; ``max_iterations``, ``residual_threshold`` and ``stop_on_duplicate_support``
+  map to ``max_iterations`` (``k``), ``residual_threshold`` and ``stop_on_repeated_support``. One
+  edge differs: SAELens always takes a first step, ours takes none when the centred input's norm
+  is already below ``residual_threshold`` (never with the threshold at 0).
+* ``"sparsify"``: EleutherAI sparsify's ``<hookpoint>/cfg.json`` + ``sae.safetensors`` with
+  ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``. Its encoder is
+  ``topk(relu((x - b_dec) @ W_enc + b_enc))``: a TopK SAE here.
+
+A peer feature with no equivalent here (SAELens' layer-norm input normalisation, gated SAEs,
+sparsify's skip connections or transcoders ...) is refused with the reason, never approximated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saes.base import REGISTRY, SAE, SAEConfig, SAEError
+from saes.safetensors_check import CheckpointError
+
+# our architecture -> SAELens' inference architecture computing the same function
+SAELENS_NAMES: dict[str, str] = {"relu": "standard", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "jumprelu",
+                                 "mpsae": "matching_pursuit"}
+# SAELens' name -> ours, for checkpoints SAELens wrote (it saves BatchTopK as JumpReLU)
+FROM_SAELENS: dict[str, str] = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu",
+                                "matching_pursuit": "mpsae"}
+NOT_SAELENS_PREFIX = "interp."
+"""Written before our name in ``cfg.json``'s ``architecture`` where SAELens would compute
+something else, so SAELens refuses the file instead of loading it wrong."""
+UNIT_NORM_TOL = 1e-4
+"""SAELens' matching pursuit uses ``W_dec`` rows as they are; ours divides them by their norm."""
+SAELENS_REQUIRED: dict[str, Any] = {"reshape_activations": "none", "rescale_acts_by_decoder_norm": False}
+SAELENS_NORMALIZE_OK = ("none", "expected_average_only_in")
+"""Values of ``normalize_activations`` that SAELens does not apply at inference."""
+SAELENS_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos",
+                         "dataset_path", "neuronpedia_id")
+SPARSIFY_NAMES = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
+"""sparsify's tensor name -> ours (``encoder.weight`` is stored transposed)."""
+DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+               "float64": torch.float64}
+
+
+def dtype_from_name(name: object, where: str) -> torch.dtype:
+    """``"float32"`` / ``"torch.bfloat16"`` -> torch dtype, or a CheckpointError."""
+    key = name.removeprefix("torch.") if isinstance(name, str) else None
+    if key not in DTYPE_NAMES:
+        raise CheckpointError(f"{where}: 'dtype' is {name!r}; expected one of {sorted(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in DTYPE_NAMES.items():
+        if dt == dtype:
+            return name
+    raise SAEError(f"cannot save an SAE in dtype {dtype}; use one of {sorted(DTYPE_NAMES)}")
+
+
+# ------------------------------------------------------------------------- tensors in a file
+def file_tensors(sae: SAE, layout: str) -> dict[str, Tensor]:
+    """The tensors a weights file in ``layout`` holds for ``sae`` (names, shapes, dtypes, values)."""
+    state = {k: v.detach() for k, v in sae.state_dict().items()}
+    if layout == "sparsify":
+        return {"encoder.weight": state["W_enc"].T, "encoder.bias": state["b_enc"],
+                "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    if sae.architecture == "batchtopk" and layout == "interp":
+        state["threshold"] = state["threshold"].expand(sae.cfg.d_sae)
+    return state
+
+
+def module_state(sae: SAE, layout: str, tensors: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """Inverse of :func:`file_tensors`: the ``state_dict`` to load into ``sae``."""
+    if layout == "sparsify":
+        return {ours: (tensors[theirs].T.contiguous() if theirs == "encoder.weight" else tensors[theirs])
+                for theirs, ours in SPARSIFY_NAMES.items()}
+    state = dict(tensors)
+    if sae.architecture == "batchtopk" and layout == "interp":
+        t = state["threshold"]
+        if t.numel() and not bool((t == t[0]).all()):
+            raise CheckpointError(f"{where}: tensor 'threshold' of a batchtopk SAE must repeat one value "
+                                  f"(its global threshold); found values in [{t.min().item()}, {t.max().item()}]")
+        state["threshold"] = t[0].clone() if t.numel() else t.new_full((), -1.0)
+    if sae.architecture == "jumprelu" and layout == "saelens":
+        state["threshold"] = state["threshold"].clamp_min(0)
+    return state
+
+
+# ------------------------------------------------------------------------- configs
+def saelens_architecture(sae: SAE) -> str:
+    """``architecture`` for ``cfg.json``: SAELens' name where SAELens computes exactly what ``sae``
+    computes from the file's tensors, else ``"interp.<name>"`` (SAELens then refuses the file)."""
+    theirs = SAELENS_NAMES.get(sae.architecture)
+    if theirs is None:
+        return NOT_SAELENS_PREFIX + sae.architecture
+    state = sae.state_dict()
+    if sae.architecture == "jumprelu" and bool((state["threshold"] < 0).any()):
+        return NOT_SAELENS_PREFIX + sae.architecture  # SAELens' relu would clamp negative thresholds
+    if sae.architecture == "mpsae":
+        cfg = sae.cfg
+        norms = state["W_dec"].float().norm(dim=1)
+        if (getattr(cfg, "coefficients", None) != "nonneg" or not getattr(cfg, "allow_repeat", False)
+                or not bool(((norms - 1).abs() <= UNIT_NORM_TOL).all())):
+            return NOT_SAELENS_PREFIX + sae.architecture
+    return theirs
+
+
+def saelens_fields(sae: SAE, theirs: str) -> dict[str, Any]:
+    """Per-architecture SAELens config keys (``k`` for TopK, the stopping rules of matching pursuit)."""
+    cfg = sae.cfg
+    if theirs == "topk":
+        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+    if theirs == "matching_pursuit":
+        return {"max_iterations": cfg.max_iterations or cfg.k, "residual_threshold": cfg.residual_threshold,
+                "stop_on_duplicate_support": cfg.stop_on_repeated_support}
+    return {}
+
+
+def _fields_from_saelens(cfg: dict[str, Any], theirs: str, where: str) -> dict[str, Any]:
+    if theirs == "topk":
+        if "k" not in cfg:
+            raise CheckpointError(f"{where}: missing config key 'k' (a SAELens topk cfg.json has it)")
+        return {"k": cfg["k"]}
+    if theirs == "matching_pursuit":  # SAELens' defaults where a key is absent
+        steps = cfg.get("max_iterations")
+        return {"k": cfg["d_in"] if steps is None else steps, "coefficients": "nonneg", "allow_repeat": True,
+                "residual_threshold": cfg.get("residual_threshold", 1e-2),
+                "stop_on_repeated_support": cfg.get("stop_on_duplicate_support", True)}
+    return {}
+
+
+@dataclass(frozen=True)
+class Imported:
+    """A peer's config translated into ours."""
+
+    cfg: SAEConfig
+    dtype: torch.dtype
+    metadata: dict[str, Any]
+    layout: str
+
+
+def from_saelens(cfg: dict[str, Any], where: str) -> Imported:
+    """Translate a ``cfg.json`` written by SAELens (v6 layout; pre-v6 metadata accepted) into ours."""
+    for key in ("architecture", "d_in", "d_sae"):
+        if key not in cfg:
+            raise CheckpointError(f"{where}: missing config key {key!r}; a SAELens cfg.json has "
+                                  "architecture, d_in, d_sae, dtype, apply_b_dec_to_input, metadata")
+    theirs = cfg["architecture"]
+    if not isinstance(theirs, str) or theirs not in FROM_SAELENS or FROM_SAELENS[theirs] not in REGISTRY:
+        ok = sorted(k for k, v in FROM_SAELENS.items() if v in REGISTRY)
+        raise CheckpointError(f"{where}: unknown architecture {theirs!r} (no equivalent here); "
+                              f"SAELens architectures this project loads: {ok}")
+    for key, want in SAELENS_REQUIRED.items():
+        if key in cfg and cfg[key] != want:
+            raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported here (only {want!r}); "
+                                  "it changes what the SAE computes")
+    norm = cfg.get("normalize_activations", "none")
+    if norm not in SAELENS_NORMALIZE_OK:
+        raise CheckpointError(f"{where}: normalize_activations={norm!r} is applied at inference by SAELens "
+                              f"and has no equivalent here; supported: {list(SAELENS_NORMALIZE_OK)}")
+    cls = REGISTRY[FROM_SAELENS[theirs]].config_class
+    fields = {"d_model": cfg["d_in"], "d_sae": cfg["d_sae"],
+              "apply_b_dec_to_input": cfg.get("apply_b_dec_to_input", True), **_fields_from_saelens(cfg, theirs, where)}
+    meta = cfg.get("metadata")
+    if not isinstance(meta, dict):  # pre-v6 files kept these at the top level
+        meta = {k: cfg[k] for k in (*SAELENS_METADATA_KEYS, "hook_point") if k in cfg}
+        if "hook_point" in meta:
+            meta["hook_name"] = meta.pop("hook_point")
+    return Imported(_build_cfg(cls, fields, where), dtype_from_name(cfg.get("dtype", "float32"), where),
+                    dict(meta), "saelens")
+
+
+def from_sparsify(cfg: dict[str, Any], hookpoint: str, dtype: torch.dtype, where: str) -> Imported:
+    """Translate sparsify's ``cfg.json`` (a ``SparseCoderConfig`` plus ``d_in``) into a TopK config."""
+    if "topk" not in REGISTRY:
+        raise CheckpointError(f"{where}: sparsify SAEs load as 'topk', which is not registered here")
+    for key in ("d_in", "k"):
+        if key not in cfg:
+            raise CheckpointError(f"{where}: missing config key {key!r}; a sparsify cfg.json has d_in, k, "
+                                  "num_latents or expansion_factor")
+    for key, want in {"activation": "topk", "skip_connection": False, "transcode": False}.items():
+        if cfg.get(key, want) != want:
+            raise CheckpointError(f"{where}: sparsify {key}={cfg[key]!r} has no equivalent here "
+                                  f"(only {key}={want!r} loads)")
+    d_in, d_sae = cfg["d_in"], cfg.get("num_latents") or 0
+    if not d_sae:
+        factor = cfg.get("expansion_factor")
+        if not isinstance(factor, int) or isinstance(factor, bool) or not isinstance(d_in, int):
+            raise CheckpointError(f"{where}: num_latents is 0 and expansion_factor={factor!r}; cannot tell d_sae")
+        d_sae = d_in * factor
+    fields = {"d_model": d_in, "d_sae": d_sae, "k": cfg["k"], "apply_b_dec_to_input": True}
+    return Imported(_build_cfg(REGISTRY["topk"].config_class, fields, where), dtype,
+                    {"hook_name": hookpoint}, "sparsify")
+
+
+def _build_cfg(cls: type[SAEConfig], fields: dict[str, Any], where: str) -> SAEConfig:
+    try:
+        return cls.from_dict(fields)
+    except (SAEError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: the config does not build a {cls.__name__}: {e}") from e

@@ -1,0 +1,148 @@
+"""Publish a folder of SAEs (one subfolder per site) to the Hugging Face Hub.
+
+``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
+the model and site; its training summary holds the token count and the evaluation metrics; its
+sparsity is saved), writes the model card ``README.md`` and ``feature_density.png`` into the
+folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
+one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` is the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from interp.errors import InterpError
+from saes.base import SAEError
+from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_feature_density, render_card
+from saes.checkpoint import Checkpoint, read
+from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
+
+REQUIRED_METADATA = ("model_name", "hook_name")
+CARD_FILENAME = "README.md"
+
+
+class PublishError(SAEError):
+    """A folder that is not ready to be published (each problem is listed)."""
+
+
+@dataclass(frozen=True)
+class PublishPlan:
+    """What :func:`publish` uploads."""
+
+    folder: Path
+    repo_id: str
+    sites: list[str]
+    files: list[str]
+    """Paths relative to ``folder`` (POSIX), the only ones uploaded."""
+    card: str
+
+
+def validate(folder: str | os.PathLike) -> dict[str, Checkpoint]:
+    """``{site: Checkpoint}`` for every SAE under ``folder``, or a PublishError listing every problem."""
+    folder = Path(folder)
+    sites = list_sites(folder) if folder.is_dir() else []
+    if not sites:
+        raise PublishError(f"{folder}: no SAE found (expected {CFG_FILENAME} here or in site subfolders)")
+    found: dict[str, Checkpoint] = {}
+    problems: list[str] = []
+    for site in sites:
+        where = folder / site
+        try:
+            ckpt = read(where)
+        except InterpError as e:
+            problems.append(f"{where}: does not load: {e}")
+            continue
+        found[site] = ckpt
+        problems += [f"{where}: {p}" for p in _missing(ckpt)]
+    if problems:
+        raise PublishError("not ready to publish:\n  " + "\n  ".join(problems) + "\nAdd what is missing with "
+                           "saes.checkpoint.annotate(folder, metrics={...}, sparsity=..., metadata={...}), "
+                           "then publish again.")
+    return found
+
+
+def _missing(ckpt: Checkpoint) -> list[str]:
+    out = [f"metadata[{k!r}] is not set" for k in REQUIRED_METADATA if not ckpt.metadata.get(k)]
+    n = ckpt.training.get("n_tokens")
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        out.append(f"training['n_tokens'] is {n!r}; expected the number of training tokens")
+    metrics = ckpt.training.get("metrics")
+    metrics = metrics if isinstance(metrics, dict) else {}
+    out += [f"training['metrics'][{k!r}] is {metrics.get(k)!r}; expected a finite number (evaluate the SAE)"
+            for k, _ in CARD_METRICS if not is_finite_number(metrics.get(k))]
+    if ckpt.sparsity is None:
+        out.append(f"no {SPARSITY_FILENAME} (firing frequency of each latent, for the density plot)")
+    return out
+
+
+def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
+    """Validate ``folder``, write its model card and density plot; upload nothing."""
+    folder = Path(folder)
+    checkpoints = validate(folder)
+    plot_feature_density(checkpoints, folder / DENSITY_PLOT)
+    card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
+    tmp = folder / f".{CARD_FILENAME}.tmp-{os.getpid()}"
+    tmp.write_text(card, encoding="utf-8")
+    os.replace(tmp, folder / CARD_FILENAME)
+    files = [CARD_FILENAME, DENSITY_PLOT]
+    for site in checkpoints:
+        prefix = f"{site}/" if site else ""
+        files += [prefix + name for name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME)
+                  if (folder / site / name).is_file()]
+    return PublishPlan(folder, repo_id, list(checkpoints), files, card)
+
+
+def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, api: Any = None,
+            token: str | None = None, commit_message: str | None = None) -> PublishPlan:
+    """Validate, write the card and plot, then upload to ``repo_id`` (created if needed).
+
+    ``api`` is a ``huggingface_hub.HfApi`` (default: a new one with ``token``).
+    """
+    plan = prepare(folder, repo_id)
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(plan.folder), allow_patterns=plan.files,
+                      commit_message=commit_message or f"Upload {len(plan.sites)} SAE(s): {', '.join(plan.sites)}")
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_publish_parser(sae_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``interp sae publish FOLDER REPO_ID [--private] [--dry-run]`` to the ``sae`` subcommands."""
+    p = sae_subparsers.add_parser(
+        "publish", help="validate a folder of SAEs, write its model card, upload it to the Hugging Face Hub",
+        description="Validate every SAE under FOLDER (it loads; model, site, training tokens, L0, explained "
+                    "variance and CE loss recovered are recorded; its sparsity is saved), write README.md (the "
+                    "model card) and feature_density.png into FOLDER, then upload the checkpoint files, the "
+                    "card and the plot to REPO_ID. Record missing metrics with saes.checkpoint.annotate().")
+    p.add_argument("folder", help="folder holding one SAE, or one subfolder per site")
+    p.add_argument("repo_id", help="Hub repository, 'owner/name'")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--dry-run", action="store_true", help="validate and write the card and plot; upload nothing")
+    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    p.set_defaults(func=_run)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if args.dry_run:
+            plan = prepare(args.folder, args.repo_id)
+        else:
+            plan = publish(args.folder, args.repo_id, private=args.private, token=args.token)
+    except InterpError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    verb = "would upload" if args.dry_run else "uploaded"
+    print(f"{verb} {len(plan.files)} files for {len(plan.sites)} SAE(s) to {plan.repo_id}:")
+    for f in plan.files:
+        print(f"  {f}")
+    return 0

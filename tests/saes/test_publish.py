@@ -1,0 +1,178 @@
+"""Publishing: validation, model card, density plot, and the upload call (mocked: no Hub access here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+import yaml
+
+from saes import REGISTRY
+from saes.checkpoint import annotate, read, save
+from saes.publish import PublishError, add_publish_parser, prepare, publish, validate
+
+D_MODEL, D_SAE = 16, 64
+SITES = ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"]
+
+
+def trained_like(folder, site, arch="topk", seed=0, metrics=True, sparsity=True):
+    cls = REGISTRY[arch]
+    sae = cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, **({"k": 8} if arch == "topk" else {})))
+    freq = torch.rand(D_SAE, generator=torch.Generator().manual_seed(seed)) ** 4
+    freq[:3] = 0.0  # three dead latents
+    training = {"n_tokens": 2_000_000, "steps": 488}
+    if metrics:
+        training["metrics"] = {"l0_mean": 8.0, "explained_variance": 0.71 + seed / 100, "ce_loss_recovered": 0.9}
+    save(sae, folder / site, metadata={"model_name": "smollm2-135m", "hook_name": site, "context_size": 128,
+                                       "prepend_bos": False},
+         sparsity=freq if sparsity else None, training=training)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    for i, site in enumerate(SITES):
+        trained_like(tmp_path / "out", site, seed=i)
+    return tmp_path / "out"
+
+
+def front_matter(card: str) -> dict:
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_prepare_writes_card_and_plot(repo):
+    plan = prepare(repo, "me/smollm2-saes")
+    card = (repo / "README.md").read_text()
+    assert card == plan.card
+    meta = front_matter(card)
+    assert meta["library_name"] == "saelens" and "sparse-autoencoder" in meta["tags"]
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert meta["sites"] == SITES
+    row = meta["saes"][1]
+    assert row["architecture"] == "topk" and row["d_sae"] == D_SAE and row["k"] == 8
+    assert row["training_tokens"] == 2_000_000 and row["l0_mean"] == 8.0
+    assert row["explained_variance"] == pytest.approx(0.72) and row["ce_loss_recovered"] == 0.9
+    assert row["dead_fraction"] == pytest.approx(3 / D_SAE)
+    assert 'saes.load("me/smollm2-saes", site="blocks.3.hook_resid_post")' in card
+    assert "| `blocks.6.hook_resid_post` | topk | 16 | 64 | 8 | 2,000,000 | 8 | 0.72 | 0.9 | 0.04688 |" in card
+    assert (repo / "feature_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(plan.files) == sorted(["README.md", "feature_density.png"] + [
+        f"{s}/{n}" for s in SITES for n in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")])
+
+
+class FakeApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+
+
+def test_publish_uploads_only_checkpoint_files_card_and_plot(repo):
+    (repo / "train_history.json").write_text("[]")  # other run outputs stay local
+    (repo / "checkpoints").mkdir()
+    api = FakeApi()
+    plan = publish(repo, "me/smollm2-saes", private=True, api=api)
+    (name, repo_id, kwargs), (name2, up) = api.calls
+    assert (name, repo_id, kwargs["private"], kwargs["exist_ok"]) == ("create_repo", "me/smollm2-saes", True, True)
+    assert name2 == "upload_folder" and up["repo_id"] == "me/smollm2-saes" and up["folder_path"] == str(repo)
+    assert up["allow_patterns"] == plan.files and "train_history.json" not in plan.files
+
+
+def test_nothing_is_uploaded_when_validation_fails(tmp_path):
+    trained_like(tmp_path / "out", SITES[0], metrics=False)
+    trained_like(tmp_path / "out", SITES[1], sparsity=False)
+    api = FakeApi()
+    with pytest.raises(PublishError) as info:
+        publish(tmp_path / "out", "me/x", api=api)
+    msg = str(info.value)
+    assert "training['metrics']['explained_variance'] is None" in msg and SITES[0] in msg
+    assert "no sparsity.safetensors" in msg and SITES[1] in msg
+    assert api.calls == [] and not (tmp_path / "out" / "README.md").exists()
+
+
+def test_validation_reports_a_broken_checkpoint(repo):
+    w = repo / SITES[0] / "sae_weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
+    with pytest.raises(PublishError, match="does not load: .*SHA-256"):
+        validate(repo)
+
+
+def test_validation_needs_model_name(tmp_path):
+    trained_like(tmp_path / "out", SITES[0])
+    cfg_path = tmp_path / "out" / SITES[0] / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["metadata"]["model_name"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(PublishError, match="metadata\\['model_name'\\] is not set"):
+        validate(tmp_path / "out")
+
+
+def test_annotate_adds_metrics_then_publishes(tmp_path):
+    trained_like(tmp_path / "out", SITES[0], metrics=False)
+    folder = tmp_path / "out" / SITES[0]
+    before = read(folder).sae.W_dec.clone()
+    annotate(folder, metrics={"l0_mean": 7.9, "explained_variance": 0.6, "ce_loss_recovered": 0.8})
+    ckpt = read(folder)
+    assert ckpt.training["metrics"]["l0_mean"] == 7.9 and ckpt.training["steps"] == 488
+    assert torch.equal(ckpt.sae.W_dec, before) and ckpt.sparsity is not None
+    assert validate(tmp_path / "out").keys() == {SITES[0]}
+
+
+def test_annotate_takes_an_evaluate_report(tmp_path):
+    from saes.evaluate import reconstruction_metrics
+
+    trained_like(tmp_path / "out", SITES[0], metrics=False, sparsity=False)
+    folder = tmp_path / "out" / SITES[0]
+    sae = read(folder).sae
+    x = torch.randn(256, D_MODEL, generator=torch.Generator().manual_seed(0))
+    report = reconstruction_metrics(sae, [x[:128], x[128:]], progress=False)
+    annotate(folder, metrics={**report, "ce_loss_recovered": 0.5})
+    ckpt = read(folder)
+    assert ckpt.training["metrics"]["l0_mean"] == pytest.approx(8.0)  # TopK with k=8 on random data
+    assert ckpt.training["metrics"]["explained_variance"] == report["explained_variance"]
+    assert torch.allclose(ckpt.sparsity, report["feature_density"], atol=1e-6, rtol=1e-4)
+    assert validate(tmp_path / "out").keys() == {SITES[0]}
+
+
+def test_non_saelens_architecture_card_says_so(tmp_path):
+    trained_like(tmp_path / "out", SITES[0], arch="jumprelu")
+    folder = tmp_path / "out" / SITES[0]
+    ck = read(folder)
+    with torch.no_grad():
+        ck.sae.threshold.fill_(-1.0)
+    save(ck.sae, folder, metadata=ck.metadata, training=ck.training, sparsity=ck.sparsity)
+    meta = front_matter(prepare(tmp_path / "out", "me/x").card)
+    assert meta["library_name"] == "interp-toolkit" and "saelens" not in meta["tags"]
+
+
+def test_cli_dry_run(repo, capsys):
+    parser = argparse.ArgumentParser(prog="interp")
+    sub = parser.add_subparsers(dest="cmd").add_parser("sae").add_subparsers(dest="sae_cmd")
+    add_publish_parser(sub)
+    args = parser.parse_args(["sae", "publish", str(repo), "me/smollm2-saes", "--dry-run"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "would upload 8 files for 2 SAE(s) to me/smollm2-saes" in out
+    assert (repo / "README.md").exists()
+
+
+def test_cli_reports_errors(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="interp")
+    add_publish_parser(parser.add_subparsers())
+    args = parser.parse_args(["publish", str(tmp_path), "me/x", "--dry-run"])
+    assert args.func(args) == 1
+    assert "no SAE found" in capsys.readouterr().err
+
+
+def test_interp_sae_publish_is_wired_into_the_sae_cli(repo, capsys):
+    saes_cli = pytest.importorskip("saes.cli", reason="saes/cli.py (interp sae ...) is not in this tree")
+    parser = argparse.ArgumentParser(prog="interp")
+    saes_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["sae", "publish", str(repo), "me/smollm2-saes", "--dry-run"])
+    assert args.func(args) == 0 and "would upload 8 files" in capsys.readouterr().out
