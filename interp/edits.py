@@ -1,0 +1,351 @@
+"""Edits: small math objects ``edit(x, ctx) -> new x`` applied to the selected rows of a site.
+
+``x`` is ``[..., d_model]`` (the selected rows ``[n, d_model]``, or the whole ``[batch, seq,
+d_model]`` when every position is edited) and ``ctx`` (:class:`EditContext`) says which batch
+row and absolute position each row of ``x`` is, so per-row values (a patch source, a target
+angle per prompt) line up. Every edit returns a new tensor (autograd flows through it) and an
+edit that changes nothing returns values bitwise equal to its input.
+
+>>> ProjectOut(sub)                       # remove the in-subspace part (idempotent)
+>>> Steer(v, alpha=4.0)                   # x + alpha * v
+>>> Patch(source_acts, subspace=sub)      # the subspace component taken from a source run
+>>> SetCoords(sub, value="Friday")        # move to a class / PLS value / angle through the map
+>>> Rotate(sub, to="Friday")              # rotate within the circle plane, keeping the radius
+>>> SaeEdit(sae, latents=[12], value=5.0) # clamp an SAE latent, keeping the SAE's error term
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from interp.errors import InputError
+from interp.subspace import CircleMap, Subspace
+
+
+@dataclass
+class EditContext:
+    """Where the rows of ``x`` come from; tensors have ``x.shape[:-1]``."""
+
+    batch_idx: Int[Tensor, "..."]
+    """Row of the batch."""
+    pos: Int[Tensor, "..."]
+    """Absolute position (column, padding included; stays right during generate)."""
+    slot: Int[Tensor, "..."] | None
+    """Index into explicit per-row positions (pairs base and source positions), else None."""
+    site: str = ""
+
+
+def per_row(value: Tensor, ctx: EditContext, x: Tensor) -> Tensor:
+    """A value given per batch row (``[batch, ...]``) broadcast to the rows of ``x``."""
+    return value.to(device=x.device, dtype=x.dtype)[ctx.batch_idx.to(x.device)]
+
+
+class Edit:
+    """Base class: subclasses implement ``__call__(x, ctx) -> Tensor`` (a new tensor)."""
+
+    def __call__(self, x: Float[Tensor, "... d_model"], ctx: EditContext) -> Float[Tensor, "... d_model"]:
+        raise NotImplementedError
+
+    def then(self, other: Edit) -> Compose:
+        return Compose([self, other])
+
+
+class Compose(Edit):
+    """Apply edits in order."""
+
+    def __init__(self, edits: Sequence[Edit | Callable]):
+        self.edits = [as_edit(e) for e in edits]
+
+    def __call__(self, x, ctx):
+        for e in self.edits:
+            x = e(x, ctx)
+        return x
+
+    def __repr__(self) -> str:
+        return f"Compose({self.edits!r})"
+
+
+class Lambda(Edit):
+    """Wrap a plain function ``fn(x, ctx) -> x`` (or ``fn(x)`` with ``with_ctx=False``)."""
+
+    def __init__(self, fn: Callable, *, with_ctx: bool = True):
+        self.fn, self.with_ctx = fn, with_ctx
+
+    def __call__(self, x, ctx):
+        return self.fn(x, ctx) if self.with_ctx else self.fn(x)
+
+
+def as_edit(e) -> Edit:
+    if isinstance(e, Edit):
+        return e
+    if isinstance(e, (list, tuple)):
+        return Compose(e)
+    if callable(e):
+        return Lambda(e)
+    raise InputError(f"an edit is an interp.edits.Edit, a callable fn(x, ctx) or a list of them; got {type(e).__name__}")
+
+
+def _sub(s) -> Subspace:
+    if isinstance(s, Subspace):
+        return s
+    if isinstance(s, Tensor):
+        return Subspace(s)
+    raise InputError(f"expected a Subspace or a [rank, d_model] tensor of directions; got {type(s).__name__}")
+
+
+def _basis(sub: Subspace, x: Tensor) -> Tensor:
+    return sub.basis.to(device=x.device, dtype=x.dtype)
+
+
+class ZeroAblate(Edit):
+    """Remove the part of ``x`` in ``span(basis)`` (through zero, ignoring the origin)."""
+
+    def __init__(self, subspace: Subspace | Tensor):
+        self.subspace = _sub(subspace)
+
+    def __call__(self, x, ctx):
+        b = _basis(self.subspace, x)
+        return x - (x @ b.T) @ b
+
+
+class ProjectOut(Edit):
+    """``x - subspace.component(x)``: coordinates relative to the origin set to 0 (idempotent)."""
+
+    def __init__(self, subspace: Subspace | Tensor):
+        self.subspace = _sub(subspace)
+
+    def __call__(self, x, ctx):
+        return self.subspace.remove(x)
+
+
+class MeanAblate(Edit):
+    """Set the subspace coordinates to their mean over a reference set of activations."""
+
+    def __init__(self, subspace: Subspace | Tensor, mean_coords: Float[Tensor, " rank"]):
+        self.subspace = _sub(subspace)
+        self.mean_coords = torch.as_tensor(mean_coords).float()
+        if self.mean_coords.shape != (self.subspace.rank,):
+            raise InputError(f"mean_coords must be [rank={self.subspace.rank}]; got {tuple(self.mean_coords.shape)}")
+
+    @classmethod
+    def fit(cls, subspace: Subspace | Tensor, acts: Float[Tensor, "n d_model"]) -> MeanAblate:
+        sub = _sub(subspace)
+        return cls(sub, sub.project(acts.float().reshape(-1, acts.shape[-1])).mean(0))
+
+    def __call__(self, x, ctx):
+        return self.subspace.with_coords(x, self.mean_coords.to(x).expand(*x.shape[:-1], -1))
+
+
+class Steer(Edit):
+    """``x + alpha * v``; ``v`` a ``[d_model]`` vector, or a Subspace with ``coords`` (v = coords @ basis).
+    ``alpha`` may be a float or a ``[batch]`` tensor (one strength per prompt)."""
+
+    def __init__(self, direction: Tensor | Subspace, alpha: float | Tensor = 1.0, *, coords: Tensor | None = None):
+        if isinstance(direction, Subspace):
+            c = torch.ones(direction.rank) if coords is None else torch.as_tensor(coords).float()
+            direction = c @ direction.basis
+        self.v = torch.as_tensor(direction).float()
+        if self.v.dim() != 1:
+            raise InputError(f"a steering direction must be [d_model]; got shape {tuple(self.v.shape)}")
+        self.alpha = alpha
+
+    def __call__(self, x, ctx):
+        v = self.v.to(device=x.device, dtype=x.dtype)
+        if isinstance(self.alpha, Tensor):
+            return x + per_row(self.alpha, ctx, x)[..., None] * v
+        return x + self.alpha * v
+
+
+class Replace(Edit):
+    """Replace the whole activation by a vector ``[d_model]`` (or one per row, ``[batch, d_model]``)."""
+
+    def __init__(self, value: Float[Tensor, "... d_model"]):
+        self.value = torch.as_tensor(value).float()
+
+    def __call__(self, x, ctx):
+        v = self.value.to(device=x.device, dtype=x.dtype)
+        if v.dim() == 2:
+            v = per_row(self.value, ctx, x)
+        return v.expand_as(x).clone()
+
+
+class Patch(Edit):
+    """Take the subspace component (or, with ``subspace=None``, the whole activation) from a source run.
+
+    ``source`` holds the source run's activations at this site: ``[batch, seq_src, d_model]``
+    (indexed by each base row's absolute position, or by ``source_positions[row, slot]`` when base
+    and source prompts differ in length) or ``[batch, d_model]`` (one vector per row, e.g. the
+    source's last token). Source == base gives back the base activations bitwise.
+    """
+
+    def __init__(self, source: Float[Tensor, "batch ... d_model"], subspace: Subspace | Tensor | None = None,
+                 *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None):
+        self.source = source.detach() if isinstance(source, Tensor) else torch.as_tensor(source)
+        if self.source.dim() not in (2, 3):
+            raise InputError(f"source must be [batch, seq, d_model] or [batch, d_model]; got {tuple(self.source.shape)}")
+        self.subspace = None if subspace is None else _sub(subspace)
+        self.source_positions = None if source_positions is None else torch.as_tensor(source_positions).long()
+        if self.source_positions is not None and self.source_positions.dim() == 1:
+            self.source_positions = self.source_positions[None].expand(self.source.shape[0], -1)
+
+    def _source_rows(self, x: Tensor, ctx: EditContext) -> Tensor:
+        src = self.source.to(device=x.device, dtype=x.dtype)
+        bi = ctx.batch_idx.to(x.device)
+        if bi.numel() and int(bi.max()) >= src.shape[0]:
+            raise InputError(f"patch source has {src.shape[0]} rows but the base batch has more; "
+                             "pair every base prompt with a source prompt")
+        if src.dim() == 2:
+            return src[bi]
+        if self.source_positions is not None:
+            if ctx.slot is None:
+                raise InputError("source_positions pairs the k-th base position with the k-th source position, "
+                                 "so the intervention needs explicit positions=[[...], ...] too")
+            sp = self.source_positions.to(x.device)[bi, ctx.slot.to(x.device)]
+        else:
+            sp = ctx.pos.to(x.device)
+        if bool((sp >= src.shape[1]).any()):
+            raise InputError(f"patch source has {src.shape[1]} positions but position {int(sp.max())} was "
+                             "asked for; pass source_positions to align prompts of different lengths")
+        return src[bi, sp]
+
+    def __call__(self, x, ctx):
+        src = self._source_rows(x, ctx)
+        if self.subspace is None:
+            return src.clone()
+        b = _basis(self.subspace, x)
+        return x + (src @ b.T - x @ b.T) @ b
+
+
+def _coords_of(sub: Subspace, coords, value) -> Tensor:
+    if coords is None:
+        if isinstance(value, (list, tuple)):
+            return torch.stack([sub.to_coords(v).float() for v in value])
+        return sub.to_coords(value).float()
+    coords = torch.as_tensor(coords).float()
+    if coords.shape[-1] != sub.rank or coords.dim() not in (1, 2):
+        raise InputError(f"coords must be [rank={sub.rank}] or [batch, rank]; got {tuple(coords.shape)}")
+    return coords
+
+
+class SetCoords(Edit):
+    """Move ``x`` to given subspace coordinates, keeping its orthogonal part.
+
+    ``coords`` ``[rank]`` or ``[batch, rank]``; or ``value`` mapped through the subspace's coordinate
+    map (a PLS value, an angle, a class name such as ``"Friday"``; a list gives one per row).
+    """
+
+    def __init__(self, subspace: Subspace, coords: Tensor | None = None, *, value=None):
+        if (coords is None) == (value is None):
+            raise InputError("SetCoords needs exactly one of coords= or value=")
+        self.subspace = subspace
+        self.coords = _coords_of(subspace, coords, value)
+
+    def __call__(self, x, ctx):
+        c = self.coords
+        c = per_row(c, ctx, x) if c.dim() == 2 else c.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], -1)
+        return self.subspace.with_coords(x, c)
+
+
+def _angle(sub: Subspace, value) -> float:
+    if isinstance(value, str):
+        cm = sub.coord_map
+        if not isinstance(cm, CircleMap) or value not in cm.angles:
+            known = sorted(cm.angles) if isinstance(cm, CircleMap) else []
+            raise InputError(f"Rotate(to={value!r}) needs a circle map with that class; this subspace knows {known}")
+        return cm.angles[value]
+    return float(value)
+
+
+class Rotate(Edit):
+    """Rotate within the 2-D plane of coordinates ``plane`` about ``center``, keeping the radius.
+
+    ``angle``: radians to rotate by (float or ``[batch]``); or ``to``: target angle or class (one per
+    row with a list) on the subspace's circle, each row rotated from its own current angle.
+    ``center`` defaults to the circle map's center (zero when there is none). ``scale`` multiplies
+    the distance from the center (1 keeps the radius). With a zero origin, zero center and
+    ``scale=1`` the edit preserves the activation's norm.
+    """
+
+    def __init__(self, subspace: Subspace, angle: float | Tensor | None = None, *, to=None,
+                 plane: tuple[int, int] = (0, 1), center: Tensor | None = None, scale: float = 1.0):
+        if (angle is None) == (to is None):
+            raise InputError("Rotate needs exactly one of angle= (radians) or to= (target angle or class)")
+        if subspace.rank < 2 or not all(0 <= p < subspace.rank for p in plane) or plane[0] == plane[1]:
+            raise InputError(f"plane={plane} must name two different coordinates of a rank>=2 subspace "
+                             f"(rank {subspace.rank})")
+        if not scale > 0:
+            raise InputError(f"Rotate scale must be > 0; got {scale}")
+        self.subspace, self.plane, self.scale = subspace, plane, float(scale)
+        self.angle = angle if angle is None or isinstance(angle, Tensor) else float(angle)
+        self.to = None if to is None else (torch.tensor([_angle(subspace, t) for t in to])
+                                           if isinstance(to, (list, tuple)) else _angle(subspace, to))
+        if center is None:
+            cm = subspace.coord_map
+            center = cm.center if isinstance(cm, CircleMap) and plane == (0, 1) else torch.zeros(2)
+        self.center = torch.as_tensor(center).float()
+
+    def __call__(self, x, ctx):
+        i, j = self.plane
+        c = self.subspace.project(x)
+        ctr = self.center.to(c)
+        u, w = c[..., i] - ctr[0], c[..., j] - ctr[1]
+        if self.to is not None:
+            target = per_row(self.to, ctx, x) if isinstance(self.to, Tensor) else self.to
+            theta = target - torch.atan2(w, u)
+        elif isinstance(self.angle, Tensor):
+            theta = per_row(self.angle, ctx, x)
+        else:
+            theta = torch.full_like(u, self.angle) if self.angle % (2 * math.pi) else None
+        if theta is None and self.scale == 1.0:
+            return x.clone()
+        if theta is None:
+            theta = torch.zeros_like(u)
+        cos, sin = torch.cos(theta) * self.scale, torch.sin(theta) * self.scale
+        du = u * cos - w * sin - u
+        dw = u * sin + w * cos - w
+        b = _basis(self.subspace, x)
+        return x + du[..., None] * b[i] + dw[..., None] * b[j]
+
+
+class SaeEdit(Edit):
+    """Clamp, scale or ablate SAE latents, keeping the SAE's error term.
+
+    ``sae`` is any object with ``encode(x) -> codes`` and ``decode(codes) -> x_hat``. The result is
+    ``decode(codes') + (x - decode(codes))``, computed as ``x + decode(codes') - decode(codes)`` so that
+    an edit that leaves the codes alone returns ``x`` bitwise.
+    ``mode``: "clamp" (set to ``value``), "scale" (multiply by ``value``) or "ablate" (set to 0).
+    """
+
+    def __init__(self, sae, latents: Sequence[int] | Tensor = (), value: float | Tensor = 0.0, *, mode: str = "clamp"):
+        if not (hasattr(sae, "encode") and hasattr(sae, "decode")):
+            raise InputError(f"sae must have encode(x) and decode(codes); got {type(sae).__name__}")
+        if mode not in ("clamp", "scale", "ablate"):
+            raise InputError(f"mode must be 'clamp', 'scale' or 'ablate'; got {mode!r}")
+        self.sae, self.mode, self.value = sae, mode, value
+        self.latents = torch.as_tensor(list(latents) if not isinstance(latents, Tensor) else latents, dtype=torch.long)
+
+    def _sae_dtype(self, x: Tensor) -> torch.dtype:
+        p = next(iter(self.sae.parameters()), None) if hasattr(self.sae, "parameters") else None
+        return p.dtype if p is not None else x.dtype
+
+    def __call__(self, x, ctx):
+        if self.latents.numel() == 0:
+            return x.clone()
+        xs = x.to(self._sae_dtype(x))
+        codes = self.sae.encode(xs)
+        idx = self.latents.to(codes.device)
+        picked = codes.index_select(-1, idx)
+        if self.mode == "ablate":
+            new = torch.zeros_like(picked)
+        elif self.mode == "scale":
+            new = picked * torch.as_tensor(self.value).to(picked)
+        else:
+            new = torch.as_tensor(self.value).to(picked).expand_as(picked)
+        edited = codes.index_copy(-1, idx, new)
+        return x + (self.sae.decode(edited) - self.sae.decode(codes)).to(x.dtype)

@@ -1,0 +1,228 @@
+"""Write edited activations back into the model: forward passes, batches, ``generate`` and capture.
+
+>>> with intervene(model, {"blocks.12.hook_resid_post": Rotate(circle, to="Friday")}, positions="last"):
+...     logits = model(**batch).logits          # edited
+...     out = model.generate(**batch)           # edited at every decode step the positions name
+>>> logits = model(**batch).logits              # hooks are gone, even after an exception
+
+Edits on several sites, or several edits on one site (a list), compose in forward order / list
+order; nested ``with`` blocks compose (outer first) and unwind independently. For long-lived use,
+``h = intervene(...).attach()`` ... ``h.remove()``. Only this module's hooks are added and removed
+(by handle): transformers' own hooks are never touched.
+
+Absolute positions stay right under ``generate`` with a KV cache: a pre-hook on the module that
+runs the blocks reads how many columns are already cached (``cache`` / ``past_key_values`` /
+``cache_position``) and the 2-D attention mask, so each decode step knows which column it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from interp.edits import Edit, EditContext, as_edit
+from interp.errors import InputError
+from interp.positions import Positions, as_positions
+from interp.sites import Site, add_write_hook, find_blocks, remove_hooks, resolve, unwrap
+
+
+@dataclass
+class _Pass:
+    """What the current forward pass looks like, written by the pre-hook on the blocks' owner."""
+
+    active: bool = False
+    seq: int = 0
+    offset: int = 0
+    prompt_len: int = 0
+    mask: Tensor | None = None  # [batch, seq] real-token mask of this pass; None = all real
+    calls: int = 0
+    edited: dict[str, int] = field(default_factory=dict)
+
+
+def blocks_owner(model: nn.Module) -> nn.Module:
+    """The module whose forward runs the transformer blocks (``LlamaModel``, ``GPT2Model`` ...)."""
+    hf = unwrap(model)
+    blocks = find_blocks(hf)
+    for _, mod in hf.named_modules():
+        if any(child is blocks for child in mod.children()):
+            return mod
+    return hf
+
+
+def _cached_len(kwargs: dict) -> int:
+    cp = kwargs.get("cache_position")
+    if isinstance(cp, Tensor) and cp.numel():
+        return int(cp.reshape(-1)[0])
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is None:
+            continue
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and isinstance(cache[0], (tuple, list)) and cache[0]:
+            return int(cache[0][0].shape[-2])
+    return 0
+
+
+def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    for v in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(v, Tensor) and v.dim() >= 2:
+            return v.shape[0], v.shape[1]
+    return None
+
+
+class Intervention:
+    """Edits bound to sites; a context manager, or a handle with :meth:`attach` / :meth:`remove`."""
+
+    def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | list], *,
+                 positions=None, edit_padding: bool = False):
+        if not isinstance(edits, Mapping) or not edits:
+            raise InputError("edits must be a non-empty dict {site name: edit}, e.g. "
+                             "{'blocks.6.hook_resid_post': ProjectOut(subspace)}; got "
+                             f"{type(edits).__name__}{' (empty)' if isinstance(edits, Mapping) else ''}")
+        self.model = model
+        sites = [resolve(model, s) for s in edits]
+        pos_of = positions if isinstance(positions, Mapping) else {}
+        unknown = set(pos_of) - {s if isinstance(s, str) else s.name for s in edits}
+        if unknown:
+            raise InputError(f"positions names sites {sorted(unknown)} that have no edit; edited sites: "
+                             f"{[s.name for s in sites]}")
+        self.bound: list[tuple[Site, Edit, Positions]] = []
+        for key, site in zip(edits, sites):
+            p = pos_of.get(key, None) if isinstance(positions, Mapping) else positions
+            self.bound.append((site, as_edit(edits[key]), as_positions(p, edit_padding=edit_padding)))
+        self.bound.sort(key=lambda t: t[0].order)
+        self._owner = blocks_owner(model)
+        self._pass = _Pass()
+        self._handles: list = []
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        return f"Intervention({[s.name for s, _, _ in self.bound]}, {state})"
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Rows edited so far at each site (counts every forward pass while attached)."""
+        return dict(self._pass.edited)
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _pre(self, _module, args, kwargs):
+        st = self._pass
+        shape = _input_shape(args, kwargs)
+        st.active = shape is not None
+        st.calls += 1
+        if shape is None:
+            return None
+        b, s = shape
+        st.seq = s
+        st.offset = _cached_len(kwargs)
+        if st.offset == 0:
+            st.prompt_len = s
+        mask = kwargs.get("attention_mask")
+        st.mask = None
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b:
+            if mask.shape[1] >= st.offset + s:
+                window = mask[:, st.offset:st.offset + s]
+            elif mask.shape[1] == s:
+                window = mask
+            else:
+                window = None
+            if window is not None and not bool(window.bool().all()):
+                st.mask = window.bool()
+        return None
+
+    def _post(self, _module, _args, _output):
+        self._pass.active = False
+
+    def _write_fn(self, site: Site, edit: Edit, pos: Positions):
+        st = self._pass
+        name = site.name
+
+        def fn(value: Tensor) -> Tensor:
+            if value.dim() < 3:
+                raise InputError(f"site {name!r} produced shape {tuple(value.shape)}; interventions expect "
+                                 "[batch, seq, d] activations")
+            b, s = value.shape[:2]
+            if st.active and st.seq == s:
+                offset, mask, prompt_len = st.offset, st.mask, st.prompt_len
+            else:
+                offset, mask, prompt_len = 0, None, s
+            if mask is not None:
+                mask = mask.to(value.device)
+            if pos.is_all and (mask is None or pos.edit_padding):
+                ctx = EditContext(torch.arange(b, device=value.device)[:, None].expand(b, s),
+                                  torch.arange(offset, offset + s, device=value.device)[None].expand(b, s), None, name)
+                st.edited[name] = st.edited.get(name, 0) + b * s
+                return edit(value, ctx).to(value.dtype)
+            if pos.is_all:  # every real token: edit everything, keep padding as it was
+                ctx = EditContext(torch.arange(b, device=value.device)[:, None].expand(b, s),
+                                  torch.arange(offset, offset + s, device=value.device)[None].expand(b, s), None, name)
+                st.edited[name] = st.edited.get(name, 0) + int(mask.sum())
+                return torch.where(mask[..., None], edit(value, ctx).to(value.dtype), value)
+            sel = pos.select(b, s, offset, prompt_len, mask, value.device)
+            n = sel.batch_idx.numel()
+            if n == 0:
+                return value
+            st.edited[name] = st.edited.get(name, 0) + n
+            rows = value[sel.batch_idx, sel.col]
+            ctx = EditContext(sel.batch_idx, sel.col + offset, sel.slot, name)
+            new = edit(rows, ctx)
+            if new.shape != rows.shape:
+                raise InputError(f"the edit at {name!r} returned shape {tuple(new.shape)} for rows of shape "
+                                 f"{tuple(rows.shape)}; an edit must keep the shape")
+            return value.index_put((sel.batch_idx, sel.col), new.to(value.dtype))
+
+        return fn
+
+    def attach(self) -> Intervention:
+        """Register the hooks (idempotent); returns self."""
+        if self._handles:
+            return self
+        handles: list = []
+        try:
+            handles.append(self._owner.register_forward_pre_hook(self._pre, with_kwargs=True))
+            handles.append(self._owner.register_forward_hook(self._post, always_call=True))
+            for site, edit, pos in self.bound:
+                handles += add_write_hook(site, self._write_fn(site, edit, pos))
+        except BaseException:
+            remove_hooks(handles)
+            raise
+        self._handles = handles
+        return self
+
+    def remove(self) -> None:
+        """Remove exactly this intervention's hooks (safe to call twice)."""
+        remove_hooks(self._handles)
+        self._pass.active = False
+
+    def __enter__(self) -> Intervention:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | list], *, positions=None,
+              edit_padding: bool = False) -> Intervention:
+    """Bind edits to sites of `model`: ``with intervene(model, {site: edit}): ...``.
+
+    Args:
+        model: a Hugging Face model (or a TransformerLens bridge around one).
+        edits: ``{site: edit}``; an edit is an :class:`interp.edits.Edit`, a callable ``fn(x, ctx)``,
+            or a list of them (applied in order).
+        positions: which positions to edit (see :mod:`interp.positions`): None (every real token),
+            ``"last"``, absolute columns, per-row lists, a slice or a boolean mask; or a dict
+            ``{site: positions}`` for different positions per site.
+        edit_padding: also edit padded positions (default: padding is left untouched).
+
+    Returns an :class:`Intervention`: use it in a ``with`` block, or call ``.attach()`` and later
+    ``.remove()``.
+    """
+    return Intervention(model, edits, positions=positions, edit_padding=edit_padding)

@@ -1,0 +1,334 @@
+"""Scripted intervention experiments from a declarative spec (YAML or JSON); writes a results table.
+
+    interp intervene spec.yaml            # -> <out>/results.csv + <out>/summary.json
+
+A spec::
+
+    model: smollm2-135m                   # name or path (interp.load_model)
+    prompts: ["I will see you on Monday. To repeat, I will see you on"]
+    # or: dataset: {path: rows.jsonl, text_field: prompt}   (.jsonl, .json list, or .csv)
+    site: blocks.12.hook_resid_post
+    subspace: out/days/blocks.12        # a Subspace folder (optional; needed by subspace edits)
+    positions: last                     # None/all, last, an int, a list, {slice: [a, b]}, {token: " {day}"}
+    edits:                              # each gets its own rows; "none" (no edit) is always measured
+      - {name: to_friday, type: rotate, to: Friday}
+      - {name: ablate, type: project_out}
+    metric: {type: logit_diff, target: " Friday", baseline: " {day}"}
+    out: out/intervene_run
+
+Strings holding ``{field}`` are filled in per row from the dataset's fields, so an edit or a metric
+can differ per prompt (``to: "{target}"``). Edit types: ``project_out``, ``zero_ablate``,
+``mean_ablate`` (``coords``), ``steer`` (``alpha``, ``coords`` or ``vector``), ``set_coords``
+(``coords`` or ``value``), ``rotate`` (``angle`` or ``to``), ``replace`` (``vector``), ``patch``
+(``source_field``: the row field holding the source prompt; its last token is patched in).
+Metrics (at the last real token): ``top_token``, ``prob`` (``token``), ``logit_diff``
+(``target``, ``baseline``) and ``kl`` (from the unedited run).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from interp.capture import capture, last_token_index, tokenize
+from interp.edits import (Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate)
+from interp.errors import DataError, InputError
+from interp.intervene import intervene
+from interp.subspace import Subspace
+
+EDIT_TYPES = ("project_out", "zero_ablate", "mean_ablate", "steer", "set_coords", "rotate", "replace", "patch")
+METRICS = ("top_token", "prob", "logit_diff", "kl")
+_FIELD = re.compile(r"\{(\w+)\}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """A validated intervention experiment."""
+
+    model: str
+    """Model name or path for :func:`interp.load_model`."""
+    site: str
+    """Site every edit is written to (an edit may override it with its own ``site``)."""
+    edits: tuple[dict, ...]
+    """Edit specs, each ``{name, type, ...params}``."""
+    metric: dict
+    """Metric spec ``{type, ...params}``."""
+    rows: tuple[dict, ...]
+    """One dict per prompt; ``text`` is the prompt, other keys are fields for ``{field}``."""
+    positions: Any = "last"
+    """Positions to edit (see interp.positions), or ``{token: "..."}`` / ``{slice: [a, b]}``."""
+    subspace: str | None = None
+    """Folder of a saved Subspace, used by subspace edits."""
+    out: str = "intervene_out"
+    """Output folder for results.csv and summary.json."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    device: str | None = None
+    """Device for the model (default: CUDA when available)."""
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise InputError("spec: no prompts; give prompts: [...] or dataset: {path: ...}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"spec.batch_size must be a positive integer; got {self.batch_size!r}")
+        if self.metric.get("type") not in METRICS:
+            raise InputError(f"spec.metric.type must be one of {METRICS}; got {self.metric.get('type')!r}")
+        names = set()
+        for e in self.edits:
+            if e.get("type") not in EDIT_TYPES:
+                raise InputError(f"spec.edits: type must be one of {EDIT_TYPES}; got {e.get('type')!r} in {e}")
+            if e["name"] in names or e["name"] == "none":
+                raise InputError(f"spec.edits: names must be unique and not 'none'; got {e['name']!r} twice")
+            names.add(e["name"])
+
+
+def _read_rows(spec: Mapping, base: Path) -> list[dict]:
+    if "prompts" in spec:
+        prompts = spec["prompts"]
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise InputError(f"spec.prompts must be a list of strings; got {type(prompts).__name__}")
+        return [{"text": str(p)} for p in prompts]
+    ds = spec.get("dataset")
+    if not isinstance(ds, Mapping) or "path" not in ds:
+        raise InputError("spec needs prompts: [...] or dataset: {path: FILE, text_field: NAME}")
+    path = (base / ds["path"]) if not Path(ds["path"]).is_absolute() else Path(ds["path"])
+    text_field = ds.get("text_field", "prompt")
+    try:
+        if path.suffix == ".jsonl":
+            data = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            with path.open(newline="") as f:
+                data = list(csv.DictReader(f))
+        else:
+            raise DataError(f"dataset {path}: expected a .jsonl, .json or .csv file")
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"dataset {path} could not be read: {e}") from e
+    if not data or any(text_field not in r for r in data):
+        raise DataError(f"dataset {path}: every row needs the text field {text_field!r} (set dataset.text_field)")
+    return [{**r, "text": str(r[text_field])} for r in data[: ds.get("limit") or None]]
+
+
+def load_spec(path: str | os.PathLike, **overrides) -> RunSpec:
+    """Read a YAML/JSON spec file into a :class:`RunSpec` (paths resolved relative to the file)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"spec file {path} could not be read: {e}") from e
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+        raw = yaml.safe_load(text)
+    else:
+        raw = json.loads(text)
+    if not isinstance(raw, Mapping):
+        raise InputError(f"spec {path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return spec_from_dict(raw, base=path.parent, **overrides)
+
+
+def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> RunSpec:
+    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    base = Path(base)
+    known = {"model", "site", "edit", "edits", "metric", "prompts", "dataset", "positions", "subspace", "out",
+             "batch_size", "device"}
+    extra = set(raw) - known
+    if extra:
+        raise InputError(f"spec: unknown keys {sorted(extra)}; known keys: {sorted(known)}")
+    for key in ("model", "site", "metric"):
+        if key not in raw:
+            raise InputError(f"spec: missing required key {key!r}")
+    edits = raw.get("edits") or ([raw["edit"]] if "edit" in raw else [])
+    if not edits:
+        raise InputError("spec: give edit: {type: ...} or edits: [{name: ..., type: ...}, ...]")
+    edits = tuple({"name": e.get("name", e.get("type", f"edit{i}")), **e} for i, e in enumerate(edits))
+    sub = raw.get("subspace")
+    if sub is not None and not Path(sub).is_absolute():
+        sub = str(base / sub)
+    return RunSpec(model=str(raw["model"]), site=str(raw["site"]), edits=edits, metric=dict(raw["metric"]),
+                   rows=tuple(_read_rows(raw, base)), positions=raw.get("positions", "last"), subspace=sub,
+                   out=str(raw.get("out", "intervene_out")), batch_size=int(raw.get("batch_size", 16)),
+                   device=raw.get("device"))
+
+
+def _fill(value, rows: list[dict]):
+    """A value with ``{field}`` placeholders becomes one value per row."""
+    if isinstance(value, str) and _FIELD.search(value):
+        try:
+            return [value.format(**r) for r in rows]
+        except KeyError as e:
+            raise InputError(f"spec: {value!r} names field {e} that the dataset rows lack") from None
+    return value
+
+
+def _need_sub(sub: Subspace | None, kind: str) -> Subspace:
+    if sub is None:
+        raise InputError(f"edit type {kind!r} needs a subspace: set spec.subspace to a saved Subspace folder")
+    return sub
+
+
+def build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, tok=None, site: str = "") -> Edit:
+    """One edit object for a batch of rows from an edit spec."""
+    kind = e["type"]
+    p = {k: _fill(v, rows) for k, v in e.items() if k not in ("name", "type", "site", "positions")}
+    if kind == "project_out":
+        return ProjectOut(_need_sub(sub, kind))
+    if kind == "zero_ablate":
+        return ZeroAblate(_need_sub(sub, kind))
+    if kind == "mean_ablate":
+        s = _need_sub(sub, kind)
+        return MeanAblate(s, torch.tensor(p.get("coords", [0.0] * s.rank)))
+    if kind == "steer":
+        if "vector" in p:
+            return Steer(torch.tensor(p["vector"]), float(p.get("alpha", 1.0)))
+        s = _need_sub(sub, kind)
+        return Steer(s, float(p.get("alpha", 1.0)), coords=torch.tensor(p["coords"]) if "coords" in p else None)
+    if kind == "set_coords":
+        s = _need_sub(sub, kind)
+        return SetCoords(s, torch.tensor(p["coords"]) if "coords" in p else None, value=p.get("value"))
+    if kind == "rotate":
+        s = _need_sub(sub, kind)
+        return Rotate(s, angle=p.get("angle"), to=p.get("to"))
+    if kind == "replace":
+        return Replace(torch.tensor(p["vector"]))
+    # patch: the source prompt's last-token activation at the site, subspace component only when given
+    field_name = e.get("source_field")
+    if not field_name or any(field_name not in r for r in rows):
+        raise InputError("edit type 'patch' needs source_field: the dataset field holding each row's source prompt")
+    src = capture(model, [r[field_name] for r in rows], site, positions="last", tokenizer=tok)[site]
+    return Patch(src, sub)
+
+
+def resolve_positions(spec_pos, rows: list[dict], ids: torch.Tensor, tok):
+    """Spec positions to an ``intervene`` positions argument for this batch."""
+    if spec_pos in (None, "all"):
+        return None
+    if isinstance(spec_pos, Mapping) and "slice" in spec_pos:
+        a, b = (list(spec_pos["slice"]) + [None])[:2]
+        return slice(a, b)
+    if isinstance(spec_pos, Mapping) and "token" in spec_pos:
+        texts = _fill(spec_pos["token"], rows)
+        texts = texts if isinstance(texts, list) else [texts] * len(rows)
+        cols = []
+        for i, (row, text) in enumerate(zip(rows, texts)):
+            tid = tok.encode(text, add_special_tokens=False)
+            hit = (ids[i] == tid[0]).nonzero() if len(tid) == 1 else torch.empty(0, 1)
+            if hit.numel() == 0:
+                raise InputError(f"positions.token {text!r} is not a single token found in prompt {row['text']!r}")
+            cols.append([int(hit[0, 0])])
+        return cols
+    return spec_pos
+
+
+def _token_ids(tok, value, n: int) -> torch.Tensor:
+    texts = value if isinstance(value, list) else [value] * n
+    out = []
+    for t in texts:
+        ids = tok.encode(t, add_special_tokens=False)
+        if len(ids) != 1:
+            raise InputError(f"metric token {t!r} is {len(ids)} tokens; metrics need single tokens (mind the leading space)")
+        out.append(ids[0])
+    return torch.tensor(out)
+
+
+def metric_values(metric: dict, logits: torch.Tensor, base_logits: torch.Tensor, rows: list[dict], tok) -> dict:
+    """Per-row metric columns from last-token logits ``[n, vocab]``."""
+    kind, n = metric["type"], len(rows)
+    logp = logits.float().log_softmax(-1)
+    if kind == "top_token":
+        top = logits.argmax(-1)
+        return {"top_token": [tok.decode([int(t)]) for t in top],
+                "changed": (top != base_logits.argmax(-1)).tolist()}
+    if kind == "prob":
+        t = _token_ids(tok, _fill(metric["token"], rows), n)
+        return {"prob": logp[torch.arange(n), t].exp().tolist()}
+    if kind == "logit_diff":
+        t = _token_ids(tok, _fill(metric["target"], rows), n)
+        b = _token_ids(tok, _fill(metric["baseline"], rows), n)
+        return {"logit_diff": (logits[torch.arange(n), t] - logits[torch.arange(n), b]).float().tolist()}
+    base_logp = base_logits.float().log_softmax(-1)
+    return {"kl": (base_logp.exp() * (base_logp - logp)).sum(-1).tolist()}
+
+
+@dataclass
+class RunResult:
+    """The table (one row per prompt and edit, 'none' included) and the per-edit means."""
+
+    table: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+def run_spec(spec: RunSpec, model=None, tok=None, *, progress: bool | None = None) -> RunResult:
+    """Run every edit of `spec` on every prompt; returns the table and a summary (not written)."""
+    if model is None:
+        from interp.models import load_model
+        model, tok = load_model(spec.model, device=spec.device)
+    sub = Subspace.load(spec.subspace) if spec.subspace else None
+    device = next(model.parameters()).device
+    result = RunResult()
+    rows = list(spec.rows)
+    chunks = range(0, len(rows), spec.batch_size)
+    for start in tqdm(chunks, desc="intervene", disable=not (progress if progress is not None else len(chunks) > 1)):
+        chunk = rows[start:start + spec.batch_size]
+        batch = {k: v.to(device) for k, v in tokenize(tok, [r["text"] for r in chunk]).items()}
+        last = last_token_index(batch["attention_mask"])
+        ar = torch.arange(len(chunk), device=device)
+        with torch.no_grad():
+            base = model(**batch).logits[ar, last]
+        outs = {"none": base}
+        for e in spec.edits:
+            site = e.get("site", spec.site)
+            pos = resolve_positions(e.get("positions", spec.positions), chunk, batch["input_ids"].cpu(), tok)
+            edit = build_edit(e, sub, chunk, model=model, tok=tok, site=site)
+            with intervene(model, {site: edit}, positions=pos), torch.no_grad():
+                outs[e["name"]] = model(**batch).logits[ar, last]
+        for name, logits in outs.items():
+            cols = metric_values(spec.metric, logits.cpu(), base.cpu(), chunk, tok)
+            for i, r in enumerate(chunk):
+                result.table.append({"row": start + i, "prompt": r["text"], "edit": name,
+                                     **{k: v[i] for k, v in cols.items()}})
+    result.summary = summarize(result.table, spec)
+    return result
+
+
+def summarize(table: list[dict], spec: RunSpec) -> dict:
+    keys = [k for k in table[0] if k not in ("row", "prompt", "edit", "top_token")]
+    means = {}
+    for name in ["none"] + [e["name"] for e in spec.edits]:
+        rs = [r for r in table if r["edit"] == name]
+        means[name] = {k: sum(float(r[k]) for r in rs) / len(rs) for k in keys}
+    return {"model": spec.model, "site": spec.site, "metric": spec.metric, "n_prompts": len(spec.rows),
+            "edits": list(spec.edits), "positions": spec.positions, "subspace": spec.subspace, "mean": means}
+
+
+def write_result(result: RunResult, out: str | os.PathLike) -> Path:
+    """Write ``results.csv`` and ``summary.json`` atomically into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = list(dict.fromkeys(k for r in result.table for k in r))
+
+    def write_csv(f):
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(result.table)
+
+    for name, write in (("results.csv", write_csv), ("summary.json", lambda f: json.dump(result.summary, f, indent=2))):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
+        try:
+            with os.fdopen(fd, "w", newline="") as f:
+                write(f)
+            os.replace(tmp, out / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return out

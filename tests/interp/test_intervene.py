@@ -1,0 +1,288 @@
+"""intervene(): exactness, positions under generate, hook hygiene and gradients on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (Gemma2Config, Gemma2ForCausalLM, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                          GPTNeoXForCausalLM, GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+
+from interp import capture
+from interp.edits import Patch, ProjectOut, Replace, Rotate, Steer
+from interp.errors import InputError, SiteError
+from interp.intervene import intervene
+from interp.subspace import Subspace
+
+V, D = 61, 32
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=V, n_embd=D, n_layer=3, n_head=4, n_positions=64))
+
+
+def _neox():
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, max_position_embeddings=64))
+
+
+def _qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+
+
+def _gemma():
+    return GemmaForCausalLM(GemmaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                        max_position_embeddings=64))
+
+
+def _gemma2():
+    return Gemma2ForCausalLM(Gemma2Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                          query_pre_attn_scalar=8, sliding_window=16, max_position_embeddings=64))
+
+
+def _phi3():
+    return Phi3ForCausalLM(Phi3Config(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      pad_token_id=0))
+
+
+BUILDERS = {"llama": _llama, "gpt2": _gpt2, "neox": _neox, "qwen2": _qwen2, "gemma": _gemma, "gemma2": _gemma2,
+            "phi3": _phi3}
+SITES = ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out"]
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def model(request):
+    torch.manual_seed(0)
+    m = BUILDERS[request.param]().eval()
+    m.generation_config.eos_token_id = None  # random weights: never stop early, so lengths are known
+    return m
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+def _gen(model, ids, mask=None, n=4):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+def _hook_counts(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _rand_sub(rank=2, seed=0):
+    return Subspace(torch.randn(rank, D, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("site", SITES + ["blocks.1.hook_resid_mid"])
+def test_noop_edit_is_bitwise_identical(model, ids, site):
+    if site.endswith("resid_mid") and "neox" in type(model).__name__.lower():
+        pytest.skip("parallel residual: no resid_mid")
+    base = model(ids).logits
+    with intervene(model, {site: Steer(torch.randn(D), alpha=0.0)}):
+        same = model(ids).logits
+    with intervene(model, {site: Steer(torch.randn(D), alpha=3.0)}):
+        changed = model(ids).logits
+    assert torch.equal(base, same)
+    assert not torch.allclose(base, changed)
+
+
+def test_patch_with_source_equal_base_is_identity(model, ids):
+    site = "blocks.1.hook_resid_post"
+    src = capture(model, ids, site)[site]
+    base = model(ids).logits
+    with intervene(model, {site: Patch(src, _rand_sub(3))}):
+        assert torch.equal(model(ids).logits, base)
+    with intervene(model, {site: Patch(src)}, positions=[2, 5]):
+        assert torch.equal(model(ids).logits, base)
+
+
+def test_patch_moves_the_source_component(model, ids):
+    site, sub = "blocks.1.hook_resid_post", _rand_sub(2)
+    src_ids = torch.randint(0, V, ids.shape, generator=torch.Generator().manual_seed(5))
+    src = capture(model, src_ids, site)[site]
+    with intervene(model, {site: Patch(src, sub)}, positions="last"):
+        got = capture(model, ids, site)[site]
+    torch.testing.assert_close(sub.project(got[:, -1]), sub.project(src[:, -1]), atol=1e-5, rtol=1e-5)
+    base = capture(model, ids, site)[site]
+    torch.testing.assert_close(got[:, :-1], base[:, :-1])
+
+
+def test_patch_aligns_different_lengths_by_explicit_positions(model):
+    site = "blocks.1.hook_resid_post"
+    base_ids = torch.randint(0, V, (2, 6), generator=torch.Generator().manual_seed(2))
+    src_ids = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(3))
+    src = capture(model, src_ids, site)[site]
+    with intervene(model, {site: Patch(src, source_positions=[[8, 4], [1, 2]])}, positions=[[5, 3], [0, 1]]):
+        got = capture(model, base_ids, site)[site]
+    torch.testing.assert_close(got[0, 5], src[0, 8])
+    torch.testing.assert_close(got[0, 3], src[0, 4])
+    torch.testing.assert_close(got[1, 0], src[1, 1])
+    torch.testing.assert_close(got[1, 1], src[1, 2])
+
+
+def test_generate_edits_exactly_the_requested_absolute_positions(model, ids):
+    site = "blocks.1.hook_resid_post"
+    seen: list[tuple[int, int]] = []
+
+    def record(x, ctx):
+        seen.extend(zip(ctx.batch_idx.tolist(), ctx.pos.tolist()))
+        return x + 1.0
+
+    with intervene(model, {site: record}, positions=[2, 8, 9]):
+        edited = _gen(model, ids, n=4)
+    assert sorted(seen) == sorted((b, p) for b in range(3) for p in (2, 8, 9))
+    # equals a plain forward over the full generated text edited at the same columns
+    with intervene(model, {site: Steer(torch.ones(D), 1.0)}, positions=[2, 8, 9]):
+        full = model(edited[:, :-1]).logits
+    assert torch.equal(full[:, 6:].argmax(-1), edited[:, 7:])
+
+
+def test_generate_last_and_slice_positions(model, ids):
+    site = "blocks.0.hook_resid_post"
+    seen: list[list[int]] = []
+
+    def record(x, ctx):
+        seen.append(sorted(set(ctx.pos.reshape(-1).tolist())))
+        return x
+
+    with intervene(model, {site: record}, positions="last"):
+        _gen(model, ids, n=3)
+    assert seen == [[6], [7], [8]]
+    seen.clear()
+    with intervene(model, {site: record}, positions=slice(5, None)):
+        _gen(model, ids, n=3)
+    assert seen == [[5, 6], [7], [8]]
+
+
+def test_padding_is_left_untouched(model):
+    site = "blocks.1.hook_resid_post"
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    base = capture(model, batch, site)[site]
+    with intervene(model, {site: Steer(torch.ones(D), 2.0)}):
+        got = capture(model, batch, site)[site]
+    assert torch.equal(got[0, :2], base[0, :2])
+    torch.testing.assert_close(got[1], base[1] + 2.0)
+    with intervene(model, {site: Steer(torch.ones(D), 2.0)}, positions=[0, 3]):
+        got = capture(model, batch, site)[site]
+    assert torch.equal(got[0, 0], base[0, 0])
+    torch.testing.assert_close(got[0, 3], base[0, 3] + 2.0)
+    torch.testing.assert_close(got[1, 0], base[1, 0] + 2.0)
+
+
+def test_hooks_are_removed_after_an_exception(model, ids):
+    before = _hook_counts(model)
+
+    def boom(x, ctx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with intervene(model, {"blocks.1.hook_resid_post": boom}):
+            model(ids)
+    assert _hook_counts(model) == before
+    with pytest.raises(ValueError, match="outside"):
+        with intervene(model, {"blocks.1.hook_resid_post": Steer(torch.ones(D), 1.0)}):
+            raise ValueError("outside")
+    assert _hook_counts(model) == before
+
+
+def test_nested_contexts_compose_and_unwind(model, ids):
+    site = "blocks.1.hook_resid_post"
+    base = capture(model, ids, site)[site]
+    before = _hook_counts(model)
+    with intervene(model, {site: Steer(torch.ones(D), 1.0)}):
+        with intervene(model, {site: lambda x, ctx: x * 2.0}):
+            inner = capture(model, ids, site)[site]
+        outer = capture(model, ids, site)[site]
+    torch.testing.assert_close(inner, (base + 1.0) * 2.0)  # outer edit first, then inner
+    torch.testing.assert_close(outer, base + 1.0)
+    assert _hook_counts(model) == before
+    assert torch.equal(capture(model, ids, site)[site], base)
+
+
+def test_only_our_hooks_are_touched(model, ids):
+    site = "blocks.1.hook_resid_post"
+    calls = []
+    block = dict(model.named_modules())
+    target = next(m for n, m in block.items() if n.endswith(".1") and "layers" in n or n.endswith("h.1"))
+    foreign = target.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with intervene(model, {site: Steer(torch.ones(D), 1.0)}):
+            model(ids)
+        model(ids)
+        assert len(calls) == 2
+        hs = model(ids, output_hidden_states=True).hidden_states
+        assert hs is not None and len(hs) == model.config.num_hidden_layers + 1
+    finally:
+        foreign.remove()
+
+
+def test_handle_for_long_lived_use(model, ids):
+    site = "blocks.1.hook_resid_post"
+    base = model(ids).logits
+    h = intervene(model, {site: ProjectOut(_rand_sub(2))}).attach()
+    assert h.attached and h.attach() is h  # idempotent
+    edited = model(ids).logits
+    assert not torch.allclose(edited, base)
+    assert h.stats[site] == ids.numel()
+    h.remove()
+    h.remove()
+    assert torch.equal(model(ids).logits, base)
+
+
+def test_gradients_flow_through_an_edited_forward(model, ids):
+    site = "blocks.1.hook_resid_post"
+    alpha = torch.zeros(ids.shape[0], requires_grad=True)
+    model.zero_grad()
+    with intervene(model, {site: [Steer(torch.randn(D), alpha), Rotate(_rand_sub(2), angle=0.3)]}, positions="last"):
+        loss = model(ids).logits[:, -1].logsumexp(-1).sum()
+    loss.backward()
+    assert alpha.grad is not None and alpha.grad.abs().sum() > 0
+    emb = model.get_input_embeddings().weight
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    model.zero_grad()
+
+
+def test_replace_under_generate_changes_output(model, ids):
+    site = "blocks.2.hook_resid_post"
+    base = _gen(model, ids)
+    with intervene(model, {site: Replace(torch.randn(D) * 50)}, positions=slice(0, None)):
+        edited = _gen(model, ids)
+    assert torch.equal(base[:, :7], edited[:, :7]) and not torch.equal(base, edited)
+    assert torch.equal(_gen(model, ids), base)
+
+
+def test_positions_per_site_and_errors(model, ids):
+    seen = {}
+
+    def rec(name):
+        def f(x, ctx):
+            seen[name] = sorted(set(ctx.pos.reshape(-1).tolist()))
+            return x
+        return f
+
+    sites = {"blocks.0.hook_resid_post": rec("a"), "blocks.2.hook_resid_post": rec("b")}
+    with intervene(model, sites, positions={"blocks.0.hook_resid_post": [1], "blocks.2.hook_resid_post": -1}):
+        model(ids)
+    assert seen == {"a": [1], "b": [6]}
+    with pytest.raises(SiteError, match="blocks.1.hook_resid_post"):
+        intervene(model, {"blocks.1.hook_resid_posst": rec("x")})
+    with pytest.raises(InputError, match="non-empty dict"):
+        intervene(model, {})
+    with pytest.raises(InputError, match="positions"):
+        intervene(model, {"blocks.0.hook_resid_post": rec("x")}, positions="first")
+    with pytest.raises(InputError, match="no edit"):
+        intervene(model, {"blocks.0.hook_resid_post": rec("x")}, positions={"blocks.1.hook_resid_post": 1})

@@ -1,0 +1,32 @@
+"""The weekday-circle intervention experiment, reduced, on the embedded model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_weekday_experiment_reduced_run_writes_results(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import weekday_circle_intervention as exp
+
+    rc = exp.main(["--out", str(tmp_path), "--layers", "10", "--positions", "day", "--scales", "1",
+                   "--fit-templates", "3", "--eval-templates", "1", "--random-seeds", "1", "--max-rows", "12"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "success_by_layer.png").stat().st_size > 0
+    assert res["n_rows"] == 12
+    # rows are prompts the model copies correctly and targets differ from the source: no edit never succeeds
+    assert res["control_none"]["success"] == 0.0 and res["control_none"]["source_kept"] == 1.0
+    edits = {(r["edit"], r["position"]) for r in res["results"]}
+    assert edits == {("circle", "day"), ("random", "day"), ("replace", "day")}
+    assert res["circles"]["10/day"]["order_matches"] is True
+    for r in res["results"]:
+        assert 0.0 <= r["success"] <= 1.0 and r["success"] + r["source_kept"] <= 1.0 + 1e-6
+    sys.modules.pop("weekday_circle_intervention", None)
