@@ -1,11 +1,19 @@
 """interp: capture, edit and explain the residual stream of Hugging Face transformers."""
 
 from interp.capture import Activations, capture
+from interp.edits import (Compose, Edit, EditContext, Lambda, MeanAblate, Patch, ProjectOut, Replace, Rotate,
+                          SaeEdit, SetCoords, Steer, ZeroAblate)
 from interp.errors import CacheError, DataError, InputError, InterpError, ModelLoadError, SiteError
+from interp.intervene import Intervention, intervene
 from interp.models import EMBEDDED, load_model
+from interp.positions import Positions
 from interp.sites import Site, resolve, site_names
+from interp.subspace import CircleMap, LinearMap, Subspace, TableMap
 
 __all__ = [
     "Activations", "capture", "load_model", "EMBEDDED", "Site", "resolve", "site_names",
+    "intervene", "Intervention", "Positions", "Edit", "EditContext", "Compose", "Lambda", "ZeroAblate",
+    "ProjectOut", "MeanAblate", "Steer", "Replace", "Patch", "SetCoords", "Rotate", "SaeEdit",
+    "Subspace", "CircleMap", "LinearMap", "TableMap",
     "InterpError", "SiteError", "InputError", "DataError", "CacheError", "ModelLoadError",
 ]
