@@ -31,18 +31,31 @@ from interp.errors import InputError
 
 @dataclass
 class CircleMap:
-    """Points ``center + radius * (cos a, sin a)`` in the first two coordinates of the subspace."""
+    """Points ``center + radius * (cos a, sin a)`` in the first two coordinates of the subspace.
+
+    In a subspace of rank > 2 the remaining coordinates of a mapped point are 0 (the origin's).
+    """
 
     center: Float[Tensor, "2"]
     radius: float
     angles: dict[str, float] = field(default_factory=dict)
     """Fitted angle (radians) of each named class, e.g. {"Monday": 0.0, ...}."""
+    rank: int = 2
+    """Length of the coordinate vectors `to_coords` returns (the subspace's rank)."""
 
     kind = "circle"
 
     def to_coords(self, value: float | str) -> Tensor:
-        angle = self.angles[value] if isinstance(value, str) else float(value)
-        return self.center + self.radius * torch.tensor([math.cos(angle), math.sin(angle)], dtype=self.center.dtype)
+        if isinstance(value, str):
+            if value not in self.angles:
+                raise InputError(f"unknown class {value!r}; this circle knows {sorted(self.angles)}")
+            angle = self.angles[value]
+        else:
+            angle = float(value)
+        point = self.center + self.radius * torch.tensor([math.cos(angle), math.sin(angle)], dtype=self.center.dtype)
+        if self.rank > 2:
+            point = torch.cat([point, point.new_zeros(self.rank - 2)])
+        return point
 
     def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
         """Angle (radians, in (-pi, pi]) of each point."""
@@ -165,6 +178,16 @@ class Subspace:
             raise InputError(f"{self!r} has no coordinate map")
         return self.coord_map.from_coords(coords)
 
+    def plot(self, acts: Float[Tensor, "n d_model"], labels=None, **kwargs):
+        """Scatter of the activations projected onto this subspace, coloured by label.
+
+        See :func:`interp.features.plot.plot_projection` for the options (``order``, ``dims``,
+        ``path`` to save a PNG, ``ax``). Returns the matplotlib Axes.
+        """
+        from interp.features.plot import plot_projection  # matplotlib only when plotting
+
+        return plot_projection(self, acts, labels, **kwargs)
+
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``<path>/subspace.safetensors`` and ``<path>/subspace.json`` atomically."""
@@ -178,7 +201,7 @@ class Subspace:
             info["coord_map"] = {"kind": cm.kind}
             if isinstance(cm, CircleMap):
                 tensors["map.center"] = cm.center.float().contiguous()
-                info["coord_map"].update(radius=float(cm.radius), angles=cm.angles)
+                info["coord_map"].update(radius=float(cm.radius), angles=cm.angles, rank=int(cm.rank))
             elif isinstance(cm, LinearMap):
                 tensors["map.intercept"] = cm.intercept.float().contiguous()
                 tensors["map.slope"] = cm.slope.float().contiguous()
@@ -212,7 +235,7 @@ class Subspace:
         coord_map = None
         if cm:
             if cm["kind"] == "circle":
-                coord_map = CircleMap(t["map.center"], cm["radius"], dict(cm.get("angles", {})))
+                coord_map = CircleMap(t["map.center"], cm["radius"], dict(cm.get("angles", {})), int(cm.get("rank", 2)))
             elif cm["kind"] == "linear":
                 coord_map = LinearMap(t["map.intercept"], t["map.slope"])
             elif cm["kind"] == "table":

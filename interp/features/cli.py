@@ -1,0 +1,184 @@
+"""``interp features circles`` and ``interp features clusters``: write JSON + PNG (+ Subspace folders).
+
+    interp features circles --model smollm2-135m --layers 4-20 --items days --out out/days
+    interp features clusters --sae saes/out/blocks.12.hook_resid_post --tokens 200000 --out out/clusters
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from interp.errors import InputError
+
+
+def _write_json(path: Path, obj) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def parse_layers(text: str) -> list[int]:
+    """``"4-20"``, ``"3,6,9"`` or ``"4-20:2"`` to a list of layers."""
+    try:
+        out: list[int] = []
+        for part in text.split(","):
+            rng, _, step = part.partition(":")
+            a, _, b = rng.partition("-")
+            out += list(range(int(a), int(b) + 1, int(step or 1))) if b else [int(a)]
+        return out
+    except ValueError:
+        raise InputError(f"--layers must look like '4-20', '3,6,9' or '0-29:3'; got {text!r}") from None
+
+
+def _sites(args) -> list[str]:
+    sites = list(args.site or [])
+    if args.layers:
+        sites += [f"blocks.{L}.{args.hook}" for L in parse_layers(args.layers)]
+    if not sites:
+        raise InputError("name at least one --site (e.g. blocks.12.hook_resid_post) or --layers (e.g. 4-20)")
+    return list(dict.fromkeys(sites))
+
+
+def run_circles(args) -> int:
+    import torch
+
+    from interp.features.items import item_activations, resolve_items
+    from interp.features.plot import plot_layer_scores
+    from interp.features.supervised import class_mean_subspace
+    from interp.models import load_model
+
+    items, templates, family = resolve_items(args.items)
+    sites = _sites(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model, device=args.device)
+    acts, labels, _ = item_activations(model, tok, items, templates, sites, device="cpu")
+    rows = []
+    for site in sites:
+        sub = class_mean_subspace(acts[site], labels, rank=args.rank, circle=True,
+                                  order=items if family != "custom" else None, name=f"{family}@{site}")
+        m = sub.meta
+        layer = int(site.split(".")[1]) if site.startswith("blocks.") else None
+        rows.append({"site": site, "layer": layer, "order_matches": m["order_matches"],
+                     "cyclic_order": m["cyclic_order"], "loco_angle_error": m.get("loco_angle_error"),
+                     "angle_error": m["angle_error"], "radius_cv": m["radius_cv"],
+                     "top2_explained": sum(m["explained_variance"][:2]), "explained_variance": m["explained_variance"],
+                     "angles": sub.coord_map.angles})
+        safe = site.replace("/", "_")
+        sub.plot(acts[site], labels, order=items, path=out / f"{safe}.png", title=f"{args.model} {site}: {family}")
+        sub.save(out / "subspaces" / safe)
+    summary = {"model": args.model, "items": items, "family": family, "n_templates": len(templates),
+               "n_prompts": len(labels), "rank": args.rank, "sites": rows,
+               "torch": torch.__version__, "command": "interp features circles " + " ".join(args.argv_)}
+    _write_json(out / "circles.json", summary)
+    if len(rows) > 1 and all(r["layer"] is not None for r in rows):
+        plot_layer_scores(rows, out / "scores.png", title=f"{args.model}: {family} circle by layer")
+    print(f"{'site':32s} {'order ok':>8s} {'LOCO err':>9s} {'radius cv':>9s} {'top-2 var':>9s}")
+    for r in rows:
+        loco = r["loco_angle_error"]
+        print(f"{r['site']:32s} {str(r['order_matches']):>8s} {loco if loco is None else round(loco, 3)!s:>9s} "
+              f"{r['radius_cv']:9.3f} {r['top2_explained']:9.3f}")
+    print(f"wrote {out / 'circles.json'}")
+    return 0
+
+
+def run_clusters(args) -> int:
+    from interp.features.clusters import ClusterConfig
+    from interp.features.multidim import MultiDimConfig, find_multidim_features
+    from interp.features.plot import plot_clusters
+    from interp.features.sae_reader import read_sae
+
+    sae = read_sae(args.sae)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.acts:
+        from interp.store import CachedActivations
+
+        data = CachedActivations(args.acts, batch_tokens=args.batch_tokens)
+    else:
+        from interp.models import load_model
+        from interp.store import ActivationStore
+
+        model_name = args.model or (sae.metadata or {}).get("model_name")
+        site = args.site or (sae.metadata or {}).get("hook_name")
+        if not model_name or not site:
+            raise InputError("give --acts CACHE_DIR, or --model and --site (the SAE's cfg.json metadata names "
+                             f"neither: model_name={model_name!r}, hook_name={site!r})")
+        model, tok = load_model(model_name, device=args.device)
+        data = ActivationStore(model, tok, [site], dataset=args.dataset, batch_tokens=args.batch_tokens, epochs=1,
+                               buffer_tokens=max(args.batch_tokens, min(32 * args.batch_tokens, args.tokens)))
+    ccfg = ClusterConfig(method=args.method, n_clusters=args.n_clusters, top_k=args.top_k,
+                         sim_cutoff=args.sim_cutoff, min_size=args.min_size, max_size=args.max_size, seed=args.seed)
+    mcfg = MultiDimConfig(n_pcs=args.n_pcs, eps=args.eps, max_points=args.max_points, min_points=args.min_points)
+    feats = find_multidim_features(sae.W_dec, data, encode=sae.encode, cluster_config=ccfg, config=mcfg,
+                                   max_rows=args.tokens)
+    summary = {"sae": str(args.sae), "d_sae": int(sae.W_dec.shape[0]), "architecture": sae.architecture,
+               "cluster_config": vars(ccfg), "config": vars(mcfg), "tokens": args.tokens,
+               "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
+    _write_json(out / "clusters.json", summary)
+    if feats:
+        plot_clusters(feats, out / "clusters.png", top=args.top)
+    for i, f in enumerate(feats[: args.top]):
+        if f.is_circle:
+            f.subspace.save(out / "subspaces" / f"cluster{i}")
+    print(f"{'#':>3s} {'latents':>7s} {'points':>7s} {'S (bits)':>8s} {'M_eps':>6s} {'irred.':>6s} circle")
+    for i, f in enumerate(feats[: args.top]):
+        print(f"{i:3d} {len(f.latents):7d} {f.n_points:7d} {f.separability:8.3f} {f.mixture:6.3f} "
+              f"{f.irreducibility:6.3f} {f.is_circle}")
+    print(f"wrote {out / 'clusters.json'}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("features", help="find circular / multi-dimensional features and linear subspaces")
+    sub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    c = sub.add_parser("circles", help="class-mean PCA + fitted circle of an item family (days, months) per site")
+    c.add_argument("--model", default="smollm2-135m", help="model name or path (default: the embedded model)")
+    c.add_argument("--site", action="append", help="site name; repeatable")
+    c.add_argument("--layers", help="layers, e.g. '4-20' or '0-29:3' (sites blocks.L.<--hook>)")
+    c.add_argument("--hook", default="hook_resid_post", help="hook used with --layers")
+    c.add_argument("--items", default="days", help="'days', 'months', or comma-separated items")
+    c.add_argument("--rank", type=int, default=2, help="principal directions of the class means to keep")
+    c.add_argument("--device", default=None)
+    c.add_argument("--out", required=True, help="output folder (circles.json, PNGs, subspaces/)")
+    c.set_defaults(func=_with_argv(run_circles))
+
+    k = sub.add_parser("clusters", help="cluster an SAE's decoder and rank clusters by irreducibility")
+    k.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
+    k.add_argument("--acts", help="activation cache folder (from `interp capture`)")
+    k.add_argument("--model", help="model for live activations (default: the SAE's metadata)")
+    k.add_argument("--site", help="site for live activations (default: the SAE's hook_name)")
+    k.add_argument("--dataset", help="text for live activations (default: the offline corpus); see interp.data")
+    k.add_argument("--tokens", type=int, default=200_000, help="activation rows to read")
+    k.add_argument("--batch-tokens", type=int, default=4096)
+    k.add_argument("--method", choices=["spectral", "graph"], default="graph")
+    k.add_argument("--n-clusters", type=int, default=64, help="spectral: number of clusters")
+    k.add_argument("--top-k", type=int, default=2, help="graph: neighbours per latent")
+    k.add_argument("--sim-cutoff", type=float, default=0.5, help="graph: minimum cosine similarity of a link")
+    k.add_argument("--min-size", type=int, default=2)
+    k.add_argument("--max-size", type=int, default=1000)
+    k.add_argument("--n-pcs", type=int, default=4)
+    k.add_argument("--eps", type=float, default=0.1, help="epsilon of the mixture index")
+    k.add_argument("--max-points", type=int, default=5000)
+    k.add_argument("--min-points", type=int, default=50)
+    k.add_argument("--top", type=int, default=12, help="clusters to plot, print and save")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--device", default=None)
+    k.add_argument("--out", required=True)
+    k.set_defaults(func=_with_argv(run_clusters))
+
+
+def _with_argv(fn):
+    def run(args: argparse.Namespace) -> int:
+        args.argv_ = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
+                      if k not in ("func", "command", "features_command", "argv_") and v not in (None, False)]
+        return fn(args)
+
+    return run

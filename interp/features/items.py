@@ -1,0 +1,86 @@
+"""Named item families (days, months) and prompts that end on an item, for the supervised finders.
+
+Each prompt is a short prefix followed by the item with a leading space (" Monday"), so the item is
+the last token and position 0 (an attention sink in models without BOS) is never the one read.
+:func:`item_activations` captures every requested site at that last token in one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from interp.errors import InputError
+
+ITEM_SETS: dict[str, list[str]] = {
+    "days": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
+    "months": ["January", "February", "March", "April", "May", "June", "July", "August", "September",
+               "October", "November", "December"],
+}
+"""Cyclic families, in their cyclic order."""
+
+TEMPLATES: dict[str, list[str]] = {
+    "days": ["I will see you on {}", "The meeting is on {}", "The shop is closed every {}", "We arrived last {}",
+             "Let's meet next {}", "My favourite day is {}", "The deadline is this {}", "She was born on a {}",
+             "The concert takes place on {}", "He always goes swimming on {}", "Today is {}",
+             "The package should arrive by {}", "Our class is held on {}", "They left early on {}",
+             "The market opens on {}", "It rained all day on {}"],
+    "months": ["I was born in {}", "The trip is planned for {}", "The festival takes place in {}",
+               "We moved house last {}", "The report is due in {}", "My favourite month is {}",
+               "The season starts in {}", "They got married in {}", "School ends in {}", "It snowed a lot in {}",
+               "The museum reopens in {}", "Prices went up in {}", "Her birthday is in {}", "The harvest begins in {}",
+               "We will travel in {}", "The contract expires in {}"],
+}
+"""Prompt templates per family; ``{}`` is replaced by the item (the prompt's last word)."""
+
+GENERIC_TEMPLATES = ["The word is {}", "I thought about {}", "Here is an example: {}", "She said {}",
+                     "The answer was {}", "We talked about {}", "He wrote down {}", "Next on the list: {}"]
+
+
+def resolve_items(items: str | Sequence[str]) -> tuple[list[str], list[str], str]:
+    """``(items, templates, family name)`` from a family name or a comma-separated / listed set."""
+    if isinstance(items, str) and items in ITEM_SETS:
+        return list(ITEM_SETS[items]), list(TEMPLATES[items]), items
+    names = [s.strip() for s in items.split(",")] if isinstance(items, str) else [str(s) for s in items]
+    names = [s for s in names if s]
+    if len(names) < 3:
+        raise InputError(f"items must be one of {sorted(ITEM_SETS)} or at least 3 comma-separated items; got {items!r}")
+    return names, list(GENERIC_TEMPLATES), "custom"
+
+
+def build_prompts(items: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str], list[int]]:
+    """Every template with every item: ``(prompts, item label per prompt, template index per prompt)``."""
+    bad = [t for t in templates if t.count("{}") != 1 or not t.endswith("{}")]
+    if bad:
+        raise InputError(f"templates must end with a single '{{}}' (the item is read at the last token); bad: {bad}")
+    prompts, labels, tids = [], [], []
+    for ti, t in enumerate(templates):
+        for it in items:
+            prompts.append(t.format(it))
+            labels.append(it)
+            tids.append(ti)
+    return prompts, labels, tids
+
+
+def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence[str], sites: Sequence[str], *,
+                     batch_size: int = 32, device: str = "cpu") -> tuple[dict[str, Float[Tensor, "n d_model"]],
+                                                                         list[str], list[int]]:
+    """Activations at the item token for every (template, item) prompt, at every site.
+
+    Returns ``({site: [n, d_model]}, labels, template ids)``. Items that the tokenizer splits into
+    several tokens are read at their last token.
+    """
+    from interp.capture import capture
+
+    prompts, labels, tids = build_prompts(items, templates)
+    acts = capture(model, prompts, list(sites), positions="last", tokenizer=tokenizer, batch_size=batch_size,
+                   device=device, dtype=torch.float32)
+    return {s: acts[s] for s in sites}, labels, tids
+
+
+def token_counts(tokenizer, items: Sequence[str]) -> dict[str, int]:
+    """Number of tokens of each item with a leading space (1 for every day and month on SmolLM2)."""
+    return {it: len(tokenizer(" " + it, add_special_tokens=False)["input_ids"]) for it in items}
