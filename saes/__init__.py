@@ -1,5 +1,22 @@
-"""saes: sparse autoencoders that read `interp` activations (one contract, one registry, one format)."""
+"""saes: sparse autoencoders that read `interp` activations (one contract, one registry, one format).
+
+Importing the package registers every architecture: ``relu``, ``topk``, ``batchtopk``, ``jumprelu``,
+``mpsae``.
+"""
 
 from saes.base import REGISTRY, SAE, SAEConfig, SAEError, SaeOutput, build, get_architecture, register
+from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics
+from saes.jumprelu import JumpReluConfig, JumpReluSAE
+from saes.mp import MPSAE, MPSAEConfig
+from saes.relu import ReluConfig, ReluSAE
+from saes.topk import TopKConfig, TopKSAE
+from saes.trainer import TrainConfig, Trainer
+from saes.training import TrainState, TrainStep
 
-__all__ = ["SAE", "SAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture"]
+__all__ = [
+    "SAE", "SAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",
+    "ReluSAE", "ReluConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
+    "JumpReluSAE", "JumpReluConfig", "MPSAE", "MPSAEConfig", "TrainState", "TrainStep",
+    "Trainer", "TrainConfig", "evaluate", "reconstruction_metrics", "downstream_metrics", "explained_variance",
+]

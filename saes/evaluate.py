@@ -1,0 +1,219 @@
+"""Evaluate an SAE: reconstruction and sparsity over a whole evaluation set, and downstream loss
+with the SAE spliced into the model.
+
+Every ratio is accumulated over the whole set before dividing (explained variance done per batch
+and averaged is a known bug class): ``explained_variance = 1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2``
+with ``mean(x)`` the mean of the whole set, so predicting that mean scores exactly 0.
+
+Metrics (keys of the returned dict):
+
+* ``l0_mean``, ``l0_quantiles`` (5/25/50/75/95 %), ``l0_histogram`` (count of rows per L0 value);
+* ``explained_variance``, ``fvu`` (= 1 - explained variance), ``mse`` (mean over elements),
+  ``cosine_similarity`` (mean over rows of cos(x, x_hat));
+* ``dead_fraction`` (latents that never fire on the set), ``dense_fraction`` (latents firing on more
+  than ``dense_threshold`` of the rows), and the per-latent ``feature_density`` (returned as a tensor,
+  saved as SAELens' ``sparsity.safetensors`` = log10 density, and as a histogram PNG);
+* with a model: ``ce_clean``, ``ce_with_sae``, ``ce_zero_ablation``, ``ce_loss_recovered``
+  (``(ce_zero - ce_sae) / (ce_zero - ce_clean)``), ``kl_to_clean`` (mean KL(clean || with SAE) per
+  predicted token) and ``delta_lm_loss`` (``ce_sae - ce_clean``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from saes.base import SAE, SAEError
+
+
+def explained_variance(x: Float[Tensor, "n d_model"], x_hat: Float[Tensor, "n d_model"]) -> float:
+    """``1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2`` over all rows of ``x``."""
+    acc = ReconstructionStats(d_model=x.shape[-1], d_sae=1)
+    acc.update(x, x_hat, torch.zeros(x.shape[0], 1))
+    return acc.result()["explained_variance"]
+
+
+class ReconstructionStats:
+    """Streaming sums for the reconstruction and sparsity metrics (exact over the whole set)."""
+
+    def __init__(self, d_model: int, d_sae: int):
+        self.n = 0
+        self.sum_x = torch.zeros(d_model, dtype=torch.float64)
+        self.sum_x2 = torch.zeros((), dtype=torch.float64)
+        self.sum_err = torch.zeros((), dtype=torch.float64)
+        self.sum_cos = torch.zeros((), dtype=torch.float64)
+        self.fires = torch.zeros(d_sae, dtype=torch.float64)
+        self.l0: list[Tensor] = []
+        self.d_model = d_model
+
+    def update(self, x: Float[Tensor, "n d_model"], x_hat: Float[Tensor, "n d_model"],
+               codes: Float[Tensor, "n d_sae"]) -> None:
+        x, x_hat = x.detach().double().cpu(), x_hat.detach().double().cpu()
+        active = (codes.detach() != 0).cpu()
+        self.n += x.shape[0]
+        self.sum_x += x.sum(0)
+        self.sum_x2 += x.pow(2).sum()
+        self.sum_err += (x - x_hat).pow(2).sum()
+        self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum()
+        self.fires += active.sum(0).double()
+        self.l0.append(active.sum(-1))
+
+    def result(self, dense_threshold: float = 0.1) -> dict[str, Any]:
+        if self.n == 0:
+            raise SAEError("no rows were evaluated: the evaluation data yielded nothing")
+        total_var = self.sum_x2 - self.sum_x.pow(2).sum() / self.n
+        l0 = torch.cat(self.l0).float()
+        density = self.fires / self.n
+        q = torch.quantile(l0, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+        return {
+            "n_rows": self.n,
+            "explained_variance": float(1 - self.sum_err / total_var.clamp_min(1e-30)),
+            "fvu": float(self.sum_err / total_var.clamp_min(1e-30)),
+            "mse": float(self.sum_err / (self.n * self.d_model)),
+            "cosine_similarity": float(self.sum_cos / self.n),
+            "l0_mean": float(l0.mean()),
+            "l0_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], q)),
+            "l0_histogram": torch.bincount(l0.long()).tolist(),
+            "dead_fraction": float((self.fires == 0).double().mean()),
+            "dense_fraction": float((density > dense_threshold).double().mean()),
+            "dense_threshold": dense_threshold,
+            "feature_density": density.float(),
+        }
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SAE, batches: Iterable, *, site: str | None = None, n_batches: int | None = None,
+                           dense_threshold: float = 0.1, progress: bool = True) -> dict[str, Any]:
+    """Reconstruction and sparsity metrics of ``sae`` over ``batches`` (tensors ``[rows, d_model]``
+    of raw activations, or dicts ``{site: tensor}`` with ``site`` naming which)."""
+    acc = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
+    bar = tqdm(total=n_batches, disable=not progress, desc="sae eval")
+    for i, b in enumerate(batches):
+        if isinstance(b, dict):
+            if site is None and len(b) != 1:
+                raise SAEError(f"the evaluation data yields sites {sorted(b)}: pass site=")
+            b = b[site] if site is not None else next(iter(b.values()))
+        x = b.to(sae.device)
+        out = sae(x)
+        acc.update(x.float(), out.x_hat.float(), out.codes)
+        bar.update(1)
+        if n_batches is not None and i + 1 >= n_batches:
+            break  # before asking a live store for one more batch
+    bar.close()
+    return acc.result(dense_threshold)
+
+
+def _token_ce(logits: Tensor, ids: Tensor) -> Tensor:
+    """Per-position next-token cross-entropy ``[batch, seq-1]``."""
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(
+        ids.shape[0], -1)
+
+
+@torch.no_grad()
+def downstream_metrics(model, sae: SAE, site: str, windows: Int[Tensor, "n seq"], *,
+                       splice_mask: Tensor | None = None, batch_size: int = 8,
+                       progress: bool = True) -> dict[str, float]:
+    """Next-token loss of ``model`` on ``windows`` clean, with the SAE's reconstruction spliced in at
+    ``site``, and with the site zero-ablated. ``splice_mask [n, seq]`` (default: every position)
+    says where the SAE replaces the activation; elsewhere the clean activation flows on, so positions
+    the SAE never saw in training (position 0, separators) can be left alone."""
+    from interp.sites import add_write_hook, remove_hooks, resolve
+
+    target = resolve(model, site)
+    if splice_mask is None:
+        splice_mask = torch.ones_like(windows, dtype=torch.bool)
+    dev = next(model.parameters()).device
+    sums = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "kl": 0.0}
+    count = 0
+    current: dict[str, Tensor] = {}
+
+    def splice(a: Tensor) -> Tensor:
+        m = current["mask"].to(a.device)[..., None]
+        return torch.where(m, sae(a.to(sae.dtype)).x_hat.to(a.dtype), a)
+
+    def zero(a: Tensor) -> Tensor:
+        return torch.where(current["mask"].to(a.device)[..., None], torch.zeros_like(a), a)
+
+    for lo in tqdm(range(0, windows.shape[0], batch_size), disable=not progress, desc="downstream CE"):
+        ids = windows[lo:lo + batch_size].to(dev)
+        current["mask"] = splice_mask[lo:lo + batch_size]
+        clean = model(input_ids=ids).logits
+        logp_clean = clean.float().log_softmax(-1)[:, :-1]
+        sums["clean"] += float(_token_ce(clean, ids).sum())
+        del clean
+        for name, fn in (("sae", splice), ("zero", zero)):
+            handles = add_write_hook(target, fn)
+            try:
+                logits = model(input_ids=ids).logits
+            finally:
+                remove_hooks(handles)
+            sums[name] += float(_token_ce(logits, ids).sum())
+            if name == "sae":
+                logp = logits.float().log_softmax(-1)[:, :-1]
+                sums["kl"] += float((logp_clean.exp() * (logp_clean - logp)).sum())
+            del logits
+        count += ids.shape[0] * (ids.shape[1] - 1)
+    ce = {k: v / count for k, v in sums.items()}
+    denom = ce["zero"] - ce["clean"]
+    return {"ce_clean": ce["clean"], "ce_with_sae": ce["sae"], "ce_zero_ablation": ce["zero"],
+            "ce_loss_recovered": (ce["zero"] - ce["sae"]) / denom if denom != 0 else float("nan"),
+            "kl_to_clean": ce["kl"], "delta_lm_loss": ce["sae"] - ce["clean"], "n_predicted_tokens": count}
+
+
+def evaluate(sae: SAE, batches: Iterable, *, site: str | None = None, n_batches: int | None = None,
+             model=None, windows: Tensor | None = None, splice_mask: Tensor | None = None,
+             out_dir: str | os.PathLike | None = None, dense_threshold: float = 0.1,
+             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+    """All metrics: reconstruction over ``batches``; downstream loss when ``model`` and token
+    ``windows`` are given (``site`` names where to splice). With ``out_dir``: ``eval.json``,
+    ``sparsity.safetensors`` and ``feature_density.png`` are written there."""
+    report = reconstruction_metrics(sae, batches, site=site, n_batches=n_batches,
+                                    dense_threshold=dense_threshold, progress=progress)
+    if model is not None:
+        if site is None or windows is None:
+            raise SAEError("downstream metrics need site= (where to splice) and windows= (token ids [n, seq])")
+        report.update(downstream_metrics(model, sae, site, windows, splice_mask=splice_mask,
+                                         batch_size=batch_size, progress=progress))
+    if out_dir is not None:
+        save_report(report, out_dir)
+    return report
+
+
+def save_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
+    """Write ``eval.json``, ``sparsity.safetensors`` (log10 density) and ``feature_density.png``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    density = report["feature_density"]
+    log_density = torch.log10(density + 1e-10)
+    tmp = out / "sparsity.safetensors.tmp"
+    save_file({"sparsity": log_density.contiguous()}, str(tmp))
+    os.replace(tmp, out / "sparsity.safetensors")
+    js = {k: v for k, v in report.items() if k != "feature_density"}
+    (out / "eval.json.tmp").write_text(json.dumps(js, indent=1))
+    os.replace(out / "eval.json.tmp", out / "eval.json")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(log_density.numpy(), bins=60)
+    ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"dead {report['dead_fraction']:.1%}, dense {report['dense_fraction']:.1%}, "
+                 f"L0 {report['l0_mean']:.1f}")
+    fig.tight_layout()
+    fig.savefig(out / "feature_density.png", dpi=110)
+    plt.close(fig)
+    return out

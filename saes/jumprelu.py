@@ -1,0 +1,104 @@
+"""JumpReLU SAE (Rajamanoharan et al. 2024): ``z = pre * H(pre - threshold)`` with a learned
+per-latent ``threshold [d_sae]``, trained with straight-through estimators (rectangle kernel of
+width ``bandwidth``) and an L0 penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from saes.base import SAE, SAEConfig, SAEError, register
+from saes.training import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+
+
+def _rect(u: Tensor) -> Tensor:
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):  # noqa: D102
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        pre, th = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_pre = g * (pre > th)
+        g_th = (-(th / eps) * _rect((pre - th) / eps) * g).reshape(-1, th.shape[-1]).sum(0)
+        return g_pre, g_th, None
+
+
+class _Step(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, threshold, bandwidth):  # noqa: D102
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        pre, th = ctx.saved_tensors
+        eps = ctx.bandwidth
+        g_th = (-(1.0 / eps) * _rect((pre - th) / eps) * g).reshape(-1, th.shape[-1]).sum(0)
+        return torch.zeros_like(pre), g_th, None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JumpReluConfig(SAEConfig):
+    """Config of :class:`JumpReluSAE`."""
+
+    l0_coeff: float = 1e-3
+    """Weight of the mean number of active latents per row, added to the FVU loss."""
+    l0_warmup_steps: int = 0
+    """Steps over which the L0 weight ramps up from 0."""
+    bandwidth: float = 1e-3
+    """Width of the rectangle kernel of the straight-through estimators (inputs normalised)."""
+    init_threshold: float = 1e-3
+    """Starting value of every threshold."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("l0_coeff", "init_threshold"):
+            if not getattr(self, name) >= 0:
+                raise SAEError(f"{type(self).__name__}.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.bandwidth > 0:
+            raise SAEError(f"{type(self).__name__}.bandwidth must be > 0, got {self.bandwidth!r}")
+        if not isinstance(self.l0_warmup_steps, int) or self.l0_warmup_steps < 0:
+            raise SAEError(f"{type(self).__name__}.l0_warmup_steps must be an integer >= 0, got {self.l0_warmup_steps!r}")
+
+
+@register("jumprelu")
+class JumpReluSAE(SAE):
+    """``codes = pre * (pre > threshold)``, ``threshold [d_sae]`` learned."""
+
+    config_class = JumpReluConfig
+    normalize_decoder = True
+    cfg: JumpReluConfig
+
+    def __init__(self, cfg: JumpReluConfig):
+        super().__init__(cfg)
+        self.threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.init_threshold)))
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        return pre * (pre > self.threshold)
+
+    def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
+        pre = self.encode_pre(x)
+        codes = _JumpReLU.apply(pre, self.threshold, self.cfg.bandwidth)
+        x_hat = self.decode(codes)
+        mse, _ = fvu_loss(x, x_hat, state)
+        l0_term = _Step.apply(pre, self.threshold, self.cfg.bandwidth).sum() / max(state.global_rows, 1)
+        coeff = warmup_coeff(self.cfg.l0_coeff, self.cfg.l0_warmup_steps, state)
+        l0, fired = active_mask(codes.detach())
+        return TrainStep(mse + coeff * l0_term, x_hat, l0, fired, {"fvu": mse.detach(), "l0_term": l0_term.detach()})
+
+    def after_step(self, state: TrainState) -> None:
+        """Thresholds stay non-negative."""
+        with torch.no_grad():
+            self.threshold.clamp_(min=0.0)

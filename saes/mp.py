@@ -1,0 +1,356 @@
+"""Matching-pursuit SAE (MP-SAE; Costa, Fel, Lubana, Tolooshams, Ba, "From Flat to Hierarchical:
+Extracting Sparse Representations with Matching Pursuit").
+
+The encoder is ``k`` unrolled matching-pursuit steps over the decoder's unit-norm atoms (the
+encoder is tied: ``W_enc`` is ``W_dec.T``): pick the atom most correlated with the residual, record
+its coefficient, subtract its contribution, repeat. The algorithm lives in :mod:`saes.mp_pursuit`
+(selection without autograd, coefficients recomputed with autograd from the chosen atoms only).
+
+Training runs exactly ``k`` steps. At inference the steps can be changed without retraining:
+``max_iterations`` sets the number of steps, and a row stops early when its residual norm falls to
+``residual_threshold`` or (``stop_on_repeated_support``) when a step re-picks an atom it already
+uses. :meth:`MPSAE.pursue` takes the same options per call and reports per-step residual norms and
+why each row stopped; :func:`mp_metrics` turns that into L0 min / mean / max, the mean residual
+norm per step and the fraction of rows stopped by each rule.
+
+Atoms are kept at unit norm: the forward pass divides every row of ``W_dec`` by its norm (so a
+step never grows the residual even between optimizer steps), and the trainer projects the rows back
+to the sphere after every step (``normalize_decoder = True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from saes import mp_pursuit
+from saes.base import SAE, SAEConfig, SAEError, SaeOutput, register
+from saes.mp_pursuit import STOP_REASONS, Coefficients, Selection
+from saes.training import TrainState, TrainStep, auxk_loss, fvu_loss
+
+__all__ = ["MPSAE", "MPSAEConfig", "MpResult", "mp_metrics", "STOP_REASONS"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MPSAEConfig(SAEConfig):
+    """Config of :class:`MPSAE`."""
+
+    k: int = 32
+    """Matching-pursuit steps per row in training (and at inference unless ``max_iterations`` is set)."""
+    coefficients: Coefficients = "nonneg"
+    """``"nonneg"``: pick the most positively correlated atom, coefficient ``ReLU(<r, a>)``;
+    ``"signed"``: classic MP, pick the largest ``|<r, a>|``, signed coefficient;
+    ``"signed_max"``: pick the largest ``<r, a>`` but keep its sign (overcomplete's ``MpSAE``)."""
+    allow_repeat: bool = True
+    """An atom may be picked again by a later step (its coefficients accumulate); False masks atoms
+    already used by the row."""
+    decoder_bias: bool = True
+    """Learn ``b_dec`` (subtracted before the pursuit, added back after); False keeps it at zero."""
+    max_iterations: int | None = None
+    """Steps at inference (eval mode); None: ``k``. Lets one trained SAE run at another sparsity."""
+    residual_threshold: float = 0.0
+    """At inference a row stops once its residual norm is <= this (checked before every step, in
+    the units of the input); 0 disables the rule."""
+    stop_on_repeated_support: bool = False
+    """At inference a row stops after a step that picks an atom it already uses (that step's
+    coefficient is still added). Never fires with ``allow_repeat=False``."""
+    correlation_update: Literal["auto", "gram", "direct"] = "auto"
+    """How the correlations follow the residual: ``"gram"`` ``c <- c - z * G[j]`` with the
+    dictionary's Gram matrix, ``"direct"`` one ``[n, d_model] x [d_model, d_sae]`` product per step,
+    ``"auto"`` whichever :func:`saes.mp_pursuit.use_gram` predicts is faster. Results are equal up to
+    rounding."""
+    train_gram_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the Gram matrix built at every training step (the dictionary changes each step).
+    ``"bfloat16"`` builds it several times faster where the CPU/GPU has bf16 matrix units; the
+    choices may then differ from exact MP on near-ties, while the coefficients of the chosen atoms
+    are still recomputed exactly. Inference always uses the working dtype."""
+    atom_dropout: float = 0.0
+    """Probability that an atom is left out of a training batch's pursuit (fights dead atoms early
+    in training); 0 disables."""
+    atom_dropout_steps: int = 0
+    """Atom dropout applies during the first this-many optimizer steps only."""
+    revive_coeff: float = 0.0
+    """Weight of the revive term: dead atoms (per the trainer's ``dead_mask``) reconstruct the
+    pursuit's final residual (AuxK on the residual); 0 disables."""
+    revive_k: int = 64
+    """Dead atoms used per row by the revive term."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+
+        def bad(field: str, want: str) -> SAEError:
+            return SAEError(f"{name}.{field} must be {want}, got {getattr(self, field)!r}")
+
+        def pos_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        if not pos_int(self.k):
+            raise bad("k", "a positive integer (MP steps per row)")
+        if not self.allow_repeat and self.k > self.d_sae:
+            raise bad("k", f"<= d_sae={self.d_sae} when allow_repeat=False")
+        if self.coefficients not in ("nonneg", "signed", "signed_max"):
+            raise bad("coefficients", "one of 'nonneg', 'signed', 'signed_max'")
+        if self.max_iterations is not None and not pos_int(self.max_iterations):
+            raise bad("max_iterations", "a positive integer or None")
+        if not isinstance(self.residual_threshold, (int, float)) or not self.residual_threshold >= 0:
+            raise bad("residual_threshold", "a number >= 0")
+        if self.train_gram_dtype not in ("float32", "bfloat16"):
+            raise bad("train_gram_dtype", "'float32' or 'bfloat16'")
+        if self.correlation_update not in ("auto", "gram", "direct"):
+            raise bad("correlation_update", "one of 'auto', 'gram', 'direct'")
+        if not 0 <= self.atom_dropout < 1:
+            raise bad("atom_dropout", "in [0, 1)")
+        if not isinstance(self.atom_dropout_steps, int) or self.atom_dropout_steps < 0:
+            raise bad("atom_dropout_steps", "an integer >= 0")
+        if not self.revive_coeff >= 0:
+            raise bad("revive_coeff", ">= 0")
+        if not pos_int(self.revive_k):
+            raise bad("revive_k", "a positive integer")
+        if not self.apply_b_dec_to_input:
+            raise bad("apply_b_dec_to_input", "True (MP always pursues x - b_dec; use decoder_bias=False for no bias)")
+
+
+class MpResult(NamedTuple):
+    """Everything one pursuit produced (no autograd)."""
+
+    codes: Float[Tensor, "... d_sae"]
+    """Dense codes."""
+    x_hat: Float[Tensor, "... d_model"]
+    """Reconstruction ``decode(codes)``."""
+    residual: Float[Tensor, "... d_model"]
+    """``x - x_hat``."""
+    selection: Selection
+    """Per-step choices, residual norms ``[n, steps + 1]`` and stop reasons (rows flattened)."""
+
+
+@register("mpsae")
+class MPSAE(SAE):
+    """Matching-pursuit SAE; see the module docstring. ``W_enc`` is ``W_dec.T`` (tied)."""
+
+    config_class = MPSAEConfig
+    normalize_decoder = True
+    cfg: MPSAEConfig
+
+    def __init__(self, cfg: MPSAEConfig):
+        nn.Module.__init__(self)  # not SAE.__init__: MP has no separate W_enc / b_enc parameters
+        if not isinstance(cfg, MPSAEConfig):
+            raise SAEError(f"MPSAE needs an MPSAEConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+        self.W_dec = nn.Parameter(torch.empty(cfg.d_sae, cfg.d_model))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_model), requires_grad=cfg.decoder_bias)
+        self._gram_key: tuple | None = None
+        self._gram: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            w = torch.randn(self.cfg.d_sae, self.cfg.d_model)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            self.b_dec.zero_()
+
+    @property
+    def W_enc(self) -> Tensor:  # noqa: N802 - the project's vocabulary
+        """The tied encoder ``W_dec.T`` (a view)."""
+        return self.W_dec.T
+
+    # ------------------------------------------------------------------ helpers
+    def atoms(self) -> Float[Tensor, "d_sae d_model"]:
+        """Unit-norm atoms (``W_dec`` rows divided by their norm; differentiable)."""
+        w = self.W_dec
+        return w / w.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def _work_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    def _gram_for(self, atoms: Tensor, n: int, steps: int) -> Tensor | None:
+        mode = self.cfg.correlation_update
+        key = (self.W_dec._version, self.W_dec.data_ptr(), atoms.dtype, atoms.device, self.training)
+        cached = self._gram is not None and self._gram_key == key
+        if mode == "direct" or steps <= 1:
+            return None
+        if mode == "auto" and not mp_pursuit.use_gram(n, self.cfg.d_model, self.cfg.d_sae, steps,
+                                                     gram_cached=cached, elem_bytes=atoms.element_size()):
+            return None
+        if not cached:
+            with torch.no_grad():
+                a = atoms.detach()
+                if self.training and self.cfg.train_gram_dtype == "bfloat16":
+                    a = a.to(torch.bfloat16)
+                self._gram = (a @ a.T).to(atoms.dtype)
+            self._gram_key = key
+        return self._gram
+
+    def bias(self) -> Float[Tensor, " d_model"]:
+        """``b_dec``, or zeros with ``decoder_bias=False`` (whatever a trainer wrote into ``b_dec``)."""
+        return self.b_dec if self.cfg.decoder_bias else torch.zeros_like(self.b_dec)
+
+    def _center(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x = x.reshape(-1, self.cfg.d_model).to(self._work_dtype())
+        return x - self.bias().to(x.dtype)
+
+    def _select(self, xc: Tensor, atoms: Tensor, *, steps: int, residual_threshold: float,
+                stop_on_repeated_support: bool, excluded: Tensor | None = None) -> Selection:
+        cfg = self.cfg
+        with torch.autocast(xc.device.type, enabled=False):  # selection stays in the working dtype
+            return mp_pursuit.select(
+                xc.detach(), atoms.detach(), steps=steps, coefficients=cfg.coefficients,
+                allow_repeat=cfg.allow_repeat, residual_threshold=residual_threshold,
+                stop_on_repeated_support=stop_on_repeated_support,
+                gram=self._gram_for(atoms, xc.shape[0], steps), excluded=excluded)
+
+    def _inference_options(self, max_iterations: int | None, residual_threshold: float | None,
+                           stop_on_repeated_support: bool | None) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.training:
+            opts = {"steps": cfg.k, "residual_threshold": 0.0, "stop_on_repeated_support": False}
+        else:
+            opts = {"steps": cfg.max_iterations or cfg.k, "residual_threshold": cfg.residual_threshold,
+                    "stop_on_repeated_support": cfg.stop_on_repeated_support}
+        for key, val in (("steps", max_iterations), ("residual_threshold", residual_threshold),
+                         ("stop_on_repeated_support", stop_on_repeated_support)):
+            if val is not None:
+                opts[key] = val
+        if not isinstance(opts["steps"], int) or opts["steps"] < 1:
+            raise SAEError(f"max_iterations must be a positive integer, got {opts['steps']!r}")
+        if not cfg.allow_repeat and opts["steps"] > cfg.d_sae:
+            raise SAEError(f"max_iterations must be <= d_sae={cfg.d_sae} with allow_repeat=False, got {opts['steps']}")
+        if not opts["residual_threshold"] >= 0:
+            raise SAEError(f"residual_threshold must be >= 0, got {opts['residual_threshold']!r}")
+        return opts
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def pursue(
+        self,
+        x: Float[Tensor, "... d_model"],
+        *,
+        max_iterations: int | None = None,
+        residual_threshold: float | None = None,
+        stop_on_repeated_support: bool | None = None,
+    ) -> MpResult:
+        """Run the pursuit without autograd; options default to the config (eval-mode rules)."""
+        opts = self._inference_options(max_iterations, residual_threshold, stop_on_repeated_support)
+        lead = x.shape[:-1]
+        xc = self._center(x)
+        atoms = self.atoms().to(xc.dtype)
+        sel = self._select(xc, atoms, **opts)
+        codes = mp_pursuit.dense_codes(sel.indices, sel.coefs, self.cfg.d_sae)
+        x_hat_c = mp_pursuit.sparse_reconstruct(sel, atoms)
+        out_dtype = self.dtype
+        b = self.bias().to(xc.dtype)
+        return MpResult(codes.to(out_dtype).reshape(*lead, -1), (x_hat_c + b).to(out_dtype).reshape(*lead, -1),
+                        (xc - x_hat_c).to(out_dtype).reshape(*lead, -1), sel)
+
+    def _grad_path(self, x: Tensor, **opts: Any) -> tuple[Tensor, Tensor, Selection]:
+        """Codes and reconstruction with autograd (selection without)."""
+        xc = self._center(x)
+        atoms = self.atoms().to(xc.dtype)
+        sel = self._select(xc, atoms, **opts)
+        z, x_hat_c = mp_pursuit.recompute(xc, atoms, sel)
+        codes = mp_pursuit.dense_codes(sel.indices, z, self.cfg.d_sae)
+        return codes, x_hat_c + self.bias().to(xc.dtype), sel
+
+    def _needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and (self.W_dec.requires_grad or self.b_dec.requires_grad)
+
+    def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        lead = x.shape[:-1]
+        if not self._needs_grad():
+            with torch.no_grad():  # codes only: no reconstruction needed
+                xc = self._center(x)
+                sel = self._select(xc, self.atoms().to(xc.dtype), **self._inference_options(None, None, None))
+                codes = mp_pursuit.dense_codes(sel.indices, sel.coefs, self.cfg.d_sae)
+            return codes.to(self.dtype).reshape(*lead, -1)
+        codes, _, _ = self._grad_path(x, **self._inference_options(None, None, None))
+        return codes.to(self.dtype).reshape(*lead, -1)
+
+    def encode_pre(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        """Correlations of the centred input with every atom (the pursuit's first step)."""
+        xc = self._center(x)
+        return (xc @ self.atoms().to(xc.dtype).T).to(self.dtype).reshape(*x.shape[:-1], -1)
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        raise SAEError("MPSAE has no pointwise activation: the pursuit needs the input; call encode(x)")
+
+    def decode(self, codes: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_model"]:
+        return codes @ self.atoms() + self.bias()
+
+    def forward(self, x: Float[Tensor, "... d_model"]) -> SaeOutput:
+        lead = x.shape[:-1]
+        if not self._needs_grad():
+            res = self.pursue(x)
+            return SaeOutput(res.x_hat, res.codes, None)
+        codes, x_hat, _ = self._grad_path(x, **self._inference_options(None, None, None))
+        return SaeOutput(x_hat.to(self.dtype).reshape(*lead, -1), codes.to(self.dtype).reshape(*lead, -1), None)
+
+    # ------------------------------------------------------------------ training
+    def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
+        """FVU of ``k`` pursuit steps, plus the revive term; atom dropout early on."""
+        cfg = self.cfg
+        excluded = None
+        if cfg.atom_dropout > 0 and state.step < cfg.atom_dropout_steps:
+            excluded = torch.rand(cfg.d_sae, device=self.device) < cfg.atom_dropout
+        xc = self._center(x)
+        atoms = self.atoms().to(xc.dtype)
+        sel = self._select(xc, atoms, steps=cfg.k, residual_threshold=0.0, stop_on_repeated_support=False,
+                           excluded=excluded)
+        _, x_hat_c = mp_pursuit.recompute(xc, atoms, sel)
+        x_hat = (x_hat_c + self.bias().to(xc.dtype)).to(self.dtype)
+        fvu, _ = fvu_loss(x, x_hat, state)
+        loss, terms = fvu, {"fvu": fvu.detach()}
+        if cfg.revive_coeff > 0:
+            e = (x.to(x_hat.dtype) - x_hat).detach()
+            with torch.no_grad():
+                pre = e @ atoms.detach().T.to(e.dtype)
+
+            def gather(idx: Tensor) -> Tensor:
+                return torch.einsum("nkd,nd->nk", atoms[idx].to(e.dtype), e)
+
+            revive = auxk_loss(x, x_hat, pre, gather, atoms, state, cfg.revive_k)
+            loss = loss + cfg.revive_coeff * revive
+            terms["revive"] = revive.detach()
+        with torch.no_grad():
+            l0 = _l0_per_row(sel)
+            fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
+            fired[sel.indices[sel.taken]] = True
+        return TrainStep(loss, x_hat, l0.float().mean(), fired, terms)
+
+    def after_step(self, state: TrainState) -> None:
+        """Called by the trainer after every optimizer step (rows are already renormalised)."""
+        if not self.cfg.decoder_bias:
+            with torch.no_grad():
+                self.b_dec.zero_()
+
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Make the SAE read raw activations after training on ``scale * x``: atoms keep unit norm,
+        so only ``b_dec`` changes (``/= scale``); codes come out ``1 / scale`` times the training
+        ones and ``residual_threshold`` is in raw units."""
+        self.b_dec.div_(scale)
+
+
+def _l0_per_row(sel: Selection) -> Tensor:
+    """Distinct atoms per row (a re-picked atom counts once)."""
+    idx = torch.where(sel.taken, sel.indices, torch.full_like(sel.indices, -1)).sort(dim=1).values
+    new = torch.ones_like(idx, dtype=torch.bool)
+    new[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    return (new & (idx >= 0)).sum(1)
+
+
+def mp_metrics(result: MpResult | Selection) -> dict[str, Any]:
+    """L0 distribution, mean residual norm per step and the fraction of rows stopped by each rule."""
+    sel = result.selection if isinstance(result, MpResult) else result
+    l0 = _l0_per_row(sel).float()
+    reasons = torch.bincount(sel.stop_reason, minlength=len(STOP_REASONS)).float() / max(len(sel.stop_reason), 1)
+    return {
+        "l0_min": l0.min().item(), "l0_mean": l0.mean().item(), "l0_max": l0.max().item(),
+        "steps_mean": sel.n_steps.float().mean().item(),
+        "residual_norm_per_step": sel.residual_norms.float().mean(0).tolist(),
+        "stopped_by": {name: reasons[i].item() for i, name in enumerate(STOP_REASONS)},
+    }

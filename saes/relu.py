@@ -1,0 +1,51 @@
+"""Standard ReLU SAE with an L1 penalty weighted by decoder-row norms (Anthropic, April 2024
+update): the decoder is free to grow, and ``|z_i| * ||W_dec_i||`` is what the penalty sees, so
+shrinking codes while growing rows does not cheat the penalty."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from jaxtyping import Float
+from torch import Tensor
+
+from saes.base import SAE, SAEConfig, SAEError, register
+from saes.training import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReluConfig(SAEConfig):
+    """Config of :class:`ReluSAE`."""
+
+    l1_coeff: float = 5e-4
+    """Weight of ``mean_rows sum_i |z_i| ||W_dec_i||`` (inputs normalised to mean squared norm
+    ``d_model`` by the trainer), added to the FVU reconstruction loss."""
+    l1_warmup_steps: int = 0
+    """Steps over which the L1 weight ramps up from 0."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.l1_coeff >= 0:
+            raise SAEError(f"{type(self).__name__}.l1_coeff must be >= 0, got {self.l1_coeff!r}")
+        if not isinstance(self.l1_warmup_steps, int) or self.l1_warmup_steps < 0:
+            raise SAEError(f"{type(self).__name__}.l1_warmup_steps must be an integer >= 0, got {self.l1_warmup_steps!r}")
+
+
+@register("relu")
+class ReluSAE(SAE):
+    """``codes = ReLU(W_enc^T (x - b_dec) + b_enc)``."""
+
+    config_class = ReluConfig
+    normalize_decoder = False
+    cfg: ReluConfig
+
+    def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
+        return pre.relu()
+
+    def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
+        out = self(x)
+        mse, _ = fvu_loss(x, out.x_hat, state)
+        l1 = (out.codes.abs() * self.W_dec.norm(dim=1)).sum() / max(state.global_rows, 1)
+        coeff = warmup_coeff(self.cfg.l1_coeff, self.cfg.l1_warmup_steps, state)
+        l0, fired = active_mask(out.codes)
+        return TrainStep(mse + coeff * l1, out.x_hat, l0, fired, {"fvu": mse.detach(), "l1": l1.detach()})

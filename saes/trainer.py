@@ -1,0 +1,351 @@
+"""Train SAEs on an activation store (live or cached), one SAE per site, from one data stream.
+
+What an architecture must provide to be trained here (``saes.mp`` and any new one)
+-------------------------------------------------------------------------------------
+* The :class:`saes.base.SAE` contract: parameters ``W_enc [d_model, d_sae]``, ``b_enc``,
+  ``W_dec [d_sae, d_model]``, ``b_dec``; everything else needed at inference registered as a
+  parameter or buffer (it is checkpointed through ``state_dict``).
+* ``training_loss(x, state) -> saes.training.TrainStep`` where ``x`` is ``[rows, d_model]`` in the
+  SAE's dtype, already multiplied by the input scale, and ``state`` is a
+  :class:`saes.training.TrainState` (step, total steps, ``dead_mask``, ``global_rows``, ``allsum``).
+  ``TrainStep.loss`` must be this process's *share* of the global loss: sums over rows divided by
+  constants taken over the global batch (use :func:`saes.training.fvu_loss`, ``global_rows``,
+  :func:`saes.training.total_variance`), so that summed gradients over DDP processes equal one
+  process on the whole batch. ``fired [d_sae]`` feeds dead-latent tracking; ``terms`` is logged.
+* Optional class attribute ``normalize_decoder = True``: the trainer then removes the gradient
+  component parallel to each decoder row before the step and renormalises rows after it.
+* Optional ``after_step(state)``: called after every optimizer step (e.g. clamp thresholds).
+* Optional ``fold_input_scale(scale)``: fold the input normalisation into the weights at the end
+  (default :func:`saes.training.fold_input_scale`, right for any SAE whose codes only depend on
+  ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
+
+The loop: Adam with linear warm-up and a linear decay to zero at the end; ``b_dec`` initialised from
+the first batch (geometric median or mean); inputs scaled so that ``E||x||^2 = d_model`` (folded into
+the saved weights); optional bf16 autocast; periodic atomic resume checkpoints
+(:mod:`saes.train_state`); gradient all-reduce over ``torch.distributed`` processes
+(:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional wandb.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from saes import distributed as ddp
+from saes import train_state
+from saes.base import SAE, SAEError, get_architecture
+from saes.training import (TrainState, fold_input_scale, geometric_median, normalize_rows,
+                           remove_parallel_grad, total_variance)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyper-parameters of a training run (shared by every site)."""
+
+    total_tokens: int
+    """Activation rows to train on (all processes together)."""
+    batch_tokens: int = 4096
+    """Rows per optimizer step (the global batch; each DDP process trains on its slice)."""
+    lr: float | None = None
+    """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)``, sparsify's scaling rule)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_frac: float = 0.01
+    """Fraction of steps with a linear learning-rate warm-up from 0."""
+    decay_frac: float = 0.2
+    """Fraction of steps at the end with a linear decay of the learning rate to 0."""
+    b_dec_init: str = "geometric_median"
+    """``"geometric_median"``, ``"mean"`` or ``"zeros"``: how ``b_dec`` starts (first batch)."""
+    normalize_inputs: bool = True
+    """Scale inputs so that ``E||x||^2 = d_model`` (estimated on the first batch, folded at the end)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many rows without firing (AuxK uses the dead ones)."""
+    bf16: bool = False
+    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32)."""
+    checkpoint_every: int = 0
+    """Write a resume checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Resume checkpoints kept on disk."""
+    log_every: int = 20
+    """Steps between progress-bar / wandb updates and history entries."""
+    wandb_project: str | None = None
+    """Log to this wandb project when wandb is installed."""
+    seed: int = 0
+    """Seed of the torch and python RNGs at the start of the run."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_tokens", "batch_tokens", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SAEError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("checkpoint_every", "keep_checkpoints", "dead_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise SAEError(f"TrainConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise SAEError(f"TrainConfig.lr must be > 0 or None, got {self.lr!r}")
+        for name in ("warmup_frac", "decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SAEError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise SAEError(f"TrainConfig.warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise SAEError(f"TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_tokens)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at ``step`` (warm-up, constant, linear decay)."""
+        n = self.total_steps
+        warm, decay = int(self.warmup_frac * n), int(self.decay_frac * n)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if decay and step >= n - decay:
+            return max(0.0, (n - step) / decay)
+        return 1.0
+
+
+@dataclass
+class _Site:
+    sae: SAE
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    since_fired: torch.Tensor
+    scale: float = 1.0
+
+
+class Trainer:
+    """``Trainer(saes, cfg, out_dir=...).fit(data)``; ``saes`` is one SAE or ``{site: SAE}``.
+
+    After ``fit``: ``saes_`` (input scale folded into the weights, ready for raw activations),
+    ``history_`` (logged metrics), ``scales_``; with ``out_dir``, every SAE is saved to
+    ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``."""
+
+    def __init__(self, saes: SAE | dict[str, SAE], cfg: TrainConfig, *, out_dir: str | Path | None = None):
+        if isinstance(saes, SAE):
+            saes = {"": saes}
+        if not saes or not all(isinstance(s, SAE) for s in saes.values()):
+            raise SAEError(f"Trainer expects an SAE or a non-empty dict {{site: SAE}}, got {saes!r}")
+        for site, sae in saes.items():
+            if not hasattr(sae, "training_loss"):
+                raise SAEError(f"SAE {type(sae).__name__} for site {site!r} has no training_loss(x, state); "
+                               "see saes.trainer's docstring for what an architecture must provide")
+        self.saes, self.cfg = dict(saes), cfg
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+    # ---------------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        dev = next(iter(self.saes.values())).device
+        self.rank, self.world = ddp.setup(dev)
+        self.sites: dict[str, _Site] = {}
+        for name, sae in self.saes.items():
+            lr = self.cfg.lr if self.cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 16384)
+            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
+            since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
+            self.sites[name] = _Site(sae, opt, sched, since)
+
+    def _split(self, batch) -> dict[str, torch.Tensor]:
+        if isinstance(batch, torch.Tensor):
+            batch = {next(iter(self.saes)): batch} if len(self.saes) == 1 else {"": batch}
+        if not isinstance(batch, dict):
+            raise SAEError(f"the data source must yield tensors [rows, d_model] or dicts {{site: tensor}}, "
+                           f"got {type(batch).__name__}")
+        if len(self.saes) == 1 and len(batch) == 1:
+            return {next(iter(self.saes)): next(iter(batch.values()))}
+        missing = [s for s in self.saes if s not in batch]
+        if missing:
+            raise SAEError(f"the data source yields sites {sorted(batch)}, but SAEs were given for {missing}")
+        return {s: batch[s] for s in self.saes}
+
+    def _init_from_data(self, batch: dict[str, torch.Tensor]) -> None:
+        for name, st in self.sites.items():
+            x = batch[name].to(st.sae.device, torch.float32)
+            if self.cfg.normalize_inputs:
+                st.scale = math.sqrt(x.shape[-1] / x.pow(2).sum(-1).mean().clamp_min(1e-12).item())
+            x = x * st.scale
+            with torch.no_grad():
+                if self.cfg.b_dec_init == "geometric_median":
+                    st.sae.b_dec.copy_(geometric_median(x))
+                elif self.cfg.b_dec_init == "mean":
+                    st.sae.b_dec.copy_(x.mean(0))
+
+    # ---------------------------------------------------------------------------------------------
+    def fit(self, data: Iterable, *, resume: bool = False) -> Trainer:
+        """Train on ``data`` (tensors or ``{site: tensor}`` of ``batch_tokens`` rows); returns self."""
+        cfg = self.cfg
+        self._setup()
+        torch.manual_seed(cfg.seed)
+        import random
+
+        random.seed(cfg.seed)
+        self.history_: list[dict[str, Any]] = []
+        step = 0
+        ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
+        loaded = train_state.read_latest(ckpt_root) if (resume and ckpt_root is not None) else None
+        if resume and ckpt_root is None:
+            raise SAEError("resume=True needs out_dir (where the checkpoints are)")
+        if loaded is not None:
+            step = self._load(*loaded, data)
+        it = iter(data)
+        if loaded is not None and not hasattr(data, "load_state_dict"):
+            for _ in range(step):  # a plain iterable: replay it to the saved position
+                next(it)
+        run = self._wandb()
+        bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or self.rank != 0, desc="sae train")
+        autocast = (torch.autocast(next(iter(self.saes.values())).device.type, dtype=torch.bfloat16)
+                    if cfg.bf16 else contextlib.nullcontext())
+        while step < cfg.total_steps:
+            try:
+                batch = self._split(next(it))
+            except StopIteration:
+                warnings.warn(f"data ran out after {step} of {cfg.total_steps} steps", stacklevel=2)
+                break
+            rows = {name: t.shape[0] for name, t in batch.items()}
+            if any(r != cfg.batch_tokens for r in rows.values()):
+                raise SAEError(f"the data source yielded batches of {rows} rows, but TrainConfig.batch_tokens is "
+                               f"{cfg.batch_tokens}: set them equal (losses are normalised by the global batch)")
+            if step == 0:
+                self._init_from_data(batch)
+            logs = {}
+            for name, st in self.sites.items():
+                logs[name] = self._step(st, batch[name], step, autocast)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.total_steps:
+                entry = {"step": step, "tokens": step * cfg.batch_tokens,
+                         **{k: {m: float(v) for m, v in d.items()} for k, d in logs.items()}}
+                self.history_.append(entry)
+                first = next(iter(logs.values()))
+                bar.set_postfix({k: f"{float(first[k]):.4g}" for k in ("loss", "l0", "fvu", "dead")})
+                if run is not None:
+                    run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
+            if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                          or step == cfg.total_steps):
+                self._save(ckpt_root, step, data)
+        bar.close()
+        if run is not None:
+            run.finish()
+        self.steps_ = step
+        self.scales_ = {name: st.scale for name, st in self.sites.items()}
+        for st in self.sites.values():
+            fold = getattr(st.sae, "fold_input_scale", None)
+            fold(st.scale) if fold is not None else fold_input_scale(st.sae, st.scale)
+        self.saes_ = {name: st.sae for name, st in self.sites.items()}
+        if self.out_dir is not None and self.rank == 0:
+            self._export()
+        ddp.barrier()
+        return self
+
+    def _step(self, st: _Site, x: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
+        sae, cfg = st.sae, self.cfg
+        x = ddp.local_rows(x, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
+        state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=st.since_fired >= cfg.dead_tokens,
+                           global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world)
+        with autocast:
+            out = sae.training_loss(x, state)
+        out.loss.backward()
+        ddp.allsum_grads(sae.parameters())
+        norm = getattr(sae, "normalize_decoder", False)
+        if norm:
+            remove_parallel_grad(sae.W_dec)
+        st.opt.step()
+        st.sched.step()
+        st.opt.zero_grad(set_to_none=True)
+        if norm:
+            normalize_rows(sae.W_dec)
+        after = getattr(sae, "after_step", None)
+        if after is not None:
+            after(state)
+        fired = ddp.allsum(out.fired.to(torch.int32)) > 0
+        st.since_fired += cfg.batch_tokens
+        st.since_fired[fired] = 0
+        if (step + 1) % cfg.log_every and step + 1 != cfg.total_steps:
+            return {}
+        sq = ddp.allsum((out.x_hat.detach().float() - x.float()).pow(2).sum().reshape(1))
+        terms = {k: ddp.allsum(v.detach().float().reshape(1)).squeeze(0) for k, v in out.terms.items()}
+        return {**terms, "loss": ddp.allsum(out.loss.detach().reshape(1)).squeeze(0),
+                "fvu": (sq.squeeze(0) / total_variance(x, state)),
+                "l0": ddp.allsum(out.l0.detach().float().reshape(1)).squeeze(0) / self.world,
+                "dead": (st.since_fired >= cfg.dead_tokens).float().mean()}
+
+    # ---------------------------------------------------------------------------------------------
+    def _save(self, root: Path, step: int, data) -> None:
+        if self.rank == 0:
+            tensors, meta = train_state.rng_state()
+            meta = {"rng": meta, "step": step, "world_size": self.world, "config": _jsonable(self.cfg),
+                    "data": data.state_dict() if hasattr(data, "state_dict") else {"batches_consumed": step},
+                    "sites": {}}
+            for name, st in self.sites.items():
+                for k, v in st.sae.state_dict().items():
+                    tensors[f"{name}/sae.{k}"] = v
+                tensors[f"{name}/since_fired"] = st.since_fired
+                t, opt_meta = train_state.optimizer_to_flat(st.opt, f"{name}/opt.")
+                tensors.update(t)
+                sched = {k: v for k, v in st.sched.state_dict().items() if k != "lr_lambdas"}
+                meta["sites"][name] = {"scale": st.scale, "optimizer": opt_meta, "scheduler": sched,
+                                       "architecture": st.sae.architecture, "sae_cfg": st.sae.cfg.to_dict()}
+            train_state.write(root, step, tensors, meta, keep=self.cfg.keep_checkpoints)
+        ddp.barrier()
+
+    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], data) -> int:
+        if meta["world_size"] != self.world:
+            warnings.warn(f"resuming a {meta['world_size']}-process run on {self.world} processes", stacklevel=3)
+        for name, st in self.sites.items():
+            if name not in meta["sites"]:
+                raise SAEError(f"the resume checkpoint has sites {sorted(meta['sites'])}, not {name!r}")
+            m = meta["sites"][name]
+            if m["sae_cfg"] != st.sae.cfg.to_dict():
+                raise SAEError(f"site {name!r}: checkpoint SAE config {m['sae_cfg']} differs from {st.sae.cfg.to_dict()}")
+            prefix = f"{name}/sae."
+            st.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+            st.since_fired.copy_(tensors[f"{name}/since_fired"])
+            dev = st.sae.device
+            train_state.optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
+                                            m["optimizer"], f"{name}/opt.")
+            st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
+            st.scale = m["scale"]
+        if hasattr(data, "load_state_dict"):
+            data.load_state_dict(meta["data"])
+        train_state.set_rng_state(tensors, meta["rng"])
+        return int(meta["step"])
+
+    def _export(self) -> None:
+        for name, sae in self.saes_.items():
+            folder = self.out_dir / (name.replace("/", "_") or "sae")
+            from saes.checkpoint import save  # lazy: the trainer does not need it to train
+
+            last = self.history_[-1].get(name, {}) if self.history_ else {}
+            save(sae, folder, metadata={"hook_name": name} if name else {},
+                 training={"n_tokens": self.steps_ * self.cfg.batch_tokens, "steps": self.steps_,
+                           "input_scale_folded": self.scales_[name], "config": _jsonable(self.cfg),
+                           "final_metrics": last})
+        (self.out_dir / "train_history.json").write_text(json.dumps(self.history_, indent=1))
+
+    def _wandb(self):
+        if not self.cfg.wandb_project or self.rank != 0:
+            return None
+        try:
+            import wandb
+        except ImportError:
+            warnings.warn("wandb_project is set but wandb is not installed; not logging", stacklevel=3)
+            return None
+        return wandb.init(project=self.cfg.wandb_project, config=_jsonable(self.cfg))
+
+
+def _jsonable(cfg) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}

@@ -1,0 +1,157 @@
+"""What an architecture hands the trainer, and the loss pieces the architectures share.
+
+The trainer (:mod:`saes.trainer`) calls, once per step and per site::
+
+    step = sae.training_loss(x, state)      # x: [batch, d_model], already normalised
+    step.loss.backward()
+
+:class:`TrainState` carries what a loss may need besides the batch (the step number, which latents
+are dead, a sum that spans every DDP process); :class:`TrainStep` is what comes back. Losses are
+written as *sums over rows divided by a batch-global constant* (see :func:`global_sum`), so that
+summing gradients over processes equals one process on the whole global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class TrainState:
+    """Per-site training state the trainer owns and passes to ``training_loss``."""
+
+    step: int = 0
+    """Optimizer steps taken so far."""
+    total_steps: int = 1
+    """Steps the run will take (for coefficient warm-ups)."""
+    dead_mask: Tensor | None = None
+    """``[d_sae]`` bool: latents that have not fired for ``TrainConfig.dead_tokens`` tokens."""
+    global_rows: int = 0
+    """Rows in the global batch (all processes together)."""
+    allsum: Callable[[Tensor], Tensor] = field(default=_identity)
+    """Sums a (non-differentiable) tensor over DDP processes; identity on one process."""
+    world_size: int = 1
+    """Number of DDP processes."""
+
+
+class TrainStep(NamedTuple):
+    """What ``training_loss`` returns."""
+
+    loss: Tensor
+    """Scalar to back-propagate (this process's share of the global loss)."""
+    x_hat: Float[Tensor, "batch d_model"]
+    """Reconstruction, for live FVU."""
+    l0: Tensor
+    """Scalar: mean number of active latents per row on this process."""
+    fired: Bool[Tensor, " d_sae"]
+    """Latents active on at least one row of this batch (dead-latent tracking)."""
+    terms: dict[str, Tensor]
+    """Named loss components (detached scalars) for logging, as this process's share: the trainer
+    sums them over processes."""
+
+
+def global_sum(x: Tensor, state: TrainState) -> Tensor:
+    """A detached sum of ``x`` over this batch and every process."""
+    return state.allsum(x.detach().sum().reshape(1)).squeeze(0)
+
+
+def total_variance(x: Float[Tensor, "batch d_model"], state: TrainState) -> Tensor:
+    """``sum ||x - mean(x)||^2`` over the global batch (mean taken over the global batch)."""
+    xd = x.detach().float()
+    n = max(state.global_rows, 1)
+    s1 = state.allsum(xd.sum(0))
+    s2 = state.allsum((xd * xd).sum().reshape(1)).squeeze(0)
+    return (s2 - (s1 * s1).sum() / n).clamp_min(1e-12)
+
+
+def fvu_loss(x: Tensor, x_hat: Tensor, state: TrainState) -> tuple[Tensor, Tensor]:
+    """Reconstruction loss as fraction of variance unexplained over the global batch.
+
+    Returns ``(loss share of this process, total variance)``."""
+    tv = total_variance(x, state)
+    return (x_hat.float() - x.float()).pow(2).sum() / tv, tv
+
+
+def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
+              gather: Callable[[Tensor], Tensor], W_dec: Tensor, state: TrainState, k_aux: int) -> Tensor:
+    """AuxK loss (Gao et al. 2024): reconstruct the residual ``x - x_hat`` from the top ``k_aux``
+    dead latents. The target is the residual itself, so ``b_dec`` is not counted twice; the loss is
+    normalised by the residual's global variance and scaled by ``min(n_dead / k_aux, 1)``.
+
+    ``pre`` (may be detached) picks the latents; ``gather(idx)`` returns their differentiable
+    pre-activations ``[batch, k]`` (``pre.gather(1, idx)`` on the dense path)."""
+    dead = state.dead_mask
+    n_dead = 0 if dead is None else int(dead.sum())
+    if n_dead == 0:
+        return x.new_zeros((), dtype=torch.float32)
+    k = min(k_aux, n_dead)
+    with torch.no_grad():
+        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+        idx = masked.topk(k, dim=-1, sorted=False).indices
+    vals = gather(idx).relu()
+    e = x.float() - x_hat.detach().float()
+    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    tv = total_variance(e, state)
+    return min(n_dead / k_aux, 1.0) * (e_hat.float() - e).pow(2).sum() / tv
+
+
+def warmup_coeff(coeff: float, warmup_steps: int, state: TrainState) -> float:
+    """A sparsity coefficient ramped linearly from 0 over ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return coeff
+    return coeff * min(1.0, (state.step + 1) / warmup_steps)
+
+
+def remove_parallel_grad(W_dec: Tensor) -> None:
+    """Project out the gradient component parallel to each (unit-norm) decoder row, so that an
+    Adam step moves rows along the sphere rather than scaling them."""
+    if W_dec.grad is None:
+        return
+    with torch.no_grad():
+        w = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        W_dec.grad -= (W_dec.grad * w).sum(1, keepdim=True) * w
+
+
+def normalize_rows(W_dec: Tensor) -> None:
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def fold_input_scale(sae: torch.nn.Module, scale: float) -> None:
+    """Fold an input normalisation ``x' = scale * x`` into the weights so the SAE reads raw
+    activations. Codes are unchanged (so thresholds are too); the reconstruction comes out in raw
+    units: ``W_enc *= scale``, ``W_dec /= scale``, ``b_dec /= scale``."""
+    with torch.no_grad():
+        sae.W_enc.mul_(scale)
+        sae.W_dec.div_(scale)
+        sae.b_dec.div_(scale)
+
+
+def active_mask(codes: Float[Tensor, "batch d_sae"]) -> tuple[Tensor, Tensor]:
+    """``(mean L0 per row, fired[d_sae])`` of dense codes."""
+    nz = codes != 0
+    return nz.sum(-1).float().mean(), nz.any(0)
+
+
+@torch.no_grad()
+def geometric_median(x: Float[Tensor, "n d_model"], iters: int = 100, tol: float = 1e-6) -> Float[Tensor, " d_model"]:
+    """Weiszfeld's algorithm (the point minimising the summed Euclidean distance to the rows)."""
+    x = x.float()
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-12):
+            return y_new
+        y = y_new
+    return y

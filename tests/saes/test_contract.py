@@ -1,0 +1,165 @@
+"""One contract, checked on every registered architecture."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import saes
+from saes import REGISTRY, SaeOutput
+from saes.training import TrainState
+
+D_MODEL, D_SAE, K = 12, 48, 4
+
+
+def make(arch: str, **extra) -> saes.SAE:
+    cls = REGISTRY[arch]
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    kw = {"d_model": D_MODEL, "d_sae": D_SAE, **({"k": K} if "k" in fields else {}), **extra}
+    return saes.build(arch, **kw)
+
+
+def randomize(sae: saes.SAE, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*sae.parameters(), *sae.buffers()]:
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * 0.5 + 0.01)
+
+
+ARCHS = sorted(REGISTRY)
+
+
+def test_registry_names():
+    assert {"relu", "topk", "batchtopk", "jumprelu"} <= set(REGISTRY)
+
+
+NO_B_ENC = {"mpsae"}  # MP-SAE's encoder is tied to the decoder and has no bias (issue 4)
+
+
+@pytest.mark.parametrize("arch", [
+    pytest.param(a, marks=pytest.mark.xfail(a in NO_B_ENC, reason="no b_enc", strict=True, raises=AttributeError))
+    for a in ARCHS])
+def test_shapes_and_named_output(arch):
+    sae = make(arch)
+    assert sae.W_enc.shape == (D_MODEL, D_SAE) and sae.W_dec.shape == (D_SAE, D_MODEL)
+    assert sae.b_enc.shape == (D_SAE,) and sae.b_dec.shape == (D_MODEL,)
+    x = torch.randn(2, 5, D_MODEL)
+    out = sae(x)
+    assert isinstance(out, SaeOutput)
+    assert out.x_hat.shape == x.shape and out.codes.shape == (2, 5, D_SAE)
+    assert torch.allclose(sae.encode(x), out.codes)
+    assert torch.allclose(sae.decode(out.codes), out.x_hat, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dtype_moves_follow_the_weights(arch):
+    sae = make(arch).to(torch.float64)
+    assert sae.dtype == torch.float64 and sae.device.type == "cpu"
+    out = sae(torch.randn(3, D_MODEL))  # fp32 input, fp64 SAE
+    assert out.x_hat.dtype == torch.float64
+    sae = sae.to(torch.bfloat16)
+    assert sae(torch.randn(3, D_MODEL)).x_hat.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradients_flow_through_training_loss(arch):
+    sae = make(arch)
+    x = torch.randn(32, D_MODEL)
+    state = TrainState(global_rows=32, total_steps=10,
+                       dead_mask=torch.zeros(D_SAE, dtype=torch.bool))
+    step = sae.training_loss(x, state)
+    assert step.loss.dim() == 0 and torch.isfinite(step.loss)
+    assert step.x_hat.shape == x.shape and step.fired.shape == (D_SAE,)
+    step.loss.backward()
+    for name in ("W_dec", "b_dec"):
+        grad = getattr(sae, name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    if isinstance(sae.W_enc, torch.nn.Parameter):  # (a tied encoder is W_dec itself)
+        assert sae.W_enc.grad is not None and sae.W_enc.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_after_randomizing(arch, tmp_path):
+    from saes.checkpoint import load, save
+
+    sae = make(arch)
+    randomize(sae)
+    save(sae, tmp_path / "sae", metadata={"hook_name": "blocks.0.hook_resid_post"})
+    back = load(tmp_path / "sae")
+    assert type(back) is type(sae) and back.cfg == sae.cfg
+    sd, bd = sae.state_dict(), back.state_dict()
+    assert sd.keys() == bd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], bd[k]), k
+    x = torch.randn(4, D_MODEL)
+    assert torch.allclose(sae(x).x_hat, back(x).x_hat)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_topk_leaves_exactly_k_nonzeros(seed):
+    torch.manual_seed(seed)
+    sae = make("topk")
+    with torch.no_grad():
+        sae.b_enc.fill_(10.0)  # every pre-activation positive: ReLU removes none of the top k
+    codes = sae.encode(torch.randn(50, D_MODEL))
+    assert ((codes != 0).sum(-1) == K).all()
+    sae2 = make("topk")  # in general: at most k
+    assert ((sae2.encode(torch.randn(50, D_MODEL)) != 0).sum(-1) <= K).all()
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_topk_sparse_kernels_match_dense_autograd(center):
+    torch.manual_seed(0)
+    a = make("topk", sparse_kernels=True, apply_b_dec_to_input=center).double()
+    b = make("topk", sparse_kernels=False, apply_b_dec_to_input=center).double()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a.b_dec.normal_()
+        b.b_dec.copy_(a.b_dec)
+    x = torch.randn(64, D_MODEL, dtype=torch.float64)
+    dead = torch.zeros(D_SAE, dtype=torch.bool)
+    dead[::3] = True  # exercise AuxK on both paths
+    for sae in (a, b):
+        sae.training_loss(x, TrainState(global_rows=64, dead_mask=dead)).loss.backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+
+
+def test_batchtopk_threshold_reproduces_training_l0():
+    from saes.trainer import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    dic = torch.randn(D_SAE, D_MODEL)
+
+    def data():
+        g = torch.Generator().manual_seed(1)
+        while True:
+            z = (torch.rand(256, D_SAE, generator=g) < 0.1) * torch.rand(256, D_SAE, generator=g)
+            yield z @ dic
+
+    sae = make("batchtopk", threshold_momentum=0.1)
+    Trainer(sae, TrainConfig(total_tokens=256 * 60, batch_tokens=256, lr=3e-3, progress=False,
+                             normalize_inputs=False, b_dec_init="mean")).fit(data())
+    assert float(sae.threshold) > 0
+    x = next(data())
+    l0 = (sae.encode(x) != 0).sum(-1).float().mean().item()
+    assert abs(l0 - K) / K < 0.25, l0
+
+
+def test_jumprelu_thresholds_receive_gradient():
+    sae = make("jumprelu", bandwidth=0.5, init_threshold=0.2)
+    x = torch.randn(64, D_MODEL)
+    sae.training_loss(x, TrainState(global_rows=64)).loss.backward()
+    assert sae.threshold.grad is not None and (sae.threshold.grad != 0).sum() > D_SAE // 4
+    assert "threshold" in sae.state_dict() and sae.threshold.shape == (D_SAE,)
+
+
+@pytest.mark.parametrize("arch,bad", [("topk", {"k": 0}), ("topk", {"k": D_SAE + 1}),
+                                      ("relu", {"l1_coeff": -1.0}), ("jumprelu", {"bandwidth": 0.0}),
+                                      ("batchtopk", {"threshold_momentum": 2.0})])
+def test_bad_configs_name_the_field(arch, bad):
+    with pytest.raises(saes.SAEError, match=next(iter(bad))):
+        make(arch, **bad)

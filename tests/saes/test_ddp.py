@@ -1,0 +1,58 @@
+"""Two CPU processes (gloo) on the same global batch reach the single-process weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+import saes
+from saes.trainer import TrainConfig, Trainer
+from sae_testdata import SyntheticSource
+
+D, M, ROWS = 16, 64, 128
+CFG = dict(total_tokens=ROWS * 12, batch_tokens=ROWS, lr=3e-3, progress=False, log_every=4, dead_tokens=ROWS * 2)
+
+
+def _train(arch: str) -> tuple[saes.SAE, Trainer]:
+    torch.manual_seed(0)
+    sae = saes.build(arch, d_model=D, d_sae=M, k=6)
+    return sae, Trainer(sae, TrainConfig(**CFG)).fit(SyntheticSource(D, rows=ROWS))
+
+
+def _worker(rank: int, world: int, port: int, arch: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        sae, tr = _train(arch)
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in sae.state_dict().items()}, out)
+            save_file({"fvu": torch.tensor([tr.history_[-1][""]["fvu"]])}, out + ".log")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("arch", ["topk"])
+def test_two_processes_match_one(arch, tmp_path):
+    out = str(tmp_path / "ddp.safetensors")
+    mp.spawn(_worker, args=(2, _free_port(), arch, out), nprocs=2, join=True)
+    ref, tr = _train(arch)
+    got = load_file(out)
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(got[name], p, atol=1e-5, rtol=1e-4, msg=name)
+    # the logged metrics are global too
+    assert load_file(out + ".log")["fvu"].item() == pytest.approx(tr.history_[-1][""]["fvu"], rel=1e-4)

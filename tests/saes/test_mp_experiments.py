@@ -1,0 +1,59 @@
+"""The MP-SAE experiment scripts run end to end at reduced size and write what they promise."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_synthetic_reduced(tmp_path):
+    mod = _load("mp_vs_topk_synthetic")
+    res = mod.main(["--out", str(tmp_path), "--d-model", "16", "--n-parents", "3", "--n-children", "2",
+                    "--n-singles", "4", "--d-sae", "24", "--k", "3", "--steps", "6", "--batch", "64",
+                    "--seeds", "1", "--l1-grid", "0.1", "1.0"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "recovery.png").stat().st_size > 0
+    assert set(saved["summary"]) == {"mpsae", "topk", "relu"}
+    for arch in ("mpsae", "topk"):
+        s = saved["summary"][arch]
+        assert s["l0"]["mean"] <= 3 + 1e-6
+        for fam in ("parents", "children", "singles"):
+            assert 0 < s[f"recovery_{fam}"]["mean"] <= 1 + 1e-6
+    assert res["summary"] == saved["summary"]
+    relu = [r for r in saved["runs"] if r["arch"] == "relu"][0]
+    assert len(relu["l1_grid"]) == 2
+
+
+def test_planted_children_orthogonal_to_parent():
+    import torch
+
+    mod = _load("mp_vs_topk_synthetic")
+    atoms, family = mod.planted_dictionary(32, 4, 3, 5, 0.7, torch.Generator().manual_seed(0))
+    assert atoms.shape == (4 + 12 + 5, 32) and (family == 1).sum() == 12
+    parents, children = atoms[:4], atoms[4:16].reshape(4, 3, 32)
+    torch.testing.assert_close(torch.einsum("pd,pcd->pc", parents, children), torch.zeros(4, 3), atol=1e-6, rtol=0)
+    sib = torch.einsum("pcd,ped->pce", children, children)
+    assert sib[:, 0, 1].mean() > 0.4  # siblings share a direction
+
+
+@pytest.mark.slow
+def test_smollm2_reduced(tmp_path):
+    mod = _load("mp_vs_topk_smollm2")
+    res = mod.main(["--out", str(tmp_path), "--layer", "2", "--train-tokens", "512", "--eval-tokens", "256",
+                    "--d-sae", "64", "--ks", "4", "--batch", "256"])
+    assert (tmp_path / "fvu_vs_l0.png").stat().st_size > 0
+    assert {r["arch"] for r in res["results"]} == {"topk", "mpsae"}
+    for r in res["results"]:
+        assert r["l0"] <= 4 + 1e-6 and 0 < r["fvu"] < 2

@@ -1,0 +1,169 @@
+"""The trainer: it learns, keeps its invariants, folds the input scale, resumes exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import saes
+from saes.trainer import TrainConfig, Trainer
+from saes.training import fold_input_scale, geometric_median
+from sae_testdata import SyntheticSource
+
+D, M, ROWS = 16, 64, 128
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(total_tokens=ROWS * 40, batch_tokens=ROWS, lr=3e-3, progress=False, log_every=10)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_training_reduces_fvu_and_keeps_invariants(arch):
+    torch.manual_seed(0)
+    kw = {"k": 6} if "topk" in arch else {}
+    sae = saes.build(arch, d_model=D, d_sae=M, **kw)
+    tr = Trainer(sae, cfg()).fit(SyntheticSource(D, rows=ROWS))
+    first, last = tr.history_[0][""], tr.history_[-1][""]
+    assert last["fvu"] < 0.5 * first["fvu"] or last["fvu"] < 0.15, (first, last)
+    assert len(tr.history_) == 4 and tr.steps_ == 40
+    if sae.normalize_decoder:  # unit rows in training units; folded: 1 / scale
+        norms = sae.W_dec.norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, 1 / tr.scales_[""]))
+
+
+def test_fold_input_scale_reads_raw_activations():
+    torch.manual_seed(0)
+    sae = saes.build("topk", d_model=D, d_sae=M, k=5)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    x = torch.randn(10, D) * 7
+    s = 0.3
+    ref = sae(x * s)
+    fold_input_scale(sae, s)
+    out = sae(x)
+    torch.testing.assert_close(out.codes, ref.codes)
+    torch.testing.assert_close(out.x_hat, ref.x_hat / s)
+
+
+def test_geometric_median_hand_cases():
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    # the median of these four points is the origin-corner side: far less pulled than the mean
+    gm = geometric_median(x)
+    assert gm.norm() < 1.0 < x.mean(0).norm()
+    pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]])
+    torch.testing.assert_close(geometric_median(pts), torch.tensor([2.0]), atol=1e-3, rtol=0)
+
+
+def test_dead_latents_are_tracked():
+    torch.manual_seed(0)
+    sae = saes.build("topk", d_model=D, d_sae=M, k=4)
+    with torch.no_grad():
+        sae.b_enc[:8] = -1e4  # these can never be active
+    tr = Trainer(sae, cfg(total_tokens=ROWS * 20, dead_tokens=ROWS * 5, lr=1e-4)).fit(SyntheticSource(D, rows=ROWS))
+    assert tr.history_[-1][""]["dead"] >= 8 / M
+    assert tr.history_[-1][""]["auxk"] > 0
+
+
+def test_several_sites_from_one_stream():
+    torch.manual_seed(0)
+    sites = ("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")
+    models = {s: saes.build("topk", d_model=D, d_sae=M, k=4) for s in sites}
+    tr = Trainer(models, cfg(total_tokens=ROWS * 10)).fit(SyntheticSource(D, rows=ROWS, sites=sites))
+    assert set(tr.saes_) == set(sites)
+    assert tr.scales_[sites[0]] == pytest.approx(2 * tr.scales_[sites[1]], rel=1e-5)
+
+
+def test_wrong_sites_and_bad_config_fail_clearly():
+    sae = saes.build("topk", d_model=D, d_sae=M, k=4)
+    with pytest.raises(saes.SAEError, match="blocks.9"):
+        Trainer({"blocks.9.hook_resid_post": sae, "x": saes.build("topk", d_model=D, d_sae=M, k=4)},
+                cfg()).fit(SyntheticSource(D, sites=("a", "b")))
+    with pytest.raises(saes.SAEError, match="warmup_frac"):
+        TrainConfig(total_tokens=10, warmup_frac=1.5)
+
+
+def test_bf16_autocast_trains_like_fp32():
+    fvu = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        sae = saes.build("topk", d_model=D, d_sae=M, k=6)
+        tr = Trainer(sae, cfg(bf16=bf16, total_tokens=ROWS * 20)).fit(SyntheticSource(D, rows=ROWS))
+        assert sae.W_dec.dtype == torch.float32
+        fvu[bf16] = tr.history_[-1][""]["fvu"]
+    assert abs(fvu[True] - fvu[False]) < 0.05, fvu
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingSource(SyntheticSource):
+    """Dies (like a killed process) when asked for batch ``crash_at``."""
+
+    def __init__(self, *a, crash_at: int, **kw):
+        super().__init__(*a, **kw)
+        self.crash_at = crash_at
+
+    def __iter__(self):
+        for b in super().__iter__():
+            if self.position - 1 == self.crash_at:
+                raise Crash
+            yield b
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_resume_reaches_the_uninterrupted_weights(arch, tmp_path):
+    kw = {"k": 6} if "topk" in arch else {}
+    c = cfg(total_tokens=ROWS * 24, checkpoint_every=5, dead_tokens=ROWS * 3)
+
+    torch.manual_seed(0)
+    ref = saes.build(arch, d_model=D, d_sae=M, **kw)
+    Trainer(ref, c, out_dir=tmp_path / "ref").fit(SyntheticSource(D, rows=ROWS))
+
+    torch.manual_seed(0)
+    a = saes.build(arch, d_model=D, d_sae=M, **kw)
+    with pytest.raises(Crash):  # dies at step 17: the last checkpoint is step 15
+        Trainer(a, c, out_dir=tmp_path / "run").fit(CrashingSource(D, rows=ROWS, crash_at=17))
+    torch.manual_seed(123)  # a fresh process: different init, different RNG
+    b = saes.build(arch, d_model=D, d_sae=M, **kw)
+    tr = Trainer(b, c, out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
+    assert tr.steps_ == 24
+    for (name, p), q in zip(ref.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_with_a_plain_iterable_replays_to_the_position(tmp_path):
+    c = cfg(total_tokens=ROWS * 12, checkpoint_every=4)
+
+    def stream(stop=None):
+        src = SyntheticSource(D, rows=ROWS)
+        for i in range(10_000):
+            if i == stop:
+                raise Crash
+            yield src.batch(i)
+
+    torch.manual_seed(0)
+    ref = saes.build("topk", d_model=D, d_sae=M, k=6)
+    Trainer(ref, c).fit(stream())
+    torch.manual_seed(0)
+    a = saes.build("topk", d_model=D, d_sae=M, k=6)
+    with pytest.raises(Crash):
+        Trainer(a, c, out_dir=tmp_path).fit(stream(stop=10))
+    b = saes.build("topk", d_model=D, d_sae=M, k=6)
+    Trainer(b, c, out_dir=tmp_path).fit(stream(), resume=True)
+    for p, q in zip(ref.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_folder_is_complete_and_bounded(tmp_path):
+    sae = saes.build("topk", d_model=D, d_sae=M, k=6)
+    Trainer(sae, cfg(total_tokens=ROWS * 12, checkpoint_every=3, keep_checkpoints=2),
+            out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS))
+    steps = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert steps == ["step_000000009", "step_000000012"]
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
+    from saes.checkpoint import load
+
+    back = load(tmp_path / "sae")
+    torch.testing.assert_close(back.W_dec, sae.W_dec)
