@@ -6,9 +6,12 @@ Importing the package registers every architecture: ``relu``, ``topk``, ``batcht
 
 from saes.base import REGISTRY, SAE, SAEConfig, SAEError, SaeOutput, build, get_architecture, register
 from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saes.checkpoint import Checkpoint, annotate, load, read, save
 from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics
 from saes.jumprelu import JumpReluConfig, JumpReluSAE
+from saes.locate import list_sites
 from saes.mp import MPSAE, MPSAEConfig
+from saes.publish import PublishError, publish
 from saes.relu import ReluConfig, ReluSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.trainer import TrainConfig, Trainer
@@ -19,4 +22,5 @@ __all__ = [
     "ReluSAE", "ReluConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
     "JumpReluSAE", "JumpReluConfig", "MPSAE", "MPSAEConfig", "TrainState", "TrainStep",
     "Trainer", "TrainConfig", "evaluate", "reconstruction_metrics", "downstream_metrics", "explained_variance",
+    "save", "load", "read", "annotate", "list_sites", "Checkpoint", "publish", "PublishError",
 ]
