@@ -44,23 +44,33 @@ def canonical_method(method: str) -> str:
     return name
 
 
-def _class_stats(x: Tensor, y: Tensor, rows: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _class_stats(x: Tensor, y: Tensor, rows: Tensor | None,
+                 chunk: int = 256) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Per-layer class means and counts over the rows in `rows` (a 0/1 mask; None: all), and the
     sum of squared deviations from the mean: (mean0 [L,d], mean1 [L,d], n0, n1, ssd [L,d]).
 
-    Works by products with row-weight vectors, so selecting rows never copies x.
+    One pass over x in row blocks small enough to stay in cache; sums are taken about each layer's
+    first row (so a large offset does not cancel the variance away) and accumulated in float64.
+    Selecting rows is a product with a row-weight vector, so it never copies x.
     """
+    nl, n, d = x.shape
     yf = y.to(x.dtype)
     r = torch.ones_like(yf) if rows is None else rows.to(x.dtype)
-    u1 = r * yf
-    n1, n0 = u1.sum(), (r - u1).sum()
-    s1 = torch.matmul(u1, x)  # [L, d]
-    s0 = torch.matmul(r - u1, x)
-    m0, m1 = s0 / n0.clamp(min=1), s1 / n1.clamp(min=1)
-    m = (s0 + s1) / (n0 + n1).clamp(min=1)
-    sq = torch.stack([torch.matmul(r, xl * xl) for xl in x])  # one layer at a time: no [L, n, d] temporary
-    ssd = (sq.double() - (n0 + n1) * m.double() ** 2).clamp(min=0).to(x.dtype)
-    return m0, m1, n0, n1, ssd
+    u = torch.stack([r - r * yf, r * yf])  # [2, n]: class-0 and class-1 row weights
+    shift = x[:, :1]
+    sums = torch.zeros(nl, 2, d, dtype=torch.float64, device=x.device)
+    sq = torch.zeros(nl, d, dtype=torch.float64, device=x.device)
+    for i in range(0, n, chunk):
+        xc = x[:, i:i + chunk] - shift
+        sums += torch.matmul(u[:, i:i + chunk], xc).double()
+        sq += torch.matmul(r[i:i + chunk], xc * xc).double()
+    n0, n1 = u.double().sum(-1)
+    m0, m1 = sums[:, 0] / n0.clamp(min=1), sums[:, 1] / n1.clamp(min=1)
+    m = (sums[:, 0] + sums[:, 1]) / (n0 + n1).clamp(min=1)
+    ssd = (sq - (n0 + n1) * m ** 2).clamp(min=0)
+    base = shift[:, 0].double()
+    return ((m0 + base).to(x.dtype), (m1 + base).to(x.dtype), n0.to(x.dtype), n1.to(x.dtype),
+            ssd.to(x.dtype))
 
 
 def _std(x: Tensor) -> Tensor:
@@ -69,18 +79,29 @@ def _std(x: Tensor) -> Tensor:
     return torch.where(std > 1e-6, std, torch.ones_like(std))
 
 
+def _mean_diff_from_stats(m0, m1, n0, n1, ssd, standardize: bool = False) -> Tensor:
+    diff = (m1 - m0).abs()
+    if not standardize:
+        return diff
+    std = (ssd / (n0 + n1)).sqrt()
+    return diff / torch.where(std > 1e-6, std, torch.ones_like(std))
+
+
+def _f_stat_from_stats(m0, m1, n0, n1, ssd) -> Tensor:
+    n = n0 + n1
+    m = (n0 * m0 + n1 * m1) / n
+    ssb = n0 * (m0 - m) ** 2 + n1 * (m1 - m) ** 2
+    ssw = (ssd - ssb).clamp(min=0)
+    return ssb / (ssw / (n - 2).clamp(min=1)).clamp(min=1e-12)
+
+
 def mean_diff_scores(x: Float[Tensor, "layer n d"], y: Float[Tensor, " n"], standardize: bool = False,
                      rows: Float[Tensor, " n"] | None = None) -> Float[Tensor, "layer d"]:
     """``|mean(x | y=1) - mean(x | y=0)|`` per neuron, in standard deviations when `standardize`.
 
     `rows` (a 0/1 mask) restricts every statistic to those rows (e.g. the training split).
     """
-    m0, m1, n0, n1, ssd = _class_stats(x, y, rows)
-    diff = (m1 - m0).abs()
-    if not standardize:
-        return diff
-    std = (ssd / (n0 + n1)).sqrt()
-    return diff / torch.where(std > 1e-6, std, torch.ones_like(std))
+    return _mean_diff_from_stats(*_class_stats(x, y, rows), standardize=standardize)
 
 
 def f_stat_scores(x: Float[Tensor, "layer n d"], y: Float[Tensor, " n"],
@@ -90,12 +111,7 @@ def f_stat_scores(x: Float[Tensor, "layer n d"], y: Float[Tensor, " n"],
     Invariant to each neuron's scale and offset, so raw and standardised inputs rank alike.
     `rows` (a 0/1 mask) restricts every statistic to those rows.
     """
-    m0, m1, n0, n1, ssd = _class_stats(x, y, rows)
-    n = n0 + n1
-    m = (n0 * m0 + n1 * m1) / n
-    ssb = n0 * (m0 - m) ** 2 + n1 * (m1 - m) ** 2
-    ssw = (ssd - ssb).clamp(min=0)
-    return ssb / (ssw / (n - 2).clamp(min=1)).clamp(min=1e-12)
+    return _f_stat_from_stats(*_class_stats(x, y, rows))
 
 
 def mutual_info_scores(

@@ -66,3 +66,33 @@ def test_bad_inputs_raise():
         fit_logistic(x[None], y, C=0.0)
     with pytest.raises(InputError, match="solver"):
         fit_logistic(x[None], y, solver="sgd")
+
+
+def test_logits_warm_start_and_zero_weight_rows():
+    """fit_logistic_logits returns the fitted logits; init_logits and rows of weight 0 leave the optimum alone."""
+    from probes.logistic import fit_logistic_logits
+
+    x, y = _data(n=800, k=10)
+    ref, rb = fit_logistic(x[None, :600], y[:600], tol=1e-9)
+    w = torch.cat([torch.ones(600), torch.zeros(200)])  # the last rows carry no weight (a held-out split)
+    coef, b, z = fit_logistic_logits(x[None], y, sample_weight=w, tol=1e-9)
+    torch.testing.assert_close(coef, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z, predict_logits(x[None], coef, b), atol=1e-5, rtol=1e-5)
+    # warm start from the fit on the first 5 features, with its logits: same optimum as cold
+    c5, b5, z5 = fit_logistic_logits(x[None, :600, :5], y[:600], tol=1e-9)
+    init = (torch.cat([c5, torch.zeros(1, 5)], 1), b5)
+    warm, wb, wz = fit_logistic_logits(x[None, :600], y[:600], init=init, init_logits=z5, tol=1e-9)
+    torch.testing.assert_close(warm, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wz, predict_logits(x[None, :600], warm, wb), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InputError, match="init_logits"):
+        fit_logistic_logits(x[None], y, init_logits=z)
+
+
+@pytest.mark.parametrize("hessian_rows", [None, 50, 300])
+def test_subsampled_hessian_reaches_same_optimum(hessian_rows):
+    x, y = _data(n=1200, k=20, seed=3)
+    w = balanced_weights(y)
+    ref, rb = fit_logistic(x[None].double(), y, sample_weight=w, tol=1e-10)
+    coef, b = fit_logistic(x[None].double(), y, sample_weight=w, tol=1e-10, hessian_rows=hessian_rows)
+    torch.testing.assert_close(coef, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b, rb, atol=1e-6, rtol=1e-6)
