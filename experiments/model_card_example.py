@@ -81,7 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--from", dest="source", default=None, help="render an existing folder of trained SAEs")
     ap.add_argument("--work", default="runs/model_card_example", help="where the trained SAE is written")
-    ap.add_argument("--results", default=str(RESULTS), help="where the card, plot, cfg.json and run.json go")
+    ap.add_argument("--out", "--results", dest="results", default=str(RESULTS),
+                    help="where the card, plot, cfg.json and run.json go")
     ap.add_argument("--site", default="blocks.6.hook_resid_post")
     ap.add_argument("--d-sae", type=int, default=2304)
     ap.add_argument("--k", type=int, default=32)
