@@ -106,7 +106,9 @@ def main() -> None:
         "data": f"synthetic activations ({args.layers} layers x {args.examples} examples x {args.dim} neurons, "
                 "30% positives, 48 planted neurons per layer); not model activations",
         "settings": {"ks": ks, "method": "f_stat", "C": 1.0, "class_weight": "balanced", "test_size": 0.2,
-                     "layer_batch": args.layer_batch, "torch_threads": torch.get_num_threads(),
+                     "layer_batch": args.layer_batch, "top_n": 0,
+                     "probes_newton": {f: getattr(probes.SweepConfig(), f) for f in ("hessian_rows", "tol", "max_iter")},
+                     "torch_threads": torch.get_num_threads(),
                      "thread_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
                      "device": "cpu"},
         "wall_seconds": {"probes.sweep": round(t_ours, 3), "sklearn_loop": None if t_peer is None else round(t_peer, 3)},

@@ -192,7 +192,7 @@ def _newton(x, t, s, c, fit_intercept, max_iter, tol, init=None, stride=1, z=Non
     for _ in range(max_iter):
         p = torch.sigmoid(t * z)  # probability of the true label
         r = c[:, None] * s * (p - 1) * t  # d loss / d z
-        d = c[:, None] * s * p * (1 - p)  # d^2 loss / d z^2 (0 on rows without weight)
+        d = c[:, None] * s * p * (1 - p) if chol is None else None  # d^2 loss / d z^2 (0 without weight)
         if chol is None and stride == 1:  # a Hessian is due: one pass gives the gradient and x^T d
             gw, hwb = torch.bmm(torch.stack([r, d], 1), x).unbind(1)
         else:
@@ -210,6 +210,7 @@ def _newton(x, t, s, c, fit_intercept, max_iter, tol, init=None, stride=1, z=Non
             if fresh and stride > 1:
                 stride = 1
                 xh, rows_of = hessian_rows(1)
+            d = c[:, None] * s * p * (1 - p) if d is None else d
             dh = rows_of(d)
             if stride > 1:  # rescale the sample to the full weight
                 dh = dh * (d.sum(-1, keepdim=True) / dh.sum(-1, keepdim=True).clamp(min=1e-30))
@@ -241,10 +242,12 @@ def _newton(x, t, s, c, fit_intercept, max_iter, tol, init=None, stride=1, z=Non
             if not bool(todo.any()):
                 break
             alpha = torch.where(todo, alpha / 2, alpha)
+        else:  # never accepted: the last halving is not evaluated yet
+            new = _loss_at(z + alpha[:, None] * dz, w + alpha[:, None] * dw, t, s, c)
         w = w + alpha[:, None] * dw
         b = b + alpha * db
         z = z + alpha[:, None] * dz
-        loss = _loss_at(z, w, t, s, c)
+        loss = new
     return w, b, z
 
 

@@ -13,6 +13,7 @@ Per chunk of layers: standardise on the training rows, rank the neurons once (se
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -164,8 +165,9 @@ def sweep(
     result = SweepResult(config=config, classes=classes, layers=list(layers), n_train=len(train), n_test=len(test))
     bar = tqdm(total=sum(len(c) for c in chunks), desc=f"sweep ({config.method})", unit="layer",
                disable=not progress)
+    scratch: dict[str, Tensor] = {}  # buffers reused across chunks (fresh memory costs page faults)
     for names in chunks:
-        _sweep_chunk(result, [layers[nm] for nm in names], names, y, train, test, config)
+        _sweep_chunk(result, [layers[nm] for nm in names], names, y, train, test, config, scratch)
         bar.update(len(names))
     bar.close()
     result.records.sort(key=lambda r: (result.layers.index(r["layer"]), r["k"]))
@@ -173,7 +175,7 @@ def sweep(
 
 
 def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y: Tensor,
-                 train: Tensor, test: Tensor, cfg: SweepConfig) -> None:
+                 train: Tensor, test: Tensor, cfg: SweepConfig, scratch: dict[str, Tensor]) -> None:
     device = torch.device(cfg.device) if cfg.device else tensors[0].device
     dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.float64) else torch.float32
     n_layers, d = len(tensors), tensors[0].shape[1]
@@ -202,8 +204,8 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
     width = max(min(max(cfg.ks), d), top)
     # the selected neurons [L, rows, width], best first, so the first k neurons are the first k
     # columns; only they are ever fitted, so only they are scaled
-    sel = torch.empty(n_layers, n, width, dtype=dtype, device=device)
-    buf = torch.empty(len(y), width, dtype=dtype, device=device)  # reused: no fresh pages per layer
+    sel = _buffer(scratch, "sel", (n_layers, n, width), dtype, device)
+    buf = _buffer(scratch, "buf", (len(y), width), dtype, device)
     for i, (x, (m0, m1, n0, n1, ssd)) in enumerate(zip(xs, stats)):
         idx = ranking[i, :width]
         torch.index_select(x, 1, idx, out=buf)
@@ -213,6 +215,11 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
             torch.addcmul(-((n0 * m0 + n1 * m1) / (n0 + n1))[0, idx] * inv, buf, inv, out=buf)
         torch.index_select(buf, 0, order, out=sel[i])
     del buf, xs, stats
+    views = [sel]  # narrow fits read dense copies of the first 64 and 8 columns: whole cache lines
+    for cols in (64, 8):
+        if views[-1].shape[2] > cols:
+            views.append(_buffer(scratch, f"first{cols}", (n_layers, n, cols), dtype, device))
+            views[-1].copy_(views[-2][:, :, :cols])
     fits, coef = [], torch.zeros(n_layers, 0, dtype=dtype, device=device)
     b = torch.zeros(n_layers, dtype=dtype, device=device)
     z = torch.zeros(n_layers, n_tr, dtype=dtype, device=device)
@@ -221,7 +228,7 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
             continue
         # supports are nested: warm start from the previous k (its logits stay those of the new init)
         init = (torch.cat([coef, coef.new_zeros(n_layers, k - coef.shape[1])], 1), b)
-        xk = sel[:, :, :k] if 4 * k > width else sel[:, :, :k].contiguous()  # narrow: copy, read rows densely
+        xk = next(v for v in views[::-1] if v.shape[2] >= k)[:, :, :k]
         coef, b, z = fit_logistic_logits(xk[:, :n_tr], y_tr, C=cfg.C, sample_weight=w_tr, max_iter=cfg.max_iter,
                                          tol=cfg.tol, init=init, hessian_rows=cfg.hessian_rows, init_logits=z)
         fits.append((k, coef, z, predict_logits(xk[:, n_tr:], coef, b)))
@@ -248,3 +255,12 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
                 for nr, f, a, c in zip(ranking[i, :top], rep["f1"][sl], rep["auc"][sl], coef[sl, 0])]
     for i, name in enumerate(names):
         result.rankings[name] = ranking[i].cpu()
+
+
+def _buffer(scratch: dict[str, Tensor], name: str, shape: tuple[int, ...], dtype, device) -> Tensor:
+    """An uninitialised ``shape`` tensor backed by ``scratch[name]``, grown when too small."""
+    numel = math.prod(shape)
+    old = scratch.get(name)
+    if old is None or old.numel() < numel or old.dtype != dtype or old.device != torch.device(device):
+        old = scratch[name] = torch.empty(numel, dtype=dtype, device=device)
+    return old[:numel].view(shape)
