@@ -73,13 +73,13 @@ def find_circles(model, tok, items, templates, layers, out: Path) -> tuple[dict,
     return subspaces, rows
 
 
-def probe_items(model, tok, items, templates, layers, progress: bool) -> tuple[dict, object]:
+def probe_items(model, tok, items, templates, layers, progress: bool, n_docs: int = 120) -> tuple[dict, object]:
     """k-sparse probes for 'this token is an item' on MLP neurons; documents split train/test."""
     import probes
     from interp.data import load_texts
 
     texts = [t.format(it) + "." for t in templates for it in items]
-    texts += [d[:400] for d in list(load_texts())[:120]]  # prose with (almost) no items: negatives
+    texts += [d[:400] for d in list(load_texts())[:n_docs]]  # prose with (almost) no items: negatives
     names = set(items)
     sites = [f"blocks.{L}.mlp.hook_post" for L in layers]
     ds = probes.token_dataset(model, tok, texts, sites, label_fn=lambda toks, i: toks[i].strip() in names,
@@ -209,7 +209,8 @@ def run(args) -> int:
                     path=out / f"circle_layer{args.layer}.png")
     print("[2/4] sparse probes for item tokens on MLP neurons")
     probe_layers = layers[:: 2 if not args.quick else 1]
-    info, sweep = probe_items(model, tok, items, templates, probe_layers, progress=True)
+    info, sweep = probe_items(model, tok, items, templates, probe_layers, progress=True,
+                              n_docs=40 if args.quick else 120)
     sweep.plot_f1(out / "probe_f1_vs_k.png")
     best = sweep.best(k=1)
     info.update(table=sweep.table(), best_k1={k: best[k] for k in ("layer", "f1") if k in best} | (
