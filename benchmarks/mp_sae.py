@@ -1,0 +1,262 @@
+"""MP-SAE speed against overcomplete's ``MpSAE`` and SAELens' ``MatchingPursuitTrainingSAE``.
+
+Same d_model, d_sae, k and batch for everyone. Measured:
+
+* encode throughput (tokens/s, no autograd, eval mode). Ours twice: "warm" (the Gram matrix of
+  the fixed dictionary is cached, the steady state of inference) and "cold" (Gram matrix built
+  inside the timed call);
+* one training step (forward, backward, Adam step; ours also renormalises the atoms): seconds;
+* bytes autograd keeps for backward in one training forward (distinct saved storages);
+* code parity: ours in overcomplete's mode (``coefficients="signed_max"``, accumulate, no decoder
+  bias) against ``MpSAE.encode`` with the same dictionary; ours in SAELens' mode (``nonneg``,
+  accumulate, ``b_dec``) against SAELens' encoder.
+
+SAELens runs with ``residual_threshold=0``, ``max_iterations=k`` and
+``stop_on_duplicate_support=False`` so that it takes exactly k steps like the others.
+
+overcomplete 0.3.0 imports torchvision at package level, which cannot load against this project's
+torch 2.13 CPU build; run this script with an interpreter that has ``overcomplete`` installed
+(``--no-deps``) and load it with ``--overcomplete-bypass``, which imports ``overcomplete.sae``
+without executing ``overcomplete/__init__.py`` (its vision-model and plotting imports); the MpSAE
+code that runs is unmodified. See benchmarks/results/mp_sae.json for the command used.
+
+    /work/venv-mp/bin/python benchmarks/mp_sae.py --overcomplete-bypass
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import sys
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import saes.mp  # noqa: E402,F401 - registers mpsae
+from saes.base import build  # noqa: E402
+from saes.training import normalize_rows, remove_parallel_grad  # noqa: E402
+
+
+def load_overcomplete(bypass: bool):
+    if bypass:
+        spec = importlib.util.find_spec("overcomplete")
+        if spec is None:
+            return None
+        pkg = types.ModuleType("overcomplete")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["overcomplete"] = pkg
+    try:
+        from overcomplete.sae import MpSAE
+    except Exception as e:  # noqa: BLE001 - report any import failure in the table
+        print(f"overcomplete unavailable: {type(e).__name__}: {e}")
+        return None
+    return MpSAE
+
+
+def timed(fn, reps: int) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``fn`` runs."""
+    seen: dict[tuple, int] = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--d-model", type=int, default=576)
+    p.add_argument("--d-sae", type=int, default=9216)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2048)
+    p.add_argument("--reps", type=int, default=2, help="repetitions of our own timings (best kept)")
+    p.add_argument("--peer-reps", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
+    p.add_argument("--overcomplete-bypass", action="store_true")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mp_sae.json")
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    d, m, k, B = a.d_model, a.d_sae, a.k, a.batch
+    x = torch.randn(B, d) * 2 + 0.5
+    rows: list[dict] = []
+
+    def add(name, **kw):
+        rows.append({"impl": name, **kw})
+        print(json.dumps(rows[-1]))
+
+    # ---------------------------------------------------------------- ours
+    ours = build("mpsae", d_model=d, d_sae=m, k=k)
+    with torch.no_grad():
+        ours.b_dec.copy_(torch.randn(d) * 0.1)
+    ours.eval()
+    cold = timed(lambda: (setattr(ours, "_gram", None), ours.encode(x)), a.reps)
+    ours.encode(x)
+    warm = timed(lambda: ours.encode(x), a.reps)
+    add("ours (nonneg, accumulate) encode warm", tokens_per_s=B / warm, seconds=warm)
+    add("ours (nonneg, accumulate) encode cold", tokens_per_s=B / cold, seconds=cold)
+    direct = build("mpsae", d_model=d, d_sae=m, k=k, correlation_update="direct").eval()
+    direct.load_state_dict(ours.state_dict())
+    t_direct = timed(lambda: direct.encode(x), 1)
+    add("ours encode, direct path forced", tokens_per_s=B / t_direct, seconds=t_direct)
+    ours.train()
+    opt = torch.optim.Adam(ours.parameters(), lr=1e-5)
+    from saes.training import TrainState
+
+    def our_step():
+        out = ours.training_loss(x, TrainState(step=0, global_rows=B))
+        out.loss.backward()
+        remove_parallel_grad(ours.W_dec)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        normalize_rows(ours.W_dec)
+
+    our_step()
+    t_train = timed(our_step, a.reps)
+    mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
+    add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
+    fast = build("mpsae", d_model=d, d_sae=m, k=k, train_gram_dtype="bfloat16")
+    fast.load_state_dict(ours.state_dict())
+    fast_opt = torch.optim.Adam(fast.parameters(), lr=1e-5)
+
+    def fast_step():
+        out = fast.training_loss(x, TrainState(step=0, global_rows=B))
+        out.loss.backward()
+        remove_parallel_grad(fast.W_dec)
+        fast_opt.step()
+        fast_opt.zero_grad(set_to_none=True)
+        normalize_rows(fast.W_dec)
+
+    t_train_bf16 = timed(fast_step, a.reps)
+    add("ours train step, train_gram_dtype=bfloat16", seconds=t_train_bf16)
+
+    # ---------------------------------------------------------------- SAELens
+    sl_row = {}
+    try:
+        from sae_lens.saes.matching_pursuit_sae import (MatchingPursuitTrainingSAE,
+                                                         MatchingPursuitTrainingSAEConfig)
+
+        sl = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
+            d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False))
+        with torch.no_grad():
+            sl.W_dec.copy_(ours.W_dec)
+            sl.b_dec.copy_(ours.b_dec)
+        ours.eval()
+        with torch.no_grad():
+            t_sl = timed(lambda: sl.encode(x), a.peer_reps)
+            codes_sl = sl.encode(x)
+            codes_ours = ours.encode(x)
+        add("SAELens MatchingPursuit encode", tokens_per_s=B / t_sl, seconds=t_sl,
+            max_abs_code_diff_vs_ours=(codes_sl - codes_ours).abs().max().item(),
+            same_support_frac=((codes_sl != 0) == (codes_ours != 0)).all(1).float().mean().item())
+        sl_opt = torch.optim.Adam(sl.parameters(), lr=1e-5)
+
+        def sl_forward():
+            acts, _ = sl.encode_with_hidden_pre(x)
+            return (sl.decode(acts) - x).pow(2).sum(-1).mean()
+
+        def sl_step():
+            sl_forward().backward()
+            sl_opt.step()
+            sl_opt.zero_grad(set_to_none=True)
+
+        t_sl_train = timed(sl_step, a.peer_reps)
+        add("SAELens MatchingPursuit train step", seconds=t_sl_train, saved_bytes=saved_bytes(sl_forward))
+        sl_row = {"encode": t_sl, "train": t_sl_train}
+    except Exception as e:  # noqa: BLE001
+        add("SAELens MatchingPursuit", error=f"{type(e).__name__}: {e}")
+
+    # ---------------------------------------------------------------- overcomplete
+    oc_row = {}
+    MpSAE = load_overcomplete(a.overcomplete_bypass)
+    if MpSAE is not None:
+        oc = MpSAE(d, m, k=k)
+        with torch.no_grad():
+            oc.dictionary._weights.copy_(ours.W_dec)
+        oc.eval()
+        mine = build("mpsae", d_model=d, d_sae=m, k=k, coefficients="signed_max", decoder_bias=False).eval()
+        with torch.no_grad():
+            mine.W_dec.copy_(ours.W_dec)
+            t_oc = timed(lambda: oc.encode(x), a.peer_reps)
+            _, codes_oc = oc.encode(x)
+            res = mine.pursue(x)
+            t_mine = timed(lambda: mine.encode(x), a.reps)
+        add("ours (signed_max, accumulate, no bias) encode warm", tokens_per_s=B / t_mine, seconds=t_mine)
+        add("overcomplete MpSAE encode", tokens_per_s=B / t_oc, seconds=t_oc,
+            max_abs_code_diff_vs_ours=(codes_oc - res.codes).abs().max().item(),
+            same_support_frac=((codes_oc != 0) == (res.codes != 0)).all(1).float().mean().item())
+        oc.train()
+        oc.dropout = None
+        oc_opt = torch.optim.Adam(oc.parameters(), lr=1e-5)
+
+        def oc_forward():
+            _, _, x_hat = oc(x)
+            return (x_hat - x).pow(2).sum(-1).mean()
+
+        def oc_step():
+            oc_forward().backward()
+            oc_opt.step()
+            oc_opt.zero_grad(set_to_none=True)
+
+        t_oc_train = timed(oc_step, a.peer_reps)
+        add("overcomplete MpSAE train step", seconds=t_oc_train, saved_bytes=saved_bytes(oc_forward))
+        oc_row = {"encode": t_oc, "train": t_oc_train}
+    peers = [r for r in (sl_row, oc_row) if r]
+    speedup = {}
+    if peers:
+        speedup = {"encode_vs_faster_peer_warm": min(r["encode"] for r in peers) / warm,
+                   "encode_vs_faster_peer_cold": min(r["encode"] for r in peers) / cold,
+                   "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train,
+                   "train_step_bf16_gram_vs_faster_peer": min(r["train"] for r in peers) / t_train_bf16}
+    print(f"\n{'implementation':55s} {'tokens/s':>10s} {'seconds':>9s} {'saved MB':>9s}")
+    for r in rows:
+        tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
+        mb = f"{r['saved_bytes'] / 2**20:.0f}" if "saved_bytes" in r else ""
+        print(f"{r['impl']:55s} {tps:>10s} {r.get('seconds', float('nan')):9.3f} {mb:>9s}")
+    print("speedup:", json.dumps(speedup))
+    result = {"config": {"d_model": d, "d_sae": m, "k": k, "batch": B, "dtype": "float32", "device": "cpu",
+                         "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps},
+              "rows": rows, "speedup": speedup,
+              "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                           "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
+              "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
+              "note": a.note or "CPU shared with other jobs running at the same time; timings are noisy"}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(a.out)
+    return result
+
+
+def _version(name: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""MP-SAE vs TopK vs ReLU SAEs on data from a planted hierarchical dictionary.
+
+The data: ``n_parents`` parent atoms, each with ``n_children`` children that are active only when
+their parent is (one child per active parent) and orthogonal to it (conditional orthogonality);
+plus ``n_singles`` independent single atoms. All atoms are unit norm; other pairs are random.
+Every SAE gets the same L0 budget: MP-SAE and TopK with ``k`` steps / latents, ReLU with the L1
+weight (from a small grid) whose held-out L0 is closest to ``k``. Reported per SAE and seed: FVU on
+held-out data, L0, and dictionary recovery = mean over true atoms of the best cosine with any
+decoder row, per family (parents, children, singles).
+
+    python experiments/mp_vs_topk_synthetic.py --out experiments/results/mp_vs_topk_synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import saes.relu  # noqa: F401 - registers relu
+import saes.topk  # noqa: F401 - registers topk
+import saes.mp  # noqa: F401 - registers mpsae
+from saes.base import build
+from saes.trainer import TrainConfig, Trainer
+
+
+def planted_dictionary(d_model: int, n_parents: int, n_children: int, n_singles: int, sibling_cos: float,
+                       gen: torch.Generator):
+    """Unit-norm atoms ``[n_atoms, d_model]`` and the family of each (0 parent, 1 child, 2 single).
+
+    Children are orthogonal to their parent; siblings share a family direction so that their
+    pairwise cosine is about ``sibling_cos``."""
+    parents = torch.nn.functional.normalize(torch.randn(n_parents, d_model, generator=gen), dim=1)
+    children = []
+    for p in parents:
+        shared = torch.nn.functional.normalize(torch.randn(d_model, generator=gen), dim=0)
+        own = torch.nn.functional.normalize(torch.randn(n_children, d_model, generator=gen), dim=1)
+        c = sibling_cos ** 0.5 * shared + (1 - sibling_cos) ** 0.5 * own
+        c -= (c @ p)[:, None] * p  # orthogonal to its parent
+        children.append(torch.nn.functional.normalize(c, dim=1))
+    singles = torch.nn.functional.normalize(torch.randn(n_singles, d_model, generator=gen), dim=1)
+    atoms = torch.cat([parents, torch.cat(children), singles])
+    family = torch.tensor([0] * n_parents + [1] * (n_parents * n_children) + [2] * n_singles)
+    return atoms, family
+
+
+def sample(n: int, atoms: torch.Tensor, a: argparse.Namespace, gen: torch.Generator) -> torch.Tensor:
+    """``n`` rows: sparse non-negative combinations of the planted atoms, plus small noise. An active
+    parent has one child (uniform) with probability ``p_child``; a child is never active alone."""
+    P, C, S = a.n_parents, a.n_children, a.n_singles
+    coef = torch.zeros(n, atoms.shape[0])
+    parent_on = torch.rand(n, P, generator=gen) < a.p_parent
+    coef[:, :P] = parent_on * (1 + torch.rand(n, P, generator=gen))
+    child = torch.randint(0, C, (n, P), generator=gen)
+    cols = P + torch.arange(P)[None, :] * C + child
+    child_on = parent_on & (torch.rand(n, P, generator=gen) < a.p_child)
+    vals = child_on * (0.5 + torch.rand(n, P, generator=gen))
+    coef.scatter_(1, cols, vals)
+    single_on = torch.rand(n, S, generator=gen) < a.p_single
+    coef[:, P + P * C:] = single_on * (1 + torch.rand(n, S, generator=gen))
+    return coef @ atoms + a.noise * torch.randn(n, atoms.shape[1], generator=gen)
+
+
+def recovery(W_dec: torch.Tensor, atoms: torch.Tensor, family: torch.Tensor) -> dict[str, float]:
+    cos = torch.nn.functional.normalize(atoms, dim=1) @ torch.nn.functional.normalize(W_dec, dim=1).T
+    best = cos.max(1).values
+    return {name: best[family == i].mean().item() for i, name in enumerate(("parents", "children", "singles"))}
+
+
+@torch.no_grad()
+def evaluate(sae, x: torch.Tensor) -> dict[str, float]:
+    sae.eval()
+    out = sae(x)
+    fvu = ((out.x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    l0 = (out.codes != 0).sum(-1).float()
+    return {"fvu": fvu, "l0": l0.mean().item(), "l0_min": l0.min().item(), "l0_max": l0.max().item()}
+
+
+def train(arch: str, cfg: dict, batches: list[torch.Tensor], a: argparse.Namespace, seed: int):
+    torch.manual_seed(seed)
+    sae = build(arch, d_model=a.d_model, d_sae=a.d_sae, **cfg)
+    tc = TrainConfig(total_tokens=a.batch * a.steps, batch_tokens=a.batch, lr=a.lr, progress=False,
+                     seed=seed, log_every=max(1, a.steps // 4), dead_tokens=a.batch * 50)
+    return Trainer(sae, tc).fit(batches).saes_[""]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--d-model", type=int, default=48)
+    p.add_argument("--n-parents", type=int, default=8)
+    p.add_argument("--n-children", type=int, default=4)
+    p.add_argument("--n-singles", type=int, default=16)
+    p.add_argument("--p-parent", type=float, default=0.15)
+    p.add_argument("--p-child", type=float, default=1.0, help="probability that an active parent has a child")
+    p.add_argument("--p-single", type=float, default=0.05)
+    p.add_argument("--sibling-cos", type=float, default=0.7, help="cosine between sibling children")
+    p.add_argument("--noise", type=float, default=0.01)
+    p.add_argument("--d-sae", type=int, default=112)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds run: first_seed .. first_seed + seeds - 1")
+    p.add_argument("--merge", type=Path, nargs="*", default=None,
+                   help="only merge the runs of these earlier --out folders into --out (summary + plot)")
+    p.add_argument("--l1-grid", type=float, nargs="*", default=[0.1, 0.3, 1.0],
+                   help="ReLU L1 weights tried; the one with L0 closest to k is reported (none: no ReLU)")
+    a = p.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    runs = []
+    if a.merge:
+        runs = [r for d in a.merge for r in json.loads((d / "results.json").read_text())["runs"]]
+    for seed in ([] if a.merge else range(a.first_seed, a.first_seed + a.seeds)):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        atoms, family = planted_dictionary(a.d_model, a.n_parents, a.n_children, a.n_singles,
+                                            a.sibling_cos, gen)
+        batches = [sample(a.batch, atoms, a, gen) for _ in range(a.steps)]
+        test = sample(8192, atoms, a, gen)
+        specs = [("mpsae", {"k": a.k}), ("topk", {"k": a.k})] + [("relu", {"l1_coeff": l1}) for l1 in a.l1_grid]
+        relu_runs = []
+        for arch, cfg in specs:
+            sae = train(arch, cfg, batches, a, seed)
+            row = {"seed": seed, "arch": arch, "config": cfg, **evaluate(sae, test),
+                   "recovery": recovery(sae.W_dec.detach(), atoms, family)}
+            print(json.dumps(row))
+            (relu_runs if arch == "relu" else runs).append(row)
+        if relu_runs:
+            best = min(relu_runs, key=lambda r: abs(r["l0"] - a.k))  # the ReLU SAE closest to the L0 budget
+            runs.append({**best, "l1_grid": [{"l1_coeff": r["config"]["l1_coeff"], "l0": r["l0"], "fvu": r["fvu"]}
+                                             for r in relu_runs]})
+    summary = {}
+    for arch in ("mpsae", "topk", "relu"):
+        rs = [r for r in runs if r["arch"] == arch]
+        if not rs:
+            continue
+        summary[arch] = {key: _mean_sd([r[key] for r in rs]) for key in ("fvu", "l0")}
+        for fam in ("parents", "children", "singles"):
+            summary[arch][f"recovery_{fam}"] = _mean_sd([r["recovery"][fam] for r in rs])
+    result = {"args": json.loads(json.dumps(vars(a), default=str)),
+              "runs": runs, "summary": summary, "seconds": round(time.time() - t0, 1)}
+    (a.out / "results.json").write_text(json.dumps(result, indent=1))
+    _plot(summary, a.out / "recovery.png", a.k)
+    print(json.dumps(summary, indent=1))
+    return result
+
+
+def _mean_sd(v: list[float]) -> dict[str, float]:
+    m = sum(v) / len(v)
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / max(len(v) - 1, 1))
+    return {"mean": m, "sd": sd}
+
+
+def _plot(summary: dict, path: Path, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fams = ("parents", "children", "singles")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, arch in enumerate(summary):
+        means = [summary[arch][f"recovery_{f}"]["mean"] for f in fams]
+        sds = [summary[arch][f"recovery_{f}"]["sd"] for f in fams]
+        ax.bar([j + 0.27 * (i - 1) for j in range(3)], means, 0.27, yerr=sds,
+               label=f"{arch} (L0 {summary[arch]['l0']['mean']:.1f}, FVU {summary[arch]['fvu']['mean']:.3f})")
+    ax.set_xticks(range(3), fams)
+    ax.set_ylabel("mean best cosine to true atom")
+    ax.set_title(f"Planted hierarchical dictionary, L0 budget {k}")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
