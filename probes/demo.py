@@ -153,7 +153,7 @@ def _bar_plot(inter: dict, path: Path) -> None:
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("success: the model's top item is the target")
-    ax.set_title(f"rotating the circle at {inter['site']} ({inter['rows']} prompt x target rows)", fontsize=9)
+    ax.set_title(f"circle rotation at {inter['site']}, {inter['rows']} (prompt, target) rows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
