@@ -120,8 +120,8 @@ def main() -> None:
         "cells": [{"layer": int(layer), "k": k, "f1_probes": ours[(layer, k)], "f1_sklearn": peer.get((layer, k))}
                   for layer, k in sorted(ours, key=lambda c: (int(c[0]), c[1]))],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "note": "run on a 2-core CPU machine shared with other jobs running at the same time; timings are noisy. "
-                "CPU seconds (process time) are less affected by the sharing than wall seconds",
+        "note": "single-threaded on a 2-core CPU; load_average_1min tells whether other jobs shared the machine "
+                "(about 1 or less: quiet). CPU seconds (process time) are less affected by sharing than wall seconds",
         "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "command": "python benchmarks/probe_sweep.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_sklearn")),
