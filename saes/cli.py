@@ -198,8 +198,13 @@ def run_eval(args: argparse.Namespace) -> int:
     windows = mask = None
     if args.windows:
         windows, mask = eval_windows(tok, args.windows, args.context_size, args.dataset, args.eval_seed)
+    into_checkpoint = args.out is not None and Path(args.out).resolve() == Path(ck.path).resolve()
     report = evaluate(sae, data, site=site, n_batches=max(1, args.tokens // bt), model=model if args.windows else None,
-                      windows=windows, splice_mask=mask, out_dir=args.out)
+                      windows=windows, splice_mask=mask, out_dir=None if into_checkpoint else args.out)
+    if into_checkpoint:  # a stray sparsity file would break the checkpoint: rewrite it whole instead
+        from saes.checkpoint import annotate
+
+        annotate(args.out, metrics=report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("feature_density", "l0_histogram")}, indent=1))
     return 0
 

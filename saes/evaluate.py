@@ -202,12 +202,10 @@ def save_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     js = {k: v for k, v in report.items() if k != "feature_density"}
     (out / "eval.json.tmp").write_text(json.dumps(js, indent=1))
     os.replace(out / "eval.json.tmp", out / "eval.json")
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
     ax.hist(log_density.numpy(), bins=60)
     ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
@@ -215,5 +213,4 @@ def save_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
                  f"L0 {report['l0_mean']:.1f}")
     fig.tight_layout()
     fig.savefig(out / "feature_density.png", dpi=110)
-    plt.close(fig)
     return out

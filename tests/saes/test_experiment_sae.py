@@ -48,6 +48,15 @@ def test_cli_train_then_eval(tmp_path, capsys):
     assert args.func(args) == 0
     rep = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert rep["n_rows"] == 1024 and "ce_loss_recovered" in rep
+    # --out naming the checkpoint itself stores the metrics in it, and it still loads
+    folder = tmp_path / "run" / "blocks.3.hook_resid_post"
+    args = parser.parse_args(["sae", "eval", str(folder), "--tokens", "1024", "--windows", "0", "--context-size", "64",
+                              "--out", str(folder)])
+    assert args.func(args) == 0
+    from saes.checkpoint import read
+
+    ck = read(folder)
+    assert ck.training["metrics"]["n_rows"] == 1024 and ck.sparsity is not None
 
 
 def test_cli_rejects_unknown_config_keys(tmp_path):
