@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,3 +26,15 @@ def test_ci_runs_exactly_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert test_cmd in ci.splitlines()
     assert "exit 5" in ci or '"$rc" -eq 5' in ci  # pytest's "no tests ran" must not pass silently
+
+
+@pytest.mark.slow
+def test_readme_quickstart_snippet_runs_and_rotates_the_day():
+    text = (ROOT / "README.md").read_text()
+    code = re.search(r"## Quickstart \(notebook\)\n\n```python\n(.*?)```", text, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README.md quickstart", "exec"), ns)
+    tok, logits, days = ns["tok"], ns["logits"], ns["ITEM_SETS"]["days"]
+    ids = [tok(" " + d, add_special_tokens=False)["input_ids"][0] for d in days]
+    assert logits.shape[0] == 1
+    assert days[int(logits[0, -1, ids].argmax())] == "Thursday"
