@@ -16,6 +16,7 @@ edit that changes nothing returns values bitwise equal to its input.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -46,11 +47,12 @@ def per_row(value: Tensor, ctx: EditContext, x: Tensor) -> Tensor:
     return value.to(device=x.device, dtype=x.dtype)[ctx.batch_idx.to(x.device)]
 
 
-class Edit:
+class Edit(abc.ABC):
     """Base class: subclasses implement ``__call__(x, ctx) -> Tensor`` (a new tensor)."""
 
+    @abc.abstractmethod
     def __call__(self, x: Float[Tensor, "... d_model"], ctx: EditContext) -> Float[Tensor, "... d_model"]:
-        raise NotImplementedError
+        """The edited activations (a new tensor; ``x`` itself only to leave the pass untouched)."""
 
     def then(self, other: Edit) -> Compose:
         return Compose([self, other])

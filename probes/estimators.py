@@ -12,6 +12,7 @@ residual-stream dimensions, or an SAE's latents (``sae.encode(x)``).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,7 @@ DEFAULT_CS = tuple(log_grid(1e-3, 1e2, 6))
 """Values of C that ``LinearProbe(C=None)`` chooses from by cross-validation."""
 
 
-class _BinaryProbe:
+class _BinaryProbe(abc.ABC):
     """Shared prediction and scoring for fitted binary probes (needs ``_features`` and coef state)."""
 
     classes_: list
@@ -39,8 +40,9 @@ class _BinaryProbe:
         if not hasattr(self, "coef_"):
             raise InputError(f"this {type(self).__name__} is not fitted yet: call .fit(X, y) first")
 
+    @abc.abstractmethod
     def _features(self, X) -> Tensor:
-        raise NotImplementedError
+        """The columns of X this probe reads (all, or the selected neurons)."""
 
     def decision_function(self, X: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
         """Logit of the positive class for each row of X."""
