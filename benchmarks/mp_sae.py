@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import sys
 import time
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
               "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
-              "note": a.note or "CPU shared with other jobs running at the same time; timings are noisy"}
+              "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+              "note": a.note or "2-core CPU; the load average says whether other jobs shared it (about 1 or less: quiet)"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
