@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from interp.atomic import atomic_path
+from interp.atomic import write_json as _write_json
 from interp.capture import capture
 from interp.data import load_texts, pack, token_mask
 from interp.errors import CacheError, InputError
@@ -34,14 +35,6 @@ from interp.sites import resolve
 
 FORMAT = "interp.activation-cache/1"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict:
@@ -118,15 +111,8 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
         if rows and (rows >= shard_tokens or done + rows >= target or exhausted):
             shard = {k: torch.cat(v).contiguous() for k, v in parts.items()}
             name = f"shard-r{rank}-{len(mine['shards']):06d}.safetensors"
-            fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-            os.close(fd)
-            try:
-                save_file(shard, tmp, metadata={"format": FORMAT})
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, out / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            with atomic_path(out / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": FORMAT})
             mine["shards"].append({"file": name, "rows": rows, "bytes": (out / name).stat().st_size})
             mine["windows"] = windows_used
             done += rows

@@ -31,7 +31,6 @@ import csv
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from interp.atomic import atomic_path, write_json
 from interp.capture import capture, last_token_index, tokenize
 from interp.edits import (Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate)
 from interp.errors import DataError, InputError
@@ -322,13 +322,7 @@ def write_result(result: RunResult, out: str | os.PathLike) -> Path:
         w.writeheader()
         w.writerows(result.table)
 
-    for name, write in (("results.csv", write_csv), ("summary.json", lambda f: json.dump(result.summary, f, indent=2))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                write(f)
-            os.replace(tmp, out / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
+        write_csv(f)
+    write_json(out / "summary.json", result.summary, indent=2)
     return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from jaxtyping import Float
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from interp.atomic import atomic_path, write_json
 from interp.errors import InputError
 
 
@@ -208,16 +208,9 @@ class Subspace:
             else:
                 tensors["map.coords"] = cm.coords.float().contiguous()
                 info["coord_map"]["labels"] = list(cm.labels)
-        for fname, write in (("subspace.safetensors", lambda p: save_file(tensors, p)),
-                             ("subspace.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))):
-            fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{fname}.")
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, path / fname)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+        with atomic_path(path / "subspace.safetensors") as tmp:
+            save_file(tensors, str(tmp))
+        write_json(path / "subspace.json", info, indent=2)
         return path
 
     @classmethod

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from interp.atomic import write_json
 from interp.errors import InputError
 
 METRICS = ("f1", "accuracy", "precision", "recall", "auc", "train_f1")
@@ -86,13 +85,7 @@ class SweepResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=1, default=str)
-        os.replace(tmp, path)
-        return path
+        return write_json(path, self.to_dict(), default=str)
 
     def plot_f1(self, path: str | os.PathLike | None = None, *, metric: str = "f1", ax=None,
                 title: str | None = None, dpi: int = 100):

@@ -20,7 +20,6 @@ Metrics (keys of the returned dict):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from interp.atomic import atomic_path, write_json
 from saes.base import SAE, SAEError
 
 
@@ -196,12 +196,9 @@ def save_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     density = report["feature_density"]
     log_density = torch.log10(density + 1e-10)
-    tmp = out / "sparsity.safetensors.tmp"
-    save_file({"sparsity": log_density.contiguous()}, str(tmp))
-    os.replace(tmp, out / "sparsity.safetensors")
-    js = {k: v for k, v in report.items() if k != "feature_density"}
-    (out / "eval.json.tmp").write_text(json.dumps(js, indent=1))
-    os.replace(out / "eval.json.tmp", out / "eval.json")
+    with atomic_path(out / "sparsity.safetensors") as tmp:
+        save_file({"sparsity": log_density.contiguous()}, str(tmp))
+    write_json(out / "eval.json", {k: v for k, v in report.items() if k != "feature_density"})
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
 
     fig = Figure(figsize=(6, 3.5))

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from saes import distributed as ddp
 from saes import train_state
-from saes.base import SAE, SAEError, get_architecture
+from saes.base import SAE, SAEError
 from saes.training import (TrainState, fold_input_scale, geometric_median, normalize_rows,
                            remove_parallel_grad, total_variance)
 
