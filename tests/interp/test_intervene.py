@@ -88,7 +88,9 @@ def _rand_sub(rank=2, seed=0):
 @pytest.mark.parametrize("site", SITES + ["blocks.1.hook_resid_mid"])
 def test_noop_edit_is_bitwise_identical(model, ids, site):
     if site.endswith("resid_mid") and "neox" in type(model).__name__.lower():
-        pytest.skip("parallel residual: no resid_mid")
+        with pytest.raises(SiteError, match="parallel"):  # no residual stream between attn and MLP
+            intervene(model, {site: Steer(torch.randn(D), alpha=0.0)}).attach()
+        return
     base = model(ids).logits
     with intervene(model, {site: Steer(torch.randn(D), alpha=0.0)}):
         same = model(ids).logits

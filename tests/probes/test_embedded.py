@@ -17,16 +17,8 @@ DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sun
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _need_embedded():
-    try:
-        interp.models.embedded_gguf()
-    except interp.ModelLoadError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def smollm():
-    _need_embedded()
     return interp.load_model("smollm2-135m", device="cpu")
 
 
@@ -47,7 +39,6 @@ def test_single_neuron_detects_unseen_day_names(smollm):
 
 
 def test_experiment_quick_run(tmp_path, monkeypatch):
-    _need_embedded()
     script = ROOT / "experiments" / "sparse_probing_smollm2.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--layers", "4,10", "--docs", "16", "--out", str(tmp_path)])
     runpy.run_path(str(script), run_name="__main__")
