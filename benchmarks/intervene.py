@@ -4,7 +4,10 @@ The same edit everywhere: project a rank-r subspace out of ``blocks.L.hook_resid
 position (``x - (x @ B.T) @ B``), on the embedded SmolLM2-135M. Each method's logits are checked
 against interp's before timing. Rounds interleave the methods (order rotated each round) so that
 load from other jobs hits them alike; we report the median time per forward and the median of the
-per-round ratios to the bare forward.
+per-round ratios to the bare forward. Two shapes by default: ``8x128`` (the forward dominates, so
+all hooks look alike) and ``1x16`` (a short call where per-call framework overhead shows). "Faster
+than a peer" is decided per shape by a paired sign test over rounds (interp's time vs the peer's
+in the same round): we report in how many rounds interp was faster and the two-sided p-value.
 
     python benchmarks/intervene.py                   # writes benchmarks/results/intervene.json
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,46 +116,20 @@ def micro(model, layer: int, basis: torch.Tensor, batch: int, seq: int, reps: in
             "attach_and_remove_s": best(lambda: (iv.attach(), iv.remove())), "reps": reps}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--layer", type=int, default=12)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--out", default="benchmarks/results/intervene.json")
-    ap.add_argument("--micro-only", action="store_true",
-                    help="only time the edit and the hook attach/remove, and add them to an existing --out JSON")
-    args = ap.parse_args(argv)
-    model, tok = load_model("smollm2-135m", device=args.device)
-    device = next(model.parameters()).device
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, len(tok), (args.batch, args.seq), generator=g).to(device)
-    basis = torch.linalg.qr(torch.randn(model.config.hidden_size, args.rank, generator=g))[0].T.contiguous()
-    with torch.inference_mode():
-        mic = micro(model, args.layer, basis, args.batch, args.seq)
-    print("micro:", mic)
-    if args.micro_only:
-        out = Path(args.out)
-        result = json.loads(out.read_text())
-        bare_min = next(r["min_s"] for r in result["results"] if r["method"] == "bare")
-        result["micro"] = {**mic, "command": "python benchmarks/intervene.py --micro-only",
-                           "fraction_of_fastest_bare_forward": (mic["edit_on_one_activation_s"]
-                                                                + mic["attach_and_remove_s"]) / bare_min}
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
-        print(f"updated {out}")
-        return 0
-    methods, handle = make_methods(model, args.layer, basis)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def sign_test(wins: int, n: int) -> float:
+    """Two-sided exact sign-test p-value for ``wins`` successes in ``n`` paired rounds (no ties)."""
+    k = min(wins, n - wins)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def time_shape(methods, ids, rounds: int, sync) -> dict:
+    """Interleaved rounds over every method for one input shape; per-method medians and ratios."""
     with torch.inference_mode():
         ref_logits = methods["interp"](ids)
         max_diff = {n: float((f(ids) - ref_logits).abs().max()) for n, f in methods.items()}  # also warms up
         times: dict[str, list[float]] = {n: [] for n in methods}
         names = list(methods)
-        for r in range(args.rounds):
+        for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for n in order:
                 sync()
@@ -159,32 +137,78 @@ def main(argv=None) -> int:
                 methods[n](ids)
                 sync()
                 times[n].append(time.perf_counter() - t)
-            print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), flush=True)
-    handle.remove()
-    bare = times["bare"]
+            if rounds <= 30 or (r + 1) % 25 == 0:
+                print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f}ms" for n in names),
+                      flush=True)
+    bare, ours = times["bare"], times["interp"]
     rows = []
     for n in names:
         ratios = [t / b for t, b in zip(times[n], bare)]
-        rows.append({"method": n, "median_s": statistics.median(times[n]), "min_s": min(times[n]),
-                     "median_ratio_to_bare": statistics.median(ratios),
-                     "min_time_ratio_to_bare": min(times[n]) / min(bare),
-                     "tokens_per_s": args.batch * args.seq / statistics.median(times[n]),
-                     "max_abs_logit_diff_vs_interp": max_diff[n], "times_s": times[n]})
-    print(f"\n{'method':28s} {'median s':>9s} {'min s':>8s} {'ratio (median of rounds)':>25s} {'ratio (min)':>12s} "
-          f"{'max |dlogit|':>13s}")
+        row = {"method": n, "median_s": statistics.median(times[n]), "min_s": min(times[n]),
+               "median_ratio_to_bare": statistics.median(ratios),
+               "min_time_ratio_to_bare": min(times[n]) / min(bare),
+               "tokens_per_s": ids.numel() / statistics.median(times[n]),
+               "max_abs_logit_diff_vs_interp": max_diff[n], "times_s": times[n]}
+        if n not in ("bare", "interp", "interp (attached handle)"):
+            wins = sum(o < t for o, t in zip(ours, times[n]))
+            row["interp_faster_rounds"] = wins
+            row["sign_test_p"] = sign_test(wins, rounds)
+            row["median_ratio_to_interp"] = statistics.median(t / o for t, o in zip(times[n], ours))
+        rows.append(row)
+    print(f"\n{'method':28s} {'median ms':>10s} {'ratio to bare':>14s} {'ratio to interp':>16s} "
+          f"{'interp faster':>14s} {'sign p':>9s} {'max |dlogit|':>13s}")
     for r in rows:
-        print(f"{r['method']:28s} {r['median_s']:9.3f} {r['min_s']:8.3f} {r['median_ratio_to_bare']:25.3f} "
-              f"{r['min_time_ratio_to_bare']:12.3f} {r['max_abs_logit_diff_vs_interp']:13.2e}")
+        print(f"{r['method']:28s} {r['median_s'] * 1e3:10.2f} {r['median_ratio_to_bare']:14.3f} "
+              f"{r.get('median_ratio_to_interp', float('nan')):16.3f} "
+              f"{str(r.get('interp_faster_rounds', '')) + ('/' + str(rounds) if 'interp_faster_rounds' in r else ''):>14s} "
+              f"{r.get('sign_test_p', float('nan')):9.2g} {r['max_abs_logit_diff_vs_interp']:13.2e}")
+    return {"batch": ids.shape[0], "seq": ids.shape[1], "rounds": rounds, "results": rows}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
+                    default=[(8, 128), (1, 16)], help="BATCHxSEQ[,BATCHxSEQ...]")
+    ap.add_argument("--rounds", type=lambda s: [int(x) for x in s.split(",")], default=[21, 201],
+                    help="rounds per shape (one number, or one per shape)")
+    ap.add_argument("--layer", type=int, default=12)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--out", default="benchmarks/results/intervene.json")
+    args = ap.parse_args(argv)
+    rounds = args.rounds * len(args.shapes) if len(args.rounds) == 1 else args.rounds
+    if len(rounds) != len(args.shapes):
+        ap.error(f"--rounds: give one number or one per shape ({len(args.shapes)}); got {args.rounds}")
+    model, tok = load_model("smollm2-135m", device=args.device)
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(model.config.hidden_size, args.rank, generator=g))[0].T.contiguous()
+    b0, s0 = args.shapes[0]
+    with torch.inference_mode():
+        mic = micro(model, args.layer, basis, b0, s0)
+    print("micro:", mic)
+    methods, handle = make_methods(model, args.layer, basis)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    shapes = []
+    for (batch, seq), n_rounds in zip(args.shapes, rounds):
+        print(f"\nshape {batch}x{seq}, {n_rounds} rounds")
+        ids = torch.randint(100, len(tok), (batch, seq), generator=g).to(device)
+        shapes.append(time_shape(methods, ids, n_rounds, sync))
+    handle.remove()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
     result = {
         "benchmark": "intervene", "command": "python benchmarks/intervene.py " + " ".join(argv or []),
         "model": "smollm2-135m", "device": str(device), "dtype": str(next(model.parameters()).dtype),
-        "batch": args.batch, "seq": args.seq, "site": f"blocks.{args.layer}.hook_resid_post", "rank": args.rank,
-        "edit": "project out a rank-r subspace at every position", "rounds": args.rounds,
+        "site": f"blocks.{args.layer}.hook_resid_post", "rank": args.rank,
+        "edit": "project out a rank-r subspace at every position",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "results": rows, "micro": mic,
-        "note": "Other jobs shared this 2-core CPU machine during the run, so absolute times are noisy; rounds "
-                "interleave the methods (rotated order) and ratios are per round. 'interp' enters and exits the "
-                "context manager on every call; 'interp (attached handle)' keeps the hooks attached.",
+        "load_average_at_end": load, "shapes": shapes, "micro": mic,
+        "note": "Rounds interleave the methods (rotated order) and ratios are per round. 'interp' enters and "
+                "exits the context manager on every call; 'interp (attached handle)' keeps the hooks attached. "
+                "interp_faster_rounds / sign_test_p: paired comparison of 'interp' with each peer over rounds.",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

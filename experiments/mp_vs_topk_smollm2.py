@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                              log_every=max(1, len(batches) // 5))
             tr = Trainer(sae, tc).fit(batches)
             row = {"arch": arch, "k": k, **evaluate(tr.saes_[""], test), "train_seconds": round(time.time() - t, 1),
-                   "train_fvu_history": [h[""]["fvu"] for h in tr.history_]}
+                   "train_fvu_history": [[h["tokens"], h[""]["fvu"]] for h in tr.history_]}
             print(json.dumps(row))
             results.append(row)
             _write(done_path, {"site": site, "results": results, "partial": True})
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
               "n_train": train.shape[0], "n_eval": test.shape[0], "capture_seconds": round(capture_s, 1),
               "results": results, "seconds": round(time.time() - t0, 1)}
     _write(done_path, result)
-    _plot(results, a.out / "fvu_vs_l0.png", site, train.shape[0], a.d_sae)
+    _plot(results, a.out / "fvu_vs_l0.png", site, len(batches) * a.batch, a.d_sae, a.batch)
     return result
 
 
@@ -138,23 +138,38 @@ def _write(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def _plot(results: list[dict], path: Path, site: str, n_train: int, d_sae: int) -> None:
+def _plot(results: list[dict], path: Path, site: str, n_train: int, d_sae: int, batch: int = 1024) -> None:
+    """Left: held-out FVU against L0. Right: training FVU (logged batches) against tokens seen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for arch, label in (("topk", "TopK"), ("mpsae", "MP-SAE")):
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for arch, label, style in (("topk", "TopK", "o-"), ("mpsae", "MP-SAE", "s--")):
         rs = sorted((r for r in results if r["arch"] == arch), key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], "o-", label=label)
+        ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], style, label=label)
         for r in rs:
             ax.annotate(f"k={r['k']}", (r["l0"], r["fvu"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        for r in rs:
+            h = r.get("train_fvu_history") or []
+            if h and not isinstance(h[0], list):  # older results: FVU only, logged every n_batches // 5 steps
+                every = max(1, n_train // batch // 5) * batch
+                h = [[min((i + 1) * every, n_train), v] for i, v in enumerate(h)]
+            if len(h) > 1:
+                xs, h = [t for t, _ in h], [v for _, v in h]
+                col = colors[[16, 32, 64, 128].index(r["k"]) % len(colors)] if r["k"] in (16, 32, 64, 128) else None
+                ax2.plot(xs, h, style, ms=3, color=col, label=f"{label} k={r['k']}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 (held-out mean)")
     ax.set_ylabel("FVU (held-out)")
-    ax.set_title(f"SmolLM2-135M {site}\n{n_train:,} training tokens, d_sae {d_sae}", fontsize=9)
+    ax.set_title(f"SmolLM2-135M {site}\n{n_train:,} training tokens seen, d_sae {d_sae}", fontsize=9)
     ax.legend()
+    ax2.set_xlabel("training tokens seen")
+    ax2.set_ylabel("training FVU (logged batch)")
+    ax2.set_title("training curves", fontsize=9)
+    ax2.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import saes.relu  # noqa: F401 - registers relu
+import saes.mp
+import saes.relu
 import saes.topk  # noqa: F401 - registers topk
-import saes.mp  # noqa: F401 - registers mpsae
 from saes.base import build
 from saes.trainer import TrainConfig, Trainer
 
@@ -96,23 +96,28 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-children", type=int, default=4)
     p.add_argument("--n-singles", type=int, default=16)
     p.add_argument("--p-parent", type=float, default=0.15)
-    p.add_argument("--p-child", type=float, default=1.0, help="probability that an active parent has a child")
+    p.add_argument("--p-child", type=float, default=0.5, help="probability that an active parent has a child")
     p.add_argument("--p-single", type=float, default=0.05)
-    p.add_argument("--sibling-cos", type=float, default=0.7, help="cosine between sibling children")
+    p.add_argument("--sibling-cos", type=float, default=0.0, help="cosine between sibling children")
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--d-sae", type=int, default=112)
     p.add_argument("--k", type=int, default=4)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--first-seed", type=int, default=0, help="seeds run: first_seed .. first_seed + seeds - 1")
+    p.add_argument("--grid-summary", action="store_true",
+                   help="only summarise every sub-folder of --out that holds a results.json (one setting each): "
+                        "writes grid_summary.json and grid.png there")
     p.add_argument("--merge", type=Path, nargs="*", default=None,
                    help="only merge the runs of these earlier --out folders into --out (summary + plot)")
-    p.add_argument("--l1-grid", type=float, nargs="*", default=[0.1, 0.3, 1.0],
+    p.add_argument("--l1-grid", type=float, nargs="*", default=[0.08, 0.15],
                    help="ReLU L1 weights tried; the one with L0 closest to k is reported (none: no ReLU)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.grid_summary:
+        return grid_summary(a.out)
     t0 = time.time()
     runs = []
     if a.merge:
@@ -143,12 +148,65 @@ def main(argv: list[str] | None = None) -> dict:
         summary[arch] = {key: _mean_sd([r[key] for r in rs]) for key in ("fvu", "l0")}
         for fam in ("parents", "children", "singles"):
             summary[arch][f"recovery_{fam}"] = _mean_sd([r["recovery"][fam] for r in rs])
+    # paired per seed: in how many seeds MP-SAE beats TopK (recovery per family, and FVU)
+    by_seed = {(r["seed"], r["arch"]): r for r in runs}
+    seeds = sorted({r["seed"] for r in runs if (r["seed"], "topk") in by_seed and (r["seed"], "mpsae") in by_seed})
+    if seeds:
+        pairs = [(by_seed[s, "mpsae"], by_seed[s, "topk"]) for s in seeds]
+        summary["mpsae_vs_topk"] = {
+            "seeds": seeds,
+            **{f"{fam}_diff": [round(m["recovery"][fam] - t["recovery"][fam], 4) for m, t in pairs]
+               for fam in ("parents", "children", "singles")},
+            "fvu_diff": [round(m["fvu"] - t["fvu"], 4) for m, t in pairs],
+            "children_wins": sum(m["recovery"]["children"] > t["recovery"]["children"] for m, t in pairs),
+        }
     result = {"args": json.loads(json.dumps(vars(a), default=str)),
               "runs": runs, "summary": summary, "seconds": round(time.time() - t0, 1)}
     (a.out / "results.json").write_text(json.dumps(result, indent=1))
     _plot(summary, a.out / "recovery.png", a.k)
     print(json.dumps(summary, indent=1))
     return result
+
+
+def grid_summary(root: Path) -> dict:
+    """One row per setting (sub-folder): its data options, MP-SAE minus TopK per seed, wins, means."""
+    rows = []
+    for d in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
+        res = json.loads((d / "results.json").read_text())
+        s, args = res["summary"], res["args"]
+        cmp = s["mpsae_vs_topk"]
+        rows.append({"setting": d.name, "p_child": args["p_child"], "sibling_cos": args["sibling_cos"], "k": args["k"],
+                     "seeds": cmp["seeds"], "children_wins": cmp["children_wins"], "n_seeds": len(cmp["seeds"]),
+                     "children_diff": cmp["children_diff"], "parents_diff": cmp["parents_diff"],
+                     "fvu_diff": cmp["fvu_diff"],
+                     **{f"{arch}_{key}": round(s[arch][key]["mean"], 4) for arch in ("mpsae", "topk", "relu")
+                        if arch in s for key in ("fvu", "l0", "recovery_parents", "recovery_children")}})
+    if not rows:
+        raise SystemExit(f"no <setting>/results.json under {root}")
+    out = {"settings": rows}
+    (root / "grid_summary.json").write_text(json.dumps(out, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in ((axes[0], "children_diff", "children recovery: MP-SAE minus TopK"),
+                           (axes[1], "fvu_diff", "held-out FVU: MP-SAE minus TopK")):
+        for i, r in enumerate(rows):
+            ax.scatter([i] * len(r[key]), r[key], s=14, color="tab:blue" if r["sibling_cos"] == 0 else "tab:orange")
+            ax.plot([i - 0.25, i + 0.25], [sum(r[key]) / len(r[key])] * 2, color="k", lw=1)
+        ax.axhline(0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(rows)), [f"p_child {r['p_child']:g}\nsib cos {r['sibling_cos']:g}\n"
+                                         f"{r['seeds'][0]}-{r['seeds'][-1]}" for r in rows], fontsize=6)
+        ax.set_title(title + " (one dot per seed)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(root / "grid.png", dpi=120)
+    plt.close(fig)
+    for r in rows:
+        print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  MP {r['mpsae_recovery_children']:.3f} "
+              f"TopK {r['topk_recovery_children']:.3f}  FVU MP {r['mpsae_fvu']:.3f} TopK {r['topk_fvu']:.3f}")
+    return out
 
 
 def _mean_sd(v: list[float]) -> dict[str, float]:
@@ -165,7 +223,7 @@ def _plot(summary: dict, path: Path, k: int) -> None:
 
     fams = ("parents", "children", "singles")
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, arch in enumerate(summary):
+    for i, arch in enumerate(a for a in summary if a in ("mpsae", "topk", "relu")):
         means = [summary[arch][f"recovery_{f}"]["mean"] for f in fams]
         sds = [summary[arch][f"recovery_{f}"]["sd"] for f in fams]
         ax.bar([j + 0.27 * (i - 1) for j in range(3)], means, 0.27, yerr=sds,

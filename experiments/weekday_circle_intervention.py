@@ -6,15 +6,23 @@ see you on" -> " Monday"). At one layer we fit the weekday circle (class-mean PC
 disjoint *eval* templates, rotate the day's circle coordinates to each of the six other days and
 count how often the model's top day among the seven becomes the target.
 
-Every (layer, position, edit) is measured in the same run with three controls:
+The circle edit is ``Rotate(circle, to=target, scale=s)``: the day token's point in the circle
+plane is turned to the target's fitted angle and its distance from the circle's center multiplied
+by ``s`` (1 = a pure rotation). **The layer and ``s`` are chosen on the fit templates only**
+(leave-one-template-out: fit the circle on the other fit templates, edit the left-out template's
+prompts, average over folds); the chosen configuration is then measured once on the held-out
+templates. The held-out set has two parts: ``EVAL_TEMPLATES`` (seen by earlier versions of this
+experiment, which picked a scale on them) and ``CONFIRM_TEMPLATES`` (written for the
+pre-specified run and never used for any choice); both are reported separately.
+
+Every (layer, position, edit) is also measured on the held-out prompts, in the same run, with
+three controls:
 * ``none``    -- no edit (how often the target wins anyway);
-* ``random``  -- a random rank-2 subspace rotated by the same per-prompt angle as the circle edit;
+* ``random``  -- a random rank-2 subspace rotated by the same per-prompt angle and scaled by the same ``s``;
 * ``replace`` -- the whole activation replaced by the target day's mean activation (fit prompts).
 
 Positions: ``day`` (the earlier mention of the day) or ``last`` (the final token; its own circle
-is fitted on final-token activations). Layer groups edit one layer or several at once. The circle
-edit turns the point to the target's angle; ``--scales`` also multiplies its distance from the
-circle's center (1 = a pure rotation), and the random control is scaled the same way.
+is fitted on final-token activations). Layer groups edit one layer or several at once.
 
     python experiments/weekday_circle_intervention.py --out experiments/results/weekday_intervention
 """
@@ -52,6 +60,24 @@ EVAL_TEMPLATES = [
     "Her flight lands on {d}. Her flight lands on",
     "The report is due on {d}. Again: the report is due on",
 ]
+CONFIRM_TEMPLATES = [  # held out from every choice, including the earlier sessions' scale sweep
+    "The concert is on {d}. Do not forget, the concert is on",
+    "Our next class is on {d}. Once again, our next class is on",
+    "The package arrives on {d}. Yes, the package arrives on",
+    "Grandma visits on {d}. I said grandma visits on",
+    "The game was moved to {d}. So the game was moved to",
+    "Payday is {d}. Again, payday is",
+]
+CONFIRM2_TEMPLATES = [  # written before the layer-group edits were tried; used for nothing but the final check
+    "The dentist appointment is on {d}. Just to confirm, the dentist appointment is on",
+    "We play football on {d}. Every week we play football on",
+    "The library closes early on {d}. Note that the library closes early on",
+    "Dad cooks dinner on {d}. As usual, dad cooks dinner on",
+    "The train leaves on {d}. Remember that the train leaves on",
+    "My shift starts on {d}. Again, my shift starts on",
+]
+HELD_OUT = EVAL_TEMPLATES + CONFIRM_TEMPLATES + CONFIRM2_TEMPLATES
+PARTS = {"eval": EVAL_TEMPLATES, "confirm": CONFIRM_TEMPLATES, "confirm2": CONFIRM2_TEMPLATES}
 EDITS = ("circle", "random", "replace")
 
 
@@ -85,127 +111,248 @@ def random_plane(d_model: int, seed: int) -> Subspace:
     return Subspace(torch.randn(2, d_model, generator=g))
 
 
+def make_rows(b, labels, day_pos, last, base_top, max_rows=0):
+    """One row per (prompt the model copies correctly, target day != the prompt's day)."""
+    src_idx = torch.tensor([DAYS.index(d) for d in labels])
+    copied = (base_top == src_idx).nonzero()[:, 0]
+    rows = [(int(i), t) for i in copied for t in range(7) if t != int(src_idx[i])][: max_rows or None]
+    pi = torch.tensor([r[0] for r in rows], dtype=torch.long)
+    tgt = torch.tensor([r[1] for r in rows], dtype=torch.long)
+    return {"pi": pi, "tgt": tgt, "src": src_idx[pi], "batch": {k: v[pi] for k, v in b.items()},
+            "last": last[pi], "where": {"day": [[int(p)] for p in day_pos[pi]], "last": "last"},
+            "tgt_names": [DAYS[t] for t in tgt]}
+
+
+def fit_circle(x: torch.Tensor, labels: list[str], name: str):
+    """The circle (class-mean PCA, rank 2), the class means and the fitted angle of every day."""
+    sub = class_mean_subspace(x, labels, rank=2, circle=True, order=DAYS, name=name)
+    means = torch.stack([x[[lab == d for lab in labels]].mean(0) for d in DAYS])
+    ang = torch.tensor([sub.coord_map.angles[d] for d in DAYS])
+    return sub, means, ang
+
+
+def circle_edit(circles: dict, layers, mode: str, scale: float, to, sites: dict) -> dict:
+    """The circle edit at every layer of ``layers``. ``mode="scale"``: turn to the target's angle and
+    multiply the distance from the center by ``scale`` (compounds when stacked over layers);
+    ``mode="radius"``: put the point on the target's angle at ``scale`` x that layer's circle radius
+    (an absolute position, so stacking over layers does not compound)."""
+    out = {}
+    for layer in layers:
+        sub = circles[layer]
+        radius = sub.coord_map.radius if mode == "radius" else None
+        out[sites[layer]] = Rotate(sub, to=to, scale=scale, radius=radius)
+    return out
+
+
+def candidates(args) -> list[dict]:
+    """Every configuration the selection compares (fixed before any held-out prompt is seen)."""
+    out = [{"layers": [layer], "mode": "scale", "scale": s} for layer in args.select_layers for s in args.scales]
+    out += [{"layers": g, "mode": "radius", "scale": s} for g in args.select_groups for s in args.group_scales]
+    return out
+
+
+def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
+    """Leave-one-fit-template-out success of every candidate circle edit at the day token (single
+    layers with a radius multiplier; layer groups with an absolute radius); the choice is the best
+    mean (ties: fewer layers, then the smaller scale). Nothing here sees a held-out template."""
+    b, labels, day_pos, last = fit
+    base_top, _ = top_days(model, b, day_ids, last)
+    n_t = len(labels) // 7
+    template = torch.arange(len(labels)) // 7
+    cands = candidates(args)
+    layers = sorted({layer for c in cands for layer in c["layers"]})
+    table: dict[int, list] = {i: [] for i in range(len(cands))}
+    for f in range(n_t):
+        train = (template != f).nonzero()[:, 0]
+        test = (template == f).nonzero()[:, 0]
+        circles = {layer: fit_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
+                                     f"L{layer}-loto{f}")[0] for layer in layers}
+        sub_b = {k: v[test] for k, v in b.items()}
+        rows = make_rows(sub_b, [labels[i] for i in test], day_pos[test], last[test], base_top[test])
+        if len(rows["tgt"]) == 0:
+            continue
+        for i, c in enumerate(cands):
+            edit = circle_edit(circles, c["layers"], c["mode"], c["scale"], rows["tgt_names"], sites)
+            with intervene(model, edit, positions=rows["where"]["day"]):
+                top, _ = top_days(model, rows["batch"], day_ids, rows["last"])
+            table[i].append((float((top == rows["tgt"]).float().sum()), len(top)))
+    scores = [{**c, "success": sum(s for s, _ in table[i]) / max(sum(n for _, n in table[i]), 1),
+               "per_fold": [round(s / n, 4) for s, n in table[i]]} for i, c in enumerate(cands)]
+    for r in scores:
+        print(f"select (fit templates, LOTO) layers {','.join(map(str, r['layers'])):18s} {r['mode']:6s} "
+              f"x{r['scale']:<4g} success {r['success']:.3f}", flush=True)
+    best = max(scores, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
+    return {"candidates": scores, "chosen": {k: best[k] for k in ("layers", "mode", "scale")},
+            "chosen_fit_success": best["success"], "fit_copy_accuracy":
+            float((base_top == torch.tensor([DAYS.index(d) for d in labels])).float().mean())}
+
+
 def run(args) -> dict:
     t0 = time.time()
     model, tok = load_model(args.model, device=args.device)
     fit_b, fit_lab, fit_day, fit_last, day_ids = build(tok, FIT_TEMPLATES[: args.fit_templates])
-    ev_b, ev_lab, ev_day, ev_last, _ = build(tok, EVAL_TEMPLATES[: args.eval_templates])
+    held = HELD_OUT[: args.eval_templates]
+    ev_b, ev_lab, ev_day, ev_last, _ = build(tok, held)
     src_idx = torch.tensor([DAYS.index(d) for d in ev_lab])
     base_top, _ = top_days(model, ev_b, day_ids, ev_last)
-    copied = (base_top == src_idx).nonzero()[:, 0]  # evaluate only prompts the model copies correctly
-    # one row per (prompt, target day != source day)
-    rows = [(int(i), t) for i in copied for t in range(7) if t != int(src_idx[i])][: args.max_rows or None]
-    pi = torch.tensor([r[0] for r in rows])
-    tgt = torch.tensor([r[1] for r in rows])
-    src = src_idx[pi]
-    batch = {k: v[pi] for k, v in ev_b.items()}
-    last = ev_last[pi]
-    where = {"day": [[int(p)] for p in ev_day[pi]], "last": "last"}
-    tgt_names = [DAYS[t] for t in tgt]
+    R = make_rows(ev_b, ev_lab, ev_day, ev_last, base_top, args.max_rows)
+    pi, tgt, src, batch, last, where, tgt_names = (R[k] for k in ("pi", "tgt", "src", "batch", "last", "where", "tgt_names"))
+    row_set = [next(k for k, ts in PARTS.items() if held[int(i) // 7] in ts) for i in pi]
 
     def measure(edits: dict, pos) -> dict:
         with intervene(model, edits, positions=pos):
             top, is_day = top_days(model, batch, day_ids, last)
-        return {"success": float((top == tgt).float().mean()), "source_kept": float((top == src).float().mean()),
-                "top_token_is_a_day": float(is_day.float().mean())}
+        hit = (top == tgt).float()
+        out = {"success": float(hit.mean()), "source_kept": float((top == src).float().mean()),
+               "top_token_is_a_day": float(is_day.float().mean())}
+        for part in PARTS:
+            m = torch.tensor([r == part for r in row_set])
+            if m.any():
+                out[f"success_{part}"] = float(hit[m].mean())
+        return out
 
-    none = measure({f"blocks.{args.layers[0][0]}.hook_resid_post": []}, None)
-    all_layers = sorted({layer for group in args.layers for layer in group})
+    all_layers = sorted({layer for group in args.layers for layer in group} | set(args.select_layers)
+                        | {layer for g in args.select_groups for layer in g})
     sites = {layer: f"blocks.{layer}.hook_resid_post" for layer in all_layers}
+    none = measure({sites[all_layers[0]]: []}, None)  # an empty edit list: the unedited model
     fit_pos = torch.stack([fit_day, fit_last], 1)
     acts = capture(model, fit_b, list(sites.values()), positions=fit_pos)
+    selection = select_on_fit(model, (fit_b, fit_lab, fit_day, fit_last), acts, sites, args, day_ids) \
+        if candidates(args) else None
     fitted, circles = {}, {}
     for layer, site in sites.items():
         for j, pname in enumerate(("day", "last")):
-            x = acts[site][:, j].float()
-            sub = class_mean_subspace(x, fit_lab, rank=2, circle=True, order=DAYS, name=f"L{layer}-{pname}")
-            means = torch.stack([x[[lab == d for lab in fit_lab]].mean(0) for d in DAYS])
-            ang = torch.tensor([sub.coord_map.angles[d] for d in DAYS])
+            sub, means, ang = fit_circle(acts[site][:, j].float(), fit_lab, f"L{layer}-{pname}")
             fitted[layer, pname] = (sub, means, ang[tgt] - ang[src])
             circles[f"{layer}/{pname}"] = {k: sub.meta.get(k) for k in (
                 "order_matches", "cyclic_order", "explained_variance", "radius_cv", "loco_angle_error")}
     results = []
 
-    def record(group, pname, edit, scale, runs):
+    def record(group, pname, edit, scale, runs, mode=None):
         row = {"layers": group, "position": pname, "edit": edit, "scale": scale,
-               **{k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}}
+               "mode": (mode or "scale") if edit != "replace" else None, **{k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}}
         if len(runs) > 1:
             row["success_per_seed"] = [r["success"] for r in runs]
         results.append(row)
-        print(f"layers {','.join(map(str, group)):12s} {pname:4s} {edit:7s} x{scale or 1:<3} success "
+        print(f"layers {','.join(map(str, group)):18s} {pname:4s} {edit:7s} {row['mode'] or '':6s} x{scale or 1:<4g} success "
               f"{row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
+        return row
+
+    def measure_group(group, pname, scale, mode="scale"):
+        circles_here = {L: fitted[L, pname][0] for L in group}
+        c = record(group, pname, "circle", scale, [measure(circle_edit(circles_here, group, mode, scale, tgt_names,
+                                                                       sites), where[pname])], mode)
+        runs = []
+        for seed in range(args.random_seeds):
+            rand = {}
+            for L in group:
+                radius = fitted[L, pname][0].coord_map.radius if mode == "radius" else None
+                rand[sites[L]] = Rotate(random_plane(fitted[L, pname][0].d_model, 1000 * L + seed),
+                                        angle=fitted[L, pname][2], scale=scale, radius=radius)
+            runs.append(measure(rand, where[pname]))
+        return c, record(group, pname, "random", scale, runs, mode)
 
     for group in args.layers:
         for pname in args.positions:
-            scales = args.scales if pname == "day" else [1.0]
-            for scale in scales:
-                circle = {sites[L]: Rotate(fitted[L, pname][0], to=tgt_names, scale=scale) for L in group}
-                record(group, pname, "circle", scale, [measure(circle, where[pname])])
-                runs = []
-                for seed in range(args.random_seeds):
-                    rand = {sites[L]: Rotate(random_plane(fitted[L, pname][0].d_model, 1000 * L + seed),
-                                             angle=fitted[L, pname][2], scale=scale) for L in group}
-                    runs.append(measure(rand, where[pname]))
-                record(group, pname, "random", scale, runs)
+            for scale in (args.scales if pname == "day" else [1.0]):
+                measure_group(group, pname, scale)
             replace = {sites[L]: Replace(fitted[L, pname][1][tgt]) for L in group}
             record(group, pname, "replace", None, [measure(replace, where[pname])])
+    headline = None
+    if selection is not None:
+        ch = selection["chosen"]
+
+        def find(edit, scale=ch["scale"], mode=ch["mode"]):
+            return next((r for r in results if r["edit"] == edit and r["layers"] == ch["layers"]
+                         and r["position"] == "day" and r["scale"] == scale and r["mode"] == mode), None)
+
+        if find("circle") is None:  # the chosen configuration was not in the sweep: measure it now
+            measure_group(ch["layers"], "day", ch["scale"], ch["mode"])
+        if find("replace", None, None) is None:
+            replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
+            record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
+        c, r = find("circle"), find("random")
+        parts = [p for p in PARTS if f"success_{p}" in c]
+        headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r, "replace": find("replace", None, None),
+                    "none": none, "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
+                    "met": c["success"] >= 0.6 and r["success"] <= 0.15,
+                    "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts}}
     circle_rows = [r for r in results if r["edit"] == "circle"]
     best = max(circle_rows, key=lambda r: r["success"])
     rand_at_best = next(r for r in results if r["edit"] == "random" and r["layers"] == best["layers"]
-                        and r["position"] == best["position"] and r["scale"] == best["scale"])
-    unscaled = [r for r in circle_rows if r["scale"] == 1.0]
-    best1 = max(unscaled, key=lambda r: r["success"]) if unscaled else None
+                        and r["position"] == best["position"] and r["scale"] == best["scale"]
+                        and r["mode"] == best["mode"])
     return {
         "experiment": "weekday_circle_intervention",
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
         "model": args.model, "fit_templates": FIT_TEMPLATES[: args.fit_templates],
-        "eval_templates": EVAL_TEMPLATES[: args.eval_templates],
+        **{f"{p}_templates": [t for t in held if t in ts] for p, ts in PARTS.items()},
         "base_copy_accuracy": float((base_top == src_idx).float().mean()), "n_eval_prompts": len(ev_lab),
-        "n_rows": len(rows), "random_seeds": args.random_seeds, "control_none": none, "circles": circles,
-        "results": results,
-        "best_circle": best, "random_at_best": rand_at_best, "best_circle_radius_kept": best1,
-        "target": {"circle_success_min": 0.6, "random_success_max": 0.15,
-                   "met": best["success"] >= 0.6 and rand_at_best["success"] <= 0.15},
+        "copy_accuracy_per_part": {p: float((base_top == src_idx)[[held[i // 7] in ts for i in range(len(ev_lab))]]
+                                            .float().mean()) for p, ts in PARTS.items()
+                                   if any(t in ts for t in held)},
+        "n_rows": len(tgt), **{f"n_rows_{p}": row_set.count(p) for p in PARTS},
+        "random_seeds": args.random_seeds, "control_none": none, "circles": circles,
+        "selection": selection, "headline": headline, "results": results,
+        "best_circle_after_the_fact": best, "random_at_best": rand_at_best,
         "seconds": round(time.time() - t0, 1),
-        "note": "CPU run; other jobs shared the 2-core machine. Success = the model's top day among the seven "
-                "(logits at the last token) equals the target day; rows are (eval prompt the model copies "
-                "correctly, target day != source day). circle = Rotate(fitted circle, to=target, scale=s): the "
-                "point is turned to the target's fitted angle and its distance from the circle's center "
-                "multiplied by s; random = a random rank-2 plane turned by the same per-row angle with the "
-                "same s; replace = whole activation set to the target day's mean (fit prompts).",
+        "note": "CPU run. Success = the model's top day among the seven (logits at the last token) equals the "
+                "target day; rows are (held-out prompt the model copies correctly, target day != source day). "
+                "circle, mode scale = Rotate(fitted circle, to=target, scale=s): the point is turned to the "
+                "target's fitted angle and its distance from the circle's center multiplied by s; mode radius = "
+                "Rotate(..., radius=R, scale=s) at every layer of the group: the point is put at the target's angle "
+                "at s x that layer's circle radius R; random = a random rank-2 plane turned by the same per-row "
+                "angle, same s (and same R in radius mode); replace = whole activation set to the target day's "
+                "mean (fit prompts). The headline configuration is chosen on the fit templates only "
+                "(leave-one-template-out); best_circle_after_the_fact is the best sweep row on the held-out prompts "
+                "and is not a held-out result.",
     }
 
 
 def plot(res: dict, path: Path) -> None:
+    """Left: the selection (leave-one-fit-template-out success against scale, one line per layer or
+    layer group). Right: the chosen configuration on the held-out prompts, per template set, with the
+    controls."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rs = res["results"]
-    positions = [p for p in ("day", "last") if any(r["position"] == p for r in rs)]
-    fig, axes = plt.subplots(1, len(positions), figsize=(5 * len(positions), 3.6), sharey=True, squeeze=False)
-    for ax, p in zip(axes[0], positions):
-        groups = list(dict.fromkeys(tuple(r["layers"]) for r in rs if r["position"] == p))
-        labels = [",".join(map(str, g)) if len(g) > 1 else str(g[0]) for g in groups]
-        xs = range(len(groups))
-        series = sorted({(r["edit"], r["scale"]) for r in rs if r["position"] == p}, key=str)
-        for edit, scale in series:
-            ys = [next((r["success"] for r in rs if r["position"] == p and tuple(r["layers"]) == g
-                        and r["edit"] == edit and r["scale"] == scale), float("nan")) for g in groups]
-            style = {"circle": "o-", "random": "s--", "replace": "^:"}[edit]
-            shade = {1.0: 0, 2.0: 1, 3.0: 2}.get(scale or 1.0, 2)
-            color = {"circle": ("tab:blue", "tab:cyan", "navy"), "random": ("tab:red", "tab:orange", "maroon"),
-                     "replace": ("tab:green",) * 3}[edit][shade]
-            ax.plot(xs, ys, style, color=color, label=f"{edit}" + (f" x{scale:g}" if scale else ""))
-        ax.axhline(res["control_none"]["success"], color="gray", lw=1, label="no edit")
-        ax.axhline(0.6, color="green", lw=0.6, ls=":")
-        ax.set_xticks(list(xs), labels, rotation=30, fontsize=7)
-        ax.set_title(f"edit at: {p} token")
-        ax.set_xlabel("edited layers")
-        ax.set_ylim(-0.03, 1.03)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("top day == target")
-    fig.suptitle("Rotating the weekday circle (SmolLM2-135M, resid_post)", fontsize=10)
+    sel, head = res["selection"], res["headline"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if sel:
+        keys = list(dict.fromkeys((tuple(c["layers"]), c["mode"]) for c in sel["candidates"]))
+        for layers, mode in keys:
+            cs = sorted((c for c in sel["candidates"] if tuple(c["layers"]) == layers and c["mode"] == mode),
+                        key=lambda c: c["scale"])
+            name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius"
+            axes[0].plot([c["scale"] for c in cs], [c["success"] for c in cs], "o-" if len(layers) == 1 else "s--",
+                         ms=4, label=name)
+        axes[0].plot([sel["chosen"]["scale"]], [sel["chosen_fit_success"]], "k*", ms=14, label="chosen")
+        axes[0].set_xlabel("scale s")
+    axes[0].axhline(0.6, color="green", lw=0.6, ls=":")
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].set_ylabel("top day == target")
+    axes[0].set_title("selection on fit templates (leave one template out)", fontsize=9)
+    axes[0].legend(fontsize=6)
+    if head:
+        parts = [p for p in PARTS if f"success_{p}" in head["circle"]]
+        groups = ["all", *parts]
+        bars = {"circle (chosen)": head["circle"], "random plane": head["random"], "no edit": head["none"],
+                "replace (target mean)": head["replace"]}
+        width = 0.8 / len(bars)
+        for i, (name, row) in enumerate(bars.items()):
+            ys = [row["success"] if g == "all" else row.get(f"success_{g}", float("nan")) for g in groups]
+            axes[1].bar([j + (i - 1.5) * width for j in range(len(groups))], ys, width, label=name)
+        axes[1].set_xticks(range(len(groups)), [g if g == "all" else f"{g}\n({res.get(f'n_rows_{g}', '?')} rows)"
+                                                for g in groups], fontsize=7)
+        ch = head["chosen_on_fit_templates"]
+        axes[1].set_title(f"held out: layers {','.join(map(str, ch['layers']))} {ch['mode']} x{ch['scale']:g}, "
+                          f"{res['n_rows']} rows", fontsize=9)
+        axes[1].axhline(0.6, color="green", lw=0.6, ls=":")
+        axes[1].axhline(0.15, color="red", lw=0.6, ls=":")
+        axes[1].set_ylim(0, 1.03)
+        axes[1].legend(fontsize=7)
+    fig.suptitle("Rotating the weekday circle at the day token (SmolLM2-135M, resid_post)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -216,23 +363,35 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="experiments/results/weekday_intervention")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--layers", nargs="+", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[[8], [10], [12], [6, 8, 10, 12, 14]],
-                    help="layer groups: '10' edits one layer, '6,8,10' edits those layers together")
-    ap.add_argument("--positions", type=lambda s: s.split(","), default=["day", "last"])
-    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 2.0],
-                    help="radius multipliers for the circle edit at the day token (1 = pure rotation)")
+    ap.add_argument("--layers", nargs="*", type=lambda s: [int(x) for x in s.split(",")], default=[],
+                    help="also sweep these layer groups on the held-out prompts over every --scales value "
+                         "(mode scale; '10' edits one layer, '6,8,10' edits those layers together); default: none, "
+                         "only the configuration chosen on the fit templates is measured there")
+    ap.add_argument("--positions", type=lambda s: s.split(","), default=["day"])
+    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 4.0],
+                    help="radius multipliers for the circle edit at the day token (1 = pure rotation); the "
+                         "selection on the fit templates chooses among them")
+    ap.add_argument("--select-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[6, 8, 10, 12, 14],
+                    help="single layers the leave-one-fit-template-out selection chooses among (with --scales)")
+    ap.add_argument("--select-groups", nargs="*", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[[6, 8, 10, 12, 14], list(range(6, 15))],
+                    help="layer groups the selection also compares, each edited at every layer with an absolute "
+                         "radius (--group-scales x each layer's circle radius)")
+    ap.add_argument("--group-scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.5, 2.0, 3.0],
+                    help="radius multipliers for the layer-group candidates")
     ap.add_argument("--fit-templates", type=int, default=len(FIT_TEMPLATES))
-    ap.add_argument("--eval-templates", type=int, default=2)
-    ap.add_argument("--random-seeds", type=int, default=1)
+    ap.add_argument("--eval-templates", type=int, default=len(HELD_OUT),
+                    help=f"held-out templates used: the first N of the {len(EVAL_TEMPLATES)} eval + "
+                         f"{len(CONFIRM_TEMPLATES)} confirm templates")
+    ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=0, help="cap on (prompt, target) rows; 0 = all")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     bad = [p for p in args.positions if p not in ("day", "last")]
     if bad:
         ap.error(f"--positions: unknown {bad}; choose from day,last")
-    if not 1 <= args.fit_templates <= len(FIT_TEMPLATES) or not 1 <= args.eval_templates <= len(EVAL_TEMPLATES):
-        ap.error(f"--fit-templates in 1..{len(FIT_TEMPLATES)}, --eval-templates in 1..{len(EVAL_TEMPLATES)}")
+    if not 2 <= args.fit_templates <= len(FIT_TEMPLATES) or not 1 <= args.eval_templates <= len(HELD_OUT):
+        ap.error(f"--fit-templates in 2..{len(FIT_TEMPLATES)}, --eval-templates in 1..{len(HELD_OUT)}")
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,9 +400,13 @@ def main(argv=None) -> int:
     os.replace(tmp, out / "results.json")
     if not args.no_plot:
         plot(res, out / "success_by_layer.png")
-    b, r = res["best_circle"], res["random_at_best"]
-    print(f"best circle edit: layers {b['layers']} x{b['scale']:g} at {b['position']}: success {b['success']:.3f}; random control "
-          f"{r['success']:.3f}; no edit {res['control_none']['success']:.3f}; target met: {res['target']['met']}")
+    h = res["headline"]
+    if h:
+        c, r, ch = h["circle"], h["random"], h["chosen_on_fit_templates"]
+        per = ", ".join(f"{p} {c[f'success_{p}']:.3f}" for p in PARTS if f"success_{p}" in c)
+        print(f"chosen on fit templates: layers {ch['layers']} {ch['mode']} x{ch['scale']:g}; held-out success "
+              f"{c['success']:.3f} ({per}); random {r['success']:.3f}; no edit {res['control_none']['success']:.3f}; "
+              f"replace {h['replace']['success']:.3f}; target met: {h['met']} (per part: {h['met_per_part']})")
     return 0
 
 

@@ -270,12 +270,16 @@ class Rotate(Edit):
     ``angle``: radians to rotate by (float or ``[batch]``); or ``to``: target angle or class (one per
     row with a list) on the subspace's circle, each row rotated from its own current angle.
     ``center`` defaults to the circle map's center (zero when there is none). ``scale`` multiplies
-    the distance from the center (1 keeps the radius). With a zero origin, zero center and
-    ``scale=1`` the edit preserves the activation's norm.
+    the distance from the center (1 keeps the radius). ``radius`` sets that distance instead (in the
+    subspace's coordinate units; the result is ``scale * radius``), so applying the edit again, or at
+    several layers, does not compound: with ``to=`` the point lands exactly on the target's point of
+    a circle of that radius. With a zero origin, zero center, ``scale=1`` and no ``radius`` the edit
+    preserves the activation's norm.
     """
 
     def __init__(self, subspace: Subspace, angle: float | Tensor | None = None, *, to=None,
-                 plane: tuple[int, int] = (0, 1), center: Tensor | None = None, scale: float = 1.0):
+                 plane: tuple[int, int] = (0, 1), center: Tensor | None = None, scale: float = 1.0,
+                 radius: float | None = None):
         if (angle is None) == (to is None):
             raise InputError("Rotate needs exactly one of angle= (radians) or to= (target angle or class)")
         if subspace.rank < 2 or not all(0 <= p < subspace.rank for p in plane) or plane[0] == plane[1]:
@@ -283,7 +287,10 @@ class Rotate(Edit):
                              f"(rank {subspace.rank})")
         if not scale > 0:
             raise InputError(f"Rotate scale must be > 0; got {scale}")
+        if radius is not None and not radius > 0:
+            raise InputError(f"Rotate radius must be > 0 (or None to keep each point's own); got {radius}")
         self.subspace, self.plane, self.scale = subspace, plane, float(scale)
+        self.radius = None if radius is None else float(radius)
         self.angle = angle if angle is None or isinstance(angle, Tensor) else float(angle)
         self.to = None if to is None else (torch.tensor([_angle(subspace, t) for t in to])
                                            if isinstance(to, (list, tuple)) else _angle(subspace, to))
@@ -304,13 +311,19 @@ class Rotate(Edit):
             theta = per_row(self.angle, ctx, x)
         else:
             theta = torch.full_like(u, self.angle) if self.angle % (2 * math.pi) else None
-        if theta is None and self.scale == 1.0:
+        if theta is None and self.scale == 1.0 and self.radius is None:
             return x.clone()
         if theta is None:
             theta = torch.zeros_like(u)
-        cos, sin = torch.cos(theta) * self.scale, torch.sin(theta) * self.scale
-        du = u * cos - w * sin - u
-        dw = u * sin + w * cos - w
+        if self.radius is not None and self.to is not None:  # straight onto the target's point
+            r = self.scale * self.radius
+            du = r * torch.cos(target) - u if isinstance(target, Tensor) else r * math.cos(target) - u
+            dw = r * torch.sin(target) - w if isinstance(target, Tensor) else r * math.sin(target) - w
+        else:
+            f = self.scale if self.radius is None else self.scale * self.radius / torch.hypot(u, w).clamp_min(1e-12)
+            cos, sin = torch.cos(theta) * f, torch.sin(theta) * f
+            du = u * cos - w * sin - u
+            dw = u * sin + w * cos - w
         b = _basis(self.subspace, x)
         return x + du[..., None] * b[i] + dw[..., None] * b[j]
 

@@ -17,6 +17,8 @@ runs the blocks reads how many columns are already cached (``cache`` / ``past_ke
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 from interp.edits import Edit, EditContext, as_edit
 from interp.errors import InputError
 from interp.positions import Positions, as_positions
-from interp.sites import Site, add_write_hook, find_blocks, remove_hooks, resolve, unwrap
+from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap
 
 
 @dataclass
@@ -45,11 +47,8 @@ class _Pass:
 def blocks_owner(model: nn.Module) -> nn.Module:
     """The module whose forward runs the transformer blocks (``LlamaModel``, ``GPT2Model`` ...)."""
     hf = unwrap(model)
-    blocks = find_blocks(hf)
-    for _, mod in hf.named_modules():
-        if any(child is blocks for child in mod.children()):
-            return mod
-    return hf
+    path, _ = blocks_path(hf)
+    return hf.get_submodule(path.rsplit(".", 1)[0]) if "." in path else hf
 
 
 def _cached_len(kwargs: dict) -> int:
@@ -105,7 +104,8 @@ class Intervention:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        """Whether this intervention's hooks are registered (False also when something else removed them)."""
+        return bool(self._handles) and hooks_alive(self._handles)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -182,9 +182,14 @@ class Intervention:
         return fn
 
     def attach(self) -> Intervention:
-        """Register the hooks (idempotent); returns self."""
+        """Register the hooks (idempotent); returns self. If another library removed some of them
+        (e.g. by clearing a module's hook dicts), they are registered again, with a warning."""
         if self._handles:
-            return self
+            if hooks_alive(self._handles):
+                return self
+            warnings.warn("some hooks of this intervention were removed by something else (another library "
+                          "cleared a module's hooks); attaching them again", RuntimeWarning, stacklevel=2)
+            remove_hooks(self._handles)
         handles: list = []
         try:
             handles.append(self._owner.register_forward_pre_hook(self._pre, with_kwargs=True))

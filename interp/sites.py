@@ -23,6 +23,7 @@ the list of blocks is discovered. Unknown model types fall back to discovery by 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,15 +91,31 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+_BLOCKS_PATH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> dotted path of its blocks, so that repeated lookups (every ``intervene`` / ``capture``
+call) do not walk and size every module again."""
+
+
 def find_blocks(model: nn.Module) -> nn.ModuleList:
     """The list of transformer blocks: the largest ModuleList of identical modules.
 
-    Matches ``config.num_hidden_layers`` where the config has it.
+    Matches ``config.num_hidden_layers`` where the config has it. The path found is remembered per
+    model and re-checked (still a non-empty ModuleList of one module type) on every later call.
     """
+    return blocks_path(model)[1]
+
+
+def blocks_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(dotted path, ModuleList)`` of the transformer blocks inside the (unwrapped) model."""
     model = unwrap(model)
+    path = _BLOCKS_PATH.get(model)
+    if path is not None:
+        mod = _child(model, path) if path else model
+        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
+            return path, mod
     n_expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best, best_size = None, -1
-    for _, mod in model.named_modules():
+    best, best_name, best_size = None, "", -1
+    for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
             continue
         if len({type(m) for m in mod}) != 1:
@@ -107,14 +124,29 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
             continue
         size = sum(p.numel() for p in mod.parameters())
         if size > best_size:
-            best, best_size = mod, size
+            best, best_name, best_size = mod, name, size
     if best is None:
         raise SiteError(
             f"could not find the transformer blocks of {type(model).__name__}: expected an "
             f"nn.ModuleList of {n_expected or 'N'} identical blocks. Name raw module paths instead "
             "(e.g. 'model.layers.6'), or open an issue with the model's class name."
         )
-    return best
+    try:
+        _BLOCKS_PATH[model] = best_name
+    except TypeError:  # a model that cannot be weakly referenced: just do not remember
+        pass
+    return best_name, best
+
+
+def hooks_alive(handles: list) -> bool:
+    """Whether every hook handle is still registered on its module (another library may have
+    cleared a module's hook dicts behind our back)."""
+    for h in handles:
+        ref = getattr(h, "hooks_dict_ref", None)
+        hooks = ref() if ref is not None else None
+        if hooks is None or h.id not in hooks:
+            return False
+    return True
 
 
 def _child(root: nn.Module, path: str) -> nn.Module | None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from interp.cache import CachedActivations, cache_activations
 from interp.capture import capture
@@ -54,6 +55,7 @@ class ActivationStore:
         dtype, device: of the yielded tensors.
         exclude_first, exclude_special, prepend_bos: which positions feed the store (see module doc).
         max_windows: stop after this many windows (useful for small runs).
+        progress: show a progress bar of windows captured (of ``max_windows`` when set) and rows served.
     """
 
     def __init__(self, model: nn.Module, tokenizer, sites: str | Sequence[str], *, dataset=None,
@@ -139,8 +141,11 @@ class ActivationStore:
                 pass  # skip what earlier buffers consumed (tokenizing only, no forward pass)
             window, buffer = start, resume["buffer"] if epoch == resume["epoch"] else 0
             produced = False
+            bar = tqdm(total=self.max_windows, initial=start, unit="win", desc=f"capturing (epoch {epoch})",
+                       disable=not self.progress, smoothing=0.1)
             while True:
                 buf, used = self._fill(windows)
+                bar.update(used)
                 if not buf:
                     break
                 produced = True
@@ -155,6 +160,7 @@ class ActivationStore:
                     yield {s: t[idx].to(self.device) for s, t in buf.items()}
                 window += used
                 buffer += 1
+            bar.close()
             if not produced and start == 0:
                 raise InputError("the dataset produced no full window of tokens: it is empty or shorter than "
                                  f"context_size={self.context_size} tokens")

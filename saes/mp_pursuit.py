@@ -8,11 +8,9 @@ its contribution. Everything here is split in two passes so that training memory
    date either directly (one ``[batch, d_model] x [d_model, d_sae]`` product per step) or
    incrementally with the dictionary's Gram matrix (``c <- c - z_j * G[j]``), whichever
    :func:`use_gram` predicts is cheaper.
-2. :func:`recompute` rebuilds the coefficients **with autograd** from the selected atoms only.
-   With the choices fixed, the coefficients solve a unit lower-triangular system
-   ``z_t = m_t * (<x, a_t> - sum_{s<t} z_s <a_s, a_t>)`` (``m_t`` = the step was taken), so
-   autograd stores ``[batch, steps, d_model]`` and ``[batch, steps, steps]``, never
-   ``[batch, d_sae]`` per step.
+2. :func:`recompute` rebuilds the coefficients **with autograd** from the selected atoms only,
+   replaying the pursuit with the choices fixed (``z_t = m_t * <r_t, a_t>``, ``m_t`` = the step was
+   taken), so autograd stores ``[batch, steps, d_model]``, never ``[batch, d_sae]`` per step.
 
 The residual norm never grows: with unit-norm atoms each step removes ``z * (2 <r, a> - z) >= 0``
 from its square (``z = <r, a>`` or ``0``).
@@ -204,18 +202,25 @@ def recompute(
 ) -> tuple[Float[Tensor, "n steps"], Float[Tensor, "n d_model"]]:
     """Coefficients and reconstruction (of the centred input) with autograd, from fixed choices.
 
-    Solves ``(I + diag(m) L) z = m * (A_sel x)`` where ``L`` is the strictly lower part of the
-    selected atoms' Gram matrix and ``m`` marks the steps taken; this equals the pursuit's own
-    coefficients, and the ReLU of ``nonneg`` pursuit has derivative 1 on every taken step.
+    Replays the pursuit with the choices fixed: ``z_t = m_t * <r_t, a_t>``, ``r_{t+1} = r_t - z_t a_t``
+    (``m_t`` = the step was taken). This equals the pursuit's own coefficients (the unit
+    lower-triangular system ``(I + diag(m) L) z = m * (A_sel x)``, solved by forward substitution), and
+    the ReLU of ``nonneg`` pursuit has derivative 1 on every taken step. Autograd stores
+    ``[batch, steps, d_model]`` (the chosen atoms and the residuals), never ``[batch, d_sae]`` per step;
+    the replay costs ``O(batch * steps * d_model)``, where forming the selected atoms' Gram matrix
+    would cost ``steps`` times more.
     """
-    steps = sel.indices.shape[1]
-    w = atoms[sel.indices]  # [n, steps, d_model]
+    w = torch.nn.functional.embedding(sel.indices, atoms)  # [n, steps, d_model]
     m = sel.taken.to(x.dtype)
-    p = torch.einsum("ntd,nd->nt", w, x) * m
-    g = torch.tril(w @ w.transpose(1, 2), diagonal=-1) * m[:, :, None]
-    eye = torch.eye(steps, dtype=x.dtype, device=x.device)
-    z = torch.linalg.solve_triangular(eye + g, p[:, :, None], upper=False, unitriangular=True)[:, :, 0]
-    return z, torch.einsum("nt,ntd->nd", z, w)
+    r = x
+    zs = []
+    # unbind, not w[:, t]: the backward of unbind stacks once, that of a select builds a full-size
+    # zero tensor per step
+    for t, a in enumerate(w.unbind(1)):
+        z = (r * a).sum(-1) * m[:, t]
+        r = r - z[:, None] * a
+        zs.append(z)
+    return torch.stack(zs, 1), x - r
 
 
 def dense_codes(sel_indices: Int[Tensor, "n steps"], z: Float[Tensor, "n steps"], d_sae: int) -> Float[Tensor, "n d_sae"]:

@@ -73,6 +73,31 @@ def test_rotate_to_a_class_on_a_circle_keeps_each_radius():
         Rotate(sub, to="Funday")
 
 
+def test_rotate_with_radius_lands_on_the_target_point_and_does_not_compound():
+    days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    cm = CircleMap(torch.tensor([0.5, -0.2]), 2.0, {d: 2 * math.pi * i / 7 for i, d in enumerate(days)})
+    sub = Subspace(torch.randn(3, D, generator=torch.Generator().manual_seed(3)), torch.randn(D), cm)
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
+    to = ["Fri", "Mon", "Sun", "Fri"]
+    edit = Rotate(sub, to=to, radius=cm.radius, scale=1.5)
+    y = edit(x, _ctx(4))
+    want = torch.stack([cm.to_coords(d)[:2] for d in to])  # the target's point on the circle ...
+    want = cm.center + 1.5 * (want - cm.center)  # ... at 1.5x the circle's radius
+    torch.testing.assert_close(sub.project(y)[:, :2], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(sub.project(y)[:, 2], sub.project(x)[:, 2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sub.remove(y), sub.remove(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(edit(y, _ctx(4)), y, atol=1e-4, rtol=0)  # again: no compounding
+    # with angle=: turned by the angle, put at the given distance from the center
+    z = Rotate(sub, angle=0.7, radius=3.0)(x, _ctx(4))
+    d = sub.project(z)[:, :2] - cm.center
+    torch.testing.assert_close(d.norm(dim=-1), torch.full((4,), 3.0), atol=1e-4, rtol=0)
+    turned = cm.from_coords(sub.project(z)) - cm.from_coords(sub.project(x))
+    torch.testing.assert_close(torch.remainder(turned - 0.7 + math.pi, 2 * math.pi) - math.pi, torch.zeros(4),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="radius must be > 0"):
+        Rotate(sub, to="Mon", radius=0.0)
+
+
 def test_set_coords_through_maps_and_per_row():
     sub = Subspace(torch.randn(1, D), coord_map=LinearMap(torch.tensor([1.0]), torch.tensor([0.5])))
     x = torch.randn(3, D)

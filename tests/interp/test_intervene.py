@@ -245,6 +245,39 @@ def test_handle_for_long_lived_use(model, ids):
     assert torch.equal(model(ids).logits, base)
 
 
+def test_handle_reattaches_after_another_library_clears_hooks(model, ids):
+    site = "blocks.1.hook_resid_post"
+    base = model(ids).logits
+    h = intervene(model, {site: ProjectOut(_rand_sub(2))}).attach()
+    edited = model(ids).logits
+    for m in model.modules():  # what a careless library does on cleanup
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+    assert not h.attached
+    assert torch.equal(model(ids).logits, base)
+    with pytest.warns(RuntimeWarning, match="removed by something else"):
+        h.attach()
+    assert h.attached and torch.equal(model(ids).logits, edited)
+    h.remove()
+    assert _hook_counts(model) == 0 and torch.equal(model(ids).logits, base)
+
+
+def test_blocks_lookup_is_remembered_and_follows_a_replaced_list(model):
+    from interp.sites import find_blocks
+
+    blocks = find_blocks(model)
+    assert find_blocks(model) is blocks
+    parent_path, _, attr = next(n for n, m in model.named_modules() if m is blocks).rpartition(".")
+    parent = model.get_submodule(parent_path)
+    fresh = torch.nn.ModuleList(list(blocks))
+    setattr(parent, attr, fresh)
+    try:
+        assert find_blocks(model) is fresh
+    finally:
+        setattr(parent, attr, blocks)
+    assert find_blocks(model) is blocks
+
+
 def test_gradients_flow_through_an_edited_forward(model, ids):
     site = "blocks.1.hook_resid_post"
     alpha = torch.zeros(ids.shape[0], requires_grad=True)

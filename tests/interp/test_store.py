@@ -206,3 +206,16 @@ def test_cache_files_are_never_half_written(tmp_path, monkeypatch):
     with pytest.raises(CacheError, match="no finished shard"):
         CachedActivations(tmp_path / "c")
     assert sorted(os.listdir(tmp_path / "c")) == ["manifest.json"]  # the temporary file is gone too
+
+
+def test_live_store_progress_bar(capsys):
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    store = ActivationStore(model, tok, SITES[0], dataset=DOCS, context_size=32, batch_tokens=64,
+                            model_batch_size=2, max_windows=6, progress=True)
+    rows = sum(b[SITES[0]].shape[0] for b in store)
+    err = capsys.readouterr().err
+    assert rows > 0 and "capturing (epoch 0)" in err and "6/6" in err
+    quiet = ActivationStore(model, tok, SITES[0], dataset=DOCS, context_size=32, batch_tokens=64,
+                            model_batch_size=2, max_windows=6)
+    assert sum(b[SITES[0]].shape[0] for b in quiet) == rows
+    assert "capturing" not in capsys.readouterr().err

@@ -18,14 +18,21 @@ def _load(name: str):
     return mod
 
 
+TINY = ["--d-model", "16", "--n-parents", "3", "--n-children", "2", "--n-singles", "4", "--d-sae", "24",
+        "--k", "3", "--steps", "6", "--batch", "64"]
+
+
 def test_synthetic_reduced(tmp_path):
     mod = _load("mp_vs_topk_synthetic")
-    res = mod.main(["--out", str(tmp_path), "--d-model", "16", "--n-parents", "3", "--n-children", "2",
-                    "--n-singles", "4", "--d-sae", "24", "--k", "3", "--steps", "6", "--batch", "64",
-                    "--seeds", "1", "--l1-grid", "0.1", "1.0"])
+    res = mod.main(["--out", str(tmp_path), *TINY, "--seeds", "1", "--l1-grid", "0.1", "1.0"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "recovery.png").stat().st_size > 0
-    assert set(saved["summary"]) == {"mpsae", "topk", "relu"}
+    assert set(saved["summary"]) == {"mpsae", "topk", "relu", "mpsae_vs_topk"}
+    cmp = saved["summary"]["mpsae_vs_topk"]
+    mp = next(r for r in saved["runs"] if r["arch"] == "mpsae")
+    tk = next(r for r in saved["runs"] if r["arch"] == "topk")
+    assert cmp["children_diff"] == [round(mp["recovery"]["children"] - tk["recovery"]["children"], 4)]
+    assert cmp["children_wins"] == int(mp["recovery"]["children"] > tk["recovery"]["children"])
     for arch in ("mpsae", "topk"):
         s = saved["summary"][arch]
         assert s["l0"]["mean"] <= 3 + 1e-6
@@ -34,6 +41,18 @@ def test_synthetic_reduced(tmp_path):
     assert res["summary"] == saved["summary"]
     relu = [r for r in saved["runs"] if r["arch"] == "relu"][0]
     assert len(relu["l1_grid"]) == 2
+
+
+def test_synthetic_grid_summary_gathers_settings(tmp_path):
+    mod = _load("mp_vs_topk_synthetic")
+    for name, extra in (("a", ["--p-child", "1.0"]), ("b", ["--p-child", "0.5", "--sibling-cos", "0.7"])):
+        mod.main(["--out", str(tmp_path / name), *TINY, "--seeds", "2", "--l1-grid", "0.1", *extra])
+    out = mod.main(["--out", str(tmp_path), "--grid-summary"])
+    rows = {r["setting"]: r for r in out["settings"]}
+    assert set(rows) == {"a", "b"} and rows["b"]["sibling_cos"] == 0.7 and rows["a"]["p_child"] == 1.0
+    assert all(r["n_seeds"] == 2 and len(r["children_diff"]) == 2 for r in rows.values())
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert json.loads((tmp_path / "grid_summary.json").read_text()) == out
 
 
 def test_planted_children_orthogonal_to_parent():
