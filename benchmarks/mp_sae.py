@@ -122,33 +122,30 @@ def main(argv: list[str] | None = None) -> dict:
     t_direct = timed(lambda: direct.encode(x), 1)
     add("ours encode, direct path forced", tokens_per_s=B / t_direct, seconds=t_direct)
     ours.train()
-    opt = torch.optim.Adam(ours.parameters(), lr=1e-5)
     from saes.training import TrainState
 
-    def our_step():
-        out = ours.training_loss(x, TrainState(step=0, global_rows=B))
-        out.loss.backward()
-        remove_parallel_grad(ours.W_dec)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        normalize_rows(ours.W_dec)
+    def train_step(sae):
+        """One optimizer step of `sae` on `x` (forward, backward, Adam, atoms back to the sphere)."""
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-5)
 
+        def step():
+            out = sae.training_loss(x, TrainState(step=0, global_rows=B))
+            out.loss.backward()
+            remove_parallel_grad(sae.W_dec)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            normalize_rows(sae.W_dec)
+
+        return step
+
+    our_step = train_step(ours)
     our_step()
     t_train = timed(our_step, a.reps)
     mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
     add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
     fast = build("mpsae", d_model=d, d_sae=m, k=k, train_gram_dtype="bfloat16")
     fast.load_state_dict(ours.state_dict())
-    fast_opt = torch.optim.Adam(fast.parameters(), lr=1e-5)
-
-    def fast_step():
-        out = fast.training_loss(x, TrainState(step=0, global_rows=B))
-        out.loss.backward()
-        remove_parallel_grad(fast.W_dec)
-        fast_opt.step()
-        fast_opt.zero_grad(set_to_none=True)
-        normalize_rows(fast.W_dec)
-
+    fast_step = train_step(fast)
     t_train_bf16 = timed(fast_step, a.reps)
     add("ours train step, train_gram_dtype=bfloat16", seconds=t_train_bf16)
 

@@ -78,7 +78,6 @@ CONFIRM2_TEMPLATES = [  # written before the layer-group edits were tried; used 
 ]
 HELD_OUT = EVAL_TEMPLATES + CONFIRM_TEMPLATES + CONFIRM2_TEMPLATES
 PARTS = {"eval": EVAL_TEMPLATES, "confirm": CONFIRM_TEMPLATES, "confirm2": CONFIRM2_TEMPLATES}
-EDITS = ("circle", "random", "replace")
 
 
 def build(tok, templates: list[str]):
@@ -220,8 +219,11 @@ def run(args) -> dict:
     selection = select_on_fit(model, (fit_b, fit_lab, fit_day, fit_last), acts, sites, args, day_ids) \
         if candidates(args) else None
     fitted, circles = {}, {}
+    needed = set(args.positions) | {"day"}  # the headline edits the day token
     for layer, site in sites.items():
         for j, pname in enumerate(("day", "last")):
+            if pname not in needed:
+                continue
             sub, means, ang = fit_circle(acts[site][:, j].float(), fit_lab, f"L{layer}-{pname}")
             fitted[layer, pname] = (sub, means, ang[tgt] - ang[src])
             circles[f"{layer}/{pname}"] = {k: sub.meta.get(k) for k in (

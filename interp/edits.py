@@ -316,9 +316,9 @@ class Rotate(Edit):
         if theta is None:
             theta = torch.zeros_like(u)
         if self.radius is not None and self.to is not None:  # straight onto the target's point
-            r = self.scale * self.radius
-            du = r * torch.cos(target) - u if isinstance(target, Tensor) else r * math.cos(target) - u
-            dw = r * torch.sin(target) - w if isinstance(target, Tensor) else r * math.sin(target) - w
+            t = torch.as_tensor(target, dtype=u.dtype, device=u.device)
+            du = self.scale * self.radius * torch.cos(t) - u
+            dw = self.scale * self.radius * torch.sin(t) - w
         else:
             f = self.scale if self.radius is None else self.scale * self.radius / torch.hypot(u, w).clamp_min(1e-12)
             cos, sin = torch.cos(theta) * f, torch.sin(theta) * f

@@ -18,7 +18,6 @@ runs the blocks reads how many columns are already cached (``cache`` / ``past_ke
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 

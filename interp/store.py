@@ -55,7 +55,7 @@ class ActivationStore:
         dtype, device: of the yielded tensors.
         exclude_first, exclude_special, prepend_bos: which positions feed the store (see module doc).
         max_windows: stop after this many windows (useful for small runs).
-        progress: show a progress bar of windows captured (of ``max_windows`` when set) and rows served.
+        progress: show a progress bar of the windows captured (out of ``max_windows`` when set).
     """
 
     def __init__(self, model: nn.Module, tokenizer, sites: str | Sequence[str], *, dataset=None,
