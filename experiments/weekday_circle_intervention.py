@@ -54,6 +54,26 @@ FIT_TEMPLATES = [
     "We leave on {d}. That is right, we leave on",
     "The exam is on {d}. Once more, the exam is on",
 ]
+MORE_FIT_TEMPLATES = [  # run 3: the circle was fitted on 6 prompts per day; these 18 give it 24
+    "The store is closed on {d}. Yes, the store is closed on",
+    "I was born on a {d}. Indeed, I was born on a",
+    "The movie comes out on {d}. Again, the movie comes out on",
+    "We go swimming on {d}. So we go swimming on",
+    "The bus runs late on {d}. I repeat, the bus runs late on",
+    "The market opens on {d}. Again, the market opens on",
+    "Her lesson is on {d}. Yes, her lesson is on",
+    "The wedding is on {d}. Remember, the wedding is on",
+    "They arrive on {d}. Once more, they arrive on",
+    "The test was on {d}. So the test was on",
+    "The gym is busy on {d}. Again, the gym is busy on",
+    "His interview is on {d}. Yes, his interview is on",
+    "The festival starts on {d}. I repeat, the festival starts on",
+    "Rent is due on {d}. Again, rent is due on",
+    "The cleaners come on {d}. So the cleaners come on",
+    "Our flight is on {d}. That is right, our flight is on",
+    "The museum is free on {d}. Yes, the museum is free on",
+    "The team meets on {d}. Once again, the team meets on",
+]
 EVAL_TEMPLATES = [
     "I will see you on {d}. To repeat, I will see you on",
     "The party is on {d}. Remember, the party is on",
@@ -76,8 +96,19 @@ CONFIRM2_TEMPLATES = [  # written before the layer-group edits were tried; used 
     "The train leaves on {d}. Remember that the train leaves on",
     "My shift starts on {d}. Again, my shift starts on",
 ]
-HELD_OUT = EVAL_TEMPLATES + CONFIRM_TEMPLATES + CONFIRM2_TEMPLATES
-PARTS = {"eval": EVAL_TEMPLATES, "confirm": CONFIRM_TEMPLATES, "confirm2": CONFIRM2_TEMPLATES}
+CONFIRM3_TEMPLATES = [  # written with MORE_FIT_TEMPLATES, before run 3; used for nothing but its final check
+    "The doctor can see you on {d}. Again, the doctor can see you on",
+    "The new episode airs on {d}. Yes, the new episode airs on",
+    "Trash is collected on {d}. Remember, trash is collected on",
+    "The bakery sells bread on {d}. So the bakery sells bread on",
+    "My sister calls me on {d}. As always, my sister calls me on",
+    "The choir practices on {d}. Once more, the choir practices on",
+    "The office is quiet on {d}. Indeed, the office is quiet on",
+    "The ferry sails on {d}. I repeat, the ferry sails on",
+]
+HELD_OUT = EVAL_TEMPLATES + CONFIRM_TEMPLATES + CONFIRM2_TEMPLATES + CONFIRM3_TEMPLATES
+PARTS = {"eval": EVAL_TEMPLATES, "confirm": CONFIRM_TEMPLATES, "confirm2": CONFIRM2_TEMPLATES,
+         "confirm3": CONFIRM3_TEMPLATES}
 
 
 def build(tok, templates: list[str]):
