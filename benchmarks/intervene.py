@@ -4,8 +4,9 @@ The same edit everywhere: project a rank-r subspace out of ``blocks.L.hook_resid
 position (``x - (x @ B.T) @ B``), on the embedded SmolLM2-135M. Each method's logits are checked
 against interp's before timing. Rounds interleave the methods (order rotated each round) so that
 load from other jobs hits them alike; we report the median time per forward and the median of the
-per-round ratios to the bare forward. Two shapes by default: ``8x128`` (the forward dominates, so
-all hooks look alike) and ``1x16`` (a short call where per-call framework overhead shows). "Faster
+per-round ratios to the bare forward. Three shapes by default: ``8x128`` (the forward dominates, so
+all hooks look alike), ``1x128`` (in between) and ``1x16`` (a short call where per-call framework
+overhead shows). "Faster
 than a peer" is decided per shape by a paired sign test over rounds (interp's time vs the peer's
 in the same round): we report in how many rounds interp was faster and the two-sided p-value.
 
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -168,8 +170,8 @@ def time_shape(methods, ids, rounds: int, sync) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", type=lambda s: [tuple(int(v) for v in x.split("x")) for x in s.split(",")],
-                    default=[(8, 128), (1, 16)], help="BATCHxSEQ[,BATCHxSEQ...]")
-    ap.add_argument("--rounds", type=lambda s: [int(x) for x in s.split(",")], default=[21, 201],
+                    default=[(8, 128), (1, 128), (1, 16)], help="BATCHxSEQ[,BATCHxSEQ...]")
+    ap.add_argument("--rounds", type=lambda s: [int(x) for x in s.split(",")], default=[21, 101, 201],
                     help="rounds per shape (one number, or one per shape)")
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--rank", type=int, default=8)
@@ -200,7 +202,7 @@ def main(argv=None) -> int:
     except OSError:
         load = None
     result = {
-        "benchmark": "intervene", "command": "python benchmarks/intervene.py " + " ".join(argv or []),
+        "benchmark": "intervene", "command": "python benchmarks/intervene.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": "smollm2-135m", "device": str(device), "dtype": str(next(model.parameters()).dtype),
         "site": f"blocks.{args.layer}.hook_resid_post", "rank": args.rank,
         "edit": "project out a rank-r subspace at every position",

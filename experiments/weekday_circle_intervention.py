@@ -9,11 +9,19 @@ count how often the model's top day among the seven becomes the target.
 The circle edit is ``Rotate(circle, to=target, scale=s)``: the day token's point in the circle
 plane is turned to the target's fitted angle and its distance from the circle's center multiplied
 by ``s`` (1 = a pure rotation). **The layer and ``s`` are chosen on the fit templates only**
-(leave-one-template-out: fit the circle on the other fit templates, edit the left-out template's
-prompts, average over folds); the chosen configuration is then measured once on the held-out
-templates. The held-out set has two parts: ``EVAL_TEMPLATES`` (seen by earlier versions of this
-experiment, which picked a scale on them) and ``CONFIRM_TEMPLATES`` (written for the
-pre-specified run and never used for any choice); both are reported separately.
+(cross-validation over fit templates: fit the circle on the other folds' templates, edit the
+held-out fold's prompts, pool the folds); the chosen configuration is then measured once on the
+held-out templates. The held-out set has four parts, reported separately: ``EVAL_TEMPLATES`` (an
+earlier version picked a scale on them), ``CONFIRM_TEMPLATES`` and ``CONFIRM2_TEMPLATES`` (each
+written before a run and first used for its final check; runs 1 and 2 then showed them), and
+``CONFIRM3_TEMPLATES`` (written before run 3, never shown to any choice).
+
+Run 3 (the committed results) differs from run 2 in what was fixed before it, on fit templates
+only: 24 fit templates instead of 6 (``MORE_FIT_TEMPLATES``), 6-fold instead of leave-one-out
+selection, and a candidate set (single layers 2-14, layer groups starting at layer 2 or 4) chosen
+from a sweep on those 24 fit templates. It also reports, at the chosen layers, how much of the day
+identity the circle plane carries: the whole rank-6 span of the seven day means set to the
+target's coordinates (``day_subspace``; ``SetCoords``) next to a random rank-6 control.
 
 Every (layer, position, edit) is also measured on the held-out prompts, in the same run, with
 three controls:
@@ -40,10 +48,10 @@ import torch
 
 from interp import capture, load_model
 from interp.capture import last_token_index, tokenize
-from interp.edits import Replace, Rotate
+from interp.edits import Replace, Rotate, SetCoords
 from interp.features import class_mean_subspace
 from interp.intervene import intervene
-from interp.subspace import Subspace
+from interp.subspace import Subspace, TableMap
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 FIT_TEMPLATES = [
@@ -96,6 +104,7 @@ CONFIRM2_TEMPLATES = [  # written before the layer-group edits were tried; used 
     "The train leaves on {d}. Remember that the train leaves on",
     "My shift starts on {d}. Again, my shift starts on",
 ]
+ALL_FIT = FIT_TEMPLATES + MORE_FIT_TEMPLATES
 CONFIRM3_TEMPLATES = [  # written with MORE_FIT_TEMPLATES, before run 3; used for nothing but its final check
     "The doctor can see you on {d}. Again, the doctor can see you on",
     "The new episode airs on {d}. Yes, the new episode airs on",
@@ -139,6 +148,29 @@ def top_days(model, batch, day_ids, last) -> torch.Tensor:
 def random_plane(d_model: int, seed: int) -> Subspace:
     g = torch.Generator().manual_seed(seed)
     return Subspace(torch.randn(2, d_model, generator=g))
+
+
+def random_table(like: Subspace, x: torch.Tensor, labels: list[str], seed: int) -> Subspace:
+    """A random subspace of ``like``'s rank whose table holds the day means' coordinates in it."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(like.d_model, like.rank, generator=g))[0].T
+    means = torch.stack([x[[lab == d for lab in labels]].mean(0) for d in DAYS])
+    origin = means.mean(0)
+    return Subspace(basis, origin, TableMap(list(DAYS), (means - origin) @ basis.T), orthonormalize=False)
+
+
+def prompt_bootstrap_ci(hits: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None,
+                        n_boot: int = 4000, seed: int = 0) -> list[float]:
+    """95 % interval of the success rate, resampling prompts (each prompt's six target rows stay together,
+    since they share the prompt's activations)."""
+    if mask is not None:
+        hits, prompt = hits[mask], prompt[mask]
+    ids, inv = torch.unique(prompt, return_inverse=True)
+    sums = torch.zeros(len(ids)).index_add_(0, inv, hits.float())
+    counts = torch.zeros(len(ids)).index_add_(0, inv, torch.ones(len(hits)))
+    draw = torch.randint(len(ids), (n_boot, len(ids)), generator=torch.Generator().manual_seed(seed))
+    rates = sums[draw].sum(1) / counts[draw].sum(1)
+    return [round(float(q), 4) for q in torch.quantile(rates, torch.tensor([0.025, 0.975]))]
 
 
 def make_rows(b, labels, day_pos, last, base_top, max_rows=0):
@@ -188,13 +220,15 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
     b, labels, day_pos, last = fit
     base_top, _ = top_days(model, b, day_ids, last)
     n_t = len(labels) // 7
+    n_folds = min(args.folds or n_t, n_t)
     template = torch.arange(len(labels)) // 7
     cands = candidates(args)
     layers = sorted({layer for c in cands for layer in c["layers"]})
     table: dict[int, list] = {i: [] for i in range(len(cands))}
-    for f in range(n_t):
-        train = (template != f).nonzero()[:, 0]
-        test = (template == f).nonzero()[:, 0]
+    fold = template % n_folds  # templates dealt round-robin into folds (one template a fold = leave-one-out)
+    for f in range(n_folds):
+        train = (fold != f).nonzero()[:, 0]
+        test = (fold == f).nonzero()[:, 0]
         circles = {layer: fit_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
                                      f"L{layer}-loto{f}")[0] for layer in layers}
         sub_b = {k: v[test] for k, v in b.items()}
@@ -209,7 +243,7 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
     scores = [{**c, "success": sum(s for s, _ in table[i]) / max(sum(n for _, n in table[i]), 1),
                "per_fold": [round(s / n, 4) for s, n in table[i]]} for i, c in enumerate(cands)]
     for r in scores:
-        print(f"select (fit templates, LOTO) layers {','.join(map(str, r['layers'])):18s} {r['mode']:6s} "
+        print(f"select (fit templates, CV) layers {','.join(map(str, r['layers'])):18s} {r['mode']:6s} "
               f"x{r['scale']:<4g} success {r['success']:.3f}", flush=True)
     best = max(scores, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
     return {"candidates": scores, "chosen": {k: best[k] for k in ("layers", "mode", "scale")},
@@ -220,7 +254,7 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
 def run(args) -> dict:
     t0 = time.time()
     model, tok = load_model(args.model, device=args.device)
-    fit_b, fit_lab, fit_day, fit_last, day_ids = build(tok, FIT_TEMPLATES[: args.fit_templates])
+    fit_b, fit_lab, fit_day, fit_last, day_ids = build(tok, ALL_FIT[: args.fit_templates])
     held = HELD_OUT[: args.eval_templates]
     ev_b, ev_lab, ev_day, ev_last, _ = build(tok, held)
     src_idx = torch.tensor([DAYS.index(d) for d in ev_lab])
@@ -233,8 +267,10 @@ def run(args) -> dict:
         with intervene(model, edits, positions=pos):
             top, is_day = top_days(model, batch, day_ids, last)
         hit = (top == tgt).float()
-        out = {"success": float(hit.mean()), "source_kept": float((top == src).float().mean()),
-               "top_token_is_a_day": float(is_day.float().mean())}
+        # a day next to the target on the week's cycle, other than the prompt's own day
+        near = (((top - tgt) % 7 == 1) | ((tgt - top) % 7 == 1)) & (top != src)
+        out = {"_hits": hit, "success": float(hit.mean()), "source_kept": float((top == src).float().mean()),
+               "next_to_target": float(near.float().mean()), "top_token_is_a_day": float(is_day.float().mean())}
         for part in PARTS:
             m = torch.tensor([r == part for r in row_set])
             if m.any():
@@ -244,7 +280,8 @@ def run(args) -> dict:
     all_layers = sorted({layer for group in args.layers for layer in group} | set(args.select_layers)
                         | {layer for g in args.select_groups for layer in g})
     sites = {layer: f"blocks.{layer}.hook_resid_post" for layer in all_layers}
-    none = measure({sites[all_layers[0]]: []}, None)  # an empty edit list: the unedited model
+    none = {k: v for k, v in measure({sites[all_layers[0]]: []}, None).items()  # an empty edit list: no edit
+            if not k.startswith("_")}
     fit_pos = torch.stack([fit_day, fit_last], 1)
     acts = capture(model, fit_b, list(sites.values()), positions=fit_pos)
     selection = select_on_fit(model, (fit_b, fit_lab, fit_day, fit_last), acts, sites, args, day_ids) \
@@ -260,10 +297,13 @@ def run(args) -> dict:
             circles[f"{layer}/{pname}"] = {k: sub.meta.get(k) for k in (
                 "order_matches", "cyclic_order", "explained_variance", "radius_cv", "loco_angle_error")}
     results = []
+    row_hits: dict[int, torch.Tensor] = {}
 
     def record(group, pname, edit, scale, runs, mode=None):
         row = {"layers": group, "position": pname, "edit": edit, "scale": scale,
-               "mode": (mode or "scale") if edit != "replace" else None, **{k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}}
+               "mode": (mode or "scale") if edit != "replace" else None,
+               **{k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if not k.startswith("_")}}
+        row_hits[id(row)] = torch.stack([r["_hits"] for r in runs]).mean(0)  # per row, averaged over seeds
         if len(runs) > 1:
             row["success_per_seed"] = [r["success"] for r in runs]
         results.append(row)
@@ -285,10 +325,16 @@ def run(args) -> dict:
             runs.append(measure(rand, where[pname]))
         return c, record(group, pname, "random", scale, runs, mode)
 
-    for group in args.layers:
+    for group in args.layers:  # single layers: radius multipliers (--scales); groups: absolute radius (--group-scales)
         for pname in args.positions:
-            for scale in (args.scales if pname == "day" else [1.0]):
-                measure_group(group, pname, scale)
+            if pname != "day":
+                measure_group(group, pname, 1.0)
+            elif len(group) == 1:
+                for scale in args.scales:
+                    measure_group(group, pname, scale)
+            else:
+                for scale in args.group_scales:
+                    measure_group(group, pname, scale, "radius")
             replace = {sites[L]: Replace(fitted[L, pname][1][tgt]) for L in group}
             record(group, pname, "replace", None, [measure(replace, where[pname])])
     headline = None
@@ -304,12 +350,27 @@ def run(args) -> dict:
         if find("replace", None, None) is None:
             replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
             record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
+        # How much of the day's identity the circle plane carries: the same layers, with the whole rank-6
+        # span of the seven day means set to the target's mean coordinates (and a random rank-6 control).
+        day_sub = {L: class_mean_subspace(acts[sites[L]][:, 0].float(), fit_lab, rank=6, circle=False,
+                                          order=DAYS, name=f"L{L}-days") for L in ch["layers"]}
+        full = record(ch["layers"], "day", "day_subspace", None, [measure(
+            {sites[L]: SetCoords(day_sub[L], value=tgt_names) for L in ch["layers"]}, where["day"])], "set")
+        rand6 = record(ch["layers"], "day", "random_rank6", None, [measure(
+            {sites[L]: SetCoords(random_table(day_sub[L], acts[sites[L]][:, 0].float(), fit_lab, 1000 * L + seed),
+                                 value=tgt_names) for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)],
+            "set")
         c, r = find("circle"), find("random")
         parts = [p for p in PARTS if f"success_{p}" in c]
         headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r, "replace": find("replace", None, None),
-                    "none": none, "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
+                    "day_subspace_rank6": full, "random_rank6": rand6, "none": none, "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
                     "met": c["success"] >= 0.6 and r["success"] <= 0.15,
-                    "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts}}
+                    "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts},
+                    "ci95_by_prompt_bootstrap": {
+                        name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, None if part == "all" else
+                                                         torch.tensor([x == part for x in row_set]))
+                               for part in ["all", *parts]}
+                        for name, row in (("circle", c), ("random", r), ("day_subspace_rank6", full))}}
     circle_rows = [r for r in results if r["edit"] == "circle"]
     best = max(circle_rows, key=lambda r: r["success"])
     rand_at_best = next(r for r in results if r["edit"] == "random" and r["layers"] == best["layers"]
@@ -318,7 +379,7 @@ def run(args) -> dict:
     return {
         "experiment": "weekday_circle_intervention",
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-        "model": args.model, "fit_templates": FIT_TEMPLATES[: args.fit_templates],
+        "model": args.model, "fit_templates": ALL_FIT[: args.fit_templates],
         **{f"{p}_templates": [t for t in held if t in ts] for p, ts in PARTS.items()},
         "base_copy_accuracy": float((base_top == src_idx).float().mean()), "n_eval_prompts": len(ev_lab),
         "copy_accuracy_per_part": {p: float((base_top == src_idx)[[held[i // 7] in ts for i in range(len(ev_lab))]]
@@ -337,13 +398,13 @@ def run(args) -> dict:
                 "at s x that layer's circle radius R; random = a random rank-2 plane turned by the same per-row "
                 "angle, same s (and same R in radius mode); replace = whole activation set to the target day's "
                 "mean (fit prompts). The headline configuration is chosen on the fit templates only "
-                "(leave-one-template-out); best_circle_after_the_fact is the best sweep row on the held-out prompts "
+                "(cross-validated over fit templates); best_circle_after_the_fact is the best sweep row on the held-out prompts "
                 "and is not a held-out result.",
     }
 
 
 def plot(res: dict, path: Path) -> None:
-    """Left: the selection (leave-one-fit-template-out success against scale, one line per layer or
+    """Left: the selection (cross-validated fit-template success against scale, one line per layer or
     layer group). Right: the chosen configuration on the held-out prompts, per template set, with the
     controls."""
     import matplotlib
@@ -365,17 +426,26 @@ def plot(res: dict, path: Path) -> None:
     axes[0].axhline(0.6, color="green", lw=0.6, ls=":")
     axes[0].set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("top day == target")
-    axes[0].set_title("selection on fit templates (leave one template out)", fontsize=9)
+    axes[0].set_title("selection on fit templates (cross-validated over templates)", fontsize=9)
     axes[0].legend(fontsize=6)
     if head:
         parts = [p for p in PARTS if f"success_{p}" in head["circle"]]
         groups = ["all", *parts]
         bars = {"circle (chosen)": head["circle"], "random plane": head["random"], "no edit": head["none"],
                 "replace (target mean)": head["replace"]}
+        if head.get("day_subspace_rank6"):
+            bars.update({"day means' rank-6 span": head["day_subspace_rank6"], "random rank 6": head["random_rank6"]})
         width = 0.8 / len(bars)
+        ci = head.get("ci95_by_prompt_bootstrap", {})
         for i, (name, row) in enumerate(bars.items()):
             ys = [row["success"] if g == "all" else row.get(f"success_{g}", float("nan")) for g in groups]
-            axes[1].bar([j + (i - 1.5) * width for j in range(len(groups))], ys, width, label=name)
+            key = {"circle (chosen)": "circle", "random plane": "random"}.get(name)
+            err = None
+            if key in ci:  # 95 % prompt-bootstrap interval
+                err = [[max(y - ci[key][g][0], 0) for y, g in zip(ys, groups)],
+                       [max(ci[key][g][1] - y, 0) for y, g in zip(ys, groups)]]
+            axes[1].bar([j + (i - (len(bars) - 1) / 2) * width for j in range(len(groups))], ys, width, label=name,
+                        yerr=err, capsize=2 if err else 0)
         axes[1].set_xticks(range(len(groups)), [g if g == "all" else f"{g}\n({res.get(f'n_rows_{g}', '?')} rows)"
                                                 for g in groups], fontsize=7)
         ch = head["chosen_on_fit_templates"]
@@ -383,8 +453,8 @@ def plot(res: dict, path: Path) -> None:
                           f"{res['n_rows']} rows", fontsize=9)
         axes[1].axhline(0.6, color="green", lw=0.6, ls=":")
         axes[1].axhline(0.15, color="red", lw=0.6, ls=":")
-        axes[1].set_ylim(0, 1.03)
-        axes[1].legend(fontsize=7)
+        axes[1].set_ylim(0, 1.3)
+        axes[1].legend(fontsize=7, ncols=3, loc="upper center")
     fig.suptitle("Rotating the weekday circle at the day token (SmolLM2-135M, resid_post)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -397,25 +467,29 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--device", default=None)
     ap.add_argument("--layers", nargs="*", type=lambda s: [int(x) for x in s.split(",")], default=[],
-                    help="also sweep these layer groups on the held-out prompts over every --scales value "
-                         "(mode scale; '10' edits one layer, '6,8,10' edits those layers together); default: none, "
-                         "only the configuration chosen on the fit templates is measured there")
+                    help="also sweep these layers / layer groups on the held-out prompts, with the controls "
+                         "('10' edits one layer with every --scales multiplier; '6,8,10' edits those layers together "
+                         "with every --group-scales absolute radius); reported, never used for a choice; default: "
+                         "none, only the configuration chosen on the fit templates is measured there")
     ap.add_argument("--positions", type=lambda s: s.split(","), default=["day"])
-    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.5, 2.0, 3.0, 4.0],
+    ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 2.0, 3.0, 4.0],
                     help="radius multipliers for the circle edit at the day token (1 = pure rotation); the "
                          "selection on the fit templates chooses among them")
-    ap.add_argument("--select-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[6, 8, 10, 12, 14],
-                    help="single layers the leave-one-fit-template-out selection chooses among (with --scales)")
+    ap.add_argument("--select-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[2, 4, 6, 8, 10, 12, 14],
+                    help="single layers the fit-template selection chooses among (with --scales)")
     ap.add_argument("--select-groups", nargs="*", type=lambda s: [int(x) for x in s.split(",")],
-                    default=[[6, 8, 10, 12, 14], list(range(6, 15))],
+                    default=[[2, 4, 6, 8, 10], [4, 6, 8, 10], [6, 8, 10, 12, 14], [4, 6, 8, 10, 12, 14]],
                     help="layer groups the selection also compares, each edited at every layer with an absolute "
                          "radius (--group-scales x each layer's circle radius)")
-    ap.add_argument("--group-scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 1.5, 2.0, 3.0],
+    ap.add_argument("--group-scales", type=lambda s: [float(x) for x in s.split(",")], default=[2.0, 3.0, 4.0],
                     help="radius multipliers for the layer-group candidates")
-    ap.add_argument("--fit-templates", type=int, default=len(FIT_TEMPLATES))
+    ap.add_argument("--fit-templates", type=int, default=len(ALL_FIT),
+                    help=f"fit templates used: the first N of {len(ALL_FIT)} (run 1 and 2 used the first 6)")
+    ap.add_argument("--folds", type=int, default=6,
+                    help="cross-validation folds over the fit templates for the selection (0 = leave one template out)")
     ap.add_argument("--eval-templates", type=int, default=len(HELD_OUT),
-                    help=f"held-out templates used: the first N of the {len(EVAL_TEMPLATES)} eval + "
-                         f"{len(CONFIRM_TEMPLATES)} confirm templates")
+                    help="held-out templates used: the first N of " + " + ".join(
+                        f"{len(ts)} {p}" for p, ts in PARTS.items()))
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=0, help="cap on (prompt, target) rows; 0 = all")
     ap.add_argument("--no-plot", action="store_true")
@@ -423,8 +497,8 @@ def main(argv=None) -> int:
     bad = [p for p in args.positions if p not in ("day", "last")]
     if bad:
         ap.error(f"--positions: unknown {bad}; choose from day,last")
-    if not 2 <= args.fit_templates <= len(FIT_TEMPLATES) or not 1 <= args.eval_templates <= len(HELD_OUT):
-        ap.error(f"--fit-templates in 2..{len(FIT_TEMPLATES)}, --eval-templates in 1..{len(HELD_OUT)}")
+    if not 2 <= args.fit_templates <= len(ALL_FIT) or not 1 <= args.eval_templates <= len(HELD_OUT):
+        ap.error(f"--fit-templates in 2..{len(ALL_FIT)}, --eval-templates in 1..{len(HELD_OUT)}")
     res = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -439,7 +513,8 @@ def main(argv=None) -> int:
         per = ", ".join(f"{p} {c[f'success_{p}']:.3f}" for p in PARTS if f"success_{p}" in c)
         print(f"chosen on fit templates: layers {ch['layers']} {ch['mode']} x{ch['scale']:g}; held-out success "
               f"{c['success']:.3f} ({per}); random {r['success']:.3f}; no edit {res['control_none']['success']:.3f}; "
-              f"replace {h['replace']['success']:.3f}; target met: {h['met']} (per part: {h['met_per_part']})")
+              f"replace {h['replace']['success']:.3f}; target met: {h['met']} (per part: {h['met_per_part']}); "
+              f"95% interval of the circle's success (prompt bootstrap) {h['ci95_by_prompt_bootstrap']['circle']['all']}")
     return 0
 
 
