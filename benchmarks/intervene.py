@@ -6,9 +6,9 @@ against interp's before timing. Rounds interleave the methods (order rotated eac
 load from other jobs hits them alike; we report the median time per forward and the median of the
 per-round ratios to the bare forward. Three shapes by default: ``8x128`` (the forward dominates, so
 all hooks look alike), ``1x128`` (in between) and ``1x16`` (a short call where per-call framework
-overhead shows). "Faster
-than a peer" is decided per shape by a paired sign test over rounds (interp's time vs the peer's
-in the same round): we report in how many rounds interp was faster and the two-sided p-value.
+overhead shows). "Faster than a peer" is decided per shape by a paired sign test over rounds
+(interp's time vs the peer's in the same round): we report in how many rounds interp was faster and
+the two-sided p-value.
 
     python benchmarks/intervene.py                   # writes benchmarks/results/intervene.json
 """
@@ -16,20 +16,19 @@ in the same round): we report in how many rounds interp was faster and the two-s
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from interp import load_model
+from interp.atomic import write_json
 from interp.edits import ZeroAblate
 from interp.intervene import intervene
+from interp.stats import sign_test
 from interp.subspace import Subspace
 
 
@@ -116,12 +115,6 @@ def micro(model, layer: int, basis: torch.Tensor, batch: int, seq: int, reps: in
     iv = intervene(model, {site: edit})
     return {"edit_on_one_activation_s": best(lambda: edit(x, ctx)),
             "attach_and_remove_s": best(lambda: (iv.attach(), iv.remove())), "reps": reps}
-
-
-def sign_test(wins: int, n: int) -> float:
-    """Two-sided exact sign-test p-value for ``wins`` successes in ``n`` paired rounds (no ties)."""
-    k = min(wins, n - wins)
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
 def time_shape(methods, ids, rounds: int, sync) -> dict:
@@ -212,11 +205,7 @@ def main(argv=None) -> int:
                 "exits the context manager on every call; 'interp (attached handle)' keeps the hooks attached. "
                 "interp_faster_rounds / sign_test_p: paired comparison of 'interp' with each peer over rounds.",
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    out = write_json(args.out, result, indent=2)
     print(f"wrote {out}")
     return 0
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-import saes.mp  # noqa: F401 - registers mpsae
+import saes.mp
 import saes.topk  # noqa: F401 - registers topk
+from interp.atomic import write_json
 from saes.base import build
 from saes.mp import mp_metrics
 from saes.trainer import TrainConfig, Trainer
@@ -123,19 +124,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "train_fvu_history": [[h["tokens"], h[""]["fvu"]] for h in tr.history_]}
             print(json.dumps(row))
             results.append(row)
-            _write(done_path, {"site": site, "results": results, "partial": True})
+            write_json(done_path, {"site": site, "results": results, "partial": True})
     result = {"site": site, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
               "n_train": train.shape[0], "n_eval": test.shape[0], "capture_seconds": round(capture_s, 1),
               "results": results, "seconds": round(time.time() - t0, 1)}
-    _write(done_path, result)
+    write_json(done_path, result)
     _plot(results, a.out / "fvu_vs_l0.png", site, len(batches) * a.batch, a.d_sae, a.batch)
     return result
-
-
-def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
 
 
 def _plot(results: list[dict], path: Path, site: str, n_train: int, d_sae: int, batch: int = 1024) -> None:
@@ -152,6 +147,7 @@ def _plot(results: list[dict], path: Path, site: str, n_train: int, d_sae: int, 
         ax.plot([r["l0"] for r in rs], [r["fvu"] for r in rs], style, label=label)
         for r in rs:
             ax.annotate(f"k={r['k']}", (r["l0"], r["fvu"]), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ks = sorted({r["k"] for r in results})  # one colour per k, the same for both architectures
         for r in rs:
             h = r.get("train_fvu_history") or []
             if h and not isinstance(h[0], list):  # older results: FVU only, logged every n_batches // 5 steps
@@ -159,8 +155,7 @@ def _plot(results: list[dict], path: Path, site: str, n_train: int, d_sae: int, 
                 h = [[min((i + 1) * every, n_train), v] for i, v in enumerate(h)]
             if len(h) > 1:
                 xs, h = [t for t, _ in h], [v for _, v in h]
-                col = colors[[16, 32, 64, 128].index(r["k"]) % len(colors)] if r["k"] in (16, 32, 64, 128) else None
-                ax2.plot(xs, h, style, ms=3, color=col, label=f"{label} k={r['k']}")
+                ax2.plot(xs, h, style, ms=3, color=colors[ks.index(r["k"]) % len(colors)], label=f"{label} k={r['k']}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("L0 (held-out mean)")
     ax.set_ylabel("FVU (held-out)")

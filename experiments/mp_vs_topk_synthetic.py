@@ -24,6 +24,8 @@ import torch
 import saes.mp
 import saes.relu
 import saes.topk  # noqa: F401 - registers topk
+from interp.atomic import write_json
+from interp.stats import sign_test
 from saes.base import build
 from saes.trainer import TrainConfig, Trainer
 
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     result = {"args": json.loads(json.dumps(vars(a), default=str)),
               "runs": runs, "summary": summary, "seconds": round(time.time() - t0, 1)}
-    (a.out / "results.json").write_text(json.dumps(result, indent=1))
+    write_json(a.out / "results.json", result)
     _plot(summary, a.out / "recovery.png", a.k)
     print(json.dumps(summary, indent=1))
     return result
@@ -183,8 +185,20 @@ def grid_summary(root: Path) -> dict:
                         if arch in s for key in ("fvu", "l0", "recovery_parents", "recovery_children")}})
     if not rows:
         raise SystemExit(f"no <setting>/results.json under {root}")
-    out = {"settings": rows}
-    (root / "grid_summary.json").write_text(json.dumps(out, indent=1))
+
+    def pooled(rs: list[dict]) -> dict:  # every (setting, seed) pair of the rows, MP-SAE vs TopK
+        child = [d for r in rs for d in r["children_diff"]]
+        parent = [d for r in rs for d in r["parents_diff"]]
+        fvu = [d for r in rs for d in r["fvu_diff"]]
+        wins = sum(d > 0 for d in child)
+        return {"settings": len(rs), "pairs": len(child), "children_wins": wins,
+                "children_mean_diff": round(sum(child) / len(child), 4),
+                "children_sign_test_p": sign_test(wins, len(child)),
+                "parents_wins": sum(d > 0 for d in parent), "fvu_lower": sum(d < 0 for d in fvu)}
+
+    out = {"settings": rows, "pooled_all": pooled(rows),
+           "pooled_sibling_cos_0": pooled([r for r in rows if r["sibling_cos"] == 0])}
+    write_json(root / "grid_summary.json", out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,6 +220,10 @@ def grid_summary(root: Path) -> dict:
     for r in rows:
         print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  MP {r['mpsae_recovery_children']:.3f} "
               f"TopK {r['topk_recovery_children']:.3f}  FVU MP {r['mpsae_fvu']:.3f} TopK {r['topk_fvu']:.3f}")
+    for name in ("pooled_all", "pooled_sibling_cos_0"):
+        p = out[name]
+        print(f"{name}: children {p['children_wins']}/{p['pairs']} (mean {p['children_mean_diff']:+.3f}, sign test p "
+              f"{p['children_sign_test_p']:.2g}); parents {p['parents_wins']}/{p['pairs']}; lower FVU {p['fvu_lower']}/{p['pairs']}")
     return out
 
 

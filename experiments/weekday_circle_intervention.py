@@ -38,7 +38,6 @@ is fitted on final-token activations). Layer groups edit one layer or several at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,9 +46,11 @@ from pathlib import Path
 import torch
 
 from interp import capture, load_model
+from interp.atomic import write_json
 from interp.capture import last_token_index, tokenize
 from interp.edits import Replace, Rotate, SetCoords
 from interp.features import class_mean_subspace
+from interp.features.supervised import class_means
 from interp.intervene import intervene
 from interp.subspace import Subspace, TableMap
 
@@ -150,11 +151,10 @@ def random_plane(d_model: int, seed: int) -> Subspace:
     return Subspace(torch.randn(2, d_model, generator=g))
 
 
-def random_table(like: Subspace, x: torch.Tensor, labels: list[str], seed: int) -> Subspace:
-    """A random subspace of ``like``'s rank whose table holds the day means' coordinates in it."""
+def random_table(means: torch.Tensor, rank: int, seed: int) -> Subspace:
+    """A random rank-``rank`` subspace whose table holds the day means' (``[7, d_model]``) coordinates in it."""
     g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(like.d_model, like.rank, generator=g))[0].T
-    means = torch.stack([x[[lab == d for lab in labels]].mean(0) for d in DAYS])
+    basis = torch.linalg.qr(torch.randn(means.shape[1], rank, generator=g))[0].T
     origin = means.mean(0)
     return Subspace(basis, origin, TableMap(list(DAYS), (means - origin) @ basis.T), orthonormalize=False)
 
@@ -185,10 +185,10 @@ def make_rows(b, labels, day_pos, last, base_top, max_rows=0):
             "tgt_names": [DAYS[t] for t in tgt]}
 
 
-def fit_circle(x: torch.Tensor, labels: list[str], name: str):
+def fit_day_circle(x: torch.Tensor, labels: list[str], name: str):
     """The circle (class-mean PCA, rank 2), the class means and the fitted angle of every day."""
     sub = class_mean_subspace(x, labels, rank=2, circle=True, order=DAYS, name=name)
-    means = torch.stack([x[[lab == d for lab in labels]].mean(0) for d in DAYS])
+    means = class_means(x, labels, DAYS).float()
     ang = torch.tensor([sub.coord_map.angles[d] for d in DAYS])
     return sub, means, ang
 
@@ -214,9 +214,10 @@ def candidates(args) -> list[dict]:
 
 
 def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
-    """Leave-one-fit-template-out success of every candidate circle edit at the day token (single
-    layers with a radius multiplier; layer groups with an absolute radius); the choice is the best
-    mean (ties: fewer layers, then the smaller scale). Nothing here sees a held-out template."""
+    """Cross-validated success (``args.folds`` folds of fit templates; 0 = leave one template out) of
+    every candidate circle edit at the day token (single layers with a radius multiplier; layer groups
+    with an absolute radius); the choice is the best pooled success (ties: fewer layers, then the
+    smaller scale). Nothing here sees a held-out template."""
     b, labels, day_pos, last = fit
     base_top, _ = top_days(model, b, day_ids, last)
     n_t = len(labels) // 7
@@ -229,8 +230,8 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
     for f in range(n_folds):
         train = (fold != f).nonzero()[:, 0]
         test = (fold == f).nonzero()[:, 0]
-        circles = {layer: fit_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
-                                     f"L{layer}-loto{f}")[0] for layer in layers}
+        circles = {layer: fit_day_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
+                                         f"L{layer}-fold{f}")[0] for layer in layers}
         sub_b = {k: v[test] for k, v in b.items()}
         rows = make_rows(sub_b, [labels[i] for i in test], day_pos[test], last[test], base_top[test])
         if len(rows["tgt"]) == 0:
@@ -262,6 +263,7 @@ def run(args) -> dict:
     R = make_rows(ev_b, ev_lab, ev_day, ev_last, base_top, args.max_rows)
     pi, tgt, src, batch, last, where, tgt_names = (R[k] for k in ("pi", "tgt", "src", "batch", "last", "where", "tgt_names"))
     row_set = [next(k for k, ts in PARTS.items() if held[int(i) // 7] in ts) for i in pi]
+    part_mask = {p: m for p in PARTS if (m := torch.tensor([r == p for r in row_set], dtype=torch.bool)).any()}
 
     def measure(edits: dict, pos) -> dict:
         with intervene(model, edits, positions=pos):
@@ -271,10 +273,8 @@ def run(args) -> dict:
         near = (((top - tgt) % 7 == 1) | ((tgt - top) % 7 == 1)) & (top != src)
         out = {"_hits": hit, "success": float(hit.mean()), "source_kept": float((top == src).float().mean()),
                "next_to_target": float(near.float().mean()), "top_token_is_a_day": float(is_day.float().mean())}
-        for part in PARTS:
-            m = torch.tensor([r == part for r in row_set])
-            if m.any():
-                out[f"success_{part}"] = float(hit[m].mean())
+        for part, m in part_mask.items():
+            out[f"success_{part}"] = float(hit[m].mean())
         return out
 
     all_layers = sorted({layer for group in args.layers for layer in group} | set(args.select_layers)
@@ -292,7 +292,7 @@ def run(args) -> dict:
         for j, pname in enumerate(("day", "last")):
             if pname not in needed:
                 continue
-            sub, means, ang = fit_circle(acts[site][:, j].float(), fit_lab, f"L{layer}-{pname}")
+            sub, means, ang = fit_day_circle(acts[site][:, j].float(), fit_lab, f"L{layer}-{pname}")
             fitted[layer, pname] = (sub, means, ang[tgt] - ang[src])
             circles[f"{layer}/{pname}"] = {k: sub.meta.get(k) for k in (
                 "order_matches", "cyclic_order", "explained_variance", "radius_cv", "loco_angle_error")}
@@ -357,18 +357,17 @@ def run(args) -> dict:
         full = record(ch["layers"], "day", "day_subspace", None, [measure(
             {sites[L]: SetCoords(day_sub[L], value=tgt_names) for L in ch["layers"]}, where["day"])], "set")
         rand6 = record(ch["layers"], "day", "random_rank6", None, [measure(
-            {sites[L]: SetCoords(random_table(day_sub[L], acts[sites[L]][:, 0].float(), fit_lab, 1000 * L + seed),
-                                 value=tgt_names) for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)],
+            {sites[L]: SetCoords(random_table(fitted[L, "day"][1], day_sub[L].rank, 1000 * L + seed), value=tgt_names)
+             for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)],
             "set")
         c, r = find("circle"), find("random")
-        parts = [p for p in PARTS if f"success_{p}" in c]
+        parts = list(part_mask)
         headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r, "replace": find("replace", None, None),
                     "day_subspace_rank6": full, "random_rank6": rand6, "none": none, "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
                     "met": c["success"] >= 0.6 and r["success"] <= 0.15,
                     "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts},
                     "ci95_by_prompt_bootstrap": {
-                        name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, None if part == "all" else
-                                                         torch.tensor([x == part for x in row_set]))
+                        name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
                                for part in ["all", *parts]}
                         for name, row in (("circle", c), ("random", r), ("day_subspace_rank6", full))}}
     circle_rows = [r for r in results if r["edit"] == "circle"]
@@ -501,10 +500,7 @@ def main(argv=None) -> int:
         ap.error(f"--fit-templates in 2..{len(ALL_FIT)}, --eval-templates in 1..{len(HELD_OUT)}")
     res = run(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out / "results.json")
+    write_json(out / "results.json", res, indent=2)
     if not args.no_plot:
         plot(res, out / "success_by_layer.png")
     h = res["headline"]

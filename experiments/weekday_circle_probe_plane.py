@@ -13,7 +13,6 @@ templates that the intervention experiment's selection uses; no held-out templat
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,7 +22,10 @@ import torch
 import weekday_circle_intervention as W  # the sibling script (its directory is on sys.path when run)
 
 from interp import capture, load_model
+from interp.atomic import write_json
 from interp.features import fit_circle
+from interp.features.circles import wrap
+from interp.features.supervised import class_means
 from interp.intervene import intervene
 from interp.subspace import CircleMap, Subspace
 
@@ -32,7 +34,7 @@ def probe_circle(x: torch.Tensor, labels: list[str], k: int = 5) -> Subspace:
     """The plane of a least-squares circle probe on the top-``k`` class-mean directions, with the
     days' circle fitted in it (same orientation convention as ``class_mean_subspace``)."""
     x = x.double()
-    means = torch.stack([x[[lab == d for lab in labels]].mean(0) for d in W.DAYS])
+    means = class_means(x, labels, W.DAYS)
     origin = means.mean(0)
     top = torch.linalg.svd(means - origin, full_matrices=False)[2][:k]
     z = torch.cat([(x - origin) @ top.T, torch.ones(len(x), 1, dtype=x.dtype)], 1)
@@ -41,8 +43,7 @@ def probe_circle(x: torch.Tensor, labels: list[str], k: int = 5) -> Subspace:
     plane = torch.linalg.qr((readout.T @ top).T)[0].T
     coords = (means - origin) @ plane.T
     fit = fit_circle(coords)
-    steps = torch.remainder(fit.angles.roll(-1) - fit.angles + math.pi, 2 * math.pi) - math.pi
-    if steps.sum() < 0:  # angles increase Monday -> Sunday
+    if wrap(fit.angles.roll(-1) - fit.angles).sum() < 0:  # angles increase Monday -> Sunday
         plane[1], coords[:, 1] = -plane[1], -coords[:, 1]
         fit = fit_circle(coords)
     cmap = CircleMap(fit.center.float(), float(fit.radius), {d: float(a) for d, a in zip(W.DAYS, fit.angles)})
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     for f in range(args.folds):
         train, test = (fold != f).nonzero()[:, 0], (fold == f).nonzero()[:, 0]
         lab_tr = [labels[i] for i in train]
-        planes = {"pca": {L: W.fit_circle(acts[sites[L]][train, 0].float(), lab_tr, f"L{L}")[0] for L in layers},
+        planes = {"pca": {L: W.fit_day_circle(acts[sites[L]][train, 0].float(), lab_tr, f"L{L}")[0] for L in layers},
                   "probe": {L: probe_circle(acts[sites[L]][train, 0].float(), lab_tr, args.k) for L in layers}}
         rows = W.make_rows({k: v[test] for k, v in b.items()}, [labels[i] for i in test], day_pos[test], last[test],
                            base_top[test])
@@ -99,11 +100,7 @@ def main(argv=None) -> int:
            "fit_templates": args.fit_templates, "folds": args.folds, "k": args.k, "rows": score["pca", 0][1], "candidates": table,
            "best": {p: max(r[f"{p}_success"] for r in table) for p in ("pca", "probe")},
            "note": "Cross-validated success on fit templates only (no held-out template is read)."}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".probe_plane_fit_cv_k{args.k}.json.tmp"
-    tmp.write_text(json.dumps(res, indent=2))
-    os.replace(tmp, out / f"probe_plane_fit_cv_k{args.k}.json")
+    write_json(Path(args.out) / f"probe_plane_fit_cv_k{args.k}.json", res, indent=2)
     print(f"best: class-mean PCA {res['best']['pca']:.3f}, circle probe {res['best']['probe']:.3f}")
     return 0
 

@@ -53,6 +53,14 @@ def test_synthetic_grid_summary_gathers_settings(tmp_path):
     assert all(r["n_seeds"] == 2 and len(r["children_diff"]) == 2 for r in rows.values())
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert json.loads((tmp_path / "grid_summary.json").read_text()) == out
+    # pooled over both settings' seeds, and over the sibling-cosine-0 setting only
+    from interp.stats import sign_test
+
+    diffs = rows["a"]["children_diff"] + rows["b"]["children_diff"]
+    pooled, cos0 = out["pooled_all"], out["pooled_sibling_cos_0"]
+    assert pooled["pairs"] == 4 and pooled["children_wins"] == sum(d > 0 for d in diffs)
+    assert cos0["settings"] == 1 and cos0["pairs"] == 2 and cos0["children_wins"] == rows["a"]["children_wins"]
+    assert pooled["children_sign_test_p"] == sign_test(pooled["children_wins"], 4)
 
 
 def test_planted_children_orthogonal_to_parent():
