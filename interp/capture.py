@@ -222,3 +222,17 @@ def capture(
     acts.input_ids = batch["input_ids"]
     acts.attention_mask = batch["attention_mask"]
     return acts
+
+
+def site_widths(model: nn.Module) -> dict[str, int]:
+    """``{site: width}`` for every name :func:`interp.sites.site_names` lists, from one forward pass of
+    a few tokens (sites that cannot be captured on this model raise :class:`SiteError`)."""
+    from interp.sites import site_names
+
+    names = site_names(model)
+    config = getattr(unwrap(model), "config", None)
+    token = getattr(config, "eos_token_id", None)
+    token = token[0] if isinstance(token, (list, tuple)) else token
+    ids = torch.full((1, 4), int(token or 0), dtype=torch.long)
+    acts = capture(model, ids, names, stop_early=False)
+    return {name: int(acts[name].shape[-1]) for name in names}
