@@ -35,6 +35,8 @@ from interp.errors import DataError
 from interp.models import cache_dir
 
 DEFAULT = "pydocs"
+DEFAULT_CONTEXT_SIZE = 128
+"""Tokens per window wherever a context size is not given."""
 _CORPUS_PACKAGES = ("torch", "transformers", "datasets", "numpy", "pandas", "matplotlib", "huggingface_hub", "accelerate", "networkx", "sympy")
 _PROSE_CHARS = re.compile(r"[A-Za-z ,.;:'()\-]")
 
@@ -221,3 +223,18 @@ def token_mask(windows: torch.Tensor, tokenizer, *, exclude_first: bool = True,
                            dtype=windows.dtype)
         keep &= ~torch.isin(windows, ids)
     return keep
+
+
+def sample_windows(tokenizer, n: int, context_size: int = DEFAULT_CONTEXT_SIZE, dataset=None, *,
+                   seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` packed token windows ``[n, context_size]`` of `dataset` (documents shuffled with `seed`)
+    and the :func:`token_mask` of the positions an activation store feeds (not position 0, not special
+    tokens): the splice mask of downstream SAE metrics."""
+    import itertools
+
+    wins = list(itertools.islice(pack(load_texts(dataset, shuffle_seed=seed), tokenizer, context_size), n))
+    if not wins:
+        raise DataError(f"the evaluation text produced no full window of {context_size} tokens; give a longer "
+                        "dataset or a smaller context size")
+    ids = torch.stack(wins)
+    return ids, token_mask(ids, tokenizer)

@@ -4,14 +4,12 @@
 the model and site; its training summary holds the token count and the evaluation metrics; its
 sparsity is saved), writes the model card ``README.md`` and ``feature_density.png`` into the
 folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
-one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` is the CLI.
+one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +58,9 @@ def validate(folder: str | os.PathLike) -> dict[str, Checkpoint]:
         found[site] = ckpt
         problems += [f"{where}: {p}" for p in _missing(ckpt)]
     if problems:
-        raise PublishError("not ready to publish:\n  " + "\n  ".join(problems) + "\nAdd what is missing with "
-                           "saes.checkpoint.annotate(folder, metrics={...}, sparsity=..., metadata={...}), "
-                           "then publish again.")
+        raise PublishError("not ready to publish: " + "; ".join(problems) + ". Add what is missing (evaluate "
+                           "with 'interp sae eval', or saes.checkpoint.annotate(folder, metrics={...}, "
+                           "sparsity=..., metadata={...})), then publish again.")
     return found
 
 
@@ -112,37 +110,3 @@ def publish(folder: str | os.PathLike, repo_id: str, *, private: bool = False, a
     api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(plan.folder), allow_patterns=plan.files,
                       commit_message=commit_message or f"Upload {len(plan.sites)} SAE(s): {', '.join(plan.sites)}")
     return plan
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_publish_parser(sae_subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``interp sae publish FOLDER REPO_ID [--private] [--dry-run]`` to the ``sae`` subcommands."""
-    p = sae_subparsers.add_parser(
-        "publish", help="validate a folder of SAEs, write its model card, upload it to the Hugging Face Hub",
-        description="Validate every SAE under FOLDER (it loads; model, site, training tokens, L0, explained "
-                    "variance and CE loss recovered are recorded; its sparsity is saved), write README.md (the "
-                    "model card) and feature_density.png into FOLDER, then upload the checkpoint files, the "
-                    "card and the plot to REPO_ID. Record missing metrics with saes.checkpoint.annotate().")
-    p.add_argument("folder", help="folder holding one SAE, or one subfolder per site")
-    p.add_argument("repo_id", help="Hub repository, 'owner/name'")
-    p.add_argument("--private", action="store_true", help="create the repository as private")
-    p.add_argument("--dry-run", action="store_true", help="validate and write the card and plot; upload nothing")
-    p.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
-    p.set_defaults(func=_run)
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    try:
-        if args.dry_run:
-            plan = prepare(args.folder, args.repo_id)
-        else:
-            plan = publish(args.folder, args.repo_id, private=args.private, token=args.token)
-    except InterpError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    verb = "would upload" if args.dry_run else "uploaded"
-    print(f"{verb} {len(plan.files)} files for {len(plan.sites)} SAE(s) to {plan.repo_id}:")
-    for f in plan.files:
-        print(f"  {f}")
-    return 0

@@ -133,9 +133,15 @@ class Trainer:
 
     After ``fit``: ``saes_`` (input scale folded into the weights, ready for raw activations),
     ``history_`` (logged metrics), ``scales_``; with ``out_dir``, every SAE is saved to
-    ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``."""
+    ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``.
 
-    def __init__(self, saes: SAE | dict[str, SAE], cfg: TrainConfig, *, out_dir: str | Path | None = None):
+    ``metadata`` (SAELens' keys: ``model_name``, ``context_size``, ``prepend_bos``, ``dataset_path``)
+    is written into every saved SAE, with ``hook_name`` set to its site; ``data_summary`` (what the
+    activations came from, e.g. an activation source's ``describe()``) is kept in its training
+    summary under ``"data"``, with the number of rows trained on."""
+
+    def __init__(self, saes: SAE | dict[str, SAE], cfg: TrainConfig, *, out_dir: str | Path | None = None,
+                 metadata: dict[str, Any] | None = None, data_summary: dict[str, Any] | None = None):
         if isinstance(saes, SAE):
             saes = {"": saes}
         if not saes or not all(isinstance(s, SAE) for s in saes.values()):
@@ -146,6 +152,7 @@ class Trainer:
                                "see saes.trainer's docstring for what an architecture must provide")
         self.saes, self.cfg = dict(saes), cfg
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.metadata, self.data_summary = dict(metadata or {}), dict(data_summary or {})
 
     # ---------------------------------------------------------------------------------------------
     def _setup(self) -> None:
@@ -330,8 +337,10 @@ class Trainer:
             from saes.checkpoint import save  # lazy: the trainer does not need it to train
 
             last = self.history_[-1].get(name, {}) if self.history_ else {}
-            save(sae, folder, metadata={"hook_name": name} if name else {},
-                 training={"n_tokens": self.steps_ * self.cfg.batch_tokens, "steps": self.steps_,
+            n_tokens = self.steps_ * self.cfg.batch_tokens
+            data = {**self.data_summary, "tokens_trained": n_tokens} if self.data_summary else {}
+            save(sae, folder, metadata={**self.metadata, **({"hook_name": name} if name else {})},
+                 training={"n_tokens": n_tokens, "steps": self.steps_, **({"data": data} if data else {}),
                            "input_scale_folded": self.scales_[name], "config": _jsonable(self.cfg),
                            "final_metrics": last})
         (self.out_dir / "train_history.json").write_text(json.dumps(self.history_, indent=1))

@@ -69,6 +69,30 @@ def byte_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A folder holding the tiny random Llama and the byte tokenizer (for commands that load by path)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    """A small local corpus (JSON lines): about 40k tokens of the byte tokenizer."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    words = ("the cat sat on the mat while we met on Monday and Friday to see a dog run in the park; "
+             "models read text and write numbers, then people read the numbers again").split()
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    path.write_text("\n".join(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(20, 60)))})
+                              for _ in range(300)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2-135M model and tokenizer (slow tests only)."""
     from interp import load_model

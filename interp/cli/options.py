@@ -27,18 +27,28 @@ from interp.errors import InputError
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line: what was wrong and where to look."""
+    """An ``ArgumentParser`` whose errors are one line (what was wrong and where to look) and whose
+    description is shown without RST markup."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if kwargs.get("description"):
+            kwargs["description"] = plain_block(kwargs["description"])
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def plain(text: str) -> str:
-    """A docstring as one line of plain text: no RST roles or double backticks, no '%'."""
+def plain_block(text: str) -> str:
+    """A docstring without RST markup (roles, double backticks), line breaks kept."""
     text = re.sub(r":(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`", r"\1", text)
-    text = text.replace("``", "'")
-    text = re.sub(r"\s+", " ", text).strip()
-    return text.replace("%", "%%")
+    text = re.sub(r"``(\"[^`]*\")``", r"\1", text)
+    return text.replace("``", "'")
+
+
+def plain(text: str) -> str:
+    """A docstring as one line of plain text for argparse help: no RST markup, '%' escaped."""
+    return re.sub(r"\s+", " ", plain_block(text)).strip().replace("%", "%%")
 
 
 @functools.cache
@@ -142,11 +152,11 @@ def add_options(parser: argparse._ActionsContainer, options: Iterable[Option], *
         elif hint in (int, float):
             kw["type"] = hint
         shown = note.get(o.name)
-        if shown is None:
-            shown = "required" if o.default is MISSING else f"default: {_show(o.default)}"
-        if o.name in required:
+        if shown is None and o.default is MISSING or o.name in required:
             shown = "required"
-        text = (o.help.rstrip(".") + f" ({shown})") if o.help else f"({shown})"
+        elif shown is None and o.default not in (None, (), []):
+            shown = f"default: {_show(o.default)}"
+        text = o.help.rstrip(".") + (f" ({shown})" if shown else "")
         parser.add_argument(o.flag, help=text, **kw)
         names.append(o.name)
     return names
@@ -187,3 +197,25 @@ def given(args: argparse.Namespace, names: Iterable[str], from_file: dict[str, A
 
 def defaults(options: Iterable[Option]) -> dict[str, Any]:
     return {o.name: o.default for o in options if o.default is not MISSING}
+
+
+def parse_layers(spec: str, n_layers: int | None = None) -> list[int]:
+    """``"all"``, ``"5"``, ``"0,3,7"``, ``"2-10"`` (inclusive) or ``"0-29:3"`` to layer indices, checked
+    against the model's ``n_layers`` when given ("all" needs it)."""
+    if spec == "all":
+        if n_layers is None:
+            raise InputError("--layers all needs the model's layer count; give layers such as '4-20'")
+        return list(range(n_layers))
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            rng, _, step = part.partition(":")
+            lo, _, hi = rng.partition("-")
+            out += list(range(int(lo), int(hi) + 1, int(step or 1))) if hi else [int(lo)]
+    except ValueError:
+        raise InputError(f"--layers {spec!r}: expected 'all', '5', '0,3,7', '2-10' or '0-29:3'") from None
+    bad = [layer for layer in out if layer < 0 or (n_layers is not None and layer >= n_layers)]
+    if bad:
+        have = f"the model has layers 0..{n_layers - 1}" if n_layers is not None else "layers start at 0"
+        raise InputError(f"--layers {spec!r}: layers {bad} do not exist; {have}")
+    return list(dict.fromkeys(out))

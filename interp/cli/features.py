@@ -1,7 +1,7 @@
 """``interp features circles`` and ``interp features clusters``: write JSON + PNG (+ Subspace folders).
 
     interp features circles --model smollm2-135m --layers 4-20 --items days --out out/days
-    interp features clusters --sae saes/out/blocks.12.hook_resid_post --tokens 200000 --out out/clusters
+    interp features clusters --sae sae/blocks.12.hook_resid_post --cache cache/ --out out/clusters
 """
 
 from __future__ import annotations
@@ -10,30 +10,21 @@ import argparse
 from pathlib import Path
 
 from interp.atomic import write_json
+from interp.cli.options import add_options, dataclass_options, given, parse_layers
 from interp.errors import InputError
+from interp.features.clusters import ClusterConfig
+from interp.features.multidim import MultiDimConfig
+from interp.models import EMBEDDED
 
 
 def _write_json(path: Path, obj) -> None:
     write_json(path, obj, indent=2)
 
 
-def parse_layers(text: str) -> list[int]:
-    """``"4-20"``, ``"3,6,9"`` or ``"4-20:2"`` to a list of layers."""
-    try:
-        out: list[int] = []
-        for part in text.split(","):
-            rng, _, step = part.partition(":")
-            a, _, b = rng.partition("-")
-            out += list(range(int(a), int(b) + 1, int(step or 1))) if b else [int(a)]
-        return out
-    except ValueError:
-        raise InputError(f"--layers must look like '4-20', '3,6,9' or '0-29:3'; got {text!r}") from None
-
-
 def _sites(args) -> list[str]:
     sites = list(args.site or [])
     if args.layers:
-        sites += [f"blocks.{L}.{args.hook}" for L in parse_layers(args.layers)]
+        sites += [f"blocks.{layer}.{args.hook}" for layer in parse_layers(args.layers)]
     if not sites:
         raise InputError("name at least one --site (e.g. blocks.12.hook_resid_post) or --layers (e.g. 4-20)")
     return list(dict.fromkeys(sites))
@@ -83,37 +74,43 @@ def run_circles(args) -> int:
 
 
 def run_clusters(args) -> int:
-    from interp.features.clusters import ClusterConfig
-    from interp.features.multidim import MultiDimConfig, find_multidim_features
-    from interp.features.plot import plot_clusters
-    from interp.features.sae_reader import read_sae
+    import dataclasses
 
-    sae = read_sae(args.sae)
+    import torch
+
+    from interp.features.multidim import find_multidim_features
+    from interp.features.plot import plot_clusters
+    from saes.checkpoint import read
+
+    ckpt = read(args.sae)  # every validation of the checkpoint format applies here
+    sae, meta = ckpt.sae.to("cpu"), ckpt.metadata or {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.acts:
-        from interp.store import CachedActivations
+    site = args.site or meta.get("hook_name")
+    if args.cache:
+        from interp.cache import CachedActivations
 
-        data = CachedActivations(args.acts, batch_tokens=args.batch_tokens)
+        data = CachedActivations(args.cache, batch_tokens=args.batch_tokens, sites=[site] if site else None)
+        if len(data.sites) != 1:
+            raise InputError(f"the cache {args.cache} holds sites {data.sites}; name the SAE's with --site")
     else:
         from interp.models import load_model
         from interp.store import ActivationStore
 
-        model_name = args.model or (sae.metadata or {}).get("model_name")
-        site = args.site or (sae.metadata or {}).get("hook_name")
+        model_name = args.model or meta.get("model_name")
         if not model_name or not site:
-            raise InputError("give --acts CACHE_DIR, or --model and --site (the SAE's cfg.json metadata names "
+            raise InputError("give --cache CACHE_DIR, or --model and --site (the SAE's cfg.json metadata names "
                              f"neither: model_name={model_name!r}, hook_name={site!r})")
         model, tok = load_model(model_name, device=args.device)
         data = ActivationStore(model, tok, [site], dataset=args.dataset, batch_tokens=args.batch_tokens, epochs=1,
                                buffer_tokens=max(args.batch_tokens, min(32 * args.batch_tokens, args.tokens)))
-    ccfg = ClusterConfig(method=args.method, n_clusters=args.n_clusters, top_k=args.top_k,
-                         sim_cutoff=args.sim_cutoff, min_size=args.min_size, max_size=args.max_size, seed=args.seed)
-    mcfg = MultiDimConfig(n_pcs=args.n_pcs, eps=args.eps, max_points=args.max_points, min_points=args.min_points)
-    feats = find_multidim_features(sae.W_dec, data, encode=sae.encode, cluster_config=ccfg, config=mcfg,
-                                   max_rows=args.tokens)
+    ccfg = ClusterConfig(**given(args, [f.name for f in dataclasses.fields(ClusterConfig)]))
+    mcfg = MultiDimConfig(**given(args, [f.name for f in dataclasses.fields(MultiDimConfig)]))
+    with torch.no_grad():
+        feats = find_multidim_features(sae.W_dec.detach(), data, encode=sae.encode, cluster_config=ccfg,
+                                       config=mcfg, max_rows=args.tokens)
     summary = {"sae": str(args.sae), "d_sae": int(sae.W_dec.shape[0]), "architecture": sae.architecture,
-               "cluster_config": vars(ccfg), "config": vars(mcfg), "tokens": args.tokens,
+               "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)
     if feats:
@@ -135,9 +132,9 @@ def register(subparsers) -> None:
     sub.required = True
 
     c = sub.add_parser("circles", help="class-mean PCA + fitted circle of an item family (days, months) per site")
-    c.add_argument("--model", default="smollm2-135m", help="model name or path (default: the embedded model)")
+    c.add_argument("--model", default=EMBEDDED, help=f"model name or path (default: {EMBEDDED})")
     c.add_argument("--site", action="append", help="site name; repeatable")
-    c.add_argument("--layers", help="layers, e.g. '4-20' or '0-29:3' (sites blocks.L.<--hook>)")
+    c.add_argument("--layers", help="layers, e.g. '4-20', '3,6,9' or '0-29:3' (sites blocks.L.<--hook>)")
     c.add_argument("--hook", default="hook_resid_post", help="hook used with --layers")
     c.add_argument("--items", default="days", help="'days', 'months', or comma-separated items")
     c.add_argument("--rank", type=int, default=2, help="principal directions of the class means to keep")
@@ -146,27 +143,18 @@ def register(subparsers) -> None:
     c.set_defaults(func=_with_argv(run_circles))
 
     k = sub.add_parser("clusters", help="cluster an SAE's decoder and rank clusters by irreducibility")
-    k.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
-    k.add_argument("--acts", help="activation cache folder (from `interp capture`)")
+    k.add_argument("--sae", required=True, help="SAE checkpoint folder (this project's, SAELens' or sparsify's)")
+    k.add_argument("--cache", help="activation cache folder from 'interp capture' (omit: live activations)")
     k.add_argument("--model", help="model for live activations (default: the SAE's metadata)")
-    k.add_argument("--site", help="site for live activations (default: the SAE's hook_name)")
-    k.add_argument("--dataset", help="text for live activations (default: the offline corpus); see interp.data")
-    k.add_argument("--tokens", type=int, default=200_000, help="activation rows to read")
-    k.add_argument("--batch-tokens", type=int, default=4096)
-    k.add_argument("--method", choices=["spectral", "graph"], default="graph")
-    k.add_argument("--n-clusters", type=int, default=64, help="spectral: number of clusters")
-    k.add_argument("--top-k", type=int, default=2, help="graph: neighbours per latent")
-    k.add_argument("--sim-cutoff", type=float, default=0.5, help="graph: minimum cosine similarity of a link")
-    k.add_argument("--min-size", type=int, default=2)
-    k.add_argument("--max-size", type=int, default=1000)
-    k.add_argument("--n-pcs", type=int, default=4)
-    k.add_argument("--eps", type=float, default=0.1, help="epsilon of the mixture index")
-    k.add_argument("--max-points", type=int, default=5000)
-    k.add_argument("--min-points", type=int, default=50)
-    k.add_argument("--top", type=int, default=12, help="clusters to plot, print and save")
-    k.add_argument("--seed", type=int, default=0)
-    k.add_argument("--device", default=None)
-    k.add_argument("--out", required=True)
+    k.add_argument("--site", help="site of the activations (default: the SAE's hook_name)")
+    k.add_argument("--dataset", help="text for live activations (default: the offline corpus)")
+    k.add_argument("--tokens", type=int, default=200_000, help="activation rows to read (default: 200000)")
+    k.add_argument("--batch-tokens", type=int, default=4096, help="rows per batch read (default: 4096)")
+    k.add_argument("--top", type=int, default=12, help="clusters to plot, print and save (default: 12)")
+    k.add_argument("--device", default=None, help="device of the model for live activations")
+    k.add_argument("--out", required=True, help="output folder (clusters.json, clusters.png, subspaces/)")
+    add_options(k.add_argument_group("clustering options"), dataclass_options(ClusterConfig))
+    add_options(k.add_argument_group("scoring options"), dataclass_options(MultiDimConfig))
     k.set_defaults(func=_with_argv(run_clusters))
 
 

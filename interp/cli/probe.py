@@ -14,7 +14,9 @@ import csv
 import json
 from pathlib import Path
 
-from interp.errors import DataError, InputError
+from interp.cli.options import add_options, dataclass_options, given, parse_layers
+from interp.errors import DataError
+from interp.models import EMBEDDED
 
 SITE_KINDS = ("mlp.hook_post", "hook_resid_post", "hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "hook_attn_out")
 
@@ -50,62 +52,37 @@ def read_rows(path: str | Path, text_col: str, label_col: str,
     return texts, labels, groups
 
 
-def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """'all', '5', '0,3,7' or '2-10' (inclusive) -> layer indices, checked against the model."""
-    if spec == "all":
-        return list(range(n_layers))
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            lo, _, hi = part.partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
-    except ValueError:
-        raise InputError(f"--layers {spec!r}: expected 'all', '5', '0,3,7' or '2-10'") from None
-    bad = [layer for layer in out if not 0 <= layer < n_layers]
-    if bad:
-        raise InputError(f"--layers {spec!r}: layers {bad} do not exist; the model has layers 0..{n_layers - 1}")
-    return out
-
-
-def _ints(spec: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in spec.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {spec!r}") from None
-
-
 def register(subparsers) -> None:
-    """Add the ``probe`` subcommand to an argparse subparsers object."""
+    """Add the ``probe`` command."""
+    from probes.sweep import SweepConfig
+
     p = subparsers.add_parser("probe", help="sweep k-sparse probes over layers for a labelled text file",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="a .csv/.tsv/.jsonl/.json file with one text and one label per row")
     p.add_argument("--text-col", default="text", help="column holding the text (default: text)")
     p.add_argument("--label-col", default="label", help="column holding the binary label (default: label)")
     p.add_argument("--group-col", default=None, help="column of group ids (document, entity) for the split")
-    p.add_argument("--model", default="smollm2-135m", help="model name or path (default: the embedded model)")
+    p.add_argument("--model", default=EMBEDDED, help=f"model name or path (default: {EMBEDDED})")
     p.add_argument("--site", default="mlp.hook_post", choices=SITE_KINDS,
-                   help="site in each block (default: MLP neurons)")
-    p.add_argument("--layers", default="all", help="'all', '5', '0,3,7' or '2-10' (default: all)")
-    p.add_argument("--ks", type=_ints, default=(1, 2, 4, 8, 16, 32, 64, 128, 256), help="comma-separated k values")
-    p.add_argument("--method", default="f_stat", help="mean_diff, f_stat, mutual_info, l1 or adaptive")
-    p.add_argument("--aggregate", default="mean", choices=("mean", "last"), help="pool tokens per row")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic fits")
-    p.add_argument("--test-size", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens")
-    p.add_argument("--batch-size", type=int, default=8)
+                   help="site in each block (default: mlp.hook_post, the MLP neurons)")
+    p.add_argument("--layers", default="all", help="'all', '5', '0,3,7', '2-10' or '0-29:3' (default: all)")
+    p.add_argument("--aggregate", default="mean", choices=("mean", "last"), help="pool tokens per row (default: mean)")
+    p.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default: 8)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N rows")
-    p.add_argument("--device", default=None, help="model and probe device (default: the model's)")
     p.add_argument("--out", default=None, help="folder for results.json and the plots")
+    add_options(p.add_argument_group("sweep options"), dataclass_options(SweepConfig))
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``interp probe``; returns 0. Bad input raises an ``InterpError`` (``interp``'s main prints it)."""
+    """Run ``interp probe``; bad input raises an ``InterpError`` (printed as one line by ``interp``)."""
+    import dataclasses
+
     import interp
     from interp.sites import find_blocks
     from probes.data import sequence_dataset
-    from probes.sweep import sweep
+    from probes.sweep import SweepConfig, sweep
 
     texts, labels, groups = read_rows(args.data, args.text_col, args.label_col, args.group_col)
     if args.limit is not None:
@@ -117,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     ds = sequence_dataset(model, tok, texts, labels, sites, aggregate=args.aggregate, groups=groups,
                           max_length=args.max_length, batch_size=args.batch_size)
     split_groups = ds.groups if groups is not None else None
-    result = sweep(ds.features, ds.labels, ks=args.ks, method=args.method, groups=split_groups,
-                   C=args.C, test_size=args.test_size, seed=args.seed, device=args.device)
+    config = SweepConfig(**given(args, [f.name for f in dataclasses.fields(SweepConfig)]))
+    result = sweep(ds.features, ds.labels, groups=split_groups, config=config)
     print(f"{len(texts)} rows, classes {result.classes} (positive: {result.classes[1]!r}), "
           f"{result.n_train} train / {result.n_test} test, method {result.config.method}; test F1:")
     print(result.table("f1"))

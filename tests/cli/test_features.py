@@ -1,50 +1,30 @@
-"""`interp features circles|clusters` on a tiny random model, and the SAE folder reader."""
+"""`interp features circles|clusters` on a tiny random model."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+import saes
 from interp.cli import main
 from interp.errors import InputError
 from interp.features.clusters import graph_clusters
-from interp.features.cli import parse_layers
 from interp.features.items import build_prompts, resolve_items
-from interp.features.sae_reader import read_sae
 from interp.subspace import Subspace
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from conftest import byte_tokenizer, tiny_model  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama").save_pretrained(path)
-    byte_tokenizer().save_pretrained(path)
-    return path
-
-
-def write_sae(folder: Path, w_dec: torch.Tensor, arch="topk", k=4, meta=None):
-    folder.mkdir(parents=True, exist_ok=True)
+def write_sae(folder: Path, w_dec: torch.Tensor, k: int = 4, meta=None) -> Path:
+    """Save a TopK SAE whose decoder is `w_dec` (encoder: its transpose plus noise)."""
     d_sae, d_model = w_dec.shape
+    sae = saes.build("topk", d_model=d_model, d_sae=d_sae, k=k)
     g = torch.Generator().manual_seed(1)
-    tensors = {"W_enc": w_dec.T.contiguous() + 0.01 * torch.randn(d_model, d_sae, generator=g),
-               "b_enc": torch.zeros(d_sae), "W_dec": w_dec.contiguous(), "b_dec": torch.zeros(d_model)}
-    if arch == "jumprelu":
-        tensors["threshold"] = torch.full((d_sae,), 0.1)
-    save_file(tensors, str(folder / "sae_weights.safetensors"))
-    cfg = {"d_in": d_model, "d_sae": d_sae, "architecture": arch, "apply_b_dec_to_input": True,
-           "metadata": meta or {}}
-    if arch == "topk":
-        cfg["k"] = k
-    (folder / "cfg.json").write_text(json.dumps(cfg))
-    return folder
+    with torch.no_grad():
+        sae.W_dec.copy_(w_dec)
+        sae.W_enc.copy_(w_dec.T + 0.01 * torch.randn(d_model, d_sae, generator=g))
+    return saes.save(sae, folder, metadata=meta or {})
 
 
 def test_circles_cli_writes_json_png_and_subspaces(tiny_dir, tmp_path, capsys):
@@ -73,7 +53,7 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
                                                       "hook_name": "blocks.1.hook_resid_post"})
     out = tmp_path / "out"
     rc = main(["features", "clusters", "--sae", str(sae_dir), "--tokens", "3000", "--batch-tokens", "500",
-               "--sim-cutoff", "0.5", "--min-points", "10", "--device", "cpu", "--out", str(out)])
+               "--method", "graph", "--top-k", "2", "--sim-cutoff", "0.5", "--min-points", "10", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "clusters.json").read_text())
     expected = {tuple(sorted(c)) for c in graph_clusters(w_dec, top_k=2, sim_cutoff=0.5) if len(c) >= 2}
@@ -84,32 +64,18 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
         assert (out / "clusters.png").stat().st_size > 1000
 
 
-def test_sae_reader_matches_the_saes_package(tmp_path):
-    saes = pytest.importorskip("saes")
-    from saes import checkpoint
-
-    for arch, kw in (("topk", {"k": 5}), ("relu", {}), ("jumprelu", {})):
-        torch.manual_seed(0)
-        sae = saes.build(arch, d_model=16, d_sae=40, **kw)
-        with torch.no_grad():
-            for p in sae.parameters():
-                p.normal_()
-        folder = checkpoint.save(sae, tmp_path / arch)
-        ours = read_sae(folder)
-        x = torch.randn(8, 16)
-        assert torch.allclose(ours.encode(x), sae.encode(x), atol=1e-5), arch
-        assert torch.equal(ours.W_dec, sae.W_dec.detach())
+def test_clusters_cli_reads_through_the_validating_loader(tmp_path, capsys):
+    folder = write_sae(tmp_path / "sae", torch.randn(12, 8))
+    weights = folder / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one flipped bit: the recorded SHA-256 no longer matches, so saes.read refuses it
+    weights.write_bytes(bytes(data))
+    assert main(["features", "clusters", "--sae", str(folder), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "corrupt" in err and str(folder) in err
 
 
-def test_reader_and_arg_errors(tmp_path):
-    with pytest.raises(InputError, match="not a readable SAE"):
-        read_sae(tmp_path)
-    folder = write_sae(tmp_path / "mp", torch.randn(6, 4), arch="matching_pursuit")
-    with pytest.raises(InputError, match="cannot be encoded here"):
-        read_sae(folder)
-    assert parse_layers("4-6,9") == [4, 5, 6, 9] and parse_layers("0-29:10") == [0, 10, 20]
-    with pytest.raises(InputError, match="--layers"):
-        parse_layers("x")
+def test_item_and_arg_errors(tmp_path):
     with pytest.raises(InputError, match="at least 3"):
         resolve_items("a,b")
     with pytest.raises(InputError, match="must end with"):

@@ -17,10 +17,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="output folder (overrides the spec's 'out')")
     p.add_argument("--device", default=None, help="device for the model (overrides the spec)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (overrides the spec)")
-    p.set_defaults(func=_run)
+    p.set_defaults(func=run)
 
 
-def _run(args) -> int:
+def run(args) -> int:
     from interp.runner import load_spec, run_spec, write_result
 
     spec = load_spec(args.spec, out=args.out, device=args.device, batch_size=args.batch_size)

@@ -10,8 +10,8 @@
    the target's mean activation);
 5. write ``report.md`` + PNG plots + ``results.json`` to a folder and print where it is.
 
-It lives in ``probes`` because it is the one package that sees both ``interp`` and ``probes``
-(``interp`` never imports ``probes``); it uses only public APIs.
+It lives in the command layer, the one place that joins ``interp`` and ``probes``; it uses only
+public APIs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from interp.models import EMBEDDED
+
 REPEAT_TEMPLATES = {
     "days": ["I will see you on {}. To repeat, I will see you on", "The party is on {}. Remember, the party is on",
              "Her flight lands on {}. Her flight lands on", "The report is due on {}. Again: the report is due on"],
@@ -34,7 +36,7 @@ REPEAT_TEMPLATES = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="capture, find the weekday circle, probe, intervene, write a report")
-    p.add_argument("--model", default="smollm2-135m", help="embedded model name, HF name or local path")
+    p.add_argument("--model", default=EMBEDDED, help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--items", default="days", choices=["days", "months"])
     p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited")
     p.add_argument("--scale", type=float, default=2.0, help="circle edit: distance-from-center multiplier")
