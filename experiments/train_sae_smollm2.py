@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     from interp.models import load_model
     from interp.store import ActivationStore, CachedActivations
     from saes.checkpoint import save
-    from saes.cli import eval_windows
+    from interp.data import sample_windows
     from saes.evaluate import evaluate
     from saes.trainer import TrainConfig, Trainer
 
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     eval_data = ActivationStore(model, tok, [SITE], context_size=args.context_size, batch_tokens=eval_bt,
                                 buffer_tokens=max(eval_bt, min(16 * eval_bt, args.eval_tokens)),
                                 seed=args.eval_seed, device=device)
-    windows, mask = eval_windows(tok, args.eval_windows, args.context_size, seed=args.eval_seed)
+    windows, mask = sample_windows(tok, args.eval_windows, args.context_size, seed=args.eval_seed)
     t1 = time.perf_counter()
     report = evaluate(sae, eval_data, site=SITE, n_batches=max(1, args.eval_tokens // eval_bt), model=model,
                       windows=windows, splice_mask=mask, out_dir=out / "eval", batch_size=8)

@@ -10,6 +10,7 @@ import torch
 
 import saes
 from interp.cli import main
+from cli_util import one_error_line
 from interp.errors import InputError
 from interp.features.clusters import graph_clusters
 from interp.features.items import build_prompts, resolve_items
@@ -72,7 +73,7 @@ def test_clusters_cli_reads_through_the_validating_loader(tmp_path, capsys):
     weights.write_bytes(bytes(data))
     assert main(["features", "clusters", "--sae", str(folder), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "corrupt" in err and str(folder) in err
+    assert one_error_line(err) and "corrupt" in err and str(folder) in err
 
 
 def test_item_and_arg_errors(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from interp.cli import main
+from cli_util import one_error_line
 from interp.cli.options import parse_layers
 from interp.cli.probe import read_rows
 from interp.errors import DataError, InputError
@@ -33,10 +34,10 @@ def test_probe_command_reports_bad_input_in_one_line(tiny_dir, tmp_path, capsys)
     data.write_text("text,label\nhello,1\nworld,0\n")
     assert main(["probe", str(data), "--label-col", "y", "--model", str(folder)]) == 1
     err = capsys.readouterr().err
-    assert "no column 'y'" in err and err.count("\n") == 1
+    assert "no column 'y'" in err and one_error_line(err)
     assert main(["probe", str(data), "--model", str(folder), "--layers", "7"]) == 1
     err = capsys.readouterr().err
-    assert "layers 0..2" in err and err.count("\n") == 1
+    assert "layers 0..2" in err and one_error_line(err)
 
 
 def test_readers_and_layer_specs(tmp_path):

@@ -104,9 +104,9 @@ def test_cli_runs_a_yaml_spec(model, tok, tmp_path, circle_dir, monkeypatch):
         "model: tiny\nsite: blocks.1.hook_resid_post\nsubspace: circle\n"
         "prompts: ['Today is Monday. Yes, today is', 'Today is Friday. Yes, today is']\n"
         "edit: {type: set_coords, value: Wednesday}\npositions: last\nmetric: {type: kl}\n")
-    from interp.intervene_cli import _run
+    from interp.cli.intervene import run
     import argparse
-    rc = _run(argparse.Namespace(spec=str(spec), out=str(tmp_path / "cli_out"), device=None, batch_size=None))
+    rc = run(argparse.Namespace(spec=str(spec), out=str(tmp_path / "cli_out"), device=None, batch_size=None))
     assert rc == 0
     summary = json.loads((tmp_path / "cli_out" / "summary.json").read_text())
     assert summary["mean"]["none"]["kl"] == pytest.approx(0.0, abs=1e-6)

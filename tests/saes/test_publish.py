@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,7 +10,7 @@ import yaml
 
 from saes import REGISTRY
 from saes.checkpoint import annotate, read, save
-from saes.publish import PublishError, add_publish_parser, prepare, publish, validate
+from saes.publish import PublishError, prepare, publish, validate
 
 D_MODEL, D_SAE = 16, 64
 SITES = ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"]
@@ -152,27 +151,17 @@ def test_non_saelens_architecture_card_says_so(tmp_path):
 
 
 def test_cli_dry_run(repo, capsys):
-    parser = argparse.ArgumentParser(prog="interp")
-    sub = parser.add_subparsers(dest="cmd").add_parser("sae").add_subparsers(dest="sae_cmd")
-    add_publish_parser(sub)
-    args = parser.parse_args(["sae", "publish", str(repo), "me/smollm2-saes", "--dry-run"])
-    assert args.func(args) == 0
+    from interp.cli import main
+
+    assert main(["sae", "publish", str(repo), "me/smollm2-saes", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would upload 8 files for 2 SAE(s) to me/smollm2-saes" in out
     assert (repo / "README.md").exists()
 
 
-def test_cli_reports_errors(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="interp")
-    add_publish_parser(parser.add_subparsers())
-    args = parser.parse_args(["publish", str(tmp_path), "me/x", "--dry-run"])
-    assert args.func(args) == 1
-    assert "no SAE found" in capsys.readouterr().err
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    from interp.cli import main
 
-
-def test_interp_sae_publish_is_wired_into_the_sae_cli(repo, capsys):
-    saes_cli = pytest.importorskip("saes.cli", reason="saes/cli.py (interp sae ...) is not in this tree")
-    parser = argparse.ArgumentParser(prog="interp")
-    saes_cli.register(parser.add_subparsers())
-    args = parser.parse_args(["sae", "publish", str(repo), "me/smollm2-saes", "--dry-run"])
-    assert args.func(args) == 0 and "would upload 8 files" in capsys.readouterr().out
+    assert main(["sae", "publish", str(tmp_path), "me/x", "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert "no SAE found" in err and err.count("\n") == 1

@@ -1,0 +1,106 @@
+"""`interp capture` -> `interp sae train` -> `interp sae eval` -> `interp sae publish --dry-run`, through the
+command line alone, on a tiny random Llama saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_util import one_error_line
+
+from interp.cli import main
+from saes.checkpoint import read
+
+SITES = ["blocks.1.hook_resid_post", "blocks.1.mlp.hook_post"]  # widths 32 and 64
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_dir, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "acts"
+    assert main(["capture", "--model", str(tiny_dir), "--sites", *SITES, "--dataset", str(text_file),
+                 "--context-size", "32", "--tokens", "6000", "--shard-tokens", "2000", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_text_to_published_sae_through_the_cli(cache, tiny_dir, text_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["sae", "train", "--cache", str(cache), "--arch", "topk", "--k", "4", "--expansion", "2",
+                 "--batch-tokens", "500", "--tokens", "4000", "--device", "cpu", "--out", str(run)]) == 0
+    for site, width in zip(SITES, (32, 64)):
+        ck = read(run / site)
+        assert ck.sae.cfg.d_model == width and ck.sae.cfg.d_sae == 2 * width
+        assert ck.metadata["model_name"] == str(tiny_dir) and ck.metadata["hook_name"] == site
+        assert ck.metadata["context_size"] == 32 and ck.metadata["dataset_path"] == str(text_file)
+        data = ck.training["data"]
+        assert ck.training["n_tokens"] == 4000 and data["tokens_trained"] == 4000
+        assert data["cache"] == str(cache.resolve()) and data["rows"] >= 6000
+    folder = run / SITES[0]
+    capsys.readouterr()
+    assert main(["sae", "eval", str(folder), "--tokens", "1000", "--windows", "2", "--device", "cpu"]) == 0
+    metrics = read(folder).training["metrics"]
+    assert 0 < metrics["l0_mean"] <= 4 and metrics["n_rows"] == 1000
+    assert "ce_loss_recovered" in metrics and read(folder).sparsity is not None
+    assert main(["sae", "eval", str(run / SITES[1]), "--tokens", "1000", "--windows", "2", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["sae", "publish", str(run), "me/tiny-saes", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload" in out and "for 2 SAE(s) to me/tiny-saes" in out
+    assert (run / "README.md").is_file()
+
+
+def test_training_past_the_cache_and_evaluating_on_it_warn_with_the_numbers(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["sae", "train", "--cache", str(cache), "--sites", SITES[0], "--k", "2", "--expansion", "1",
+                 "--batch-tokens", "1000", "--tokens", "20000", "--log-every", "5", "--device", "cpu",
+                 "--out", str(run)]) == 0
+    err = capsys.readouterr().err
+    rows = read(run / SITES[0]).training["data"]["rows"]
+    assert f"training on 20000 tokens but the cache {cache} holds {rows} rows" in err
+    assert main(["sae", "eval", str(run / SITES[0]), "--cache", str(cache), "--tokens", "1000", "--windows", "0",
+                 "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert f"evaluating on {cache}, the cache this SAE trained on ({rows} of its {rows} rows" in err
+
+
+def test_growing_a_cache_and_rerunning_a_complete_one(tiny_dir, text_file, tmp_path, capsys):
+    out = tmp_path / "acts"
+    common = ["capture", "--model", str(tiny_dir), "--sites", SITES[0], "--dataset", str(text_file),
+              "--context-size", "32", "--shard-tokens", "1000", "--device", "cpu", "--out", str(out)]
+    assert main([*common, "--tokens", "2000"]) == 0
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*common, "--tokens", "2000"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
+    assert main([*common, "--tokens", "3500"]) == 0
+    assert len(list(out.glob("shard-*.safetensors"))) > len([f for f in files if f.startswith("shard-")])
+
+
+def test_a_flag_the_architecture_does_not_have_is_an_error(cache, tmp_path, capsys):
+    assert main(["sae", "train", "--cache", str(cache), "--arch", "relu", "--k", "16", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "--k does not apply to architecture 'relu'" in err and "topk" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_config_file_typos_and_missing_out(cache, tmp_path, capsys):
+    cfg = tmp_path / "train.json"
+    cfg.write_text(json.dumps({"arch": "topk", "d_sea": 10}))
+    assert main(["sae", "train", "--config", str(cfg), "--cache", str(cache), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "d_sea" in err
+    assert main(["sae", "train", "--cache", str(cache)]) == 1
+    assert "--out" in capsys.readouterr().err
+
+
+def test_defaults_live_in_the_dataclasses(capsys):
+    """The help shows each default once, taken from the config dataclasses, with no RST markup."""
+    import saes
+
+    with pytest.raises(SystemExit):
+        main(["sae", "train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {saes.TrainConfig.batch_tokens})" in text
+    assert f"[batchtopk, mpsae, topk] (default: {saes.TopKConfig.k})" in text or "(default: 32)" in text
+    assert "``" not in text and ":class:" not in text
