@@ -1,4 +1,4 @@
-"""Render the model card of a real trained SAE (issue 5's committed example).
+"""Render the model card of a real trained SAE (the committed example).
 
 Either renders the card for an existing folder of trained SAEs (``--from DIR``, e.g. the output of
 ``experiments/train_sae_smollm2.py``), or trains a small TopK SAE on the embedded SmolLM2-135M's

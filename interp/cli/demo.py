@@ -37,11 +37,12 @@ REPEAT_TEMPLATES = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="capture, find the weekday circle, probe, intervene, write a report")
     p.add_argument("--model", default=EMBEDDED, help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
-    p.add_argument("--items", default="days", choices=["days", "months"])
-    p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited")
-    p.add_argument("--scale", type=float, default=2.0, help="circle edit: distance-from-center multiplier")
-    p.add_argument("--out", default="interp-demo", help="report folder")
-    p.add_argument("--device", default=None)
+    p.add_argument("--items", default="days", choices=["days", "months"], help="item family (default: days)")
+    p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited (default: 10)")
+    p.add_argument("--scale", type=float, default=2.0, help="circle edit: distance-from-centre multiplier "
+                   "(default: 2.0)")
+    p.add_argument("--out", default="interp-demo", help="report folder (default: interp-demo)")
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer layers and prompts (for tests)")
     p.set_defaults(func=run)
 

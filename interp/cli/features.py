@@ -135,10 +135,11 @@ def register(subparsers) -> None:
     c.add_argument("--model", default=EMBEDDED, help=f"model name or path (default: {EMBEDDED})")
     c.add_argument("--site", action="append", help="site name; repeatable")
     c.add_argument("--layers", help="layers, e.g. '4-20', '3,6,9' or '0-29:3' (sites blocks.L.<--hook>)")
-    c.add_argument("--hook", default="hook_resid_post", help="hook used with --layers")
-    c.add_argument("--items", default="days", help="'days', 'months', or comma-separated items")
-    c.add_argument("--rank", type=int, default=2, help="principal directions of the class means to keep")
-    c.add_argument("--device", default=None)
+    c.add_argument("--hook", default="hook_resid_post", help="site kind used with --layers (default: "
+                   "hook_resid_post)")
+    c.add_argument("--items", default="days", help="'days', 'months', or comma-separated items (default: days)")
+    c.add_argument("--rank", type=int, default=2, help="principal directions of the class means to keep (default: 2)")
+    c.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     c.add_argument("--out", required=True, help="output folder (circles.json, PNGs, subspaces/)")
     c.set_defaults(func=_with_argv(run_circles))
 
