@@ -10,6 +10,14 @@
    the target's mean activation);
 5. write ``report.md`` + PNG plots + ``results.json`` to a folder and print where it is.
 
+``results.json`` fields: ``model``, ``items_name`` (days or months), ``items``, ``layer`` (the edited
+layer), ``device``, ``command``, ``seconds``; ``circle``: one row per layer (``layer``,
+``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``radius_cv``,
+``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by layer and neuron
+count, as text), ``best_k1`` (the best single neuron's site and F1); ``intervention``: ``site``,
+``position``, ``rows`` (prompt, target pairs), ``templates`` and ``edits`` (per edit: ``success``, the fraction of rows whose top item is the
+target, and ``kept_source``, the fraction still naming the original item).
+
 It lives in the command layer, the one place that joins ``interp`` and ``probes``; it uses only
 public APIs.
 """
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from interp.atomic import write_json
 from interp.models import EMBEDDED
 
 REPEAT_TEMPLATES = {
@@ -228,7 +237,7 @@ def run(args) -> int:
                       + (" --quick" if args.quick else ""),
            "circle": circle_rows, "probe": info, "intervention": inter,
            "seconds": time.perf_counter() - t0}
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    write_json(out / "results.json", json.loads(json.dumps(res, default=str)))
     report = write_report(out, res)
     print("[4/4] done in {:.0f} s".format(res["seconds"]))
     best_circle = min(circle_rows, key=lambda r: r["loco_angle_error"])

@@ -1,5 +1,21 @@
 """``interp features circles`` and ``interp features clusters``: write JSON + PNG (+ Subspace folders).
 
+``circles.json``: ``model``, ``items``, ``family`` (days, months or custom), ``n_templates``,
+``n_prompts``, ``rank``, ``torch`` (version), ``command``, and ``sites``: one row per site with
+``site``, ``layer``, ``order_matches`` (the circle's cyclic order is the items' order),
+``cyclic_order``, ``loco_angle_error`` (leave-one-class-out angle error, radians), ``angle_error``,
+``radius_cv`` (spread of the class means' distances to the centre), ``top2_explained`` and
+``explained_variance`` (of the class means, per direction) and ``angles`` (each item's angle).
+Each site's plane is saved as a Subspace folder under ``subspaces/`` and plotted as ``<site>.png``.
+
+``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``cluster_config`` and ``config`` (the
+settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``: one entry per
+scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
+the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
+components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
+``irreducibility``, ``circle`` (the circle fit of the best pair), ``is_circle`` and ``label_angles``. Circles among the top
+``--top`` are saved as Subspace folders under ``subspaces/``.
+
     interp features circles --model smollm2-135m --layers 4-20 --items days --out out/days
     interp features clusters --sae sae/blocks.12.hook_resid_post --cache cache/ --out out/clusters
 """
