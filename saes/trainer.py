@@ -135,6 +135,12 @@ class Trainer:
     ``history_`` (logged metrics), ``scales_``; with ``out_dir``, every SAE is saved to
     ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``.
 
+    ``out_dir/train_history.json`` is ``history_``: one entry every ``log_every`` steps (and at the
+    last) with ``step``, ``tokens`` (rows trained on so far) and, per site, the live metrics of that
+    step: ``loss``, ``fvu`` (fraction of variance unexplained on the batch), ``l0`` (mean active
+    latents per row), ``dead`` (fraction of latents not fired for ``dead_tokens`` rows) and the
+    architecture's loss terms (e.g. ``auxk``).
+
     ``metadata`` (SAELens' keys: ``model_name``, ``context_size``, ``prepend_bos``, ``dataset_path``)
     is written into every saved SAE, with ``hook_name`` set to its site; ``data_summary`` (what the
     activations came from, e.g. an activation source's ``describe()``) is kept in its training

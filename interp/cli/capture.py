@@ -86,8 +86,8 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 
 def run_sites(args: argparse.Namespace) -> int:
-    from interp.models import load_model
     from interp.capture import site_widths
+    from interp.models import load_model
 
     model, _ = load_model(args.model, device="cpu")
     widths = site_widths(model)

@@ -15,8 +15,9 @@ layer), ``device``, ``command``, ``seconds``; ``circle``: one row per layer (``l
 ``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``radius_cv``,
 ``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by layer and neuron
 count, as text), ``best_k1`` (the best single neuron's site and F1); ``intervention``: ``site``,
-``position``, ``rows`` (prompt, target pairs), ``templates`` and ``edits`` (per edit: ``success``, the fraction of rows whose top item is the
-target, and ``kept_source``, the fraction still naming the original item).
+``position``, ``rows`` (prompt, target pairs), ``templates`` and ``edits`` (per edit: ``success``,
+the fraction of rows whose top item is the target, and ``kept_source``, the fraction still naming the
+original item).
 
 It lives in the command layer, the one place that joins ``interp`` and ``probes``; it uses only
 public APIs.
@@ -45,7 +46,8 @@ REPEAT_TEMPLATES = {
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="capture, find the weekday circle, probe, intervene, write a report")
-    p.add_argument("--model", default=EMBEDDED, help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
+    p.add_argument("--model", default=EMBEDDED,
+                   help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--items", default="days", choices=["days", "months"], help="item family (default: days)")
     p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited (default: 10)")
     p.add_argument("--scale", type=float, default=2.0, help="circle edit: distance-from-centre multiplier "
@@ -116,7 +118,8 @@ def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scal
 
     item_ids = _item_token_ids(tok, items)
     family = "days" if items[0] == "Monday" else "months"
-    rows = [(t, src, tgt) for t in REPEAT_TEMPLATES[family][:n_templates] for src in items for tgt in items if tgt != src]
+    rows = [(t, src, tgt) for t in REPEAT_TEMPLATES[family][:n_templates]
+            for src in items for tgt in items if tgt != src]
     texts = [t.format(src) for t, src, _ in rows]
     side, tok.padding_side = tok.padding_side, "left"
     try:
@@ -124,7 +127,8 @@ def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scal
     finally:
         tok.padding_side = side
     ids = batch["input_ids"]
-    item_pos = torch.tensor([int((ids[i] == item_ids[items.index(src)]).nonzero()[0, 0]) for i, (_, src, _) in enumerate(rows)])
+    item_pos = torch.tensor([int((ids[i] == item_ids[items.index(src)]).nonzero()[0, 0])
+                             for i, (_, src, _) in enumerate(rows)])
     targets = torch.tensor([items.index(tgt) for _, _, tgt in rows])
     sources = torch.tensor([items.index(src) for _, src, _ in rows])
     site = f"blocks.{layer}.hook_resid_post"
@@ -138,7 +142,8 @@ def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scal
     random_plane = Subspace(torch.randn(2, circle.d_model, generator=g))
     means = torch.stack([fit_acts[[lab == it for lab in fit_labels]].mean(0) for it in items])
     to = [items[t] for t in targets.tolist()]
-    edits = {"no edit": None, "circle x1": Rotate(circle, to=to), f"circle x{scale:g}": Rotate(circle, to=to, scale=scale),
+    edits = {"no edit": None, "circle x1": Rotate(circle, to=to),
+             f"circle x{scale:g}": Rotate(circle, to=to, scale=scale),
              "random plane x1 (control)": Rotate(random_plane, angle=theta),
              f"random plane x{scale:g} (control)": Rotate(random_plane, angle=theta, scale=scale),
              "replace with target mean (control)": Replace(means[targets])}
@@ -151,8 +156,8 @@ def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scal
                 top = _top_items(model, batch, item_ids)
         results[name] = {"success": round(float((top == targets).float().mean()), 4),
                          "kept_source": round(float((top == sources).float().mean()), 4)}
-    return {"site": site, "position": "item token", "rows": len(rows), "templates": REPEAT_TEMPLATES[family][:n_templates],
-            "edits": results}
+    return {"site": site, "position": "item token", "rows": len(rows),
+            "templates": REPEAT_TEMPLATES[family][:n_templates], "edits": results}
 
 
 def _bar_plot(inter: dict, path: Path) -> None:
@@ -161,7 +166,8 @@ def _bar_plot(inter: dict, path: Path) -> None:
     names = list(inter["edits"])
     fig = Figure(figsize=(7, 3.2))
     ax = fig.add_subplot()
-    ax.barh(names, [inter["edits"][n]["success"] for n in names], color=["#999", "#2a7", "#2a7", "#c55", "#c55", "#58c"])
+    ax.barh(names, [inter["edits"][n]["success"] for n in names],
+            color=["#999", "#2a7", "#2a7", "#c55", "#c55", "#58c"])
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("success: the model's top item is the target")
@@ -177,8 +183,8 @@ def write_report(out: Path, res: dict) -> Path:
              "## 1. The circle (class-mean PCA + circle fit, per layer)", "",
              "| layer | cyclic order recovered | leave-one-class-out angle error (rad) | radius CV | top-2 explained |",
              "|---|---|---|---|---|"]
-    lines += [f"| {r['layer']} | {'yes' if r['order_matches'] else 'no'} | {r['loco_angle_error']:.3f} | {r['radius_cv']:.3f} | "
-              f"{r['top2_explained']:.3f} |" for r in circ]
+    lines += [f"| {r['layer']} | {'yes' if r['order_matches'] else 'no'} | {r['loco_angle_error']:.3f} | "
+              f"{r['radius_cv']:.3f} | {r['top2_explained']:.3f} |" for r in circ]
     lines += ["", "![scores](circle_scores_by_layer.png)", "", f"![circle](circle_layer{res['layer']}.png)", "",
               "## 2. Sparse probes for item tokens (MLP neurons)", "",
               f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. F1 on held-out documents:",

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_util import one_error_line
 
 import saes
 from interp.cli import main
-from cli_util import one_error_line
 from interp.errors import InputError
 from interp.features.clusters import graph_clusters
 from interp.features.items import build_prompts, resolve_items

@@ -3,9 +3,9 @@
 import json
 
 import pytest
+from cli_util import one_error_line
 
 from interp.cli import main
-from cli_util import one_error_line
 from interp.cli.options import parse_layers
 from interp.cli.probe import read_rows
 from interp.errors import DataError, InputError
