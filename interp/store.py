@@ -1,12 +1,16 @@
-"""Activation stores: shuffled ``[batch_tokens, d_model]`` batches for SAE training and probing.
+"""Activation stores: shuffled ``[batch_tokens, d]`` batches for SAE training and probing.
 
-Two sources, one interface (iterate dicts ``{site: Float[Tensor, "batch_tokens d"]}`` whose rows are
-aligned across sites; ``state_dict()``/``load_state_dict()`` for exact resumption):
+Two sources, one interface (:class:`interp.source.ActivationSource`: iterate dicts
+``{site: Float[Tensor, "batch_tokens d"]}`` whose rows are aligned across sites; ``d_models``,
+``describe()``, and ``state_dict()``/``load_state_dict()`` for exact resumption):
 
 * :class:`ActivationStore` runs the model live: windows of text -> capture -> a shuffle buffer of
   ``buffer_tokens`` rows -> batches. Memory is bounded by the buffer whatever the dataset size.
 * :class:`CachedActivations` reads a disk cache written by :func:`interp.cache.cache_activations`,
   shuffling across shards, holding ``shards_in_memory`` shards at a time.
+
+Both fill and shuffle with the same code (:mod:`interp.source`), so a buffer and a shard group holding
+the same rows yield the same batches.
 
 Which positions feed the store: position 0 of every window is excluded by default (it is an attention
 sink with outlier norms on models trained without BOS, such as SmolLM2), and so are special tokens
@@ -17,30 +21,28 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp.cache import CachedActivations, cache_activations
-from interp.capture import capture
-from interp.data import load_texts, pack, token_mask
+from interp.cache import CachedActivations, CacheInfo, cache_activations
+from interp.data import load_texts, pack
 from interp.errors import InputError
 from interp.sites import resolve
+from interp.source import (
+    ActivationSource,
+    capture_rows,
+    dataset_name,
+    site_widths,
+    take_rows,
+)
+
+__all__ = ["ActivationSource", "ActivationStore", "CacheInfo", "CachedActivations", "cache_activations"]
 
 
-__all__ = ["ActivationStore", "CachedActivations", "cache_activations"]
-
-
-def _generator(*keys: int) -> torch.Generator:
-    g = torch.Generator()
-    seed = 0
-    for k in keys:
-        seed = (seed * 1_000_003 + int(k)) % (2**63 - 1)
-    return g.manual_seed(seed)
-
-
-class ActivationStore:
+class ActivationStore(ActivationSource):
     """Live activations from `model` over a text corpus.
 
     Args:
@@ -52,11 +54,17 @@ class ActivationStore:
         buffer_tokens: rows held and shuffled together (default ``32 * batch_tokens``).
         model_batch_size: windows per forward pass.
         epochs: passes over the dataset (None: forever).
+        seed: shuffles the documents (``seed + epoch``) and the rows of each buffer.
         dtype, device: of the yielded tensors.
         exclude_first, exclude_special, prepend_bos: which positions feed the store (see module doc).
         max_windows: stop after this many windows (useful for small runs).
         progress: show a progress bar of the windows captured (out of ``max_windows`` when set).
+
+    The state (``state_dict()``) is ``{"epoch", "group", "served", "window"}``: the buffer being served,
+    the batches of it already yielded and the windows consumed before it.
     """
+
+    _cursor = ("window",)
 
     def __init__(self, model: nn.Module, tokenizer, sites: str | Sequence[str], *, dataset=None,
                  context_size: int = 128, batch_tokens: int = 4096, buffer_tokens: int | None = None,
@@ -64,111 +72,64 @@ class ActivationStore:
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  exclude_first: bool = True, exclude_special: bool = True, prepend_bos: bool = False,
                  text_column: str = "text", max_windows: int | None = None, progress: bool = False):
-        self.model, self.tokenizer = model, tokenizer
-        self.sites = [sites] if isinstance(sites, str) else list(sites)
-        if not self.sites:
-            raise InputError("sites is empty: name at least one site, e.g. 'blocks.6.hook_resid_post'")
+        super().__init__(sites=[sites] if isinstance(sites, str) else sites, batch_tokens=batch_tokens,
+                         seed=seed, epochs=epochs, dtype=dtype, device=device)
         for s in self.sites:
             resolve(model, s)  # fail now, not after the first forward pass
-        if batch_tokens < 1 or context_size < 2 or model_batch_size < 1:
-            raise InputError(f"need batch_tokens >= 1, context_size >= 2, model_batch_size >= 1; got "
-                             f"{batch_tokens}, {context_size}, {model_batch_size}")
+        if context_size < 2 or model_batch_size < 1:
+            raise InputError(f"need context_size >= 2 and model_batch_size >= 1; got {context_size}, "
+                             f"{model_batch_size}")
+        self.model, self.tokenizer = model, tokenizer
         self.dataset, self.text_column = dataset, text_column
-        self.context_size, self.batch_tokens = context_size, batch_tokens
+        self.context_size, self.model_batch_size = context_size, model_batch_size
         self.buffer_tokens = max(buffer_tokens or 32 * batch_tokens, batch_tokens)
-        self.model_batch_size, self.epochs, self.seed = model_batch_size, epochs, seed
-        self.dtype, self.device = dtype, torch.device(device)
         self.exclude_first, self.exclude_special, self.prepend_bos = exclude_first, exclude_special, prepend_bos
         self.max_windows, self.progress = max_windows, progress
-        self._pos = {"epoch": 0, "window": 0, "buffer": 0, "served": 0}
-        self._d_model: dict[str, int] = {}
-
-    @property
-    def d_model(self) -> int:
-        """Width of the first site (see :attr:`d_models` for each)."""
-        return self.d_models[self.sites[0]]
+        self._widths: dict[str, int] = {}
 
     @property
     def d_models(self) -> dict[str, int]:
-        if not self._d_model:
-            ids = torch.full((1, 4), self.tokenizer.eos_token_id or 0, dtype=torch.long)
-            acts = capture(self.model, ids, self.sites)
-            self._d_model = {k: v.shape[-1] for k, v in acts.items()}
-        return self._d_model
+        """Width of each site (one short forward pass the first time)."""
+        if not self._widths:
+            self._widths = site_widths(self.model, self.tokenizer, self.sites)
+        return dict(self._widths)
 
-    def state_dict(self) -> dict[str, int]:
-        """Position in the data: enough to resume exactly where the last yielded batch left off."""
-        return dict(self._pos)
+    def describe(self) -> dict[str, Any]:
+        """What this store reads, JSON-ready (``rows`` is None: a live store has no fixed size)."""
+        return {"source": "live", "model": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
+                "sites": list(self.sites), "widths": self.d_models, "dataset": dataset_name(self.dataset),
+                "context_size": self.context_size, "rows": None, "dtype": str(self.dtype).removeprefix("torch."),
+                "exclude_first": self.exclude_first, "exclude_special": self.exclude_special,
+                "prepend_bos": self.prepend_bos, "max_windows": self.max_windows, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        missing = {"epoch", "window", "buffer", "served"} - set(state)
-        if missing:
-            raise InputError(f"store state lacks {sorted(missing)}; expected a dict from state_dict()")
-        self._pos = {k: int(state[k]) for k in ("epoch", "window", "buffer", "served")}
+        if "group" not in state and "buffer" in state:  # the name this store used before "group"
+            state = {**state, "group": state["buffer"]}
+        super().load_state_dict(state)
 
     def _windows(self, epoch: int) -> Iterator[Tensor]:
         texts = load_texts(self.dataset, text_column=self.text_column, shuffle_seed=self.seed + epoch)
         windows = pack(texts, self.tokenizer, self.context_size, prepend_bos=self.prepend_bos)
         return itertools.islice(windows, self.max_windows) if self.max_windows else windows
 
-    def _fill(self, windows: Iterator[Tensor]) -> tuple[dict[str, Tensor], int]:
-        """Capture windows until the buffer holds `buffer_tokens` rows; returns rows and windows used."""
-        parts: dict[str, list[Tensor]] = {s: [] for s in self.sites}
-        rows = used = 0
-        while rows < self.buffer_tokens:
-            chunk = list(itertools.islice(windows, self.model_batch_size))
-            if not chunk:
-                break
-            used += len(chunk)
-            ids = torch.stack(chunk)
-            keep = token_mask(ids, self.tokenizer, exclude_first=self.exclude_first,
+    def _groups(self, epoch: int, start: dict[str, int]) -> Iterator[tuple[dict[str, int], dict[str, Tensor]]]:
+        """Buffers of `epoch`: skip the windows earlier buffers consumed (tokenizing only), then fill."""
+        window = first = start["window"]
+        windows = itertools.islice(self._windows(epoch), first, None)
+        chunks = capture_rows(self.model, self.tokenizer, self.sites, windows, model_batch_size=self.model_batch_size,
+                              dtype=self.dtype, exclude_first=self.exclude_first,
                               exclude_special=self.exclude_special)
-            acts = capture(self.model, ids, self.sites, positions=keep, dtype=self.dtype)
-            for s in self.sites:
-                parts[s].append(acts[s])
-            rows += int(keep.sum())
-        if rows == 0:
-            return {}, used
-        return {s: torch.cat(v) for s, v in parts.items()}, used
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        resume = dict(self._pos)
-        epoch = resume["epoch"]
-        while self.epochs is None or epoch < self.epochs:
-            windows = self._windows(epoch)
-            start = resume["window"] if epoch == resume["epoch"] else 0
-            for _ in itertools.islice(windows, start):
-                pass  # skip what earlier buffers consumed (tokenizing only, no forward pass)
-            window, buffer = start, resume["buffer"] if epoch == resume["epoch"] else 0
-            produced = False
-            bar = tqdm(total=self.max_windows, initial=start, unit="win", desc=f"capturing (epoch {epoch})",
-                       disable=not self.progress, smoothing=0.1)
+        produced = False
+        with tqdm(total=self.max_windows, initial=first, unit="win", desc=f"capturing (epoch {epoch})",
+                  disable=not self.progress, smoothing=0.1) as bar:
             while True:
-                buf, used = self._fill(windows)
+                rows, used = take_rows(chunks, self.buffer_tokens)
                 bar.update(used)
-                if not buf:
+                if not rows:
                     break
                 produced = True
-                n = next(iter(buf.values())).shape[0]
-                perm = torch.randperm(n, generator=_generator(self.seed, epoch, buffer))
-                skip = resume["served"] if (epoch, buffer) == (resume["epoch"], resume["buffer"]) else 0
-                for i, lo in enumerate(range(0, n - self.batch_tokens + 1, self.batch_tokens)):
-                    if i < skip:
-                        continue
-                    self._pos = {"epoch": epoch, "window": window, "buffer": buffer, "served": i + 1}
-                    idx = perm[lo:lo + self.batch_tokens]
-                    yield {s: t[idx].to(self.device) for s, t in buf.items()}
+                yield {"window": window}, rows
                 window += used
-                buffer += 1
-            bar.close()
-            if not produced and start == 0:
-                raise InputError("the dataset produced no full window of tokens: it is empty or shorter than "
-                                 f"context_size={self.context_size} tokens")
-            epoch += 1
-            self._pos = {"epoch": epoch, "window": 0, "buffer": 0, "served": 0}
-
-    def next_batch(self) -> dict[str, Tensor]:
-        """One batch (keeps an iterator between calls)."""
-        if getattr(self, "_it", None) is None:
-            self._it = iter(self)
-        return next(self._it)
+        if not produced and first == 0:
+            raise InputError("the dataset produced no full window of tokens: it is empty or shorter than "
+                             f"context_size={self.context_size} tokens")

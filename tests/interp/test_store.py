@@ -71,6 +71,12 @@ def test_live_store_batches_and_exact_resume():
     assert len(rest) == len(batches) - 5
     for a, b in zip(rest, batches[5:]):
         assert torch.equal(a[SITES[1]], b[SITES[1]])
+    # a state saved before the buffer index was named "group" resumes the same way
+    legacy = {"buffer" if k == "group" else k: v for k, v in state.items()}
+    older = ActivationStore(model, tok, SITES, **kw)
+    older.load_state_dict(legacy)
+    assert torch.equal(older.next_batch()[SITES[0]], batches[5][SITES[0]])
+    assert store.d_model == 32 and store.d_models == {s: 32 for s in SITES}
 
 
 def test_live_store_rows_are_real_activations():
@@ -101,7 +107,7 @@ def test_live_store_errors():
 def test_cache_roundtrip_shuffle_and_resume(tmp_path):
     model, tok = tiny_model("llama"), byte_tokenizer()
     out = cache_activations(model, tok, SITES, tmp_path / "c", 1000, dataset=DOCS, context_size=32,
-                            shard_tokens=300, model_batch_size=4, progress=False)
+                            shard_tokens=300, model_batch_size=4, progress=False).path
     shards = sorted(out.glob("shard-*.safetensors"))
     assert len(shards) >= 3
     reader = CachedActivations(out, batch_tokens=100, shards_in_memory=2, seed=1, with_tokens=True)
@@ -151,7 +157,7 @@ def test_cache_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypat
 def test_truncated_shard_and_other_cache_damage(tmp_path):
     model, tok = tiny_model("llama"), byte_tokenizer()
     out = cache_activations(model, tok, SITES, tmp_path / "c", 400, dataset=DOCS, context_size=32,
-                            shard_tokens=200, progress=False)
+                            shard_tokens=200, progress=False).path
     shard = sorted(out.glob("shard-*.safetensors"))[0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
@@ -172,10 +178,13 @@ def test_cache_ranks_write_one_folder(tmp_path, monkeypatch):
     """Under torchrun each rank captures every world_size-th window into the same folder."""
     model, tok = tiny_model("llama"), byte_tokenizer()
     kw = dict(dataset=DOCS, context_size=32, shard_tokens=10_000, model_batch_size=3, progress=False)
+    infos = []
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        cache_activations(model, tok, ["blocks.1.hook_resid_post"], tmp_path / "c", 600, **kw)
+        infos.append(cache_activations(model, tok, ["blocks.1.hook_resid_post"], tmp_path / "c", 600, **kw))
+    assert not infos[0].complete and "other ranks" in infos[0].summary()  # rank 1 has not written yet
+    assert infos[1].complete and infos[1].rows >= 600
     reader = CachedActivations(tmp_path / "c", batch_tokens=10, with_tokens=True)
     assert {s["file"].split("-")[1] for s in reader.shards} == {"r0", "r1"}
     wins = list(pack(load_texts(DOCS, shuffle_seed=0), tok, 32))
