@@ -1,8 +1,21 @@
 """interp: capture, edit and explain the residual stream of Hugging Face transformers."""
 
 from interp.capture import Activations, capture
-from interp.edits import (Compose, Edit, EditContext, Lambda, MeanAblate, Patch, ProjectOut, Replace, Rotate,
-                          SaeEdit, SetCoords, Steer, ZeroAblate)
+from interp.edits import (
+                          Compose,
+                          Edit,
+                          EditContext,
+                          Lambda,
+                          MeanAblate,
+                          Patch,
+                          ProjectOut,
+                          Replace,
+                          Rotate,
+                          SaeEdit,
+                          SetCoords,
+                          Steer,
+                          ZeroAblate,
+)
 from interp.errors import CacheError, DataError, InputError, InterpError, ModelLoadError, SiteError
 from interp.intervene import Intervention, intervene
 from interp.models import EMBEDDED, load_model

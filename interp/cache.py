@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from interp.atomic import atomic_path
 from interp.atomic import write_json as _write_json
+from interp.capture import site_widths
 from interp.data import load_texts, pack
 from interp.errors import CacheError, InputError
 from interp.sites import resolve
@@ -43,7 +44,6 @@ from interp.source import (
     ActivationSource,
     capture_rows,
     dataset_name,
-    site_widths,
     take_rows,
 )
 
@@ -142,7 +142,7 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
     if mine.get("exhausted") or done >= target:
         return _info(out, n_tokens, world, added=0)  # nothing to capture: touch no file
     out.mkdir(parents=True, exist_ok=True)
-    widths = site_widths(model, tokenizer, sites)
+    widths = site_widths(model, sites)
     if old is not None and old.get("widths", widths) != widths:
         raise CacheError(f"{out} holds sites of widths {old['widths']}, but this model gives {widths}: it was "
                          "cached from another model. Use another output folder.")

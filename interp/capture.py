@@ -224,15 +224,11 @@ def capture(
     return acts
 
 
-def site_widths(model: nn.Module) -> dict[str, int]:
-    """``{site: width}`` for every name :func:`interp.sites.site_names` lists, from one forward pass of
-    a few tokens (sites that cannot be captured on this model raise :class:`SiteError`)."""
+def site_widths(model: nn.Module, sites: Sequence[str] | None = None) -> dict[str, int]:
+    """``{site: width}`` for `sites` (default: every name :func:`interp.sites.site_names` lists), from one
+    forward pass over two tokens, stopped after the deepest site."""
     from interp.sites import site_names
 
-    names = site_names(model)
-    config = getattr(unwrap(model), "config", None)
-    token = getattr(config, "eos_token_id", None)
-    token = token[0] if isinstance(token, (list, tuple)) else token
-    ids = torch.full((1, 4), int(token or 0), dtype=torch.long)
-    acts = capture(model, ids, names, stop_early=False)
+    names = list(sites) if sites is not None else site_names(model)
+    acts = capture(model, torch.zeros((1, 2), dtype=torch.long), names)
     return {name: int(acts[name].shape[-1]) for name in names}

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from interp.atomic import atomic_path, write_json
 from interp.capture import capture, last_token_index, tokenize
-from interp.edits import (Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate)
+from interp.edits import Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate
 from interp.errors import DataError, InputError
 from interp.intervene import intervene
 from interp.subspace import Subspace

@@ -31,7 +31,7 @@ from interp.capture import capture
 from interp.data import token_mask
 from interp.errors import InputError
 
-__all__ = ["ActivationSource", "capture_rows", "dataset_name", "site_widths", "take_rows"]
+__all__ = ["ActivationSource", "capture_rows", "dataset_name", "take_rows"]
 
 TOKENS = "tokens"
 """Key of the token ids ``[rows]`` (int32) beside the sites' rows, when a source carries them."""
@@ -48,13 +48,6 @@ def generator(*keys: int) -> torch.Generator:
 def dataset_name(dataset) -> str | None:
     """How a dataset is named in a manifest or a description: its name or path, else its type."""
     return dataset if isinstance(dataset, (str, type(None))) else type(dataset).__name__
-
-
-def site_widths(model: nn.Module, tokenizer, sites: Sequence[str]) -> dict[str, int]:
-    """Width of each site, read from one forward pass over two tokens (stopped after the deepest site)."""
-    ids = torch.full((1, 2), getattr(tokenizer, "eos_token_id", None) or 0, dtype=torch.long)
-    acts = capture(model, ids, list(sites))
-    return {s: int(acts[s].shape[-1]) for s in sites}
 
 
 def capture_rows(model: nn.Module, tokenizer, sites: Sequence[str], windows: Iterator[Int[Tensor, " seq"]], *,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp.cache import CachedActivations, CacheInfo, cache_activations
+from interp.capture import site_widths
 from interp.data import load_texts, pack
 from interp.errors import InputError
 from interp.sites import resolve
@@ -35,7 +36,6 @@ from interp.source import (
     ActivationSource,
     capture_rows,
     dataset_name,
-    site_widths,
     take_rows,
 )
 
@@ -91,7 +91,7 @@ class ActivationStore(ActivationSource):
     def d_models(self) -> dict[str, int]:
         """Width of each site (one short forward pass the first time)."""
         if not self._widths:
-            self._widths = site_widths(self.model, self.tokenizer, self.sites)
+            self._widths = site_widths(self.model, self.sites)
         return dict(self._widths)
 
     def describe(self) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def run_capture(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     info = cache_activations(model, tok, args.sites, args.out, args.tokens, model_name=args.model,
                              exclude_first=not args.keep_first, **kwargs)
-    print(info.summary(asked=args.tokens, seconds=time.perf_counter() - t0))
+    print(f"{info.summary()} ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
