@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -66,6 +67,23 @@ class Checkpoint:
     library_version: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     """The whole ``cfg.json``, as read."""
+
+    def decoder(self) -> Float[Tensor, "d_sae d_model"]:
+        """The direction each latent writes, detached: ``decode(codes) = codes @ decoder() + decode(0)``.
+        That is ``W_dec``, except for an MP-SAE, which decodes with its rows divided by their norm."""
+        with torch.no_grad():
+            atoms = getattr(self.sae, "atoms", None)
+            return (atoms() if callable(atoms) else self.sae.W_dec).detach()
+
+    def encoder(self) -> Callable[[Float[Tensor, "... d_model"]], Float[Tensor, "... d_sae"]]:
+        """``sae.encode`` without autograd: activations to codes, what feature finders and dashboards take."""
+        sae = self.sae
+
+        def encode(x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+            with torch.no_grad():
+                return sae.encode(x)
+
+        return encode
 
 
 def library_version() -> str:
@@ -139,7 +157,7 @@ def _cfg_json(sae: SAE, metadata: dict[str, Any] | None, training: dict[str, Any
         "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        **peers.saelens_fields(sae, theirs),
+        **peers.saelens_fields(sae.cfg, theirs),
         "metadata": meta,
         PROJECT_KEY: {
             "format_version": FORMAT_VERSION,
@@ -218,8 +236,11 @@ def read(path_or_repo_id: str | os.PathLike, site: str | None = None,
          device: str | torch.device | None = None) -> Checkpoint:
     """Like :func:`load`, also returning metadata, training summary and sparsity.
 
-    Strict: an unknown architecture, a missing or extra tensor, a shape or dtype that disagrees
-    with the config, a file whose checksum differs, or a pickle-based checkpoint is a
+    Reads this project's checkpoints, SAELens' (as its runner saves them, TopK with
+    ``rescale_acts_by_decoder_norm`` and unit-norm decoder rows included) and sparsify's (a run
+    folder with one hookpoint needs no ``site``). Strict: an unknown architecture, a missing or
+    extra tensor, a shape or dtype that disagrees with the config, a config SAELens would read as
+    another SAE, a file whose checksum differs, or a pickle-based checkpoint is a one-line
     :class:`CheckpointError` naming the file and the key.
     """
     folder = locate(path_or_repo_id, site)
@@ -235,7 +256,8 @@ def read(path_or_repo_id: str | os.PathLike, site: str | None = None,
             first = entries.get("encoder.weight")
             dtype = first.torch_dtype if first is not None and first.torch_dtype in peers.DTYPE_NAMES.values() \
                 else torch.float32
-            imported, weights = peers.from_sparsify(cfg, folder.name, dtype, where), SPARSIFY_WEIGHTS
+            hookpoint = peers.sparsify_hookpoint(folder)
+            imported, weights = peers.from_sparsify(cfg, hookpoint, dtype, where), SPARSIFY_WEIGHTS
         else:
             imported, weights = peers.from_saelens(cfg, where), WEIGHTS_FILENAME
         sae = _fill(imported, folder / weights)
@@ -276,12 +298,23 @@ def _read_ours(folder: Path, cfg: dict[str, Any], where: str) -> Checkpoint:
     _verify_files(folder, files, where)
     dtype = peers.dtype_from_name(cfg.get("dtype"), where)
     sae = _fill(peers.Imported(sae_cfg, dtype, {}, "interp"), folder / WEIGHTS_FILENAME)
+    _check_saelens_view(sae, cfg, where)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     training = block.get("training") if isinstance(block.get("training"), dict) else {}
     sparsity = _read_sparsity(folder, sae_cfg.d_sae) if SPARSITY_FILENAME in files else None
     version_written = block.get("library_version")
     return Checkpoint(sae, dict(meta), dict(training), sparsity, "interp", folder,
                       version_written if isinstance(version_written, str) else None, cfg)
+
+
+def _check_saelens_view(sae: SAE, cfg: dict[str, Any], where: str) -> None:
+    """The keys SAELens reads (``architecture``, ``k``, ``apply_b_dec_to_input`` ...) describe the SAE
+    read here from the same file: otherwise the two readers would compute different SAEs."""
+    written = _cfg_json(sae, None, None)
+    for key, want in written.items():
+        if key not in ("dtype", "device", "metadata", PROJECT_KEY) and cfg.get(key) != want:
+            raise CheckpointError(f"{where}: {key}={cfg.get(key)!r} disagrees with '{PROJECT_KEY}' ({want!r}), so "
+                                  "SAELens would read another SAE from this file; save it again with saes.save")
 
 
 def _verify_files(folder: Path, files: Any, where: str) -> None:
@@ -325,6 +358,7 @@ def _fill(imported: peers.Imported, weights: Path) -> SAE:
     sae = cls(imported.cfg).to(imported.dtype)
     state = peers.module_state(sae, imported.layout, load_tensors(weights), str(weights))
     sae.load_state_dict(state, strict=True)
+    peers.check_weights(imported, sae, str(weights))
     return sae
 
 

@@ -8,16 +8,22 @@ for a given SAE) and :func:`module_state` (the SAE's ``state_dict`` rebuilt from
   so that SAELens loads them; BatchTopK's scalar threshold is written as SAELens' per-latent
   JumpReLU threshold, the form SAELens itself saves BatchTopK in.
 * ``"saelens"``: files SAELens wrote; ``standard`` is ``relu`` here, ``topk`` and ``jumprelu`` keep
-  their names. SAELens' JumpReLU is ``relu(pre) * (pre > t)``, which equals this project's
+  their names. SAELens' TopK with ``rescale_acts_by_decoder_norm=True`` (what its training runner
+  saves) multiplies the pre-activations by the decoder row norms and divides the codes by them
+  again before decoding: with unit-norm rows (the runner folds the norms in before saving) that is
+  the identity, so such a file loads as a plain TopK SAE; with other norms it is refused.
+  SAELens' JumpReLU is ``relu(pre) * (pre > t)``, which equals this project's
   ``pre * (pre > max(t, 0))``: thresholds are clamped at 0 on import, so outputs are identical.
   SAELens' ``matching_pursuit`` is the MP-SAE here with non-negative coefficients, repeats allowed
   and unit-norm atoms; ``max_iterations``, ``residual_threshold`` and ``stop_on_duplicate_support``
-  map to ``max_iterations`` (``k``), ``residual_threshold`` and ``stop_on_repeated_support``. One
-  edge differs: SAELens always takes a first step, ours takes none when the centred input's norm
-  is already below ``residual_threshold`` (never with the threshold at 0).
+  map to ``max_iterations`` (``k``), ``residual_threshold`` and ``stop_on_repeated_support``. SAELens
+  uses ``W_dec`` rows as they are and ours divides them by their norm, so a file whose rows are not
+  unit norm is refused. One edge differs: SAELens always takes a first step, ours takes none when
+  the centred input's norm is already below ``residual_threshold`` (never with the threshold at 0).
 * ``"sparsify"``: EleutherAI sparsify's ``<hookpoint>/cfg.json`` + ``sae.safetensors`` with
   ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``. Its encoder is
-  ``topk(relu((x - b_dec) @ W_enc + b_enc))``: a TopK SAE here.
+  ``topk(relu((x - b_dec) @ W_enc + b_enc))``: a TopK SAE here. Its trainer writes one such
+  folder per hookpoint under the run folder (``<hookpoint>/seed<n>`` when it trains several seeds).
 
 A peer feature with no equivalent here (SAELens' layer-norm input normalisation, gated SAEs,
 sparsify's skip connections or transcoders ...) is refused with the reason, never approximated.
@@ -25,7 +31,9 @@ sparsify's skip connections or transcoders ...) is refused with the reason, neve
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,12 +52,17 @@ NOT_SAELENS_PREFIX = "interp."
 """Written before our name in ``cfg.json``'s ``architecture`` where SAELens would compute
 something else, so SAELens refuses the file instead of loading it wrong."""
 UNIT_NORM_TOL = 1e-4
-"""SAELens' matching pursuit uses ``W_dec`` rows as they are; ours divides them by their norm."""
-SAELENS_REQUIRED: dict[str, Any] = {"reshape_activations": "none", "rescale_acts_by_decoder_norm": False}
+"""Largest ``|row norm - 1|`` of ``W_dec`` (measured in float32) counted as unit norm: where a peer's
+encoder reads the row norms and ours does not (SAELens' matching pursuit, its TopK with
+``rescale_acts_by_decoder_norm``), the two agree only on unit-norm rows."""
+SAELENS_REQUIRED: dict[str, Any] = {"reshape_activations": "none"}
+RESCALE_KEY = "rescale_acts_by_decoder_norm"
 SAELENS_NORMALIZE_OK = ("none", "expected_average_only_in")
 """Values of ``normalize_activations`` that SAELens does not apply at inference."""
 SAELENS_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "context_size", "prepend_bos",
                          "dataset_path", "neuronpedia_id")
+SPARSIFY_SEED_FOLDER = re.compile(r"^seed\d+$")
+"""sparsify's trainer saves ``<hookpoint>/seed<n>`` when it trains several seeds per hookpoint."""
 SPARSIFY_NAMES = {"encoder.weight": "W_enc", "encoder.bias": "b_enc", "W_dec": "W_dec", "b_dec": "b_dec"}
 """sparsify's tensor name -> ours (``encoder.weight`` is stored transposed)."""
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -112,18 +125,27 @@ def saelens_architecture(sae: SAE) -> str:
         return NOT_SAELENS_PREFIX + sae.architecture  # SAELens' relu would clamp negative thresholds
     if sae.architecture == "mpsae":
         cfg = sae.cfg
-        norms = state["W_dec"].float().norm(dim=1)
         if (getattr(cfg, "coefficients", None) != "nonneg" or not getattr(cfg, "allow_repeat", False)
-                or not bool(((norms - 1).abs() <= UNIT_NORM_TOL).all())):
+                or not unit_norm_rows(state["W_dec"])[0]):
             return NOT_SAELENS_PREFIX + sae.architecture
     return theirs
 
 
-def saelens_fields(sae: SAE, theirs: str) -> dict[str, Any]:
-    """Per-architecture SAELens config keys (``k`` for TopK, the stopping rules of matching pursuit)."""
-    cfg = sae.cfg
+def unit_norm_rows(W_dec: Tensor) -> tuple[bool, float, float]:
+    """Whether every row of ``W_dec`` has norm within :data:`UNIT_NORM_TOL` of 1 (measured in
+    float32), with the smallest and largest row norm."""
+    norms = W_dec.detach().float().norm(dim=1)
+    if norms.numel() == 0:
+        return True, 1.0, 1.0
+    lo, hi = norms.min().item(), norms.max().item()
+    return abs(lo - 1) <= UNIT_NORM_TOL and abs(hi - 1) <= UNIT_NORM_TOL, lo, hi
+
+
+def saelens_fields(cfg: SAEConfig, theirs: str) -> dict[str, Any]:
+    """Per-architecture SAELens config keys (``k`` for TopK, the stopping rules of matching pursuit)
+    that ``cfg.json`` holds for an SAE with config ``cfg`` saved as SAELens' ``theirs``."""
     if theirs == "topk":
-        return {"k": cfg.k, "rescale_acts_by_decoder_norm": False}
+        return {"k": cfg.k, RESCALE_KEY: False}
     if theirs == "matching_pursuit":
         return {"max_iterations": cfg.max_iterations or cfg.k, "residual_threshold": cfg.residual_threshold,
                 "stop_on_duplicate_support": cfg.stop_on_repeated_support}
@@ -151,6 +173,19 @@ class Imported:
     dtype: torch.dtype
     metadata: dict[str, Any]
     layout: str
+    unit_decoder: str = ""
+    """Why the file's ``W_dec`` rows must have unit norm to compute what ours computes (empty when
+    they need not): checked by :func:`check_weights` once the tensors are read."""
+
+
+def check_weights(imported: Imported, sae: SAE, where: str) -> None:
+    """Refuse weights that the translated config does not compute the same way (see ``unit_decoder``)."""
+    if not imported.unit_decoder:
+        return
+    ok, lo, hi = unit_norm_rows(sae.W_dec)
+    if not ok:
+        raise CheckpointError(f"{where}: W_dec row norms are in [{lo:.7g}, {hi:.7g}], not within {UNIT_NORM_TOL:g} "
+                              f"of 1; {imported.unit_decoder}")
 
 
 def from_saelens(cfg: dict[str, Any], where: str) -> Imported:
@@ -168,6 +203,10 @@ def from_saelens(cfg: dict[str, Any], where: str) -> Imported:
         if key in cfg and cfg[key] != want:
             raise CheckpointError(f"{where}: {key}={cfg[key]!r} is not supported here (only {want!r}); "
                                   "it changes what the SAE computes")
+    rescale = cfg.get(RESCALE_KEY, False)
+    if not isinstance(rescale, bool) or (rescale and theirs != "topk"):
+        raise CheckpointError(f"{where}: {RESCALE_KEY}={rescale!r} is not supported here (only false, or true "
+                              f"on a topk SAE with unit-norm decoder rows); it changes what the SAE computes")
     norm = cfg.get("normalize_activations", "none")
     if norm not in SAELENS_NORMALIZE_OK:
         raise CheckpointError(f"{where}: normalize_activations={norm!r} is applied at inference by SAELens "
@@ -181,7 +220,23 @@ def from_saelens(cfg: dict[str, Any], where: str) -> Imported:
         if "hook_point" in meta:
             meta["hook_name"] = meta.pop("hook_point")
     return Imported(_build_cfg(cls, fields, where), dtype_from_name(cfg.get("dtype", "float32"), where),
-                    dict(meta), "saelens")
+                    dict(meta), "saelens", _unit_decoder_reason(theirs, rescale))
+
+
+def _unit_decoder_reason(theirs: str, rescale: bool) -> str:
+    if theirs == "topk" and rescale:
+        return (f"with {RESCALE_KEY}=true SAELens rescales the pre-activations by those norms, which is the identity "
+                "only at unit norm. Fold them in SAELens (sae.fold_W_dec_norm(), then "
+                f"sae.cfg.{RESCALE_KEY} = False) and save_model() it again")
+    if theirs == "matching_pursuit":
+        return ("SAELens' matching pursuit uses the rows as they are and this project's MP-SAE divides them by their "
+                "norm, so the codes would differ. Use this SAE with SAELens, or train it with unit-norm atoms")
+    return ""
+
+
+def sparsify_hookpoint(folder: Path) -> str:
+    """The hookpoint a sparsify SAE folder belongs to: its name, or its parent's for ``<hookpoint>/seed<n>``."""
+    return folder.parent.name if SPARSIFY_SEED_FOLDER.match(folder.name) else folder.name
 
 
 def from_sparsify(cfg: dict[str, Any], hookpoint: str, dtype: torch.dtype, where: str) -> Imported:

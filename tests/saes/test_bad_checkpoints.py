@@ -1,9 +1,11 @@
-"""A corpus of bad checkpoints, each refused with its own clear error; fuzzing of the parsers."""
+"""The corpus of bad checkpoints (sae_testdata.BAD_CHECKPOINTS), each refused with its own clear
+one-line error; fuzzing of the parsers."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -12,226 +14,43 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
-
-from saes import REGISTRY
-from saes.checkpoint import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, load, save
-from saes.safetensors_check import MAX_HEADER_BYTES, CheckpointError, parse_header, read_header
-
-D_MODEL, D_SAE = 8, 32
-
-
-def ours(folder: Path, arch: str = "topk") -> Path:
-    cls = REGISTRY[arch]
-    save(cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, **({"k": 4} if arch == "topk" else {}))), folder)
-    return folder
-
-
-def saelens_style(folder: Path, arch: str = "standard", **cfg_changes) -> Path:
-    """A folder as SAELens writes it (no project block), built by hand."""
-    folder.mkdir(parents=True)
-    tensors = {"W_enc": torch.randn(D_MODEL, D_SAE), "b_enc": torch.zeros(D_SAE),
-               "W_dec": torch.randn(D_SAE, D_MODEL), "b_dec": torch.zeros(D_MODEL)}
-    save_file(tensors, str(folder / WEIGHTS_FILENAME))
-    cfg = {"d_in": D_MODEL, "d_sae": D_SAE, "dtype": "float32", "device": "cpu", "architecture": arch,
-           "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"sae_lens_version": "6.5.0", "hook_name": "blocks.0.hook_resid_pre"}}
-    cfg.update(cfg_changes)
-    (folder / CFG_FILENAME).write_text(json.dumps(cfg))
-    return folder
-
-
-def edit_cfg(folder: Path, fn) -> None:
-    cfg = json.loads((folder / CFG_FILENAME).read_text())
-    fn(cfg)
-    (folder / CFG_FILENAME).write_text(json.dumps(cfg))
-
-
-def rewrite_header(path: Path, fn) -> None:
-    raw = path.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
-    fn(header)
-    new = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
-
-
-def truncated(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    data = (f / WEIGHTS_FILENAME).read_bytes()
-    (f / WEIGHTS_FILENAME).write_bytes(data[: len(data) - 100])
-    return f
-
-
-def truncated_ours(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    data = (f / WEIGHTS_FILENAME).read_bytes()
-    (f / WEIGHTS_FILENAME).write_bytes(data[: len(data) // 2])
-    return f
-
-
-def wrong_shape(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", d_sae=D_SAE * 2)
-
-
-def bogus_header_length(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    raw = (f / WEIGHTS_FILENAME).read_bytes()
-    (f / WEIGHTS_FILENAME).write_bytes(struct.pack("<Q", 2**62) + raw[8:])
-    return f
-
-
-def header_not_json(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    raw = bytearray((f / WEIGHTS_FILENAME).read_bytes())
-    raw[8:12] = b"\xff\xfe{["
-    (f / WEIGHTS_FILENAME).write_bytes(bytes(raw))
-    return f
-
-
-def overlapping_offsets(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-
-    def overlap(h):  # b_dec claims the first bytes, which another tensor already owns
-        h["b_dec"]["data_offsets"] = [0, 4 * D_MODEL]
-
-    rewrite_header(f / WEIGHTS_FILENAME, overlap)
-    return f
-
-
-def shape_disagrees_with_bytes(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    rewrite_header(f / WEIGHTS_FILENAME, lambda h: h["b_dec"].update(shape=[D_MODEL * 1000]))
-    return f
-
-
-def missing_config_key(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    edit_cfg(f, lambda c: c.pop("d_sae"))
-    return f
-
-
-def missing_project_key(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    edit_cfg(f, lambda c: c["interp"].pop("config"))
-    return f
-
-
-def unknown_architecture(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", arch="gated")
-
-
-def unknown_project_architecture(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    edit_cfg(f, lambda c: c["interp"].update(architecture="transcoder"))
-    return f
-
-
-def newer_format(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    edit_cfg(f, lambda c: c["interp"].update(format_version=99))
-    return f
-
-
-def bad_config_value(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    edit_cfg(f, lambda c: c["interp"]["config"].update(k=10**6))
-    return f
-
-
-def extra_tensor(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    t = load_file(str(f / WEIGHTS_FILENAME))
-    t["W_skip"] = torch.zeros(D_MODEL, D_MODEL)
-    save_file(t, str(f / WEIGHTS_FILENAME))
-    return f
-
-
-def missing_tensor(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", arch="jumprelu")  # no 'threshold' tensor
-
-
-def wrong_dtype(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", dtype="bfloat16")
-
-
-def pickle_file(tmp: Path) -> Path:
-    (tmp / "sae.pt").write_bytes(pickle.dumps({"W_enc": [1.0]}))
-    return tmp / "sae.pt"
-
-
-def pickle_folder(tmp: Path) -> Path:
-    (tmp / "s").mkdir()
-    (tmp / "s" / "pytorch_model.bin").write_bytes(pickle.dumps({"W_enc": [1.0]}))
-    return tmp / "s"
-
-
-def cfg_not_json(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    (f / CFG_FILENAME).write_text("{'d_in': 8,")
-    return f
-
-
-def stray_sparsity(tmp: Path) -> Path:
-    f = ours(tmp / "s")
-    save_file({"sparsity": torch.zeros(D_SAE)}, str(f / SPARSITY_FILENAME))
-    return f
-
-
-def bad_normalization(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", normalize_activations="layer_norm")
-
-
-def bad_dtype_name(tmp: Path) -> Path:
-    return saelens_style(tmp / "s", dtype="float128")
-
-
-def weights_missing(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    (f / WEIGHTS_FILENAME).unlink()
-    return f
-
-
-def only_weights(tmp: Path) -> Path:
-    f = saelens_style(tmp / "s")
-    (f / CFG_FILENAME).unlink()
-    return f
-
-
-CORPUS = {
-    truncated: r"outside the \d+-byte data buffer",
-    truncated_ours: r"size or SHA-256 differs",
-    wrong_shape: r"tensor 'W_enc' has shape \[8, 32\], the config needs \[8, 64\]",
-    bogus_header_length: r"header length field says 4611686018427387904 bytes",
-    header_not_json: r"header is not valid UTF-8 JSON",
-    overlapping_offsets: r"overlaps the previous tensor",
-    shape_disagrees_with_bytes: r"tensor 'b_dec' of shape \[8000\] and dtype F32 needs 32000 bytes",
-    missing_config_key: r"missing config key 'd_sae'",
-    missing_project_key: r"missing config key 'interp.config'",
-    unknown_architecture: r"unknown architecture 'gated'",
-    unknown_project_architecture: r"unknown architecture 'transcoder'; registered",
-    newer_format: r"format version 99 is newer",
-    bad_config_value: r"does not build a 'topk' SAE: .*k must be",
-    extra_tensor: r"unexpected tensor 'W_skip'",
-    missing_tensor: r"missing tensor 'threshold'",
-    wrong_dtype: r"tensor 'W_enc' has dtype F32, the config needs bfloat16",
-    pickle_file: r"refusing a pickle-based checkpoint \(\.pt\)",
-    pickle_folder: r"pytorch_model.bin: refusing a pickle-based checkpoint",
-    cfg_not_json: r"cfg.json: not valid JSON",
-    stray_sparsity: r"sparsity.safetensors: not listed in .*from another save",
-    bad_normalization: r"normalize_activations='layer_norm' is applied at inference",
-    bad_dtype_name: r"'dtype' is 'float128'",
-    weights_missing: r"sae_weights.safetensors: file not found",
-    only_weights: r"no cfg.json here \(found \['sae_weights.safetensors'\]\)",
-}
-
-
-@pytest.mark.parametrize("make_bad", list(CORPUS), ids=lambda f: f.__name__)
-def test_bad_checkpoint_is_refused_with_its_own_message(tmp_path, make_bad):
+from sae_testdata import (
+    BAD_CHECKPOINT_MESSAGES,
+    BAD_CHECKPOINTS,
+    edit_cfg,
+    ours,
+    pickle_file,
+    saelens_style,
+    sparsify_style,
+)
+
+import saes
+from saes import SAEError
+from saes.checkpoint import CFG_FILENAME, load
+from saes.safetensors_check import (
+    MAX_HEADER_BYTES,
+    CheckpointError,
+    parse_header,
+    read_header,
+)
+
+
+@pytest.mark.parametrize("name,make_bad", BAD_CHECKPOINTS, ids=[name for name, _ in BAD_CHECKPOINTS])
+def test_bad_checkpoint_is_refused_with_its_own_message(tmp_path, name, make_bad):
     target = make_bad(tmp_path)
-    with pytest.raises(CheckpointError, match=CORPUS[make_bad]) as info:
-        load(target)
-    assert str(tmp_path) in str(info.value)  # every message names the file
+    with pytest.raises(SAEError) as info:
+        saes.read(target)
+    err = info.value
+    assert isinstance(err, CheckpointError)
+    assert re.search(BAD_CHECKPOINT_MESSAGES[name], str(err)), str(err)
+    assert "\n" not in str(err)  # one line
+    assert str(tmp_path) in str(err)  # every message names the file
+
+
+def test_corpus_is_importable_as_name_builder_pairs():
+    names = [name for name, _ in BAD_CHECKPOINTS]
+    assert len(names) == len(set(names)) == len(BAD_CHECKPOINT_MESSAGES)
+    assert all(callable(build) and build.__name__ == name for name, build in BAD_CHECKPOINTS)
 
 
 def test_pickle_is_never_opened(tmp_path, monkeypatch):
@@ -337,15 +156,7 @@ def test_config_fuzz_project_block(changes, config_changes):
     json_values, max_size=4))
 def test_config_fuzz_sparsify_layout(changes):
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "layers.0"
-        folder.mkdir()
-        save_file({"encoder.weight": torch.randn(D_SAE, D_MODEL), "encoder.bias": torch.zeros(D_SAE),
-                   "W_dec": torch.randn(D_SAE, D_MODEL), "b_dec": torch.zeros(D_MODEL)},
-                  str(folder / "sae.safetensors"))
-        cfg = {"activation": "topk", "expansion_factor": 4, "normalize_decoder": True, "num_latents": D_SAE,
-               "k": 4, "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": D_MODEL}
-        cfg.update(changes)
-        (folder / CFG_FILENAME).write_text(json.dumps(cfg))
+        folder = sparsify_style(Path(tmp) / "layers.0", **changes)
         try:
             load(folder)
         except CheckpointError:

@@ -274,3 +274,52 @@ def test_hub_failure_is_a_clear_error(hub_repo, monkeypatch):
 def test_not_a_folder_nor_repo_id(tmp_path):
     with pytest.raises(CheckpointError, match="not a Hub repo id"):
         load(tmp_path / "nope" / "deeper")
+
+
+# ------------------------------------------------------------------ what a command hands on
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_checkpoint_hands_over_decoder_and_encoder(tmp_path, arch):
+    """A feature finder needs the latents' write directions and an encoder: ``decoder()`` is the
+    matrix ``decode`` applies, ``encoder()`` is ``encode`` without autograd."""
+    sae = make(arch)
+    if arch == "mpsae":
+        with torch.no_grad():
+            sae.W_dec.mul_(2.0)  # rows off unit norm: the MP-SAE decodes with them normalised
+    save(sae, tmp_path / "s", metadata={"model_name": "tiny", "hook_name": "blocks.1.hook_resid_post"})
+    ckpt = read(tmp_path / "s")
+    assert ckpt.metadata["model_name"] == "tiny" and ckpt.metadata["hook_name"] == "blocks.1.hook_resid_post"
+    x = torch.randn(7, D_MODEL, generator=torch.Generator().manual_seed(3))
+    codes = ckpt.encoder()(x)
+    assert codes.shape == (7, D_SAE) and not codes.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(codes, ckpt.sae.encode(x))
+        dec = ckpt.decoder()
+        assert dec.shape == (D_SAE, D_MODEL) and not dec.requires_grad
+        torch.testing.assert_close(codes @ dec + ckpt.sae.decode(torch.zeros(D_SAE)), ckpt.sae.decode(codes))
+
+
+def test_saelens_pre_v6_metadata_keys_are_read(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "s"
+    folder.mkdir()
+    save_file({"W_enc": torch.randn(D_MODEL, D_SAE), "b_enc": torch.zeros(D_SAE), "W_dec": torch.randn(D_SAE, D_MODEL),
+               "b_dec": torch.zeros(D_MODEL)}, str(folder / WEIGHTS_FILENAME))
+    (folder / CFG_FILENAME).write_text(json.dumps({
+        "architecture": "standard", "d_in": D_MODEL, "d_sae": D_SAE, "dtype": "float32",
+        "model_name": "gpt2", "hook_point": "blocks.2.hook_resid_pre", "context_size": 128}))
+    meta = read(folder).metadata
+    assert meta == {"model_name": "gpt2", "hook_name": "blocks.2.hook_resid_pre", "context_size": 128}
+
+
+@pytest.mark.parametrize("key,value", [("architecture", "standard"), ("k", 3), ("apply_b_dec_to_input", False),
+                                       ("normalize_activations", "layer_norm"),
+                                       ("rescale_acts_by_decoder_norm", True), ("reshape_activations", "hook_z")])
+def test_ours_whose_saelens_keys_disagree_is_refused(tmp_path, key, value):
+    """SAELens reads the top-level keys, this project the 'interp' block: they must describe one SAE."""
+    cls = REGISTRY["topk"]
+    save(cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, k=4)), tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / CFG_FILENAME).read_text())
+    (tmp_path / "s" / CFG_FILENAME).write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(CheckpointError, match=rf"{key}={value!r} disagrees with 'interp'"):
+        read(tmp_path / "s")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -192,3 +193,137 @@ def test_sparsify_skip_connection_is_refused(tmp_path, sparsify):
     sc.save_to_disk(tmp_path / "layers.0")
     with pytest.raises(CheckpointError, match="skip_connection=True has no equivalent"):
         load(tmp_path / "layers.0")
+
+
+# ------------------------------------------------------------------ what the peers' own trainers write
+def _runner_topk(sae_lens, seed: int = 5):
+    """SAELens' TopK training SAE as its runner trains it (``rescale_acts_by_decoder_norm=True``), with
+    random weights whose decoder rows are far from unit norm."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    train = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=D_MODEL, d_sae=D_SAE, k=K))
+    assert train.cfg.rescale_acts_by_decoder_norm  # SAELens' default for training TopK SAEs
+    randomise(train, seed=seed)
+    train.cfg.metadata.model_name, train.cfg.metadata.hook_name = "smollm2-135m", "blocks.4.hook_resid_post"
+    return train
+
+
+def test_saelens_runner_topk_with_rescale_flag_loads_with_saelens_outputs(tmp_path, sae_lens):
+    """The runner saves with save_inference_model: norms folded into the encoder, rows at unit norm, the
+    flag still true in cfg.json. SAELens then rescales by norms of 1, which we read as plain TopK."""
+    train = _runner_topk(sae_lens)
+    train.save_inference_model(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    assert cfg["architecture"] == "topk" and cfg["rescale_acts_by_decoder_norm"] is True
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "s")
+    assert theirs.cfg.rescale_acts_by_decoder_norm
+    norms = theirs.W_dec.detach().norm(dim=1)
+    assert not torch.equal(norms, torch.ones_like(norms))  # unit only up to rounding, as the runner leaves them
+    torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-6)
+
+    ckpt = read(tmp_path / "s")
+    assert ckpt.source == "saelens" and ckpt.sae.architecture == "topk" and ckpt.sae.cfg.k == K
+    assert ckpt.metadata["model_name"] == "smollm2-135m"
+    assert ckpt.metadata["hook_name"] == "blocks.4.hook_resid_post"
+    with torch.no_grad():
+        codes = theirs.encode(X)
+        assert (codes != 0).sum(-1).eq(K).all()
+        torch.testing.assert_close(ckpt.sae.encode(X), codes, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt.sae.decode(codes), theirs.decode(codes), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt.sae(X).x_hat, theirs(X), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt.sae(X).x_hat, train(X), rtol=1e-5, atol=1e-5)  # what was trained
+
+
+def test_saelens_rescale_flag_with_decoder_rows_off_unit_norm_is_refused(tmp_path, sae_lens):
+    """SAELens' trainer writes its mid-run checkpoints with save_model: norms not folded in."""
+    from saes.safetensors_check import CheckpointError
+
+    train = _runner_topk(sae_lens)
+    with torch.no_grad():
+        train.W_dec.mul_(1.05 / train.W_dec.norm(dim=1, keepdim=True))
+    train.save_model(tmp_path / "s")
+    with pytest.raises(CheckpointError) as info:
+        read(tmp_path / "s")
+    msg = str(info.value)
+    assert "\n" not in msg and str(tmp_path / "s" / "sae_weights.safetensors") in msg
+    assert re.search(r"W_dec row norms are in \[1\.0[45]\d*, 1\.05\d*\], not within 0\.0001 of 1", msg), msg
+    assert "rescale_acts_by_decoder_norm" in msg and "fold_W_dec_norm()" in msg
+
+    # doing what the message says makes it load, with SAELens' outputs
+    train.fold_W_dec_norm()
+    train.cfg.rescale_acts_by_decoder_norm = False
+    train.save_model(tmp_path / "folded")
+    theirs = sae_lens.SAE.load_from_disk(tmp_path / "folded")
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "folded").encode(X), theirs.encode(X), rtol=1e-5, atol=1e-6)
+
+
+def test_saelens_rescale_flag_on_another_architecture_is_refused(tmp_path, sae_lens):
+    from saes.safetensors_check import CheckpointError
+
+    std = _saelens_models(sae_lens)["standard"]
+    std.save_model(tmp_path / "s")
+    cfg = json.loads((tmp_path / "s" / "cfg.json").read_text())
+    (tmp_path / "s" / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    with pytest.raises(CheckpointError, match=r"rescale_acts_by_decoder_norm=True is not supported here"):
+        read(tmp_path / "s")
+
+
+def test_saelens_matching_pursuit_off_unit_norm_is_refused(tmp_path, sae_lens):
+    """SAELens' matching pursuit uses W_dec rows as they are; ours divides them by their norm."""
+    from saes.safetensors_check import CheckpointError
+
+    mp = _saelens_models(sae_lens)["matching_pursuit"]
+    randomise(mp, seed=2)
+    mp.save_model(tmp_path / "s")
+    with pytest.raises(CheckpointError, match=r"W_dec row norms are in \[.*SAELens' matching pursuit"):
+        read(tmp_path / "s")
+
+
+def _sparsify_run(sparsify, root, hookpoints: list[str], seeds: tuple[int, ...] = (0,)):
+    """A run folder exactly as sparsify's own Trainer writes it (SAEs, optimizer and state files)."""
+    from conftest import tiny_model
+    from datasets import Dataset
+
+    ids = torch.randint(0, 256, (8, 16), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": ids.tolist()}).with_format("torch")
+    cfg = sparsify.TrainConfig(sparsify.SparseCoderConfig(num_latents=D_SAE, k=K), batch_size=2,
+                               hookpoints=hookpoints, init_seeds=list(seeds), save_dir=str(root),
+                               run_name="run", log_to_wandb=False)
+    trainer = sparsify.Trainer(cfg, data, tiny_model("llama"))
+    trainer.save()
+    return root / "run", trainer
+
+
+def test_sparsify_trainer_run_with_one_hookpoint_loads_without_naming_it(tmp_path, sparsify):
+    run, trainer = _sparsify_run(sparsify, tmp_path, ["layers.1"])
+    assert (run / "config.json").is_file() and (run / "state.pt").is_file()  # the trainer's own files
+    ckpt = read(run)
+    assert ckpt.source == "sparsify" and ckpt.path == run / "layers.1"
+    assert ckpt.metadata == {"hook_name": "layers.1"}
+    theirs = trainer.saes["layers.1"]
+    x = torch.randn(11, theirs.d_in, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        enc = theirs.encode(x)
+        dense = torch.zeros(x.shape[0], D_SAE).scatter(-1, enc.top_indices, enc.top_acts)
+        assert (dense != 0).any()
+        torch.testing.assert_close(ckpt.sae.encode(x), dense, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt.sae.W_dec, theirs.W_dec)
+
+
+def test_sparsify_trainer_run_with_several_hookpoints_lists_them(tmp_path, sparsify):
+    from saes.safetensors_check import CheckpointError
+
+    run, _ = _sparsify_run(sparsify, tmp_path, ["layers.0", "layers.2"])
+    with pytest.raises(CheckpointError, match=r"holds SAEs for 2 sites \['layers.0', 'layers.2'\]; pass site="):
+        read(run)
+    assert read(run, site="layers.2").metadata["hook_name"] == "layers.2"
+
+
+def test_sparsify_trainer_run_with_several_seeds_names_the_hookpoint(tmp_path, sparsify):
+    from saes.safetensors_check import CheckpointError
+
+    run, _ = _sparsify_run(sparsify, tmp_path, ["layers.1"], seeds=(0, 1))
+    with pytest.raises(CheckpointError, match=r"\['layers.1/seed0', 'layers.1/seed1'\]"):
+        read(run)
+    assert read(run, site="layers.1/seed1").metadata["hook_name"] == "layers.1"
