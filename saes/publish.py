@@ -45,6 +45,7 @@ def validate(folder: str | os.PathLike) -> dict[str, Checkpoint]:
     folder = Path(folder)
     sites = list_sites(folder) if folder.is_dir() else []
     if not sites:
+        read(folder)  # says what is there instead (a file, a pickle, weights without cfg.json)
         raise PublishError(f"{folder}: no SAE found (expected {CFG_FILENAME} here or in site subfolders)")
     found: dict[str, Checkpoint] = {}
     problems: list[str] = []

@@ -92,14 +92,12 @@ def run_circles(args) -> int:
 def run_clusters(args) -> int:
     import dataclasses
 
-    import torch
-
+    from interp.cli.sae import read_one
     from interp.features.multidim import find_multidim_features
     from interp.features.plot import plot_clusters
-    from saes.checkpoint import read
 
-    ckpt = read(args.sae)  # every validation of the checkpoint format applies here
-    sae, meta = ckpt.sae.to("cpu"), ckpt.metadata or {}
+    ckpt = read_one(args.sae, args.site)  # saes.read: every validation of the checkpoint format applies
+    meta = ckpt.metadata or {}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     site = args.site or meta.get("hook_name")
@@ -122,10 +120,10 @@ def run_clusters(args) -> int:
                                buffer_tokens=max(args.batch_tokens, min(32 * args.batch_tokens, args.tokens)))
     ccfg = ClusterConfig(**given(args, [f.name for f in dataclasses.fields(ClusterConfig)]))
     mcfg = MultiDimConfig(**given(args, [f.name for f in dataclasses.fields(MultiDimConfig)]))
-    with torch.no_grad():
-        feats = find_multidim_features(sae.W_dec.detach(), data, encode=sae.encode, cluster_config=ccfg,
-                                       config=mcfg, max_rows=args.tokens)
-    summary = {"sae": str(args.sae), "d_sae": int(sae.W_dec.shape[0]), "architecture": sae.architecture,
+    decoder = ckpt.decoder()
+    feats = find_multidim_features(decoder, data, encode=ckpt.encoder(), cluster_config=ccfg, config=mcfg,
+                                   max_rows=args.tokens)
+    summary = {"sae": str(args.sae), "d_sae": int(decoder.shape[0]), "architecture": ckpt.sae.architecture,
                "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)

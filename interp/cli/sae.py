@@ -203,10 +203,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from interp.data import sample_windows
     from interp.models import load_model
     from saes.base import SAEError
-    from saes.checkpoint import annotate, read
+    from saes.checkpoint import annotate
     from saes.evaluate import evaluate
 
-    ck = read(args.sae, site=args.site)
+    ck = read_one(args.sae, args.site)
     meta, training = ck.metadata or {}, ck.training or {}
     site = args.site or meta.get("hook_name")
     if not site:
@@ -251,6 +251,15 @@ def _warn_in_sample(cache: str, trained: dict[str, Any], rows: int) -> None:
         warnings.warn(f"evaluating on {cache}, the cache this SAE trained on ({seen} of its {trained.get('rows')} rows "
                       f"were training rows; {rows} are read now): the metrics are in-sample; capture a held-out cache "
                       "with another --seed or --dataset", stacklevel=1)
+
+
+def read_one(path: str, site: str | None):
+    """The checkpoint at `path`, or its subfolder for `site` when `path` holds one SAE per site (the
+    layout 'interp sae train' writes), through saes.read and all its validation."""
+    from saes.checkpoint import read
+    from saes.locate import CFG_FILENAME
+
+    return read(path, site=None if (Path(path) / CFG_FILENAME).is_file() else site)
 
 
 # ------------------------------------------------------------------------------------------ publish

@@ -164,4 +164,4 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
 
     assert main(["sae", "publish", str(tmp_path), "me/x", "--dry-run"]) == 1
     err = capsys.readouterr().err
-    assert "no SAE found" in err and err.count("\n") == 1
+    assert "no cfg.json here" in err and err.count("\n") == 1
