@@ -14,14 +14,16 @@ import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp.errors import InputError, SiteError
+from interp.positions import PositionsArg, as_positions, last_token_index
 from interp.sites import Site, add_read_hook, remove_hooks, resolve, unwrap
 
-Positions = None | str | int | Sequence[int] | Tensor
+__all__ = ["Activations", "as_batch", "capture", "last_token_index", "position_ids_for", "run_to_sites", "site_widths",
+           "tokenize"]
 
 
 class _StopForward(Exception):
@@ -52,9 +54,14 @@ def tokenize(tokenizer, texts: str | Sequence[str], **kwargs) -> dict[str, Tenso
     return dict(enc)
 
 
+def _is_text(inputs) -> bool:
+    return isinstance(inputs, str) or (isinstance(inputs, Sequence) and bool(inputs)
+                                       and all(isinstance(x, str) for x in inputs))
+
+
 def as_batch(inputs, tokenizer=None) -> dict[str, Tensor]:
     """Normalise text, token ids or a tokenizer's output to ``{input_ids, attention_mask, ...}``."""
-    if isinstance(inputs, str) or (isinstance(inputs, Sequence) and inputs and all(isinstance(x, str) for x in inputs)):
+    if _is_text(inputs):
         return tokenize(tokenizer, inputs)
     if isinstance(inputs, Tensor):
         if inputs.dtype not in (torch.int64, torch.int32) or inputs.dim() not in (1, 2):
@@ -79,38 +86,6 @@ def as_batch(inputs, tokenizer=None) -> dict[str, Tensor]:
 def position_ids_for(mask: Tensor) -> Tensor:
     """Positions counted over real tokens only, so left padding does not shift them."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
-    """Index of the last real token of each row, for left or right padding."""
-    idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), idx, -1).max(dim=1).values
-
-
-def select_positions(x: Float[Tensor, "batch seq d"], positions: Positions, mask: Tensor) -> Tensor:
-    """Apply a ``positions`` argument (see :func:`capture`) to a ``[batch, seq, d]`` tensor."""
-    if positions is None:
-        return x
-    b, s = x.shape[:2]
-    if isinstance(positions, str):
-        if positions != "last":
-            raise InputError(f"positions={positions!r}: the only named choice is 'last' (last real token)")
-        return x[torch.arange(b, device=x.device), last_token_index(mask).to(x.device)]
-    if isinstance(positions, int):
-        positions = [positions]
-    pos = torch.as_tensor(positions, device=x.device)
-    if pos.dtype == torch.bool:
-        if tuple(pos.shape) != (b, s):
-            raise InputError(f"a boolean positions mask must have shape [batch, seq] = {(b, s)}, got {tuple(pos.shape)}")
-        return x[pos]
-    if pos.dim() == 1:
-        pos = pos.expand(b, -1)
-    if pos.dim() != 2 or pos.shape[0] != b:
-        raise InputError(f"positions must be [n] or [batch, n] integers; got shape {tuple(pos.shape)} for batch {b}")
-    if ((pos >= s) | (pos < -s)).any():
-        raise InputError(f"positions {pos.tolist()} are out of range for sequences of length {s}")
-    pos = pos % s
-    return torch.gather(x, 1, pos.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def _forward_kwargs(hf: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -157,7 +132,7 @@ def capture(
     inputs,
     sites: str | Sequence[str],
     *,
-    positions: Positions = None,
+    positions: PositionsArg = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     tokenizer=None,
@@ -171,10 +146,21 @@ def capture(
         model: a Hugging Face model, or a TransformerLens ``TransformerBridge`` around one.
         inputs: text (with ``tokenizer=``), token ids ``[batch, seq]``, or a tokenizer's output.
         sites: one name or several (see :mod:`interp.sites`); all are read in one forward pass.
-        positions: None for every position (``[batch, seq, d]``); ``"last"`` for the last real
-            token of each row (``[batch, d]``); integers ``[n]`` or ``[batch, n]`` for absolute
-            positions (``[batch, n, d]``); a boolean ``[batch, seq]`` mask (``[n_true, d]``).
+        positions: which token columns to keep, in the grammar of :mod:`interp.positions`. The
+            shape of each returned tensor follows the form:
+
+            - None / ``"all"``: every column, padding included: ``[batch, seq, d]`` (see
+              ``attention_mask``);
+            - ``"last"`` (last real token) or ``{"token": s}`` (one token per row): ``[batch, d]``;
+            - integers ``[n]``, ``[batch, n]`` or a slice: ``[batch, n, d]`` (an integer out of
+              ``-seq..seq-1`` raises; a slice clips like Python's);
+            - a boolean ``[batch, seq]`` mask, ``{"chars": [a, b]}`` or ragged per-row lists:
+              ``[n_picked, d]``, rows in order.
+
+            Text selectors (``token``, ``chars``) need ``tokenizer=``; ``chars`` offsets come from
+            the text inputs (or, for token ids, from their decoded text).
         dtype: dtype of the returned tensors (default: the model's).
+        tokenizer: tokenizes text inputs and reads text selectors.
         device: where the returned tensors live (default CPU, so GPU memory is not held).
         batch_size: split the rows into forward passes of this many (with a progress bar).
         stop_early: stop the forward pass after the deepest requested site.
@@ -188,21 +174,27 @@ def capture(
     if n == 0 or batch["input_ids"].shape[1] == 0:
         raise InputError(f"inputs hold no tokens (input_ids shape {tuple(batch['input_ids'].shape)})")
     step = batch_size or n
-    pos_t = positions if not isinstance(positions, Tensor) or positions.dim() < 2 else None
+    pos = as_positions(positions)
+    if pos.needs_text:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs) if _is_text(inputs) else None
+        pos = pos.bind(batch["input_ids"], batch["attention_mask"], tokenizer=tokenizer, texts=texts)
+    if pos.n_rows not in (None, n):
+        raise InputError(f"positions={pos.spec!r} gives {pos.n_rows} rows for {n} inputs; give one per input row, "
+                         "or one for all rows")
     out: dict[str, list[Tensor]] = {s.name: [] for s in resolved}
     chunks = range(0, n, step)
     bar = tqdm(chunks, desc="capture", unit="batch", disable=not (progress if progress is not None else len(chunks) > 1))
     for start in bar:
         chunk = {k: v[start:start + step] for k, v in batch.items()}
         mask = chunk["attention_mask"]
-        pos = pos_t if pos_t is not None or positions is None else positions[start:start + step]
+        chunk_pos = pos.rows(start, start + step)
         got: dict[str, Tensor] = {}
         handles: list = []
 
         def recorder(site: Site):
             def record(value: Tensor) -> None:
                 if site.name not in got:  # a module called twice records its first call
-                    got[site.name] = select_positions(value.detach(), pos, mask.to(value.device)).to(
+                    got[site.name] = chunk_pos.take(value.detach(), mask.to(value.device)).to(
                         device=device, dtype=dtype or value.dtype)
             return record
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from interp.edits import Edit, EditContext, as_edit
 from interp.errors import InputError
-from interp.positions import Positions, as_positions
+from interp.positions import Positions, as_positions, is_dict_form
 from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap
 
 
@@ -41,6 +41,7 @@ class _Pass:
     mask: Tensor | None = None  # [batch, seq] real-token mask of this pass; None = all real
     calls: int = 0
     edited: dict[str, int] = field(default_factory=dict)
+    resolved: dict[int, Positions] = field(default_factory=dict)  # text selectors bound on the prompt pass
 
 
 def blocks_owner(model: nn.Module) -> nn.Module:
@@ -76,23 +77,29 @@ class Intervention:
     """Edits bound to sites; a context manager, or a handle with :meth:`attach` / :meth:`remove`."""
 
     def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | list], *,
-                 positions=None, edit_padding: bool = False):
+                 positions=None, edit_padding: bool = False, tokenizer=None):
         if not isinstance(edits, Mapping) or not edits:
             raise InputError("edits must be a non-empty dict {site name: edit}, e.g. "
                              "{'blocks.6.hook_resid_post': ProjectOut(subspace)}; got "
                              f"{type(edits).__name__}{' (empty)' if isinstance(edits, Mapping) else ''}")
         self.model = model
         sites = [resolve(model, s) for s in edits]
-        pos_of = positions if isinstance(positions, Mapping) else {}
+        per_site = isinstance(positions, Mapping) and not is_dict_form(positions)
+        pos_of = positions if per_site else {}
         unknown = set(pos_of) - {s if isinstance(s, str) else s.name for s in edits}
         if unknown:
             raise InputError(f"positions names sites {sorted(unknown)} that have no edit; edited sites: "
                              f"{[s.name for s in sites]}")
         self.bound: list[tuple[Site, Edit, Positions]] = []
         for key, site in zip(edits, sites):
-            p = pos_of.get(key, None) if isinstance(positions, Mapping) else positions
+            p = pos_of.get(key, None) if per_site else positions
             self.bound.append((site, as_edit(edits[key]), as_positions(p, edit_padding=edit_padding)))
         self.bound.sort(key=lambda t: t[0].order)
+        self.tokenizer = tokenizer
+        text = [p for _, _, p in self.bound if p.needs_text]
+        if text and tokenizer is None:
+            raise InputError(f"positions={text[0].spec!r} selects by text, so intervene needs tokenizer=... to read "
+                             "the prompt's tokens (or bind it first with Positions.bind)")
         self._owner = blocks_owner(model)
         self._pass = _Pass()
         self._handles: list = []
@@ -125,6 +132,8 @@ class Intervention:
         if st.offset == 0:
             st.prompt_len = s
         mask = kwargs.get("attention_mask")
+        if st.offset == 0 and self.tokenizer is not None:
+            self._bind_text(args, kwargs, mask)
         st.mask = None
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b:
             if mask.shape[1] >= st.offset + s:
@@ -137,14 +146,30 @@ class Intervention:
                 st.mask = window.bool()
         return None
 
+    def _bind_text(self, args: tuple, kwargs: dict, mask) -> None:
+        """Resolve text selectors to this prompt's columns (kept for the decode steps that follow)."""
+        st = self._pass
+        st.resolved = {}
+        ids = kwargs.get("input_ids")
+        ids = args[0] if ids is None and args else ids
+        for i, (_, _, pos) in enumerate(self.bound):
+            if not pos.needs_text:
+                continue
+            if not isinstance(ids, Tensor) or ids.is_floating_point():
+                raise InputError(f"positions={pos.spec!r} selects by text, which needs input_ids; this forward pass "
+                                 "got embeddings: bind it first with Positions.bind(input_ids, ...)")
+            full = mask if isinstance(mask, Tensor) and tuple(mask.shape) == tuple(ids.shape) else None
+            st.resolved[i] = pos.bind(ids, full, tokenizer=self.tokenizer)
+
     def _post(self, _module, _args, _output):
         self._pass.active = False
 
-    def _write_fn(self, site: Site, edit: Edit, pos: Positions):
+    def _write_fn(self, site: Site, edit: Edit, given: Positions, index: int):
         st = self._pass
         name = site.name
 
         def fn(value: Tensor) -> Tensor:
+            pos = st.resolved.get(index, given) if given.needs_text else given
             if value.dim() < 3:
                 raise InputError(f"site {name!r} produced shape {tuple(value.shape)}; interventions expect "
                                  "[batch, seq, d] activations")
@@ -193,8 +218,8 @@ class Intervention:
         try:
             handles.append(self._owner.register_forward_pre_hook(self._pre, with_kwargs=True))
             handles.append(self._owner.register_forward_hook(self._post, always_call=True))
-            for site, edit, pos in self.bound:
-                handles += add_write_hook(site, self._write_fn(site, edit, pos))
+            for i, (site, edit, pos) in enumerate(self.bound):
+                handles += add_write_hook(site, self._write_fn(site, edit, pos, i))
         except BaseException:
             remove_hooks(handles)
             raise
@@ -214,19 +239,22 @@ class Intervention:
 
 
 def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | list], *, positions=None,
-              edit_padding: bool = False) -> Intervention:
+              edit_padding: bool = False, tokenizer=None) -> Intervention:
     """Bind edits to sites of `model`: ``with intervene(model, {site: edit}): ...``.
 
     Args:
         model: a Hugging Face model (or a TransformerLens bridge around one).
         edits: ``{site: edit}``; an edit is an :class:`interp.edits.Edit`, a callable ``fn(x, ctx)``,
             or a list of them (applied in order).
-        positions: which positions to edit (see :mod:`interp.positions`): None (every real token),
-            ``"last"``, absolute columns, per-row lists, a slice or a boolean mask; or a dict
-            ``{site: positions}`` for different positions per site.
+        positions: which positions to edit, in the grammar of :mod:`interp.positions`: None (every
+            real token), ``"last"``, absolute columns, per-row lists, a slice, a boolean mask,
+            ``{"token": s}`` or ``{"chars": [a, b]}``; or a dict ``{site: positions}`` for different
+            positions per site (a dict whose only key is ``token``, ``chars`` or ``slice`` is a form).
         edit_padding: also edit padded positions (default: padding is left untouched).
+        tokenizer: reads the prompt's tokens for text selectors, which are bound on each prompt
+            pass (the first forward pass of ``generate``, every plain forward).
 
     Returns an :class:`Intervention`: use it in a ``with`` block, or call ``.attach()`` and later
     ``.remove()``.
     """
-    return Intervention(model, edits, positions=positions, edit_padding=edit_padding)
+    return Intervention(model, edits, positions=positions, edit_padding=edit_padding, tokenizer=tokenizer)

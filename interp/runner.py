@@ -9,7 +9,8 @@ A spec::
     # or: dataset: {path: rows.jsonl, text_field: prompt}   (.jsonl, .json list, or .csv)
     site: blocks.12.hook_resid_post
     subspace: out/days/blocks.12        # a Subspace folder (optional; needed by subspace edits)
-    positions: last                     # None/all, last, an int, a list, {slice: [a, b]}, {token: " {day}"}
+    positions: last                     # any form of interp.positions: all, last, 3, [0, -1], [[..], [..]],
+                                        # {slice: [a, b]}, {token: " {day}"}, {chars: [a, b]}
     edits:                              # each gets its own rows; "none" (no edit) is always measured
       - {name: to_friday, type: rotate, to: Friday}
       - {name: ablate, type: project_out}
@@ -44,6 +45,7 @@ from interp.capture import capture, last_token_index, tokenize
 from interp.edits import Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate
 from interp.errors import DataError, InputError
 from interp.intervene import intervene
+from interp.positions import Positions, as_positions
 from interp.subspace import Subspace
 
 EDIT_TYPES = ("project_out", "zero_ablate", "mean_ablate", "steer", "set_coords", "rotate", "replace", "patch")
@@ -66,7 +68,7 @@ class RunSpec:
     rows: tuple[dict, ...]
     """One dict per prompt; ``text`` is the prompt, other keys are fields for ``{field}``."""
     positions: Any = "last"
-    """Positions to edit (see interp.positions), or ``{token: "..."}`` / ``{slice: [a, b]}``."""
+    """Positions to edit, any form of :mod:`interp.positions` (``{field}`` in a token string is filled per row)."""
     subspace: str | None = None
     """Folder of a saved Subspace, used by subspace edits."""
     out: str = "intervene_out"
@@ -90,6 +92,12 @@ class RunSpec:
             if e["name"] in names or e["name"] == "none":
                 raise InputError(f"spec.edits: names must be unique and not 'none'; got {e['name']!r} twice")
             names.add(e["name"])
+        for where, p in [("spec.positions", self.positions)] + [(f"edit {e['name']!r}", e["positions"])
+                                                                  for e in self.edits if "positions" in e]:
+            try:
+                as_positions(p)
+            except InputError as err:
+                raise InputError(f"{where}: {err}") from None
 
 
 def _read_rows(spec: Mapping, base: Path) -> list[dict]:
@@ -209,25 +217,11 @@ def build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, t
     return Patch(src, sub)
 
 
-def resolve_positions(spec_pos, rows: list[dict], ids: torch.Tensor, tok):
-    """Spec positions to an ``intervene`` positions argument for this batch."""
-    if spec_pos in (None, "all"):
-        return None
-    if isinstance(spec_pos, Mapping) and "slice" in spec_pos:
-        a, b = (list(spec_pos["slice"]) + [None])[:2]
-        return slice(a, b)
-    if isinstance(spec_pos, Mapping) and "token" in spec_pos:
-        texts = _fill(spec_pos["token"], rows)
-        texts = texts if isinstance(texts, list) else [texts] * len(rows)
-        cols = []
-        for i, (row, text) in enumerate(zip(rows, texts)):
-            tid = tok.encode(text, add_special_tokens=False)
-            hit = (ids[i] == tid[0]).nonzero() if len(tid) == 1 else torch.empty(0, 1)
-            if hit.numel() == 0:
-                raise InputError(f"positions.token {text!r} is not a single token found in prompt {row['text']!r}")
-            cols.append([int(hit[0, 0])])
-        return cols
-    return spec_pos
+def resolve_positions(spec_pos, rows: list[dict], batch: Mapping[str, torch.Tensor], tok) -> Positions:
+    """Spec positions (any form of :mod:`interp.positions`) bound to this batch of rows; ``{field}``
+    in a token string is filled from each row's fields."""
+    return as_positions(spec_pos).fill(rows).bind(batch["input_ids"], batch["attention_mask"], tokenizer=tok,
+                                                  texts=[r["text"] for r in rows])
 
 
 def _token_ids(tok, value, n: int) -> torch.Tensor:
@@ -288,7 +282,7 @@ def run_spec(spec: RunSpec, model=None, tok=None, *, progress: bool | None = Non
         outs = {"none": base}
         for e in spec.edits:
             site = e.get("site", spec.site)
-            pos = resolve_positions(e.get("positions", spec.positions), chunk, batch["input_ids"].cpu(), tok)
+            pos = resolve_positions(e.get("positions", spec.positions), chunk, batch, tok)
             edit = build_edit(e, sub, chunk, model=model, tok=tok, site=site)
             with intervene(model, {site: edit}, positions=pos), torch.no_grad():
                 outs[e["name"]] = model(**batch).logits[ar, last]

@@ -1,8 +1,11 @@
-"""Named item families (days, months) and prompts that end on an item, for the supervised finders.
+"""Named item families (days, months) and prompts built around an item, for the supervised finders.
 
-Each prompt is a short prefix followed by the item with a leading space (" Monday"), so the item is
-the last token and position 0 (an attention sink in models without BOS) is never the one read.
-:func:`item_activations` captures every requested site at that last token in one forward pass.
+Each built-in prompt is a short prefix followed by the item with a leading space (" Monday"), so the
+item is the last token and position 0 (an attention sink in models without BOS) is never the one read.
+:func:`item_activations` captures every requested site at one token per prompt in one forward pass:
+the last one by default, or any one-token-per-prompt form of :mod:`interp.positions`, such as
+``positions={"token": " {item}"}`` for templates with the item in the middle (``{item}`` is filled
+per prompt with that prompt's item).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.errors import InputError
+from interp.positions import PositionsArg, as_positions
 
 ITEM_SETS: dict[str, list[str]] = {
     "days": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
@@ -51,11 +55,18 @@ def resolve_items(items: str | Sequence[str]) -> tuple[list[str], list[str], str
     return names, list(GENERIC_TEMPLATES), "custom"
 
 
-def build_prompts(items: Sequence[str], templates: Sequence[str]) -> tuple[list[str], list[str], list[int]]:
-    """Every template with every item: ``(prompts, item label per prompt, template index per prompt)``."""
-    bad = [t for t in templates if t.count("{}") != 1 or not t.endswith("{}")]
+def build_prompts(items: Sequence[str], templates: Sequence[str], *,
+                  item_last: bool = True) -> tuple[list[str], list[str], list[int]]:
+    """Every template with every item: ``(prompts, item label per prompt, template index per prompt)``.
+
+    Each template holds one ``{}`` for the item; with `item_last` (the default) it must end with it.
+    """
+    bad = [t for t in templates if t.count("{}") != 1 or (item_last and not t.endswith("{}"))]
+    if bad and item_last:
+        raise InputError(f"templates must end with a single '{{}}' (the item is read at the last token); bad: {bad}. "
+                         "For an item inside the prompt, read it with positions={'token': ' {item}'}")
     if bad:
-        raise InputError(f"templates must end with a single '{{}}' (the item is read at the last token); bad: {bad}")
+        raise InputError(f"templates must hold a single '{{}}' for the item; bad: {bad}")
     prompts, labels, tids = [], [], []
     for ti, t in enumerate(templates):
         for it in items:
@@ -66,19 +77,29 @@ def build_prompts(items: Sequence[str], templates: Sequence[str]) -> tuple[list[
 
 
 def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence[str], sites: Sequence[str], *,
-                     batch_size: int = 32, device: str = "cpu") -> tuple[dict[str, Float[Tensor, "n d_model"]],
-                                                                         list[str], list[int]]:
+                     positions: PositionsArg = "last", batch_size: int = 32,
+                     device: str = "cpu") -> tuple[dict[str, Float[Tensor, "n d_model"]], list[str], list[int]]:
     """Activations at the item token for every (template, item) prompt, at every site.
 
-    Returns ``({site: [n, d_model]}, labels, template ids)``. Items that the tokenizer splits into
-    several tokens are read at their last token.
+    `positions` picks the one token read per prompt (:mod:`interp.positions`): ``"last"`` (default;
+    templates must then end with the item), ``{"token": " {item}"}`` (``{item}`` is filled per prompt
+    with that prompt's item, so the item is found wherever the template puts it), or a single column.
+    Items that the tokenizer splits into several tokens are read at their last token.
+
+    Returns ``({site: [n, d_model]}, labels, template ids)``.
     """
     from interp.capture import capture
 
-    prompts, labels, tids = build_prompts(items, templates)
-    acts = capture(model, prompts, list(sites), positions="last", tokenizer=tokenizer, batch_size=batch_size,
+    pos = as_positions(positions)
+    prompts, labels, tids = build_prompts(items, templates, item_last=pos.kind == "last")
+    pos = pos.fill([{"item": label} for label in labels])
+    single_col = pos.kind == "cols" and pos.value.shape[1] == 1 and not pos.ragged
+    if not (pos.one_per_row or single_col):
+        raise InputError(f"item_activations reads one token per prompt; positions={positions!r} picks several. "
+                         "Use 'last', {'token': ' {item}'} or a single column")
+    acts = capture(model, prompts, list(sites), positions=pos, tokenizer=tokenizer, batch_size=batch_size,
                    device=device, dtype=torch.float32)
-    return {s: acts[s] for s in sites}, labels, tids
+    return {s: acts[s][:, 0] if single_col else acts[s] for s in sites}, labels, tids
 
 
 def token_counts(tokenizer, items: Sequence[str]) -> dict[str, int]:

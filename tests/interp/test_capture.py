@@ -142,6 +142,27 @@ def test_positions_forms():
         capture(model, x, "blocks.1.hook_resid_post", positions=[9])
 
 
+def test_positions_slices_ragged_lists_and_per_row_forms_in_chunks():
+    model, site = tiny_model("llama"), "blocks.1.hook_resid_post"
+    x = ids(5, 9)
+    full = capture(model, x, site)[site]
+    assert torch.equal(capture(model, x, site, positions=slice(2, 6))[site], full[:, 2:6])
+    assert torch.equal(capture(model, x, site, positions={"slice": [-3, None]})[site], full[:, 6:])
+    full = capture(model, x, site, batch_size=2)[site]  # chunks round differently from one pass
+    ragged = [[0, 4], [8], [1, 2, 3], [5], [-1]]
+    got = capture(model, x, site, positions=ragged, batch_size=2)[site]
+    assert torch.equal(got, torch.cat([full[i, [c % 9 for c in r]] for i, r in enumerate(ragged)]))
+    per_row = torch.arange(5)[:, None] + torch.tensor([0, 2])
+    got = capture(model, x, site, positions=per_row, batch_size=2)[site]
+    assert torch.equal(got, torch.stack([full[i, r] for i, r in enumerate(per_row)]))
+    mask = torch.rand(5, 9, generator=torch.Generator().manual_seed(0)) > 0.5
+    assert torch.equal(capture(model, x, site, positions=mask, batch_size=2)[site], full[mask])
+    with pytest.raises(InputError, match="3 rows for 5 inputs"):
+        capture(model, x, site, positions=[[1], [2], [3]])
+    with pytest.raises(InputError, match=r"must have shape \[batch, seq\] = \(5, 9\)"):
+        capture(model, x, site, positions=mask[:, :8])
+
+
 def test_batch_size_chunks_equal_one_pass():
     model = tiny_model("gpt2")
     x = ids(5, 8)

@@ -321,3 +321,23 @@ def test_positions_per_site_and_errors(model, ids):
         intervene(model, {"blocks.0.hook_resid_post": rec("x")}, positions="first")
     with pytest.raises(InputError, match="no edit"):
         intervene(model, {"blocks.0.hook_resid_post": rec("x")}, positions={"blocks.1.hook_resid_post": 1})
+
+
+def test_dict_forms_are_positions_and_per_site_dicts_hold_them(model, ids):
+    seen = {}
+
+    def rec(name):
+        def f(x, ctx):
+            seen[name] = sorted(set(ctx.pos.reshape(-1).tolist()))
+            return x
+        return f
+
+    a, b = "blocks.0.hook_resid_post", "blocks.2.hook_resid_post"
+    with intervene(model, {a: rec("a"), b: rec("b")}, positions={"slice": [2, 5]}):
+        model(ids)
+    assert seen == {"a": [2, 3, 4], "b": [2, 3, 4]}
+    with intervene(model, {a: rec("a"), b: rec("b")}, positions={a: {"slice": [1, None, 2]}, b: "last"}):
+        model(ids)
+    assert seen == {"a": [1, 3, 5], "b": [6]}
+    with pytest.raises(InputError, match="tokenizer"):
+        intervene(model, {a: rec("a")}, positions={a: {"token": " Monday"}})

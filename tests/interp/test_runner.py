@@ -11,7 +11,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.errors import DataError, InputError
-from interp.runner import load_spec, run_spec, spec_from_dict, write_result
+from interp.capture import tokenize
+from interp.runner import load_spec, resolve_positions, run_spec, spec_from_dict, write_result
 from interp.subspace import CircleMap, Subspace
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -118,5 +119,29 @@ def test_positions_token_missing_is_an_error(model, tok):
     spec = spec_from_dict({"model": "tiny", "site": "blocks.0.hook_resid_post", "prompts": ["Today is Monday."],
                            "positions": {"token": " Friday"}, "edit": {"type": "steer", "vector": [0.0] * 32},
                            "metric": {"type": "top_token"}})
-    with pytest.raises(InputError, match="single token found"):
+    with pytest.raises(InputError, match=r"row 0 \('Today is Monday\.'\) has no token whose text is exactly ' Friday'"):
         run_spec(spec, model, tok, progress=False)
+
+
+def test_positions_resolve_through_the_grammar_on_a_bpe_tokenizer(tok):
+    rows = [{"text": f"I will see you on {d}. To repeat, I will see you on", "day": d} for d in DAYS[:3]]
+    batch = tokenize(tok, [r["text"] for r in rows])
+    by_token = resolve_positions({"token": " {day}"}, rows, batch, tok)
+    spans = [[r["text"].index(" " + r["day"]), r["text"].index(" " + r["day"]) + len(r["day"]) + 1] for r in rows]
+    by_chars = resolve_positions({"chars": spans}, rows, batch, tok)
+    for i, r in enumerate(rows):  # reference: where the id the tokenizer gives " {day}" sits
+        tid = tok.encode(" " + r["day"], add_special_tokens=False)
+        assert len(tid) == 1
+        col = int((batch["input_ids"][i] == tid[0]).nonzero()[0, 0])
+        assert by_token.value[i].tolist() == [col]
+        assert by_chars.value[i].nonzero()[:, 0].tolist() == [col]
+    assert resolve_positions("last", rows, batch, tok).kind == "last"
+
+
+def test_bad_positions_fail_when_the_spec_is_read():
+    base = {"model": "m", "site": "blocks.0.hook_resid_post", "prompts": ["a"], "metric": {"type": "kl"},
+            "edit": {"type": "project_out"}}
+    with pytest.raises(InputError, match=r"spec.positions: positions \{'chars': \[3\]\}"):
+        spec_from_dict({**base, "positions": {"chars": [3]}})
+    with pytest.raises(InputError, match="edit 'project_out': positions='first'"):
+        spec_from_dict({**base, "edit": {"type": "project_out", "positions": "first"}})
