@@ -2,7 +2,7 @@
 
 ``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
 the model and site; its training summary holds the token count and the evaluation metrics; its
-sparsity is saved), writes the model card ``README.md`` and ``feature_density.png`` into the
+sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
 folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
 one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` is the CLI.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from interp.errors import InterpError
 from saes.base import SAEError
-from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_feature_density, render_card
+from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card
 from saes.checkpoint import Checkpoint, read
 from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
 
@@ -84,7 +84,7 @@ def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
     """Validate ``folder``, write its model card and density plot; upload nothing."""
     folder = Path(folder)
     checkpoints = validate(folder)
-    plot_feature_density(checkpoints, folder / DENSITY_PLOT)
+    plot_latent_density(checkpoints, folder / DENSITY_PLOT)
     card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
     tmp = folder / f".{CARD_FILENAME}.tmp-{os.getpid()}"
     tmp.write_text(card, encoding="utf-8")
@@ -121,7 +121,7 @@ def add_publish_parser(sae_subparsers: argparse._SubParsersAction) -> argparse.A
         "publish", help="validate a folder of SAEs, write its model card, upload it to the Hugging Face Hub",
         description="Validate every SAE under FOLDER (it loads; model, site, training tokens, L0, explained "
                     "variance and CE loss recovered are recorded; its sparsity is saved), write README.md (the "
-                    "model card) and feature_density.png into FOLDER, then upload the checkpoint files, the "
+                    "model card) and latent_density.png into FOLDER, then upload the checkpoint files, the "
                     "card and the plot to REPO_ID. Record missing metrics with saes.checkpoint.annotate().")
     p.add_argument("folder", help="folder holding one SAE, or one subfolder per site")
     p.add_argument("repo_id", help="Hub repository, 'owner/name'")

@@ -76,7 +76,7 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
                "--sim-cutoff", "0.5", "--min-points", "10", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "clusters.json").read_text())
-    expected = {tuple(sorted(c)) for c in graph_clusters(w_dec, top_k=2, sim_cutoff=0.5) if len(c) >= 2}
+    expected = {tuple(sorted(c)) for c in graph_clusters(w_dec, n_neighbors=2, sim_cutoff=0.5) if len(c) >= 2}
     assert {tuple(sorted(c["latents"])) for c in summary["clusters"]} <= expected
     scores = [c["irreducibility"] for c in summary["clusters"]]
     assert scores == sorted(scores, reverse=True)
