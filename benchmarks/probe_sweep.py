@@ -84,9 +84,9 @@ def main() -> None:
     acts = {str(i): x for i, x in enumerate(layers)}
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = probes.sweep(acts, y, ks=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch, top_n=0)
+    result = probes.sweep(acts, y, n_neurons=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch, top_n=0)
     t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-    ours = {(r["layer"], r["k"]): r["f1"] for r in result.records}
+    ours = {(r["site"], r["n_neurons"]): r["f1"] for r in result.records}
 
     peer, t_peer, c_peer = {}, None, None
     if not args.skip_sklearn:

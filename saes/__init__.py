@@ -15,7 +15,7 @@ from saes.publish import PublishError, publish
 from saes.relu import ReluConfig, ReluSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.trainer import TrainConfig, Trainer
-from saes.training import TrainState, TrainStep
+from saes.losses import TrainState, TrainStep
 
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",

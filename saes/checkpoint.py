@@ -387,12 +387,13 @@ def annotate(
 
     ``metrics`` (e.g. the report of :func:`saes.evaluate.evaluate`: ``l0_mean``,
     ``explained_variance``, ``ce_loss_recovered`` ...) merge into ``training["metrics"]``; its
-    ``feature_density`` tensor, if any, becomes the sparsity unless ``sparsity`` is given.
+    ``latent_density`` tensor (``feature_density`` in older reports), if any, becomes the sparsity
+    unless ``sparsity`` is given.
     ``metadata`` and ``training`` merge into theirs; ``sparsity`` (firing frequencies) replaces the
     saved one. The folder is rewritten as a whole, atomically.
     """
     metrics = dict(metrics or {})
-    density = metrics.pop("feature_density", None)
+    density = metrics.pop("latent_density", metrics.pop("feature_density", None))
     if sparsity is None and isinstance(density, Tensor):
         sparsity = density
     ckpt = read(folder)

@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saes.base import SAE, SAEConfig, SAEError, register
-from saes.training import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
 
 
 def _rect(u: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 ``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
 the model and site; its training summary holds the token count and the evaluation metrics; its
-sparsity is saved), writes the model card ``README.md`` and ``feature_density.png`` into the
+sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
 folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
 one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from interp.errors import InterpError
 from saes.base import SAEError
-from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_feature_density, render_card
+from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card
 from saes.checkpoint import Checkpoint, read
 from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
 
@@ -83,7 +83,7 @@ def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
     """Validate ``folder``, write its model card and density plot; upload nothing."""
     folder = Path(folder)
     checkpoints = validate(folder)
-    plot_feature_density(checkpoints, folder / DENSITY_PLOT)
+    plot_latent_density(checkpoints, folder / DENSITY_PLOT)
     card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
     tmp = folder / f".{CARD_FILENAME}.tmp-{os.getpid()}"
     tmp.write_text(card, encoding="utf-8")

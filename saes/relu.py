@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saes.base import SAE, SAEConfig, SAEError, register
-from saes.training import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -5,24 +5,24 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
 * The :class:`saes.base.SAE` contract: parameters ``W_enc [d_model, d_sae]``, ``b_enc``,
   ``W_dec [d_sae, d_model]``, ``b_dec``; everything else needed at inference registered as a
   parameter or buffer (it is checkpointed through ``state_dict``).
-* ``training_loss(x, state) -> saes.training.TrainStep`` where ``x`` is ``[rows, d_model]`` in the
+* ``training_loss(x, state) -> saes.losses.TrainStep`` where ``x`` is ``[rows, d_model]`` in the
   SAE's dtype, already multiplied by the input scale, and ``state`` is a
-  :class:`saes.training.TrainState` (step, total steps, ``dead_mask``, ``global_rows``, ``allsum``).
+  :class:`saes.losses.TrainState` (step, total steps, ``dead_mask``, ``global_rows``, ``allsum``).
   ``TrainStep.loss`` must be this process's *share* of the global loss: sums over rows divided by
-  constants taken over the global batch (use :func:`saes.training.fvu_loss`, ``global_rows``,
-  :func:`saes.training.total_variance`), so that summed gradients over DDP processes equal one
+  constants taken over the global batch (use :func:`saes.losses.fvu_loss`, ``global_rows``,
+  :func:`saes.losses.total_variance`), so that summed gradients over DDP processes equal one
   process on the whole batch. ``fired [d_sae]`` feeds dead-latent tracking; ``terms`` is logged.
 * Optional class attribute ``normalize_decoder = True``: the trainer then removes the gradient
   component parallel to each decoder row before the step and renormalises rows after it.
 * Optional ``after_step(state)``: called after every optimizer step (e.g. clamp thresholds).
 * Optional ``fold_input_scale(scale)``: fold the input normalisation into the weights at the end
-  (default :func:`saes.training.fold_input_scale`, right for any SAE whose codes only depend on
+  (default :func:`saes.losses.fold_input_scale`, right for any SAE whose codes only depend on
   ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
 
 The loop: Adam with linear warm-up and a linear decay to zero at the end; ``b_dec`` initialised from
 the first batch (geometric median or mean); inputs scaled so that ``E||x||^2 = d_model`` (folded into
 the saved weights); optional bf16 autocast; periodic atomic resume checkpoints
-(:mod:`saes.train_state`); gradient all-reduce over ``torch.distributed`` processes
+(:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes
 (:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional wandb.
 """
 
@@ -42,9 +42,9 @@ import torch
 from tqdm.auto import tqdm
 
 from saes import distributed as ddp
-from saes import train_state
+from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
-from saes.training import (TrainState, fold_input_scale, geometric_median, normalize_rows,
+from saes.losses import (TrainState, fold_input_scale, geometric_median, normalize_rows,
                            remove_parallel_grad, total_variance)
 
 
@@ -209,7 +209,7 @@ class Trainer:
         self.history_: list[dict[str, Any]] = []
         step = 0
         ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
-        loaded = train_state.read_latest(ckpt_root) if (resume and ckpt_root is not None) else None
+        loaded = resume_ckpt.read_latest(ckpt_root) if (resume and ckpt_root is not None) else None
         if resume and ckpt_root is None:
             raise SAEError("resume=True needs out_dir (where the checkpoints are)")
         if loaded is not None:
@@ -299,7 +299,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def _save(self, root: Path, step: int, data) -> None:
         if self.rank == 0:
-            tensors, meta = train_state.rng_state()
+            tensors, meta = resume_ckpt.rng_state()
             meta = {"rng": meta, "step": step, "world_size": self.world, "config": _jsonable(self.cfg),
                     "data": data.state_dict() if hasattr(data, "state_dict") else {"batches_consumed": step},
                     "sites": {}}
@@ -307,12 +307,12 @@ class Trainer:
                 for k, v in st.sae.state_dict().items():
                     tensors[f"{name}/sae.{k}"] = v
                 tensors[f"{name}/since_fired"] = st.since_fired
-                t, opt_meta = train_state.optimizer_to_flat(st.opt, f"{name}/opt.")
+                t, opt_meta = resume_ckpt.optimizer_to_flat(st.opt, f"{name}/opt.")
                 tensors.update(t)
                 sched = {k: v for k, v in st.sched.state_dict().items() if k != "lr_lambdas"}
                 meta["sites"][name] = {"scale": st.scale, "optimizer": opt_meta, "scheduler": sched,
                                        "architecture": st.sae.architecture, "sae_cfg": st.sae.cfg.to_dict()}
-            train_state.write(root, step, tensors, meta, keep=self.cfg.keep_checkpoints)
+            resume_ckpt.write(root, step, tensors, meta, keep=self.cfg.keep_checkpoints)
         ddp.barrier()
 
     def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], data) -> int:
@@ -328,13 +328,13 @@ class Trainer:
             st.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
             st.since_fired.copy_(tensors[f"{name}/since_fired"])
             dev = st.sae.device
-            train_state.optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
+            resume_ckpt.optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
                                             m["optimizer"], f"{name}/opt.")
             st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
             st.scale = m["scale"]
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(meta["data"])
-        train_state.set_rng_state(tensors, meta["rng"])
+        resume_ckpt.set_rng_state(tensors, meta["rng"])
         return int(meta["step"])
 
     def _export(self) -> None:

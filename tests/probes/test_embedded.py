@@ -34,7 +34,7 @@ def test_single_neuron_detects_unseen_day_names(smollm):
     ds = probes.token_dataset(model, tok, texts, ["blocks.4.mlp.hook_post"], progress=False,
                               label_fn=lambda t, i: int(t[i].strip() in DAYS))
     entity = [groups[g] for g in ds.groups.tolist()]
-    res = probes.sweep(ds.features, ds.labels, ks=(1, 4), groups=entity, test_size=0.3, seed=0, progress=False)
+    res = probes.sweep(ds.acts, ds.labels, n_neurons=(1, 4), groups=entity, test_size=0.3, seed=0, progress=False)
     assert res.n_test > 0 and res.metric("blocks.4.mlp.hook_post", 4) >= 0.8
 
 

@@ -7,7 +7,7 @@ import torch
 
 import saes
 from saes.trainer import TrainConfig, Trainer
-from saes.training import fold_input_scale, geometric_median
+from saes.losses import fold_input_scale, geometric_median
 from sae_testdata import SyntheticSource
 
 D, M, ROWS = 16, 64, 128
