@@ -306,7 +306,12 @@ def summarize(table: list[dict], spec: RunSpec) -> dict:
 
 
 def write_result(result: RunResult, out: str | os.PathLike) -> Path:
-    """Write ``results.csv`` and ``summary.json`` atomically into `out`."""
+    """Write ``results.csv`` and ``summary.json`` atomically into `out`.
+
+    ``results.csv``: one row per prompt and edit (``none`` included): ``row``, ``prompt``, ``edit`` and
+    the metric's columns (``top_token`` + ``changed``, ``prob``, ``logit_diff`` or ``kl``).
+    ``summary.json``: ``model``, ``site``, ``metric``, ``n_prompts``, ``edits`` (the edit specs),
+    ``positions``, ``subspace`` and ``mean`` (per edit, the mean of every numeric metric column)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cols = list(dict.fromkeys(k for r in result.table for k in r))

@@ -106,7 +106,14 @@ class SweepResult:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename)."""
+        """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename).
+
+        Fields: ``config`` (the :class:`probes.SweepConfig`), ``classes`` ([negative, positive]),
+        ``sites``, ``n_train``, ``n_test``, ``records`` (one per (site, n_neurons): ``site``,
+        ``n_neurons``, ``method``, test ``f1``, ``accuracy``, ``precision``, ``recall``, ``auc``,
+        ``train_f1``, ``neurons`` (the support, best first) and ``coef``), ``top_neurons`` (per site,
+        the best-ranked neurons scored alone: ``neuron``, ``f1``, ``auc``, ``coef``) and ``rankings``
+        (per site, the first 64 neuron indices, most useful first)."""
         return write_json(path, self.to_dict(), default=str)
 
     def plot_f1(self, path: str | os.PathLike | None = None, *, metric: str = "f1", ax=None,
