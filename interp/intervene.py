@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from interp.edits import Edit, EditContext, as_edit
 from interp.errors import InputError
 from interp.positions import Positions, as_positions, is_dict_form
-from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap
+from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap, warn_if_bridged
 
 
 @dataclass
@@ -84,6 +84,7 @@ class Intervention:
                              f"{type(edits).__name__}{' (empty)' if isinstance(edits, Mapping) else ''}")
         self.model = model
         sites = [resolve(model, s) for s in edits]
+        warn_if_bridged(model)
         per_site = isinstance(positions, Mapping) and not is_dict_form(positions)
         pos_of = positions if per_site else {}
         unknown = set(pos_of) - {s if isinstance(s, str) else s.name for s in edits}
