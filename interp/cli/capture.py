@@ -87,15 +87,29 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 def run_sites(args: argparse.Namespace) -> int:
     from interp.capture import site_widths
+    from interp.errors import SiteError
+    from interp.layouts import KINDS, find_blocks
     from interp.models import load_model
+    from interp.sites import resolve
 
     model, _ = load_model(args.model, device="cpu")
     widths = site_widths(model)
+    refused = {}
+    for layer in range(len(find_blocks(model))):
+        for kind in KINDS:
+            name = f"blocks.{layer}.{kind}"
+            if name not in widths:
+                try:
+                    resolve(model, name)
+                except SiteError as e:
+                    refused[name] = str(e)
     if args.json:
-        print(json.dumps(widths, indent=1))
+        print(json.dumps({"sites": widths, "refused": refused}, indent=1))
         return 0
     print(f"{'site':36s} width")
     for name, width in widths.items():
         print(f"{name:36s} {width}")
-    print(f"{len(widths)} sites; raw module paths (e.g. model.layers.0.mlp) are accepted too")
+    for name, why in refused.items():
+        print(f"{name:36s} refused: {why}")
+    print(f"{len(widths)} sites ({len(refused)} refused); raw module paths (e.g. model.layers.0.mlp) are accepted too")
     return 0
