@@ -18,7 +18,7 @@ runs the blocks reads how many columns are already cached (``cache`` / ``past_ke
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -76,7 +76,7 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
 class Intervention:
     """Edits bound to sites; a context manager, or a handle with :meth:`attach` / :meth:`remove`."""
 
-    def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | list], *,
+    def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | Callable | list | tuple], *,
                  positions=None, edit_padding: bool = False, tokenizer=None):
         if not isinstance(edits, Mapping) or not edits:
             raise InputError("edits must be a non-empty dict {site name: edit}, e.g. "
@@ -239,7 +239,7 @@ class Intervention:
         self.remove()
 
 
-def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | list], *, positions=None,
+def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | Callable | list | tuple], *, positions=None,
               edit_padding: bool = False, tokenizer=None) -> Intervention:
     """Bind edits to sites of `model`: ``with intervene(model, {site: edit}): ...``.
 

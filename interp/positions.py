@@ -51,7 +51,7 @@ _TEXT = ("token", "chars")
 _DECODE = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
 
 
-def last_token_index(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+def last_token_index(mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
     """Index of the last real token of each row, for left or right padding."""
     idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), idx, -1).max(dim=1).values

@@ -257,7 +257,7 @@ def _screened(x: Tensor, y: Tensor, max_candidates: int | None, rank_fn) -> Tens
 
 
 def rank_neurons(
-    x: Float[Tensor, "layer n d"],
+    x: Float[Tensor, "*layer n d"],
     y: Float[Tensor, " n"],
     method: str = "f_stat",
     *,
@@ -265,7 +265,7 @@ def rank_neurons(
     C: float = 1.0,
     standardize: bool = False,
     max_candidates: int | None = 512,
-) -> Int[Tensor, "layer d"]:
+) -> Int[Tensor, "*layer d"]:
     """Rank the neurons of each layer by ``method`` (see the module docstring); most useful first.
 
     Args:

@@ -67,7 +67,7 @@ def train_test_split(
     test_size: float = 0.2,
     seed: int = 0,
     stratify: Tensor | None = None,
-    groups: Sequence | Tensor | None = None,
+    groups: Sequence | Tensor | np.ndarray | None = None,
 ) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:
     """Indices of a train/test split fixed by `seed`.
 
