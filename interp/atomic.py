@@ -1,7 +1,9 @@
 """Atomic file writes: write a temporary file beside the target, then rename it into place.
 
 A crash (or Ctrl-C) mid-write leaves the old file, or none, never a half-written one; the temporary
-file is removed on failure. Every file this project writes for later reading goes through here.
+file (``.interp-tmp-<name>.<random>``, see :mod:`interp.folders`) is removed on failure, and one left
+by a killed process is removed by the next start of the writer that owns the folder. Every file this
+project writes for later reading goes through here.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from interp.folders import temp_name
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`, on error deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_name(path.name))
     os.close(fd)
     try:
         yield Path(tmp)
