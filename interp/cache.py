@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp.atomic import atomic_path
+from interp.atomic import atomic_path, save_file
 from interp.atomic import write_json as _write_json
 from interp.capture import site_widths
 from interp.data import load_texts, pack

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from interp.atomic import atomic_path, write_json
+from interp.atomic import atomic_path, save_file, write_json
 from interp.errors import InputError
 from interp.folders import inside
 
@@ -142,7 +142,8 @@ class Subspace:
 
     def _bo(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[-1] != self.d_model:
-            raise InputError(f"activations must end in d_model={self.d_model}; got shape {tuple(x.shape)}")
+            raise InputError(f"activations must end in d_model={self.d_model}; got shape {tuple(x.shape)}. The "
+                             "subspace was found at a site of another width (another site or model?)")
         return self.basis.to(device=x.device, dtype=x.dtype), self.origin.to(device=x.device, dtype=x.dtype)
 
     def project(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... rank"]:
@@ -218,8 +219,8 @@ class Subspace:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Subspace:
         path = Path(path)
+        files = [inside(path, n, str(path), error=InputError) for n in ("subspace.json", "subspace.safetensors")]
         try:
-            files = [inside(path, n, str(path), error=InputError) for n in ("subspace.json", "subspace.safetensors")]
             info = json.loads(files[0].read_text(encoding="utf-8"))
             t = load_file(str(files[1]))
         except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: not a safetensors file (a pickle?)

@@ -183,7 +183,6 @@ def sweep(
     elif options:
         config = dataclasses.replace(config, **options)
     sites = _as_sites(activations_by_site)
-    _check_sizes(config.n_neurons, {name: t.shape[1] for name, t in sites.items()})
     n = next(iter(sites.values())).shape[0]
     y, classes = encode_labels(labels, n)
     train, test = train_test_split(n, config.test_size, config.seed, stratify=y, groups=groups)
@@ -191,6 +190,7 @@ def sweep(
         train = train[undersample(y[train], config.seed)]
     check_both_classes(y[train], "the training split")
     check_both_classes(y[test], "the test split")
+    _check_sizes(config.n_neurons, {name: t.shape[1] for name, t in sites.items()})
     by_width: dict[int, list[str]] = {}
     for name, t in sites.items():
         by_width.setdefault(t.shape[1], []).append(name)

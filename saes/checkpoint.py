@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import save_file
 from torch import Tensor
 
+from interp.atomic import save_file
 from interp.folders import remove_temps, temp_name
 from saes import peers
 from saes.base import REGISTRY, SAE, SAEError

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from interp.atomic import write_json
+from interp.atomic import save_file, write_json
 from interp.folders import inside, temp_name
 from saes.base import SAEError
 
@@ -240,9 +240,9 @@ def describe_differences(diff: dict[str, list]) -> str:
     return ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in diff.items())
 
 
-def _short(v: Any, n: int = 60) -> str:
+def _short(v: Any, n: int = 70) -> str:
     s = json.dumps(v) if not isinstance(v, str) else repr(v)
-    return s if len(s) <= n else s[: n - 3] + "..."
+    return s if len(s) <= n else s[: n // 3] + "..." + s[-(2 * n // 3 - 3):]  # a path's end tells most
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -264,36 +264,32 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or self.rank != 0, desc="sae train")
         autocast = (torch.autocast(next(iter(self.saes.values())).device.type, dtype=torch.bfloat16)
                     if cfg.bf16 else contextlib.nullcontext())
-        while step < cfg.total_steps:
-            try:
-                batch = self._split(next(it))
-            except StopIteration:
-                warnings.warn(f"data ran out after {step} of {cfg.total_steps} steps", stacklevel=3)
-                break
-            rows = {name: t.shape[0] for name, t in batch.items()}
-            if any(r != cfg.batch_tokens for r in rows.values()):
-                raise SAEError(f"the data source yielded batches of {rows} rows, but TrainConfig.batch_tokens is "
-                               f"{cfg.batch_tokens}: set them equal (losses are normalised by the global batch)")
-            if step == 0:
-                self._init_from_data(batch)
-            logs = {}
-            for name, st in self.sites.items():
-                logs[name] = self._step(name, st, batch[name], step, autocast)
-            step += 1
-            self.tokens_ += cfg.batch_tokens
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                entry = {"step": step, "tokens": self.tokens_,
-                         **{k: {m: float(v) for m, v in d.items()} for k, d in logs.items()}}
-                self.history_.append(entry)
-                first = next(iter(logs.values()))
-                bar.set_postfix({k: f"{float(first[k]):.4g}" for k in ("loss", "l0", "fvu", "dead")})
-                if run is not None:
-                    run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
-            if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                                          or step == cfg.total_steps):
-                self._save(ckpt_root, step, data)
-        bar.close()
+        try:
+            while step < cfg.total_steps:
+                try:
+                    batch = self._split(next(it))
+                except StopIteration:
+                    warnings.warn(f"data ran out after {step} of {cfg.total_steps} steps", stacklevel=3)
+                    break
+                rows = {name: t.shape[0] for name, t in batch.items()}
+                if any(r != cfg.batch_tokens for r in rows.values()):
+                    raise SAEError(f"the data source yielded batches of {rows} rows, but TrainConfig.batch_tokens is "
+                                   f"{cfg.batch_tokens}: set them equal (losses are normalised by the global batch)")
+                if step == 0:
+                    self._init_from_data(batch)
+                logs = {}
+                for name, st in self.sites.items():
+                    logs[name] = self._step(name, st, batch[name], step, autocast)
+                step += 1
+                self.tokens_ += cfg.batch_tokens
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    self._log(step, logs, bar, run)
+                if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                              or step == cfg.total_steps):
+                    self._save(ckpt_root, step, data)
+        finally:  # a stopped run ends its progress line, so an error prints on a line of its own
+            bar.close()
         if run is not None:
             run.finish()
         self.steps_ = step
@@ -306,6 +302,14 @@ class Trainer:
             self._export()
         ddp.barrier()
         return self
+
+    def _log(self, step: int, logs: dict[str, dict[str, torch.Tensor]], bar, run) -> None:
+        self.history_.append({"step": step, "tokens": self.tokens_,
+                              **{k: {m: float(v) for m, v in d.items()} for k, d in logs.items()}})
+        first = next(iter(logs.values()))
+        bar.set_postfix({k: f"{float(first[k]):.4g}" for k in ("loss", "l0", "fvu", "dead")})
+        if run is not None:
+            run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
 
     def _step(self, name: str, st: _Site, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
         sae, cfg = st.sae, self.cfg

@@ -163,7 +163,7 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(cfg.seed)
-    arch_kw = {k: v for k, v in got.items() if k in fields}
+    arch_kw = {k: v for k, v in got.items() if k in fields and k not in ("d_model", "d_sae")}  # set just below
     models = {s: saes.build(run.arch, d_model=w, d_sae=run.d_sae or run.expansion * w, **arch_kw).to(device)
               for s, w in widths.items()}
     out = Path(run.out)
