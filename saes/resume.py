@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -138,7 +139,7 @@ def read_latest(root: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | 
             if not isinstance(name, str) or not _STEP.match(name):
                 raise ValueError(f"'dir' is {name!r}, not a step folder name")
             return _load(inside(root, name, str(latest), error=SAEError))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
             problem = f"{latest} is unreadable or names a checkpoint that does not load ({e})"
     steps = found(root)
     if not steps:
@@ -150,7 +151,7 @@ def read_latest(root: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | 
     for step in reversed(steps):
         try:
             got = _load(root / step_dir(step))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:
             errors.append(f"{step_dir(step)}: {e}")
             continue
         why = problem or f"{latest} is missing"

@@ -138,7 +138,8 @@ def _cli_cases() -> list[Case]:
     return [
         Case("capture-model-missing-local", lambda w, e: cap(e, "--model", "./no-such-model", "--out", "c"),
              r"no-such-model does not exist \(a local path: the Hugging Face Hub is not asked\)"),
-        Case("capture-model-relative-runs-x", lambda w, e: ((w / "runs").mkdir(), cap(e, "--model", "runs/x", "--out", "c"))[1],
+        Case("capture-model-relative-runs-x",
+             lambda w, e: ((w / "runs").mkdir(), cap(e, "--model", "runs/x", "--out", "c"))[1],
              r"runs/x does not exist \(a local path"),
         Case("capture-model-pickle-folder", lambda w, e: cap(e, "--model", str(pickle_model(w)), "--out", "c"),
              r"holds only pickle-based weights \(\['pytorch_model.bin'\]\), which are never loaded"),
@@ -214,7 +215,8 @@ def _spec_cases() -> list[Case]:
              r"spec.edits\[0\] is 'rotate'; each edit is a mapping"),
         Case("spec-unknown-edit-type", lambda w, e: spec(w, e, {"edits": [{"type": "twist"}]}),
              r"type must be one of .*got 'twist'"),
-        Case("spec-vector-length", lambda w, e: spec(w, e, {"edits": [{"name": "s", "type": "steer", "vector": [1, 2]}]}),
+        Case("spec-vector-length",
+             lambda w, e: spec(w, e, {"edits": [{"name": "s", "type": "steer", "vector": [1, 2]}]}),
              r"Steer: the steering vector has 2 values, but the site's activations have width 32"),
         Case("spec-replace-length", lambda w, e: spec(w, e, {"edits": [{"name": "r", "type": "replace",
                                                                        "vector": [1.0] * 5}]}),
@@ -241,7 +243,8 @@ def _spec_cases() -> list[Case]:
              r"edit 'ablate': positions \[500\] are out of range for sequences of length 22"),
         Case("spec-positions-slice-misses-a-row", lambda w, e: spec(w, e, {"prompts": ["the cat sat on the mat", "a"],
                                                                           "positions": {"slice": [5, 8]}}),
-             r"edit 'ablate': positions=\{'slice': \[5, 8\]\} pick no real token of rows \[1\] \(prompts of \[1\] tokens\)"),
+             r"edit 'ablate': positions=\{'slice': \[5, 8\]\} pick no real token of rows \[1\] "
+             r"\(prompts of \[1\] tokens\)"),
         Case("spec-positions-bad-form", lambda w, e: spec(w, e, {"positions": {"foo": 1}}),
              r"spec.positions: positions=\{'foo': 1\}: a dict form has one key"),
         Case("spec-metric-missing", lambda w, e: spec(w, e, "model: x\nsite: y\nprompts: [a]\nedit: {type: steer}\n"),
@@ -399,7 +402,8 @@ def _tensor_cases() -> list[Case]:
         Case("tensor-mp-encode-nan", lambda w, e: raises(saes.build("mpsae", d_model=8, d_sae=16, n_steps=2).encode,
                                                          x(2)), r"MPSAE input rows \[2\]"),
         Case("tensor-subspace-inf-basis", nan_subspace, r"tensors \['basis'\] hold NaN or inf"),
-        Case("tensor-trainer-another-run", another_run, r"holds resume checkpoints of an earlier run \(steps \[2, 4\]\)"),
+        Case("tensor-trainer-another-run", another_run,
+             r"holds resume checkpoints of an earlier run \(steps \[2, 4\]\)"),
         Case("tensor-sae-load-runs-x", lambda w, e: ((w / "runs").mkdir(), raises(saes.load, "runs/x"))[1],
              r"runs/x: no such folder, and not a Hub repo id"),
     ]
@@ -412,7 +416,8 @@ def _checkpoint_cases() -> list[Case]:
     def read_bad(build):
         return lambda w, e: raises(saes.read, build(w))
 
-    return [Case(f"checkpoint-{name}", read_bad(build), BAD_CHECKPOINT_MESSAGES[name]) for name, build in BAD_CHECKPOINTS]
+    return [Case(f"checkpoint-{name}", read_bad(build), BAD_CHECKPOINT_MESSAGES[name])
+            for name, build in BAD_CHECKPOINTS]
 
 
 def cases() -> list[Case]:

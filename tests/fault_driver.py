@@ -135,8 +135,9 @@ TRAIN_KILLS = [("step", 3), ("checkpoint_files", 1), ("checkpoint_renamed", 2), 
 def train_once(out: Path) -> dict:
     import warnings
 
-    import saes
     from sae_testdata import SyntheticSource
+
+    import saes
     from saes.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)

@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
+from sae_testdata import SyntheticSource, saelens_style, sparsify_style
 from safetensors.torch import load_file, save_file
 
 import saes
-from sae_testdata import SyntheticSource, saelens_style, sparsify_style
 from saes.guard import NonFiniteError
 from saes.safetensors_check import CheckpointError
 from saes.trainer import TrainConfig, Trainer
@@ -77,7 +77,8 @@ def test_a_diverging_run_is_named_as_such(tmp_path):
     sae = saes.build("topk", d_model=D, d_sae=M, k=4)
     with pytest.raises(NonFiniteError, match=r"no input row of this batch is NaN or inf, so the training diverged: "
                                              r"lower lr \(now 1e\+30\).*no resume checkpoint was written yet"):
-        Trainer(sae, cfg(lr=1e30, warmup_frac=0.0, checkpoint_every=0), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS))
+        Trainer(sae, cfg(lr=1e30, warmup_frac=0.0, checkpoint_every=0), out_dir=tmp_path).fit(
+            SyntheticSource(D, rows=ROWS))
 
 
 def test_without_the_guard_nan_spreads_and_nothing_nonfinite_is_saved(tmp_path):
