@@ -101,11 +101,12 @@ def _holder(fd: int) -> str:
 
 @contextmanager
 def folder_lock(folder: str | os.PathLike, name: str, what: str,
-                error: type[Exception] = LockError) -> Iterator[Path]:
+                error: type[Exception] = LockError, *, wait: bool = False) -> Iterator[Path]:
     """Hold an exclusive advisory lock on ``folder / name`` while the block runs.
 
     `what` names the folder for the message (e.g. ``"the activation cache at cache/"``). A lock held
-    by another process raises `error` at once: ``<what> is being written by process <PID> ...``.
+    by another process raises `error` at once: ``<what> is being written by process <PID> ...``;
+    with `wait`, this process waits for it instead (for caches every caller fills the same way).
     The folder must exist. The lock file is removed on release (a killed holder leaves it behind; the
     next writer takes it over)."""
     path = Path(folder) / name
@@ -115,7 +116,7 @@ def folder_lock(folder: str | os.PathLike, name: str, what: str,
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)

