@@ -42,6 +42,12 @@ class EditContext:
     site: str = ""
 
 
+def _check_width(v: Tensor, x: Tensor, what: str) -> None:
+    if v.shape[-1] != x.shape[-1]:
+        raise InputError(f"{what} has {v.shape[-1]} values, but the site's activations have width {x.shape[-1]}; "
+                         "give one value per dimension of the site")
+
+
 def per_row(value: Tensor, ctx: EditContext, x: Tensor) -> Tensor:
     """A value given per batch row (``[batch, ...]``) broadcast to the rows of ``x``."""
     return value.to(device=x.device, dtype=x.dtype)[ctx.batch_idx.to(x.device)]
@@ -158,6 +164,7 @@ class Steer(Edit):
         self.alpha = alpha
 
     def __call__(self, x, ctx):
+        _check_width(self.v, x, "Steer: the steering vector")
         v = self.v.to(device=x.device, dtype=x.dtype)
         if isinstance(self.alpha, Tensor):
             return x + per_row(self.alpha, ctx, x)[..., None] * v
@@ -171,6 +178,7 @@ class Replace(Edit):
         self.value = torch.as_tensor(value).float()
 
     def __call__(self, x, ctx):
+        _check_width(self.value, x, "Replace: the value")
         v = self.value.to(device=x.device, dtype=x.dtype)
         if v.dim() == 2:
             v = per_row(self.value, ctx, x)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from interp.errors import InputError
 from probes.logistic import NEWTON_MAX_K, fit_logistic
+from probes.split import check_finite
 
 METHODS = ("mean_diff", "f_stat", "mutual_info", "l1", "adaptive")
 """Names accepted by :func:`rank_neurons` (aliases: anova, mi, lasso, at)."""
@@ -288,6 +289,7 @@ def rank_neurons(
     if x.dim() != 3 or y.dim() != 1 or y.shape[0] != x.shape[1]:
         raise InputError(f"expected x [layer, n, d] and y [n]; got x {tuple(x.shape)} and y {tuple(y.shape)}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    check_finite(x, "x")
     if method == "mean_diff":
         return rank_by_score(mean_diff_scores(x, y, standardize))
     if method == "f_stat":

@@ -51,7 +51,11 @@ class TrainRun:
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     resume: bool = False
-    """Continue from the newest resume checkpoint in --out."""
+    """Continue from the newest resume checkpoint in --out (settings that change the result must match it)."""
+    accept_changes: bool = False
+    """With --resume: accept settings that differ from the checkpoint's (recorded in train_history.json)."""
+    overwrite: bool = False
+    """Without --resume: delete the resume checkpoints an earlier run left in --out."""
 
 
 def _train_options() -> tuple[list[opt.Option], list[opt.Option], dict[str, list[str]]]:
@@ -159,14 +163,15 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(cfg.seed)
-    arch_kw = {k: v for k, v in got.items() if k in fields}
+    arch_kw = {k: v for k, v in got.items() if k in fields and k not in ("d_model", "d_sae")}  # set just below
     models = {s: saes.build(run.arch, d_model=w, d_sae=run.d_sae or run.expansion * w, **arch_kw).to(device)
               for s, w in widths.items()}
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"model_name": source["model"], "context_size": source["context_size"],
                 "prepend_bos": source.get("prepend_bos", False), "dataset_path": source.get("dataset")}
-    tr = saes.Trainer(models, cfg, out_dir=out, metadata=metadata, data_summary=source).fit(data, resume=run.resume)
+    tr = saes.Trainer(models, cfg, out_dir=out, metadata=metadata, data_summary=source).fit(
+        data, resume=run.resume, overwrite=run.overwrite, accept_changes=run.accept_changes)
     print(json.dumps({"steps": tr.steps_, "tokens": tr.steps_ * cfg.batch_tokens,
                       "final": tr.history_[-1] if tr.history_ else None,
                       "saved": [str(out / s) for s in widths]}, indent=1))
