@@ -265,7 +265,8 @@ def main() -> None:
         print(f"{lib}: {runs[lib][-1]}", flush=True)
     lim_after = matmul_limit(args.batch, 576, args.d_sae)
     # the fastest repeat of each library (the one least slowed by other jobs); FVU is deterministic
-    rows = {lib: {**max(rs, key=lambda r: r["tokens_per_s"]), "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs]}
+    rows = {lib: {**max(rs, key=lambda r: r["tokens_per_s"]),
+                  "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs]}
             for lib, rs in runs.items()}
     limit = {k: (lim_before[k] + lim_after[k]) / 2 for k in lim_before}
     ours = rows.get("interp", {})

@@ -245,7 +245,8 @@ class CachedActivations(ActivationSource):
                              "interp.cache.cache_activations or `interp capture --out DIR`.")
         self.header = _read_json(self.folder / "manifest.json")
         if self.header.get("format") != FORMAT:
-            raise CacheError(f"{self.folder}/manifest.json has format {self.header.get('format')!r}, expected {FORMAT!r}")
+            raise CacheError(f"{self.folder}/manifest.json has format {self.header.get('format')!r}, "
+                             f"expected {FORMAT!r}")
         self.shards = []
         for rp in sorted(self.folder.glob("manifest.rank*.json")):
             self.shards += _shard_entries(self.folder, rp)

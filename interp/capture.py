@@ -193,7 +193,8 @@ def capture(
                          "or one for all rows")
     out: dict[str, list[Tensor]] = {s.name: [] for s in resolved}
     chunks = range(0, n, step)
-    bar = tqdm(chunks, desc="capture", unit="batch", disable=not (progress if progress is not None else len(chunks) > 1))
+    bar = tqdm(chunks, desc="capture", unit="batch",
+               disable=not (progress if progress is not None else len(chunks) > 1))
     for start in bar:
         chunk = {k: v[start:start + step] for k, v in batch.items()}
         mask = chunk["attention_mask"]
@@ -201,7 +202,7 @@ def capture(
         got: dict[str, Tensor] = {}
         handles: list = []
 
-        def recorder(site: Site):
+        def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask):
             def record(value: Tensor) -> None:
                 if site.name not in got:  # a module called twice records its first call
                     got[site.name] = _own(chunk_pos.take(value.detach(), mask.to(value.device)).to(

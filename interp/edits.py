@@ -96,7 +96,8 @@ def as_edit(e) -> Edit:
         return Compose(e)
     if callable(e):
         return Lambda(e)
-    raise InputError(f"an edit is an interp.edits.Edit, a callable fn(x, ctx) or a list of them; got {type(e).__name__}")
+    raise InputError("an edit is an interp.edits.Edit, a callable fn(x, ctx) or a list of them; "
+                     f"got {type(e).__name__}")
 
 
 def _sub(s) -> Subspace:
@@ -198,7 +199,8 @@ class Patch(Edit):
                  *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None):
         self.source = source.detach() if isinstance(source, Tensor) else torch.as_tensor(source)
         if self.source.dim() not in (2, 3):
-            raise InputError(f"source must be [batch, seq, d_model] or [batch, d_model]; got {tuple(self.source.shape)}")
+            raise InputError("source must be [batch, seq, d_model] or [batch, d_model]; "
+                             f"got {tuple(self.source.shape)}")
         self.subspace = None if subspace is None else _sub(subspace)
         self.source_positions = None if source_positions is None else torch.as_tensor(source_positions).long()
         if self.source_positions is not None and self.source_positions.dim() == 1:

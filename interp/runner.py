@@ -295,7 +295,8 @@ def _token_ids(tok, value, n: int) -> torch.Tensor:
     for t in texts:
         ids = tok.encode(t, add_special_tokens=False)
         if len(ids) != 1:
-            raise InputError(f"metric token {t!r} is {len(ids)} tokens; metrics need single tokens (mind the leading space)")
+            raise InputError(f"metric token {t!r} is {len(ids)} tokens; metrics need single tokens "
+                             "(mind the leading space)")
         out.append(ids[0])
     return torch.tensor(out)
 

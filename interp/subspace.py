@@ -98,7 +98,8 @@ class TableMap:
 
     def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
         """Index of the nearest class mean."""
-        return torch.cdist(coords.reshape(-1, coords.shape[-1]), self.coords.to(coords)).argmin(-1).reshape(coords.shape[:-1])
+        return torch.cdist(coords.reshape(-1, coords.shape[-1]),
+                           self.coords.to(coords)).argmin(-1).reshape(coords.shape[:-1])
 
 
 CoordMap = CircleMap | LinearMap | TableMap
@@ -138,7 +139,8 @@ class Subspace:
 
     def __repr__(self) -> str:
         cm = f", map={self.coord_map.kind}" if self.coord_map is not None else ""
-        return f"Subspace(rank={self.rank}, d_model={self.d_model}{cm}{', name=' + repr(self.name) if self.name else ''})"
+        return (f"Subspace(rank={self.rank}, d_model={self.d_model}{cm}"
+                f"{', name=' + repr(self.name) if self.name else ''})")
 
     def _bo(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[-1] != self.d_model:

@@ -15,8 +15,17 @@ from interp.deprecation import renamed_module_attributes
 from probes.data import ProbeDataset, aggregate_tokens, sequence_dataset, token_dataset
 from probes.estimators import LinearProbe, SparseProbe
 from probes.logistic import fit_logistic
-from probes.metrics import (accuracy, classification_report, f1, precision, r2, recall, regression_report, roc_auc,
-                            spearman)
+from probes.metrics import (
+                            accuracy,
+                            classification_report,
+                            f1,
+                            precision,
+                            r2,
+                            recall,
+                            regression_report,
+                            roc_auc,
+                            spearman,
+)
 from probes.plots import plot_metric_vs_n_neurons, plot_neuron_activations, plot_top_neurons
 from probes.results import SweepRecord, SweepResult
 from probes.ridge import RidgeProbe

@@ -30,8 +30,14 @@ from interp.errors import InputError
 from probes.logistic import balanced_weights, fit_logistic, fit_logistic_logits, predict_logits
 from probes.metrics import classification_report, f1
 from probes.results import SweepRecord, SweepResult
-from probes.selection import (_class_stats, _f_stat_from_stats, _mean_diff_from_stats, canonical_method, rank_by_score,
-                              rank_neurons)
+from probes.selection import (
+    _class_stats,
+    _f_stat_from_stats,
+    _mean_diff_from_stats,
+    canonical_method,
+    rank_by_score,
+    rank_neurons,
+)
 from probes.split import check_both_classes, check_finite, encode_labels, train_test_split, undersample
 
 DEFAULT_N_NEURONS = (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -35,8 +35,18 @@ from interp.atomic import save_file
 from interp.folders import remove_temps, temp_name
 from saes import peers
 from saes.base import REGISTRY, SAE, SAEError
-from saes.locate import (CFG_FILENAME, SPARSIFY_WEIGHTS, SPARSITY_FILENAME, WEIGHTS_FILENAME,
-                         confine, is_sparsify_layout, list_sites, locate, no_checkpoint, read_cfg)
+from saes.locate import (
+    CFG_FILENAME,
+    SPARSIFY_WEIGHTS,
+    SPARSITY_FILENAME,
+    WEIGHTS_FILENAME,
+    confine,
+    is_sparsify_layout,
+    list_sites,
+    locate,
+    no_checkpoint,
+    read_cfg,
+)
 from saes.safetensors_check import CheckpointError, load_tensors, read_header
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "read", "annotate", "list_sites", "FORMAT_VERSION"]

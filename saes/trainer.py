@@ -48,8 +48,14 @@ from saes import distributed as ddp
 from saes import guard
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
-from saes.losses import (TrainState, fold_input_scale, geometric_median, normalize_rows,
-                           remove_parallel_grad, total_variance)
+from saes.losses import (
+    TrainState,
+    fold_input_scale,
+    geometric_median,
+    normalize_rows,
+    remove_parallel_grad,
+    total_variance,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,9 +114,11 @@ class TrainConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise SAEError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.warmup_frac + self.decay_frac > 1:
-            raise SAEError(f"TrainConfig.warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
+            raise SAEError("TrainConfig.warmup_frac + decay_frac must be <= 1, "
+                           f"got {self.warmup_frac} + {self.decay_frac}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise SAEError(f"TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
+            raise SAEError("TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', "
+                           f"got {self.b_dec_init!r}")
         if self.nonfinite_guard not in guard.GUARDS:
             raise SAEError(f"TrainConfig.nonfinite_guard must be one of {guard.GUARDS}, got {self.nonfinite_guard!r}")
 

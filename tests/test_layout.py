@@ -101,8 +101,9 @@ def test_sites_lists_every_site_with_its_width(tiny_dir, capsys):
 
 def test_sites_names_each_refused_site_with_its_reason(monkeypatch, capsys):
     """A parallel block has no resid_mid: the listing says so instead of leaving it out silently."""
-    import interp.models
     from conftest import tiny_model
+
+    import interp.models
     from interp.cli import main
 
     model = tiny_model("gpt_neox")  # parallel residual

@@ -31,7 +31,8 @@ CAPTURE_ARGS = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("capture", help="cache activations of a model to disk (resumable, can be grown, "
                        "torchrun-aware)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=EMBEDDED, help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
+    p.add_argument("--model", default=EMBEDDED,
+                   help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--sites", nargs="+", required=True, help="sites to capture, e.g. blocks.12.hook_resid_post "
                    "(see 'interp sites MODEL')")
     p.add_argument("--tokens", type=int, required=True, help="rows to cache over all ranks; a larger number than "

@@ -11,8 +11,19 @@ from hypothesis import strategies as st
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from interp.edits import (Compose, EditContext, MeanAblate, Patch, ProjectOut, Replace, Rotate, SaeEdit, SetCoords,
-                          Steer, ZeroAblate)
+from interp.edits import (
+    Compose,
+    EditContext,
+    MeanAblate,
+    Patch,
+    ProjectOut,
+    Replace,
+    Rotate,
+    SaeEdit,
+    SetCoords,
+    Steer,
+    ZeroAblate,
+)
 from interp.errors import InputError
 from interp.intervene import intervene
 from interp.subspace import CircleMap, LinearMap, Subspace

@@ -46,7 +46,8 @@ def test_batched_layers_rank_independently(planted):
     assert set(r[1, :2].tolist()) == {5, 6}
     batched = f_stat_scores(x, y.float())
     for layer in range(3):
-        torch.testing.assert_close(batched[layer], f_stat_scores(x[layer:layer + 1], y.float())[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batched[layer], f_stat_scores(x[layer:layer + 1], y.float())[0],
+                                   rtol=1e-4, atol=1e-5)
         assert r[layer, 0] == rank_neurons(x[layer], y.float(), "f_stat")[0]
 
 
@@ -61,8 +62,8 @@ def test_scores_respect_row_mask_and_scale(data):
     x, y = data
     rows = torch.zeros(len(y))
     rows[:700] = 1
-    torch.testing.assert_close(f_stat_scores(x[None], y.float(), rows=rows), f_stat_scores(x[None, :700], y[:700].float()),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(f_stat_scores(x[None], y.float(), rows=rows),
+                               f_stat_scores(x[None, :700], y[:700].float()), rtol=1e-3, atol=1e-3)
     raw = x * 7.0 + 3.0
     torch.testing.assert_close(mean_diff_scores(raw[None], y.float(), standardize=True),
                                mean_diff_scores(x[None], y.float(), standardize=True), rtol=1e-3, atol=1e-4)

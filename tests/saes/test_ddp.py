@@ -8,11 +8,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from sae_testdata import SyntheticSource
 from safetensors.torch import load_file, save_file
 
 import saes
 from saes.trainer import TrainConfig, Trainer
-from sae_testdata import SyntheticSource
 
 D, M, ROWS = 16, 64, 128
 CFG = dict(total_tokens=ROWS * 12, batch_tokens=ROWS, lr=3e-3, progress=False, log_every=4, dead_tokens=ROWS * 2)
