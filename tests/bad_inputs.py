@@ -164,7 +164,7 @@ def _cli_cases() -> list[Case]:
         Case("capture-read-only-folder", lambda w, e: cap(e, "--model", str(e.model), "--out", "/sys/interp-bad"),
              r"error: (Operation not permitted|Permission denied|Read-only file system) \(/sys/interp-bad\)"),
         Case("sae-train-no-sites", lambda w, e: ["sae", "train", "--out", "o", "--tokens", "100"],
-             r"needs --sites with live activations"),
+             r"no --sites: live activations \(no --cache\) need --sites"),
         Case("sae-train-cache-missing", lambda w, e: train_args(w / "nothing", w / "o"),
              r"nothing is not an activation cache \(no manifest.json\)"),
         Case("sae-train-foreign-flag", lambda w, e: train_args(copy_cache(w, e), w / "o", "--arch", "relu"),

@@ -137,7 +137,7 @@ def run_train(args: argparse.Namespace) -> int:
     got = opt.given(args, names, from_file)
     run_names = {f.name for f in dataclasses.fields(TrainRun)}
     if "out" not in got:
-        raise SAEError("interp sae train needs --out FOLDER (or \"out\" in --config)")
+        raise SAEError("no output folder: give --out FOLDER (or \"out\" in --config)")
     run = TrainRun(**{k: v for k, v in got.items() if k in run_names})
     cls = saes.get_architecture(run.arch)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -152,7 +152,7 @@ def run_train(args: argparse.Namespace) -> int:
     tokens = got.get("tokens")
     if tokens is None:
         if run.cache is None:
-            raise SAEError("interp sae train needs --tokens N with live activations (no --cache)")
+            raise SAEError("no --tokens: live activations (no --cache) need --tokens N, the rows to train on")
         tokens = source["rows"]
     if run.cache is not None and tokens > source["rows"]:
         warnings.warn(f"training on {tokens} tokens but the cache {run.cache} holds {source['rows']} rows: each row "
@@ -191,7 +191,7 @@ def _train_data(run: TrainRun, got: dict[str, Any], device) -> tuple[Any, dict[s
         info = data.describe()
         return data, dict(data.d_models), {**info, "cache": str(Path(run.cache).resolve())}
     if not run.sites:
-        raise saes.SAEError("interp sae train needs --sites with live activations (no --cache)")
+        raise saes.SAEError("no --sites: live activations (no --cache) need --sites, e.g. blocks.12.hook_resid_post")
     from interp.models import load_model
     from interp.store import ActivationStore
 
