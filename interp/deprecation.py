@@ -38,6 +38,8 @@ def warn_renamed(owner: str, old: str, new: str, *, stacklevel: int = 2) -> None
     """Warn that ``owner``'s ``old`` is now called ``new`` (``stacklevel`` counts from the caller, not
     counting the frames of a runtime type checker's wrappers)."""
     frame, level, real = sys._getframe(1), 1, 1
+    while frame is not None and _is_wrapper(frame.f_code.co_filename):  # this function's own wrapper
+        frame, level = frame.f_back, level + 1
     while frame is not None and real < stacklevel:
         frame, level = frame.f_back, level + 1
         if frame is not None and not _is_wrapper(frame.f_code.co_filename):

@@ -68,7 +68,7 @@ def _embedded_copy() -> Path:
     return target
 
 
-def _convert(gguf: Path, key: str, target: Path) -> None:
+def _convert(gguf: Path, key: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
