@@ -20,7 +20,7 @@ torch 2.13 CPU build; run this script with an interpreter that has ``overcomplet
 without executing ``overcomplete/__init__.py`` (its vision-model and plotting imports); the MpSAE
 code that runs is unmodified. See benchmarks/results/mp_sae.json for the command used.
 
-    /work/venv-mp/bin/python benchmarks/mp_sae.py --overcomplete-bypass
+    path/to/venv-with-overcomplete/bin/python benchmarks/mp_sae.py --overcomplete-bypass
 """
 
 from __future__ import annotations
