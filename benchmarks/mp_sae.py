@@ -1,6 +1,7 @@
 """MP-SAE speed against overcomplete's ``MpSAE`` and SAELens' ``MatchingPursuitTrainingSAE``.
 
-Same d_model, d_sae, k and batch for everyone. Measured:
+Same d_model, d_sae, pursuit steps (``--n-steps``; overcomplete's ``k``, SAELens' ``max_iterations``)
+and batch for everyone. Measured:
 
 * encode throughput (tokens/s, no autograd, eval mode). Ours twice: "warm" (the Gram matrix of
   the fixed dictionary is cached, the steady state of inference) and "cold" (Gram matrix built
@@ -11,8 +12,8 @@ Same d_model, d_sae, k and batch for everyone. Measured:
   bias) against ``MpSAE.encode`` with the same dictionary; ours in SAELens' mode (``nonneg``,
   accumulate, ``b_dec``) against SAELens' encoder.
 
-SAELens runs with ``residual_threshold=0``, ``max_iterations=k`` and
-``stop_on_duplicate_support=False`` so that it takes exactly k steps like the others.
+SAELens runs with ``residual_threshold=0``, ``max_iterations=n_steps`` and
+``stop_on_duplicate_support=False`` so that it takes exactly ``n_steps`` steps like the others.
 
 overcomplete 0.3.0 imports torchvision at package level, which cannot load against this project's
 torch 2.13 CPU build; run this script with an interpreter that has ``overcomplete`` installed
@@ -20,7 +21,7 @@ torch 2.13 CPU build; run this script with an interpreter that has ``overcomplet
 without executing ``overcomplete/__init__.py`` (its vision-model and plotting imports); the MpSAE
 code that runs is unmodified. See benchmarks/results/mp_sae.json for the command used.
 
-    path/to/venv-with-overcomplete/bin/python benchmarks/mp_sae.py --overcomplete-bypass
+    python benchmarks/mp_sae.py --overcomplete-bypass   # with the interpreter that has overcomplete
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import saes.mp  # noqa: E402,F401 - registers mpsae
 from saes.base import build  # noqa: E402
-from saes.training import normalize_rows, remove_parallel_grad  # noqa: E402
+from saes.losses import normalize_rows, remove_parallel_grad  # noqa: E402
 
 
 def load_overcomplete(bypass: bool):
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--d-model", type=int, default=576)
     p.add_argument("--d-sae", type=int, default=9216)
-    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--n-steps", type=int, default=32, help="matching-pursuit steps per row")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--reps", type=int, default=2, help="repetitions of our own timings (best kept)")
     p.add_argument("--peer-reps", type=int, default=1)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    d, m, k, B = a.d_model, a.d_sae, a.k, a.batch
+    d, m, n_steps, B = a.d_model, a.d_sae, a.n_steps, a.batch
     x = torch.randn(B, d) * 2 + 0.5
     rows: list[dict] = []
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]))
 
     # ---------------------------------------------------------------- ours
-    ours = build("mpsae", d_model=d, d_sae=m, k=k)
+    ours = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps)
     with torch.no_grad():
         ours.b_dec.copy_(torch.randn(d) * 0.1)
     ours.eval()
@@ -117,12 +118,12 @@ def main(argv: list[str] | None = None) -> dict:
     warm = timed(lambda: ours.encode(x), a.reps)
     add("ours (nonneg, accumulate) encode warm", tokens_per_s=B / warm, seconds=warm)
     add("ours (nonneg, accumulate) encode cold", tokens_per_s=B / cold, seconds=cold)
-    direct = build("mpsae", d_model=d, d_sae=m, k=k, correlation_update="direct").eval()
+    direct = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, correlation_update="direct").eval()
     direct.load_state_dict(ours.state_dict())
     t_direct = timed(lambda: direct.encode(x), 1)
     add("ours encode, direct path forced", tokens_per_s=B / t_direct, seconds=t_direct)
     ours.train()
-    from saes.training import TrainState
+    from saes.losses import TrainState
 
     def train_step(sae):
         """One optimizer step of `sae` on `x` (forward, backward, Adam, atoms back to the sphere)."""
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = timed(our_step, a.reps)
     mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
     add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
-    fast = build("mpsae", d_model=d, d_sae=m, k=k, train_gram_dtype="bfloat16")
+    fast = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, train_gram_dtype="bfloat16")
     fast.load_state_dict(ours.state_dict())
     fast_step = train_step(fast)
     t_train_bf16 = timed(fast_step, a.reps)
@@ -152,11 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- SAELens
     sl_row = {}
     try:
-        from sae_lens.saes.matching_pursuit_sae import (MatchingPursuitTrainingSAE,
-                                                         MatchingPursuitTrainingSAEConfig)
+        from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
 
         sl = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
-            d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=k, stop_on_duplicate_support=False))
+            d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=n_steps, stop_on_duplicate_support=False))
         with torch.no_grad():
             sl.W_dec.copy_(ours.W_dec)
             sl.b_dec.copy_(ours.b_dec)
@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     oc_row = {}
     MpSAE = load_overcomplete(a.overcomplete_bypass)
     if MpSAE is not None:
-        oc = MpSAE(d, m, k=k)
+        oc = MpSAE(d, m, k=n_steps)  # overcomplete's name for the pursuit steps
         with torch.no_grad():
             oc.dictionary._weights.copy_(ours.W_dec)
         oc.eval()
-        mine = build("mpsae", d_model=d, d_sae=m, k=k, coefficients="signed_max", decoder_bias=False).eval()
+        mine = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, coefficients="signed_max", decoder_bias=False).eval()
         with torch.no_grad():
             mine.W_dec.copy_(ours.W_dec)
             t_oc = timed(lambda: oc.encode(x), a.peer_reps)
@@ -233,14 +233,15 @@ def main(argv: list[str] | None = None) -> dict:
         mb = f"{r['saved_bytes'] / 2**20:.0f}" if "saved_bytes" in r else ""
         print(f"{r['impl']:55s} {tps:>10s} {r.get('seconds', float('nan')):9.3f} {mb:>9s}")
     print("speedup:", json.dumps(speedup))
-    result = {"config": {"d_model": d, "d_sae": m, "k": k, "batch": B, "dtype": "float32", "device": "cpu",
+    result = {"config": {"d_model": d, "d_sae": m, "n_steps": n_steps, "batch": B, "dtype": "float32", "device": "cpu",
                          "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps},
               "rows": rows, "speedup": speedup,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
               "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-              "note": a.note or "2-core CPU; the load average says whether other jobs shared it (about 1 or less: quiet)"}
+              "note": a.note or "2-core CPU; the load average says whether other jobs shared it "
+                                "(about 1 or less: quiet)"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

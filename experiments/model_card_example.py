@@ -7,7 +7,7 @@ held-out documents), stores the evaluation in the checkpoint with :func:`saes.ch
 and runs :func:`saes.publish.prepare` (everything ``interp sae publish`` does except the upload).
 
 Outputs: the SAE folder under ``--work`` (weights are not committed), and under
-``experiments/results/model_card_example/``: ``README.md`` (the card), ``feature_density.png``,
+``experiments/results/model_card_example/``: ``README.md`` (the card), ``latent_density.png``,
 each site's ``cfg.json`` and ``run.json`` (what was run, how long, what was measured).
 
     python experiments/model_card_example.py                       # train + render (~17 min on 2 busy cores)
@@ -30,7 +30,7 @@ import saes
 from interp.data import load_texts, pack, token_mask
 from interp.store import ActivationStore
 from saes.checkpoint import annotate, read
-from saes.evaluate import downstream_metrics, reconstruction_metrics
+from saes.evaluate import DENSITY_PLOT, downstream_metrics, reconstruction_metrics
 from saes.locate import list_sites
 from saes.publish import prepare
 from saes.trainer import TrainConfig, Trainer
@@ -110,7 +110,7 @@ def main() -> None:
     plan = prepare(work, REPO_ID)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    for name in ("README.md", "feature_density.png"):
+    for name in ("README.md", DENSITY_PLOT):
         shutil.copyfile(work / name, results / name)
     for site in list_sites(work):
         dst = results / site / "cfg.json"

@@ -4,8 +4,9 @@ Activations of one residual site are captured once from the embedded model over 
 offline corpus (position 0 excluded: attention sink), held in memory, and every SAE trains on the
 same batches with the project trainer; FVU and L0 are measured on held-out tokens. Results are
 written after every SAE; a rerun with the same ``--out`` skips the (architecture, k) pairs already
-there, so an interrupted run resumes and runs over disjoint ``--ks`` can be merged. For each k
-both SAEs get the same dictionary size and data. The published finding this checks (EleutherAI's
+there, so an interrupted run resumes and runs over disjoint ``--ks`` can be merged. Here ``k`` is
+the L0 budget: TopK's ``k`` (active latents per row) and MP-SAE's ``n_steps`` (pursuit steps per
+row). For each k both SAEs get the same dictionary size and data. The published finding this checks (EleutherAI's
 replication of MP-SAE on this model): MP lags TopK at k = 16 / 32 and is comparable or better at
 k >= 64.
 
@@ -27,6 +28,9 @@ from interp.atomic import write_json
 from saes.base import build
 from saes.mp import mp_metrics
 from saes.trainer import TrainConfig, Trainer
+
+BUDGET_FIELD = {"topk": "k", "mpsae": "n_steps"}
+"""The config field that takes the L0 budget ``k``: TopK's active latents, MP-SAE's pursuit steps."""
 
 
 def capture_rows(site: str, n_tokens: int, context_size: int, batch: int) -> torch.Tensor:
@@ -85,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=1, help="passes over the captured training tokens")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--activations", type=Path, default=None,
-                   help="safetensors file of captured rows to reuse (written if missing; default OUT/activations.safetensors)")
+                   help="safetensors file of captured rows to reuse (written if missing; "
+                        "default OUT/activations.safetensors)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue  # resumed: this SAE is already in results.json
             t = time.time()
             torch.manual_seed(0)
-            sae = build(arch, d_model=train.shape[1], d_sae=a.d_sae, k=k)
+            sae = build(arch, d_model=train.shape[1], d_sae=a.d_sae, **{BUDGET_FIELD[arch]: k})
             tc = TrainConfig(total_tokens=a.batch * len(batches), batch_tokens=a.batch, lr=a.lr, progress=False,
                              log_every=max(1, len(batches) // 5))
             tr = Trainer(sae, tc).fit(batches)

@@ -3,10 +3,10 @@
 The data: ``n_parents`` parent atoms, each with ``n_children`` children that are active only when
 their parent is (one child per active parent) and orthogonal to it (conditional orthogonality);
 plus ``n_singles`` independent single atoms. All atoms are unit norm; other pairs are random.
-Every SAE gets the same L0 budget: MP-SAE and TopK with ``k`` steps / latents, ReLU with the L1
-weight (from a small grid) whose held-out L0 is closest to ``k``. Reported per SAE and seed: FVU on
-held-out data, L0, and dictionary recovery = mean over true atoms of the best cosine with any
-decoder row, per family (parents, children, singles).
+Every SAE gets the same L0 budget ``--k``: MP-SAE as ``n_steps`` pursuit steps, TopK as ``k`` active
+latents, ReLU with the L1 weight (from a small grid) whose held-out L0 is closest to it. Reported per
+SAE and seed: FVU on held-out data, L0, and dictionary recovery = mean over true atoms of the best
+cosine with any decoder row, per family (parents, children, singles).
 
     python experiments/mp_vs_topk_synthetic.py --out experiments/results/mp_vs_topk_synthetic
 """
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sibling-cos", type=float, default=0.0, help="cosine between sibling children")
     p.add_argument("--noise", type=float, default=0.01)
     p.add_argument("--d-sae", type=int, default=112)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, default=4, help="L0 budget: MP-SAE's n_steps and TopK's k")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                                             a.sibling_cos, gen)
         batches = [sample(a.batch, atoms, a, gen) for _ in range(a.steps)]
         test = sample(8192, atoms, a, gen)
-        specs = [("mpsae", {"k": a.k}), ("topk", {"k": a.k})] + [("relu", {"l1_coeff": l1}) for l1 in a.l1_grid]
+        specs = [("mpsae", {"n_steps": a.k}), ("topk", {"k": a.k})] + [("relu", {"l1_coeff": l1}) for l1 in a.l1_grid]
         relu_runs = []
         for arch, cfg in specs:
             sae = train(arch, cfg, batches, a, seed)
@@ -218,12 +218,14 @@ def grid_summary(root: Path) -> dict:
     fig.savefig(root / "grid.png", dpi=120)
     plt.close(fig)
     for r in rows:
-        print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  MP {r['mpsae_recovery_children']:.3f} "
+        print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  "
+              f"MP {r['mpsae_recovery_children']:.3f} "
               f"TopK {r['topk_recovery_children']:.3f}  FVU MP {r['mpsae_fvu']:.3f} TopK {r['topk_fvu']:.3f}")
     for name in ("pooled_all", "pooled_sibling_cos_0"):
         p = out[name]
         print(f"{name}: children {p['children_wins']}/{p['pairs']} (mean {p['children_mean_diff']:+.3f}, sign test p "
-              f"{p['children_sign_test_p']:.2g}); parents {p['parents_wins']}/{p['pairs']}; lower FVU {p['fvu_lower']}/{p['pairs']}")
+              f"{p['children_sign_test_p']:.2g}); parents {p['parents_wins']}/{p['pairs']}; "
+              f"lower FVU {p['fvu_lower']}/{p['pairs']}")
     return out
 
 

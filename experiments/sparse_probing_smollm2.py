@@ -158,20 +158,22 @@ def build_features(model, tok, sites, args, rng) -> dict[str, tuple[probes.Probe
 
 
 def held_out_neuron(ds, feature_entities, result, seed: int, out: Path, name: str) -> dict:
-    """The best k = 1 neuron: its activations on held-out examples (histogram + top tokens)."""
-    best = result.best(k=1)
-    layer, neuron = best["layer"], best["neurons"][0]
+    """The best single-neuron probe's neuron: its activations on held-out examples (histogram + top tokens)."""
+    best = result.best(n_neurons=1)
+    layer, neuron = best["site"], best["neurons"][0]
     _, test = train_test_split(len(ds), result.config.test_size, seed, groups=feature_entities)
-    acts = ds.features[layer][test, neuron].float()
+    acts = ds.acts[layer][test, neuron].float()
     labels = torch.tensor([int(ds.labels[i]) for i in test.tolist()])
     probes.plot_neuron_activations(acts, labels, out / f"neuron_{name}.png",
                                    title=f"{name}: {layer} neuron {neuron}, held-out tokens",
                                    class_names=(f"not {name}", name), dpi=72)
     sign = 1.0 if float(acts[labels == 1].mean()) >= float(acts[labels == 0].mean()) else -1.0
     order = (sign * acts).argsort(descending=True)[:12].tolist()
-    top = [{"token": ds.tokens[test[i]], "label": int(labels[i]), "activation": round(float(acts[i]), 3)} for i in order]
+    top = [{"token": ds.tokens[test[i]], "label": int(labels[i]), "activation": round(float(acts[i]), 3)}
+           for i in order]
     return {"layer": layer, "neuron": neuron, "test_f1": best["f1"], "test_auc": best["auc"],
-            "mean_activation": {"positive": float(acts[labels == 1].mean()), "negative": float(acts[labels == 0].mean())},
+            "mean_activation": {"positive": float(acts[labels == 1].mean()),
+                                "negative": float(acts[labels == 0].mean())},
             "n_test": {"positive": int(labels.sum()), "negative": int((labels == 0).sum())},
             "top_held_out_tokens": top}
 
@@ -193,8 +195,9 @@ def main() -> None:
     args.docs = args.docs or (28 if args.quick else 160)
     args.max_length = 32 if args.quick else 64
     args.tokens_per_doc = 6 if args.quick else 16
-    ks = (1, 2, 4, 8, 16) if args.quick else probes.DEFAULT_KS
-    layers = [int(v) for v in args.layers.split(",")] if args.layers else ([3, 9, 15] if args.quick else list(range(30)))
+    ks = (1, 2, 4, 8, 16) if args.quick else probes.DEFAULT_N_NEURONS  # probe sizes (the paper's k)
+    layers = ([int(v) for v in args.layers.split(",")] if args.layers
+              else ([3, 9, 15] if args.quick else list(range(30))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -208,18 +211,22 @@ def main() -> None:
                   if k in ("out", "quick", "layers", "docs", "method", "seed") and v not in (None, False)),
               "features": {}}
     for name, (ds, entities) in data.items():
-        res = probes.sweep(ds.features, ds.labels, ks=ks, method=args.method, groups=entities, seed=args.seed,
+        res = probes.sweep(ds.acts, ds.labels, n_neurons=ks, method=args.method, groups=entities, seed=args.seed,
                            layer_batch=10, top_n=8)
-        res.plot_f1(out / f"f1_vs_k_{name}.png", title=f"{name}: test F1 against k (MLP neurons, {args.method})", dpi=72)
+        res.plot_f1(out / f"f1_vs_k_{name}.png", title=f"{name}: test F1 against k (MLP neurons, {args.method})",
+                    dpi=72)
         res.plot_top_neurons(out / f"top_neurons_{name}.png", title=f"{name}: best single neurons per layer", dpi=72)
-        best_per_k = {k: {key: res.best(k=k)[key] for key in ("layer", "f1", "auc")} for k in ks}
+        best_per_k = {k: {"layer": best["site"], "f1": best["f1"], "auc": best["auc"]}
+                      for k, best in ((k, res.best(n_neurons=k)) for k in ks)}
         report["features"][name] = {
             "n_examples": len(ds), "n_positive": int(sum(int(v) for v in ds.labels)),
-            "n_train": res.n_train, "n_test": res.n_test, "split_by": {"day": "day/month named", "python":
-                                                                       "source file / pydoc topic", "french": "sentence pair"}[name],
+            "n_train": res.n_train, "n_test": res.n_test,
+            "split_by": {"day": "day/month named", "python": "source file / pydoc topic",
+                         "french": "sentence pair"}[name],
             "best_per_k": best_per_k,
-            "f1": {layer: {r["k"]: round(r["f1"], 4) for r in res.records if r["layer"] == layer} for layer in res.layers},
-            "top_neurons": {layer: res.top_neurons[layer][:3] for layer in res.layers},
+            "f1": {site: {r["n_neurons"]: round(r["f1"], 4) for r in res.records if r["site"] == site}
+                   for site in res.sites},
+            "top_neurons": {site: res.top_neurons[site][:3] for site in res.sites},
             "best_single_neuron": held_out_neuron(ds, entities, res, args.seed, out, name),
         }
         plt.close("all")

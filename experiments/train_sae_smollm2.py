@@ -2,7 +2,7 @@
 
 Writes to ``--out``: the SAE (``<site>/cfg.json`` + ``sae_weights.safetensors`` + ``sparsity.safetensors``),
 ``train_history.json``, resume checkpoints, ``eval/eval.json`` + ``eval/sparsity.safetensors`` +
-``eval/feature_density.png``, and ``report.json`` (config, timings, all metrics, the command).
+``eval/latent_density.png``, and ``report.json`` (config, timings, all metrics, the command).
 
     python experiments/train_sae_smollm2.py --out runs/sae_l12 --tokens 2000000
     python experiments/train_sae_smollm2.py --out /tmp/x --tokens 8192 --batch-tokens 1024 \\
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import saes
+    from interp.data import sample_windows
     from interp.models import load_model
     from interp.store import ActivationStore, CachedActivations
     from saes.checkpoint import save
-    from interp.data import sample_windows
     from saes.evaluate import evaluate
     from saes.trainer import TrainConfig, Trainer
 
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = evaluate(sae, eval_data, site=SITE, n_batches=max(1, args.eval_tokens // eval_bt), model=model,
                       windows=windows, splice_mask=mask, out_dir=out / "eval", batch_size=8)
     eval_s = time.perf_counter() - t1
-    metrics = {k: v for k, v in report.items() if k not in ("feature_density", "l0_histogram")}
+    metrics = {k: v for k, v in report.items() if k not in ("latent_density", "l0_histogram")}
     save(sae, out / SITE, metadata={"model_name": "smollm2-135m", "hook_name": SITE,
                                     "context_size": args.context_size, "prepend_bos": False},
-         sparsity=report["feature_density"],
+         sparsity=report["latent_density"],
          training={"n_tokens": tr.steps_ * args.batch_tokens, "metrics": metrics})
     result = {"command": " ".join(["python", "experiments/train_sae_smollm2.py", *(argv or sys.argv[1:])]),
               "site": SITE, "d_sae": args.d_sae, "k": args.k, "train_tokens": tr.steps_ * args.batch_tokens,

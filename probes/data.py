@@ -3,11 +3,12 @@
 >>> ds = token_dataset(model, tok, texts, ["blocks.5.mlp.hook_post"],
 ...                    label_fn=lambda toks, i: toks[i].strip() in DAYS)   # one example per token
 >>> ds = sequence_dataset(model, tok, texts, labels, sites, aggregate="mean")  # one per text
->>> sweep(ds.features, ds.labels, groups=ds.groups)                   # split by document
+>>> sweep(ds.acts, ds.labels, groups=ds.groups)                       # split by document
 
 Position 0 is skipped by default (``skip_first=True``): the embedded model's tokenizer adds no BOS,
 so the first token of every text carries outlier activations (an attention sink). Any ``[n, d]``
-features work downstream, so SAE latents are probed by encoding ``ds.features[site]`` first.
+activations work downstream, so SAE latents are probed by encoding first: ``ds.map_acts(sae.encode)``.
+``ProbeDataset.features`` and ``map_features`` are the deprecated names of ``acts`` and ``map_acts``.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from interp.capture import capture, tokenize
+from interp.deprecation import renamed_fields, renamed_function
 from interp.errors import DataError, InputError
 
 
+@renamed_fields({"features": "acts"})
 @dataclass
 class ProbeDataset:
-    """Features per site, with one label and one group (document) per example."""
+    """Activations per site, with one label and one group (document) per example."""
 
-    features: dict[str, Tensor]
+    acts: dict[str, Tensor]
     """``{site: [n, d]}`` activations, one row per example."""
     labels: list
     """One label per example."""
@@ -49,15 +52,17 @@ class ProbeDataset:
         """The examples at `idx`."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         ids = idx.tolist()
-        return ProbeDataset({k: v[idx] for k, v in self.features.items()}, [self.labels[i] for i in ids],
+        return ProbeDataset({site: v[idx] for site, v in self.acts.items()}, [self.labels[i] for i in ids],
                             self.groups[idx], [self.tokens[i] for i in ids] if self.tokens else [],
                             None if self.positions is None else self.positions[idx])
 
-    def map_features(self, fn: Callable[[Tensor], Tensor]) -> ProbeDataset:
-        """A copy with ``fn`` applied to every site's ``[n, d]`` features (e.g. an SAE's ``encode``)."""
+    def map_acts(self, fn: Callable[[Tensor], Tensor]) -> ProbeDataset:
+        """A copy with ``fn`` applied to every site's ``[n, d]`` activations (e.g. an SAE's ``encode``)."""
         with torch.no_grad():
-            feats = {k: fn(v) for k, v in self.features.items()}
-        return ProbeDataset(feats, self.labels, self.groups, self.tokens, self.positions)
+            acts = {site: fn(v) for site, v in self.acts.items()}
+        return ProbeDataset(acts, self.labels, self.groups, self.tokens, self.positions)
+
+    map_features = renamed_function("map_features", map_acts, owner="ProbeDataset")
 
 
 def _encode(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, Tensor]:
@@ -97,7 +102,7 @@ def token_dataset(
         skip_first: leave out position 0 (the attention sink of a model without BOS).
         max_length: truncate documents to this many tokens.
         max_per_doc: keep at most this many labelled tokens per document (chosen at random by `seed`).
-        dtype: dtype of the stored features (float16 halves memory for big sweeps).
+        dtype: dtype of the stored activations (float16 halves memory for big sweeps).
     """
     if (label_fn is None) == (doc_labels is None):
         raise InputError("pass exactly one of label_fn= (a label per token) or doc_labels= (a label per text)")

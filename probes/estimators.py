@@ -1,13 +1,13 @@
-"""Binary probes in the scikit-learn style: ``SparseProbe`` (k neurons) and ``LinearProbe`` (dense).
+"""Binary probes in the scikit-learn style: ``SparseProbe`` (``n_neurons`` neurons) and ``LinearProbe`` (dense).
 
->>> probe = SparseProbe(k=4, method="f_stat").fit(x_train, y_train)   # x: [n, d] activations
+>>> probe = SparseProbe(n_neurons=4, method="f_stat").fit(x_train, y_train)   # x: [n, d] activations
 >>> probe.support_            # the 4 neurons used, most useful first
 >>> probe.evaluate(x_test, y_test)  # {'accuracy', 'precision', 'recall', 'f1', 'auc'}
 
 Both standardise each neuron on the training set (``standardize=True``), weigh the classes equally
 (``class_weight="balanced"``) and fit an L2-regularised logistic regression in torch
-(:mod:`probes.logistic`), so scikit-learn is not needed. Any ``[n, d]`` features work: MLP neurons,
-residual-stream dimensions, or an SAE's latents (``sae.encode(x)``).
+(:mod:`probes.logistic`), so scikit-learn is not needed. Any ``[n, d]`` activations work: MLP neurons,
+residual-stream dimensions, or an SAE's latents (``sae.encode(x)``); each column is called a neuron.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from interp.deprecation import renamed_fields
 from interp.errors import InputError
 from probes.logistic import balanced_weights, fit_logistic, predict_logits
 from probes.metrics import classification_report
@@ -30,10 +31,10 @@ DEFAULT_CS = tuple(log_grid(1e-3, 1e2, 6))
 
 
 class _BinaryProbe(abc.ABC):
-    """Shared prediction and scoring for fitted binary probes (needs ``_features`` and coef state)."""
+    """Shared prediction and scoring for fitted binary probes (needs ``_inputs`` and coef state)."""
 
     classes_: list
-    coef_: Float[Tensor, " k"]
+    coef_: Float[Tensor, " n_inputs"]
     intercept_: float
 
     def _check_fitted(self) -> None:
@@ -41,13 +42,13 @@ class _BinaryProbe(abc.ABC):
             raise InputError(f"this {type(self).__name__} is not fitted yet: call .fit(X, y) first")
 
     @abc.abstractmethod
-    def _features(self, X) -> Tensor:
-        """The columns of X this probe reads (all, or the selected neurons)."""
+    def _inputs(self, X) -> Tensor:
+        """The columns of X this probe reads (all, or the selected neurons), scaled as in training."""
 
     def decision_function(self, X: Float[Tensor, "n d"]) -> Float[Tensor, " n"]:
         """Logit of the positive class for each row of X."""
         self._check_fitted()
-        return predict_logits(self._features(X), self.coef_, torch.as_tensor(self.intercept_, dtype=self.coef_.dtype))
+        return predict_logits(self._inputs(X), self.coef_, torch.as_tensor(self.intercept_, dtype=self.coef_.dtype))
 
     def predict_proba(self, X: Float[Tensor, "n d"]) -> Float[Tensor, "n 2"]:
         """Probabilities of [negative class, positive class] for each row."""
@@ -92,11 +93,14 @@ def _prepare(X, y, standardize: bool, class_weight: str | None):
     return x, y01, classes, mean, scale, w
 
 
+@renamed_fields({"k": "n_neurons"})
 class SparseProbe(_BinaryProbe):
-    """A k-sparse logistic probe: pick k neurons by `method`, then fit an L2 logistic regression on them.
+    """A sparse logistic probe: pick `n_neurons` neurons by `method`, then fit an L2 logistic regression
+    on them (the paper's k-sparse probe, with k = `n_neurons`).
 
     Args:
-        k: number of neurons the probe may use (1 localises a single neuron).
+        n_neurons: number of neurons the probe may use (1 localises a single neuron); ``k=`` is its
+            deprecated name.
         method: selection method, one of ``probes.METHODS``: ``"mean_diff"``, ``"f_stat"``,
             ``"mutual_info"``, ``"l1"`` or ``"adaptive"``.
         C: inverse L2 strength of the final logistic regression (scikit-learn's ``C``).
@@ -105,12 +109,13 @@ class SparseProbe(_BinaryProbe):
         max_iter: most Newton steps of the final fit.
 
     Fitted attributes: ``classes_``, ``ranking_`` (all neurons, most useful first), ``support_``
-    (``ranking_[:k]``), ``coef_`` ``[k]`` (on standardised inputs), ``intercept_``, ``mean_``, ``scale_``.
+    (``ranking_[:n_neurons]``), ``coef_`` ``[n_neurons]`` (on standardised inputs), ``intercept_``,
+    ``mean_``, ``scale_``.
     """
 
-    def __init__(self, k: int = 1, method: str = "f_stat", *, C: float = 1.0, standardize: bool = True,
+    def __init__(self, n_neurons: int = 1, method: str = "f_stat", *, C: float = 1.0, standardize: bool = True,
                  class_weight: str | None = "balanced", max_iter: int = 100):
-        self.k = k
+        self.n_neurons = n_neurons
         self.method = method
         self.C = C
         self.standardize = standardize
@@ -120,35 +125,36 @@ class SparseProbe(_BinaryProbe):
     def fit(self, X: Float[Tensor, "n d"], y, ranking: Int[Tensor, " d"] | None = None) -> SparseProbe:
         """Select neurons and fit. Pass `ranking` to reuse a ranking computed earlier (skips selection)."""
         canonical_method(self.method)
-        if not isinstance(self.k, int) or self.k < 1:
-            raise InputError(f"k={self.k!r} must be a positive integer")
+        if not isinstance(self.n_neurons, int) or isinstance(self.n_neurons, bool) or self.n_neurons < 1:
+            raise InputError(f"n_neurons={self.n_neurons!r} must be a positive integer (neurons the probe may use)")
         x, y01, self.classes_, self.mean_, self.scale_, w = _prepare(X, y, self.standardize, self.class_weight)
-        if self.k > x.shape[1]:
-            raise InputError(f"k={self.k} exceeds the {x.shape[1]} features; valid k is 1..{x.shape[1]}")
+        if self.n_neurons > x.shape[1]:
+            raise InputError(f"n_neurons={self.n_neurons} exceeds the {x.shape[1]} neurons (columns) of X; "
+                             f"valid n_neurons is 1..{x.shape[1]}")
         xs = (x - self.mean_) / self.scale_
         if ranking is None:
             ranking = rank_neurons(xs, y01, self.method, sample_weight=w, C=self.C)
         self.ranking_ = torch.as_tensor(ranking, dtype=torch.long)
-        self.support_ = self.ranking_[: self.k]
+        self.support_ = self.ranking_[: self.n_neurons]
         coef, b = fit_logistic(xs[None, :, self.support_], y01, C=self.C, sample_weight=w, max_iter=self.max_iter)
         self.coef_, self.intercept_ = coef[0], float(b[0])
         return self
 
-    def _features(self, X) -> Tensor:
+    def _inputs(self, X) -> Tensor:
         x = as_features(X)
         if x.shape[1] != self.mean_.shape[0]:
-            raise InputError(f"X has {x.shape[1]} features; the probe was fitted on {self.mean_.shape[0]}")
+            raise InputError(f"X has {x.shape[1]} columns; the probe was fitted on {self.mean_.shape[0]}")
         return ((x - self.mean_) / self.scale_)[:, self.support_]
 
 
 class LinearProbe(_BinaryProbe):
-    """A dense L2-regularised logistic probe on every feature, with C chosen by cross-validation.
+    """A dense L2-regularised logistic probe on every column of X, with C chosen by cross-validation.
 
     Args:
         C: inverse L2 strength; None chooses it from `Cs` by `cv`-fold cross-validated log-loss.
         Cs: candidate values of C when ``C`` is None.
         cv: number of folds (by group when ``fit(..., groups=...)`` is given).
-        standardize: scale every feature to zero mean and unit variance on the training set.
+        standardize: scale every column to zero mean and unit variance on the training set.
         class_weight: ``"balanced"`` or None.
         solver: ``"auto"``, ``"newton"`` or ``"lbfgs"`` (see :func:`probes.logistic.fit_logistic`).
         max_iter: most solver iterations.
@@ -205,8 +211,8 @@ class LinearProbe(_BinaryProbe):
         best = int(mean.argmin())
         return cs[best], {ci: float(v) for ci, v in zip(cs, mean)}
 
-    def _features(self, X) -> Tensor:
+    def _inputs(self, X) -> Tensor:
         x = as_features(X)
         if x.shape[1] != self.mean_.shape[0]:
-            raise InputError(f"X has {x.shape[1]} features; the probe was fitted on {self.mean_.shape[0]}")
+            raise InputError(f"X has {x.shape[1]} columns; the probe was fitted on {self.mean_.shape[0]}")
         return (x - self.mean_) / self.scale_

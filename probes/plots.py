@@ -1,4 +1,4 @@
-"""Matplotlib figures for probe sweeps: metric against k, top-neuron heat map, activation histograms.
+"""Matplotlib figures for probe sweeps: metric against n_neurons, top-neuron heat map, activation histograms.
 
 Every function draws on `ax` (or a new figure), saves a PNG when `path` is given, and returns the figure.
 matplotlib is imported when a plot is asked for, never at import time.
@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from interp.deprecation import renamed_function
 
 
 def _figure(ax, size):
@@ -34,47 +36,52 @@ def _save(fig, path, dpi: int) -> None:
         fig.savefig(path, dpi=dpi, bbox_inches="tight")
 
 
-def plot_metric_vs_k(result, path=None, *, metric: str = "f1", ax=None, title: str | None = None, dpi: int = 100):
-    """`metric` against k for every layer of a :class:`probes.SweepResult` (layers coloured by depth)."""
+def plot_metric_vs_n_neurons(result, path=None, *, metric: str = "f1", ax=None, title: str | None = None,
+                             dpi: int = 100):
+    """`metric` against n_neurons for every site of a :class:`probes.SweepResult` (sites coloured in input
+    order, i.e. by depth for one site kind per layer)."""
     import matplotlib.pyplot as plt
 
     fig, ax = _figure(ax, (7, 4.5))
     cmap = plt.get_cmap("viridis")
-    n = max(len(result.layers) - 1, 1)
-    for i, layer in enumerate(result.layers):
-        rows = sorted((r["k"], r[metric]) for r in result.records if r["layer"] == layer)
+    n = max(len(result.sites) - 1, 1)
+    for i, site in enumerate(result.sites):
+        rows = sorted((r["n_neurons"], r[metric]) for r in result.records if r["site"] == site)
         if rows:
-            ks, vals = zip(*rows)
-            ax.plot(ks, vals, marker="o", ms=3, lw=1.2, color=cmap(i / n), label=layer)
+            sizes, vals = zip(*rows)
+            ax.plot(sizes, vals, marker="o", ms=3, lw=1.2, color=cmap(i / n), label=site)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (neurons in the probe)")
+    ax.set_xlabel("n_neurons (neurons in the probe)")
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(title or f"{metric} against k ({result.config.method})")
+    ax.set_title(title or f"{metric} against n_neurons ({result.config.method})")
     ax.grid(alpha=0.3)
-    if len(result.layers) <= 12:
+    if len(result.sites) <= 12:
         ax.legend(fontsize=7, ncol=2)
     else:
-        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(result.layers) - 1))
-        fig.colorbar(sm, ax=ax, label="layer index")
+        sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(result.sites) - 1))
+        fig.colorbar(sm, ax=ax, label="site index")
     _save(fig, path, dpi)
     return fig
 
 
+plot_metric_vs_k = renamed_function("plot_metric_vs_k", plot_metric_vs_n_neurons)
+
+
 def plot_top_neurons(result, path=None, *, ax=None, title: str | None = None, dpi: int = 100):
-    """Rows: layers; columns: rank 1..top_n; colour: that neuron's F1 alone; text: its index."""
-    layers = [layer for layer in result.layers if layer in result.top_neurons]
-    top = max((len(result.top_neurons[layer]) for layer in layers), default=0)
-    fig, ax = _figure(ax, (1.0 + 0.75 * top, 0.9 + 0.28 * len(layers)))
-    grid = torch.full((len(layers), top), float("nan"))
-    for i, layer in enumerate(layers):
-        for j, cell in enumerate(result.top_neurons[layer]):
+    """Rows: sites; columns: rank 1..top_n; colour: that neuron's F1 alone; text: its index."""
+    sites = [site for site in result.sites if site in result.top_neurons]
+    top = max((len(result.top_neurons[site]) for site in sites), default=0)
+    fig, ax = _figure(ax, (1.0 + 0.75 * top, 0.9 + 0.28 * len(sites)))
+    grid = torch.full((len(sites), top), float("nan"))
+    for i, site in enumerate(sites):
+        for j, cell in enumerate(result.top_neurons[site]):
             grid[i, j] = cell["f1"]
             ax.text(j, i, str(cell["neuron"]), ha="center", va="center", fontsize=6.5)
     im = ax.imshow(grid.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
-    ax.set_yticks(range(len(layers)), [layer[:24] for layer in layers], fontsize=7)
+    ax.set_yticks(range(len(sites)), [site[:24] for site in sites], fontsize=7)
     ax.set_xticks(range(top), [str(j + 1) for j in range(top)])
     ax.set_xlabel("rank of the neuron (selection order)")
-    ax.set_title(title or "best single neurons per layer (colour: test F1 alone, text: index)", fontsize=9)
+    ax.set_title(title or "best single neurons per site (colour: test F1 alone, text: index)", fontsize=9)
     fig.colorbar(im, ax=ax, label="F1 of the neuron alone")
     _save(fig, path, dpi)
     return fig

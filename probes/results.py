@@ -1,4 +1,10 @@
-"""``SweepResult``: the table a sweep produces, with views for notebooks, files and plots."""
+"""``SweepResult``: the table a sweep produces, with views for notebooks, files and plots.
+
+One record per (site, n_neurons) cell. Names changed in this release, the old ones still work with a
+DeprecationWarning: record keys ``"layer"`` -> ``"site"`` and ``"k"`` -> ``"n_neurons"`` (``rec["k"]``
+still reads), ``SweepResult.layers`` -> ``.sites``, and the keywords ``layer=`` / ``k=`` of
+:meth:`SweepResult.metric` and :meth:`SweepResult.best`.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +12,48 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from interp.atomic import write_json
+from interp.deprecation import RenamedKeys, renamed_fields, renamed_keywords
 from interp.errors import InputError
 
 METRICS = ("f1", "accuracy", "precision", "recall", "auc", "train_f1")
 """Per-cell metrics of a sweep (test split unless prefixed ``train_``)."""
 
 
+class SweepRecord(RenamedKeys):
+    """One cell of a sweep: ``site``, ``n_neurons``, ``method``, the :data:`METRICS`, ``neurons`` (the
+    support, best first) and ``coef``. The old keys ``"layer"`` and ``"k"`` still read, with a warning."""
+
+    _renamed: ClassVar[dict[str, str]] = {"layer": "site", "k": "n_neurons"}
+    _owner: ClassVar[str] = "probes.SweepResult record"
+
+
+@renamed_fields({"layers": "sites"})
 @dataclass
 class SweepResult:
-    """Results of :func:`probes.sweep`: one record per (layer, k), plus rankings and top neurons."""
+    """Results of :func:`probes.sweep`: one record per (site, n_neurons), plus rankings and top neurons."""
 
     config: Any
     """The :class:`probes.SweepConfig` used."""
     classes: list
     """[negative class, positive class]."""
-    layers: list[str]
-    """Layer names in input order."""
+    sites: list[str]
+    """Site names (e.g. ``blocks.5.mlp.hook_post``) in input order."""
     n_train: int
     """Training examples (after undersampling, if any)."""
     n_test: int
     """Test examples."""
     records: list[dict] = field(default_factory=list)
-    """One dict per (layer, k): layer, k, method, f1, accuracy, precision, recall, auc, train_f1, neurons, coef."""
+    """One :class:`SweepRecord` per (site, n_neurons): site, n_neurons, method, f1, accuracy, precision,
+    recall, auc, train_f1, neurons, coef."""
     rankings: dict[str, Tensor] = field(default_factory=dict)
-    """Per layer, every neuron index, most useful first."""
+    """Per site, every neuron index, most useful first."""
     top_neurons: dict[str, list[dict]] = field(default_factory=dict)
-    """Per layer, the best-ranked neurons each scored alone: neuron, f1, auc, coef."""
+    """Per site, the best-ranked neurons each scored alone: neuron, f1, auc, coef."""
 
     def to_frame(self):
         """The records as a pandas DataFrame (needs pandas)."""
@@ -46,31 +63,36 @@ class SweepResult:
             raise InputError("to_frame needs pandas (pip install pandas); .records holds the same rows") from e
         return pd.DataFrame(self.records)
 
-    def metric(self, layer: str, k: int, name: str = "f1") -> float:
-        """One cell of the table."""
-        for r in self.records:
-            if r["layer"] == str(layer) and r["k"] == k:
-                return r[name]
-        raise InputError(f"no cell for layer={layer!r}, k={k}; layers are {self.layers}, "
-                         f"ks are {sorted({r['k'] for r in self.records})}")
+    def _n_neurons(self) -> list[int]:
+        return sorted({r["n_neurons"] for r in self.records})
 
-    def best(self, k: int | None = None, metric: str = "f1") -> dict:
-        """The record with the highest `metric` (at sparsity `k` when given)."""
+    @renamed_keywords({"layer": "site", "k": "n_neurons"})
+    def metric(self, site: str, n_neurons: int, name: str = "f1") -> float:
+        """One cell of the table: `name` of the probe with `n_neurons` neurons at `site`."""
+        for r in self.records:
+            if r["site"] == str(site) and r["n_neurons"] == n_neurons:
+                return r[name]
+        raise InputError(f"no cell for site={site!r}, n_neurons={n_neurons}; sites are {self.sites}, "
+                         f"n_neurons values are {self._n_neurons()}")
+
+    @renamed_keywords({"k": "n_neurons"})
+    def best(self, n_neurons: int | None = None, metric: str = "f1") -> dict:
+        """The record with the highest `metric` (among probes with `n_neurons` neurons when given)."""
         if metric not in METRICS:
             raise InputError(f"metric={metric!r}; expected one of {METRICS}")
-        rows = [r for r in self.records if k is None or r["k"] == k]
+        rows = [r for r in self.records if n_neurons is None or r["n_neurons"] == n_neurons]
         if not rows:
-            raise InputError(f"no records at k={k}")
-        return max(rows, key=lambda r: (r[metric], -r["k"]))
+            raise InputError(f"no records at n_neurons={n_neurons}; the sweep has n_neurons {self._n_neurons()}")
+        return max(rows, key=lambda r: (r[metric], -r["n_neurons"]))
 
     def table(self, metric: str = "f1") -> str:
-        """A text table: one row per layer, one column per k."""
-        ks = sorted({r["k"] for r in self.records})
-        lines = ["layer".ljust(28) + "".join(f"k={k}".rjust(8) for k in ks)]
-        for layer in self.layers:
-            cells = {r["k"]: r[metric] for r in self.records if r["layer"] == layer}
-            lines.append(layer[:27].ljust(28) + "".join(
-                f"{cells[k]:8.3f}" if k in cells else " " * 8 for k in ks))
+        """A text table: one row per site, one column per n_neurons (the header names both)."""
+        sizes = self._n_neurons()
+        lines = ["site \\ n_neurons".ljust(28) + "".join(f"{n}".rjust(8) for n in sizes)]
+        for site in self.sites:
+            cells = {r["n_neurons"]: r[metric] for r in self.records if r["site"] == site}
+            lines.append(site[:27].ljust(28) + "".join(
+                f"{cells[n]:8.3f}" if n in cells else " " * 8 for n in sizes))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -78,25 +100,32 @@ class SweepResult:
         return {
             "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else self.config,
             "classes": [c if isinstance(c, (str, int, float, bool)) else str(c) for c in self.classes],
-            "layers": self.layers, "n_train": self.n_train, "n_test": self.n_test,
+            "sites": self.sites, "n_train": self.n_train, "n_test": self.n_test,
             "records": self.records, "top_neurons": self.top_neurons,
             "rankings": {k: v[:64].tolist() for k, v in self.rankings.items()},
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename)."""
+        """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename).
+
+        Fields: ``config`` (the :class:`probes.SweepConfig`), ``classes`` ([negative, positive]),
+        ``sites``, ``n_train``, ``n_test``, ``records`` (one per (site, n_neurons): ``site``,
+        ``n_neurons``, ``method``, test ``f1``, ``accuracy``, ``precision``, ``recall``, ``auc``,
+        ``train_f1``, ``neurons`` (the support, best first) and ``coef``), ``top_neurons`` (per site,
+        the best-ranked neurons scored alone: ``neuron``, ``f1``, ``auc``, ``coef``) and ``rankings``
+        (per site, the first 64 neuron indices, most useful first)."""
         return write_json(path, self.to_dict(), default=str)
 
     def plot_f1(self, path: str | os.PathLike | None = None, *, metric: str = "f1", ax=None,
                 title: str | None = None, dpi: int = 100):
-        """Plot `metric` against k (log scale), one line per layer; saves a PNG when `path` is given."""
-        from probes.plots import plot_metric_vs_k
+        """Plot `metric` against n_neurons (log scale), one line per site; saves a PNG when `path` is given."""
+        from probes.plots import plot_metric_vs_n_neurons
 
-        return plot_metric_vs_k(self, path, metric=metric, ax=ax, title=title, dpi=dpi)
+        return plot_metric_vs_n_neurons(self, path, metric=metric, ax=ax, title=title, dpi=dpi)
 
     def plot_top_neurons(self, path: str | os.PathLike | None = None, *, ax=None, title: str | None = None,
                          dpi: int = 100):
-        """Heat map of each layer's best-ranked neurons scored alone (F1), annotated with their index."""
+        """Heat map of each site's best-ranked neurons scored alone (F1), annotated with their index."""
         from probes.plots import plot_top_neurons
 
         return plot_top_neurons(self, path, ax=ax, title=title, dpi=dpi)

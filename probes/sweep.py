@@ -1,19 +1,22 @@
-"""Sweep k-sparse probes over every layer and every k as batched tensor work.
+"""Sweep sparse probes over every site and every probe size as batched tensor work.
 
->>> result = sweep({"blocks.3.mlp.hook_post": x3, "blocks.4.mlp.hook_post": x4}, labels, ks=(1, 2, 4, 8))
->>> result.to_frame()                 # one row per (layer, k): f1, accuracy, precision, recall, auc, neurons
->>> result.plot_f1("f1_vs_k.png")     # F1 against k, one line per layer
->>> result.plot_top_neurons("top.png")  # heat map: best single neurons of each layer
+>>> result = sweep({"blocks.3.mlp.hook_post": x3, "blocks.4.mlp.hook_post": x4}, labels, n_neurons=(1, 2, 4, 8))
+>>> result.to_frame()                 # one row per (site, n_neurons): f1, accuracy, precision, recall, auc, neurons
+>>> result.plot_f1("f1_vs_n_neurons.png")  # F1 against n_neurons, one line per site
+>>> result.plot_top_neurons("top.png")  # heat map: best single neurons of each site
 
-One train/test split (fixed by ``seed``, stratified, or by group) is shared by every layer and k.
-Per chunk of layers: standardise on the training rows, rank the neurons once (see
-:mod:`probes.selection`), then for each k fit all layers' logistic regressions in one batched solve.
+``n_neurons`` is the number of neurons a probe may use (the paper's k in "k-sparse probing"); the
+keyword ``ks=`` and ``SweepConfig.ks`` are its deprecated names. One train/test split (fixed by
+``seed``, stratified, or by group) is shared by every site and probe size. Per chunk of sites:
+standardise on the training rows, rank the neurons once (see :mod:`probes.selection`), then for each
+probe size fit all sites' logistic regressions in one batched solve.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -22,24 +25,35 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.deprecation import renamed_fields, renamed_keywords, renamed_module_attributes
 from interp.errors import InputError
 from probes.logistic import balanced_weights, fit_logistic, fit_logistic_logits, predict_logits
 from probes.metrics import classification_report, f1
-from probes.results import SweepResult
-from probes.selection import (_class_stats, _f_stat_from_stats, _mean_diff_from_stats, canonical_method, rank_by_score,
-                              rank_neurons)
-from probes.split import check_both_classes, encode_labels, train_test_split, undersample
+from probes.results import SweepRecord, SweepResult
+from probes.selection import (
+    _class_stats,
+    _f_stat_from_stats,
+    _mean_diff_from_stats,
+    canonical_method,
+    rank_by_score,
+    rank_neurons,
+)
+from probes.split import check_both_classes, check_finite, encode_labels, train_test_split, undersample
 
-DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-"""The values of k the paper sweeps (powers of two up to 256)."""
+DEFAULT_N_NEURONS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""The probe sizes the paper sweeps (powers of two up to 256)."""
+
+__getattr__ = renamed_module_attributes(__name__, {"DEFAULT_KS": "DEFAULT_N_NEURONS"}, globals())
 
 
+@renamed_fields({"ks": "n_neurons"})
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
-    """How :func:`sweep` splits, balances, selects and fits."""
+    """How :func:`sweep` splits, balances, selects and fits. ``ks=`` is the deprecated name of ``n_neurons``."""
 
-    ks: tuple[int, ...] = DEFAULT_KS
-    """Sparsity levels to fit; values above a layer's width are skipped for that layer."""
+    n_neurons: tuple[int, ...] = DEFAULT_N_NEURONS
+    """Probe sizes to fit (neurons per probe), stored sorted and without repeats; sizes above a
+    site's width are skipped for that site."""
     method: str = "f_stat"
     """Selection method (``probes.METHODS``): mean_diff, f_stat, mutual_info, l1 or adaptive."""
     C: float = 1.0
@@ -53,9 +67,9 @@ class SweepConfig:
     standardize: bool = True
     """Scale every neuron to zero mean and unit variance on the training rows (as the paper does)."""
     layer_batch: int | None = None
-    """Layers fitted together (bounds memory to ``layer_batch * n * d`` floats); None: all at once."""
+    """Sites fitted together (bounds memory to ``layer_batch * n * d`` floats); None: all at once."""
     top_n: int = 8
-    """Neurons per layer scored as single-neuron probes for the heat map."""
+    """Neurons per site scored as single-neuron probes for the heat map."""
     device: str | None = None
     """Where to compute (e.g. "cuda"); None: where the activations are."""
     max_iter: int = 100
@@ -63,17 +77,18 @@ class SweepConfig:
     hessian_rows: int | None = None
     """Newton steps form the Hessian from about this many training rows (the gradient uses all of
     them, so the optimum is unchanged; if a sub-sampled Hessian converges slowly, the fit switches to
-    every row); None: every row (measured fastest on 16k rows x k <= 256: exact Newton converges
-    in about two steps from the warm start of the previous k)."""
+    every row); None: every row (measured fastest on 16k rows x n_neurons <= 256: exact Newton
+    converges in about two steps from the warm start of the previous probe size)."""
     tol: float = 1e-4
     """Stop a fit when its largest gradient entry is below ``tol * (1 + C * n_train)`` (scikit-learn's
     default tolerance on the same scale)."""
 
     def __post_init__(self):
-        ks = tuple(self.ks)
-        if not ks or any(not isinstance(k, int) or k < 1 for k in ks):
-            raise InputError(f"ks={self.ks!r} must be a non-empty sequence of positive integers")
-        object.__setattr__(self, "ks", tuple(sorted(set(ks))))
+        sizes = tuple(self.n_neurons)
+        if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+            raise InputError(f"n_neurons={self.n_neurons!r} must be a non-empty sequence of positive integers "
+                             "(neurons per probe), e.g. (1, 2, 4, 8)")
+        object.__setattr__(self, "n_neurons", tuple(sorted(set(sizes))))
         object.__setattr__(self, "method", canonical_method(self.method))
         if self.C <= 0:
             raise InputError(f"C={self.C} must be > 0")
@@ -93,38 +108,56 @@ class SweepConfig:
             raise InputError(f"max_iter={self.max_iter} must be >= 1")
 
 
-def _as_layers(activations) -> dict[str, Tensor]:
+def _as_sites(activations) -> dict[str, Tensor]:
     if isinstance(activations, Tensor):
         if activations.dim() != 3:
-            raise InputError(f"a tensor of activations must be [layer, n, d]; got {tuple(activations.shape)}")
+            raise InputError(f"a tensor of activations must be [site, n, d]; got {tuple(activations.shape)}")
         return {str(i): a for i, a in enumerate(activations)}
     if isinstance(activations, Mapping):
-        layers = {str(k): v for k, v in activations.items()}
+        sites = {str(k): v for k, v in activations.items()}
     elif isinstance(activations, Sequence):
-        layers = {str(i): v for i, v in enumerate(activations)}
+        sites = {str(i): v for i, v in enumerate(activations)}
     else:
-        raise InputError("activations_by_layer must be a dict {layer name: [n, d] tensor}, a list of "
-                         f"[n, d] tensors or a [layer, n, d] tensor; got {type(activations).__name__}")
-    if not layers:
-        raise InputError("activations_by_layer is empty")
+        raise InputError("activations_by_site must be a dict {site name: [n, d] tensor}, a list of "
+                         f"[n, d] tensors or a [site, n, d] tensor; got {type(activations).__name__}")
+    if not sites:
+        raise InputError("activations_by_site is empty")
     out = {}
-    for name, v in layers.items():
+    for name, v in sites.items():
         t = torch.as_tensor(v)
         if t.dim() != 2:
-            raise InputError(f"layer {name!r}: activations must be [n, d]; got shape {tuple(t.shape)}. Capture one "
+            raise InputError(f"site {name!r}: activations must be [n, d]; got shape {tuple(t.shape)}. Capture one "
                              "position per example (positions='last' or a boolean mask), or pool [batch, seq, d] "
                              "with probes.aggregate_tokens(x, attention_mask)")
+        check_finite(t, f"site {name!r}")
         out[name] = t
     sizes = {t.shape[0] for t in out.values()}
     if len(sizes) != 1:
-        raise InputError(f"every layer must hold the same examples; got row counts {sorted(sizes)}")
+        raise InputError(f"every site must hold the same examples; got row counts {sorted(sizes)}")
     return out
 
 
+def _check_sizes(sizes: tuple[int, ...], widths: dict[str, int]) -> None:
+    """Warn about probe sizes some sites are too narrow for; refuse sizes that fit no site at all."""
+    if min(sizes) > max(widths.values()):
+        raise InputError(f"n_neurons={list(sizes)}: every size exceeds the width of every site ({max(widths.values())} "
+                         "neurons at most), so no probe can be fitted; choose sizes up to the sites' width")
+    dropped = {}
+    for name, width in widths.items():
+        over = [k for k in sizes if k > width]
+        if over:
+            dropped.setdefault((tuple(over), width), []).append(name)
+    for (over, width), names in dropped.items():
+        shown = names if len(names) <= 5 else names[:5] + [f"... {len(names) - 5} more"]
+        warnings.warn(f"n_neurons {list(over)} exceed the {width} neurons of site(s) {shown}: no probe of those "
+                      "sizes is fitted there (the other sizes and sites are)", UserWarning, stacklevel=3)
+
+
+@renamed_keywords({"ks": "n_neurons", "activations_by_layer": "activations_by_site"})
 def sweep(
-    activations_by_layer: Mapping[str, Float[Tensor, "n d"]] | Float[Tensor, "layer n d"],
+    activations_by_site: Mapping[str, Float[Tensor, "n d"]] | Float[Tensor, "site n d"],
     labels,
-    ks: Sequence[int] = DEFAULT_KS,
+    n_neurons: Sequence[int] | None = None,
     method: str = "f_stat",
     *,
     groups=None,
@@ -132,45 +165,54 @@ def sweep(
     progress: bool = True,
     **options,
 ) -> SweepResult:
-    """Fit k-sparse probes for every layer and every k; returns a :class:`probes.SweepResult`.
+    """Fit sparse probes for every site and every probe size; returns a :class:`probes.SweepResult`.
 
     Args:
-        activations_by_layer: ``{layer name: [n, d]}`` (any features: MLP neurons, residual
-            dimensions, SAE latents), a list of ``[n, d]``, or a ``[layer, n, d]`` tensor.
+        activations_by_site: ``{site name: [n, d]}`` (any activations: MLP neurons, residual
+            dimensions, SAE latents), a list of ``[n, d]``, or a ``[site, n, d]`` tensor.
         labels: one binary label per example (any two values).
-        ks, method: sparsity levels and selection method (see :class:`SweepConfig`).
+        n_neurons: probe sizes (neurons per probe); None: ``config.n_neurons``, or
+            :data:`DEFAULT_N_NEURONS` without a config. ``ks=`` is its deprecated name.
+        method: selection method (see :class:`SweepConfig`).
         groups: one id per example (document, entity); whole groups go to train or test.
         config: a :class:`SweepConfig`; other keyword options (``C``, ``seed``, ``balance``,
-            ``device`` ...) build one.
+            ``device`` ...) build one, or replace its fields.
+
+    Probe sizes larger than a site's width are skipped for that site with a ``UserWarning`` naming the
+    sizes and sites: a partial result is what a sweep over sites of several widths wants (the other
+    sizes and sites are still fitted). When no size fits any site, :class:`InputError`.
     """
+    if n_neurons is not None:
+        options["n_neurons"] = tuple(n_neurons)
     if config is None:
-        config = SweepConfig(ks=tuple(ks), method=method, **options)
+        config = SweepConfig(method=method, **options)
     elif options:
         config = dataclasses.replace(config, **options)
-    layers = _as_layers(activations_by_layer)
-    n = next(iter(layers.values())).shape[0]
+    sites = _as_sites(activations_by_site)
+    n = next(iter(sites.values())).shape[0]
     y, classes = encode_labels(labels, n)
     train, test = train_test_split(n, config.test_size, config.seed, stratify=y, groups=groups)
     if config.balance == "undersample":
         train = train[undersample(y[train], config.seed)]
     check_both_classes(y[train], "the training split")
     check_both_classes(y[test], "the test split")
+    _check_sizes(config.n_neurons, {name: t.shape[1] for name, t in sites.items()})
     by_width: dict[int, list[str]] = {}
-    for name, t in layers.items():
+    for name, t in sites.items():
         by_width.setdefault(t.shape[1], []).append(name)
     chunks = []
     for names in by_width.values():
         step = config.layer_batch or len(names)
         chunks += [names[i:i + step] for i in range(0, len(names), step)]
-    result = SweepResult(config=config, classes=classes, layers=list(layers), n_train=len(train), n_test=len(test))
-    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"sweep ({config.method})", unit="layer",
+    result = SweepResult(config=config, classes=classes, sites=list(sites), n_train=len(train), n_test=len(test))
+    bar = tqdm(total=sum(len(c) for c in chunks), desc=f"sweep ({config.method})", unit="site",
                disable=not progress)
     scratch: dict[str, Tensor] = {}  # buffers reused across chunks (fresh memory costs page faults)
     for names in chunks:
-        _sweep_chunk(result, [layers[nm] for nm in names], names, y, train, test, config, scratch)
+        _sweep_chunk(result, [sites[nm] for nm in names], names, y, train, test, config, scratch)
         bar.update(len(names))
     bar.close()
-    result.records.sort(key=lambda r: (result.layers.index(r["layer"]), r["k"]))
+    result.records.sort(key=lambda r: (result.sites.index(r["site"]), r["n_neurons"]))
     return result
 
 
@@ -178,7 +220,7 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
                  train: Tensor, test: Tensor, cfg: SweepConfig, scratch: dict[str, Tensor]) -> None:
     device = torch.device(cfg.device) if cfg.device else tensors[0].device
     dtype = tensors[0].dtype if tensors[0].dtype in (torch.float32, torch.float64) else torch.float32
-    n_layers, d = len(tensors), tensors[0].shape[1]
+    n_sites, d = len(tensors), tensors[0].shape[1]
     train, test = train.to(device), test.to(device)
     order = torch.cat([train, test])  # training rows first, then test rows
     n, n_tr = len(order), len(train)
@@ -189,7 +231,7 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
     is_train = torch.zeros(len(y), dtype=dtype, device=device)
     is_train[train] = 1
     yall = y.to(device, dtype)
-    stats = [_class_stats(x[None], yall, is_train) for x in xs]  # one pass per layer: scores and scales
+    stats = [_class_stats(x[None], yall, is_train) for x in xs]  # one pass per site: scores and scales
     if cfg.method == "f_stat":
         ranking = torch.cat([rank_by_score(_f_stat_from_stats(*st)) for st in stats])
     elif cfg.method == "mean_diff":
@@ -201,10 +243,10 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
                                C=cfg.C, standardize=cfg.standardize)
         del x_tr
     top = min(cfg.top_n, d)
-    width = max(min(max(cfg.ks), d), top)
-    # the selected neurons [L, rows, width], best first, so the first k neurons are the first k
+    width = max(min(max(cfg.n_neurons), d), top)
+    # the selected neurons [L, rows, width], best first, so a probe of m neurons reads the first m
     # columns; only they are ever fitted, so only they are scaled
-    sel = _buffer(scratch, "sel", (n_layers, n, width), dtype, device)
+    sel = _buffer(scratch, "sel", (n_sites, n, width), dtype, device)
     buf = _buffer(scratch, "buf", (len(y), width), dtype, device)
     for i, (x, (m0, m1, n0, n1, ssd)) in enumerate(zip(xs, stats)):
         idx = ranking[i, :width]
@@ -218,34 +260,34 @@ def _sweep_chunk(result: SweepResult, tensors: list[Tensor], names: list[str], y
     views = [sel]  # narrow fits read dense copies of the first 64 and 8 columns: whole cache lines
     for cols in (64, 8):
         if views[-1].shape[2] > cols:
-            views.append(_buffer(scratch, f"first{cols}", (n_layers, n, cols), dtype, device))
+            views.append(_buffer(scratch, f"first{cols}", (n_sites, n, cols), dtype, device))
             views[-1].copy_(views[-2][:, :, :cols])
-    fits, coef = [], torch.zeros(n_layers, 0, dtype=dtype, device=device)
-    b = torch.zeros(n_layers, dtype=dtype, device=device)
-    z = torch.zeros(n_layers, n_tr, dtype=dtype, device=device)
-    for k in cfg.ks:
-        if k > d:
+    fits, coef = [], torch.zeros(n_sites, 0, dtype=dtype, device=device)
+    b = torch.zeros(n_sites, dtype=dtype, device=device)
+    z = torch.zeros(n_sites, n_tr, dtype=dtype, device=device)
+    for size in cfg.n_neurons:
+        if size > d:
             continue
-        # supports are nested: warm start from the previous k (its logits stay those of the new init)
-        init = (torch.cat([coef, coef.new_zeros(n_layers, k - coef.shape[1])], 1), b)
-        xk = next(v for v in views[::-1] if v.shape[2] >= k)[:, :, :k]
-        coef, b, z = fit_logistic_logits(xk[:, :n_tr], y_tr, C=cfg.C, sample_weight=w_tr, max_iter=cfg.max_iter,
+        # supports are nested: warm start from the previous size (its logits stay those of the new init)
+        init = (torch.cat([coef, coef.new_zeros(n_sites, size - coef.shape[1])], 1), b)
+        x_sel = next(v for v in views[::-1] if v.shape[2] >= size)[:, :, :size]
+        coef, b, z = fit_logistic_logits(x_sel[:, :n_tr], y_tr, C=cfg.C, sample_weight=w_tr, max_iter=cfg.max_iter,
                                          tol=cfg.tol, init=init, hessian_rows=cfg.hessian_rows, init_logits=z)
-        fits.append((k, coef, z, predict_logits(xk[:, n_tr:], coef, b)))
-    if fits:  # metrics of every k at once: [n_k, L, rows]
+        fits.append((size, coef, z, predict_logits(x_sel[:, n_tr:], coef, b)))
+    if fits:  # metrics of every probe size at once: [n_sizes, L, rows]
         test_rep = {m: v.tolist() for m, v in classification_report(y_te, torch.stack([f[3] for f in fits])).items()}
-        train_f1 = f1(y_tr.expand(len(fits), n_layers, -1), (torch.stack([f[2] for f in fits]) > 0).to(dtype)).tolist()
-        for j, (k, coef, _, _) in enumerate(fits):
-            coefs, neurons = coef.tolist(), ranking[:, :k].tolist()
+        train_f1 = f1(y_tr.expand(len(fits), n_sites, -1), (torch.stack([f[2] for f in fits]) > 0).to(dtype)).tolist()
+        for j, (size, coef, _, _) in enumerate(fits):
+            coefs, neurons = coef.tolist(), ranking[:, :size].tolist()
             for i, name in enumerate(names):
-                rec = {"layer": name, "k": k, "method": cfg.method}
+                rec = SweepRecord(site=name, n_neurons=size, method=cfg.method)
                 rec.update({m: float(v[j][i]) for m, v in test_rep.items()})
                 rec["train_f1"] = float(train_f1[j][i])
                 rec["neurons"] = neurons[i]
                 rec["coef"] = [round(c, 6) for c in coefs[i]]
                 result.records.append(rec)
     if top:  # each of the best-ranked neurons alone, as a 1-sparse probe
-        x1 = sel[:, :, :top].mT.reshape(n_layers * top, n, 1)
+        x1 = sel[:, :, :top].mT.reshape(n_sites * top, n, 1)
         coef, b = fit_logistic(x1[:, :n_tr], y_tr, C=cfg.C, sample_weight=w_tr, max_iter=cfg.max_iter, tol=cfg.tol)
         rep = classification_report(y_te, predict_logits(x1[:, n_tr:], coef, b))
         for i, name in enumerate(names):

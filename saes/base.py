@@ -1,7 +1,11 @@
 """The contract every sparse autoencoder meets, and the registry keyed by architecture name.
 
-Vocabulary (the same in every module): ``d_model``, ``d_sae``, ``k``,
-``W_enc [d_model, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``, ``b_dec [d_model]``.
+Vocabulary (the same in every module): ``d_model``, ``d_sae``, ``W_enc [d_model, d_sae]``,
+``b_enc [d_sae]``, ``W_dec [d_sae, d_model]``, ``b_dec [d_model]``; ``k`` is the number of active
+latents per row (TopK; BatchTopK's mean over the batch), ``n_steps`` the matching-pursuit steps per
+row (MP-SAE). A renamed field stays readable under its old name for one release: a config class
+lists it in ``_renamed`` (see :func:`interp.deprecation.renamed_fields`), and :meth:`SAEConfig.from_dict`
+reads configs saved with the old name.
 
 An architecture is a subclass of :class:`SAE` with its own frozen config subclass of
 :class:`SAEConfig`, registered with ``@register("name")``. ``SAE.forward`` always returns
@@ -18,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interp.deprecation import translate
 from interp.errors import InterpError
 
 
@@ -38,7 +43,7 @@ class SaeOutput(NamedTuple):
 
 @dataclass(frozen=True, kw_only=True)
 class SAEConfig:
-    """Fields shared by every architecture. Subclasses add their own (``k``, ``l1_coeff`` ...)."""
+    """Fields shared by every architecture. Subclasses add their own (``k``, ``n_steps``, ``l1_coeff`` ...)."""
 
     d_model: int
     """Width of the activations the SAE reads."""
@@ -48,6 +53,8 @@ class SAEConfig:
     """Subtract ``b_dec`` from the input before encoding (SAELens' convention)."""
 
     architecture: ClassVar[str] = ""
+    _renamed: ClassVar[dict[str, str]] = {}
+    """Old field name -> new name; the old one is still accepted, with a DeprecationWarning."""
 
     def __post_init__(self) -> None:
         for name in ("d_model", "d_sae"):
@@ -60,12 +67,17 @@ class SAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
-        """Build from a dict, refusing unknown keys (a typo must not pass silently)."""
+        """Build from a dict, refusing unknown keys (a typo must not pass silently).
+
+        A field's old name (``cls._renamed``, e.g. an MP-SAE config saved with ``k``) is read as the
+        new one, with a DeprecationWarning; a dict holding both names is an error."""
         names = {f.name for f in dataclasses.fields(cls)}
-        extra = set(d) - names - {"architecture"}
+        extra = set(d) - names - set(cls._renamed) - {"architecture"}
         if extra:
             raise SAEError(f"{cls.__name__} got unknown fields {sorted(extra)}; valid fields: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        kwargs = translate({k: v for k, v in d.items() if k != "architecture"}, cls._renamed, cls.__name__,
+                           error=SAEError, stacklevel=2)
+        return cls(**kwargs)
 
 
 class SAE(nn.Module):
@@ -161,6 +173,8 @@ def get_architecture(name: str) -> type[SAE]:
 
 
 def build(architecture: str, **cfg: Any) -> SAE:
-    """``build("topk", d_model=576, d_sae=9216, k=32)``."""
+    """``build("topk", d_model=576, d_sae=9216, k=32)``, ``build("mpsae", d_model=576, d_sae=9216, n_steps=32)``."""
     cls = get_architecture(architecture)
-    return cls(cls.config_class.from_dict(cfg))
+    config_class = cls.config_class
+    cfg = translate(cfg, config_class._renamed, config_class.__name__, error=SAEError, stacklevel=2)  # warn the caller
+    return cls(config_class.from_dict(cfg))

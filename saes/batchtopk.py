@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saes.base import SAE, SAEConfig, SAEError, register
-from saes.training import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
+from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,9 @@ class BatchTopKConfig(SAEConfig):
     """Config of :class:`BatchTopKSAE`."""
 
     k: int = 32
-    """Mean active latents per row (``k * batch`` are kept per batch)."""
+    """Active latents per row *on average over the batch*: training keeps the ``k * batch`` largest
+    activations of the whole batch, so one row may hold more or fewer than ``k``; at inference the
+    learned threshold keeps about ``k`` per row on average (TopK's ``k`` holds for every row)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss (None: ``d_model // 2``)."""
     aux_coeff: float = 1 / 32
@@ -37,7 +39,8 @@ class BatchTopKConfig(SAEConfig):
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
             raise SAEError(f"{type(self).__name__}.k_aux must be a positive integer or None, got {self.k_aux!r}")
         if not 0 < self.threshold_momentum <= 1:
-            raise SAEError(f"{type(self).__name__}.threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
+            raise SAEError(f"{type(self).__name__}.threshold_momentum must be in (0, 1], "
+                           f"got {self.threshold_momentum!r}")
 
 
 @register("batchtopk")

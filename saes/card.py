@@ -1,4 +1,4 @@
-"""The model card (README.md with YAML front matter) and feature-density plot of a folder of SAEs.
+"""The model card (README.md with YAML front matter) and latent-density plot of a folder of SAEs.
 
 Every number on the card is read from the checkpoints themselves: the architecture and sizes
 from the config, training tokens and evaluation metrics from the training summary that
@@ -8,6 +8,7 @@ from the config, training tokens and evaluation metrics from the training summar
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -15,7 +16,10 @@ from typing import Any
 
 import yaml
 
+from interp.atomic import atomic_path
+from interp.deprecation import renamed_function
 from saes.checkpoint import Checkpoint
+from saes.evaluate import DENSITY_PLOT
 from saes.peers import NOT_SAELENS_PREFIX
 
 CARD_METRICS = (("l0_mean", "L0"), ("explained_variance", "Explained variance"),
@@ -26,7 +30,9 @@ BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2":
                "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
                "embedded": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """This project's model aliases -> Hub ids (the embedded model is a Q4_1 GGUF of this one)."""
-DENSITY_PLOT = "feature_density.png"
+SPARSITY_FIELDS = (("k", "k"), ("n_steps", "MP steps"))
+"""Config fields that set an SAE's sparsity, shown on the card where the architecture has them:
+``k`` active latents per row (TopK; BatchTopK's batch mean), ``n_steps`` matching-pursuit steps."""
 
 
 def base_model(metadata: dict[str, Any]) -> str | None:
@@ -43,6 +49,7 @@ def base_model(metadata: dict[str, Any]) -> str | None:
 def summary(site: str, ckpt: Checkpoint) -> dict[str, Any]:
     """One row of the card: what the config, training summary and sparsity say about one SAE."""
     cfg = ckpt.sae.cfg
+    fields = {f.name for f in dataclasses.fields(cfg)}
     metrics = ckpt.training.get("metrics") if isinstance(ckpt.training.get("metrics"), dict) else {}
     row: dict[str, Any] = {
         "site": site or ckpt.metadata.get("hook_name") or "",
@@ -50,7 +57,7 @@ def summary(site: str, ckpt: Checkpoint) -> dict[str, Any]:
         "architecture": ckpt.sae.architecture,
         "d_model": cfg.d_model,
         "d_sae": cfg.d_sae,
-        "k": getattr(cfg, "k", None),
+        **{name: getattr(cfg, name) if name in fields else None for name, _ in SPARSITY_FIELDS},
         "training_tokens": ckpt.training.get("n_tokens"),
     }
     row.update({key: metrics.get(key) for key, _ in CARD_METRICS})
@@ -107,7 +114,7 @@ def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str |
               "(CE with zero-ablation - CE with the SAE spliced in) / (CE with zero-ablation - clean CE). "
               "Dead: fraction of latents whose recorded firing frequency is 0.", ""]
     if plot:
-        lines += ["## Feature density", "", f"![Feature density]({plot})", "",
+        lines += ["## Latent density", "", f"![Latent density]({plot})", "",
                   "Histogram of log10 firing frequency of each latent (fraction of tokens where it is nonzero).", ""]
     lines += ["## Files", "",
               "Each site folder holds `cfg.json` (SAELens keys plus this project's `interp` block: format "
@@ -132,15 +139,16 @@ def _fmt(value: Any) -> str:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    sparsity = [col for col in SPARSITY_FIELDS if any(r.get(col[0]) is not None for r in rows)]
     cols = [("site", "Site"), ("architecture", "Architecture"), ("d_model", "d_model"), ("d_sae", "d_sae"),
-            ("k", "k"), ("training_tokens", "Training tokens"), *CARD_METRICS, ("dead_fraction", "Dead")]
+            *sparsity, ("training_tokens", "Training tokens"), *CARD_METRICS, ("dead_fraction", "Dead")]
     out = ["| " + " | ".join(label for _, label in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(f"`{r[k]}`" if k == "site" else _fmt(r.get(k)) for k, _ in cols) + " |")
     return "\n".join(out)
 
 
-def plot_feature_density(checkpoints: dict[str, Checkpoint], path: str | os.PathLike) -> Path:
+def plot_latent_density(checkpoints: dict[str, Checkpoint], path: str | os.PathLike) -> Path:
     """Histogram of log10 firing frequency per site, written as a PNG (no pyplot global state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -163,13 +171,15 @@ def plot_feature_density(checkpoints: dict[str, Checkpoint], path: str | os.Path
     ax.set_ylabel("latents")
     ax.set_xlim(floor, 0.0)
     ax.legend(fontsize=7, loc="best")
-    ax.set_title("Feature density")
+    ax.set_title("Latent density")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
+
+
+plot_feature_density = renamed_function("plot_feature_density", plot_latent_density)
 
 
 def is_finite_number(value: Any) -> bool:

@@ -1,7 +1,7 @@
 """``torch.distributed`` helpers for data-parallel SAE training (launch with ``torchrun``).
 
 Each process reads the same global batch from its data source and trains on its own slice of
-rows; losses are shares of a global loss (see :mod:`saes.training`), so summing gradients over
+rows; losses are shares of a global loss (see :mod:`saes.losses`), so summing gradients over
 processes (one ``all_reduce`` per parameter) gives exactly the single-process gradient on the
 whole global batch. gloo on CPU, NCCL on CUDA.
 """

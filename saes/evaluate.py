@@ -11,11 +11,15 @@ Metrics (keys of the returned dict):
 * ``explained_variance``, ``fvu`` (= 1 - explained variance), ``mse`` (mean over elements),
   ``cosine_similarity`` (mean over rows of cos(x, x_hat));
 * ``dead_fraction`` (latents that never fire on the set), ``dense_fraction`` (latents firing on more
-  than ``dense_threshold`` of the rows), and the per-latent ``feature_density`` (returned as a tensor,
-  saved as SAELens' ``sparsity.safetensors`` = log10 density, and as a histogram PNG);
+  than ``dense_threshold`` of the rows), and the per-latent ``latent_density`` (the fraction of rows
+  each latent fires on; returned as a tensor, saved as SAELens' ``sparsity.safetensors`` = log10
+  density, and as the histogram ``latent_density.png``);
 * with a model: ``ce_clean``, ``ce_with_sae``, ``ce_zero_ablation``, ``ce_loss_recovered``
   (``(ce_zero - ce_sae) / (ce_zero - ce_clean)``), ``kl_to_clean`` (mean KL(clean || with SAE) per
   predicted token) and ``delta_lm_loss`` (``ce_sae - ce_clean``).
+
+The report is an :class:`EvalReport`: ``report["feature_density"]``, the old name of
+``latent_density``, still reads for one release (with a DeprecationWarning).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float, Int
@@ -32,7 +36,32 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from interp.atomic import atomic_path, write_json
+from interp.deprecation import RenamedKeys
 from saes.base import SAE, SAEError
+
+DENSITY_KEY = "latent_density"
+"""Report key of the per-latent firing rate ``[d_sae]`` (fraction of rows where the latent is nonzero)."""
+DENSITY_PLOT = "latent_density.png"
+"""File name of the density histogram :func:`save_report` writes."""
+RENAMED_KEYS = {"feature_density": DENSITY_KEY}
+"""Report keys renamed since the previous release (old -> new); the old ones are still read."""
+
+
+class EvalReport(RenamedKeys):
+    """The dict of metrics :func:`evaluate` returns (plain keys and values; JSON-able but for the
+    ``latent_density`` tensor). Reading an old key (``report["feature_density"]``) still works, with
+    a DeprecationWarning."""
+
+    _renamed: ClassVar[dict[str, str]] = RENAMED_KEYS
+    _owner: ClassVar[str] = "saes.evaluate report"
+
+
+def latent_density(report: dict[str, Any]) -> Tensor | None:
+    """The per-latent density of a report, under its current or its old key (None when absent)."""
+    for key in (DENSITY_KEY, "feature_density"):
+        if key in report:
+            return report[key]
+    return None
 
 
 def explained_variance(x: Float[Tensor, "n d_model"], x_hat: Float[Tensor, "n d_model"]) -> float:
@@ -67,14 +96,14 @@ class ReconstructionStats:
         self.fires += active.sum(0).double()
         self.l0.append(active.sum(-1))
 
-    def result(self, dense_threshold: float = 0.1) -> dict[str, Any]:
+    def result(self, dense_threshold: float = 0.1) -> EvalReport:
         if self.n == 0:
             raise SAEError("no rows were evaluated: the evaluation data yielded nothing")
         total_var = self.sum_x2 - self.sum_x.pow(2).sum() / self.n
         l0 = torch.cat(self.l0).float()
         density = self.fires / self.n
         q = torch.quantile(l0, torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-        return {
+        return EvalReport({
             "n_rows": self.n,
             "explained_variance": float(1 - self.sum_err / total_var.clamp_min(1e-30)),
             "fvu": float(self.sum_err / total_var.clamp_min(1e-30)),
@@ -86,13 +115,13 @@ class ReconstructionStats:
             "dead_fraction": float((self.fires == 0).double().mean()),
             "dense_fraction": float((density > dense_threshold).double().mean()),
             "dense_threshold": dense_threshold,
-            "feature_density": density.float(),
-        }
+            DENSITY_KEY: density.float(),
+        })
 
 
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, batches: Iterable, *, site: str | None = None, n_batches: int | None = None,
-                           dense_threshold: float = 0.1, progress: bool = True) -> dict[str, Any]:
+                           dense_threshold: float = 0.1, progress: bool = True) -> EvalReport:
     """Reconstruction and sparsity metrics of ``sae`` over ``batches`` (tensors ``[rows, d_model]``
     of raw activations, or dicts ``{site: tensor}`` with ``site`` naming which)."""
     acc = ReconstructionStats(sae.cfg.d_model, sae.cfg.d_sae)
@@ -172,10 +201,10 @@ def downstream_metrics(model, sae: SAE, site: str, windows: Int[Tensor, "n seq"]
 def evaluate(sae: SAE, batches: Iterable, *, site: str | None = None, n_batches: int | None = None,
              model=None, windows: Tensor | None = None, splice_mask: Tensor | None = None,
              out_dir: str | os.PathLike | None = None, dense_threshold: float = 0.1,
-             batch_size: int = 8, progress: bool = True) -> dict[str, Any]:
+             batch_size: int = 8, progress: bool = True) -> EvalReport:
     """All metrics: reconstruction over ``batches``; downstream loss when ``model`` and token
     ``windows`` are given (``site`` names where to splice). With ``out_dir``: ``eval.json``,
-    ``sparsity.safetensors`` and ``feature_density.png`` are written there."""
+    ``sparsity.safetensors`` and ``latent_density.png`` are written there."""
     report = reconstruction_metrics(sae, batches, site=site, n_batches=n_batches,
                                     dense_threshold=dense_threshold, progress=progress)
     if model is not None:
@@ -189,25 +218,32 @@ def evaluate(sae: SAE, batches: Iterable, *, site: str | None = None, n_batches:
 
 
 def save_report(report: dict[str, Any], out_dir: str | os.PathLike) -> Path:
-    """Write ``eval.json``, ``sparsity.safetensors`` (log10 density) and ``feature_density.png``."""
+    """Write ``eval.json``, ``sparsity.safetensors`` (log10 density) and ``latent_density.png``.
+
+    ``report`` is :func:`evaluate`'s; one holding the density under its old key ``feature_density``
+    is read too."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    density = report["feature_density"]
+    density = latent_density(report)
+    if density is None:
+        raise SAEError(f"the report has no {DENSITY_KEY!r} (per-latent firing rate); pass the dict evaluate() "
+                       f"returned; keys found: {sorted(report)}")
     log_density = torch.log10(density + 1e-10)
     with atomic_path(out / "sparsity.safetensors") as tmp:
         save_file({"sparsity": log_density.contiguous()}, str(tmp))
-    write_json(out / "eval.json", {k: v for k, v in report.items() if k != "feature_density"})
+    skip = {DENSITY_KEY, *RENAMED_KEYS}
+    write_json(out / "eval.json", {k: v for k, v in report.items() if k not in skip})
     from matplotlib.figure import Figure  # no pyplot: a notebook's backend is left alone
 
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
     ax.hist(log_density.numpy(), bins=60)
-    ax.set_xlabel("log10 feature density (fraction of tokens a latent fires on)")
+    ax.set_xlabel("log10 latent density (fraction of tokens a latent fires on)")
     ax.set_ylabel("latents")
     ax.set_title(f"dead {report['dead_fraction']:.1%}, dense {report['dense_fraction']:.1%}, "
                  f"L0 {report['l0_mean']:.1f}")
     fig.tight_layout()
-    fig.savefig(out / "feature_density.png", dpi=110)
+    fig.savefig(out / DENSITY_PLOT, dpi=110)
     return out

@@ -1,12 +1,12 @@
 """Matching-pursuit SAE (MP-SAE; Costa, Fel, Lubana, Tolooshams, Ba, "From Flat to Hierarchical:
 Extracting Sparse Representations with Matching Pursuit").
 
-The encoder is ``k`` unrolled matching-pursuit steps over the decoder's unit-norm atoms (the
+The encoder is ``n_steps`` unrolled matching-pursuit steps over the decoder's unit-norm atoms (the
 encoder is tied: ``W_enc`` is ``W_dec.T``): pick the atom most correlated with the residual, record
 its coefficient, subtract its contribution, repeat. The algorithm lives in :mod:`saes.mp_pursuit`
 (selection without autograd, coefficients recomputed with autograd from the chosen atoms only).
 
-Training runs exactly ``k`` steps. At inference the steps can be changed without retraining:
+Training runs exactly ``n_steps`` steps. At inference the steps can be changed without retraining:
 ``max_iterations`` sets the number of steps, and a row stops early when its residual norm falls to
 ``residual_threshold`` or (``stop_on_repeated_support``) when a step re-picks an atom it already
 uses. :meth:`MPSAE.pursue` takes the same options per call and reports per-step residual norms and
@@ -27,20 +27,23 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interp.deprecation import renamed_fields
 from saes import mp_pursuit
 from saes.base import SAE, SAEConfig, SAEError, SaeOutput, register
+from saes.losses import TrainState, TrainStep, auxk_loss, fvu_loss
 from saes.mp_pursuit import STOP_REASONS, Coefficients, Selection
-from saes.training import TrainState, TrainStep, auxk_loss, fvu_loss
 
 __all__ = ["MPSAE", "MPSAEConfig", "MpResult", "mp_metrics", "STOP_REASONS"]
 
 
+@renamed_fields({"k": "n_steps"}, error=SAEError)
 @dataclass(frozen=True, kw_only=True)
 class MPSAEConfig(SAEConfig):
-    """Config of :class:`MPSAE`."""
+    """Config of :class:`MPSAE`. ``k=`` is the deprecated name of ``n_steps`` (accepted, with a warning)."""
 
-    k: int = 32
-    """Matching-pursuit steps per row in training (and at inference unless ``max_iterations`` is set)."""
+    n_steps: int = 32
+    """Matching-pursuit steps per row in training (and at inference unless ``max_iterations`` is set).
+    Each step adds one atom, so L0 is at most ``n_steps`` (lower when a step re-picks an atom)."""
     coefficients: Coefficients = "nonneg"
     """``"nonneg"``: pick the most positively correlated atom, coefficient ``ReLU(<r, a>)``;
     ``"signed"``: classic MP, pick the largest ``|<r, a>|``, signed coefficient;
@@ -51,7 +54,7 @@ class MPSAEConfig(SAEConfig):
     decoder_bias: bool = True
     """Learn ``b_dec`` (subtracted before the pursuit, added back after); False keeps it at zero."""
     max_iterations: int | None = None
-    """Steps at inference (eval mode); None: ``k``. Lets one trained SAE run at another sparsity."""
+    """Steps at inference (eval mode); None: ``n_steps``. Lets one trained SAE run at another sparsity."""
     residual_threshold: float = 0.0
     """At inference a row stops once its residual norm is <= this (checked before every step, in
     the units of the input); 0 disables the rule."""
@@ -89,10 +92,10 @@ class MPSAEConfig(SAEConfig):
         def pos_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
-        if not pos_int(self.k):
-            raise bad("k", "a positive integer (MP steps per row)")
-        if not self.allow_repeat and self.k > self.d_sae:
-            raise bad("k", f"<= d_sae={self.d_sae} when allow_repeat=False")
+        if not pos_int(self.n_steps):
+            raise bad("n_steps", "a positive integer (MP steps per row)")
+        if not self.allow_repeat and self.n_steps > self.d_sae:
+            raise bad("n_steps", f"<= d_sae={self.d_sae} when allow_repeat=False")
         if self.coefficients not in ("nonneg", "signed", "signed_max"):
             raise bad("coefficients", "one of 'nonneg', 'signed', 'signed_max'")
         if self.max_iterations is not None and not pos_int(self.max_iterations):
@@ -189,6 +192,14 @@ class MPSAE(SAE):
         """``b_dec``, or zeros with ``decoder_bias=False`` (whatever a trainer wrote into ``b_dec``)."""
         return self.b_dec if self.cfg.decoder_bias else torch.zeros_like(self.b_dec)
 
+    def _check_finite(self, x: Tensor) -> None:
+        """The pursuit would give a NaN or inf row zero codes without a word: refuse it instead."""
+        if isinstance(x, Tensor) and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(-1, x.shape[-1]).any(-1).nonzero().flatten()
+            raise SAEError(f"MPSAE input rows {bad[:10].tolist()}{' ...' if bad.numel() > 10 else ''} "
+                           f"({bad.numel()} of {x.reshape(-1, x.shape[-1]).shape[0]}, counted over the flattened "
+                           "leading dimensions) hold NaN or inf; the pursuit cannot encode them: drop or fix them")
+
     def _center(self, x: Tensor) -> Tensor:
         self._check_input(x)
         x = x.reshape(-1, self.cfg.d_model).to(self._work_dtype())
@@ -208,9 +219,9 @@ class MPSAE(SAE):
                            stop_on_repeated_support: bool | None) -> dict[str, Any]:
         cfg = self.cfg
         if self.training:
-            opts = {"steps": cfg.k, "residual_threshold": 0.0, "stop_on_repeated_support": False}
+            opts = {"steps": cfg.n_steps, "residual_threshold": 0.0, "stop_on_repeated_support": False}
         else:
-            opts = {"steps": cfg.max_iterations or cfg.k, "residual_threshold": cfg.residual_threshold,
+            opts = {"steps": cfg.max_iterations or cfg.n_steps, "residual_threshold": cfg.residual_threshold,
                     "stop_on_repeated_support": cfg.stop_on_repeated_support}
         for key, val in (("steps", max_iterations), ("residual_threshold", residual_threshold),
                          ("stop_on_repeated_support", stop_on_repeated_support)):
@@ -235,6 +246,7 @@ class MPSAE(SAE):
         stop_on_repeated_support: bool | None = None,
     ) -> MpResult:
         """Run the pursuit without autograd; options default to the config (eval-mode rules)."""
+        self._check_finite(x)
         opts = self._inference_options(max_iterations, residual_threshold, stop_on_repeated_support)
         lead = x.shape[:-1]
         xc = self._center(x)
@@ -260,6 +272,7 @@ class MPSAE(SAE):
         return torch.is_grad_enabled() and (self.W_dec.requires_grad or self.b_dec.requires_grad)
 
     def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        self._check_finite(x)
         lead = x.shape[:-1]
         if not self._needs_grad():
             with torch.no_grad():  # codes only: no reconstruction needed
@@ -282,6 +295,7 @@ class MPSAE(SAE):
         return codes @ self.atoms() + self.bias()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> SaeOutput:
+        self._check_finite(x)
         lead = x.shape[:-1]
         if not self._needs_grad():
             res = self.pursue(x)
@@ -291,14 +305,14 @@ class MPSAE(SAE):
 
     # ------------------------------------------------------------------ training
     def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
-        """FVU of ``k`` pursuit steps, plus the revive term; atom dropout early on."""
+        """FVU of ``n_steps`` pursuit steps, plus the revive term; atom dropout early on."""
         cfg = self.cfg
         excluded = None
         if cfg.atom_dropout > 0 and state.step < cfg.atom_dropout_steps:
             excluded = torch.rand(cfg.d_sae, device=self.device) < cfg.atom_dropout
         xc = self._center(x)
         atoms = self.atoms().to(xc.dtype)
-        sel = self._select(xc, atoms, steps=cfg.k, residual_threshold=0.0, stop_on_repeated_support=False,
+        sel = self._select(xc, atoms, steps=cfg.n_steps, residual_threshold=0.0, stop_on_repeated_support=False,
                            excluded=excluded)
         _, x_hat_c = mp_pursuit.recompute(xc, atoms, sel)
         x_hat = (x_hat_c + self.bias().to(xc.dtype)).to(self.dtype)

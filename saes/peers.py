@@ -16,7 +16,7 @@ for a given SAE) and :func:`module_state` (the SAE's ``state_dict`` rebuilt from
   ``pre * (pre > max(t, 0))``: thresholds are clamped at 0 on import, so outputs are identical.
   SAELens' ``matching_pursuit`` is the MP-SAE here with non-negative coefficients, repeats allowed
   and unit-norm atoms; ``max_iterations``, ``residual_threshold`` and ``stop_on_duplicate_support``
-  map to ``max_iterations`` (``k``), ``residual_threshold`` and ``stop_on_repeated_support``. SAELens
+  map to ``max_iterations`` (``n_steps``), ``residual_threshold`` and ``stop_on_repeated_support``. SAELens
   uses ``W_dec`` rows as they are and ours divides them by their norm, so a file whose rows are not
   unit norm is refused. One edge differs: SAELens always takes a first step, ours takes none when
   the centred input's norm is already below ``residual_threshold`` (never with the threshold at 0).
@@ -147,7 +147,7 @@ def saelens_fields(cfg: SAEConfig, theirs: str) -> dict[str, Any]:
     if theirs == "topk":
         return {"k": cfg.k, RESCALE_KEY: False}
     if theirs == "matching_pursuit":
-        return {"max_iterations": cfg.max_iterations or cfg.k, "residual_threshold": cfg.residual_threshold,
+        return {"max_iterations": cfg.max_iterations or cfg.n_steps, "residual_threshold": cfg.residual_threshold,
                 "stop_on_duplicate_support": cfg.stop_on_repeated_support}
     return {}
 
@@ -159,7 +159,7 @@ def _fields_from_saelens(cfg: dict[str, Any], theirs: str, where: str) -> dict[s
         return {"k": cfg["k"]}
     if theirs == "matching_pursuit":  # SAELens' defaults where a key is absent
         steps = cfg.get("max_iterations")
-        return {"k": cfg["d_in"] if steps is None else steps, "coefficients": "nonneg", "allow_repeat": True,
+        return {"n_steps": cfg["d_in"] if steps is None else steps, "coefficients": "nonneg", "allow_repeat": True,
                 "residual_threshold": cfg.get("residual_threshold", 1e-2),
                 "stop_on_repeated_support": cfg.get("stop_on_duplicate_support", True)}
     return {}
@@ -178,8 +178,19 @@ class Imported:
     they need not): checked by :func:`check_weights` once the tensors are read."""
 
 
+def check_finite(sae: SAE, where: str) -> None:
+    """Refuse an SAE holding NaN or infinite weights (one that diverged in training)."""
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds {n} NaN or infinite values (of {t.numel()}); "
+                                  "the SAE had diverged: retrain it, or use an earlier checkpoint")
+
+
 def check_weights(imported: Imported, sae: SAE, where: str) -> None:
-    """Refuse weights that the translated config does not compute the same way (see ``unit_decoder``)."""
+    """Refuse NaN or infinite weights, and weights that the translated config does not compute the
+    same way (see ``unit_decoder``)."""
+    check_finite(sae, where)
     if not imported.unit_decoder:
         return
     ok, lo, hi = unit_norm_rows(sae.W_dec)

@@ -2,7 +2,7 @@
 
 ``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
 the model and site; its training summary holds the token count and the evaluation metrics; its
-sparsity is saved), writes the model card ``README.md`` and ``feature_density.png`` into the
+sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
 folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
 one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
 """
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from interp.atomic import write_text
 from interp.errors import InterpError
 from saes.base import SAEError
-from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_feature_density, render_card
+from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card
 from saes.checkpoint import Checkpoint, read
 from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
 
@@ -83,11 +84,9 @@ def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
     """Validate ``folder``, write its model card and density plot; upload nothing."""
     folder = Path(folder)
     checkpoints = validate(folder)
-    plot_feature_density(checkpoints, folder / DENSITY_PLOT)
+    plot_latent_density(checkpoints, folder / DENSITY_PLOT)
     card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
-    tmp = folder / f".{CARD_FILENAME}.tmp-{os.getpid()}"
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, folder / CARD_FILENAME)
+    write_text(folder / CARD_FILENAME, card)
     files = [CARD_FILENAME, DENSITY_PLOT]
     for site in checkpoints:
         prefix = f"{site}/" if site else ""

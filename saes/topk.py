@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from saes.base import SAE, SAEConfig, SAEError, register
 from saes.kernels import gather_pre, sparse_decode, topk_forward
-from saes.training import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
+from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,8 @@ class TopKConfig(SAEConfig):
     """Config of :class:`TopKSAE`."""
 
     k: int = 32
-    """Active latents per row."""
+    """Active latents per row: each row keeps its ``k`` largest pre-activations (at most ``k`` nonzero
+    after the ReLU)."""
     k_aux: int | None = None
     """Dead latents used by the AuxK loss (None: ``d_model // 2``, as in Gao et al.)."""
     aux_coeff: float = 1 / 32

@@ -1,12 +1,28 @@
 """Shared test fixtures: tiny random models of several architectures, a byte-level tokenizer, and
-the embedded model (for tests marked slow)."""
+the embedded model (for tests marked slow). Also switches on the shape checks for the whole suite."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import pytest
 import torch
+from jaxtyping import config, install_import_hook
+
+CHECKED_PACKAGES = ("interp", "saes", "probes")
+# Every function and dataclass of these packages is checked against its annotations (jaxtyping shapes
+# and dtypes, through beartype) while the tests run, so a wrongly shaped tensor fails a test instead of
+# broadcasting silently; tests/test_shape_checking.py fails if this is off. beartype is told to follow
+# PEP 484's numeric tower (an int passes where the hint says float, as in `Rotate(..., scale=2)`), as
+# static checkers and ruff do. pytest's --jaxtyping-packages option cannot pass a configured checker
+# together with several packages, so the hook is installed here, before any test imports them.
+_too_early = [p for p in CHECKED_PACKAGES if p in sys.modules]
+if _too_early:
+    raise RuntimeError(f"{_too_early} were imported before tests/conftest.py, so their annotations would "
+                       "not be checked; import them inside tests or fixtures instead")
+install_import_hook(CHECKED_PACKAGES, "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 VOCAB = 300  # 256 byte tokens + specials, see byte_tokenizer()
 SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)
@@ -37,7 +53,7 @@ def _config(arch: str):
     raise ValueError(arch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny(arch: str):
     import transformers as tr
 
@@ -52,7 +68,7 @@ def tiny_model(arch: str):
     return _tiny(arch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_tokenizer():
     """An offline byte-level tokenizer (no merges): one token per byte, plus <bos>, <eos>, <pad>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -98,3 +114,67 @@ def smol():
     from interp import load_model
 
     return load_model("smollm2-135m", device="cpu")
+
+
+# Fixtures of the probes tests: planted-feature activations and a tiny random Llama with a word tokenizer.
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+WORDS = DAYS + ["the", "cat", "sat", "on", "mat", "we", "meet", "at", "noon", "see", "you", "and", "then",
+                "a", "dog", "ran", "park", "def", "return", "x", "=", "(", ")", ":", "."]
+
+
+def _planted(n: int = 2000, d: int = 2000, neurons=(17, 503, 1999), noise: float = 0.3, seed: int = 0,
+            n_layers: int = 1, signal_layer: int = 0):
+    """Activations [layer, n, d] where the label is driven by `neurons` of `signal_layer` only."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_layers, n, d, generator=g) * (0.5 + torch.rand(n_layers, 1, d, generator=g)) \
+        + 3 * torch.randn(n_layers, 1, d, generator=g)
+    z = x[signal_layer, :, list(neurons)]
+    z = (z - z.mean(0)) / z.std(0)
+    y = (z.sum(1) + noise * torch.randn(n, generator=g) > 0.5).long()
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """make(n, d, neurons, noise, seed, n_layers, signal_layer) -> (x [layer, n, d], y [n]) with planted neurons."""
+    return _planted
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    """(model, tokenizer, folder): a 3-layer random Llama and a whitespace word-level tokenizer, saved to disk."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + WORDS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    model = LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return model, tok, folder
+
+
+@contextlib.contextmanager
+def _shape_checks_off():
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        config.update("jaxtyping_disable", before)
+
+
+@pytest.fixture
+def unchecked():
+    """``with unchecked(): ...`` runs the block without the annotation checks (see the top of this file).
+
+    For tests of the library's own error message on a call that the annotations already reject:
+    that message is what a user sees, since outside the tests nothing checks the annotations."""
+    return _shape_checks_off

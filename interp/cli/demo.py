@@ -14,7 +14,7 @@
 layer), ``device``, ``command``, ``seconds``; ``circle``: one row per layer (``layer``,
 ``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``radius_cv``,
 ``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by layer and neuron
-count, as text), ``best_k1`` (the best single neuron's site and F1); ``intervention``: ``site``,
+count, as text), ``best_k1`` (the best single neuron: ``site``, ``f1``, ``neuron``); ``intervention``: ``site``,
 ``position``, ``rows`` (prompt, target pairs), ``templates`` and ``edits`` (per edit: ``success``,
 the fraction of rows whose top item is the target, and ``kept_source``, the fraction still naming the
 original item).
@@ -98,7 +98,7 @@ def probe_items(model, tok, items, templates, layers, progress: bool, n_docs: in
     sites = [f"blocks.{L}.mlp.hook_post" for L in layers]
     ds = probes.token_dataset(model, tok, texts, sites, label_fn=lambda toks, i: toks[i].strip() in names,
                               max_length=96, progress=progress)
-    result = probes.sweep(ds.features, ds.labels, groups=ds.groups, ks=(1, 2, 4, 8, 16, 32), method="f_stat",
+    result = probes.sweep(ds.acts, ds.labels, groups=ds.groups, n_neurons=(1, 2, 4, 8, 16, 32), method="f_stat",
                           progress=progress)
     return {"n_examples": len(ds), "n_positive": int(sum(bool(y) for y in ds.labels))}, result
 
@@ -187,12 +187,14 @@ def write_report(out: Path, res: dict) -> Path:
               f"{r['radius_cv']:.3f} | {r['top2_explained']:.3f} |" for r in circ]
     lines += ["", "![scores](circle_scores_by_layer.png)", "", f"![circle](circle_layer{res['layer']}.png)", "",
               "## 2. Sparse probes for item tokens (MLP neurons)", "",
-              f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. F1 on held-out documents:",
+              f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. "
+              "F1 on held-out documents:",
               "", "```", res["probe"]["table"], "```", "",
               f"Best single neuron: {res['probe']['best_k1']}", "", "![f1](probe_f1_vs_k.png)", "",
               "## 3. Rotating the circle changes the item the model repeats", "",
               f"Edited site: `{res['intervention']['site']}` at the item token; metric: the model's top item among "
-              f"the {len(res['items'])} at the last token equals the target.", "", "| edit | success | kept the source |", "|---|---|---|"]
+              f"the {len(res['items'])} at the last token equals the target.", "",
+              "| edit | success | kept the source |", "|---|---|---|"]
     lines += [f"| {k} | {v['success']:.3f} | {v['kept_source']:.3f} |" for k, v in res["intervention"]["edits"].items()]
     lines += ["", "![intervention](intervention.png)", ""]
     path = out / "report.md"
@@ -230,9 +232,8 @@ def run(args) -> int:
     info, sweep = probe_items(model, tok, items, templates, probe_layers, progress=True,
                               n_docs=40 if args.quick else 120)
     sweep.plot_f1(out / "probe_f1_vs_k.png")
-    best = sweep.best(k=1)
-    info.update(table=sweep.table(), best_k1={k: best[k] for k in ("layer", "f1") if k in best} | (
-        {"neuron": best.get("support", best.get("neurons"))} if best.get("support", best.get("neurons")) is not None else {}))
+    best = sweep.best(n_neurons=1)
+    info.update(table=sweep.table(), best_k1={"site": best["site"], "f1": best["f1"], "neuron": best["neurons"]})
     print(f"[3/4] rotating the circle at layer {args.layer}, with controls")
     inter = intervene_items(model, tok, items, circle, fit_acts, fit_labels, args.layer, args.scale,
                             n_templates=2 if args.quick else 4)
@@ -248,7 +249,8 @@ def run(args) -> int:
     print("[4/4] done in {:.0f} s".format(res["seconds"]))
     best_circle = min(circle_rows, key=lambda r: r["loco_angle_error"])
     print(f"  circle: order recovered at {sum(r['order_matches'] for r in circle_rows)}/{len(circle_rows)} layers; "
-          f"best leave-one-out angle error {best_circle['loco_angle_error']:.3f} rad ({math.degrees(best_circle['loco_angle_error']):.0f} deg) at layer {best_circle['layer']}")
+          f"best leave-one-out angle error {best_circle['loco_angle_error']:.3f} rad "
+          f"({math.degrees(best_circle['loco_angle_error']):.0f} deg) at layer {best_circle['layer']}")
     for k, v in inter["edits"].items():
         print(f"  {k:38s} success {v['success']:.3f}")
     print(f"report: {report.resolve()}")

@@ -1,6 +1,6 @@
 """``interp probe``: sweep sparse probes over the layers of a model for a labelled csv/jsonl file.
 
-    interp probe data.csv --text-col text --label-col label --layers 0-29 --ks 1,2,4,8,16 --out runs/probe
+    interp probe data.csv --text-col text --label-col label --layers 0-29 --n-neurons 1 2 4 8 16 --out runs/probe
 
 Each row is one example (sequence-level label); activations are pooled over the row's tokens
 (``--aggregate mean``, position 0 left out) or read at its last token (``--aggregate last``).
@@ -95,12 +95,12 @@ def run(args: argparse.Namespace) -> int:
                           max_length=args.max_length, batch_size=args.batch_size)
     split_groups = ds.groups if groups is not None else None
     config = SweepConfig(**given(args, [f.name for f in dataclasses.fields(SweepConfig)]))
-    result = sweep(ds.features, ds.labels, groups=split_groups, config=config)
+    result = sweep(ds.acts, ds.labels, groups=split_groups, config=config)
     print(f"{len(texts)} rows, classes {result.classes} (positive: {result.classes[1]!r}), "
           f"{result.n_train} train / {result.n_test} test, method {result.config.method}; test F1:")
     print(result.table("f1"))
     best = result.best()
-    print(f"best: {best['layer']} k={best['k']} F1={best['f1']:.3f} neurons={best['neurons'][:8]}")
+    print(f"best: {best['site']} n_neurons={best['n_neurons']} F1={best['f1']:.3f} neurons={best['neurons'][:8]}")
     if args.out:
         out = Path(args.out)
         result.save(out / "results.json")

@@ -4,8 +4,9 @@ Engels et al. find multi-dimensional features by grouping dictionary elements wh
 directions are similar, then studying each group's reconstructions (see
 :mod:`interp.features.multidim`). Two clusterings, parameters exposed through :class:`ClusterConfig`:
 
-* ``"graph"``: link each latent to its `top_k` most similar latents whose cosine similarity
-  exceeds `sim_cutoff` (links made symmetric) and take connected components.
+* ``"graph"``: link each latent to its `n_neighbors` most similar latents whose cosine similarity
+  exceeds `sim_cutoff` (links made symmetric) and take connected components. (`top_k`, the old
+  name of `n_neighbors`, is still accepted with a DeprecationWarning.)
 * ``"spectral"``: affinity ``1 - arccos(cos_sim) / pi`` (in [0, 1]), the top `n_clusters`
   eigenvectors of the normalised affinity ``D^-1/2 A D^-1/2``, rows normalised to unit length
   (Ng, Jordan and Weiss), then k-means++ with `n_init` restarts.
@@ -25,9 +26,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from interp.deprecation import renamed_fields, renamed_keywords
 from interp.errors import InputError
 
 
+@renamed_fields({"top_k": "n_neighbors"})
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
     """How to group decoder directions."""
@@ -36,8 +39,9 @@ class ClusterConfig:
     """``"spectral"`` or ``"graph"``."""
     n_clusters: int = 64
     """Spectral only: number of clusters."""
-    top_k: int = 2
-    """Graph only: each latent links to at most this many nearest other latents."""
+    n_neighbors: int = 2
+    """Graph only: each latent links to at most this many nearest other latents (``top_k=`` is the
+    deprecated name)."""
     sim_cutoff: float = 0.5
     """Graph only: a link needs cosine similarity above this."""
     min_size: int = 2
@@ -56,7 +60,7 @@ class ClusterConfig:
     def __post_init__(self):
         if self.method not in ("spectral", "graph"):
             raise InputError(f"ClusterConfig.method must be 'spectral' or 'graph'; got {self.method!r}")
-        for name in ("n_clusters", "top_k", "min_size", "max_size", "n_init", "kmeans_iters", "chunk_size"):
+        for name in ("n_clusters", "n_neighbors", "min_size", "max_size", "n_init", "kmeans_iters", "chunk_size"):
             if getattr(self, name) < 1:
                 raise InputError(f"ClusterConfig.{name} must be >= 1; got {getattr(self, name)}")
         if not -1.0 <= self.sim_cutoff <= 1.0:
@@ -78,9 +82,11 @@ def unit_rows(w_dec: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "d_sae d_m
     return w.float() / norms
 
 
-def graph_clusters(w_dec: Float[Tensor, "d_sae d_model"], *, top_k: int = 2, sim_cutoff: float = 0.5,
+@renamed_keywords({"top_k": "n_neighbors"})
+def graph_clusters(w_dec: Float[Tensor, "d_sae d_model"], *, n_neighbors: int = 2, sim_cutoff: float = 0.5,
                    chunk_size: int = 4096) -> list[list[int]]:
-    """Connected components of the symmetric top-k nearest-neighbour graph above `sim_cutoff`."""
+    """Connected components of the symmetric `n_neighbors`-nearest-neighbour graph above `sim_cutoff`
+    (``top_k=`` is the deprecated name of `n_neighbors`)."""
     w = unit_rows(w_dec)
     n = len(w)
     parent = list(range(n))
@@ -91,12 +97,12 @@ def graph_clusters(w_dec: Float[Tensor, "d_sae d_model"], *, top_k: int = 2, sim
             i = parent[i]
         return i
 
-    k = min(top_k, n - 1)
+    n_links = min(n_neighbors, n - 1)
     for start in tqdm(range(0, n, chunk_size), desc="similarity graph", disable=n <= chunk_size):
         sims = w[start:start + chunk_size] @ w.T
         rows = torch.arange(len(sims))
         sims[rows, rows + start] = -float("inf")  # no self links
-        vals, idx = sims.topk(k, dim=1)
+        vals, idx = sims.topk(n_links, dim=1)
         for r, c in torch.nonzero(vals > sim_cutoff).tolist():
             a, b = find(start + r), find(int(idx[r, c]))
             if a != b:
@@ -160,7 +166,8 @@ def cluster_decoder(w_dec: Float[Tensor, "d_sae d_model"], config: ClusterConfig
     """Clusters (lists of latent indices) of the decoder, filtered to ``[min_size, max_size]`` latents."""
     cfg = config or ClusterConfig()
     if cfg.method == "graph":
-        groups = graph_clusters(w_dec, top_k=cfg.top_k, sim_cutoff=cfg.sim_cutoff, chunk_size=cfg.chunk_size)
+        groups = graph_clusters(w_dec, n_neighbors=cfg.n_neighbors, sim_cutoff=cfg.sim_cutoff,
+                                chunk_size=cfg.chunk_size)
     else:
         groups = spectral_clusters(w_dec, n_clusters=cfg.n_clusters, n_init=cfg.n_init, iters=cfg.kmeans_iters,
                                    seed=cfg.seed)

@@ -120,7 +120,7 @@ def test_spectral_recovers_planted_groups_like_sklearn():
 
 def test_graph_and_config():
     w_dec, *_ = planted_sae(64)
-    comps = graph_clusters(w_dec, top_k=2, sim_cutoff=0.3, chunk_size=7)  # chunking must not matter
+    comps = graph_clusters(w_dec, n_neighbors=2, sim_cutoff=0.3, chunk_size=7)  # chunking must not matter
     assert sorted(comps[0]) == list(range(N_IND, N_IND + K_CIRCLE))
     kept = cluster_decoder(w_dec, ClusterConfig(method="graph", sim_cutoff=0.3, min_size=3))
     assert all(len(c) >= 3 for c in kept)
@@ -132,6 +132,27 @@ def test_graph_and_config():
         graph_clusters(torch.zeros(3, 4))
     with pytest.raises(InputError, match="eps"):
         MultiDimConfig(eps=0.0)
+
+
+def test_top_k_is_a_deprecated_alias_of_n_neighbors():
+    w_dec, *_ = planted_sae(64)
+    new = graph_clusters(w_dec, n_neighbors=1, sim_cutoff=0.3)
+    assert new != graph_clusters(w_dec, n_neighbors=3, sim_cutoff=0.3)  # the knob matters here
+    with pytest.warns(DeprecationWarning, match="'top_k' is deprecated, use 'n_neighbors'") as caught:
+        old = graph_clusters(w_dec, top_k=1, sim_cutoff=0.3)
+    assert caught[0].filename == __file__ and old == new
+    with pytest.raises(InputError, match="both top_k= and n_neighbors="):
+        graph_clusters(w_dec, top_k=1, n_neighbors=1)
+    with pytest.warns(DeprecationWarning, match="use 'n_neighbors'"):
+        cfg = ClusterConfig(method="graph", top_k=1, sim_cutoff=0.3, min_size=1)
+    assert cfg == ClusterConfig(method="graph", n_neighbors=1, sim_cutoff=0.3, min_size=1)
+    assert cluster_decoder(w_dec, cfg) == new
+    with pytest.warns(DeprecationWarning, match="use 'n_neighbors'"):
+        assert cfg.top_k == 1
+    with pytest.raises(InputError, match="both top_k= and n_neighbors="):
+        ClusterConfig(top_k=1, n_neighbors=1)
+    with pytest.raises(InputError, match="n_neighbors must be >= 1"):
+        ClusterConfig(n_neighbors=0)
 
 
 def test_kmeans_finds_separated_blobs():

@@ -34,13 +34,14 @@ def test_single_neuron_detects_unseen_day_names(smollm):
     ds = probes.token_dataset(model, tok, texts, ["blocks.4.mlp.hook_post"], progress=False,
                               label_fn=lambda t, i: int(t[i].strip() in DAYS))
     entity = [groups[g] for g in ds.groups.tolist()]
-    res = probes.sweep(ds.features, ds.labels, ks=(1, 4), groups=entity, test_size=0.3, seed=0, progress=False)
+    res = probes.sweep(ds.acts, ds.labels, n_neurons=(1, 4), groups=entity, test_size=0.3, seed=0, progress=False)
     assert res.n_test > 0 and res.metric("blocks.4.mlp.hook_post", 4) >= 0.8
 
 
 def test_experiment_quick_run(tmp_path, monkeypatch):
     script = ROOT / "experiments" / "sparse_probing_smollm2.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--layers", "4,10", "--docs", "16", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--layers", "4,10", "--docs", "16",
+                                      "--out", str(tmp_path)])
     runpy.run_path(str(script), run_name="__main__")
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["features"]) == {"day", "python", "french"}

@@ -42,7 +42,7 @@ def test_linear_probe_cross_validates_C():
 def test_probe_api_and_labels():
     x, y = _classification()
     labels = np.where(y, "yes", "no")
-    probe = SparseProbe(k=2, method="mean_diff").fit(x, labels)
+    probe = SparseProbe(n_neurons=2, method="mean_diff").fit(x, labels)
     assert probe.classes_ == ["no", "yes"] and probe is probe.fit(x, labels)
     assert set(probe.predict(x[:5])) <= {"no", "yes"}
     proba = probe.predict_proba(x[:5])
@@ -57,27 +57,44 @@ def test_sparse_probe_on_sae_latents_like_features():
     g = torch.Generator().manual_seed(3)
     codes = torch.relu(torch.randn(1000, 3000, generator=g) - 2.0)
     y = (codes[:, 1234] > 0).numpy()
-    probe = SparseProbe(k=1, method="f_stat").fit(codes, y)
+    probe = SparseProbe(n_neurons=1, method="f_stat").fit(codes, y)
     assert probe.support_.tolist() == [1234] and probe.score(codes, y) > 0.99
 
 
-def test_errors_say_what_to_do():
+def test_errors_say_what_to_do(unchecked):
     x, y = _classification(n=100, d=5)
     with pytest.raises(InputError, match="not fitted"):
         SparseProbe().predict(x)
-    with pytest.raises(InputError, match=r"valid k is 1\.\.5"):
-        SparseProbe(k=6).fit(x, y)
+    with pytest.raises(InputError, match=r"valid n_neurons is 1\.\.5"):
+        SparseProbe(n_neurons=6).fit(x, y)
     with pytest.raises(InputError, match="exactly 2 classes"):
         LinearProbe(C=1.0).fit(x, np.arange(100) % 3)
     with pytest.raises(InputError, match="exactly 2 classes; got 1"):
-        SparseProbe(k=1).fit(x, np.zeros(100))
-    with pytest.raises(InputError, match="n_examples, n_features"):
-        SparseProbe(k=1).fit(x[None], y)
+        SparseProbe(n_neurons=1).fit(x, np.zeros(100))
+    with unchecked(), pytest.raises(InputError, match="n_examples, n_features"):
+        SparseProbe(n_neurons=1).fit(x[None], y)
     with pytest.raises(InputError, match="method"):
-        SparseProbe(k=1, method="magic").fit(x, y)
-    probe = SparseProbe(k=1).fit(x, y)
+        SparseProbe(n_neurons=1, method="magic").fit(x, y)
+    probe = SparseProbe(n_neurons=1).fit(x, y)
     with pytest.raises(InputError, match="fitted on 5"):
         probe.predict(x[:, :3])
+
+
+def test_k_is_a_deprecated_alias_of_n_neurons():
+    x, y = _classification(n=300, d=12)
+    new = SparseProbe(n_neurons=3, method="f_stat").fit(x, y)
+    with pytest.warns(DeprecationWarning, match="'k' is deprecated, use 'n_neurons'") as caught:
+        old = SparseProbe(k=3, method="f_stat")
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    old.fit(x, y)
+    assert old.n_neurons == 3 and old.support_.tolist() == new.support_.tolist()
+    torch.testing.assert_close(old.coef_, new.coef_, atol=0, rtol=0)
+    with pytest.warns(DeprecationWarning, match="use 'n_neurons'"):
+        assert old.k == 3
+    with pytest.raises(InputError, match="both k= and n_neurons="):
+        SparseProbe(k=3, n_neurons=3)
+    with pytest.raises(InputError, match="both k= and n_neurons="):
+        SparseProbe(3, k=3)
 
 
 def test_ridge_probe_matches_sklearn_ridgecv():

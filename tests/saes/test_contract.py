@@ -9,7 +9,7 @@ import torch
 
 import saes
 from saes import REGISTRY, SaeOutput
-from saes.training import TrainState
+from saes.losses import TrainState
 
 D_MODEL, D_SAE, K = 12, 48, 4
 
@@ -17,7 +17,8 @@ D_MODEL, D_SAE, K = 12, 48, 4
 def make(arch: str, **extra) -> saes.SAE:
     cls = REGISTRY[arch]
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    kw = {"d_model": D_MODEL, "d_sae": D_SAE, **({"k": K} if "k" in fields else {}), **extra}
+    sparsity = {name: K for name in ("k", "n_steps") if name in fields}  # active latents / MP steps
+    kw = {"d_model": D_MODEL, "d_sae": D_SAE, **sparsity, **extra}
     return saes.build(arch, **kw)
 
 
@@ -36,7 +37,7 @@ def test_registry_names():
     assert {"relu", "topk", "batchtopk", "jumprelu"} <= set(REGISTRY)
 
 
-NO_B_ENC = {"mpsae"}  # MP-SAE's encoder is tied to the decoder and has no bias (issue 4)
+NO_B_ENC = {"mpsae"}  # MP-SAE's encoder is tied to the decoder and has no bias
 
 
 @pytest.mark.parametrize("arch", [

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import saes
-from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics
+from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics, save_report
 
 
 def relu_identity(d: int, signed: bool) -> saes.SAE:
@@ -42,7 +42,7 @@ def test_reconstruction_metrics_by_hand_and_over_the_whole_set():
     assert r["cosine_similarity"] == pytest.approx((1 / math.sqrt(2) + 1) / 2)
     assert r["explained_variance"] == pytest.approx(1 - 1 / 8.5)  # mean over both batches, not each
     assert r["dead_fraction"] == 0.0 and r["dense_fraction"] == 0.5
-    torch.testing.assert_close(r["feature_density"], torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(r["latent_density"], torch.tensor([1.0, 0.5]))
     # predicting the mean of the set scores 0 even when batches are split
     sae2 = saes.build("relu", d_model=2, d_sae=2)
     with torch.no_grad():
@@ -93,9 +93,9 @@ def test_downstream_perfect_sae_recovers_everything(tmp_path):
     # the whole report, written to disk
     rep = evaluate(perfect, [torch.randn(20, 16)], model=model, site=site, windows=windows,
                    out_dir=tmp_path, progress=False)
-    assert (tmp_path / "eval.json").exists() and (tmp_path / "feature_density.png").stat().st_size > 1000
+    assert (tmp_path / "eval.json").exists() and (tmp_path / "latent_density.png").stat().st_size > 1000
     sp = load_file(str(tmp_path / "sparsity.safetensors"))["sparsity"]
-    torch.testing.assert_close(sp, torch.log10(rep["feature_density"] + 1e-10))
+    torch.testing.assert_close(sp, torch.log10(rep["latent_density"] + 1e-10))
 
 
 def test_evaluate_refuses_missing_inputs():
@@ -104,3 +104,23 @@ def test_evaluate_refuses_missing_inputs():
         evaluate(sae, [torch.randn(3, 2)], model=_tiny_llama(), progress=False)
     with pytest.raises(saes.SAEError, match="yielded nothing"):
         reconstruction_metrics(sae, [], progress=False)
+
+
+def test_feature_density_is_a_deprecated_alias_of_latent_density(tmp_path):
+    sae = relu_identity(2, signed=False)
+    report = reconstruction_metrics(sae, [torch.tensor([[1.0, -1.0], [2.0, 3.0]])], progress=False)
+    assert "feature_density" not in report and "feature_density" not in list(report)  # stored once
+    with pytest.warns(DeprecationWarning, match="'feature_density' is deprecated, use 'latent_density'"):
+        old = report["feature_density"]
+    assert old is report["latent_density"]
+    with pytest.raises(KeyError):
+        report["feature_densty"]  # a typo is still an error
+    # a report from before the rename (plain dict, old key) is still written the same way
+    legacy = {("feature_density" if k == "latent_density" else k): v for k, v in report.items()}
+    save_report(report, tmp_path / "new")
+    save_report(legacy, tmp_path / "old")
+    for name in ("eval.json", "sparsity.safetensors"):
+        assert (tmp_path / "new" / name).read_bytes() == (tmp_path / "old" / name).read_bytes()
+    assert "density" not in (tmp_path / "old" / "eval.json").read_text()
+    with pytest.raises(saes.SAEError, match="latent_density"):
+        save_report({"l0_mean": 1.0}, tmp_path / "none")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import runpy
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,4 +24,4 @@ def test_experiment_runs_reduced(tmp_path):
     for f in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors"):
         assert (site / f).exists(), f
     assert json.loads((tmp_path / "report.json").read_text())["train_tokens"] == 8192
-    assert (tmp_path / "eval" / "feature_density.png").exists()
+    assert (tmp_path / "eval" / "latent_density.png").exists()

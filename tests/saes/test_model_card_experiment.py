@@ -20,4 +20,4 @@ def test_model_card_experiment_reduced(tmp_path):
     subprocess.run(cmd, check=True, capture_output=True, timeout=900, cwd=tmp_path)
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "blocks.6.hook_resid_post" in card
-    assert (out / "feature_density.png").is_file() and (out / "run.json").is_file()
+    assert (out / "latent_density.png").is_file() and (out / "run.json").is_file()

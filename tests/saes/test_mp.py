@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import json
 
 import pytest
 import torch
@@ -13,15 +14,15 @@ from hypothesis import strategies as st
 
 from saes import mp_pursuit
 from saes.base import SAEError, build
+from saes.losses import TrainState
 from saes.mp import MPSAE, MPSAEConfig, mp_metrics
-from saes.training import TrainState
 
 MODES = list(itertools.product(["nonneg", "signed", "signed_max"], [True, False]))
 
 
-def make(d_model=12, d_sae=40, k=6, seed=0, bias=True, **kw) -> MPSAE:
+def make(d_model=12, d_sae=40, n_steps=6, seed=0, bias=True, **kw) -> MPSAE:
     torch.manual_seed(seed)
-    sae = build("mpsae", d_model=d_model, d_sae=d_sae, k=k, **kw).double()
+    sae = build("mpsae", d_model=d_model, d_sae=d_sae, n_steps=n_steps, **kw).double()
     if bias:
         with torch.no_grad():
             sae.b_dec.normal_(0, 0.3)
@@ -40,11 +41,11 @@ def true_residuals(x: torch.Tensor, sae: MPSAE, sel: mp_pursuit.Selection) -> to
 
 
 @settings(max_examples=12, deadline=None)
-@given(seed=st.integers(0, 10_000), mode=st.sampled_from(MODES), k=st.integers(1, 15),
+@given(seed=st.integers(0, 10_000), mode=st.sampled_from(MODES), n_steps=st.integers(1, 15),
        update=st.sampled_from(["gram", "direct"]))
-def test_residual_never_increases_and_reconstruction_is_exact(seed, mode, k, update):
+def test_residual_never_increases_and_reconstruction_is_exact(seed, mode, n_steps, update):
     coef, repeat = mode
-    sae = make(seed=seed, k=k, coefficients=coef, allow_repeat=repeat, correlation_update=update)
+    sae = make(seed=seed, n_steps=n_steps, coefficients=coef, allow_repeat=repeat, correlation_update=update)
     x = torch.randn(64, 12, dtype=torch.float64) * 3
     res = sae.pursue(x)
     norms = true_residuals(x, sae, res.selection)
@@ -59,7 +60,7 @@ def test_residual_never_increases_and_reconstruction_is_exact(seed, mode, k, upd
 
 
 def test_k1_signed_is_best_atom_projection():
-    sae = make(k=1, coefficients="signed")
+    sae = make(n_steps=1, coefficients="signed")
     x = torch.randn(50, 12, dtype=torch.float64)
     codes = sae.encode(x)
     corr = (x - sae.b_dec) @ sae.atoms().T
@@ -72,7 +73,7 @@ def test_k1_signed_is_best_atom_projection():
 
 
 def test_k1_nonneg_is_relu_of_best_positive_correlation():
-    sae = make(k=1, coefficients="nonneg")
+    sae = make(n_steps=1, coefficients="nonneg")
     x = torch.randn(50, 12, dtype=torch.float64)
     corr = (x - sae.b_dec) @ sae.atoms().T
     vals, best = corr.max(1)
@@ -84,7 +85,7 @@ def test_k1_nonneg_is_relu_of_best_positive_correlation():
 @pytest.mark.parametrize("stop", [False, True])
 def test_gram_and_direct_paths_agree(coef, repeat, stop):
     x = torch.randn(200, 12, dtype=torch.float64)
-    kw = dict(k=10, coefficients=coef, allow_repeat=repeat, stop_on_repeated_support=stop, residual_threshold=0.3)
+    kw = dict(n_steps=10, coefficients=coef, allow_repeat=repeat, stop_on_repeated_support=stop, residual_threshold=0.3)
     a = make(correlation_update="direct", **kw).pursue(x)
     b = make(correlation_update="gram", **kw).pursue(x)
     assert torch.equal(a.selection.indices, b.selection.indices)
@@ -122,14 +123,14 @@ def test_auto_path_choice():
 
 
 def test_no_repeat_picks_distinct_atoms():
-    sae = make(k=12, allow_repeat=False, coefficients="signed")
+    sae = make(n_steps=12, allow_repeat=False, coefficients="signed")
     res = sae.pursue(torch.randn(40, 12, dtype=torch.float64))
     assert ((res.codes != 0).sum(1) == 12).all()
 
 
 def test_stopping_rules():
     x = torch.randn(300, 12, dtype=torch.float64) * 2
-    sae = make(k=30)
+    sae = make(n_steps=30)
     full = sae.pursue(x)
     # residual threshold: every row either ends at or below it, or ran out of steps / atoms
     res = sae.pursue(x, residual_threshold=1.0)
@@ -156,8 +157,8 @@ def test_stopping_rules():
         idx = rep.indices[i, :n].tolist()
         assert idx[-1] in idx[:-1] and len(set(idx[:-1])) == n - 1
         assert idx == full.selection.indices[i, :n].tolist()
-    # config defaults apply in eval mode only; training always runs k steps
-    cfg_sae = make(k=30, residual_threshold=1.0)
+    # config defaults apply in eval mode only; training always runs n_steps steps
+    cfg_sae = make(n_steps=30, residual_threshold=1.0)
     assert torch.equal(cfg_sae.pursue(x).selection.stop_reason, sel.stop_reason)
     cfg_sae.train()
     assert (cfg_sae.pursue(x).selection.stop_reason != 1).all()
@@ -167,7 +168,7 @@ def test_stopping_rules():
 
 
 def test_nonneg_exhausts_when_no_atom_correlates_positively():
-    sae = make(d_model=4, d_sae=2, k=5, bias=False, coefficients="nonneg")
+    sae = make(d_model=4, d_sae=2, n_steps=5, bias=False, coefficients="nonneg")
     with torch.no_grad():
         sae.W_dec.copy_(torch.eye(4, dtype=torch.float64)[:2])
     x = torch.tensor([[-1.0, -2.0, 3.0, 0.0], [2.0, -1.0, 0.0, 0.0]], dtype=torch.float64)
@@ -177,7 +178,7 @@ def test_nonneg_exhausts_when_no_atom_correlates_positively():
 
 
 def test_grad_path_matches_pursuit_and_trains():
-    sae = make(k=8, d_sae=64).train()
+    sae = make(n_steps=8, d_sae=64).train()
     x = torch.randn(128, 12, dtype=torch.float64)
     with torch.no_grad():
         ref = sae.pursue(x)
@@ -205,7 +206,7 @@ def test_training_reduces_loss_with_dropout_and_revive():
     true = torch.nn.functional.normalize(torch.randn(24, 16), dim=1)
     codes = torch.rand(256, 24) * (torch.rand(256, 24) < 0.15)
     data = codes @ true
-    sae = build("mpsae", d_model=16, d_sae=48, k=4, atom_dropout=0.2, atom_dropout_steps=20, revive_coeff=0.1)
+    sae = build("mpsae", d_model=16, d_sae=48, n_steps=4, atom_dropout=0.2, atom_dropout_steps=20, revive_coeff=0.1)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3)
     dead = torch.zeros(48, dtype=torch.bool)
     dead[:10] = True
@@ -238,17 +239,17 @@ def test_contract_shapes_and_config_roundtrip():
 
 
 def test_bf16_runs():
-    sae = build("mpsae", d_model=12, d_sae=40, k=4).to(torch.bfloat16)
+    sae = build("mpsae", d_model=12, d_sae=40, n_steps=4).to(torch.bfloat16)
     out = sae(torch.randn(8, 12, dtype=torch.bfloat16))
     assert out.x_hat.dtype == torch.bfloat16 and out.codes.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("field,value", [("k", 0), ("coefficients", "abs"), ("max_iterations", 0),
+@pytest.mark.parametrize("field,value", [("n_steps", 0), ("coefficients", "abs"), ("max_iterations", 0),
                                          ("residual_threshold", -1.0), ("atom_dropout", 1.0),
                                          ("correlation_update", "fast"), ("revive_k", 0),
                                          ("apply_b_dec_to_input", False)])
-def test_config_validation_names_field(field, value):
-    with pytest.raises(SAEError, match=field):
+def test_config_validation_names_field(field, value, unchecked):
+    with unchecked(), pytest.raises(SAEError, match=field):
         MPSAEConfig(d_model=4, d_sae=8, **{field: value})
 
 
@@ -260,9 +261,55 @@ def test_bad_input_and_options():
         sae.pursue(torch.randn(3, 12, dtype=torch.float64), max_iterations=0)
     with pytest.raises(SAEError, match="encode"):
         sae.activation(torch.randn(3, 40))
-    with pytest.raises(SAEError, match="k"):
-        MPSAEConfig(d_model=4, d_sae=8, k=9, allow_repeat=False)
-    assert dataclasses.replace(sae.cfg, k=3).k == 3
+    with pytest.raises(SAEError, match="n_steps"):
+        MPSAEConfig(d_model=4, d_sae=8, n_steps=9, allow_repeat=False)
+    assert dataclasses.replace(sae.cfg, n_steps=3).n_steps == 3
+
+
+def test_k_is_a_deprecated_alias_of_n_steps():
+    x = torch.randn(6, 12, dtype=torch.float64)
+    new = make(n_steps=5)
+    with pytest.warns(DeprecationWarning, match="'k' is deprecated, use 'n_steps'") as caught:
+        old = build("mpsae", d_model=12, d_sae=40, k=5).double()
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    old.load_state_dict(new.state_dict())
+    assert old.cfg == new.cfg and old.cfg.n_steps == 5
+    torch.testing.assert_close(old.encode(x), new.encode(x))
+    with pytest.warns(DeprecationWarning, match="use 'n_steps'"):
+        assert MPSAEConfig(d_model=12, d_sae=40, k=5) == new.cfg
+    with pytest.warns(DeprecationWarning, match="use 'n_steps'"):
+        assert MPSAEConfig.from_dict({"d_model": 12, "d_sae": 40, "k": 5}) == new.cfg
+    with pytest.warns(DeprecationWarning, match="use 'n_steps'"):
+        assert new.cfg.k == 5  # reading the old attribute
+    for both in (lambda: build("mpsae", d_model=12, d_sae=40, k=5, n_steps=5),
+                 lambda: MPSAEConfig(d_model=12, d_sae=40, k=5, n_steps=6),
+                 lambda: MPSAEConfig.from_dict({"d_model": 12, "d_sae": 40, "k": 5, "n_steps": 5})):
+        with pytest.raises(SAEError, match="both k= and n_steps="):
+            both()
+
+
+def test_checkpoint_saved_with_k_still_loads(tmp_path):
+    """A checkpoint written before the rename holds ``k`` in its config block; SAELens' part is unchanged."""
+    from saes.checkpoint import load, save
+
+    sae = build("mpsae", d_model=12, d_sae=40, n_steps=5, max_iterations=7)
+    save(sae, tmp_path / "sae")
+    cfg_path = tmp_path / "sae" / "cfg.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["architecture"] == "matching_pursuit" and cfg["max_iterations"] == 7  # what SAELens reads
+    assert "k" not in cfg and "n_steps" not in cfg  # only SAELens' keys at the top level
+    ours = cfg["interp"]["config"]
+    ours["k"] = ours.pop("n_steps")
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(DeprecationWarning, match="use 'n_steps'"):
+        back = load(tmp_path / "sae")
+    assert back.cfg == sae.cfg and back.cfg.n_steps == 5
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(back.encode(x), sae.eval().encode(x))
+    ours["n_steps"] = 5  # both names: refused, naming the key
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(SAEError, match="both k= and n_steps="):
+        load(tmp_path / "sae")
 
 
 def test_trains_with_project_trainer_and_checkpoint_roundtrip(tmp_path):
@@ -272,7 +319,7 @@ def test_trains_with_project_trainer_and_checkpoint_roundtrip(tmp_path):
     torch.manual_seed(0)
     true = torch.nn.functional.normalize(torch.randn(32, 16), dim=1)
     batches = [(torch.rand(256, 32) * (torch.rand(256, 32) < 0.1)) @ true * 5 + 2 for _ in range(40)]
-    sae = build("mpsae", d_model=16, d_sae=64, k=4, revive_coeff=0.05)
+    sae = build("mpsae", d_model=16, d_sae=64, n_steps=4, revive_coeff=0.05)
     untrained = copy.deepcopy(sae)
     tr = Trainer(sae, TrainConfig(total_tokens=256 * 40, batch_tokens=256, lr=3e-3, progress=False, log_every=10),
                  out_dir=tmp_path).fit(batches)
@@ -294,8 +341,8 @@ def _fvu(sae, x):
 def test_bf16_training_gram_matches_fp32_closely():
     torch.manual_seed(0)
     x = torch.randn(256, 16)
-    a = build("mpsae", d_model=16, d_sae=64, k=6, correlation_update="gram")
-    b = build("mpsae", d_model=16, d_sae=64, k=6, correlation_update="gram", train_gram_dtype="bfloat16")
+    a = build("mpsae", d_model=16, d_sae=64, n_steps=6, correlation_update="gram")
+    b = build("mpsae", d_model=16, d_sae=64, n_steps=6, correlation_update="gram", train_gram_dtype="bfloat16")
     b.load_state_dict(a.state_dict())
     st_ = TrainState(step=0, global_rows=256)
     la, lb = a.training_loss(x, st_), b.training_loss(x, st_)

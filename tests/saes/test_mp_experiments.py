@@ -31,6 +31,7 @@ def test_synthetic_reduced(tmp_path):
     cmp = saved["summary"]["mpsae_vs_topk"]
     mp = next(r for r in saved["runs"] if r["arch"] == "mpsae")
     tk = next(r for r in saved["runs"] if r["arch"] == "topk")
+    assert mp["config"] == {"n_steps": 3} and tk["config"] == {"k": 3}  # one L0 budget, each in its own field
     assert cmp["children_diff"] == [round(mp["recovery"]["children"] - tk["recovery"]["children"], 4)]
     assert cmp["children_wins"] == int(mp["recovery"]["children"] > tk["recovery"]["children"])
     for arch in ("mpsae", "topk"):

@@ -34,7 +34,7 @@ def randomise(module: torch.nn.Module, seed: int, nonneg: tuple[str, ...] = ()) 
 
 def ours(arch: str, seed: int = 0):
     cls = REGISTRY[arch]
-    fields = {"k": K} if "k" in cls.config_class.__dataclass_fields__ else {}
+    fields = {name: K for name in ("k", "n_steps") if name in cls.config_class.__dataclass_fields__}
     sae = cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, **fields))
     # SAELens' JumpReLU clamps thresholds at 0 (relu before the gate); ours are clamped in training too
     randomise(sae, seed, nonneg=("threshold",) if arch == "jumprelu" else ())
@@ -75,6 +75,8 @@ def test_ours_loads_in_saelens_with_the_same_outputs(tmp_path, sae_lens, arch, d
     assert type(theirs).__name__ == {"standard": "StandardSAE", "topk": "TopKSAE", "jumprelu": "JumpReLUSAE",
                                      "matching_pursuit": "MatchingPursuitSAE"}[SAELENS_NAMES[arch]]
     assert theirs.cfg.metadata.hook_name == "blocks.3.hook_resid_post" and theirs.dtype == dtype
+    if arch == "mpsae":  # our n_steps is written under SAELens' own key
+        assert theirs.cfg.max_iterations == sae.cfg.n_steps == K
     x = X.to(dtype)
     with torch.no_grad():
         codes = sae.encode(x)

@@ -18,7 +18,8 @@ SITES = ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"]
 
 def trained_like(folder, site, arch="topk", seed=0, metrics=True, sparsity=True):
     cls = REGISTRY[arch]
-    sae = cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, **({"k": 8} if arch == "topk" else {})))
+    sparsity_field = {"topk": {"k": 8}, "mpsae": {"n_steps": 6}}.get(arch, {})
+    sae = cls(cls.config_class(d_model=D_MODEL, d_sae=D_SAE, **sparsity_field))
     freq = torch.rand(D_SAE, generator=torch.Generator().manual_seed(seed)) ** 4
     freq[:3] = 0.0  # three dead latents
     training = {"n_tokens": 2_000_000, "steps": 488}
@@ -56,8 +57,10 @@ def test_prepare_writes_card_and_plot(repo):
     assert row["dead_fraction"] == pytest.approx(3 / D_SAE)
     assert 'saes.load("me/smollm2-saes", site="blocks.3.hook_resid_post")' in card
     assert "| `blocks.6.hook_resid_post` | topk | 16 | 64 | 8 | 2,000,000 | 8 | 0.72 | 0.9 | 0.04688 |" in card
-    assert (repo / "feature_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(plan.files) == sorted(["README.md", "feature_density.png"] + [
+    assert "## Latent density" in card and "![Latent density](latent_density.png)" in card
+    assert "MP steps" not in card and "n_steps" not in meta["saes"][0]  # no MP-SAE here: no steps column
+    assert (repo / "latent_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(plan.files) == sorted(["README.md", "latent_density.png"] + [
         f"{s}/{n}" for s in SITES for n in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")])
 
 
@@ -135,8 +138,36 @@ def test_annotate_takes_an_evaluate_report(tmp_path):
     ckpt = read(folder)
     assert ckpt.training["metrics"]["l0_mean"] == pytest.approx(8.0)  # TopK with k=8 on random data
     assert ckpt.training["metrics"]["explained_variance"] == report["explained_variance"]
-    assert torch.allclose(ckpt.sparsity, report["feature_density"], atol=1e-6, rtol=1e-4)
+    assert torch.allclose(ckpt.sparsity, report["latent_density"], atol=1e-6, rtol=1e-4)
     assert validate(tmp_path / "out").keys() == {SITES[0]}
+
+
+def test_annotate_reads_a_report_with_the_old_density_key(tmp_path):
+    trained_like(tmp_path / "out", SITES[0], metrics=False, sparsity=False)
+    folder = tmp_path / "out" / SITES[0]
+    density = torch.linspace(0, 1, D_SAE)
+    annotate(folder, metrics={"l0_mean": 7.9, "feature_density": density})  # a report from before the rename
+    ckpt = read(folder)
+    assert torch.allclose(ckpt.sparsity, density, atol=1e-6, rtol=1e-4)
+    assert set(ckpt.training["metrics"]) == {"l0_mean"}  # the tensor went to sparsity.safetensors only
+
+
+def test_card_names_each_sparsity_knob_and_the_old_plot_name_warns(tmp_path):
+    from saes.card import plot_feature_density, plot_latent_density
+
+    trained_like(tmp_path / "out", SITES[0], arch="mpsae")
+    trained_like(tmp_path / "out", SITES[1], arch="topk")
+    plan = prepare(tmp_path / "out", "me/x")
+    rows = {r["site"]: r for r in front_matter(plan.card)["saes"]}
+    assert rows[SITES[0]]["n_steps"] == 6 and "k" not in rows[SITES[0]]
+    assert rows[SITES[1]]["k"] == 8 and "n_steps" not in rows[SITES[1]]
+    assert "| Site | Architecture | d_model | d_sae | k | MP steps | Training tokens |" in plan.card
+    assert f"| `{SITES[0]}` | mpsae | 16 | 64 | n/a | 6 |" in plan.card
+    checkpoints = validate(tmp_path / "out")
+    new = plot_latent_density(checkpoints, tmp_path / "new.png")
+    with pytest.warns(DeprecationWarning, match="'plot_feature_density' is deprecated, use 'plot_latent_density'"):
+        old = plot_feature_density(checkpoints, tmp_path / "old.png")
+    assert new.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and old.read_bytes() == new.read_bytes()
 
 
 def test_non_saelens_architecture_card_says_so(tmp_path):
