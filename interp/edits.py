@@ -193,15 +193,27 @@ class Patch(Edit):
     (indexed by each base row's absolute position, or by ``source_positions[row, slot]`` when base
     and source prompts differ in length) or ``[batch, d_model]`` (one vector per row, e.g. the
     source's last token). Source == base gives back the base activations bitwise.
+
+    ``neurons`` patches only these coordinates (MLP neurons at ``mlp.hook_post``, or any coordinates of
+    a site): ``[k]`` for every row or ``[batch, k]`` one set per row; the other coordinates keep their
+    base values bitwise. ``subspace`` and ``neurons`` exclude each other.
     """
 
     def __init__(self, source: Float[Tensor, "batch ... d_model"], subspace: Subspace | Tensor | None = None,
-                 *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None):
+                 *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None,
+                 neurons: Int[Tensor, "... k"] | Sequence[int] | None = None):
         self.source = source.detach() if isinstance(source, Tensor) else torch.as_tensor(source)
         if self.source.dim() not in (2, 3):
             raise InputError("source must be [batch, seq, d_model] or [batch, d_model]; "
                              f"got {tuple(self.source.shape)}")
+        if subspace is not None and neurons is not None:
+            raise InputError("Patch takes subspace= or neurons=, not both: a neuron set is the subspace of those "
+                             "coordinates")
         self.subspace = None if subspace is None else _sub(subspace)
+        self.neurons = None if neurons is None else torch.as_tensor(neurons).long()
+        if self.neurons is not None and (self.neurons.dim() not in (1, 2) or self.neurons.shape[-1] == 0):
+            raise InputError(f"neurons must be [k] or [batch, k] coordinate indices (k >= 1); got shape "
+                             f"{tuple(self.neurons.shape)}")
         self.source_positions = None if source_positions is None else torch.as_tensor(source_positions).long()
         if self.source_positions is not None and self.source_positions.dim() == 1:
             self.source_positions = self.source_positions[None].expand(self.source.shape[0], -1)
@@ -228,6 +240,14 @@ class Patch(Edit):
 
     def __call__(self, x, ctx):
         src = self._source_rows(x, ctx)
+        if self.neurons is not None:
+            idx = self.neurons.to(x.device)
+            if bool(((idx < 0) | (idx >= x.shape[-1])).any()):
+                bad = idx[(idx < 0) | (idx >= x.shape[-1])].unique().tolist()
+                raise InputError(f"neurons {bad} do not exist at {ctx.site or 'this site'}, whose width is "
+                                 f"{x.shape[-1]} (valid: 0..{x.shape[-1] - 1})")
+            idx = idx[ctx.batch_idx.to(x.device)] if idx.dim() == 2 else idx.expand(*x.shape[:-1], -1)
+            return x.scatter(-1, idx, src.gather(-1, idx))
         if self.subspace is None:
             return src.clone()
         b = _basis(self.subspace, x)

@@ -148,6 +148,23 @@ def test_patch_errors_say_what_to_do(unchecked):
         Patch(src, source_positions=[[1], [2]])(torch.randn(2, D), ctx)
     with unchecked(), pytest.raises(InputError, match="batch, seq, d_model"):
         Patch(torch.randn(D))
+    with pytest.raises(InputError, match="not both"):
+        Patch(src, _sub(), neurons=[1])
+    with pytest.raises(InputError, match=r"neurons \[16\] do not exist .* width is 16"):
+        Patch(src[:, 0], neurons=[3, 16])(torch.randn(2, D), _ctx(2))
+
+
+def test_patch_neurons_copies_only_those_coordinates_bitwise():
+    x, src = torch.randn(3, D), torch.randn(3, D)
+    out = Patch(src, neurons=[2, 5])(x, _ctx(3))
+    keep = torch.ones(D, dtype=torch.bool)
+    keep[[2, 5]] = False
+    assert torch.equal(out[:, ~keep], src[:, [2, 5]]) and torch.equal(out[:, keep], x[:, keep])
+    per_row = Patch(src, neurons=[[0], [7], [15]])(x, _ctx(3))  # one neuron per row
+    want = x.clone()
+    want[[0, 1, 2], [0, 7, 15]] = src[[0, 1, 2], [0, 7, 15]]
+    assert torch.equal(per_row, want)
+    assert torch.equal(Patch(x, neurons=[1, 2])(x, _ctx(3)), x)  # source == base: the identity
 
 
 class TinySAE(nn.Module):
