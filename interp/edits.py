@@ -201,7 +201,7 @@ class Patch(Edit):
 
     def __init__(self, source: Float[Tensor, "batch ... d_model"], subspace: Subspace | Tensor | None = None,
                  *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None,
-                 neurons: Int[Tensor, "... k"] | Sequence[int] | None = None):
+                 neurons: Int[Tensor, "... k"] | Sequence | None = None):
         self.source = source.detach() if isinstance(source, Tensor) else torch.as_tensor(source)
         if self.source.dim() not in (2, 3):
             raise InputError("source must be [batch, seq, d_model] or [batch, d_model]; "

@@ -97,10 +97,7 @@ class PatchSpec:
         for i, p in enumerate(self.pairs):
             if not (isinstance(p.get("clean"), str) and isinstance(p.get("corrupted"), str)):
                 raise InputError(f"spec pair {i}: needs 'clean' and 'corrupted' prompt strings; got keys {sorted(p)}")
-        if self.method not in ("exact", "attribution", "both"):
-            raise InputError(f"spec.method must be exact, attribution or both; got {self.method!r}")
-        if self.direction not in ("denoise", "noise"):
-            raise InputError(f"spec.direction must be denoise or noise; got {self.direction!r}")
+        _check_choices({"method": self.method, "direction": self.direction})
         if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
             raise InputError(f"spec.batch_size must be a positive integer; got {self.batch_size!r}")
         if isinstance(self.sites, str) or not self.sites or not all(isinstance(s, str) for s in self.sites):
@@ -113,6 +110,16 @@ class PatchSpec:
                 as_positions(getattr(self, key))
             except InputError as e:
                 raise InputError(f"spec.{key}: {e}") from None
+
+
+_CHOICES = {"method": ("exact", "attribution", "both"), "direction": ("denoise", "noise")}
+
+
+def _check_choices(values: Mapping) -> None:
+    """One-line errors for the keys with a fixed set of values (checked before the spec is built)."""
+    for key, allowed in _CHOICES.items():
+        if key in values and values[key] not in allowed:
+            raise InputError(f"spec.{key} must be {', '.join(allowed[:-1])} or {allowed[-1]}; got {values[key]!r}")
 
 
 def _pairs(raw: Mapping, base: Path) -> list[dict]:
@@ -159,6 +166,7 @@ def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> Patc
     sites = raw.get("sites", ("resid_post",))
     fields = {f.name for f in dataclasses.fields(PatchSpec)} - {"pairs", "sites", "subspace", "layers"}
     kw = {k: v for k, v in raw.items() if k in fields}
+    _check_choices(kw)
     layers = raw.get("layers")
     return PatchSpec(**kw, pairs=tuple(_pairs(raw, base)), sites=(sites,) if isinstance(sites, str) else tuple(sites),
                      subspace=sub, layers=None if layers is None else tuple(layers))
