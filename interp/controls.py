@@ -12,7 +12,9 @@ of the same rank (inside a span you name, or anywhere), moved as much as the rea
 * :func:`random_subspace` / :func:`random_like` -- a random orthonormal basis of a given rank, inside
   ``span(within)`` when given (e.g. the span of the class means), with the subspace's origin.
 * :func:`random_control` -- for :class:`~interp.edits.Rotate`, each row's point in the random plane
-  is turned by the angle the real edit turns that row, with the same ``scale`` and ``radius`` rule;
+  (about the subspace's origin) is turned by the angle the real edit turns that row and put as far
+  from the origin as the real edit puts it from the circle's center (an absolute ``radius``), or has
+  its distance multiplied by the same factor (each row's own radius kept, times ``scale``);
   for any other edit, the real edit's displacement ``edit(x) - x`` is carried over to the random
   subspace: its coordinates in the edit's subspace become coordinates in the random one (same norm
   whenever the displacement lies in the edit's subspace), or, for edits without a subspace
@@ -82,14 +84,23 @@ class RandomControl(Edit):
         b = rand.basis.to(device=x.device, dtype=x.dtype)
         e = self.edit
         if isinstance(e, Rotate):
-            theta, target = e.thetas(e.circle_coords(x), ctx, x)
+            uw = e.circle_coords(x)
+            theta, target = e.thetas(uw, ctx, x)
             if theta is None and e.scale == 1.0 and e.radius is None:
                 return x.clone()
-            uw = rand.project(x)[..., :2]
-            # the real edit turns each row by theta; turn the random plane's point by the same angle,
-            # with the same distance rule (scale, and the absolute radius when the edit has one)
-            new = e.turn(uw, theta)
-            return x + (new - uw) @ b[:2]
+            if theta is None:
+                theta = torch.zeros_like(uw[..., 0])
+            # the real edit's distances from the center, in plane coordinates (a probe's map is elliptical)
+            axes = torch.eye(2, dtype=x.dtype, device=x.device) if e.axes is None else e.axes.to(x)
+            old = (uw @ axes.T).norm(dim=-1)
+            new = (e.turn(uw, theta, target) @ axes.T).norm(dim=-1)
+            r = rand.project(x)[..., :2]
+            # turn the random plane's point by the same angle; put it as far out as the real result
+            # (absolute radius rule) or scale its distance by the same factor (each row's own radius)
+            f = new / r.norm(dim=-1).clamp_min(1e-12) if e.radius is not None else new / old.clamp_min(1e-12)
+            cos, sin = torch.cos(theta) * f, torch.sin(theta) * f
+            turned = torch.stack([r[..., 0] * cos - r[..., 1] * sin, r[..., 0] * sin + r[..., 1] * cos], -1)
+            return x + (turned - r) @ b[:2]
         delta = e(x, ctx) - x
         sub = getattr(e, "subspace", None)
         if sub is not None:  # the displacement's coordinates in the edit's subspace, carried over

@@ -3,9 +3,14 @@
 An orthonormal basis ``[rank, d_model]``, an origin ``[d_model]``, and optionally a coordinate map
 from an attribute value to a point of the subspace:
 
-* :class:`CircleMap` -- an angle (or a class placed on a circle, e.g. a weekday) to a 2-D point;
-* :class:`LinearMap` -- a number (a year, a latitude) to a point, ``intercept + value * slope``;
+* :class:`CircleMap` -- an angle (or a class placed on a circle, e.g. a weekday) to a 2-D point (on
+  a round circle, or on the ellipse a circle probe reads through its ``axes``);
+* :class:`LinearMap` -- a number (a year, a latitude) to a point, ``intercept + value * slope``, and
+  back through a fitted readout (PLS's prediction) when it has one;
 * :class:`TableMap`  -- a class label to its mean coordinates.
+
+``Subspace.predict(x)`` reads the map's value at an activation (an angle, a number, a class index);
+``Subspace.direction()`` is, for a linear map, the smallest displacement that raises it by one.
 
 Every feature finder returns a Subspace; every intervention consumes one. Saved as
 ``subspace.safetensors`` + ``subspace.json`` (atomic writes, no pickle).

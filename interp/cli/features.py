@@ -13,8 +13,8 @@ item out), ``probe_loto_angle_error`` (leave one template out, per prompt), ``pr
 does not. Each site's class-mean plane is saved as a Subspace folder under ``subspaces/<site>`` and
 plotted as ``<site>.png``; the probe's plane under ``subspaces/<site>.probe``.
 
-``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``cluster_config`` and ``config`` (the
-settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``: one entry per
+``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``n_clusters`` (spectral: the number used,
+``d_sae / 25`` unless ``--n-clusters``), ``cluster_config`` and ``config`` (the settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``: one entry per
 scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
 the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
 components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
@@ -34,7 +34,7 @@ from pathlib import Path
 from interp.atomic import write_json
 from interp.cli.options import add_options, dataclass_options, given, parse_layers
 from interp.errors import InputError
-from interp.features.clusters import ClusterConfig, ClusterWarning
+from interp.features.clusters import ClusterConfig, ClusterWarning, default_n_clusters
 from interp.features.multidim import MultiDimConfig
 from interp.models import EMBEDDED
 
@@ -144,7 +144,8 @@ def run_clusters(args) -> int:
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     summary = {"sae": str(args.sae), "d_sae": int(decoder.shape[0]), "architecture": ckpt.sae.architecture,
-               "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
+               "n_clusters": (ccfg.n_clusters or default_n_clusters(int(decoder.shape[0])))
+               if ccfg.method == "spectral" else None, "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)
     if feats:

@@ -54,8 +54,8 @@ def test_control_of_a_rotation_turns_a_random_plane_by_the_same_angles():
     before, after = rand.project(x), rand.project(y)
     got = torch.atan2(after[:, 1], after[:, 0]) - torch.atan2(before[:, 1], before[:, 0])
     assert torch.allclose(torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi, torch.zeros(5), atol=1e-4)
-    # same distance rule: the random plane's point lands at scale x radius = 3 x 2
-    assert torch.allclose(after.norm(dim=-1), torch.full((5,), 6.0), atol=1e-4)
+    # same distance rule: the random plane's point lands as far out as the real one, scale x radius = 4 x 2
+    assert torch.allclose(after.norm(dim=-1), torch.full((5,), 8.0), atol=1e-4)
     assert torch.allclose(rand.remove(y), rand.remove(x), atol=1e-4)  # nothing moves outside the random plane
     # a pure rotation's control keeps the random plane's radius
     pure = random_control(Rotate(circle, angle=0.9), seed=1)(x, _ctx(5))

@@ -201,13 +201,13 @@ def test_sae_splice_in_a_model_is_exact_without_edits():
         assert not torch.allclose(model(ids).logits, base)
 
 
-def test_rotate_to_a_class_defaults_to_three_times_the_circle_radius():
+def test_rotate_to_a_class_defaults_to_four_times_the_circle_radius():
     days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
     cm = CircleMap(torch.tensor([0.5, -0.2]), 2.0, {d: 2 * math.pi * i / 7 for i, d in enumerate(days)})
     sub = Subspace(torch.randn(2, D, generator=torch.Generator().manual_seed(3)), torch.randn(D), cm)
     x = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
     edit = Rotate(sub, to="Wed")
-    assert (edit.scale, edit.radius) == (ROTATE_SCALE, cm.radius) == (3.0, 2.0)
+    assert (edit.scale, edit.radius) == (ROTATE_SCALE, cm.radius) == (4.0, 2.0)
     y = edit(x, _ctx(4))
     want = cm.center + ROTATE_SCALE * (cm.to_coords("Wed") - cm.center)
     torch.testing.assert_close(sub.project(y), want.expand(4, 2), atol=1e-4, rtol=0)

@@ -114,6 +114,8 @@ def test_subspace_predict_equals_sklearn_and_direction_moves_the_prediction_by_o
         assert abs(sub.from_coords(sub.to_coords(value)).item() - value) < 1e-3
     saved = Subspace.load(sub.save(Path(tempfile.mkdtemp()) / "pls"))
     assert torch.allclose(saved.predict(x[:7]), sub.predict(x[:7]))
+    with pytest.raises(InputError, match="direction\\(\\) needs a linear coordinate map"):
+        Subspace(torch.eye(2, 40)).direction()
 
 
 def test_components_are_chosen_beyond_eight_when_held_out_r2_keeps_rising():
