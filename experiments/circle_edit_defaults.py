@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     pooled = {f"{m} x{s:g}": sum(selection[f]["success"][f"{m} x{s:g}"] for f in fams) / len(fams)
               for m, s in CANDIDATES}
     choice = max(CANDIDATES, key=lambda c: (round(pooled[f"{c[0]} x{c[1]:g}"], 6), -c[1]))
-    print(f"chosen on fit templates: {choice[0]} x{choice[1]:g} (pooled CV success {pooled[f'{choice[0]} x{choice[1]:g}']:.3f})")
+    name = f"{choice[0]} x{choice[1]:g}"
+    print(f"chosen on fit templates: {name} (pooled CV success {pooled[name]:.3f})")
     results = {}
     for fam in fams:
         items, fit, held, acts = data[fam]

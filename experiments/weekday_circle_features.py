@@ -247,7 +247,8 @@ def part_b(model, tok, args, out: Path) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| layer | cyclic order | LOCO angle err | probe LOCO err | LOCO err, shuffled order "
-            "| held-out-template err | probe held-out-template err | probe LOTO err (per prompt) | radius CV | class-mean var. in plane |\n"
+            "| held-out-template err | probe held-out-template err | probe LOTO err (per prompt) | radius CV "
+            "| class-mean var. in plane |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['layer']} | {'yes' if r['order_matches'] else 'no'} | {r['loco_angle_error']:.3f} | "

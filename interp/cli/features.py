@@ -14,12 +14,13 @@ does not. Each site's class-mean plane is saved as a Subspace folder under ``sub
 plotted as ``<site>.png``; the probe's plane under ``subspaces/<site>.probe``.
 
 ``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``n_clusters`` (spectral: the number used,
-``d_sae / 25`` unless ``--n-clusters``), ``cluster_config`` and ``config`` (the settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``: one entry per
+``d_sae / 25`` unless ``--n-clusters``), ``cluster_config`` and ``config`` (the settings used), ``tokens``
+(activation rows read), ``n_scored`` and ``clusters``: one entry per
 scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
 the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
 components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
-``irreducibility``, ``circle`` (the circle fit of the best pair), ``is_circle`` and ``label_angles``. Circles among the top
-``--top`` are saved as Subspace folders under ``subspaces/``.
+``irreducibility``, ``circle`` (the circle fit of the best pair), ``is_circle`` and ``label_angles``.
+Circles among the top ``--top`` are saved as Subspace folders under ``subspaces/``.
 
     interp features circles --model smollm2-135m --layers 4-20 --items days --out out/days
     interp features clusters --sae sae/blocks.12.hook_resid_post --cache cache/ --out out/clusters
@@ -145,7 +146,8 @@ def run_clusters(args) -> int:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     summary = {"sae": str(args.sae), "d_sae": int(decoder.shape[0]), "architecture": ckpt.sae.architecture,
                "n_clusters": (ccfg.n_clusters or default_n_clusters(int(decoder.shape[0])))
-               if ccfg.method == "spectral" else None, "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
+               if ccfg.method == "spectral" else None, "cluster_config": dataclasses.asdict(ccfg),
+               "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)
     if feats:
