@@ -56,7 +56,7 @@ def _angle_of(v: np.ndarray) -> float:
     return math.atan2(float(v[1]), float(v[0]))
 
 
-def _err(a: float | np.ndarray, b: float | np.ndarray) -> np.ndarray:
+def _err(a: float | np.ndarray, b: float | np.ndarray) -> np.ndarray | np.floating:
     return np.abs(wrap(torch.as_tensor(np.asarray(a) - np.asarray(b), dtype=torch.float64)).numpy())
 
 
