@@ -30,7 +30,7 @@ from interp.errors import InputError
 from probes.metrics import regression_report
 from probes.results import REGRESSION_METRICS, SweepRecord, SweepResult
 from probes.split import as_target, standardize_stats, train_test_split
-from probes.sweep import DEFAULT_N_NEURONS, _as_sites
+from probes.sweep import DEFAULT_N_NEURONS, _as_sites, probe_sizes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,11 +52,7 @@ class RegressionSweepConfig:
     """Where to compute (e.g. "cuda"); None: where the activations are."""
 
     def __post_init__(self):
-        sizes = tuple(self.n_neurons)
-        if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
-            raise InputError(f"n_neurons={self.n_neurons!r} must be a non-empty sequence of positive integers "
-                             "(neurons per probe), e.g. (1, 2, 4, 8)")
-        object.__setattr__(self, "n_neurons", tuple(sorted(set(sizes))))
+        object.__setattr__(self, "n_neurons", probe_sizes(self.n_neurons))
         if not self.alpha >= 0:
             raise InputError(f"alpha={self.alpha} must be >= 0 (0: least squares)")
         if not 0 < self.test_size < 1:

@@ -19,13 +19,13 @@ scikit-learn's LDA and PLS as test oracles.
 from interp.features.circle_probe import circle_probe
 from interp.features.circles import CircleFit, circle_scores, cyclic_order, fit_circle, same_cyclic_order
 from interp.features.clusters import (
-                                      ClusterConfig,
-                                      ClusterWarning,
-                                      cluster_decoder,
-                                      default_n_clusters,
-                                      graph_clusters,
-                                      kmeans,
-                                      spectral_clusters,
+    ClusterConfig,
+    ClusterWarning,
+    cluster_decoder,
+    default_n_clusters,
+    graph_clusters,
+    kmeans,
+    spectral_clusters,
 )
 from interp.features.indices import mixture_index, reducibility, separability_index
 from interp.features.items import ITEM_SETS, TEMPLATES, item_activations
