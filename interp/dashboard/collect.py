@@ -214,6 +214,6 @@ def _finish(model, tokenizer, units: Units, tr: Tracker, cfg: DashboardConfig, o
             tensors.update(neighbor_ids=n_i, neighbor_cos=n_c)
     with atomic_path(out / "data.safetensors") as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    write_json(out / "data.json", {**want, "n_tokens": tr.n_tokens, "n_windows": windows,
-                                   "bin_edges": [e if math.isfinite(e) else None for e in tr.edges.tolist()], "vocab": _decode(tokenizer, shown),
-                                   "extra": extra})
+    edges = [e if math.isfinite(e) else None for e in tr.edges.tolist()]
+    write_json(out / "data.json", {**want, "n_tokens": tr.n_tokens, "n_windows": windows, "bin_edges": edges,
+                                   "vocab": _decode(tokenizer, shown), "extra": extra})

@@ -5,8 +5,9 @@ count ``[B, T]`` and unit activations ``[B, T, U]``) and keeps, per unit:
 
 * **top contexts**: the ``top_k`` windows with the largest activation (one per window, at its
   maximum), each with the window number, the position of the maximum, and the tokens and the unit's
-  activations from ``left`` tokens before it to ``right`` after it. Merged by ``torch.topk`` over
-  the kept and the new candidates; ties between windows keep the earlier candidate order of topk.
+  activations from ``left`` tokens before it to ``right`` after it. Merged by a stable sort of the
+  kept and the new candidates, so among equal activations the earlier window wins (windows that
+  start with the same tokens give equal activations there).
 * **histogram** of the nonzero activations over fixed log-spaced bins: ``n_bins`` per sign, inner
   edges ``logspace(lo, hi, n_bins - 1)``; the first bin holds everything below ``lo`` (above 0), the
   last everything from ``hi`` up. Signed units get the mirrored bins for negative values too.
@@ -122,8 +123,9 @@ class Tracker:
         win_max, win_arg = z.masked_fill(~keep[..., None], -math.inf).max(dim=1)  # [B, U]
         if not self.signed:
             win_max = win_max.masked_fill(win_max <= 0, -math.inf)  # a window where the unit never fires
-        top = torch.cat([t["top_val"], win_max.float()]).topk(k, dim=0)
-        idx = top.indices  # [k, U]: < k an old slot, else k + window of this batch
+        # a stable sort, old slots first: among equal activations the earlier window wins
+        values, order = torch.sort(torch.cat([t["top_val"], win_max.float()]), dim=0, descending=True, stable=True)
+        idx = order[:k]  # [k, U]: < k an old slot, else k + window of this batch
         is_new = idx >= k
         cols = torch.arange(U, device=self.device).expand(k, U)
         b = (idx - k).clamp(min=0)
@@ -134,7 +136,7 @@ class Tracker:
         new_pos = torch.where(is_new, pos, t["top_pos"][old, cols])
         t["top_tok"] = torch.where(is_new[..., None], tok.reshape(k, U, -1), t["top_tok"][old, cols])
         t["top_act"] = torch.where(is_new[..., None], act.reshape(k, U, -1), t["top_act"][old, cols])
-        t["top_val"], t["top_win"], t["top_pos"] = top.values, new_win, new_pos
+        t["top_val"], t["top_win"], t["top_pos"] = values[:k], new_win, new_pos
 
     def _bins(self, v: Tensor) -> Tensor:
         b = torch.bucketize(v.abs().float(), self.inner, right=True)
