@@ -6,7 +6,8 @@
         --items days --out dash/
 
 Each writes ``data.json`` + ``data.safetensors`` (fields in :mod:`interp.dashboard.collect`),
-``index.html`` and ``units/<n>.html`` into ``--out``. Running the same command again resumes an
+``index.html`` and ``units/<n>.html`` into ``--out`` (and, with ``--neuronpedia SET``,
+``neuronpedia/batch-0.json``: fields in :mod:`interp.dashboard.neuronpedia`). Running the same command again resumes an
 interrupted pass, and re-renders the pages of a finished one. The pass options come from
 :class:`interp.dashboard.DashboardConfig`.
 """
@@ -59,6 +60,10 @@ def _finish(args, model, tok, site: str, units, model_name: str, extra: dict | N
                   progress=not args.quiet)
     index = render(out)
     print(f"wrote {index} ({len(units.names)} {units.kind}s)")
+    if args.neuronpedia:
+        from interp.dashboard.neuronpedia import neuronpedia_batch
+
+        print(f"wrote {neuronpedia_batch(out, sae_set=args.neuronpedia, model_id=args.neuronpedia_model)}")
     return 0
 
 
@@ -154,6 +159,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--out", required=True, help="output folder: data.json, data.safetensors, index.html, units/")
         c.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
         c.add_argument("--quiet", action="store_true", help="no progress bar")
+        c.add_argument("--neuronpedia", metavar="SET", help="also write neuronpedia/batch-0.json for this Neuronpedia "
+                       "set name (e.g. res-topk), the layout Neuronpedia imports")
+        c.add_argument("--neuronpedia-model", help="Neuronpedia's model id (default: the model name)")
         opt.add_options(c.add_argument_group("data pass options"), pass_opts)
 
     s = dsub.add_parser("sae", help="pages of an SAE's latents", description=__doc__,

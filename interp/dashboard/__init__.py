@@ -6,11 +6,13 @@
 
 :func:`collect` is one streaming, resumable pass over a corpus (:mod:`interp.dashboard.collect`);
 :func:`render` writes the pages (:mod:`interp.dashboard.render`); :func:`load` reads the data back
-as one record per unit (:mod:`interp.dashboard.results`). ``interp`` never imports ``saes``: a unit
+as one record per unit (:mod:`interp.dashboard.results`); :func:`neuronpedia_batch` writes it in the
+layout Neuronpedia imports (:mod:`interp.dashboard.neuronpedia`). ``interp`` never imports ``saes``: a unit
 set is an encoder callable plus, optionally, the direction each unit writes.
 """
 
 from interp.dashboard.collect import DashboardConfig, collect
+from interp.dashboard.neuronpedia import neuronpedia_batch
 from interp.dashboard.render import render
 from interp.dashboard.results import DashboardData, load
 from interp.dashboard.stats import Tracker
@@ -25,4 +27,4 @@ from interp.dashboard.units import (
 )
 
 __all__ = ["DashboardConfig", "DashboardData", "Tracker", "Units", "collect", "final_norm", "load", "logit_effect",
-           "nearest_units", "neuron_units", "render", "sae_units", "subspace_units"]
+           "nearest_units", "neuron_units", "neuronpedia_batch", "render", "sae_units", "subspace_units"]

@@ -30,8 +30,11 @@ def sae_dir(tiny_dir, tmp_path):
 
 def test_sae_dashboard_of_chosen_latents(sae_dir, text_file, tmp_path, capsys):
     out = tmp_path / "dash"
-    assert main(["dashboard", "sae", str(sae_dir), "--latents", "0-7,40", *_pass_flags(text_file, out)]) == 0
+    assert main(["dashboard", "sae", str(sae_dir), "--latents", "0-7,40", "--neuronpedia", "res-test",
+                 *_pass_flags(text_file, out)]) == 0
     info = json.loads((out / "data.json").read_text())
+    batch = json.loads((out / "neuronpedia" / "batch-0.json").read_text())
+    assert [f["feature_index"] for f in batch["features"]] == [*range(8), 40] and batch["sae_set"] == "res-test"
     assert info["names"] == [f"latent {i}" for i in [*range(8), 40]] and info["ids"] == [*range(8), 40]
     assert info["site"] == SITE and info["kind"] == "latent" and info["n_tokens"] >= 400
     assert sorted(p.name for p in (out / "units").iterdir()) == sorted(f"{i}.html" for i in range(9))

@@ -209,3 +209,21 @@ def test_bad_inputs_are_one_line_errors(text_file, tmp_path):
         collect(tiny_model("llama"), byte_tokenizer(), SITE, units, out, _cfg(text_file, tokens=400), progress=False)
     assert "\n" not in str(e.value)
 
+
+
+def test_neuronpedia_batch_holds_the_pages_data(signed_run):
+    from interp.dashboard import neuronpedia_batch
+
+    cfg, units, data = signed_run
+    batch = json.loads(neuronpedia_batch(data.path, sae_set="res-test", model_id="tiny").read_text())
+    assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("tiny", 1, "res-test")
+    assert [f["feature_index"] for f in batch["features"]] == list(range(units.n_units))
+    for f, u in zip(batch["features"], range(units.n_units)):
+        rec = data.unit(u)
+        assert f["frac_nonzero"] == rec["frequency"] and f["pos_str"] == [t for t, _ in rec["logits_up"]]
+        assert sum(f["freq_hist_data_bar_heights"]) == sum(h["count"] for h in rec["histogram"])
+        top = [a for a in f["activations"] if a["bin_min"] == -1]
+        assert len(top) == len(rec["contexts"]) and all(len(a["tokens"]) == len(a["values"]) for a in top)
+        assert max(top[0]["values"]) == pytest.approx(rec["max"], abs=1e-3)
+        for a in f["activations"][len(top):]:
+            assert 0 < a["bin_contains"] <= 1
