@@ -8,8 +8,9 @@ to ``state.safetensors`` + ``state.json`` (atomically, ``state.json`` last, unde
 calling :func:`collect` again with the same settings resumes after the last saved batch and gives
 the same data as an uninterrupted run. At the end it writes the data files and removes the state:
 
-``data.safetensors``: the tracker's tensors (``top_val [k, U]``, ``top_win``, ``top_pos``,
-``top_tok [k, U, L]`` (token ids, -1 outside the window), ``top_act [k, U, L]``, ``hist [U, n_bins]``,
+``data.safetensors``: the tracker's tensors (``top_val [U, k]`` (largest first; -inf: empty slot),
+``top_win``, ``top_pos``, ``top_tok [U, k, L]`` (token ids, -1 outside the window), ``top_act [U, k, L]``,
+``hist [U, n_bins]``,
 ``count [U]``, ``sum [U]``, ``smp_* [U * n_bins, samples_per_bin, ...]``), plus, when the units have
 directions, ``logit_up_ids``/``logit_up_values``/``logit_down_ids``/``logit_down_values``
 ``[U, n_logits]`` and ``neighbor_ids``/``neighbor_cos`` ``[U, n_neighbors]``.
@@ -202,7 +203,7 @@ def _decode(tokenizer, ids: set[int]) -> dict[str, str]:
 
 def _finish(model, tokenizer, units: Units, tr: Tracker, cfg: DashboardConfig, out: Path, want: dict,
             windows: int, extra: dict) -> None:
-    tensors = tr.state_dict()
+    tensors = tr.state_dict(ordered=True)
     shown = set(tensors["top_tok"].unique().tolist()) | set(tensors["smp_tok"].unique().tolist())
     if units.directions is not None:
         if cfg.n_logits and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:

@@ -58,9 +58,9 @@ class DashboardData:
         t, info = self.tensors, self.info
         n_tok = max(1, int(info["n_tokens"]))
         count = int(t["count"][u])
-        top = t["top_val"][:, u]
-        contexts = [self._context(t["top_tok"][j, u], t["top_act"][j, u], float(top[j]), int(t["top_win"][j, u]),
-                                  int(t["top_pos"][j, u])) for j in range(top.shape[0]) if math.isfinite(float(top[j]))]
+        top = t["top_val"][u]
+        contexts = [self._context(t["top_tok"][u, j], t["top_act"][u, j], float(top[j]), int(t["top_win"][u, j]),
+                                  int(t["top_pos"][u, j])) for j in range(top.shape[0]) if math.isfinite(float(top[j]))]
         edges = info["bin_edges"]
         hist = t["hist"][u].tolist()
         rec = {"index": u, "id": info["ids"][u], "name": info["names"][u], "frequency": count / n_tok,

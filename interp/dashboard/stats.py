@@ -5,9 +5,11 @@ count ``[B, T]`` and unit activations ``[B, T, U]``) and keeps, per unit:
 
 * **top contexts**: the ``top_k`` windows with the largest activation (one per window, at its
   maximum), each with the window number, the position of the maximum, and the tokens and the unit's
-  activations from ``left`` tokens before it to ``right`` after it. Merged by a stable sort of the
-  kept and the new candidates, so among equal activations the earlier window wins (windows that
-  start with the same tokens give equal activations there).
+  activations from ``left`` tokens before it to ``right`` after it. Each batch's windows are merged
+  with the kept ones by (activation descending, window ascending), so among equal activations the
+  earlier window wins (windows that start with the same tokens give equal activations there); only
+  the winners that are new are written, into the slots of the ones they push out, and the slots are
+  put in order (largest first) by :meth:`Tracker.state_dict` with ``ordered=True``.
 * **histogram** of the nonzero activations over fixed log-spaced bins: ``n_bins`` per sign, inner
   edges ``logspace(lo, hi, n_bins - 1)``; the first bin holds everything below ``lo`` (above 0), the
   last everything from ``hi`` up. Signed units get the mirrored bins for negative values too.
@@ -18,7 +20,9 @@ count ``[B, T]`` and unit activations ``[B, T, U]``) and keeps, per unit:
 * **count** and **sum** of the nonzero activations (frequency = count / tokens).
 
 Every step depends only on the batch and the batch number, so a tracker restored from
-:meth:`Tracker.state_dict` continues exactly as an uninterrupted one.
+:meth:`Tracker.state_dict` continues exactly as an uninterrupted one. The per-batch work is a few
+passes over the batch's activations (the window maxima, the nonzero entries) plus work on the nonzero
+entries and the new winners only.
 """
 
 from __future__ import annotations
@@ -44,7 +48,14 @@ def bin_edges(n_bins: int, lo: float, hi: float, signed: bool) -> Tensor:
 
 
 class Tracker:
-    """Top contexts, histograms and per-bin samples of `n_units` units over a stream of batches."""
+    """Top contexts, histograms and per-bin samples of `n_units` units over a stream of batches.
+
+    Tensors (``state_dict()``): ``top_val``/``top_win``/``top_pos [U, top_k]``, ``top_tok``/``top_act
+    [U, top_k, L]`` (``L = left + 1 + right``; token -1 outside the window, slots of value -inf empty),
+    ``hist [U, n_bins_total]``, ``count [U]``, ``sum [U]`` (float64), and per histogram bin ``g = unit *
+    n_bins_total + bin``: ``smp_key``/``smp_val``/``smp_win``/``smp_pos [G, samples_per_bin]``,
+    ``smp_tok``/``smp_act [G, samples_per_bin, L]`` (key -1: empty slot).
+    """
 
     def __init__(self, n_units: int, *, top_k: int = 16, left: int = 12, right: int = 4, n_bins: int = 30,
                  bin_range: tuple[float, float] = (1e-3, 1e3), samples_per_bin: int = 1, signed: bool = False,
@@ -67,9 +78,9 @@ class Tracker:
         U, k, L, G, r = n_units, top_k, self.L, n_units * self.nb, samples_per_bin
         z = dict(device=self.device)
         self.t: dict[str, Tensor] = {
-            "top_val": torch.full((k, U), -math.inf, **z), "top_win": torch.full((k, U), -1, dtype=torch.long, **z),
-            "top_pos": torch.full((k, U), -1, dtype=torch.long, **z),
-            "top_tok": torch.full((k, U, L), -1, dtype=torch.int32, **z), "top_act": torch.zeros(k, U, L, **z),
+            "top_val": torch.full((U, k), -math.inf, **z), "top_win": torch.full((U, k), -1, dtype=torch.long, **z),
+            "top_pos": torch.full((U, k), -1, dtype=torch.long, **z),
+            "top_tok": torch.full((U, k, L), -1, dtype=torch.int32, **z), "top_act": torch.zeros(U, k, L, **z),
             "hist": torch.zeros(U, self.nb, dtype=torch.long, **z), "count": torch.zeros(U, dtype=torch.long, **z),
             "sum": torch.zeros(U, dtype=torch.float64, **z),
             "smp_key": torch.full((G, r), -1.0, **z), "smp_val": torch.zeros(G, r, **z),
@@ -79,9 +90,16 @@ class Tracker:
         }
 
     # -- persistence -----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Tensor]:
-        """Every tensor of the state (on the CPU), plus ``n_tokens`` and ``batches`` as 0-d tensors."""
+    def state_dict(self, ordered: bool = False) -> dict[str, Tensor]:
+        """Every tensor of the state (on the CPU), plus ``n_tokens`` and ``batches`` as 0-d tensors; with
+        `ordered`, each unit's top slots sorted by activation (descending), then window (ascending)."""
         out = {k: v.cpu().contiguous() for k, v in self.t.items()}
+        if ordered:
+            order = _order(out["top_val"], out["top_win"])
+            for name in ("top_val", "top_win", "top_pos"):
+                out[name] = out[name].gather(1, order)
+            for name in ("top_tok", "top_act"):
+                out[name] = out[name].gather(1, order[..., None].expand_as(out[name])).contiguous()
         out["n_tokens"] = torch.tensor(self.n_tokens)
         out["batches"] = torch.tensor(self.batches)
         return out
@@ -107,36 +125,38 @@ class Tracker:
     @torch.no_grad()
     def update(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
         """Add a batch: token ids ``[B, T]``, the positions that count ``[B, T]`` (bool), unit activations
-        ``[B, T, U]``; `first_window` is the number of the batch's first window in the whole stream."""
+        ``[B, T, U]``, which must be 0 wherever `keep` is False; `first_window` is the number of the
+        batch's first window in the whole stream."""
         B, T, U = z.shape
         if U != self.U or ids.shape != (B, T) or keep.shape != (B, T):
             raise InputError(f"batch shapes ids {tuple(ids.shape)}, keep {tuple(keep.shape)}, activations "
                              f"{tuple(z.shape)} do not match [B, T] and [B, T, n_units={self.U}]")
         ids, keep, z = ids.to(self.device), keep.to(self.device), z.to(self.device)
         self._update_top(ids, keep, z, first_window)
-        self._update_bins(ids, keep, z, first_window)
+        self._update_bins(ids, z, first_window)
         self.n_tokens += int(keep.sum())
         self.batches += 1
 
     def _update_top(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
-        t, k, U = self.t, self.k, self.U
-        win_max, win_arg = z.masked_fill(~keep[..., None], -math.inf).max(dim=1)  # [B, U]
+        t, k = self.t, self.k
+        if self.signed:  # positions left out hold 0, which may exceed a negative maximum
+            z = z.masked_fill(~keep[..., None], -math.inf)
+        win_max = z.amax(dim=1).T.float()  # [U, B]; the position of the maximum only for the windows kept
         if not self.signed:
             win_max = win_max.masked_fill(win_max <= 0, -math.inf)  # a window where the unit never fires
-        # a stable sort, old slots first: among equal activations the earlier window wins
-        values, order = torch.sort(torch.cat([t["top_val"], win_max.float()]), dim=0, descending=True, stable=True)
-        idx = order[:k]  # [k, U]: < k an old slot, else k + window of this batch
-        is_new = idx >= k
-        cols = torch.arange(U, device=self.device).expand(k, U)
-        b = (idx - k).clamp(min=0)
-        pos = win_arg[b, cols]
-        tok, act = self._context(ids, z, b.reshape(-1), pos.reshape(-1), cols.reshape(-1))
-        old = idx.clamp(max=k - 1)
-        new_win = torch.where(is_new, b + first_window, t["top_win"][old, cols])
-        new_pos = torch.where(is_new, pos, t["top_pos"][old, cols])
-        t["top_tok"] = torch.where(is_new[..., None], tok.reshape(k, U, -1), t["top_tok"][old, cols])
-        t["top_act"] = torch.where(is_new[..., None], act.reshape(k, U, -1), t["top_act"][old, cols])
-        t["top_val"], t["top_win"], t["top_pos"] = values[:k], new_win, new_pos
+        B = win_max.shape[1]
+        wins = torch.arange(first_window, first_window + B, device=self.device).expand_as(win_max)
+        src = _insert(t["top_val"], t["top_win"], win_max, wins)  # updates top_val and top_win in place
+        dst = (src >= 0).nonzero()
+        if dst.shape[0] == 0:
+            return
+        u, slot = dst[:, 0], dst[:, 1]
+        b = src[u, slot]
+        pos = z[b[:, None], torch.arange(z.shape[1], device=self.device), u[:, None]].argmax(dim=1)  # first maximum
+        tok, act = self._context(ids, z, b, pos, u)
+        t["top_pos"][u, slot] = pos
+        t["top_tok"][u, slot] = tok
+        t["top_act"][u, slot] = act.masked_fill(act == -math.inf, 0.0)
 
     def _bins(self, v: Tensor) -> Tensor:
         b = torch.bucketize(v.abs().float(), self.inner, right=True)
@@ -144,21 +164,9 @@ class Tracker:
             return b
         return torch.where(v > 0, self.n_bins + b, self.n_bins - 1 - b)
 
-    @staticmethod
-    def _rank_in_group(group: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
-        """Order entries by group, largest key first; return (order, rank of each ordered entry in its group)."""
-        order = torch.argsort(group.double() * 2 + (1 - key.double()), stable=True)
-        g = group[order]
-        n = g.shape[0]
-        starts = torch.ones(n, dtype=torch.bool, device=g.device)
-        starts[1:] = g[1:] != g[:-1]
-        ar = torch.arange(n, device=g.device)
-        first = torch.cummax(torch.where(starts, ar, torch.zeros_like(ar)), dim=0).values
-        return order, ar - first
-
-    def _update_bins(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
+    def _update_bins(self, ids: Tensor, z: Tensor, first_window: int) -> None:
         t = self.t
-        nz = ((z != 0) & keep[..., None]).nonzero()  # [n, 3]: window, position, unit
+        nz = z.nonzero()  # [n, 3]: window, position, unit (positions left out hold 0)
         if nz.shape[0] == 0:
             return
         b, p, u = nz.unbind(1)
@@ -167,48 +175,67 @@ class Tracker:
             raise InputError(f"unit {int(u[v < 0][0])} has negative activations ({float(v.min()):.4g}); build the "
                              "units with signed=True (histograms over both signs)")
         g = u * self.nb + self._bins(v)
-        G = self.U * self.nb
-        t["hist"] += torch.bincount(g, minlength=G).reshape(self.U, self.nb)
+        t["hist"] += torch.bincount(g, minlength=self.U * self.nb).reshape(self.U, self.nb)
         t["count"] += torch.bincount(u, minlength=self.U)
         t["sum"].index_add_(0, u, v.double())
         if self.r == 0:
             return
         key = torch.rand(v.shape[0], generator=generator(self.seed, self.batches)).to(self.device)
-        order, rank = self._rank_in_group(g, key)  # keep the r largest keys of each group in this batch
-        cand = order[rank < self.r]
-        cg, ck = g[cand], key[cand]
-        touched = torch.unique(cg)
-        m, r = touched.shape[0], self.r
-        old_key = t["smp_key"][touched]  # [m, r]
-        filled = old_key >= 0
-        og = touched[:, None].expand(m, r)[filled]
-        oslot = torch.arange(r, device=self.device).expand(m, r)[filled]
-        all_g = torch.cat([og, cg])
-        all_k = torch.cat([old_key[filled], ck])
-        src = torch.cat([-1 - oslot, torch.arange(cand.shape[0], device=self.device)])  # < 0: old slot -1-src
-        order2, rank2 = self._rank_in_group(all_g, all_k)
-        win = order2[rank2 < r]
-        slot = rank2[rank2 < r]
-        row = torch.searchsorted(touched, all_g[win])
-        s = src[win]
-        is_new = s >= 0
-        ci = cand[s.clamp(min=0)]
+        order = torch.argsort(g.double() * 2 + (1 - key.double()), stable=True)  # by group, largest key first
+        gs = g[order]
+        first = torch.ones_like(gs, dtype=torch.bool)
+        first[1:] = gs[1:] != gs[:-1]
+        touched = gs[first]
+        row = torch.cumsum(first.long(), 0) - 1
+        ar = torch.arange(gs.shape[0], device=self.device)
+        rank = ar - torch.cummax(torch.where(first, ar, torch.zeros_like(ar)), 0).values
+        top = rank < self.r  # the r largest keys of each group in this batch
+        m = touched.shape[0]
+        new_key = torch.full((m, self.r), -1.0, device=self.device)
+        new_idx = torch.zeros((m, self.r), dtype=torch.long, device=self.device)
+        new_key[row[top], rank[top]] = key[order[top]]
+        new_idx[row[top], rank[top]] = order[top]
+        keys, wins = t["smp_key"][touched], torch.zeros((m, self.r), dtype=torch.long, device=self.device)
+        src = _insert(keys, wins, new_key, torch.ones_like(new_idx))
+        dst = (src >= 0).nonzero()
+        if dst.shape[0] == 0:
+            return
+        gi, slot = touched[dst[:, 0]], dst[:, 1]
+        ci = new_idx[dst[:, 0], src[dst[:, 0], dst[:, 1]]]
         tok, act = self._context(ids, z, b[ci], p[ci], u[ci])
-        o_slot = (-1 - s).clamp(min=0)
-        out_key = torch.full((m, r), -1.0, device=self.device)
-        out = {"smp_val": torch.zeros(m, r, device=self.device),
-               "smp_win": torch.full((m, r), -1, dtype=torch.long, device=self.device),
-               "smp_pos": torch.full((m, r), -1, dtype=torch.long, device=self.device),
-               "smp_tok": torch.full((m, r, self.L), -1, dtype=torch.int32, device=self.device),
-               "smp_act": torch.zeros(m, r, self.L, device=self.device)}
-        new_vals = {"smp_val": v[ci], "smp_win": b[ci] + first_window, "smp_pos": p[ci], "smp_tok": tok,
-                    "smp_act": act}
-        out_key[row, slot] = all_k[win].float()
-        for name, buf in out.items():
-            old_vals = t[name][touched][row, o_slot]
-            nv = new_vals[name]
-            mask = is_new.reshape(-1, *([1] * (nv.dim() - 1)))
-            buf[row, slot] = torch.where(mask, nv.to(buf.dtype), old_vals)
-        t["smp_key"][touched] = out_key
-        for name, buf in out.items():
-            t[name][touched] = buf
+        t["smp_key"][gi, slot] = key[ci]
+        t["smp_val"][gi, slot] = v[ci]
+        t["smp_win"][gi, slot] = b[ci] + first_window
+        t["smp_pos"][gi, slot] = p[ci]
+        t["smp_tok"][gi, slot] = tok
+        t["smp_act"][gi, slot] = act
+
+
+def _order(val: Tensor, win: Tensor) -> Tensor:
+    """Per row, the column order by value (descending), then window (ascending): two stable sorts."""
+    by_win = torch.argsort(win, dim=1, stable=True)
+    by_val = torch.argsort(val.gather(1, by_win), dim=1, descending=True, stable=True)
+    return by_win.gather(1, by_val)
+
+
+def _insert(val: Tensor, win: Tensor, new_val: Tensor, new_win: Tensor) -> Tensor:
+    """Insert new entries ``[R, c]`` into each row's ``k`` slots ``[R, k]``, in place, one column at a
+    time: an entry replaces the row's worst slot (lowest value; among equal values the latest window)
+    when its value is strictly larger, so each row ends with its best ``k`` of old and new by (value
+    descending, window ascending), provided new windows come after the old ones. Returns ``[R, k]``:
+    the new column now in each slot, or -1."""
+    R, k = val.shape
+    src = torch.full((R, k), -1, dtype=torch.long, device=val.device)
+    rows = torch.arange(R, device=val.device)
+    lowest = torch.iinfo(torch.long).min
+    for c in range(new_val.shape[1]):
+        worst = val.min(dim=1).values
+        better = new_val[:, c] > worst
+        if not bool(better.any()):
+            continue
+        slot = torch.where(val == worst[:, None], win, lowest).argmax(dim=1)
+        r, s = rows[better], slot[better]
+        val[r, s] = new_val[r, c]
+        win[r, s] = new_win[r, c]
+        src[r, s] = c
+    return src

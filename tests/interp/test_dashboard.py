@@ -72,13 +72,13 @@ def test_top_contexts_equal_a_brute_force_computation(text_file, signed_run):
     win_max, win_arg = masked.max(dim=1)  # [W, U]
     for u in range(units.n_units):
         order = win_max[:, u].argsort(descending=True, stable=True)[:cfg.top_k]  # ties: earlier window first
-        assert t["top_win"][:, u].tolist() == order.tolist()
-        assert t["top_pos"][:, u].tolist() == win_arg[order, u].tolist()
-        torch.testing.assert_close(t["top_val"][:, u], win_max[order, u])
+        assert t["top_win"][u].tolist() == order.tolist()
+        assert t["top_pos"][u].tolist() == win_arg[order, u].tolist()
+        torch.testing.assert_close(t["top_val"][u], win_max[order, u])
         for j, w in enumerate(order.tolist()):
             p = int(win_arg[w, u])
             lo, hi = max(0, p - cfg.left), min(CTX, p + cfg.right + 1)
-            toks = [x for x in t["top_tok"][j, u].tolist() if x >= 0]
+            toks = [x for x in t["top_tok"][u, j].tolist() if x >= 0]
             assert toks == ids[w, lo:hi].tolist()
             rec = data.unit(u)["contexts"][j]
             assert rec["tokens"][rec["center"]][1] == pytest.approx(float(win_max[w, u]), rel=1e-5)
@@ -117,7 +117,7 @@ def test_unsigned_units_keep_only_firing_windows(text_file, tmp_path):
     _, keep, z = _brute(text_file, cfg, units, data.info["n_windows"])
     for u in range(units.n_units):
         n_firing = int((z[..., u].amax(dim=1) > 0).sum())
-        top = data.tensors["top_val"][:, u]
+        top = data.tensors["top_val"][u]
         assert int(torch.isfinite(top).sum()) == min(cfg.top_k, n_firing)
         assert bool((top[torch.isfinite(top)] > 0).all())
         assert data.unit(u)["frequency"] == pytest.approx(int((z[..., u] > 0).sum()) / int(keep.sum()))
