@@ -138,7 +138,7 @@ class Tracker:
         self.batches += 1
 
     def _update_top(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
-        t, k = self.t, self.k
+        t = self.t
         if self.signed:  # positions left out hold 0, which may exceed a negative maximum
             z = z.masked_fill(~keep[..., None], -math.inf)
         win_max = z.amax(dim=1).T.float()  # [U, B]; the position of the maximum only for the windows kept
