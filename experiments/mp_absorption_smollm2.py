@@ -57,6 +57,28 @@ def letter_data(path: Path, model, tok, site: str, cfg: AbsorptionConfig) -> Let
     return data
 
 
+@torch.no_grad()
+def mean_ce(model, site: str, windows: torch.Tensor, mask: torch.Tensor, edit=None, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy over ``windows`` with ``edit(acts) -> acts`` applied at ``site`` on
+    the positions of ``mask`` (None: the clean model). Clean and zero-ablated losses do not depend on the
+    SAE, so they are computed once for every SAE (what :func:`saes.evaluate.downstream_metrics` repeats)."""
+    from interp.sites import add_write_hook, remove_hooks, resolve
+
+    total, count = 0.0, 0
+    for lo in range(0, windows.shape[0], batch_size):
+        ids, m = windows[lo:lo + batch_size], mask[lo:lo + batch_size]
+        handles = add_write_hook(resolve(model, site), lambda a, m=m: torch.where(m[..., None], edit(a), a)) \
+            if edit is not None else []
+        try:
+            logits = model(input_ids=ids).logits
+        finally:
+            remove_hooks(handles)
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(),
+                                               reduction="sum")
+        total, count = total + float(ce), count + ids.shape[0] * (ids.shape[1] - 1)
+    return total / count
+
+
 def arm_sae(arm: str, d_model: int, a: argparse.Namespace, k: int | None):
     if arm == "mp_threshold":
         return saes.build("mpsae", d_model=d_model, d_sae=a.d_sae, n_steps=a.cap, residual_fraction=a.residual_fraction)
@@ -66,7 +88,6 @@ def arm_sae(arm: str, d_model: int, a: argparse.Namespace, k: int | None):
 
 
 def run_one(arm: str, seed: int, k: int | None, batches, test, ctx: dict, a: argparse.Namespace) -> dict:
-    from saes.evaluate import downstream_metrics
     from saes.trainer import TrainConfig, Trainer
 
     t = time.time()
@@ -80,8 +101,9 @@ def run_one(arm: str, seed: int, k: int | None, batches, test, ctx: dict, a: arg
     row = {"arm": arm, "seed": seed, "k": k, "config": sae.cfg.to_dict(), **fvu_study.evaluate(sae, test),
            "train_seconds": round(train_s, 1)}
     row["explained_variance"] = 1 - row["fvu"]
-    ce = downstream_metrics(ctx["model"], sae, ctx["site"], ctx["windows"], splice_mask=ctx["mask"], progress=False)
-    row.update({key: ce[key] for key in ("ce_loss_recovered", "ce_clean", "ce_with_sae", "ce_zero_ablation")})
+    ce = mean_ce(ctx["model"], ctx["site"], ctx["windows"], ctx["mask"], lambda acts: sae(acts).x_hat.to(acts.dtype))
+    clean, zero = ctx["ce_clean"], ctx["ce_zero"]
+    row.update(ce_with_sae=ce, ce_clean=clean, ce_zero_ablation=zero, ce_loss_recovered=(zero - ce) / (zero - clean))
     with torch.no_grad():
         decoder = sae.atoms() if hasattr(sae, "atoms") else sae.W_dec
     ab = first_letter_absorption(sae.encode, decoder.detach(), ctx["letters"], ctx["acfg"], probes=ctx["probes"])
@@ -94,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--layer", type=int, default=10)
-    p.add_argument("--train-tokens", type=int, default=393_216)
-    p.add_argument("--eval-tokens", type=int, default=16_384)
+    p.add_argument("--train-tokens", type=int, default=262_144)
+    p.add_argument("--eval-tokens", type=int, default=8_192)
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--d-sae", type=int, default=2304)
     p.add_argument("--batch", type=int, default=1024)
@@ -106,13 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cap", type=int, default=32, help="threshold-stopped MP-SAE: most pursuit steps per row")
     p.add_argument("--dead-batches", type=int, default=50,
                    help="steps without firing after which a latent counts as dead (TopK's AuxK, MP-SAE's resampling)")
-    p.add_argument("--windows", type=int, default=24, help="token windows for CE loss recovered")
-    p.add_argument("--words-per-letter", type=int, default=AbsorptionConfig.words_per_letter)
-    p.add_argument("--icl-examples", type=int, default=AbsorptionConfig.icl_examples)
+    p.add_argument("--windows", type=int, default=16, help="token windows for CE loss recovered")
+    p.add_argument("--words-per-letter", type=int, default=100)
+    p.add_argument("--icl-examples", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     p.add_argument("--activations", type=Path, default=None, help="safetensors file of captured rows to reuse "
                    "(written if missing; default OUT/activations.safetensors)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     t0 = time.time()
     site = f"blocks.{a.layer}.hook_resid_post"
     from safetensors.torch import load_file, save_file
@@ -138,7 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     probes = letter_probes(letters)
     windows, mask = sample_windows(tok, a.windows, a.context_size, seed=1234)
     ctx = {"model": model, "site": site, "windows": windows, "mask": mask, "letters": letters, "probes": probes,
-           "acfg": acfg}
+           "acfg": acfg, "ce_clean": mean_ce(model, site, windows, mask),
+           "ce_zero": mean_ce(model, site, windows, mask, torch.zeros_like)}
     path = a.out / "results.json"
     results = json.loads(path.read_text())["runs"] if path.is_file() else []
     done = {(r["arm"], r["seed"]) for r in results}

@@ -348,7 +348,7 @@ class MPSAE(SAE):
         sel = self._select(xc, atoms, steps=cfg.n_steps, residual_threshold=0.0, stop_on_repeated_support=False,
                            residual_fraction=cfg.residual_fraction, excluded=excluded)
         _, x_hat_c = mp_pursuit.recompute(xc, atoms, sel)
-        if cfg.resample_every and state.step < cfg.resample_until * state.total_steps:
+        if self._resamples_after(state):
             self._keep_worst_residuals(xc - x_hat_c.detach())
         x_hat = (x_hat_c + self.bias().to(xc.dtype)).to(self.dtype)
         fvu, _ = fvu_loss(x, x_hat, state)
@@ -377,10 +377,15 @@ class MPSAE(SAE):
         if not cfg.decoder_bias:
             with torch.no_grad():
                 self.b_dec.zero_()
-        if (cfg.resample_every and (state.step + 1) % cfg.resample_every == 0 and state.dead_mask is not None
-                and state.step < cfg.resample_until * state.total_steps and self._pool is not None):
+        if self._resamples_after(state) and self._pool is not None:
             resample_dead(self.W_dec, state.dead_mask, *self._pool, seed=state.step)
         self._pool = None
+
+    def _resamples_after(self, state: TrainState) -> bool:
+        """Whether dead atoms are resampled after this training step."""
+        cfg = self.cfg
+        return bool(cfg.resample_every and (state.step + 1) % cfg.resample_every == 0 and state.dead_mask is not None
+                    and state.step < cfg.resample_until * state.total_steps)
 
     @torch.no_grad()
     def init_from_data(self, x: Float[Tensor, "batch d_model"]) -> None:
@@ -393,7 +398,7 @@ class MPSAE(SAE):
 
     @torch.no_grad()
     def _keep_worst_residuals(self, r: Tensor) -> None:
-        """Keep this batch's worst residuals (over every process) for :meth:`after_step`."""
+        """Keep this batch's worst residuals (over every process) for :meth:`after_step` (resample steps only)."""
         sq = r.float().pow(2).sum(1)
         m = min(self.cfg.d_sae, sq.shape[0])
         top = sq.topk(m).indices
