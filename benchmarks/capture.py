@@ -7,6 +7,9 @@ capturing all 30 ``hook_resid_post``; this project capturing only ``blocks.6.hoo
 TransformerLens' TransformerBridge ``run_with_cache`` of all residuals; nnsight tracing the same 30
 sites. Rows are timed round-robin (one call of each per round) and the median is reported, so load
 from other processes hits every row alike. Writes benchmarks/results/capture.json.
+
+``capture`` copies every kept tensor that shares memory with the forward pass (a model may still
+modify it in place), so the all-30 row includes those copies; its target stays <= 1.05x the bare forward.
 """
 
 from __future__ import annotations

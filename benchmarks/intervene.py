@@ -155,7 +155,8 @@ def time_shape(methods, ids, rounds: int, sync) -> dict:
     for r in rows:
         print(f"{r['method']:28s} {r['median_s'] * 1e3:10.2f} {r['median_ratio_to_bare']:14.3f} "
               f"{r.get('median_ratio_to_interp', float('nan')):16.3f} "
-              f"{str(r.get('interp_faster_rounds', '')) + ('/' + str(rounds) if 'interp_faster_rounds' in r else ''):>14s} "
+              f"""{str(r.get('interp_faster_rounds', ''))
+                   + ('/' + str(rounds) if 'interp_faster_rounds' in r else ''):>14s} """
               f"{r.get('sign_test_p', float('nan')):9.2g} {r['max_abs_logit_diff_vs_interp']:13.2e}")
     return {"batch": ids.shape[0], "seq": ids.shape[1], "rounds": rounds, "results": rows}
 
@@ -195,7 +196,8 @@ def main(argv=None) -> int:
     except OSError:
         load = None
     result = {
-        "benchmark": "intervene", "command": "python benchmarks/intervene.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "benchmark": "intervene",
+        "command": "python benchmarks/intervene.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": "smollm2-135m", "device": str(device), "dtype": str(next(model.parameters()).dtype),
         "site": f"blocks.{args.layer}.hook_resid_post", "rank": args.rank,
         "edit": "project out a rank-r subspace at every position",

@@ -157,8 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- SAELens
     sl_row = {}
     try:
-        from sae_lens.saes.matching_pursuit_sae import (MatchingPursuitTrainingSAE,
-                                                         MatchingPursuitTrainingSAEConfig)
+        from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
 
         sl = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
             d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=n_steps, stop_on_duplicate_support=False))
@@ -255,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
               "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-              "note": a.note or "2-core CPU; the load average says whether other jobs shared it (about 1 or less: quiet)"}
+              "note": a.note or "2-core CPU; the load average says whether other jobs shared it "
+                                "(about 1 or less: quiet)"}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))

@@ -107,11 +107,14 @@ def main() -> None:
                 "30% positives, 48 planted neurons per layer); not model activations",
         "settings": {"ks": ks, "method": "f_stat", "C": 1.0, "class_weight": "balanced", "test_size": 0.2,
                      "layer_batch": args.layer_batch, "top_n": 0,
-                     "probes_newton": {f: getattr(probes.SweepConfig(), f) for f in ("hessian_rows", "tol", "max_iter")},
+                     "probes_newton": {f: getattr(probes.SweepConfig(), f)
+                                       for f in ("hessian_rows", "tol", "max_iter")},
                      "torch_threads": torch.get_num_threads(),
-                     "thread_env": {v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
+                     "thread_env": {v: os.environ.get(v)
+                                    for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
                      "device": "cpu"},
-        "wall_seconds": {"probes.sweep": round(t_ours, 3), "sklearn_loop": None if t_peer is None else round(t_peer, 3)},
+        "wall_seconds": {"probes.sweep": round(t_ours, 3),
+                         "sklearn_loop": None if t_peer is None else round(t_peer, 3)},
         "cpu_seconds": {"probes.sweep": round(c_ours, 3), "sklearn_loop": None if c_peer is None else round(c_peer, 3)},
         "speedup_wall": None if t_peer is None else round(t_peer / t_ours, 2),
         "speedup_cpu": None if c_peer is None else round(c_peer / c_ours, 2),

@@ -21,6 +21,13 @@ alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that.
 
     python benchmarks/sae_train.py --cache /tmp/cache_l12 --steps 40
     (write the cache with: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
+
+The cost of the trainer's non-finite guard (:mod:`saes.guard`) is measured in the same run: the rows
+``interp-noguard`` (guard off) and ``interp-grads`` (loss and gradients checked) beside ``interp``
+(the default, loss checked every step); ``summary.guard_overhead_loss`` / ``guard_overhead_grads`` are
+the fractions of step time they cost. Only the guard:
+
+    python benchmarks/sae_train.py --cache DIR --steps 40 --libraries interp interp-noguard interp-grads --repeats 4
 """
 
 from __future__ import annotations
@@ -100,7 +107,7 @@ class Timer:
         self.t.append(time.perf_counter())
 
 
-def run_ours(train, lr, k, d_sae):
+def run_ours(train, lr, k, d_sae, guard: str = "loss"):
     import saes
     from saes.trainer import TrainConfig, Trainer
 
@@ -116,7 +123,7 @@ def run_ours(train, lr, k, d_sae):
 
     n, b = len(train), train[0].shape[0]
     cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
-                      log_every=n)
+                      log_every=n, nonfinite_guard=guard)
     Trainer(sae, cfg).fit(Source())
     timer.tick()
     return timer, lambda x: sae(x).x_hat
@@ -179,7 +186,10 @@ def run_sparsify(train, lr, k, d_sae):
     return timer, lambda x: sae(x).sae_out
 
 
-RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify}
+RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
+           # the same trainer with its non-finite guard off / checking gradients too: the guard's cost
+           "interp-noguard": lambda *a: run_ours(*a, guard="off"),
+           "interp-grads": lambda *a: run_ours(*a, guard="grads")}
 
 
 @torch.no_grad()
@@ -231,7 +241,8 @@ def main() -> None:
     p.add_argument("--d-sae", type=int, default=16 * 576)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--libraries", nargs="+", default=["interp", "sparsify", "saelens"])
+    p.add_argument("--libraries", nargs="+", default=["interp", "interp-noguard", "sparsify", "saelens"],
+                   help=f"any of {sorted(RUNNERS)}; interp-noguard / interp-grads measure the non-finite guard")
     p.add_argument("--repeats", type=int, default=2, help="runs per library (alternating order); best is reported")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
@@ -254,13 +265,14 @@ def main() -> None:
         print(f"{lib}: {runs[lib][-1]}", flush=True)
     lim_after = matmul_limit(args.batch, 576, args.d_sae)
     # the fastest repeat of each library (the one least slowed by other jobs); FVU is deterministic
-    rows = {lib: {**max(rs, key=lambda r: r["tokens_per_s"]), "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs]}
+    rows = {lib: {**max(rs, key=lambda r: r["tokens_per_s"]),
+                  "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs]}
             for lib, rs in runs.items()}
     limit = {k: (lim_before[k] + lim_after[k]) / 2 for k in lim_before}
     ours = rows.get("interp", {})
-    print(f"\n{'library':<10}{'tokens/s':>11}{'final FVU':>11}{'peak RSS MB':>13}{'over data MB':>14}")
+    print(f"\n{'library':<15}{'tokens/s':>11}{'final FVU':>11}{'peak RSS MB':>13}{'over data MB':>14}")
     for lib, r in rows.items():
-        print(f"{lib:<10}{r['tokens_per_s']:>11.0f}{r['final_fvu']:>11.4f}{r['peak_rss_mb']:>13.0f}"
+        print(f"{lib:<15}{r['tokens_per_s']:>11.0f}{r['final_fvu']:>11.4f}{r['peak_rss_mb']:>13.0f}"
               f"{r['peak_rss_over_data_mb']:>14.0f}")
     print(f"encoder matmul alone: {limit['tokens_per_s']:.0f} tokens/s ({limit['gflops']:.1f} GFLOP/s)")
     summary = {}
@@ -272,6 +284,11 @@ def main() -> None:
         if peers_fvu:
             summary["fvu_minus_best_peer"] = ours["final_fvu"] - min(peers_fvu)
         summary["fraction_of_encoder_matmul_limit"] = ours["tokens_per_s"] / limit["tokens_per_s"]
+        if "interp-noguard" in rows:  # > 0: the default guard (loss checked every step) costs this share of a step
+            off = rows["interp-noguard"]["tokens_per_s"]
+            summary["guard_overhead_loss"] = 1 - ours["tokens_per_s"] / off
+            if "interp-grads" in rows:
+                summary["guard_overhead_grads"] = 1 - rows["interp-grads"]["tokens_per_s"] / off
         print(json.dumps(summary, indent=1))
     result = {"benchmark": "sae_train", "site": SITE, "d_sae": args.d_sae, "k": args.k, "batch_tokens": args.batch,
               "steps": args.steps, "eval_batches": args.eval_batches, "dtype": "float32",

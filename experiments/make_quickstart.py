@@ -28,12 +28,14 @@ CELLS = [
            "feeds the trainer (use `interp capture` + `CachedActivations` for long runs)."),
     ("code", "import saes\nfrom saes.trainer import Trainer, TrainConfig\nfrom interp.store import ActivationStore\n\n"
              "SITE = 'blocks.6.hook_resid_post'\n"
-             "store = ActivationStore(model, tok, SITE, batch_tokens=1024, buffer_tokens=16384, context_size=128, epochs=None)\n"
+             "store = ActivationStore(model, tok, SITE, batch_tokens=1024, buffer_tokens=16384, context_size=128, "
+             "epochs=None)\n"
              "sae = saes.build('topk', d_model=576, d_sae=2304, k=16)\n"
              "trainer = Trainer(sae, TrainConfig(total_tokens=N_TOKENS, batch_tokens=1024, log_every=10)).fit(store)\n"
              "sae"),
     ("code", "from saes.evaluate import evaluate\n"
-             "held_out = ActivationStore(model, tok, SITE, batch_tokens=1024, buffer_tokens=4096, seed=1, max_windows=64)\n"
+             "held_out = ActivationStore(model, tok, SITE, batch_tokens=1024, buffer_tokens=4096, seed=1, "
+             "max_windows=64)\n"
              "report = evaluate(sae, (b[SITE] for b in held_out), progress=False)\n"
              "{k: report[k] for k in ('l0_mean', 'explained_variance', 'dead_fraction') if k in report}"),
     ("md", "## 3. Inspect latents\nWhich tokens make a latent fire most?"),
@@ -54,11 +56,13 @@ CELLS = [
              "circle = class_mean_subspace(day_acts[site], labels, order=DAYS)\n"
              "print(circle, circle.meta['cyclic_order'], round(circle.meta['loco_angle_error'], 3))\n"
              "plot_projection(circle, day_acts[site], labels, order=DAYS, title='days at layer 10');"),
-    ("md", "## 5. Intervene: rotate Monday to Thursday\nThe edit acts on the day token; the model repeats the day later."),
+    ("md", "## 5. Intervene: rotate Monday to Thursday\n"
+           "The edit acts on the day token; the model repeats the day later."),
     ("code", "from interp.intervene import intervene\nfrom interp.edits import Rotate\n"
              "prompt = 'I will see you on Monday. To repeat, I will see you on'\n"
              "batch = tok([prompt], return_tensors='pt')\n"
-             "day_pos = int((batch['input_ids'][0] == tok(' Monday', add_special_tokens=False)['input_ids'][0]).nonzero()[0])\n"
+             "day_pos = int((batch['input_ids'][0] == tok(' Monday', add_special_tokens=False)['input_ids'][0])"
+             ".nonzero()[0])\n"
              "day_ids = [tok(' ' + d, add_special_tokens=False)['input_ids'][0] for d in DAYS]\n"
              "def top_day():\n"
              "    with torch.no_grad():\n"

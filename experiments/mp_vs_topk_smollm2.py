@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=1, help="passes over the captured training tokens")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--activations", type=Path, default=None,
-                   help="safetensors file of captured rows to reuse (written if missing; default OUT/activations.safetensors)")
+                   help="safetensors file of captured rows to reuse (written if missing; "
+                        "default OUT/activations.safetensors)")
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -218,12 +218,14 @@ def grid_summary(root: Path) -> dict:
     fig.savefig(root / "grid.png", dpi=120)
     plt.close(fig)
     for r in rows:
-        print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  MP {r['mpsae_recovery_children']:.3f} "
+        print(f"{r['setting']:40s} children wins {r['children_wins']}/{r['n_seeds']}  "
+              f"MP {r['mpsae_recovery_children']:.3f} "
               f"TopK {r['topk_recovery_children']:.3f}  FVU MP {r['mpsae_fvu']:.3f} TopK {r['topk_fvu']:.3f}")
     for name in ("pooled_all", "pooled_sibling_cos_0"):
         p = out[name]
         print(f"{name}: children {p['children_wins']}/{p['pairs']} (mean {p['children_mean_diff']:+.3f}, sign test p "
-              f"{p['children_sign_test_p']:.2g}); parents {p['parents_wins']}/{p['pairs']}; lower FVU {p['fvu_lower']}/{p['pairs']}")
+              f"{p['children_sign_test_p']:.2g}); parents {p['parents_wins']}/{p['pairs']}; "
+              f"lower FVU {p['fvu_lower']}/{p['pairs']}")
     return out
 
 

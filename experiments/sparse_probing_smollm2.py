@@ -169,9 +169,11 @@ def held_out_neuron(ds, feature_entities, result, seed: int, out: Path, name: st
                                    class_names=(f"not {name}", name), dpi=72)
     sign = 1.0 if float(acts[labels == 1].mean()) >= float(acts[labels == 0].mean()) else -1.0
     order = (sign * acts).argsort(descending=True)[:12].tolist()
-    top = [{"token": ds.tokens[test[i]], "label": int(labels[i]), "activation": round(float(acts[i]), 3)} for i in order]
+    top = [{"token": ds.tokens[test[i]], "label": int(labels[i]), "activation": round(float(acts[i]), 3)}
+           for i in order]
     return {"layer": layer, "neuron": neuron, "test_f1": best["f1"], "test_auc": best["auc"],
-            "mean_activation": {"positive": float(acts[labels == 1].mean()), "negative": float(acts[labels == 0].mean())},
+            "mean_activation": {"positive": float(acts[labels == 1].mean()),
+                                "negative": float(acts[labels == 0].mean())},
             "n_test": {"positive": int(labels.sum()), "negative": int((labels == 0).sum())},
             "top_held_out_tokens": top}
 
@@ -194,7 +196,8 @@ def main() -> None:
     args.max_length = 32 if args.quick else 64
     args.tokens_per_doc = 6 if args.quick else 16
     ks = (1, 2, 4, 8, 16) if args.quick else probes.DEFAULT_N_NEURONS  # probe sizes (the paper's k)
-    layers = [int(v) for v in args.layers.split(",")] if args.layers else ([3, 9, 15] if args.quick else list(range(30)))
+    layers = ([int(v) for v in args.layers.split(",")] if args.layers
+              else ([3, 9, 15] if args.quick else list(range(30))))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -210,14 +213,16 @@ def main() -> None:
     for name, (ds, entities) in data.items():
         res = probes.sweep(ds.acts, ds.labels, n_neurons=ks, method=args.method, groups=entities, seed=args.seed,
                            layer_batch=10, top_n=8)
-        res.plot_f1(out / f"f1_vs_k_{name}.png", title=f"{name}: test F1 against k (MLP neurons, {args.method})", dpi=72)
+        res.plot_f1(out / f"f1_vs_k_{name}.png", title=f"{name}: test F1 against k (MLP neurons, {args.method})",
+                    dpi=72)
         res.plot_top_neurons(out / f"top_neurons_{name}.png", title=f"{name}: best single neurons per layer", dpi=72)
         best_per_k = {k: {"layer": best["site"], "f1": best["f1"], "auc": best["auc"]}
                       for k, best in ((k, res.best(n_neurons=k)) for k in ks)}
         report["features"][name] = {
             "n_examples": len(ds), "n_positive": int(sum(int(v) for v in ds.labels)),
-            "n_train": res.n_train, "n_test": res.n_test, "split_by": {"day": "day/month named", "python":
-                                                                       "source file / pydoc topic", "french": "sentence pair"}[name],
+            "n_train": res.n_train, "n_test": res.n_test,
+            "split_by": {"day": "day/month named", "python": "source file / pydoc topic",
+                         "french": "sentence pair"}[name],
             "best_per_k": best_per_k,
             "f1": {site: {r["n_neurons"]: round(r["f1"], 4) for r in res.records if r["site"] == site}
                    for site in res.sites},

@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     import saes
+    from interp.data import sample_windows
     from interp.models import load_model
     from interp.store import ActivationStore, CachedActivations
     from saes.checkpoint import save
-    from interp.data import sample_windows
     from saes.evaluate import evaluate
     from saes.trainer import TrainConfig, Trainer
 

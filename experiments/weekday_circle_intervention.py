@@ -261,7 +261,8 @@ def run(args) -> dict:
     src_idx = torch.tensor([DAYS.index(d) for d in ev_lab])
     base_top, _ = top_days(model, ev_b, day_ids, ev_last)
     R = make_rows(ev_b, ev_lab, ev_day, ev_last, base_top, args.max_rows)
-    pi, tgt, src, batch, last, where, tgt_names = (R[k] for k in ("pi", "tgt", "src", "batch", "last", "where", "tgt_names"))
+    pi, tgt, src, batch, last, where, tgt_names = (R[k] for k in ("pi", "tgt", "src", "batch", "last", "where",
+                                                                  "tgt_names"))
     row_set = [next(k for k, ts in PARTS.items() if held[int(i) // 7] in ts) for i in pi]
     part_mask = {p: m for p in PARTS if (m := torch.tensor([r == p for r in row_set], dtype=torch.bool)).any()}
 
@@ -307,8 +308,8 @@ def run(args) -> dict:
         if len(runs) > 1:
             row["success_per_seed"] = [r["success"] for r in runs]
         results.append(row)
-        print(f"layers {','.join(map(str, group)):18s} {pname:4s} {edit:7s} {row['mode'] or '':6s} x{scale or 1:<4g} success "
-              f"{row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
+        print(f"layers {','.join(map(str, group)):18s} {pname:4s} {edit:7s} {row['mode'] or '':6s} x{scale or 1:<4g} "
+              f"success {row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
         return row
 
     def measure_group(group, pname, scale, mode="scale"):
@@ -363,7 +364,8 @@ def run(args) -> dict:
         c, r = find("circle"), find("random")
         parts = list(part_mask)
         headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r, "replace": find("replace", None, None),
-                    "day_subspace_rank6": full, "random_rank6": rand6, "none": none, "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
+                    "day_subspace_rank6": full, "random_rank6": rand6, "none": none,
+                    "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
                     "met": c["success"] >= 0.6 and r["success"] <= 0.15,
                     "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts},
                     "ci95_by_prompt_bootstrap": {
@@ -397,8 +399,8 @@ def run(args) -> dict:
                 "at s x that layer's circle radius R; random = a random rank-2 plane turned by the same per-row "
                 "angle, same s (and same R in radius mode); replace = whole activation set to the target day's "
                 "mean (fit prompts). The headline configuration is chosen on the fit templates only "
-                "(cross-validated over fit templates); best_circle_after_the_fact is the best sweep row on the held-out prompts "
-                "and is not a held-out result.",
+                "(cross-validated over fit templates); best_circle_after_the_fact is the best sweep row on the "
+                "held-out prompts and is not a held-out result.",
     }
 
 
@@ -417,7 +419,8 @@ def plot(res: dict, path: Path) -> None:
         for layers, mode in keys:
             cs = sorted((c for c in sel["candidates"] if tuple(c["layers"]) == layers and c["mode"] == mode),
                         key=lambda c: c["scale"])
-            name = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius"
+            name = (f"layer {layers[0]}" if len(layers) == 1
+                    else f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius")
             axes[0].plot([c["scale"] for c in cs], [c["success"] for c in cs], "o-" if len(layers) == 1 else "s--",
                          ms=4, label=name)
         axes[0].plot([sel["chosen"]["scale"]], [sel["chosen_fit_success"]], "k*", ms=14, label="chosen")
@@ -474,7 +477,8 @@ def main(argv=None) -> int:
     ap.add_argument("--scales", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 2.0, 3.0, 4.0],
                     help="radius multipliers for the circle edit at the day token (1 = pure rotation); the "
                          "selection on the fit templates chooses among them")
-    ap.add_argument("--select-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[2, 4, 6, 8, 10, 12, 14],
+    ap.add_argument("--select-layers", type=lambda s: [int(x) for x in s.split(",") if x],
+                    default=[2, 4, 6, 8, 10, 12, 14],
                     help="single layers the fit-template selection chooses among (with --scales)")
     ap.add_argument("--select-groups", nargs="*", type=lambda s: [int(x) for x in s.split(",")],
                     default=[[2, 4, 6, 8, 10], [4, 6, 8, 10], [6, 8, 10, 12, 14], [4, 6, 8, 10, 12, 14]],
@@ -510,7 +514,8 @@ def main(argv=None) -> int:
         print(f"chosen on fit templates: layers {ch['layers']} {ch['mode']} x{ch['scale']:g}; held-out success "
               f"{c['success']:.3f} ({per}); random {r['success']:.3f}; no edit {res['control_none']['success']:.3f}; "
               f"replace {h['replace']['success']:.3f}; target met: {h['met']} (per part: {h['met_per_part']}); "
-              f"95% interval of the circle's success (prompt bootstrap) {h['ci95_by_prompt_bootstrap']['circle']['all']}")
+              "95% interval of the circle's success (prompt bootstrap) "
+              f"{h['ci95_by_prompt_bootstrap']['circle']['all']}")
     return 0
 
 

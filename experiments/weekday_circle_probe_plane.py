@@ -4,8 +4,9 @@ The weekday intervention experiment (``weekday_circle_intervention.py``) turns t
 in the top-2 class-mean directions. A circle *probe* is another way to get the plane: regress the
 ideal angle's (cos, sin) (day k at 2*pi*k/7) on the top-``k`` class-mean directions by least squares
 and take the plane spanned by the two fitted readouts (``--k``, default 5; seven day means span at
-most six directions, and the probe can only find a circle plane that lies in the ones it reads). This script scores both planes with the same edits and the same 6 folds of the 24 fit
-templates that the intervention experiment's selection uses; no held-out template is read.
+most six directions, and the probe can only find a circle plane that lies in the ones it reads). This
+script scores both planes with the same edits and the same 6 folds of the 24 fit templates that the
+intervention experiment's selection uses; no held-out template is read.
 
     python experiments/weekday_circle_probe_plane.py --out experiments/results/weekday_intervention [--k 6]
 """
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
               f"class-mean PCA {r['pca_success']:.3f}  circle probe {r['probe_success']:.3f}")
     res = {"experiment": "weekday_circle_probe_plane",
            "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
-           "fit_templates": args.fit_templates, "folds": args.folds, "k": args.k, "rows": score["pca", 0][1], "candidates": table,
+           "fit_templates": args.fit_templates, "folds": args.folds, "k": args.k, "rows": score["pca", 0][1],
+           "candidates": table,
            "best": {p: max(r[f"{p}_success"] for r in table) for p in ("pca", "probe")},
            "note": "Cross-validated success on fit templates only (no held-out template is read)."}
     write_json(Path(args.out) / f"probe_plane_fit_cv_k{args.k}.json", res, indent=2)

@@ -18,13 +18,14 @@ from interp.edits import (
 )
 from interp.errors import CacheError, DataError, InputError, InterpError, ModelLoadError, SiteError
 from interp.intervene import Intervention, intervene
+from interp.layout_check import LayoutCheck, check_layout
 from interp.models import EMBEDDED, load_model
 from interp.positions import Positions
 from interp.sites import Site, resolve, site_names
 from interp.subspace import CircleMap, LinearMap, Subspace, TableMap
 
 __all__ = [
-    "Activations", "capture", "load_model", "EMBEDDED", "Site", "resolve", "site_names",
+    "Activations", "capture", "load_model", "EMBEDDED", "Site", "resolve", "site_names", "check_layout", "LayoutCheck",
     "intervene", "Intervention", "Positions", "Edit", "EditContext", "Compose", "Lambda", "ZeroAblate",
     "ProjectOut", "MeanAblate", "Steer", "Replace", "Patch", "SetCoords", "Rotate", "SaeEdit",
     "Subspace", "CircleMap", "LinearMap", "TableMap",

@@ -29,15 +29,16 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from interp.atomic import atomic_path
+from interp.atomic import atomic_path, save_file
 from interp.atomic import write_json as _write_json
 from interp.capture import site_widths
 from interp.data import load_texts, pack
 from interp.errors import CacheError, InputError
+from interp.folders import folder_lock, inside, remove_temps
 from interp.sites import resolve
 from interp.source import (
     TOKENS,
@@ -125,7 +126,37 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
               "sites": sites, "context_size": context_size, "dtype": dtype_name, "n_tokens": n_tokens,
               "dataset": dataset_name(dataset), "exclude_first": exclude_first, "exclude_special": exclude_special,
               "prepend_bos": prepend_bos, "seed": seed, "world_size": world}
-    mpath = out / "manifest.json"
+    mpath, rpath = out / "manifest.json", out / f"manifest.rank{rank}.json"
+    _, mine = _read_manifests(out, mpath, rpath, header, rank)
+    target = -(-n_tokens // world)  # this rank's share
+    if mine.get("exhausted") or sum(s["rows"] for s in mine["shards"]) >= target:
+        return _info(out, n_tokens, world, added=0)  # nothing to capture: touch no file
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, f".interp-lock.rank{rank}", f"the activation cache at {out} (rank {rank})", error=CacheError):
+        remove_temps(out, f"shard-r{rank}-*")
+        remove_temps(out, f"manifest.rank{rank}.json")
+        if rank == 0:
+            remove_temps(out, "manifest.json")
+        old, mine = _read_manifests(out, mpath, rpath, header, rank)  # again: another writer may have finished
+        if mine.get("exhausted") or sum(s["rows"] for s in mine["shards"]) >= target:
+            return _info(out, n_tokens, world, added=0)
+        widths = site_widths(model, sites)
+        if old is not None and old.get("widths", widths) != widths:
+            raise CacheError(f"{out} holds sites of widths {old['widths']}, but this model gives {widths}: it was "
+                             "cached from another model. Use another output folder.")
+        new = {**(old or {}), **header, "n_tokens": max(n_tokens, (old or {}).get("n_tokens", 0)), "widths": widths,
+               "dtypes": {**{s: dtype_name for s in sites}, TOKENS: "int32"}}
+        if new != old and rank == 0:  # rank 0 owns the header; the other ranks only check it
+            _write_json(mpath, new)
+        added = _capture(model, tokenizer, sites, out, rank, world, mine, rpath, target, dataset=dataset,
+                         context_size=context_size, model_batch_size=model_batch_size, shard_tokens=shard_tokens,
+                         dtype=dtype, exclude_first=exclude_first, exclude_special=exclude_special,
+                         prepend_bos=prepend_bos, text_column=text_column, seed=seed, progress=progress)
+    return _info(out, n_tokens, world, added=added)
+
+
+def _read_manifests(out: Path, mpath: Path, rpath: Path, header: dict, rank: int) -> tuple[dict | None, dict]:
+    """The folder's header (None when new), checked against this call's settings, and this rank's manifest."""
     old = _read_json(mpath) if mpath.exists() else None
     if old is not None:
         if old.get("format") != FORMAT:
@@ -135,21 +166,16 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
         if diff:
             raise CacheError(f"{out} already holds a cache made with other settings {diff} (old, new). "
                              "Use another output folder, or delete this one to start over.")
-    rpath = out / f"manifest.rank{rank}.json"
     mine = _read_json(rpath) if rpath.exists() else {"rank": rank, "shards": [], "windows": 0, "complete": False}
-    target = -(-n_tokens // world)  # this rank's share
+    return old, mine
+
+
+def _capture(model, tokenizer, sites, out: Path, rank: int, world: int, mine: dict, rpath: Path, target: int, *,
+             dataset, context_size, model_batch_size, shard_tokens, dtype, exclude_first, exclude_special,
+             prepend_bos, text_column, seed, progress) -> int:
+    """Capture this rank's windows into shards until it holds `target` rows (or the data ends); returns
+    the rows added. Each shard is renamed into place, then listed in the rank's manifest."""
     done = sum(s["rows"] for s in mine["shards"])
-    if mine.get("exhausted") or done >= target:
-        return _info(out, n_tokens, world, added=0)  # nothing to capture: touch no file
-    out.mkdir(parents=True, exist_ok=True)
-    widths = site_widths(model, sites)
-    if old is not None and old.get("widths", widths) != widths:
-        raise CacheError(f"{out} holds sites of widths {old['widths']}, but this model gives {widths}: it was "
-                         "cached from another model. Use another output folder.")
-    new = {**(old or {}), **header, "n_tokens": max(n_tokens, (old or {}).get("n_tokens", 0)), "widths": widths,
-           "dtypes": {**{s: dtype_name for s in sites}, TOKENS: "int32"}}
-    if new != old:
-        _write_json(mpath, new)
     texts = load_texts(dataset, text_column=text_column, shuffle_seed=seed)
     windows = itertools.islice(pack(texts, tokenizer, context_size, prepend_bos=prepend_bos), rank, None, world)
     chunks = capture_rows(model, tokenizer, sites, itertools.islice(windows, mine["windows"], None),
@@ -176,7 +202,7 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
             mine["exhausted"] = rows < limit
             mine["complete"] = done >= target or mine["exhausted"]
             _write_json(rpath, mine)
-    return _info(out, n_tokens, world, added=added)
+    return added
 
 
 def _info(out: Path, n_tokens: int, world: int, *, added: int) -> CacheInfo:
@@ -187,6 +213,18 @@ def _info(out: Path, n_tokens: int, world: int, *, added: int) -> CacheInfo:
     finished = [m for m in ranks if m.get("exhausted") or held[m["rank"]] >= share]
     return CacheInfo(path=out, rows=sum(held.values()), rows_added=added, requested=n_tokens,
                      complete=len(finished) >= world, exhausted=any(m.get("exhausted") for m in ranks))
+
+
+def _shard_entries(folder: Path, rp: Path) -> list[dict]:
+    """The shards a rank manifest lists, each a file inside `folder` with integer rows and bytes."""
+    shards = _read_json(rp).get("shards")
+    if not isinstance(shards, list):
+        raise CacheError(f"{rp} lists no 'shards'; the cache folder is damaged. Delete the folder and cache again.")
+    for s in shards:
+        if not isinstance(s, dict) or not all(isinstance(s.get(k), int) for k in ("rows", "bytes")):
+            raise CacheError(f"{rp}: shard entry {s!r} needs 'file', 'rows' and 'bytes'; the cache folder is damaged")
+        inside(folder, s.get("file"), str(rp), error=CacheError)
+    return shards
 
 
 class CachedActivations(ActivationSource):
@@ -207,10 +245,11 @@ class CachedActivations(ActivationSource):
                              "interp.cache.cache_activations or `interp capture --out DIR`.")
         self.header = _read_json(self.folder / "manifest.json")
         if self.header.get("format") != FORMAT:
-            raise CacheError(f"{self.folder}/manifest.json has format {self.header.get('format')!r}, expected {FORMAT!r}")
+            raise CacheError(f"{self.folder}/manifest.json has format {self.header.get('format')!r}, "
+                             f"expected {FORMAT!r}")
         self.shards = []
         for rp in sorted(self.folder.glob("manifest.rank*.json")):
-            self.shards += _read_json(rp)["shards"]
+            self.shards += _shard_entries(self.folder, rp)
         if not self.shards:
             raise CacheError(f"{self.folder} holds no finished shard yet (was the caching run interrupted "
                              "before its first shard?). Run the same caching command again to resume.")
@@ -233,7 +272,7 @@ class CachedActivations(ActivationSource):
         return {s: int(widths[s]) for s in self.sites}
 
     def _shard_widths(self, shard: dict) -> dict[str, int]:
-        path = self.folder / shard["file"]
+        path = inside(self.folder, shard["file"], "manifest", error=CacheError)
         try:
             with safe_open(str(path), framework="pt") as f:  # reads the header only, no tensor
                 return {s: f.get_slice(s).get_shape()[-1] for s in self.sites}
@@ -251,7 +290,7 @@ class CachedActivations(ActivationSource):
                 "seed": self.seed}
 
     def _load(self, shard: dict) -> dict[str, Tensor]:
-        path = self.folder / shard["file"]
+        path = inside(self.folder, shard["file"], "manifest", error=CacheError)  # checked again: links may change
         try:
             size = path.stat().st_size
         except OSError as e:

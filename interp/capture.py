@@ -5,7 +5,9 @@
 >>> acts.attention_mask                            # which positions are real tokens
 
 Only this module's hooks are added and removed (by handle, also when the forward raises), the
-model's training flag, attention implementation and parameters are left as they were.
+model's training flag, attention implementation and parameters are left as they were. Captured
+tensors are the caller's: a value that would share memory with a tensor of the forward pass is
+copied (the model may still modify it in place, as Falcon adds attention into its MLP output).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from tqdm.auto import tqdm
 
 from interp.errors import InputError, SiteError
 from interp.positions import PositionsArg, as_positions, last_token_index
-from interp.sites import Site, add_read_hook, remove_hooks, resolve, unwrap
+from interp.sites import Site, add_read_hook, remove_hooks, resolve, unwrap, warn_if_bridged
 
 __all__ = ["Activations", "as_batch", "capture", "last_token_index", "position_ids_for", "run_to_sites", "site_widths",
            "tokenize"]
@@ -127,6 +129,13 @@ def run_to_sites(model: nn.Module, batch: dict[str, Tensor], sites: Sequence[Sit
         remove_hooks(handles)
 
 
+def _own(kept: Tensor, value: Tensor) -> Tensor:
+    """`kept`, copied if it shares memory with the forward pass's `value` (a view, or the tensor itself)."""
+    if kept.device == value.device and kept.untyped_storage().data_ptr() == value.untyped_storage().data_ptr():
+        return kept.clone()
+    return kept
+
+
 def capture(
     model: nn.Module,
     inputs,
@@ -169,6 +178,7 @@ def capture(
     if not names:
         raise InputError("sites is empty: name at least one site, e.g. 'blocks.6.hook_resid_post'")
     resolved = [resolve(model, n) for n in names]
+    warn_if_bridged(model)
     batch = as_batch(inputs, tokenizer)
     n = batch["input_ids"].shape[0]
     if n == 0 or batch["input_ids"].shape[1] == 0:
@@ -183,7 +193,8 @@ def capture(
                          "or one for all rows")
     out: dict[str, list[Tensor]] = {s.name: [] for s in resolved}
     chunks = range(0, n, step)
-    bar = tqdm(chunks, desc="capture", unit="batch", disable=not (progress if progress is not None else len(chunks) > 1))
+    bar = tqdm(chunks, desc="capture", unit="batch",
+               disable=not (progress if progress is not None else len(chunks) > 1))
     for start in bar:
         chunk = {k: v[start:start + step] for k, v in batch.items()}
         mask = chunk["attention_mask"]
@@ -191,11 +202,11 @@ def capture(
         got: dict[str, Tensor] = {}
         handles: list = []
 
-        def recorder(site: Site):
+        def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask):
             def record(value: Tensor) -> None:
                 if site.name not in got:  # a module called twice records its first call
-                    got[site.name] = chunk_pos.take(value.detach(), mask.to(value.device)).to(
-                        device=device, dtype=dtype or value.dtype)
+                    got[site.name] = _own(chunk_pos.take(value.detach(), mask.to(value.device)).to(
+                        device=device, dtype=dtype or value.dtype), value)
             return record
 
         try:

@@ -37,7 +37,8 @@ from interp.models import cache_dir
 DEFAULT = "pydocs"
 DEFAULT_CONTEXT_SIZE = 128
 """Tokens per window wherever a context size is not given."""
-_CORPUS_PACKAGES = ("torch", "transformers", "datasets", "numpy", "pandas", "matplotlib", "huggingface_hub", "accelerate", "networkx", "sympy")
+_CORPUS_PACKAGES = ("torch", "transformers", "datasets", "numpy", "pandas", "matplotlib", "huggingface_hub",
+                    "accelerate", "networkx", "sympy")
 _PROSE_CHARS = re.compile(r"[A-Za-z ,.;:'()\-]")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
@@ -28,10 +29,25 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _is_wrapper(filename: str) -> bool:
+    """Frames added by a runtime type checker's wrappers (beartype, jaxtyping), which are not the caller."""
+    return filename.startswith("<@beartype") or "/jaxtyping/" in filename or "/beartype/" in filename
+
+
 def warn_renamed(owner: str, old: str, new: str, *, stacklevel: int = 2) -> None:
-    """Warn that ``owner``'s ``old`` is now called ``new`` (``stacklevel`` counts from the caller)."""
+    """Warn that ``owner``'s ``old`` is now called ``new`` (``stacklevel`` counts from the caller, not
+    counting the frames of a runtime type checker's wrappers)."""
+    frame, level, real = sys._getframe(1), 1, 1
+    while frame is not None and _is_wrapper(frame.f_code.co_filename):  # this function's own wrapper
+        frame, level = frame.f_back, level + 1
+    while frame is not None and real < stacklevel:
+        frame, level = frame.f_back, level + 1
+        if frame is not None and not _is_wrapper(frame.f_code.co_filename):
+            real += 1
+    while frame is not None and (_is_wrapper(frame.f_code.co_filename) or frame.f_code.co_filename == __file__):
+        frame, level = frame.f_back, level + 1  # never point inside the alias machinery itself
     warnings.warn(f"{owner}: {old!r} is deprecated, use {new!r} instead (same meaning); {old!r} will be "
-                  "removed in the next release", DeprecationWarning, stacklevel=stacklevel + 1)
+                  "removed in the next release", DeprecationWarning, stacklevel=level + 1)
 
 
 def translate(kwargs: Mapping[str, Any], renamed: Mapping[str, str], owner: str, *,

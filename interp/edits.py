@@ -42,6 +42,12 @@ class EditContext:
     site: str = ""
 
 
+def _check_width(v: Tensor, x: Tensor, what: str) -> None:
+    if v.shape[-1] != x.shape[-1]:
+        raise InputError(f"{what} has {v.shape[-1]} values, but the site's activations have width {x.shape[-1]}; "
+                         "give one value per dimension of the site")
+
+
 def per_row(value: Tensor, ctx: EditContext, x: Tensor) -> Tensor:
     """A value given per batch row (``[batch, ...]``) broadcast to the rows of ``x``."""
     return value.to(device=x.device, dtype=x.dtype)[ctx.batch_idx.to(x.device)]
@@ -90,7 +96,8 @@ def as_edit(e) -> Edit:
         return Compose(e)
     if callable(e):
         return Lambda(e)
-    raise InputError(f"an edit is an interp.edits.Edit, a callable fn(x, ctx) or a list of them; got {type(e).__name__}")
+    raise InputError("an edit is an interp.edits.Edit, a callable fn(x, ctx) or a list of them; "
+                     f"got {type(e).__name__}")
 
 
 def _sub(s) -> Subspace:
@@ -158,6 +165,7 @@ class Steer(Edit):
         self.alpha = alpha
 
     def __call__(self, x, ctx):
+        _check_width(self.v, x, "Steer: the steering vector")
         v = self.v.to(device=x.device, dtype=x.dtype)
         if isinstance(self.alpha, Tensor):
             return x + per_row(self.alpha, ctx, x)[..., None] * v
@@ -171,6 +179,7 @@ class Replace(Edit):
         self.value = torch.as_tensor(value).float()
 
     def __call__(self, x, ctx):
+        _check_width(self.value, x, "Replace: the value")
         v = self.value.to(device=x.device, dtype=x.dtype)
         if v.dim() == 2:
             v = per_row(self.value, ctx, x)
@@ -190,7 +199,8 @@ class Patch(Edit):
                  *, source_positions: Int[Tensor, "batch n"] | Sequence | None = None):
         self.source = source.detach() if isinstance(source, Tensor) else torch.as_tensor(source)
         if self.source.dim() not in (2, 3):
-            raise InputError(f"source must be [batch, seq, d_model] or [batch, d_model]; got {tuple(self.source.shape)}")
+            raise InputError("source must be [batch, seq, d_model] or [batch, d_model]; "
+                             f"got {tuple(self.source.shape)}")
         self.subspace = None if subspace is None else _sub(subspace)
         self.source_positions = None if source_positions is None else torch.as_tensor(source_positions).long()
         if self.source_positions is not None and self.source_positions.dim() == 1:

@@ -18,7 +18,7 @@ runs the blocks reads how many columns are already cached (``cache`` / ``past_ke
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from interp.edits import Edit, EditContext, as_edit
 from interp.errors import InputError
 from interp.positions import Positions, as_positions, is_dict_form
-from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap
+from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap, warn_if_bridged
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
 class Intervention:
     """Edits bound to sites; a context manager, or a handle with :meth:`attach` / :meth:`remove`."""
 
-    def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | list], *,
+    def __init__(self, model: nn.Module, edits: Mapping[str | Site, Edit | Callable | list | tuple], *,
                  positions=None, edit_padding: bool = False, tokenizer=None):
         if not isinstance(edits, Mapping) or not edits:
             raise InputError("edits must be a non-empty dict {site name: edit}, e.g. "
@@ -84,6 +84,7 @@ class Intervention:
                              f"{type(edits).__name__}{' (empty)' if isinstance(edits, Mapping) else ''}")
         self.model = model
         sites = [resolve(model, s) for s in edits]
+        warn_if_bridged(model)
         per_site = isinstance(positions, Mapping) and not is_dict_form(positions)
         pos_of = positions if per_site else {}
         unknown = set(pos_of) - {s if isinstance(s, str) else s.name for s in edits}
@@ -238,7 +239,7 @@ class Intervention:
         self.remove()
 
 
-def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | list], *, positions=None,
+def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | Callable | list | tuple], *, positions=None,
               edit_padding: bool = False, tokenizer=None) -> Intervention:
     """Bind edits to sites of `model`: ``with intervene(model, {site: edit}): ...``.
 

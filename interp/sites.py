@@ -16,8 +16,13 @@ A site is named the TransformerLens way, because published SAE checkpoints recor
 A raw module path of the HF model (``model.layers.6``, ``model.layers.6.mlp``) names that module's
 output; append ``:input`` for its first input (``model.layers.6.mlp.down_proj:input``).
 
-Where each site lives inside a block is data (:data:`LAYOUTS`, keyed by ``config.model_type``);
-the list of blocks is discovered. Unknown model types fall back to discovery by child names.
+Where each site lives inside a block is data (:mod:`interp.layouts`, keyed by ``config.model_type``);
+the list of blocks is discovered. An unlisted model type gets a layout discovered from child names,
+and only the sites that :func:`interp.layout_check.check_layout` verifies on the model are accepted.
+:func:`site_names` lists exactly the block sites that :func:`resolve` accepts.
+
+Captured values are the caller's: a hook's tensor that the model may still modify in place is
+copied before it is kept (see :mod:`interp.capture`).
 """
 
 from __future__ import annotations
@@ -25,117 +30,30 @@ from __future__ import annotations
 import re
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from interp.errors import SiteError, closest
-
-KINDS = (
-    "hook_resid_pre",
-    "hook_attn_out",
-    "hook_resid_mid",
-    "mlp.hook_post",
-    "hook_mlp_out",
-    "hook_resid_post",
+from interp.layouts import (
+    KINDS,
+    LAYOUTS,
+    Layout,
+    blocks_path,
+    discover_layout,
+    find_blocks,
+    listed_layout,
+    submodule,
+    unwrap,
+    warn_if_bridged,
 )
-"""Block sites in the order the forward pass reaches them."""
+
+__all__ = ["KINDS", "LAYOUTS", "Site", "add_read_hook", "add_write_hook", "blocks_path", "candidate_site",
+           "find_blocks", "hooks_alive", "is_parallel", "layout_of", "refusal", "remove_hooks", "resolve", "site_names",
+           "unwrap", "warn_if_bridged"]
 
 _SITE_RE = re.compile(r"^blocks\.(\d+)\.(" + "|".join(re.escape(k) for k in KINDS) + r")$")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the sites live inside one block, as module paths relative to the block."""
-
-    attn_out: str
-    """Module whose output is what attention adds to the residual stream."""
-    mlp_out: str
-    """Module whose output is what the MLP adds to the residual stream."""
-    mlp_post: str
-    """Module whose *input* is the MLP's hidden activation (the output projection)."""
-    resid_mid: str | None
-    """Module whose *input* is the residual stream between attention and MLP (a pre-MLP norm);
-    None when the block is parallel (attention and MLP both read resid_pre)."""
-    post_ln: str | None = None
-    """Post-LN encoders (BERT): module whose *output* is resid_mid; resid_mid is then written there."""
-
-
-_LLAMA = Layout("self_attn", "mlp", "mlp.down_proj", "post_attention_layernorm")
-_GEMMA2 = Layout("post_attention_layernorm", "post_feedforward_layernorm", "mlp.down_proj",
-                 "pre_feedforward_layernorm")
-_BERT = Layout("attention.output.dense", "output.dense", "output.dense", None, post_ln="attention")
-
-LAYOUTS: dict[str, Layout] = {
-    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2", "granite")},
-    "phi3": Layout("resid_attn_dropout", "resid_mlp_dropout", "mlp.down_proj", "post_attention_layernorm"),
-    "gemma2": _GEMMA2,
-    "gemma3_text": _GEMMA2,
-    "gpt2": Layout("attn", "mlp", "mlp.c_proj", "ln_2"),
-    "gpt_neox": Layout("post_attention_dropout", "post_mlp_dropout", "mlp.dense_4h_to_h",
-                       "post_attention_layernorm"),
-    "bert": _BERT,
-    "roberta": _BERT,
-}
-
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
-_DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
-_MID_NORM_NAMES = ("post_attention_layernorm", "ln_2", "ffn_norm", "norm2")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a wrapper (TransformerLens' TransformerBridge), else the model."""
-    inner = getattr(model, "__dict__", {}).get("original_model")
-    return inner if isinstance(inner, nn.Module) else model
-
-
-_BLOCKS_PATH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> dotted path of its blocks, so that repeated lookups (every ``intervene`` / ``capture``
-call) do not walk and size every module again."""
-
-
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks: the largest ModuleList of identical modules.
-
-    Matches ``config.num_hidden_layers`` where the config has it. The path found is remembered per
-    model and re-checked (still a non-empty ModuleList of one module type) on every later call.
-    """
-    return blocks_path(model)[1]
-
-
-def blocks_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(dotted path, ModuleList)`` of the transformer blocks inside the (unwrapped) model."""
-    model = unwrap(model)
-    path = _BLOCKS_PATH.get(model)
-    if path is not None:
-        mod = _child(model, path) if path else model
-        if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
-            return path, mod
-    n_expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    best, best_name, best_size = None, "", -1
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        if n_expected is not None and len(mod) != n_expected:
-            continue
-        size = sum(p.numel() for p in mod.parameters())
-        if size > best_size:
-            best, best_name, best_size = mod, name, size
-    if best is None:
-        raise SiteError(
-            f"could not find the transformer blocks of {type(model).__name__}: expected an "
-            f"nn.ModuleList of {n_expected or 'N'} identical blocks. Name raw module paths instead "
-            "(e.g. 'model.layers.6'), or open an issue with the model's class name."
-        )
-    try:
-        _BLOCKS_PATH[model] = best_name
-    except TypeError:  # a model that cannot be weakly referenced: just do not remember
-        pass
-    return best_name, best
 
 
 def hooks_alive(handles: list) -> bool:
@@ -149,39 +67,17 @@ def hooks_alive(handles: list) -> bool:
     return True
 
 
-def _child(root: nn.Module, path: str) -> nn.Module | None:
-    try:
-        return root.get_submodule(path)
-    except AttributeError:
-        return None
-
-
 def layout_of(model: nn.Module) -> Layout:
-    """The :class:`Layout` for this model: from the table, else discovered from child names."""
+    """The :class:`~interp.layouts.Layout` for this model: listed for its ``model_type``, else
+    discovered from its blocks' child names (then only what :func:`_check` verifies is accepted)."""
     model = unwrap(model)
-    mtype = getattr(getattr(model, "config", None), "model_type", None)
-    if mtype in LAYOUTS:
-        return LAYOUTS[mtype]
-    block = find_blocks(model)[0]
-    names = dict(block.named_modules())
-    attn = next((n for n in _ATTN_NAMES if n in names), None)
-    mlp = next((n for n in _MLP_NAMES if n in names), None)
-    down = next((f"{mlp}.{d}" for d in _DOWN_NAMES if mlp and f"{mlp}.{d}" in names), None)
-    mid = next((n for n in _MID_NORM_NAMES if n in names), None)
-    if attn is None or mlp is None or down is None:
-        raise SiteError(
-            f"model type {mtype!r} is not in interp.sites.LAYOUTS and its blocks' children "
-            f"({sorted(n for n in names if n and '.' not in n)}) do not match the usual names. "
-            "Residual sites blocks.L.hook_resid_pre/post still work; for the others add a Layout "
-            "to interp.sites.LAYOUTS or use raw module paths."
-        )
-    return Layout(attn, mlp, down, mid)
+    config = getattr(model, "config", None)
+    return listed_layout(config) or discover_layout(find_blocks(model)[0], config)
 
 
 def is_parallel(model: nn.Module) -> bool:
-    """True when attention and MLP read the same residual (GPT-NeoX, GPT-J, Phi-2)."""
-    cfg = getattr(unwrap(model), "config", None)
-    return bool(getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False))
+    """True when attention and MLP read the same residual (GPT-NeoX, GPT-J, Phi-2, Cohere, Falcon)."""
+    return layout_of(model).parallel
 
 
 @dataclass(frozen=True)
@@ -198,23 +94,112 @@ class Site:
     layer: int | None
     order: tuple[int, int]
     block: nn.Module | None = None
-    # resid_mid of a pre-LN sequential block is read at the pre-MLP norm's input, but written as
-    # resid_pre + attn_out, so writing needs the attention-output module too.
-    write_module: nn.Module | None = None
+    scale: float | None = None
+    """The hooked tensor times ``scale`` is the site's value (Granite's residual multiplier)."""
+    flat: bool = False
+    """The hooked tensor is ``[batch * seq, width]``; the site's value is ``[batch, seq, width]``."""
+    via: Site | None = None
+    """resid_mid of a pre-norm block is read at the pre-MLP norm's input but written as
+    ``resid_pre + attn_out`` through this attn_out site (editing the norm's input would not reach
+    the residual stream)."""
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {type(self.module).__name__}:{self.io})"
 
 
+def candidate_site(model: nn.Module, layer: int, kind: str, layout: Layout | None = None) -> Site:
+    """Where `layout` (default: the model's) puts a block site, without asking whether a
+    discovered layout has been verified. Raises :class:`SiteError` with the reason it cannot."""
+    hf = unwrap(model)
+    blocks = find_blocks(hf)
+    lay = layout or layout_of(hf)
+    block, name, order = blocks[layer], f"blocks.{layer}.{kind}", (layer, KINDS.index(kind))
+    if kind == "hook_resid_pre":
+        return Site(name, block, "input", layer, order, block)
+    if kind == "hook_resid_post":
+        return Site(name, block, "output", layer, order, block)
+    loc = lay.where(kind)
+    path, _, io = (loc or "").partition(":")
+    mod = submodule(block, path) if loc else None
+    if mod is None:
+        raise refusal(hf, layer, kind, lay.refused.get(kind) or f"expected module {path!r} inside the block, but "
+                      "it is not there", lay)
+    scale = None
+    if lay.scale and kind in ("hook_attn_out", "hook_mlp_out"):
+        scale = float(getattr(hf.config, lay.scale))
+        scale = None if scale == 1.0 else scale
+    site = Site(name, mod, io or "output", layer, order, block, scale=scale, flat=kind in lay.flat)
+    if kind == "hook_resid_mid" and io == "input":
+        site = replace(site, via=candidate_site(hf, layer, "hook_attn_out", lay))
+    return site
+
+
+def refusal(model: nn.Module, layer: int, kind: str, why: str, layout: Layout | None = None) -> SiteError:
+    """The one-line error for a block site this model cannot give: which, why, and what to use instead."""
+    hf = unwrap(model)
+    lay = layout or layout_of(hf)
+    path, blocks = blocks_path(hf)
+    block = blocks[layer]
+    mtype = getattr(getattr(hf, "config", None), "model_type", None)
+    if kind == "hook_resid_mid" and lay.parallel:
+        alt = f"use 'blocks.{layer}.hook_resid_pre' plus 'blocks.{layer}.hook_attn_out' instead"
+    else:
+        child = next((n for n, _ in block.named_children()), "")
+        alt = (f"interp.site_names(model) lists the sites it has; a raw module path such as "
+               f"'{path}.{layer}{'.' + child if child else ''}' reads any module")
+        if lay.discovered:
+            alt += f", and a Layout for {mtype!r} in interp.layouts.LAYOUTS gives the block sites"
+    return SiteError(f"site 'blocks.{layer}.{kind}' is refused on {type(block).__name__} (model type {mtype!r}): "
+                     f"{why}; {alt}")
+
+
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> its LayoutCheck, for models whose layout was discovered rather than listed."""
+
+
+def _check(hf: nn.Module):
+    """The verified sites of a discovered layout (the check runs once per model)."""
+    got = _CHECKED.get(hf)
+    if got is None:
+        from interp.layout_check import LayoutCheck, check_layout
+
+        try:
+            got = check_layout(hf)
+        except SiteError as exc:  # no forward pass to check with: only the block boundaries are given
+            n = len(find_blocks(hf))
+            got = LayoutCheck(accepted=(), errors={}, refused={
+                f"blocks.{i}.{k}": str(refusal(hf, i, k, str(exc))) for i in range(n) for k in KINDS})
+        try:
+            _CHECKED[hf] = got
+        except TypeError:  # not weakly referenceable: check again next time
+            pass
+    return got
+
+
 def site_names(model: nn.Module) -> list[str]:
-    """Every canonical block-site name this model has, in forward order."""
-    n = len(find_blocks(model))
-    kinds = [k for k in KINDS if not (k == "hook_resid_mid" and is_parallel(model))]
-    return [f"blocks.{layer}.{k}" for layer in range(n) for k in kinds]
+    """Every block-site name this model accepts, in forward order: exactly what :func:`resolve`,
+    ``capture`` and ``intervene`` accept (sites of an unlisted family only once verified)."""
+    hf = unwrap(model)
+    n = len(find_blocks(hf))
+    lay = layout_of(hf)
+    verified = set(_check(hf).accepted) if lay.discovered else None
+    names = []
+    for layer in range(n):
+        for kind in KINDS:
+            name = f"blocks.{layer}.{kind}"
+            if verified is not None and name not in verified and kind not in ("hook_resid_pre", "hook_resid_post"):
+                continue
+            try:
+                candidate_site(hf, layer, kind, lay)
+            except SiteError:
+                continue
+            names.append(name)
+    return names
 
 
 def resolve(model: nn.Module, name: str | Site) -> Site:
-    """Resolve a site name on `model`; raises :class:`SiteError` naming the closest valid names."""
+    """Resolve a site name on `model`; raises :class:`SiteError` naming the closest valid names,
+    or why a block site this model's family cannot give is refused."""
     if isinstance(name, Site):
         return name
     if not isinstance(name, str):
@@ -230,39 +215,12 @@ def resolve(model: nn.Module, name: str | Site) -> Site:
             f"site {name!r}: layer {layer} does not exist; this model has {len(blocks)} blocks "
             f"(layers 0..{len(blocks) - 1}). Closest: {closest(name, site_names(hf))}"
         )
-    block = blocks[layer]
-    order = (layer, KINDS.index(kind))
-    if kind == "hook_resid_pre":
-        return Site(name, block, "input", layer, order, block)
-    if kind == "hook_resid_post":
-        return Site(name, block, "output", layer, order, block)
     lay = layout_of(hf)
-
-    def sub(path: str) -> nn.Module:
-        mod = _child(block, path)
-        if mod is None:
-            raise SiteError(
-                f"site {name!r}: expected module {path!r} inside {type(block).__name__} (layout for "
-                f"{hf.config.model_type!r}), but it is not there. Use a raw module path instead."
-            )
-        return mod
-
-    if kind == "hook_attn_out":
-        return Site(name, sub(lay.attn_out), "output", layer, order, block)
-    if kind == "hook_mlp_out":
-        return Site(name, sub(lay.mlp_out), "output", layer, order, block)
-    if kind == "mlp.hook_post":
-        return Site(name, sub(lay.mlp_post), "input", layer, order, block)
-    # resid_mid
-    if lay.post_ln is not None:
-        return Site(name, sub(lay.post_ln), "output", layer, order, block)
-    if is_parallel(hf) or lay.resid_mid is None:
-        raise SiteError(
-            f"site {name!r}: {type(block).__name__} is a parallel-residual block (attention and MLP "
-            "both read resid_pre), so there is no residual stream between them. Use "
-            f"'blocks.{layer}.hook_resid_pre' plus 'blocks.{layer}.hook_attn_out' instead."
-        )
-    return Site(name, sub(lay.resid_mid), "input", layer, order, block, write_module=sub(lay.attn_out))
+    if lay.discovered and kind not in ("hook_resid_pre", "hook_resid_post"):
+        refused = _check(hf).refused.get(name)
+        if refused is not None:
+            raise SiteError(refused)
+    return candidate_site(hf, layer, kind, lay)
 
 
 def _resolve_module_path(hf: nn.Module, blocks: nn.ModuleList, name: str) -> Site:
@@ -270,7 +228,7 @@ def _resolve_module_path(hf: nn.Module, blocks: nn.ModuleList, name: str) -> Sit
     io = io or "output"
     if io not in ("input", "output"):
         raise SiteError(f"site {name!r}: the part after ':' must be 'input' or 'output', got {io!r}")
-    mod = _child(hf, path) if path else None
+    mod = submodule(hf, path) if path else None
     if mod is None:
         mod_names = [n for n, _ in hf.named_modules() if n]
         raise SiteError(
@@ -302,7 +260,8 @@ def _first_tensor(value):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise SiteError(f"expected the hooked module to produce a tensor or a tuple starting with one, got {type(value).__name__}")
+    raise SiteError("expected the hooked module to produce a tensor or a tuple starting with one, got "
+                    f"{type(value).__name__}")
 
 
 def _input_tensor(args, kwargs):
@@ -330,43 +289,79 @@ def _replace_input(args, kwargs, new):
     return args, {**kwargs, key: new}
 
 
+def _shape_keeper(site: Site) -> tuple[list, dict]:
+    """For a flat site: a pre-hook on its block that keeps the block's ``(batch, seq)``."""
+    shape: dict[str, tuple[int, int]] = {}
+    if not site.flat:
+        return [], shape
+
+    def keep(_m, args, kwargs):
+        shape["bs"] = tuple(_input_tensor(args, kwargs).shape[:2])
+
+    return [site.block.register_forward_pre_hook(keep, with_kwargs=True)], shape
+
+
+def _value(site: Site, raw: torch.Tensor, shape: dict) -> torch.Tensor:
+    """The site's value from the hooked tensor: unflattened, times the residual multiplier."""
+    if site.flat and raw.dim() == 2 and "bs" in shape:
+        raw = raw.view(*shape["bs"], raw.shape[-1])
+    return raw * site.scale if site.scale is not None else raw
+
+
 def add_read_hook(site: Site, fn: Callable[[torch.Tensor], None]) -> list:
-    """Call ``fn(value)`` each time the site is reached. Returns the hook handles."""
+    """Call ``fn(value)`` each time the site is reached. Returns the hook handles.
+
+    ``value`` may be the model's own tensor: copy it before keeping it (the model may modify it in
+    place later in the same forward pass, as Falcon does with its MLP output)."""
+    handles, shape = _shape_keeper(site)
     if site.io == "output":
-        return [site.module.register_forward_hook(lambda _m, _a, out: fn(_first_tensor(out)))]
-    return [site.module.register_forward_pre_hook(
-        lambda _m, args, kwargs: fn(_input_tensor(args, kwargs)), with_kwargs=True)]
+        handles.append(site.module.register_forward_hook(
+            lambda _m, _a, out: fn(_value(site, _first_tensor(out), shape))))
+    else:
+        handles.append(site.module.register_forward_pre_hook(
+            lambda _m, args, kwargs: fn(_value(site, _input_tensor(args, kwargs), shape)), with_kwargs=True))
+    return handles
 
 
 def add_write_hook(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> list:
     """Replace the site's value by ``fn(value)``; ``fn`` must return a new tensor (or the same
-    object to leave the forward pass untouched). Returns the hook handles."""
-    if site.write_module is not None:  # resid_mid of a pre-LN block: resid_pre + attn_out
+    object to leave the forward pass untouched, bitwise). Returns the hook handles."""
+    if site.via is not None:  # resid_mid of a pre-norm block: written as resid_pre + attn_out
         state: dict[str, torch.Tensor] = {}
 
         def keep_pre(_m, args, kwargs):
             state["pre"] = _input_tensor(args, kwargs)
 
-        def edit_attn(_m, _a, out):
-            attn = _first_tensor(out)
+        def through_attn(attn: torch.Tensor) -> torch.Tensor:
             mid = state["pre"] + attn
             new = fn(mid)
-            return None if new is mid else _replace_output(out, new - state["pre"])
+            return attn if new is mid else attn + (new - mid)
 
         return [site.block.register_forward_pre_hook(keep_pre, with_kwargs=True),
-                site.write_module.register_forward_hook(edit_attn)]
+                *add_write_hook(site.via, through_attn)]
+    handles, shape = _shape_keeper(site)
+
+    def edited(raw: torch.Tensor) -> torch.Tensor | None:
+        old = _value(site, raw, shape)
+        new = fn(old)
+        if new is old:
+            return None
+        if site.scale is not None:  # add the change, so that the model's own product is kept exactly
+            new = raw + ((new - old) / site.scale).reshape(raw.shape)
+        return new.reshape(raw.shape) if site.flat else new
+
     if site.io == "output":
         def out_hook(_m, _a, out):
-            old = _first_tensor(out)
-            new = fn(old)
-            return None if new is old else _replace_output(out, new)
-        return [site.module.register_forward_hook(out_hook)]
+            new = edited(_first_tensor(out))
+            return None if new is None else _replace_output(out, new)
+        handles.append(site.module.register_forward_hook(out_hook))
+        return handles
 
     def in_hook(_m, args, kwargs):
-        old = _input_tensor(args, kwargs)
-        new = fn(old)
-        return None if new is old else _replace_input(args, kwargs, new)
-    return [site.module.register_forward_pre_hook(in_hook, with_kwargs=True)]
+        new = edited(_input_tensor(args, kwargs))
+        return None if new is None else _replace_input(args, kwargs, new)
+    handles.append(site.module.register_forward_pre_hook(in_hook, with_kwargs=True))
+    return handles
 
 
 def remove_hooks(handles: list) -> None:

@@ -22,11 +22,13 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
-from interp.atomic import atomic_path, write_json
+from interp.atomic import atomic_path, save_file, write_json
 from interp.errors import InputError
+from interp.folders import inside
 
 
 @dataclass
@@ -96,7 +98,8 @@ class TableMap:
 
     def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
         """Index of the nearest class mean."""
-        return torch.cdist(coords.reshape(-1, coords.shape[-1]), self.coords.to(coords)).argmin(-1).reshape(coords.shape[:-1])
+        return torch.cdist(coords.reshape(-1, coords.shape[-1]),
+                           self.coords.to(coords)).argmin(-1).reshape(coords.shape[:-1])
 
 
 CoordMap = CircleMap | LinearMap | TableMap
@@ -136,11 +139,13 @@ class Subspace:
 
     def __repr__(self) -> str:
         cm = f", map={self.coord_map.kind}" if self.coord_map is not None else ""
-        return f"Subspace(rank={self.rank}, d_model={self.d_model}{cm}{', name=' + repr(self.name) if self.name else ''})"
+        return (f"Subspace(rank={self.rank}, d_model={self.d_model}{cm}"
+                f"{', name=' + repr(self.name) if self.name else ''})")
 
     def _bo(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[-1] != self.d_model:
-            raise InputError(f"activations must end in d_model={self.d_model}; got shape {tuple(x.shape)}")
+            raise InputError(f"activations must end in d_model={self.d_model}; got shape {tuple(x.shape)}. The "
+                             "subspace was found at a site of another width (another site or model?)")
         return self.basis.to(device=x.device, dtype=x.dtype), self.origin.to(device=x.device, dtype=x.dtype)
 
     def project(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... rank"]:
@@ -216,14 +221,20 @@ class Subspace:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Subspace:
         path = Path(path)
+        files = [inside(path, n, str(path), error=InputError) for n in ("subspace.json", "subspace.safetensors")]
         try:
-            info = json.loads((path / "subspace.json").read_text())
-            t = load_file(str(path / "subspace.safetensors"))
-        except (OSError, ValueError) as e:
-            raise InputError(f"{path} is not a readable subspace folder (subspace.json + "
-                             f"subspace.safetensors): {e}") from e
-        if info.get("format") != "interp.subspace/1":
-            raise InputError(f"{path / 'subspace.json'}: unknown format {info.get('format')!r}")
+            info = json.loads(files[0].read_text(encoding="utf-8"))
+            t = load_file(str(files[1]))
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: not a safetensors file (a pickle?)
+            raise InputError(f"{path} is not a readable subspace folder (subspace.json + subspace.safetensors; "
+                             f"pickles are never read): {' '.join(str(e).split())}") from None
+        if not isinstance(info, dict) or info.get("format") != "interp.subspace/1":
+            raise InputError(f"{path / 'subspace.json'}: unknown format "
+                             f"{info.get('format') if isinstance(info, dict) else type(info).__name__!r}")
+        bad = sorted(k for k, v in t.items() if v.is_floating_point() and not bool(torch.isfinite(v).all()))
+        if bad or "basis" not in t or "origin" not in t:
+            raise InputError(f"{path / 'subspace.safetensors'}: " + (f"tensors {bad} hold NaN or inf" if bad else
+                             f"needs tensors 'basis' and 'origin', has {sorted(t)}") + "; save the subspace again")
         cm = info.get("coord_map")
         coord_map = None
         if cm:

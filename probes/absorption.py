@@ -142,7 +142,7 @@ def _single_token(tokenizer, text: str) -> list[int]:
 
 def first_letter_prompts(tokenizer, cfg: AbsorptionConfig = AbsorptionConfig()) -> tuple[list[list[int]], LetterData]:
     """Token ids of one prompt per sampled word (the word is the last token), and the words' labels
-    and split (``acts`` left empty). The prompt is ``icl_examples`` lines ``"{w} has the first
+    and split (``acts`` left empty: ``[n, 0]``). The prompt is ``icl_examples`` lines ``"{w} has the first
     letter: {L}"`` of other words, then the word."""
     vocab = word_tokens(tokenizer)
     if not vocab:
@@ -174,7 +174,7 @@ def first_letter_prompts(tokenizer, cfg: AbsorptionConfig = AbsorptionConfig()) 
     held = torch.randperm(len(groups), generator=gen)[: round(cfg.test_fraction * len(groups))]
     held_words = {groups[int(j)] for j in held}
     test = torch.tensor([w.strip().lower() in held_words for w in words])
-    return prompts, LetterData(torch.empty(0), labels, test, words)
+    return prompts, LetterData(torch.empty(len(words), 0), labels, test, words)
 
 
 @torch.no_grad()
@@ -193,8 +193,7 @@ def first_letter_data(model, tokenizer, site: str, cfg: AbsorptionConfig = Absor
         mask[r, width - len(p):] = 1
     acts = capture(model, {"input_ids": ids, "attention_mask": mask}, site, positions="last",
                    batch_size=cfg.batch_size, dtype=torch.float32, progress=progress)[site]
-    data.acts = acts
-    return data
+    return dataclasses.replace(data, acts=acts)
 
 
 @dataclass
@@ -243,9 +242,11 @@ def main_latents(codes_train: Tensor, y_train: Tensor, codes_test: Tensor, y_tes
     y_train, y_test = y_train.bool(), y_test.bool()
     first = SparseProbe(1, cfg.method).fit(codes_train, y_train)
     fires_more = codes_train[y_train].mean(0) > codes_train[~y_train].mean(0)
-    ranking = first.ranking_[fires_more[first.ranking_]]
+    more = fires_more[first.ranking_]
+    # the latents that fire more on the class first (only those are tried), the rest after them
+    ranking = torch.cat([first.ranking_[more], first.ranking_[~more]])
     best, chosen, f1s = -1.0, [], []
-    for k in range(1, min(cfg.max_latents, len(ranking)) + 1):
+    for k in range(1, min(cfg.max_latents, int(more.sum())) + 1):
         probe = SparseProbe(k, cfg.method).fit(codes_train, y_train, ranking=ranking)
         score = float(f1(y_test.float(), (probe.decision_function(codes_test) > 0).float()))
         f1s.append(score)

@@ -62,10 +62,10 @@ def _broadcast(v, like: Tensor, name: str) -> Tensor:
 
 def fit_logistic(
     x: Float[Tensor, "batch n k"],
-    y: Float[Tensor, "*batch n"],
+    y: Float[Tensor, "*#batch n"],
     *,
     C: float | Float[Tensor, " batch"] = 1.0,
-    sample_weight: Float[Tensor, "*batch n"] | None = None,
+    sample_weight: Float[Tensor, "*#batch n"] | None = None,
     fit_intercept: bool = True,
     solver: str = "auto",
     max_iter: int = 100,
@@ -96,7 +96,7 @@ def fit_logistic(
 
 def fit_logistic_logits(
     x: Float[Tensor, "batch n k"],
-    y: Float[Tensor, "*batch n"],
+    y: Float[Tensor, "*#batch n"],
     *,
     init_logits: Float[Tensor, "batch n"] | None = None,
     **options,

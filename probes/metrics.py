@@ -94,7 +94,7 @@ def spearman(y: Float[Tensor, "*batch n"], pred: Float[Tensor, "*batch n"]) -> F
 
 
 def classification_report(
-    y: Float[Tensor, "*batch n"], score: Float[Tensor, "*batch n"], threshold: float = 0.0
+    y: Float[Tensor, "*#batch n"], score: Float[Tensor, "*batch n"], threshold: float = 0.0
 ) -> dict[str, Tensor]:
     """Accuracy, precision, recall, F1 (predicting ``score > threshold``) and AUC, each ``[*batch]``."""
     pred = (score > threshold).float()
@@ -103,7 +103,7 @@ def classification_report(
             "f1": f1(y, pred), "auc": roc_auc(y, score)}
 
 
-def regression_report(y: Float[Tensor, "*batch n"], pred: Float[Tensor, "*batch n"]) -> dict[str, Tensor]:
+def regression_report(y: Float[Tensor, "*#batch n"], pred: Float[Tensor, "*batch n"]) -> dict[str, Tensor]:
     """R^2 and Spearman correlation, each ``[*batch]``."""
     y = y.float().expand_as(pred)
     return {"r2": r2(y, pred), "spearman": spearman(y, pred)}

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from interp.errors import InputError
 from probes.logistic import NEWTON_MAX_K, fit_logistic
+from probes.split import check_finite
 
 METHODS = ("mean_diff", "f_stat", "mutual_info", "l1", "adaptive")
 """Names accepted by :func:`rank_neurons` (aliases: anova, mi, lasso, at)."""
@@ -257,7 +258,7 @@ def _screened(x: Tensor, y: Tensor, max_candidates: int | None, rank_fn) -> Tens
 
 
 def rank_neurons(
-    x: Float[Tensor, "layer n d"],
+    x: Float[Tensor, "*layer n d"],
     y: Float[Tensor, " n"],
     method: str = "f_stat",
     *,
@@ -265,7 +266,7 @@ def rank_neurons(
     C: float = 1.0,
     standardize: bool = False,
     max_candidates: int | None = 512,
-) -> Int[Tensor, "layer d"]:
+) -> Int[Tensor, "*layer d"]:
     """Rank the neurons of each layer by ``method`` (see the module docstring); most useful first.
 
     Args:
@@ -288,6 +289,7 @@ def rank_neurons(
     if x.dim() != 3 or y.dim() != 1 or y.shape[0] != x.shape[1]:
         raise InputError(f"expected x [layer, n, d] and y [n]; got x {tuple(x.shape)} and y {tuple(y.shape)}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    check_finite(x, "x")
     if method == "mean_diff":
         return rank_by_score(mean_diff_scores(x, y, standardize))
     if method == "f_stat":

@@ -25,7 +25,18 @@ def as_features(x, name: str = "X") -> Float[Tensor, "n d"]:
                          "Capture one position per example (positions='last') or aggregate first")
     if not t.is_floating_point():
         t = t.float()
+    check_finite(t, name)
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def check_finite(x: Tensor, name: str = "X") -> None:
+    """Refuse activations holding NaN or inf (every fit would fail or, worse, silently rank them)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = bad.reshape(-1, x.shape[-1]).any(-1).nonzero().flatten() if x.dim() else torch.zeros(1)
+        raise InputError(f"{name} holds {int(bad.sum())} NaN or infinite values, in {rows.numel()} rows (first: "
+                         f"{rows[:5].tolist()}, counting rows over the leading dimensions); drop or fix those rows "
+                         "(a float16 capture that overflowed gives inf: capture in float32)")
 
 
 def encode_labels(y, n: int | None = None) -> tuple[Float[Tensor, " n"], list]:
@@ -67,7 +78,7 @@ def train_test_split(
     test_size: float = 0.2,
     seed: int = 0,
     stratify: Tensor | None = None,
-    groups: Sequence | Tensor | None = None,
+    groups: Sequence | Tensor | np.ndarray | None = None,
 ) -> tuple[Int[Tensor, " n_train"], Int[Tensor, " n_test"]]:
     """Indices of a train/test split fixed by `seed`.
 

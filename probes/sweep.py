@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -29,9 +30,15 @@ from interp.errors import InputError
 from probes.logistic import balanced_weights, fit_logistic, fit_logistic_logits, predict_logits
 from probes.metrics import classification_report, f1
 from probes.results import SweepRecord, SweepResult
-from probes.selection import (_class_stats, _f_stat_from_stats, _mean_diff_from_stats, canonical_method, rank_by_score,
-                              rank_neurons)
-from probes.split import check_both_classes, encode_labels, train_test_split, undersample
+from probes.selection import (
+    _class_stats,
+    _f_stat_from_stats,
+    _mean_diff_from_stats,
+    canonical_method,
+    rank_by_score,
+    rank_neurons,
+)
+from probes.split import check_both_classes, check_finite, encode_labels, train_test_split, undersample
 
 DEFAULT_N_NEURONS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """The probe sizes the paper sweeps (powers of two up to 256)."""
@@ -122,11 +129,28 @@ def _as_sites(activations) -> dict[str, Tensor]:
             raise InputError(f"site {name!r}: activations must be [n, d]; got shape {tuple(t.shape)}. Capture one "
                              "position per example (positions='last' or a boolean mask), or pool [batch, seq, d] "
                              "with probes.aggregate_tokens(x, attention_mask)")
+        check_finite(t, f"site {name!r}")
         out[name] = t
     sizes = {t.shape[0] for t in out.values()}
     if len(sizes) != 1:
         raise InputError(f"every site must hold the same examples; got row counts {sorted(sizes)}")
     return out
+
+
+def _check_sizes(sizes: tuple[int, ...], widths: dict[str, int]) -> None:
+    """Warn about probe sizes some sites are too narrow for; refuse sizes that fit no site at all."""
+    if min(sizes) > max(widths.values()):
+        raise InputError(f"n_neurons={list(sizes)}: every size exceeds the width of every site ({max(widths.values())} "
+                         "neurons at most), so no probe can be fitted; choose sizes up to the sites' width")
+    dropped = {}
+    for name, width in widths.items():
+        over = [k for k in sizes if k > width]
+        if over:
+            dropped.setdefault((tuple(over), width), []).append(name)
+    for (over, width), names in dropped.items():
+        shown = names if len(names) <= 5 else names[:5] + [f"... {len(names) - 5} more"]
+        warnings.warn(f"n_neurons {list(over)} exceed the {width} neurons of site(s) {shown}: no probe of those "
+                      "sizes is fitted there (the other sizes and sites are)", UserWarning, stacklevel=3)
 
 
 @renamed_keywords({"ks": "n_neurons", "activations_by_layer": "activations_by_site"})
@@ -153,6 +177,10 @@ def sweep(
         groups: one id per example (document, entity); whole groups go to train or test.
         config: a :class:`SweepConfig`; other keyword options (``C``, ``seed``, ``balance``,
             ``device`` ...) build one, or replace its fields.
+
+    Probe sizes larger than a site's width are skipped for that site with a ``UserWarning`` naming the
+    sizes and sites: a partial result is what a sweep over sites of several widths wants (the other
+    sizes and sites are still fitted). When no size fits any site, :class:`InputError`.
     """
     if n_neurons is not None:
         options["n_neurons"] = tuple(n_neurons)
@@ -168,6 +196,7 @@ def sweep(
         train = train[undersample(y[train], config.seed)]
     check_both_classes(y[train], "the training split")
     check_both_classes(y[test], "the test split")
+    _check_sizes(config.n_neurons, {name: t.shape[1] for name, t in sites.items()})
     by_width: dict[int, list[str]] = {}
     for name, t in sites.items():
         by_width.setdefault(t.shape[1], []).append(name)

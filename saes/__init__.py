@@ -10,12 +10,12 @@ from saes.checkpoint import Checkpoint, annotate, load, read, save
 from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics
 from saes.jumprelu import JumpReluConfig, JumpReluSAE
 from saes.locate import list_sites
+from saes.losses import TrainState, TrainStep
 from saes.mp import MPSAE, MPSAEConfig
 from saes.publish import PublishError, publish
 from saes.relu import ReluConfig, ReluSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.trainer import TrainConfig, Trainer
-from saes.losses import TrainState, TrainStep
 
 __all__ = [
     "SAE", "SAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",

@@ -39,7 +39,8 @@ class BatchTopKConfig(SAEConfig):
         if self.k_aux is not None and (not isinstance(self.k_aux, int) or self.k_aux < 1):
             raise SAEError(f"{type(self).__name__}.k_aux must be a positive integer or None, got {self.k_aux!r}")
         if not 0 < self.threshold_momentum <= 1:
-            raise SAEError(f"{type(self).__name__}.threshold_momentum must be in (0, 1], got {self.threshold_momentum!r}")
+            raise SAEError(f"{type(self).__name__}.threshold_momentum must be in (0, 1], "
+                           f"got {self.threshold_momentum!r}")
 
 
 @register("batchtopk")

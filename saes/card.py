@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from interp.atomic import atomic_path
 from interp.deprecation import renamed_function
 from saes.checkpoint import Checkpoint
 from saes.evaluate import DENSITY_PLOT
@@ -186,9 +187,8 @@ def plot_latent_density(checkpoints: dict[str, Checkpoint], path: str | os.PathL
     ax.set_title("Latent density")
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -29,13 +29,24 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import save_file
 from torch import Tensor
 
+from interp.atomic import save_file
+from interp.folders import remove_temps, temp_name
 from saes import peers
 from saes.base import REGISTRY, SAE, SAEError
-from saes.locate import (CFG_FILENAME, SPARSIFY_WEIGHTS, SPARSITY_FILENAME, WEIGHTS_FILENAME,
-                         is_sparsify_layout, list_sites, locate, no_checkpoint, read_cfg)
+from saes.locate import (
+    CFG_FILENAME,
+    SPARSIFY_WEIGHTS,
+    SPARSITY_FILENAME,
+    WEIGHTS_FILENAME,
+    confine,
+    is_sparsify_layout,
+    list_sites,
+    locate,
+    no_checkpoint,
+    read_cfg,
+)
 from saes.safetensors_check import CheckpointError, load_tensors, read_header
 
 __all__ = ["Checkpoint", "CheckpointError", "save", "load", "read", "annotate", "list_sites", "FORMAT_VERSION"]
@@ -118,13 +129,14 @@ def save(
         raise SAEError(f"save() needs an SAE whose class is registered in saes.REGISTRY, got "
                        f"{type(sae).__name__} (architecture {getattr(sae, 'architecture', None)!r})")
     folder = Path(folder)
+    peers.check_finite(sae, f"save({folder})")
     cfg_json = _cfg_json(sae, metadata, training)
     state = {k: v.to("cpu", copy=True).contiguous() for k, v in peers.file_tensors(sae, "interp").items()}
     sparsity_state = None if sparsity is None else {"sparsity": _log_sparsity(sparsity, sae.cfg.d_sae)}
     _check_target(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    remove_temps(folder.parent, folder.name)  # left by a save of this folder that was killed
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_name(folder.name)))
     try:
         save_file(state, str(tmp / WEIGHTS_FILENAME), metadata={"format": "pt"})
         if sparsity_state is not None:
@@ -199,7 +211,8 @@ def _swap_in(tmp: Path, folder: Path) -> None:
     if not folder.exists():
         os.replace(tmp, folder)
         return
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
+    old = Path(tempfile.mkdtemp(dir=folder.parent, prefix=temp_name(folder.name)))
+    old.rmdir()
     os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
@@ -246,6 +259,8 @@ def read(path_or_repo_id: str | os.PathLike, site: str | None = None,
     folder = locate(path_or_repo_id, site)
     if not (folder / CFG_FILENAME).is_file():
         raise no_checkpoint(folder)
+    if Path(path_or_repo_id).exists():  # a local folder (Hub downloads are links into the Hub cache)
+        confine(folder)
     where = str(folder / CFG_FILENAME)
     cfg = read_cfg(folder / CFG_FILENAME)
     if PROJECT_KEY in cfg:

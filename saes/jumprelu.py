@@ -70,7 +70,8 @@ class JumpReluConfig(SAEConfig):
         if not self.bandwidth > 0:
             raise SAEError(f"{type(self).__name__}.bandwidth must be > 0, got {self.bandwidth!r}")
         if not isinstance(self.l0_warmup_steps, int) or self.l0_warmup_steps < 0:
-            raise SAEError(f"{type(self).__name__}.l0_warmup_steps must be an integer >= 0, got {self.l0_warmup_steps!r}")
+            raise SAEError(f"{type(self).__name__}.l0_warmup_steps must be an integer >= 0, "
+                           f"got {self.l0_warmup_steps!r}")
 
 
 @register("jumprelu")

@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from interp.folders import inside
+from interp.models import looks_local
 from saes.safetensors_check import CheckpointError
 
 CFG_FILENAME = "cfg.json"
@@ -47,9 +49,10 @@ def locate(path_or_repo_id: str | os.PathLike, site: str | None) -> Path:
         if not path.is_dir():
             raise CheckpointError(f"{path}: expected an SAE folder ({CFG_FILENAME} + safetensors), got a file")
         return _pick_site(path, site, list_sites(path))
-    if isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id):
+    if isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not looks_local(path_or_repo_id):
         return download(path_or_repo_id, site)
-    raise CheckpointError(f"{path_or_repo_id}: no such folder, and not a Hub repo id ('owner/name')")
+    raise CheckpointError(f"{path_or_repo_id}: no such folder, and not a Hub repo id ('owner/name'); a path that "
+                          "can only be local is never looked up on the Hub")
 
 
 def _pick_site(root: Path, site: str | None, sites: list[str]) -> Path:
@@ -95,6 +98,13 @@ def download(repo_id: str, site: str | None) -> Path:
         raise CheckpointError(f"{repo_id}: no such local folder, and fetching site {site!r} from the Hugging Face "
                               f"Hub failed ({type(e).__name__}: {e})") from e
     return cfg_path.parent
+
+
+def confine(folder: Path) -> None:
+    """Every checkpoint file in `folder` lies inside it: a link to a file elsewhere is refused."""
+    for name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME, SPARSIFY_WEIGHTS):
+        if (folder / name).is_symlink():
+            inside(folder, name, str(folder), error=CheckpointError)
 
 
 def is_sparsify_layout(cfg: dict[str, Any]) -> bool:

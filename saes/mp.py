@@ -227,6 +227,14 @@ class MPSAE(SAE):
         """``b_dec``, or zeros with ``decoder_bias=False`` (whatever a trainer wrote into ``b_dec``)."""
         return self.b_dec if self.cfg.decoder_bias else torch.zeros_like(self.b_dec)
 
+    def _check_finite(self, x: Tensor) -> None:
+        """The pursuit would give a NaN or inf row zero codes without a word: refuse it instead."""
+        if isinstance(x, Tensor) and not bool(torch.isfinite(x).all()):
+            bad = (~torch.isfinite(x)).reshape(-1, x.shape[-1]).any(-1).nonzero().flatten()
+            raise SAEError(f"MPSAE input rows {bad[:10].tolist()}{' ...' if bad.numel() > 10 else ''} "
+                           f"({bad.numel()} of {x.reshape(-1, x.shape[-1]).shape[0]}, counted over the flattened "
+                           "leading dimensions) hold NaN or inf; the pursuit cannot encode them: drop or fix them")
+
     def _center(self, x: Tensor) -> Tensor:
         self._check_input(x)
         x = x.reshape(-1, self.cfg.d_model).to(self._work_dtype())
@@ -281,6 +289,7 @@ class MPSAE(SAE):
         residual_fraction: float | None = None,
     ) -> MpResult:
         """Run the pursuit without autograd; options default to the config (eval-mode rules)."""
+        self._check_finite(x)
         opts = self._inference_options(max_iterations, residual_threshold, stop_on_repeated_support,
                                        residual_fraction)
         lead = x.shape[:-1]
@@ -307,6 +316,7 @@ class MPSAE(SAE):
         return torch.is_grad_enabled() and (self.W_dec.requires_grad or self.b_dec.requires_grad)
 
     def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        self._check_finite(x)
         lead = x.shape[:-1]
         if not self._needs_grad():
             with torch.no_grad():  # codes only: no reconstruction needed
@@ -329,6 +339,7 @@ class MPSAE(SAE):
         return codes @ self.atoms() + self.bias()
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> SaeOutput:
+        self._check_finite(x)
         lead = x.shape[:-1]
         if not self._needs_grad():
             res = self.pursue(x)

@@ -229,7 +229,8 @@ def recompute(
     return torch.stack(zs, 1), x - r
 
 
-def dense_codes(sel_indices: Int[Tensor, "n steps"], z: Float[Tensor, "n steps"], d_sae: int) -> Float[Tensor, "n d_sae"]:
+def dense_codes(sel_indices: Int[Tensor, "n steps"], z: Float[Tensor, "n steps"],
+                d_sae: int) -> Float[Tensor, "n d_sae"]:
     """Scatter per-step coefficients into dense codes (a re-picked atom's coefficients add up)."""
     out = torch.zeros(z.shape[0], d_sae, dtype=z.dtype, device=z.device)
     return out.scatter_add(1, sel_indices, z)

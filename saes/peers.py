@@ -179,8 +179,19 @@ class Imported:
     they need not): checked by :func:`check_weights` once the tensors are read."""
 
 
+def check_finite(sae: SAE, where: str) -> None:
+    """Refuse an SAE holding NaN or infinite weights (one that diverged in training)."""
+    for name, t in sae.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds {n} NaN or infinite values (of {t.numel()}); "
+                                  "the SAE had diverged: retrain it, or use an earlier checkpoint")
+
+
 def check_weights(imported: Imported, sae: SAE, where: str) -> None:
-    """Refuse weights that the translated config does not compute the same way (see ``unit_decoder``)."""
+    """Refuse NaN or infinite weights, and weights that the translated config does not compute the
+    same way (see ``unit_decoder``)."""
+    check_finite(sae, where)
     if not imported.unit_decoder:
         return
     ok, lo, hi = unit_norm_rows(sae.W_dec)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from interp.atomic import write_text
 from interp.errors import InterpError
 from saes.base import SAEError
 from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card
@@ -85,9 +86,7 @@ def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
     checkpoints = validate(folder)
     plot_latent_density(checkpoints, folder / DENSITY_PLOT)
     card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
-    tmp = folder / f".{CARD_FILENAME}.tmp-{os.getpid()}"
-    tmp.write_text(card, encoding="utf-8")
-    os.replace(tmp, folder / CARD_FILENAME)
+    write_text(folder / CARD_FILENAME, card)
     files = [CARD_FILENAME, DENSITY_PLOT]
     for site in checkpoints:
         prefix = f"{site}/" if site else ""

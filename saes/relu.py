@@ -28,7 +28,8 @@ class ReluConfig(SAEConfig):
         if not self.l1_coeff >= 0:
             raise SAEError(f"{type(self).__name__}.l1_coeff must be >= 0, got {self.l1_coeff!r}")
         if not isinstance(self.l1_warmup_steps, int) or self.l1_warmup_steps < 0:
-            raise SAEError(f"{type(self).__name__}.l1_warmup_steps must be an integer >= 0, got {self.l1_warmup_steps!r}")
+            raise SAEError(f"{type(self).__name__}.l1_warmup_steps must be an integer >= 0, "
+                           f"got {self.l1_warmup_steps!r}")
 
 
 @register("relu")

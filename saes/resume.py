@@ -2,71 +2,248 @@
 
 Layout under the run's ``checkpoints/`` folder::
 
-    step_000120/state.safetensors   weights, Adam moments, dead-latent counters, RNG state
-    step_000120/state.json          step, tokens, scales, optimizer hyper-parameters,
-                                    scheduler, data-source position, python RNG
-    latest.json                     {"step": 120, "dir": "step_000120"}
+    step_000000120/state.safetensors   weights, Adam moments, dead-latent counters, RNG state
+    step_000000120/state.json          step, tokens, scales, optimizer hyper-parameters, scheduler,
+                                       data-source position, python RNG, the history so far and the
+                                       run's settings (what a resume compares)
+    latest.json                        {"step": 120, "dir": "step_000000120"}
 
-A checkpoint folder is written under a temporary name and renamed into place; ``latest.json`` is
-replaced atomically afterwards, so a run killed at any moment leaves the previous checkpoint
-intact and readable. (The published SAE format is :mod:`saes.checkpoint`'s, not this one.)
+A checkpoint folder is written under a temporary name (``.interp-tmp-step_...``) and renamed into
+place; ``latest.json`` is replaced atomically afterwards, so a run killed at any moment leaves the
+previous checkpoint intact and readable. Checkpoints are ordered by step number: pruning keeps the
+one just written and the newest ones before it, never the other way round. If ``latest.json`` is
+missing or names a folder that does not load, the newest step folder that loads is used, with a
+warning. (The published SAE format is :mod:`saes.checkpoint`'s, not this one.)
+
+A resume compares the saved settings (:func:`settings`) with the new run's: :func:`differences`
+lists every one that changes the result.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
+from interp.atomic import save_file, write_json
+from interp.folders import inside, temp_name
 from saes.base import SAEError
 
+LATEST = "latest.json"
+_STEP = re.compile(r"^step_(\d{9,})$")
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+NOT_RESULT = ("progress", "log_every", "wandb_project", "checkpoint_every", "keep_checkpoints", "nonfinite_guard")
+"""TrainConfig fields that do not change the trained weights (a resume may change them freely)."""
+
+
+def step_dir(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def found(root: str | Path) -> list[int]:
+    """Step numbers of the checkpoint folders under `root`, ascending (``[]`` when there are none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP.match(p.name)))
+
+
+def holds_checkpoints(root: str | Path) -> bool:
+    root = Path(root)
+    return bool(found(root)) or (root / LATEST).exists()
+
+
+def clear(root: str | Path) -> None:
+    """Delete every checkpoint folder and ``latest.json`` under `root` (``overwrite=True``)."""
+    root = Path(root)
+    (root / LATEST).unlink(missing_ok=True)
+    for step in found(root):
+        shutil.rmtree(root / step_dir(step))
+
+
+def start(root: Path | None, *, resume: bool, overwrite: bool,
+          is_main: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The checkpoint a run starts from (None: step 0), after checking the folder is the run's own.
+
+    Without `resume`, checkpoints already under `root` are from an earlier run: refused, or deleted
+    with `overwrite` (by the main process). With `resume` and no checkpoint, a warning."""
+    if root is None:
+        return None
+    if not resume:
+        if holds_checkpoints(root):
+            if not overwrite:
+                raise SAEError(f"{root} holds resume checkpoints of an earlier run (steps {found(root)[-3:]}); "
+                               "continue it with resume=True (--resume), discard them with overwrite=True "
+                               "(--overwrite), or write to another output folder")
+            if is_main:
+                clear(root)
+        return None
+    loaded = read_latest(root)
+    if loaded is None:
+        warnings.warn(f"no resume checkpoint under {root}: starting from step 0", stacklevel=4)
+    return loaded
 
 
 def write(root: str | Path, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``root`` and keep only the newest ``keep``."""
+    """Write checkpoint ``step`` under ``root``, point ``latest.json`` at it, and keep the ``keep``
+    newest checkpoints up to it (0: keep all). Folders of later steps (left by a run killed after
+    writing them but before ``latest.json`` named them) are removed."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:09d}"
-    final = root / name
-    tmp = root / f".{name}.tmp{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _atomic_json(root / "latest.json", {"step": step, "dir": name})
-    olds = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for p in olds[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
+    name = step_dir(step)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=temp_name(name)))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        final = root / name
+        if final.exists():  # left by an earlier attempt at this step; latest.json names an older one
+            shutil.rmtree(final)
+        tmp.replace(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    write_json(root / LATEST, {"step": step, "dir": name})
+    if keep > 0:
+        older = [s for s in found(root) if s < step]
+        kept = set(older[len(older) - (keep - 1):] if keep > 1 else []) | {step}
+        for s in found(root):
+            if s not in kept:
+                shutil.rmtree(root / step_dir(s), ignore_errors=True)
     return final
 
 
+def _load(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    return load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
+
+
 def read_latest(root: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
-    """The newest complete checkpoint under ``root`` (None when there is none)."""
+    """The checkpoint ``latest.json`` names under ``root`` (None when there is no checkpoint at all).
+
+    When ``latest.json`` is missing or unreadable, or names a folder that does not load, the newest
+    step folder that loads is used instead, with a warning; when none loads, :class:`SAEError`."""
     root = Path(root)
-    latest = root / "latest.json"
-    if not latest.exists():
+    latest = root / LATEST
+    problem = None
+    if latest.exists():
+        try:
+            name = json.loads(latest.read_text())["dir"]
+            if not isinstance(name, str) or not _STEP.match(name):
+                raise ValueError(f"'dir' is {name!r}, not a step folder name")
+            return _load(inside(root, name, str(latest), error=SAEError))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+            problem = f"{latest} is unreadable or names a checkpoint that does not load ({e})"
+    steps = found(root)
+    if not steps:
+        if problem:
+            raise SAEError(f"{problem}, and no step folder is left under {root}; start afresh without resume "
+                           "(overwrite=True, --overwrite)")
         return None
-    try:
-        folder = root / json.loads(latest.read_text())["dir"]
-        return load_file(str(folder / "state.safetensors")), json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
-        raise SAEError(f"resume checkpoint under {root} is unreadable ({e}); delete {latest} to start "
-                       "from the previous step folder, or start afresh without --resume") from e
+    errors = []
+    for step in reversed(steps):
+        try:
+            got = _load(root / step_dir(step))
+        except (OSError, ValueError, SafetensorError) as e:
+            errors.append(f"{step_dir(step)}: {e}")
+            continue
+        why = problem or f"{latest} is missing"
+        warnings.warn(f"{why}; resuming from the newest step folder that loads, {root / step_dir(step)}",
+                      stacklevel=3)
+        return got
+    raise SAEError(f"no resume checkpoint under {root} loads ({'; '.join(errors[:3])}); start afresh without "
+                   "resume (overwrite=True, --overwrite)")
+
+
+def settings(config: dict[str, Any], sae_configs: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
+    """What a resume must find unchanged: the training config (minus :data:`NOT_RESULT`), every
+    site's SAE architecture and config, and the data source's description."""
+    return {"config": {k: v for k, v in config.items() if k not in NOT_RESULT}, "sites": sae_configs,
+            "data": data}
+
+
+def differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list]:
+    """``{"config.lr": [saved, new], ...}`` for every leaf that differs (a missing key is None)."""
+    out: dict[str, list] = {}
+    for key in sorted(set(saved) | set(new), key=str):
+        a, b = saved.get(key), new.get(key)
+        name = f"{prefix}{key}" if prefix else str(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.update(differences(a, b, f"{name}."))
+        elif a != b:
+            out[name] = [a, b]
+    return out
+
+
+def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bool) -> dict[str, list]:
+    """The differences between a checkpoint's settings and `new` (:func:`settings`); raises
+    :class:`SAEError` listing them unless `accept_changes` (never for an SAE of another shape)."""
+    sites = meta["sites"]
+    missing = [name for name in new["sites"] if name not in sites]
+    if missing:
+        raise SAEError(f"the resume checkpoint has sites {sorted(sites)}, not {missing}")
+    saved = meta.get("settings")
+    if saved is None:  # written before settings were saved: compare what it has, its data is unknown
+        saved = settings(meta["config"], {n: {"architecture": m["architecture"], **m["sae_cfg"]}
+                                          for n, m in sites.items()}, {})
+        new = {**new, "data": {}}
+    diff = differences(saved, new)
+    shapes = [k for k in diff if k.startswith("sites.") and k.rsplit(".", 1)[-1] in ("architecture", "d_model",
+                                                                                      "d_sae")]
+    if diff and (not accept_changes or shapes):
+        hint = ("these cannot be accepted: the weights differ in shape" if shapes else
+                "resume with the same settings, accept them with accept_changes=True (--accept-changes; recorded "
+                "in the history), or start afresh in another output folder")
+        raise SAEError(f"the resume checkpoint (step {meta['step']}) was made with other settings: "
+                       f"{describe_differences(diff)}; {hint}")
+    return diff
+
+
+def pack_sites(sites: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and JSON of every site's training state (``site.sae``, ``.opt``, ``.sched``,
+    ``.since_fired``, ``.scale``), keyed ``<site>/sae.*``, ``<site>/opt.*``, ``<site>/since_fired``."""
+    tensors: dict[str, Tensor] = {}
+    meta: dict[str, Any] = {}
+    for name, st in sites.items():
+        for k, v in st.sae.state_dict().items():
+            tensors[f"{name}/sae.{k}"] = v
+        tensors[f"{name}/since_fired"] = st.since_fired
+        t, opt_meta = optimizer_to_flat(st.opt, f"{name}/opt.")
+        tensors.update(t)
+        sched = {k: v for k, v in st.sched.state_dict().items() if k != "lr_lambdas"}
+        meta[name] = {"scale": st.scale, "optimizer": opt_meta, "scheduler": sched,
+                      "architecture": st.sae.architecture, "sae_cfg": st.sae.cfg.to_dict()}
+    return tensors, meta
+
+
+def unpack_sites(sites: dict[str, Any], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """Restore what :func:`pack_sites` saved into the trainer's sites."""
+    for name, st in sites.items():
+        m = meta[name]
+        prefix = f"{name}/sae."
+        st.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+        st.since_fired.copy_(tensors[f"{name}/since_fired"])
+        dev = st.sae.device
+        optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
+                            m["optimizer"], f"{name}/opt.")
+        st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
+        st.scale = m["scale"]
+
+
+def describe_differences(diff: dict[str, list]) -> str:
+    return ", ".join(f"{k} {_short(a)} -> {_short(b)}" for k, (a, b) in diff.items())
+
+
+def _short(v: Any, n: int = 70) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else repr(v)
+    return s if len(s) <= n else s[: n // 3] + "..." + s[-(2 * n // 3 - 3):]  # a path's end tells most
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

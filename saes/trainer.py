@@ -23,19 +23,20 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
 
 The loop: Adam with linear warm-up and a linear decay to zero at the end; ``b_dec`` initialised from
 the first batch (geometric median or mean); inputs scaled so that ``E||x||^2 = d_model`` (folded into
-the saved weights); optional bf16 autocast; periodic atomic resume checkpoints
-(:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes
-(:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional wandb.
+the saved weights); optional bf16 autocast; a finite-value check of every step (:mod:`saes.guard`);
+periodic atomic resume checkpoints (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed``
+processes (:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional
+wandb. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`; rank 0
+under torchrun), so a second run into the same folder is refused with the holder's PID.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,20 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from interp.atomic import write_json
+from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
+from saes import guard
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
-from saes.losses import (TrainState, fold_input_scale, geometric_median, normalize_rows,
-                           remove_parallel_grad, total_variance)
+from saes.losses import (
+    TrainState,
+    fold_input_scale,
+    geometric_median,
+    normalize_rows,
+    remove_parallel_grad,
+    total_variance,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +96,10 @@ class TrainConfig:
     """Seed of the torch and python RNGs at the start of the run."""
     progress: bool = True
     """Show a progress bar."""
+    nonfinite_guard: str = "loss"
+    """Check every step before applying it: ``"loss"`` (the loss is finite), ``"grads"`` (the loss and
+    every gradient), ``"off"``. A non-finite value stops the run with :class:`saes.guard.NonFiniteError`
+    naming the step and the input rows that were NaN or inf; the last resume checkpoint is kept."""
 
     def __post_init__(self) -> None:
         for name in ("total_tokens", "batch_tokens", "log_every"):
@@ -102,9 +116,13 @@ class TrainConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise SAEError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.warmup_frac + self.decay_frac > 1:
-            raise SAEError(f"TrainConfig.warmup_frac + decay_frac must be <= 1, got {self.warmup_frac} + {self.decay_frac}")
+            raise SAEError("TrainConfig.warmup_frac + decay_frac must be <= 1, "
+                           f"got {self.warmup_frac} + {self.decay_frac}")
         if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise SAEError(f"TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', got {self.b_dec_init!r}")
+            raise SAEError("TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', "
+                           f"got {self.b_dec_init!r}")
+        if self.nonfinite_guard not in guard.GUARDS:
+            raise SAEError(f"TrainConfig.nonfinite_guard must be one of {guard.GUARDS}, got {self.nonfinite_guard!r}")
 
     @property
     def total_steps(self) -> int:
@@ -134,14 +152,16 @@ class Trainer:
     """``Trainer(saes, cfg, out_dir=...).fit(data)``; ``saes`` is one SAE or ``{site: SAE}``.
 
     After ``fit``: ``saes_`` (input scale folded into the weights, ready for raw activations),
-    ``history_`` (logged metrics), ``scales_``; with ``out_dir``, every SAE is saved to
-    ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``.
+    ``history_`` (logged metrics), ``scales_``, ``steps_``, ``tokens_``; with ``out_dir``, every SAE is
+    saved to ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``.
 
     ``out_dir/train_history.json`` is ``history_``: one entry every ``log_every`` steps (and at the
     last) with ``step``, ``tokens`` (rows trained on so far) and, per site, the live metrics of that
     step: ``loss``, ``fvu`` (fraction of variance unexplained on the batch), ``l0`` (mean active
     latents per row), ``dead`` (fraction of latents not fired for ``dead_tokens`` rows) and the
-    architecture's loss terms (e.g. ``auxk``).
+    architecture's loss terms (e.g. ``auxk``). A resume restores the history saved with the
+    checkpoint, so it stays whole; a resume that accepted changed settings adds an entry
+    ``{"step", "tokens", "event": "resume", "changes": {name: [saved, new]}}``.
 
     ``metadata`` (SAELens' keys: ``model_name``, ``context_size``, ``prepend_bos``, ``dataset_path``)
     is written into every saved SAE, with ``hook_name`` set to its site; ``data_summary`` (what the
@@ -202,23 +222,53 @@ class Trainer:
             if init is not None:
                 init(x.to(st.sae.dtype))
 
+    @contextlib.contextmanager
+    def _own_output(self) -> Iterator[None]:
+        """Hold ``out_dir``'s lock while training (rank 0) and remove temporary files a killed run left."""
+        if self.out_dir is None or self.rank != 0:
+            yield
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with folder_lock(self.out_dir, LOCK_NAME, f"the training output folder {self.out_dir}", error=SAEError):
+            remove_temps(self.out_dir)
+            if (self.out_dir / "checkpoints").is_dir():
+                remove_temps(self.out_dir / "checkpoints")
+            yield
+
     # ---------------------------------------------------------------------------------------------
-    def fit(self, data: Iterable, *, resume: bool = False) -> Trainer:
-        """Train on ``data`` (tensors or ``{site: tensor}`` of ``batch_tokens`` rows); returns self."""
-        cfg = self.cfg
+    def fit(self, data: Iterable, *, resume: bool = False, overwrite: bool = False,
+            accept_changes: bool = False) -> Trainer:
+        """Train on ``data`` (tensors or ``{site: tensor}`` of ``batch_tokens`` rows); returns self.
+
+        Args:
+            resume: continue from the newest resume checkpoint in ``out_dir/checkpoints`` (from step 0,
+                with a warning, when there is none). Settings that change the result (the config but
+                :data:`saes.resume.NOT_RESULT`, the SAE configs, the data source's description) must
+                match the checkpoint's, else :class:`SAEError` lists every difference.
+            overwrite: without ``resume``, delete the resume checkpoints an earlier run left in
+                ``out_dir`` (without it they are refused: a run never mixes its checkpoints with another's).
+            accept_changes: with ``resume``, accept changed settings and record them in the history.
+        """
+        if resume and self.out_dir is None:
+            raise SAEError("resume=True needs out_dir (where the checkpoints are)")
         self._setup()
+        with self._own_output():
+            return self._fit(data, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
+
+    def _fit(self, data: Iterable, *, resume: bool, overwrite: bool, accept_changes: bool) -> Trainer:
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)
         import random
 
         random.seed(cfg.seed)
         self.history_: list[dict[str, Any]] = []
-        step = 0
+        self.tokens_ = step = 0
         ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
-        loaded = resume_ckpt.read_latest(ckpt_root) if (resume and ckpt_root is not None) else None
-        if resume and ckpt_root is None:
-            raise SAEError("resume=True needs out_dir (where the checkpoints are)")
+        loaded = resume_ckpt.start(ckpt_root, resume=resume, overwrite=overwrite, is_main=self.rank == 0)
+        ddp.barrier()
         if loaded is not None:
-            step = self._load(*loaded, data)
+            step = self._load(*loaded, data, accept_changes)
+        self._last_saved = step if loaded is not None else None
         it = iter(data)
         if loaded is not None and not hasattr(data, "load_state_dict"):
             for _ in range(step):  # a plain iterable: replay it to the saved position
@@ -227,35 +277,32 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or self.rank != 0, desc="sae train")
         autocast = (torch.autocast(next(iter(self.saes.values())).device.type, dtype=torch.bfloat16)
                     if cfg.bf16 else contextlib.nullcontext())
-        while step < cfg.total_steps:
-            try:
-                batch = self._split(next(it))
-            except StopIteration:
-                warnings.warn(f"data ran out after {step} of {cfg.total_steps} steps", stacklevel=2)
-                break
-            rows = {name: t.shape[0] for name, t in batch.items()}
-            if any(r != cfg.batch_tokens for r in rows.values()):
-                raise SAEError(f"the data source yielded batches of {rows} rows, but TrainConfig.batch_tokens is "
-                               f"{cfg.batch_tokens}: set them equal (losses are normalised by the global batch)")
-            if step == 0:
-                self._init_from_data(batch)
-            logs = {}
-            for name, st in self.sites.items():
-                logs[name] = self._step(st, batch[name], step, autocast)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                entry = {"step": step, "tokens": step * cfg.batch_tokens,
-                         **{k: {m: float(v) for m, v in d.items()} for k, d in logs.items()}}
-                self.history_.append(entry)
-                first = next(iter(logs.values()))
-                bar.set_postfix({k: f"{float(first[k]):.4g}" for k in ("loss", "l0", "fvu", "dead")})
-                if run is not None:
-                    run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
-            if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                                          or step == cfg.total_steps):
-                self._save(ckpt_root, step, data)
-        bar.close()
+        try:
+            while step < cfg.total_steps:
+                try:
+                    batch = self._split(next(it))
+                except StopIteration:
+                    warnings.warn(f"data ran out after {step} of {cfg.total_steps} steps", stacklevel=3)
+                    break
+                rows = {name: t.shape[0] for name, t in batch.items()}
+                if any(r != cfg.batch_tokens for r in rows.values()):
+                    raise SAEError(f"the data source yielded batches of {rows} rows, but TrainConfig.batch_tokens is "
+                                   f"{cfg.batch_tokens}: set them equal (losses are normalised by the global batch)")
+                if step == 0:
+                    self._init_from_data(batch)
+                logs = {}
+                for name, st in self.sites.items():
+                    logs[name] = self._step(name, st, batch[name], step, autocast)
+                step += 1
+                self.tokens_ += cfg.batch_tokens
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    self._log(step, logs, bar, run)
+                if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                              or step == cfg.total_steps):
+                    self._save(ckpt_root, step, data)
+        finally:  # a stopped run ends its progress line, so an error prints on a line of its own
+            bar.close()
         if run is not None:
             run.finish()
         self.steps_ = step
@@ -269,15 +316,30 @@ class Trainer:
         ddp.barrier()
         return self
 
-    def _step(self, st: _Site, x: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
+    def _log(self, step: int, logs: dict[str, dict[str, torch.Tensor]], bar, run) -> None:
+        self.history_.append({"step": step, "tokens": self.tokens_,
+                              **{k: {m: float(v) for m, v in d.items()} for k, d in logs.items()}})
+        first = next(iter(logs.values()))
+        bar.set_postfix({k: f"{float(first[k]):.4g}" for k in ("loss", "l0", "fvu", "dead")})
+        if run is not None:
+            run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
+
+    def _step(self, name: str, st: _Site, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
         sae, cfg = st.sae, self.cfg
-        x = ddp.local_rows(x, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
+        x = ddp.local_rows(batch, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=st.since_fired >= cfg.dead_tokens,
                            global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world)
         with autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
         ddp.allsum_grads(sae.parameters())
+        if cfg.nonfinite_guard != "off" and not guard.finite(
+                out.loss, sae.parameters() if cfg.nonfinite_guard == "grads" else None):
+            st.opt.zero_grad(set_to_none=True)
+            raise guard.error(site=name, step=step, total_steps=cfg.total_steps, loss=out.loss,
+                              checked_grads=cfg.nonfinite_guard == "grads", batch=batch,
+                              lr=st.opt.param_groups[0]["lr"], last_good=self._last_saved,
+                              checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
         norm = getattr(sae, "normalize_decoder", False)
         if norm:
             remove_parallel_grad(sae.W_dec)
@@ -302,59 +364,52 @@ class Trainer:
                 "dead": (st.since_fired >= cfg.dead_tokens).float().mean()}
 
     # ---------------------------------------------------------------------------------------------
+    def _settings(self, data) -> dict[str, Any]:
+        described = self.data_summary or (data.describe() if callable(getattr(data, "describe", None)) else {})
+        return resume_ckpt.settings(_jsonable(self.cfg), {n: {"architecture": st.sae.architecture,
+                                                              **st.sae.cfg.to_dict()} for n, st in self.sites.items()},
+                                    described)
+
     def _save(self, root: Path, step: int, data) -> None:
         if self.rank == 0:
             tensors, meta = resume_ckpt.rng_state()
-            meta = {"rng": meta, "step": step, "world_size": self.world, "config": _jsonable(self.cfg),
-                    "data": data.state_dict() if hasattr(data, "state_dict") else {"batches_consumed": step},
-                    "sites": {}}
-            for name, st in self.sites.items():
-                for k, v in st.sae.state_dict().items():
-                    tensors[f"{name}/sae.{k}"] = v
-                tensors[f"{name}/since_fired"] = st.since_fired
-                t, opt_meta = resume_ckpt.optimizer_to_flat(st.opt, f"{name}/opt.")
-                tensors.update(t)
-                sched = {k: v for k, v in st.sched.state_dict().items() if k != "lr_lambdas"}
-                meta["sites"][name] = {"scale": st.scale, "optimizer": opt_meta, "scheduler": sched,
-                                       "architecture": st.sae.architecture, "sae_cfg": st.sae.cfg.to_dict()}
+            meta = {"rng": meta, "step": step, "tokens": self.tokens_, "world_size": self.world,
+                    "config": _jsonable(self.cfg), "settings": self._settings(data), "history": self.history_,
+                    "data": data.state_dict() if hasattr(data, "state_dict") else {"batches_consumed": step}}
+            site_tensors, meta["sites"] = resume_ckpt.pack_sites(self.sites)
+            tensors.update(site_tensors)
             resume_ckpt.write(root, step, tensors, meta, keep=self.cfg.keep_checkpoints)
+        self._last_saved = step
         ddp.barrier()
 
-    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], data) -> int:
+    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], data, accept_changes: bool) -> int:
+        step = int(meta["step"])
         if meta["world_size"] != self.world:
-            warnings.warn(f"resuming a {meta['world_size']}-process run on {self.world} processes", stacklevel=3)
-        for name, st in self.sites.items():
-            if name not in meta["sites"]:
-                raise SAEError(f"the resume checkpoint has sites {sorted(meta['sites'])}, not {name!r}")
-            m = meta["sites"][name]
-            if m["sae_cfg"] != st.sae.cfg.to_dict():
-                raise SAEError(f"site {name!r}: checkpoint SAE config {m['sae_cfg']} differs from {st.sae.cfg.to_dict()}")
-            prefix = f"{name}/sae."
-            st.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
-            st.since_fired.copy_(tensors[f"{name}/since_fired"])
-            dev = st.sae.device
-            resume_ckpt.optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
-                                            m["optimizer"], f"{name}/opt.")
-            st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
-            st.scale = m["scale"]
+            warnings.warn(f"resuming a {meta['world_size']}-process run on {self.world} processes", stacklevel=4)
+        diff = resume_ckpt.check_settings(meta, self._settings(data), accept_changes)
+        resume_ckpt.unpack_sites(self.sites, tensors, meta["sites"])
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(meta["data"])
         resume_ckpt.set_rng_state(tensors, meta["rng"])
-        return int(meta["step"])
+        self.tokens_ = int(meta.get("tokens", step * meta["config"]["batch_tokens"]))
+        self.history_ = list(meta.get("history", []))
+        if diff:
+            self.history_.append({"step": step, "tokens": self.tokens_, "event": "resume", "changes": diff})
+        return step
 
     def _export(self) -> None:
+        from saes.checkpoint import save  # lazy: the trainer does not need it to train
+
+        logged = [e for e in self.history_ if "event" not in e]
         for name, sae in self.saes_.items():
             folder = self.out_dir / (name.replace("/", "_") or "sae")
-            from saes.checkpoint import save  # lazy: the trainer does not need it to train
-
-            last = self.history_[-1].get(name, {}) if self.history_ else {}
-            n_tokens = self.steps_ * self.cfg.batch_tokens
-            data = {**self.data_summary, "tokens_trained": n_tokens} if self.data_summary else {}
+            last = logged[-1].get(name, {}) if logged else {}
+            data = {**self.data_summary, "tokens_trained": self.tokens_} if self.data_summary else {}
             save(sae, folder, metadata={**self.metadata, **({"hook_name": name} if name else {})},
-                 training={"n_tokens": n_tokens, "steps": self.steps_, **({"data": data} if data else {}),
+                 training={"n_tokens": self.tokens_, "steps": self.steps_, **({"data": data} if data else {}),
                            "input_scale_folded": self.scales_[name], "config": _jsonable(self.cfg),
                            "final_metrics": last})
-        (self.out_dir / "train_history.json").write_text(json.dumps(self.history_, indent=1))
+        write_json(self.out_dir / "train_history.json", self.history_)
 
     def _wandb(self):
         if not self.cfg.wandb_project or self.rank != 0:
@@ -365,6 +420,10 @@ class Trainer:
             warnings.warn("wandb_project is set but wandb is not installed; not logging", stacklevel=3)
             return None
         return wandb.init(project=self.cfg.wandb_project, config=_jsonable(self.cfg))
+
+
+LOCK_NAME = ".interp-lock"
+"""The lock file a training run holds in its output folder (see :mod:`interp.folders`)."""
 
 
 def _jsonable(cfg) -> dict[str, Any]:

@@ -1,12 +1,28 @@
 """Shared test fixtures: tiny random models of several architectures, a byte-level tokenizer, and
-the embedded model (for tests marked slow)."""
+the embedded model (for tests marked slow). Also switches on the shape checks for the whole suite."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import sys
 
 import pytest
 import torch
+from jaxtyping import config, install_import_hook
+
+CHECKED_PACKAGES = ("interp", "saes", "probes")
+# Every function and dataclass of these packages is checked against its annotations (jaxtyping shapes
+# and dtypes, through beartype) while the tests run, so a wrongly shaped tensor fails a test instead of
+# broadcasting silently; tests/test_shape_checking.py fails if this is off. beartype is told to follow
+# PEP 484's numeric tower (an int passes where the hint says float, as in `Rotate(..., scale=2)`), as
+# static checkers and ruff do. pytest's --jaxtyping-packages option cannot pass a configured checker
+# together with several packages, so the hook is installed here, before any test imports them.
+_too_early = [p for p in CHECKED_PACKAGES if p in sys.modules]
+if _too_early:
+    raise RuntimeError(f"{_too_early} were imported before tests/conftest.py, so their annotations would "
+                       "not be checked; import them inside tests or fixtures instead")
+install_import_hook(CHECKED_PACKAGES, "beartype.beartype(conf=beartype.BeartypeConf(is_pep484_tower=True))")
 
 VOCAB = 300  # 256 byte tokens + specials, see byte_tokenizer()
 SPECIAL = dict(bos_token_id=256, eos_token_id=257, pad_token_id=258)
@@ -143,3 +159,22 @@ def tiny_lm(tmp_path_factory):
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return model, tok, folder
+
+
+@contextlib.contextmanager
+def _shape_checks_off():
+    before = config.jaxtyping_disable
+    config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        config.update("jaxtyping_disable", before)
+
+
+@pytest.fixture
+def unchecked():
+    """``with unchecked(): ...`` runs the block without the annotation checks (see the top of this file).
+
+    For tests of the library's own error message on a call that the annotations already reject:
+    that message is what a user sees, since outside the tests nothing checks the annotations."""
+    return _shape_checks_off

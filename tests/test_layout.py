@@ -93,9 +93,25 @@ def test_sites_lists_every_site_with_its_width(tiny_dir, capsys):
 
     assert main(["sites", str(tiny_dir), "--json"]) == 0
     out = capsys.readouterr().out
-    widths = __import__("json").loads(out[out.index("{"):])
+    listed = __import__("json").loads(out[out.index("{"):])
+    widths = listed["sites"]
     assert widths["blocks.0.hook_resid_post"] == 32 and widths["blocks.2.mlp.hook_post"] == 64
-    assert len(widths) == 3 * 6
+    assert len(widths) == 3 * 6 and listed["refused"] == {}
+
+
+def test_sites_names_each_refused_site_with_its_reason(monkeypatch, capsys):
+    """A parallel block has no resid_mid: the listing says so instead of leaving it out silently."""
+    from conftest import tiny_model
+
+    import interp.models
+    from interp.cli import main
+
+    model = tiny_model("gpt_neox")  # parallel residual
+    monkeypatch.setattr(interp.models, "load_model", lambda *a, **k: (model, None))
+    assert main(["sites", "tiny-gpt-neox", "--json"]) == 0
+    listed = __import__("json").loads(capsys.readouterr().out)
+    assert "blocks.0.hook_resid_mid" in listed["refused"] and "blocks.0.hook_resid_mid" not in listed["sites"]
+    assert "parallel" in listed["refused"]["blocks.0.hook_resid_mid"]
 
 
 PROCESS_WORDS = re.compile(r"\b[Ii]ssue #?\d+|\bthe issue'?s?\b|another issue|/work/|/root/|\bsession\b")

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_quickstart_notebook_is_generated_from_its_script():
-    import nbformat
-
     import importlib.util
+
+    import nbformat
 
     spec = importlib.util.spec_from_file_location("make_quickstart", ROOT / "experiments" / "make_quickstart.py")
     mod = importlib.util.module_from_spec(spec)

@@ -31,7 +31,8 @@ CAPTURE_ARGS = {
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("capture", help="cache activations of a model to disk (resumable, can be grown, "
                        "torchrun-aware)", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=EMBEDDED, help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
+    p.add_argument("--model", default=EMBEDDED,
+                   help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--sites", nargs="+", required=True, help="sites to capture, e.g. blocks.12.hook_resid_post "
                    "(see 'interp sites MODEL')")
     p.add_argument("--tokens", type=int, required=True, help="rows to cache over all ranks; a larger number than "
@@ -87,15 +88,29 @@ def run_corpus(args: argparse.Namespace) -> int:
 
 def run_sites(args: argparse.Namespace) -> int:
     from interp.capture import site_widths
+    from interp.errors import SiteError
+    from interp.layouts import KINDS, find_blocks
     from interp.models import load_model
+    from interp.sites import resolve
 
     model, _ = load_model(args.model, device="cpu")
     widths = site_widths(model)
+    refused = {}
+    for layer in range(len(find_blocks(model))):
+        for kind in KINDS:
+            name = f"blocks.{layer}.{kind}"
+            if name not in widths:
+                try:
+                    resolve(model, name)
+                except SiteError as e:
+                    refused[name] = str(e)
     if args.json:
-        print(json.dumps(widths, indent=1))
+        print(json.dumps({"sites": widths, "refused": refused}, indent=1))
         return 0
     print(f"{'site':36s} width")
     for name, width in widths.items():
         print(f"{name:36s} {width}")
-    print(f"{len(widths)} sites; raw module paths (e.g. model.layers.0.mlp) are accepted too")
+    for name, why in refused.items():
+        print(f"{name:36s} refused: {why}")
+    print(f"{len(widths)} sites ({len(refused)} refused); raw module paths (e.g. model.layers.0.mlp) are accepted too")
     return 0

@@ -187,12 +187,14 @@ def write_report(out: Path, res: dict) -> Path:
               f"{r['radius_cv']:.3f} | {r['top2_explained']:.3f} |" for r in circ]
     lines += ["", "![scores](circle_scores_by_layer.png)", "", f"![circle](circle_layer{res['layer']}.png)", "",
               "## 2. Sparse probes for item tokens (MLP neurons)", "",
-              f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. F1 on held-out documents:",
+              f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. "
+              "F1 on held-out documents:",
               "", "```", res["probe"]["table"], "```", "",
               f"Best single neuron: {res['probe']['best_k1']}", "", "![f1](probe_f1_vs_k.png)", "",
               "## 3. Rotating the circle changes the item the model repeats", "",
               f"Edited site: `{res['intervention']['site']}` at the item token; metric: the model's top item among "
-              f"the {len(res['items'])} at the last token equals the target.", "", "| edit | success | kept the source |", "|---|---|---|"]
+              f"the {len(res['items'])} at the last token equals the target.", "",
+              "| edit | success | kept the source |", "|---|---|---|"]
     lines += [f"| {k} | {v['success']:.3f} | {v['kept_source']:.3f} |" for k, v in res["intervention"]["edits"].items()]
     lines += ["", "![intervention](intervention.png)", ""]
     path = out / "report.md"
@@ -247,7 +249,8 @@ def run(args) -> int:
     print("[4/4] done in {:.0f} s".format(res["seconds"]))
     best_circle = min(circle_rows, key=lambda r: r["loco_angle_error"])
     print(f"  circle: order recovered at {sum(r['order_matches'] for r in circle_rows)}/{len(circle_rows)} layers; "
-          f"best leave-one-out angle error {best_circle['loco_angle_error']:.3f} rad ({math.degrees(best_circle['loco_angle_error']):.0f} deg) at layer {best_circle['layer']}")
+          f"best leave-one-out angle error {best_circle['loco_angle_error']:.3f} rad "
+          f"({math.degrees(best_circle['loco_angle_error']):.0f} deg) at layer {best_circle['layer']}")
     for k, v in inter["edits"].items():
         print(f"  {k:38s} success {v['success']:.3f}")
     print(f"report: {report.resolve()}")

@@ -13,8 +13,8 @@ settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``
 scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
 the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
 components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
-``irreducibility``, ``circle`` (the circle fit of the best pair), ``is_circle`` and ``label_angles``. Circles among the top
-``--top`` are saved as Subspace folders under ``subspaces/``.
+``irreducibility``, ``circle`` (the circle fit of the best pair), ``is_circle`` and ``label_angles``.
+Circles among the top ``--top`` are saved as Subspace folders under ``subspaces/``.
 
     interp features circles --model smollm2-135m --layers 4-20 --items days --out out/days
     interp features clusters --sae sae/blocks.12.hook_resid_post --cache cache/ --out out/clusters

@@ -51,7 +51,11 @@ class TrainRun:
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     resume: bool = False
-    """Continue from the newest resume checkpoint in --out."""
+    """Continue from the newest resume checkpoint in --out (settings that change the result must match it)."""
+    accept_changes: bool = False
+    """With --resume: accept settings that differ from the checkpoint's (recorded in train_history.json)."""
+    overwrite: bool = False
+    """Without --resume: delete the resume checkpoints an earlier run left in --out."""
 
 
 def _train_options() -> tuple[list[opt.Option], list[opt.Option], dict[str, list[str]]]:
@@ -141,7 +145,7 @@ def run_train(args: argparse.Namespace) -> int:
     got = opt.given(args, names, from_file)
     run_names = {f.name for f in dataclasses.fields(TrainRun)}
     if "out" not in got:
-        raise SAEError("interp sae train needs --out FOLDER (or \"out\" in --config)")
+        raise SAEError("no output folder: give --out FOLDER (or \"out\" in --config)")
     run = TrainRun(**{k: v for k, v in got.items() if k in run_names})
     cls = saes.get_architecture(run.arch)
     fields = {f.name for f in dataclasses.fields(cls.config_class)}
@@ -156,7 +160,7 @@ def run_train(args: argparse.Namespace) -> int:
     tokens = got.get("tokens")
     if tokens is None:
         if run.cache is None:
-            raise SAEError("interp sae train needs --tokens N with live activations (no --cache)")
+            raise SAEError("no --tokens: live activations (no --cache) need --tokens N, the rows to train on")
         tokens = source["rows"]
     if run.cache is not None and tokens > source["rows"]:
         warnings.warn(f"training on {tokens} tokens but the cache {run.cache} holds {source['rows']} rows: each row "
@@ -167,14 +171,15 @@ def run_train(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(cfg.seed)
-    arch_kw = {k: v for k, v in got.items() if k in fields}
+    arch_kw = {k: v for k, v in got.items() if k in fields and k not in ("d_model", "d_sae")}  # set just below
     models = {s: saes.build(run.arch, d_model=w, d_sae=run.d_sae or run.expansion * w, **arch_kw).to(device)
               for s, w in widths.items()}
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"model_name": source["model"], "context_size": source["context_size"],
                 "prepend_bos": source.get("prepend_bos", False), "dataset_path": source.get("dataset")}
-    tr = saes.Trainer(models, cfg, out_dir=out, metadata=metadata, data_summary=source).fit(data, resume=run.resume)
+    tr = saes.Trainer(models, cfg, out_dir=out, metadata=metadata, data_summary=source).fit(
+        data, resume=run.resume, overwrite=run.overwrite, accept_changes=run.accept_changes)
     print(json.dumps({"steps": tr.steps_, "tokens": tr.steps_ * cfg.batch_tokens,
                       "final": tr.history_[-1] if tr.history_ else None,
                       "saved": [str(out / s) for s in widths]}, indent=1))
@@ -194,7 +199,7 @@ def _train_data(run: TrainRun, got: dict[str, Any], device) -> tuple[Any, dict[s
         info = data.describe()
         return data, dict(data.d_models), {**info, "cache": str(Path(run.cache).resolve())}
     if not run.sites:
-        raise saes.SAEError("interp sae train needs --sites with live activations (no --cache)")
+        raise saes.SAEError("no --sites: live activations (no --cache) need --sites, e.g. blocks.12.hook_resid_post")
     from interp.models import load_model
     from interp.store import ActivationStore
 

@@ -108,7 +108,7 @@ def mixture_index(points: Float[Tensor, "n 2"], *, eps: float = 0.1, n_angles: i
 
 
 def reducibility(points: Float[Tensor, "n dim"], *, n_pcs: int = 4, eps: float = 0.1,
-                 bins: int = 10) -> list[dict[str, float]]:
+                 bins: int = 10) -> list[dict[str, float | list[int]]]:
     """Both indices on each consecutive pair of principal components (0-1, 1-2, ...).
 
     Returns one dict per pair: ``pcs``, ``separability`` (bits), ``mixture`` and

@@ -99,12 +99,15 @@ def _as_batches(acts) -> Iterable[Tensor]:
     if isinstance(acts, Tensor):
         if acts.dim() != 2:
             raise InputError(f"acts must be [n, d_model]; got {tuple(acts.shape)}")
-        yield acts
-        return
-    for x in acts:
+        acts = [acts]
+    for i, x in enumerate(acts):
         x = next(iter(x.values())) if isinstance(x, dict) else x
         if x.dim() != 2:
             raise InputError(f"each batch must be [n, d_model]; got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            rows = (~torch.isfinite(x)).any(-1).nonzero().flatten()
+            raise InputError(f"batch {i} of acts holds NaN or inf in rows {rows[:10].tolist()} "
+                             f"({rows.numel()} of {x.shape[0]}); drop or fix those rows")
         yield x
 
 
@@ -208,6 +211,8 @@ def find_multidim_features(decoder, acts, *, encode: Callable[[Tensor], Tensor] 
     w_dec = torch.as_tensor(w_dec).detach()
     if w_dec.dim() != 2:
         raise InputError(f"W_dec must be [d_sae, d_model]; got {tuple(w_dec.shape)}")
+    if not bool(torch.isfinite(w_dec).all()):
+        raise InputError("W_dec contains NaN or inf (the SAE diverged?); load a finite decoder")
     if not codes_given and encode is None:
         encode = getattr(decoder, "encode", None)
         if encode is None:

@@ -33,7 +33,7 @@ class PLSRegression:
     def __init__(self, n_components: int = 2):
         self.n_components = n_components
 
-    def fit(self, x: Float[Tensor, "n d"], y: Float[Tensor, "n *m"]) -> PLSRegression:
+    def fit(self, x: Float[Tensor, "n d"], y: Float[Tensor, "n *m"]) -> PLSRegression:  # noqa: F821
         x = torch.as_tensor(x).double()
         y = torch.as_tensor(y).double()
         y2 = y[:, None] if y.dim() == 1 else y

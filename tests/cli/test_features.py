@@ -54,7 +54,8 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
                                                       "hook_name": "blocks.1.hook_resid_post"})
     out = tmp_path / "out"
     rc = main(["features", "clusters", "--sae", str(sae_dir), "--tokens", "3000", "--batch-tokens", "500",
-               "--method", "graph", "--n-neighbors", "2", "--sim-cutoff", "0.5", "--min-points", "10", "--device", "cpu", "--out", str(out)])
+               "--method", "graph", "--n-neighbors", "2", "--sim-cutoff", "0.5", "--min-points", "10",
+               "--device", "cpu", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "clusters.json").read_text())
     expected = {tuple(sorted(c)) for c in graph_clusters(w_dec, n_neighbors=2, sim_cutoff=0.5) if len(c) >= 2}

@@ -17,7 +17,8 @@ def test_probe_command_writes_results(tiny_dir, tmp_path, capsys):
     folder = tiny_dir
     data = tmp_path / "data.jsonl"
     rows = [{"sentence": f"we meet on {DAYS[i % 7]} at noon", "kind": "day", "doc": i} for i in range(12)]
-    rows += [{"sentence": "the cat sat on the mat " + "." * (i % 3 + 1), "kind": "cat", "doc": 100 + i} for i in range(12)]
+    rows += [{"sentence": "the cat sat on the mat " + "." * (i % 3 + 1), "kind": "cat", "doc": 100 + i}
+             for i in range(12)]
     data.write_text("\n".join(json.dumps(r) for r in rows))
     assert main(["probe", str(data), "--text-col", "sentence", "--label-col", "kind", "--group-col", "doc",
                  "--model", str(folder), "--layers", "0-2", "--n-neurons", "1", "2", "--test-size", "0.25",

@@ -126,3 +126,22 @@ def test_live_training_and_eval_on_the_embedded_model(tmp_path, capsys):
     assert main(["sae", "eval", str(folder), "--tokens", "1024", "--windows", "0"]) == 0
     ck = read(folder)
     assert ck.training["metrics"]["n_rows"] == 1024 and ck.sparsity is not None
+
+
+def test_overwrite_resume_and_accepted_changes_through_the_cli(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["sae", "train", "--cache", str(cache), "--sites", SITES[0], "--k", "2", "--expansion", "1",
+            "--batch-tokens", "500", "--tokens", "3000", "--checkpoint-every", "2", "--log-every", "2",
+            "--device", "cpu", "--out", str(run)]
+    assert main(args) == 0
+    assert main(args) == 1 and one_error_line(capsys.readouterr().err)  # an earlier run's checkpoints
+    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--resume", "--lr", "0.001"]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "config.lr null -> 0.001" in err and "--accept-changes" in err
+    assert main([*args, "--resume", "--lr", "0.001", "--tokens", "4000", "--accept-changes"]) == 0
+    history = json.loads((run / "train_history.json").read_text())
+    assert [h["step"] for h in history if "event" not in h] == [2, 4, 6, 8]
+    event = next(h for h in history if h.get("event") == "resume")
+    assert event["step"] == 6 and event["changes"] == {"config.lr": [None, 0.001], "config.total_tokens": [3000, 4000]}
+    assert read(run / SITES[0]).training["n_tokens"] == 4000

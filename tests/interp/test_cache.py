@@ -112,7 +112,8 @@ def test_rerunning_a_complete_cache_touches_nothing(tmp_path, monkeypatch):
         assert _files(first.path) == before
         assert again == CacheInfo(path=first.path, rows=first.rows, rows_added=0, requested=asked, complete=True,
                                   exhausted=False)
-        assert again.summary() == f"the cache at {first.path} already holds {first.rows} rows (asked for {asked}): nothing to do"
+        assert again.summary() == (f"the cache at {first.path} already holds {first.rows} rows (asked for {asked}): "
+                                   "nothing to do")
         assert os.fspath(again) == str(first.path)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from interp.capture import capture
 from interp.edits import ProjectOut, Rotate, SetCoords
-from interp.features import (class_mean_subspace, find_multidim_features, lda_subspace, pls_subspace)
+from interp.features import class_mean_subspace, find_multidim_features, lda_subspace, pls_subspace
 from interp.intervene import intervene
 from interp.subspace import Subspace
 
@@ -38,7 +38,8 @@ def found(model_and_acts):
 def finders(acts):
     labels = [DAYS[i % 7] for i in range(len(acts))]
     values = acts[:, 0] * 2 + acts[:, 1]
-    w_dec = torch.cat([acts[:20] - acts.mean(0), torch.randn(10, acts.shape[1], generator=torch.Generator().manual_seed(1))])
+    w_dec = torch.cat([acts[:20] - acts.mean(0),
+                       torch.randn(10, acts.shape[1], generator=torch.Generator().manual_seed(1))])
     clusters = [list(range(0, 20)), list(range(20, 30))]
     multi = find_multidim_features(w_dec, acts, encode=lambda x: torch.relu(x @ w_dec.T), clusters=clusters,
                                    labels=labels, order=DAYS)

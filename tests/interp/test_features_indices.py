@@ -97,8 +97,8 @@ def test_same_cyclic_order():
     assert not same_cyclic_order(list("MWTRFSU"), days)
 
 
-def test_bad_inputs():
-    with pytest.raises(InputError, match=r"\[n, 2\]"):
+def test_bad_inputs(unchecked):
+    with unchecked(), pytest.raises(InputError, match=r"\[n, 2\]"):
         separability_index(torch.randn(100, 3))
     with pytest.raises(InputError, match="at least 10"):
         mixture_index(torch.randn(5, 2))

@@ -43,7 +43,8 @@ def test_weekday_experiment_reduced_run_writes_results(tmp_path, monkeypatch):
     best = max(c["success"] for c in sel["candidates"])
     assert sel["chosen_fit_success"] == best
     head, ch = res["headline"], sel["chosen"]
-    assert (head["circle"]["layers"], head["circle"]["mode"], head["circle"]["scale"]) == (ch["layers"], ch["mode"], ch["scale"])
+    assert ((head["circle"]["layers"], head["circle"]["mode"], head["circle"]["scale"])
+            == (ch["layers"], ch["mode"], ch["scale"]))
     assert head["random"]["scale"] == ch["scale"] and head["random"]["mode"] == ch["mode"]
     assert head["replace"]["edit"] == "replace" and head["replace"]["layers"] == ch["layers"]
     assert res["n_rows_eval"] == 12 and all(res[f"n_rows_{p}"] == 0 for p in ("confirm", "confirm2", "confirm3"))

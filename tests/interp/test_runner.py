@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from interp.errors import DataError, InputError
 from interp.capture import tokenize
+from interp.errors import DataError, InputError
 from interp.runner import load_spec, resolve_positions, run_spec, spec_from_dict, write_result
 from interp.subspace import CircleMap, Subspace
 
@@ -105,8 +105,9 @@ def test_cli_runs_a_yaml_spec(model, tok, tmp_path, circle_dir, monkeypatch):
         "model: tiny\nsite: blocks.1.hook_resid_post\nsubspace: circle\n"
         "prompts: ['Today is Monday. Yes, today is', 'Today is Friday. Yes, today is']\n"
         "edit: {type: set_coords, value: Wednesday}\npositions: last\nmetric: {type: kl}\n")
-    from interp.cli.intervene import run
     import argparse
+
+    from interp.cli.intervene import run
     rc = run(argparse.Namespace(spec=str(spec), out=str(tmp_path / "cli_out"), device=None, batch_size=None))
     assert rc == 0
     summary = json.loads((tmp_path / "cli_out" / "summary.json").read_text())

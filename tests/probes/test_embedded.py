@@ -40,7 +40,8 @@ def test_single_neuron_detects_unseen_day_names(smollm):
 
 def test_experiment_quick_run(tmp_path, monkeypatch):
     script = ROOT / "experiments" / "sparse_probing_smollm2.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--layers", "4,10", "--docs", "16", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", [str(script), "--quick", "--layers", "4,10", "--docs", "16",
+                                      "--out", str(tmp_path)])
     runpy.run_path(str(script), run_name="__main__")
     report = json.loads((tmp_path / "results.json").read_text())
     assert set(report["features"]) == {"day", "python", "french"}

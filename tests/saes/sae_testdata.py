@@ -350,6 +350,7 @@ BAD_CHECKPOINT_MESSAGES: dict[str, str] = {
 }
 """What each bad checkpoint's error says (a regular expression)."""
 
-BAD_CHECKPOINTS: list[tuple[str, Callable[[Path], Path]]] = [(name, globals()[name]) for name in BAD_CHECKPOINT_MESSAGES]
+BAD_CHECKPOINTS: list[tuple[str, Callable[[Path], Path]]] = [(name, globals()[name])
+                                                             for name in BAD_CHECKPOINT_MESSAGES]
 """``(name, build)`` for every bad checkpoint: ``build(empty_folder)`` writes it and returns the path
 to read. Every reader of SAE checkpoints must refuse each one with one line naming the file."""

@@ -170,8 +170,8 @@ def test_half_written_folder_from_another_save_does_not_load(tmp_path):
     {"sparsity": torch.zeros(3)},
     {"metadata": ["not", "a", "dict"]},
 ])
-def test_save_rejects_bad_extras(tmp_path, bad):
-    with pytest.raises(saes.SAEError):
+def test_save_rejects_bad_extras(tmp_path, bad, unchecked):
+    with unchecked(), pytest.raises(saes.SAEError):
         save(make("relu"), tmp_path / "s", **bad)
     assert not (tmp_path / "s").exists()
 

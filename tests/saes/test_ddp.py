@@ -8,11 +8,11 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from sae_testdata import SyntheticSource
 from safetensors.torch import load_file, save_file
 
 import saes
 from saes.trainer import TrainConfig, Trainer
-from sae_testdata import SyntheticSource
 
 D, M, ROWS = 16, 64, 128
 CFG = dict(total_tokens=ROWS * 12, batch_tokens=ROWS, lr=3e-3, progress=False, log_every=4, dead_tokens=ROWS * 2)
@@ -56,3 +56,30 @@ def test_two_processes_match_one(arch, tmp_path):
         torch.testing.assert_close(got[name], p, atol=1e-5, rtol=1e-4, msg=name)
     # the logged metrics are global too
     assert load_file(out + ".log")["fvu"].item() == pytest.approx(tr.history_[-1][""]["fvu"], rel=1e-4)
+
+
+def _worker_with_folder(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        torch.manual_seed(0)
+        sae = saes.build("topk", d_model=D, d_sae=M, k=6)
+        Trainer(sae, TrainConfig(**CFG, checkpoint_every=4), out_dir=out).fit(SyntheticSource(D, rows=ROWS))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ranks_of_one_job_share_the_output_folder(tmp_path):
+    """Rank 0 holds the folder's lock and writes; the other ranks are not refused."""
+    mp.spawn(_worker_with_folder, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ref, _ = _train("topk")
+    back = saes.load(tmp_path / "sae")
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], p, atol=1e-5, rtol=1e-4, msg=name)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest.json", "step_000000008",
+                                                                           "step_000000012"]
+    assert not list(tmp_path.glob(".interp-*"))  # the lock is released and removed, no temporary file is left

@@ -248,8 +248,8 @@ def test_bf16_runs():
                                          ("residual_threshold", -1.0), ("atom_dropout", 1.0),
                                          ("correlation_update", "fast"), ("revive_k", 0),
                                          ("apply_b_dec_to_input", False)])
-def test_config_validation_names_field(field, value):
-    with pytest.raises(SAEError, match=field):
+def test_config_validation_names_field(field, value, unchecked):
+    with unchecked(), pytest.raises(SAEError, match=field):
         MPSAEConfig(d_model=4, d_sae=8, **{field: value})
 
 

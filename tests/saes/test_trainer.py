@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from sae_testdata import SyntheticSource
 
 import saes
-from saes.trainer import TrainConfig, Trainer
 from saes.losses import fold_input_scale, geometric_median
-from sae_testdata import SyntheticSource
+from saes.trainer import TrainConfig, Trainer
 
 D, M, ROWS = 16, 64, 128
 

@@ -1,0 +1,137 @@
+"""Resume checkpoints: ordered by step, never mixed with another run's, compared with the new run's
+settings, and carrying the whole history."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from sae_testdata import SyntheticSource
+
+import saes
+from saes import resume
+from saes.trainer import TrainConfig, Trainer
+
+D, M, ROWS = 16, 64, 64
+
+
+def cfg(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(total_tokens=ROWS * 12, batch_tokens=ROWS, lr=3e-3, progress=False, log_every=2,
+                                 checkpoint_every=3), **kw})
+
+
+def sae() -> saes.SAE:
+    torch.manual_seed(0)
+    return saes.build("topk", d_model=D, d_sae=M, k=4)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class Dies(SyntheticSource):
+    """Raises when asked for batch `at` (0-based), as a killed run would stop there."""
+
+    def __init__(self, *a, at: int, **kw):
+        super().__init__(*a, **kw)
+        self.at = at
+
+    def __iter__(self):
+        for b in super().__iter__():
+            if self.position - 1 == self.at:
+                raise Crash
+            yield b
+
+
+def test_pruning_goes_by_step_and_never_removes_the_checkpoint_just_written(tmp_path):
+    t = {"w": torch.zeros(2)}
+    for step in (100, 110, 5):
+        resume.write(tmp_path, step, t, {"step": step}, keep=2)
+    assert resume.found(tmp_path) == [5]  # the later steps were another attempt's: they go, 5 stays
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 5
+    for step in (6, 7, 8):
+        resume.write(tmp_path, step, t, {"step": step}, keep=2)
+    assert resume.found(tmp_path) == [7, 8] and resume.read_latest(tmp_path)[1]["step"] == 8
+    for step in (9, 10):
+        resume.write(tmp_path, step, t, {"step": step}, keep=0)  # 0 keeps every one
+    assert resume.found(tmp_path) == [7, 8, 9, 10]
+
+
+def test_a_missing_latest_json_falls_back_to_the_newest_step_that_loads(tmp_path):
+    t = {"w": torch.zeros(2)}
+    for step in (3, 6):
+        resume.write(tmp_path, step, t, {"step": step}, keep=3)
+    (tmp_path / "latest.json").unlink()
+    with pytest.warns(UserWarning, match=r"latest.json is missing; resuming from the newest step folder that loads, "
+                                         r".*step_000000006"):
+        assert resume.read_latest(tmp_path)[1]["step"] == 6
+    (tmp_path / "step_000000006" / "state.json").write_text("{broken")
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 6, "dir": "step_000000006"}))
+    with pytest.warns(UserWarning, match=r"names a checkpoint that does not load .*step_000000003"):
+        assert resume.read_latest(tmp_path)[1]["step"] == 3
+    (tmp_path / "latest.json").write_text(json.dumps({"step": 6, "dir": "../../etc"}))
+    with pytest.warns(UserWarning, match=r"'dir' is '../../etc', not a step folder name"):
+        assert resume.read_latest(tmp_path)[1]["step"] == 3
+    (tmp_path / "step_000000003" / "state.safetensors").write_bytes(b"junk")
+    with pytest.raises(saes.SAEError, match=r"no resume checkpoint under .* loads"):
+        resume.read_latest(tmp_path)
+
+
+def test_a_fresh_run_refuses_an_earlier_runs_checkpoints_unless_overwritten(tmp_path):
+    Trainer(sae(), cfg(), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    with pytest.raises(saes.SAEError, match=r"holds resume checkpoints of an earlier run \(steps \[9, 12\]\)"):
+        Trainer(sae(), cfg(total_tokens=ROWS * 4), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    Trainer(sae(), cfg(total_tokens=ROWS * 4), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), overwrite=True)
+    assert resume.found(tmp_path / "checkpoints") == [3, 4]
+
+
+def test_resume_without_checkpoints_says_so(tmp_path):
+    with pytest.warns(UserWarning, match="no resume checkpoint under .*: starting from step 0"):
+        tr = Trainer(sae(), cfg(), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True)
+    assert tr.steps_ == 12
+
+
+def test_resume_keeps_the_whole_history_and_refuses_changed_settings(tmp_path):
+    ref = Trainer(sae(), cfg(), out_dir=tmp_path / "ref").fit(SyntheticSource(D, rows=ROWS))
+    with pytest.raises(Crash):
+        Trainer(sae(), cfg(), out_dir=tmp_path / "run").fit(Dies(D, rows=ROWS, at=7))
+    for changed, diff in ((dict(lr=1e-3), "config.lr 0.003 -> 0.001"),
+                          (dict(batch_tokens=32, total_tokens=ROWS * 12), "config.batch_tokens 64 -> 32"),
+                          (dict(seed=1), "config.seed 0 -> 1"),
+                          (dict(total_tokens=ROWS * 20), "config.total_tokens 768 -> 1280")):
+        with pytest.raises(saes.SAEError, match=rf"the resume checkpoint \(step 6\) was made with other settings: "
+                                                rf"{diff}; resume with the same settings"):
+            Trainer(sae(), cfg(**changed), out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
+    other = saes.build("topk", d_model=D, d_sae=M * 2, k=4)
+    with pytest.raises(saes.SAEError, match=r"sites..d_sae 64 -> 128.*cannot be accepted: the weights differ in shape"):
+        Trainer(other, cfg(), out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True,
+                                                            accept_changes=True)
+    # what does not change the result may change freely
+    tr = Trainer(sae(), cfg(log_every=2, checkpoint_every=5, keep_checkpoints=4, nonfinite_guard="grads"),
+                 out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
+    assert tr.history_ == ref.history_  # whole: the entries before the resume point are kept
+    assert json.loads((tmp_path / "run" / "train_history.json").read_text()) == ref.history_
+    for p, q in zip(ref.saes_[""].state_dict().values(), tr.saes_[""].state_dict().values()):
+        assert torch.equal(p, q)
+
+
+def test_accepted_changes_are_recorded_and_tokens_stay_counted(tmp_path):
+    with pytest.raises(Crash):
+        Trainer(sae(), cfg(), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))  # checkpoint at step 6
+    src = SyntheticSource(D, rows=ROWS // 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr = Trainer(sae(), cfg(batch_tokens=ROWS // 2, lr=1e-3), out_dir=tmp_path).fit(src, resume=True,
+                                                                                         accept_changes=True)
+    event = next(h for h in tr.history_ if h.get("event") == "resume")
+    assert event == {"step": 6, "tokens": 6 * ROWS, "event": "resume",
+                     "changes": {"config.batch_tokens": [ROWS, ROWS // 2], "config.lr": [3e-3, 1e-3]}}
+    # 6 steps of 64 rows, then 18 steps of 32: every row consumed is counted
+    assert tr.steps_ == 24 and tr.tokens_ == 6 * ROWS + 18 * (ROWS // 2)
+    assert tr.history_[-1]["tokens"] == tr.tokens_ and tr.history_[0]["step"] == 2
+    saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["interp"]["training"]
+    assert saved["n_tokens"] == tr.tokens_ and saved["final_metrics"]["fvu"] > 0
