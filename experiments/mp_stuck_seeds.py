@@ -19,6 +19,8 @@ run at k = its mean held-out L0, rounded.
 
     python experiments/mp_stuck_seeds.py --out experiments/results/mp_stuck_seeds --setting tree_d64
     python experiments/mp_stuck_seeds.py --out experiments/results/mp_stuck_seeds --summary
+    python experiments/mp_stuck_seeds.py --out experiments/results/mp_stuck_seeds --setting tree_d64 \\
+        --diagnose --first-seed 7 --seeds 1
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mp_vs_topk_synthetic as grid  # noqa: E402 - the grid generator and its training recipe
 
 from interp.atomic import write_json  # noqa: E402
+from saes.base import build  # noqa: E402
+from saes.trainer import TrainConfig, Trainer  # noqa: E402
 
 STUCK_RATIO = 1.5
 """A seed is stuck when its held-out FVU is at least this many times the noise floor."""
@@ -132,6 +136,8 @@ def run_one(name: str, arm: str, seed: int, k: int, train: dict = TRAIN) -> dict
     row["recovery"] = {names[f]: best[family == f].mean().item() for f in family.unique().tolist()}
     row["missed_atoms"] = {names[f]: int((best[family == f] < 0.9).sum()) for f in family.unique().tolist()}
     row["never_picked"] = int(((codes != 0).sum(0) == 0).sum())
+    if hasattr(sae, "n_resampled_"):
+        row["resampled_atoms"] = sae.n_resampled_
     return row
 
 
@@ -159,6 +165,51 @@ def run_setting(out: Path, name: str, seeds: list[int], train: dict = TRAIN) -> 
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     return rows
+
+
+def diagnose(out: Path, name: str, seeds: list[int], arms: tuple[str, ...] = ("mp_before", "mp"),
+             train: dict = TRAIN) -> list[dict]:
+    """Why a seed gets stuck: per arm and seed, the fraction of atoms the trainer counts dead at every
+    tenth of training, the atoms moved by resampling, and for every planted child that no atom
+    matches (best cosine < 0.9) the cosines of its best atom with the child and with the child's
+    parent (a parent + child mixture leans on the parent; both generators list the parents first, then
+    each parent's children). Written to ``OUT/NAME/diagnosis.jsonl``."""
+    s = SETTINGS[name]
+    P, C = s["n_parents"], s["n_children"]
+    rows = []
+    for seed in seeds:
+        batches, test, _, atoms, _ = make_data(s, seed, train)
+        a = argparse.Namespace(**{**s, **train, "steps": len(batches)})
+        for arm in arms:
+            arch, cfg = arm_config(arm, s, s["k"])
+            torch.manual_seed(seed)
+            sae = build(arch, d_model=a.d_model, d_sae=a.d_sae, **cfg)
+            tc = TrainConfig(total_tokens=a.batch * a.steps, batch_tokens=a.batch, lr=a.lr, progress=False, seed=seed,
+                             log_every=max(1, a.steps // 10), dead_tokens=a.batch * s["dead_batches"])
+            tr = Trainer(sae, tc).fit(batches)
+            with torch.no_grad():
+                cos = atoms @ torch.nn.functional.normalize(sae.W_dec, dim=1).T
+            best, arg = cos.max(1)
+            missed = [i for i in range(P, P + P * C) if best[i] < 0.9]
+            parent_cos = [cos[(i - P) // C, arg[i]].item() for i in missed]
+            row = {"setting": name, "arm": arm, "seed": seed, "fvu": grid.evaluate(sae, test)["fvu"],
+                   "dead_fraction": [round(h[""]["dead"], 3) for h in tr.history_],
+                   "resampled_atoms": getattr(sae, "n_resampled_", 0), "missed_children": len(missed),
+                   "missed_best_cos_child": _mean([best[i].item() for i in missed]),
+                   "missed_best_cos_parent": _mean(parent_cos)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    path = out / name / "diagnosis.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = {(r["arm"], r["seed"]) for r in rows}
+    kept = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    merged = sorted([r for r in kept if (r["arm"], r["seed"]) not in new] + rows, key=lambda r: (r["seed"], r["arm"]))
+    path.write_text("".join(json.dumps(r) + "\n" for r in merged))  # rows of other seeds are kept
+    return rows
+
+
+def _mean(v: list[float]) -> float | None:
+    return round(sum(v) / len(v), 3) if v else None
 
 
 @torch.no_grad()
@@ -264,6 +315,8 @@ def main(argv: list[str] | None = None) -> dict | list:
     p.add_argument("--seeds", type=int, default=10)
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--summary", action="store_true", help="summarise every setting under --out")
+    p.add_argument("--diagnose", action="store_true", help="with --setting: dead atoms over training and what "
+                   "the missed children's best atoms are, MP-SAE before and after the cure")
     p.add_argument("--steps", type=int, default=TRAIN["steps"], help="training steps per SAE")
     p.add_argument("--batch", type=int, default=TRAIN["batch"], help="rows per training step")
     a = p.parse_args(argv)
@@ -273,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict | list:
         p.error("give --setting NAME or --summary")
     torch.set_num_threads(1)
     train = {**TRAIN, "steps": a.steps, "batch": a.batch}
+    if a.diagnose:
+        return diagnose(a.out, a.setting, list(range(a.first_seed, a.first_seed + a.seeds)), train=train)
     return run_setting(a.out, a.setting, list(range(a.first_seed, a.first_seed + a.seeds)), train)
 
 

@@ -183,6 +183,7 @@ class MPSAE(SAE):
         self._gram_key: tuple | None = None
         self._gram: Tensor | None = None
         self._pool: tuple[Tensor, Tensor] | None = None
+        self.n_resampled_ = 0  # atoms moved by dead-atom resampling in training so far (not saved)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -389,7 +390,7 @@ class MPSAE(SAE):
             with torch.no_grad():
                 self.b_dec.zero_()
         if self._resamples_after(state) and self._pool is not None:
-            resample_dead(self.W_dec, state.dead_mask, *self._pool, seed=state.step)
+            self.n_resampled_ += resample_dead(self.W_dec, state.dead_mask, *self._pool, seed=state.step)
         self._pool = None
 
     def _resamples_after(self, state: TrainState) -> bool:

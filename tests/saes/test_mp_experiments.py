@@ -82,6 +82,12 @@ def test_stuck_seeds_reduced(tmp_path):
     d64 = summary["tree_d64"]
     assert d64["floor_reachable"] and "stuck_seeds" in d64["arms"]["mp"]  # the planted atoms reach the noise floor
     assert d64["paired"]["mp_vs_mp_before"]["seeds"] == [0, 1]
+    diag = mod.main(["--out", str(tmp_path), "--setting", "tree_d64", "--diagnose", *small])
+    assert [(r["arm"], r["seed"]) for r in diag] == [("mp_before", 0), ("mp", 0), ("mp_before", 1), ("mp", 1)]
+    assert all(0 <= f <= 1 for r in diag for f in r["dead_fraction"]) and len(diag[0]["dead_fraction"]) == 4
+    assert all(r["resampled_atoms"] == 0 for r in diag if r["arm"] == "mp_before")
+    assert all((r["missed_best_cos_parent"] is None) == (r["missed_children"] == 0) for r in diag)
+    assert len((tmp_path / "tree_d64" / "diagnosis.jsonl").read_text().splitlines()) == 4
 
 
 def test_planted_children_orthogonal_to_parent():

@@ -111,6 +111,7 @@ def test_resampling_revives_atoms_that_never_win_a_selection():
         with torch.no_grad():
             codes = sae.eval().encode(torch.cat(batches[-10:]))
         picked[every] = int(((codes[:, 8:] != 0).sum(0) > 0).sum())
+        assert (sae.n_resampled_ > 0) == bool(every)  # the count of moved atoms the studies report
         if every == 0:
             torch.testing.assert_close(sae.W_dec[8:].detach(), away, atol=1e-6, rtol=0)  # never picked, never moved
     assert picked[0] == 0 and picked[10] >= 4
