@@ -5,8 +5,11 @@
 Rows (fp32, CPU by default): bare HF forward; HF with output_hidden_states=True; this project
 capturing all 30 ``hook_resid_post``; this project capturing only ``blocks.6.hook_resid_post``;
 TransformerLens' TransformerBridge ``run_with_cache`` of all residuals; nnsight tracing the same 30
-sites. Rows are timed round-robin (one call of each per round) and the median is reported, so load
-from other processes hits every row alike. Writes benchmarks/results/capture.json.
+sites. Rows are timed round-robin (one call of each per round, the order reversed every other round) and
+the median is reported, so load from other processes hits every row alike; every round's time is kept
+in the JSON (``rounds_s``). ``bare backbone forward`` is the blocks and final norm without the
+unembedding, which is what a capture of every layer runs (capture stops after its deepest site).
+Writes benchmarks/results/capture.json.
 
 ``capture`` copies every kept tensor that shares memory with the forward pass (a model may still
 modify it in place), so the all-30 row includes those copies; its target stays <= 1.05x the bare forward.
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -47,6 +51,10 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, use_cache=False)
 
+    def backbone():  # the blocks and the final norm, no unembedding: what capture of every layer runs
+        with torch.no_grad():
+            model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+
     def hidden_states():
         with torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
@@ -58,7 +66,8 @@ def main() -> None:
     def ours_layer6():
         capture(model, ids, "blocks.6.hook_resid_post")
 
-    rows = {"bare HF forward": bare, "HF output_hidden_states=True": hidden_states,
+    rows = {"bare HF forward": bare, "bare backbone forward (no lm_head)": backbone,
+            "HF output_hidden_states=True": hidden_states,
             "interp.capture, all 30 resid_post": ours_all, "interp.capture, blocks.6.hook_resid_post": ours_layer6}
 
     # The bridge switches its model to eager attention in place, so it gets its own copy.
@@ -90,14 +99,20 @@ def main() -> None:
 
     for fn in rows.values():  # warm-up
         fn()
+    load_before = list(os.getloadavg())
     times: dict[str, list[float]] = {k: [] for k in rows}
-    for _ in range(args.repeats):
-        for name, fn in rows.items():
+    order = list(rows)
+    for r in range(args.repeats):  # one call of each row per round; the order reverses every round
+        for name in (order if r % 2 == 0 else order[::-1]):
             t0 = time.perf_counter()
-            fn()
+            rows[name]()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["bare HF forward"]
+    all30 = "interp.capture, all 30 resid_post"
+    per_round = {"all30_over_bare": [a / b for a, b in zip(times[all30], times["bare HF forward"])],
+                 "all30_over_backbone": [a / b for a, b in zip(times[all30],
+                                                               times["bare backbone forward (no lm_head)"])]}
     tokens = args.batch * args.seq
     table = [{"row": k, "median_s": round(v, 4), "tokens_per_s": round(tokens / v, 1),
               "x_bare_forward": round(v / base, 3)} for k, v in med.items()]
@@ -113,6 +128,10 @@ def main() -> None:
         "device": args.device, "dtype": "float32", "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
         "rows": table, "targets_met": checks,
+        "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},
+        "round_order": "rows in the order of rounds_s on even rounds, reversed on odd rounds",
+        "per_round_ratio_median": {k: round(statistics.median(v), 3) for k, v in per_round.items()},
+        "load_average_before_after": [load_before, list(os.getloadavg())],
         "speedup_vs_bridge_all30": round(med["TransformerBridge.run_with_cache (resid_post)"]
                                          / med["interp.capture, all 30 resid_post"], 2),
         "speedup_vs_nnsight_all30": round(med["nnsight trace (30 layer outputs)"]
@@ -123,6 +142,7 @@ def main() -> None:
     for r in table:
         print(f"{r['row']:48s} {r['median_s']:9.3f} {r['tokens_per_s']:8.0f} {r['x_bare_forward']:7.3f}")
     print("targets:", checks)
+    print("median of per-round ratios:", result["per_round_ratio_median"])
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ CELLS = [
              "circle = class_mean_subspace(day_acts[site], labels, order=DAYS)\n"
              "print(circle, circle.meta['cyclic_order'], round(circle.meta['loco_angle_error'], 3))\n"
              "plot_projection(circle, day_acts[site], labels, order=DAYS, title='days at layer 10');"),
-    ("md", "## 5. Intervene: rotate Monday to Thursday\n"
-           "The edit acts on the day token; the model repeats the day later."),
+    ("md", "## 5. Intervene: rotate Monday to Thursday\nThe edit acts on the day token (by default it puts the "
+           "point on Thursday's angle at 4x the circle's radius); the model repeats the day later."),
     ("code", "from interp.intervene import intervene\nfrom interp.edits import Rotate\n"
              "prompt = 'I will see you on Monday. To repeat, I will see you on'\n"
              "batch = tok([prompt], return_tensors='pt')\n"
@@ -68,12 +68,12 @@ CELLS = [
              "    with torch.no_grad():\n"
              "        return DAYS[int(model(**batch).logits[0, -1, day_ids].argmax())]\n"
              "before = top_day()\n"
-             "with intervene(model, {site: Rotate(circle, to='Thursday', scale=2.0)}, positions=[day_pos]):\n"
+             "with intervene(model, {site: Rotate(circle, to='Thursday')}, positions=[day_pos]):\n"
              "    after = top_day()\n"
              "print('before:', before, '| after rotating to Thursday:', after)"),
     ("md", "## 6. Plot: the rotation for every target day"),
     ("code", "hits = []\nfor target in DAYS:\n"
-             "    with intervene(model, {site: Rotate(circle, to=target, scale=2.0)}, positions=[day_pos]):\n"
+             "    with intervene(model, {site: Rotate(circle, to=target)}, positions=[day_pos]):\n"
              "        hits.append(top_day())\n"
              "fig, ax = plt.subplots(figsize=(6, 2.5))\n"
              "ax.bar(range(7), [h == t for h, t in zip(hits, DAYS)])\n"

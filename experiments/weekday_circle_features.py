@@ -4,9 +4,13 @@ Part A (supervised): at every layer, the day-token activations of prompts ending
 ("The meeting is on Friday") are averaged per day; the top-2 principal directions of the seven
 means and a circle fitted through them give each day an angle
 (``interp.features.class_mean_subspace``). Per layer we report whether the circle puts the days in
-cyclic order, the leave-one-day-out angle error (refit without a day, predict where it should sit),
-the same error with a shuffled day order as a baseline, the error on prompts from held-out templates,
-the radius spread and the class-mean variance in the plane.
+cyclic order, the leave-one-day-out angle error (refit without a day, predict where it should sit,
+assuming evenly spaced days), the same error with a shuffled day order as a baseline, the error on
+prompts from held-out templates, the radius spread and the class-mean variance in the plane. Beside
+them, the circle probe (Engels et al., ``interp.features.circle_probe``: a least-squares read-out of
+each day's (cos, sin) from the top 5 principal components): its leave-one-day-out error, its
+leave-one-template-out error (per prompt) and its held-out-template error (fit on even templates,
+read the odd templates' day means). ``--items months`` runs part A on months (with ``--skip-sae``).
 
 Part B (unsupervised, Engels et al.): a small TopK SAE (``saes.build("topk")`` trained with
 ``saes.trainer.Trainer``) on one layer's activations of text that mentions days, mixed with the
@@ -21,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import time
@@ -31,9 +34,9 @@ import torch
 
 from interp.capture import capture
 from interp.data import load_texts, pack, token_mask
-from interp.features import class_mean_subspace
+from interp.features import circle_probe, class_mean_subspace
 from interp.features.circles import cyclic_order, fit_circle, same_cyclic_order, wrap
-from interp.features.clusters import ClusterConfig
+from interp.features.clusters import ClusterConfig, default_n_clusters
 from interp.features.items import ITEM_SETS, TEMPLATES, item_activations
 from interp.features.multidim import MultiDimConfig, find_multidim_features
 from interp.features.plot import plot_clusters, plot_layer_scores
@@ -80,44 +83,51 @@ def part_a(model, tok, args, out: Path) -> list[dict]:
     layers = list(range(model.config.num_hidden_layers)) if args.layers == "all" else \
         [int(x) for x in args.layers.split(",")]
     sites = [f"blocks.{L}.hook_resid_post" for L in layers]
-    templates = TEMPLATES["days"][: args.templates]
-    acts, labels, tids = item_activations(model, tok, DAYS, templates, sites)
+    items = ITEM_SETS[args.items]
+    templates = TEMPLATES[args.items][: args.templates]
+    acts, labels, tids = item_activations(model, tok, items, templates, sites)
     fit_rows = [i for i, t in enumerate(tids) if t % 2 == 0]
     test_rows = [i for i, t in enumerate(tids) if t % 2 == 1]
     rng = random.Random(args.seed)
     shuffled_orders = []
     while len(shuffled_orders) < 5:
-        o = DAYS[:]
+        o = items[:]
         rng.shuffle(o)
         shuffled_orders.append(o)
     rows = []
     for layer, site in zip(layers, sites):
         x = acts[site]
-        sub = class_mean_subspace(x, labels, order=DAYS, name=f"days@{site}")
+        sub = class_mean_subspace(x, labels, order=items, name=f"{args.items}@{site}")
         m = sub.meta
         shuffled = [class_mean_subspace(x, labels, order=o).meta["loco_angle_error"] for o in shuffled_orders]
+        probe = circle_probe(x, labels, order=items, groups=tids, name=f"{args.items}@{site} probe")
         # held-out templates: fit on even templates, place odd-template class means on that circle
-        fit = class_mean_subspace(x[fit_rows], [labels[i] for i in fit_rows], order=DAYS)
-        test_lab = [labels[i] for i in test_rows]
-        pts = fit.project(x[test_rows])
-        errs = []
-        for d in DAYS:
-            p = pts[[i for i, v in enumerate(test_lab) if v == d]].mean(0)
-            ang = math.atan2(p[1] - fit.coord_map.center[1], p[0] - fit.coord_map.center[0])
-            errs.append(abs(wrap(torch.tensor(ang - fit.coord_map.angles[d])).item()))
+        fit_lab, test_lab = [labels[i] for i in fit_rows], [labels[i] for i in test_rows]
+        fit = class_mean_subspace(x[fit_rows], fit_lab, order=items)
+        fit_probe = circle_probe(x[fit_rows], fit_lab, order=items)
+        errs, probe_errs = [], []
+        for d in items:
+            mean = x[[test_rows[i] for i, v in enumerate(test_lab) if v == d]].mean(0)
+            errs.append(abs(wrap(fit.predict(mean) - fit.coord_map.angles[d]).item()))
+            probe_errs.append(abs(wrap(fit_probe.predict(mean) - fit_probe.meta["target_angles"][d]).item()))
         rows.append({"layer": layer, "site": site, "order_matches": m["order_matches"],
                      "loco_angle_error": m["loco_angle_error"], "loco_error_shuffled_order": sum(shuffled) / 5,
-                     "heldout_template_angle_error": sum(errs) / 7, "radius_cv": m["radius_cv"],
-                     "top2_explained": sum(m["explained_variance"]), "cyclic_order": m["cyclic_order"]})
+                     "heldout_template_angle_error": sum(errs) / len(items), "radius_cv": m["radius_cv"],
+                     "top2_explained": sum(m["explained_variance"]), "cyclic_order": m["cyclic_order"],
+                     "probe_loco_angle_error": probe.meta["loco_angle_error"],
+                     "probe_loto_angle_error": probe.meta["loto_angle_error"],
+                     "probe_heldout_template_angle_error": sum(probe_errs) / len(items),
+                     "probe_order_matches": probe.meta["order_matches"], "probe_r2": probe.meta["r2"]})
         if layer in args.plot_layers:
-            sub.plot(x, labels, order=DAYS, path=out / f"days_class_mean_L{layer}.png",
-                     title=f"SmolLM2-135M layer {layer}: weekday class-mean PCA")
+            sub.plot(x, labels, order=items, path=out / f"{args.items}_class_mean_L{layer}.png",
+                     title=f"SmolLM2-135M layer {layer}: {args.items} class-mean PCA")
             if args.save_subspaces:
-                sub.save(Path(args.save_subspaces) / f"days_L{layer}")
-    plot_layer_scores(rows, out / "days_class_mean_scores.png",
-                      keys=("loco_angle_error", "loco_error_shuffled_order", "heldout_template_angle_error",
-                            "radius_cv", "top2_explained"),
-                      title="weekday circle by layer (angle errors in radians)")
+                sub.save(Path(args.save_subspaces) / f"{args.items}_L{layer}")
+    plot_layer_scores(rows, out / f"{args.items}_class_mean_scores.png",
+                      keys=("loco_angle_error", "probe_loco_angle_error", "loco_error_shuffled_order",
+                            "heldout_template_angle_error", "probe_heldout_template_angle_error", "radius_cv",
+                            "top2_explained"),
+                      title=f"{args.items} circle by layer (angle errors in radians)")
     return rows
 
 
@@ -181,6 +191,7 @@ def part_b(model, tok, args, out: Path) -> dict:
     day_set = set(per_day.values())
     for method, ccfg in (("graph", ClusterConfig(method="graph", sim_cutoff=args.sim_cutoff)),
                          ("spectral", ClusterConfig(method="spectral", n_clusters=args.n_clusters, seed=args.seed))):
+        n_clusters = ccfg.n_clusters or default_n_clusters(args.d_sae)
         feats = find_multidim_features(sae, x, cluster_config=ccfg, labels=labels, order=DAYS,
                                        config=MultiDimConfig(min_points=args.min_points))
         with_days = [i for i, f in enumerate(feats) if day_set & set(f.latents)]
@@ -192,6 +203,7 @@ def part_b(model, tok, args, out: Path) -> dict:
                          label_order_matches=f.circle.get("label_order_matches"))
                 rows.append(d)
         result["methods"][method] = {"n_scored": len(feats), "clusters_with_day_latents": with_days,
+                                     "n_clusters": n_clusters if method == "spectral" else None,
                                      "n_circles": sum(f.is_circle for f in feats), "clusters": rows}
         if feats:
             show = [feats[i] for i in sorted(set(range(min(args.top, len(feats)))) | set(with_days[:4]))]
@@ -234,12 +246,15 @@ def part_b(model, tok, args, out: Path) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| layer | cyclic order | LOCO angle err | LOCO err, shuffled order | held-out-template err "
-            "| radius CV | class-mean var. in plane |\n|---|---|---|---|---|---|---|\n")
+    head = ("| layer | cyclic order | LOCO angle err | probe LOCO err | LOCO err, shuffled order "
+            "| held-out-template err | probe held-out-template err | probe LOTO err (per prompt) | radius CV "
+            "| class-mean var. in plane |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {r['layer']} | {'yes' if r['order_matches'] else 'no'} | {r['loco_angle_error']:.3f} | "
-        f"{r['loco_error_shuffled_order']:.3f} | {r['heldout_template_angle_error']:.3f} | {r['radius_cv']:.3f} | "
-        f"{r['top2_explained']:.3f} |\n" for r in rows)
+        f"{r['probe_loco_angle_error']:.3f} | {r['loco_error_shuffled_order']:.3f} | "
+        f"{r['heldout_template_angle_error']:.3f} | {r['probe_heldout_template_angle_error']:.3f} | "
+        f"{r['probe_loto_angle_error']:.3f} | {r['radius_cv']:.3f} | {r['top2_explained']:.3f} |\n" for r in rows)
 
 
 def main(argv=None) -> int:
@@ -259,7 +274,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-docs", type=int, default=150, help="held-out weekday documents (other names)")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--sim-cutoff", type=float, default=0.5)
-    p.add_argument("--n-clusters", type=int, default=64)
+    p.add_argument("--n-clusters", type=int, default=None,
+                   help="spectral clusters (default: the library's, d_sae / 25)")
+    p.add_argument("--items", default="days", choices=["days", "months"], help="item family of part A")
     p.add_argument("--min-points", type=int, default=50)
     p.add_argument("--top", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
@@ -268,6 +285,8 @@ def main(argv=None) -> int:
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     args.plot_layers = [int(v) for v in args.plot_layers.split(",") if v]
+    if args.items != "days" and not args.skip_sae:
+        p.error("part B (the SAE) is about weekdays: pass --skip-sae with --items months")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -286,7 +305,7 @@ def main(argv=None) -> int:
                   f"day latents in clusters {r['clusters_with_day_latents']}")
     result["wall_s"] = round(time.time() - t0, 1)
     (out / "weekday_circle_features.json").write_text(json.dumps(result, indent=2))
-    (out / "days_class_mean_table.md").write_text(markdown_table(rows))
+    (out / f"{args.items}_class_mean_table.md").write_text(markdown_table(rows))
     print(f"wrote {out / 'weekday_circle_features.json'} ({result['wall_s']} s)")
     return 0
 

@@ -39,20 +39,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from interp import capture, load_model
+from interp import capture, load_model, random_control
 from interp.atomic import write_json
 from interp.capture import last_token_index, tokenize
 from interp.edits import Replace, Rotate, SetCoords
-from interp.features import class_mean_subspace
+from interp.features import circle_probe, class_mean_subspace
 from interp.features.supervised import class_means
 from interp.intervene import intervene
-from interp.subspace import Subspace, TableMap
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 FIT_TEMPLATES = [
@@ -146,19 +146,6 @@ def top_days(model, batch, day_ids, last) -> torch.Tensor:
     return torch.stack([rows[:, day_ids].argmax(-1).cpu(), torch.isin(rows.argmax(-1).cpu(), torch.tensor(day_ids))])
 
 
-def random_plane(d_model: int, seed: int) -> Subspace:
-    g = torch.Generator().manual_seed(seed)
-    return Subspace(torch.randn(2, d_model, generator=g))
-
-
-def random_table(means: torch.Tensor, rank: int, seed: int) -> Subspace:
-    """A random rank-``rank`` subspace whose table holds the day means' (``[7, d_model]``) coordinates in it."""
-    g = torch.Generator().manual_seed(seed)
-    basis = torch.linalg.qr(torch.randn(means.shape[1], rank, generator=g))[0].T
-    origin = means.mean(0)
-    return Subspace(basis, origin, TableMap(list(DAYS), (means - origin) @ basis.T), orthonormalize=False)
-
-
 def prompt_bootstrap_ci(hits: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None,
                         n_boot: int = 4000, seed: int = 0) -> list[float]:
     """95 % interval of the success rate, resampling prompts (each prompt's six target rows stay together,
@@ -173,11 +160,15 @@ def prompt_bootstrap_ci(hits: torch.Tensor, prompt: torch.Tensor, mask: torch.Te
     return [round(float(q), 4) for q in torch.quantile(rates, torch.tensor([0.025, 0.975]))]
 
 
-def make_rows(b, labels, day_pos, last, base_top, max_rows=0):
-    """One row per (prompt the model copies correctly, target day != the prompt's day)."""
+def make_rows(b, labels, day_pos, last, base_top, max_rows=0, targets=0, seed=0):
+    """One row per (prompt the model copies correctly, target day != the prompt's day); with `targets`,
+    that many targets per prompt, drawn with `seed` (0: all six)."""
     src_idx = torch.tensor([DAYS.index(d) for d in labels])
     copied = (base_top == src_idx).nonzero()[:, 0]
-    rows = [(int(i), t) for i in copied for t in range(7) if t != int(src_idx[i])][: max_rows or None]
+    rng = random.Random(seed)
+    rows = [(int(i), t) for i in copied
+            for t in (sorted(rng.sample([k for k in range(7) if k != int(src_idx[i])], targets)) if targets
+                      else [k for k in range(7) if k != int(src_idx[i])])][: max_rows or None]
     pi = torch.tensor([r[0] for r in rows], dtype=torch.long)
     tgt = torch.tensor([r[1] for r in rows], dtype=torch.long)
     return {"pi": pi, "tgt": tgt, "src": src_idx[pi], "batch": {k: v[pi] for k, v in b.items()},
@@ -185,9 +176,13 @@ def make_rows(b, labels, day_pos, last, base_top, max_rows=0):
             "tgt_names": [DAYS[t] for t in tgt]}
 
 
-def fit_day_circle(x: torch.Tensor, labels: list[str], name: str):
-    """The circle (class-mean PCA, rank 2), the class means and the fitted angle of every day."""
-    sub = class_mean_subspace(x, labels, rank=2, circle=True, order=DAYS, name=name)
+def fit_day_circle(x: torch.Tensor, labels: list[str], name: str, plane: str = "class_mean"):
+    """The circle (class-mean PCA, rank 2, or the circle probe's plane), the class means and the fitted
+    angle of every day."""
+    if plane == "probe":
+        sub = circle_probe(x, labels, order=DAYS, name=name)
+    else:
+        sub = class_mean_subspace(x, labels, rank=2, circle=True, order=DAYS, name=name)
     means = class_means(x, labels, DAYS).float()
     ang = torch.tensor([sub.coord_map.angles[d] for d in DAYS])
     return sub, means, ang
@@ -210,7 +205,7 @@ def candidates(args) -> list[dict]:
     """Every configuration the selection compares (fixed before any held-out prompt is seen)."""
     out = [{"layers": [layer], "mode": "scale", "scale": s} for layer in args.select_layers for s in args.scales]
     out += [{"layers": g, "mode": "radius", "scale": s} for g in args.select_groups for s in args.group_scales]
-    return out
+    return [{**c, "plane": p} for p in args.planes for c in out]
 
 
 def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
@@ -230,24 +225,26 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
     for f in range(n_folds):
         train = (fold != f).nonzero()[:, 0]
         test = (fold == f).nonzero()[:, 0]
-        circles = {layer: fit_day_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
-                                         f"L{layer}-fold{f}")[0] for layer in layers}
+        circles = {(layer, p): fit_day_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
+                                              f"L{layer}-fold{f}", p)[0] for layer in layers for p in args.planes}
         sub_b = {k: v[test] for k, v in b.items()}
-        rows = make_rows(sub_b, [labels[i] for i in test], day_pos[test], last[test], base_top[test])
+        rows = make_rows(sub_b, [labels[i] for i in test], day_pos[test], last[test], base_top[test],
+                         targets=args.targets_per_prompt, seed=args.seed + f)
         if len(rows["tgt"]) == 0:
             continue
         for i, c in enumerate(cands):
-            edit = circle_edit(circles, c["layers"], c["mode"], c["scale"], rows["tgt_names"], sites)
+            plane = {layer: circles[layer, c["plane"]] for layer in c["layers"]}
+            edit = circle_edit(plane, c["layers"], c["mode"], c["scale"], rows["tgt_names"], sites)
             with intervene(model, edit, positions=rows["where"]["day"]):
                 top, _ = top_days(model, rows["batch"], day_ids, rows["last"])
             table[i].append((float((top == rows["tgt"]).float().sum()), len(top)))
     scores = [{**c, "success": sum(s for s, _ in table[i]) / max(sum(n for _, n in table[i]), 1),
                "per_fold": [round(s / n, 4) for s, n in table[i]]} for i, c in enumerate(cands)]
     for r in scores:
-        print(f"select (fit templates, CV) layers {','.join(map(str, r['layers'])):18s} {r['mode']:6s} "
-              f"x{r['scale']:<4g} success {r['success']:.3f}", flush=True)
+        print(f"select (fit templates, CV) {r['plane']:10s} layers {','.join(map(str, r['layers'])):18s} "
+              f"{r['mode']:6s} x{r['scale']:<4g} success {r['success']:.3f}", flush=True)
     best = max(scores, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
-    return {"candidates": scores, "chosen": {k: best[k] for k in ("layers", "mode", "scale")},
+    return {"candidates": scores, "chosen": {k: best[k] for k in ("layers", "mode", "scale", "plane")},
             "chosen_fit_success": best["success"], "fit_copy_accuracy":
             float((base_top == torch.tensor([DAYS.index(d) for d in labels])).float().mean())}
 
@@ -260,7 +257,7 @@ def run(args) -> dict:
     ev_b, ev_lab, ev_day, ev_last, _ = build(tok, held)
     src_idx = torch.tensor([DAYS.index(d) for d in ev_lab])
     base_top, _ = top_days(model, ev_b, day_ids, ev_last)
-    R = make_rows(ev_b, ev_lab, ev_day, ev_last, base_top, args.max_rows)
+    R = make_rows(ev_b, ev_lab, ev_day, ev_last, base_top, args.max_rows, args.targets_per_prompt, args.seed + 100)
     pi, tgt, src, batch, last, where, tgt_names = (R[k] for k in ("pi", "tgt", "src", "batch", "last", "where",
                                                                   "tgt_names"))
     row_set = [next(k for k, ts in PARTS.items() if held[int(i) // 7] in ts) for i in pi]
@@ -297,34 +294,35 @@ def run(args) -> dict:
             fitted[layer, pname] = (sub, means, ang[tgt] - ang[src])
             circles[f"{layer}/{pname}"] = {k: sub.meta.get(k) for k in (
                 "order_matches", "cyclic_order", "explained_variance", "radius_cv", "loco_angle_error")}
+    probes = {}
+    if "probe" in args.planes:  # the circle probe's plane at the day token (Engels et al.)
+        for layer, site in sites.items():
+            probes[layer] = fit_day_circle(acts[site][:, 0].float(), fit_lab, f"L{layer}-probe", "probe")[0]
+            circles[f"{layer}/day/probe"] = {k: probes[layer].meta.get(k) for k in (
+                "order_matches", "cyclic_order", "loco_angle_error", "r2")}
     results = []
     row_hits: dict[int, torch.Tensor] = {}
 
-    def record(group, pname, edit, scale, runs, mode=None):
+    def record(group, pname, edit, scale, runs, mode=None, plane=None):
         row = {"layers": group, "position": pname, "edit": edit, "scale": scale,
-               "mode": (mode or "scale") if edit != "replace" else None,
+               "mode": (mode or "scale") if edit != "replace" else None, "plane": plane,
                **{k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if not k.startswith("_")}}
         row_hits[id(row)] = torch.stack([r["_hits"] for r in runs]).mean(0)  # per row, averaged over seeds
         if len(runs) > 1:
             row["success_per_seed"] = [r["success"] for r in runs]
         results.append(row)
-        print(f"layers {','.join(map(str, group)):18s} {pname:4s} {edit:7s} {row['mode'] or '':6s} x{scale or 1:<4g} "
-              f"success {row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
+        print(f"layers {','.join(map(str, group)):18s} {pname:4s} {edit:7s} {plane or '':10s} {row['mode'] or '':6s} "
+              f"x{scale or 1:<4g} success {row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
         return row
 
-    def measure_group(group, pname, scale, mode="scale"):
-        circles_here = {L: fitted[L, pname][0] for L in group}
-        c = record(group, pname, "circle", scale, [measure(circle_edit(circles_here, group, mode, scale, tgt_names,
-                                                                       sites), where[pname])], mode)
-        runs = []
-        for seed in range(args.random_seeds):
-            rand = {}
-            for L in group:
-                radius = fitted[L, pname][0].coord_map.radius if mode == "radius" else None
-                rand[sites[L]] = Rotate(random_plane(fitted[L, pname][0].d_model, 1000 * L + seed),
-                                        angle=fitted[L, pname][2], scale=scale, radius=radius)
-            runs.append(measure(rand, where[pname]))
-        return c, record(group, pname, "random", scale, runs, mode)
+    def measure_group(group, pname, scale, mode="scale", plane="class_mean"):
+        circles_here = {L: probes[L] if plane == "probe" else fitted[L, pname][0] for L in group}
+        edits = circle_edit(circles_here, group, mode, scale, tgt_names, sites)
+        c = record(group, pname, "circle", scale, [measure(edits, where[pname])], mode, plane)
+        # the control: a random plane at each layer, turned by the same per-row angle and put as far out
+        runs = [measure({sites[L]: random_control(edits[sites[L]], seed=1000 * L + seed) for L in group}, where[pname])
+                for seed in range(args.random_seeds)]
+        return c, record(group, pname, "random", scale, runs, mode, plane)
 
     for group in args.layers:  # single layers: radius multipliers (--scales); groups: absolute radius (--group-scales)
         for pname in args.positions:
@@ -342,13 +340,14 @@ def run(args) -> dict:
     if selection is not None:
         ch = selection["chosen"]
 
-        def find(edit, scale=ch["scale"], mode=ch["mode"]):
+        def find(edit, scale=ch["scale"], mode=ch["mode"], plane=ch["plane"]):
             return next((r for r in results if r["edit"] == edit and r["layers"] == ch["layers"]
-                         and r["position"] == "day" and r["scale"] == scale and r["mode"] == mode), None)
+                         and r["position"] == "day" and r["scale"] == scale and r["mode"] == mode
+                         and r["plane"] == plane), None)
 
         if find("circle") is None:  # the chosen configuration was not in the sweep: measure it now
-            measure_group(ch["layers"], "day", ch["scale"], ch["mode"])
-        if find("replace", None, None) is None:
+            measure_group(ch["layers"], "day", ch["scale"], ch["mode"], ch["plane"])
+        if find("replace", None, None, None) is None:
             replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
             record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
         # How much of the day's identity the circle plane carries: the same layers, with the whole rank-6
@@ -357,17 +356,17 @@ def run(args) -> dict:
                                           order=DAYS, name=f"L{L}-days") for L in ch["layers"]}
         full = record(ch["layers"], "day", "day_subspace", None, [measure(
             {sites[L]: SetCoords(day_sub[L], value=tgt_names) for L in ch["layers"]}, where["day"])], "set")
-        rand6 = record(ch["layers"], "day", "random_rank6", None, [measure(
-            {sites[L]: SetCoords(random_table(fitted[L, "day"][1], day_sub[L].rank, 1000 * L + seed), value=tgt_names)
-             for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)],
-            "set")
+        rand6 = record(ch["layers"], "day", "random_rank6", None, [measure(  # moved as far, in a random rank-6 subspace
+            {sites[L]: random_control(SetCoords(day_sub[L], value=tgt_names), seed=1000 * L + seed)
+             for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)], "set")
         c, r = find("circle"), find("random")
         parts = list(part_mask)
-        headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r, "replace": find("replace", None, None),
-                    "day_subspace_rank6": full, "random_rank6": rand6, "none": none,
-                    "target": {"circle_success_min": 0.6, "random_success_max": 0.15},
-                    "met": c["success"] >= 0.6 and r["success"] <= 0.15,
-                    "met_per_part": {p: c[f"success_{p}"] >= 0.6 and r[f"success_{p}"] <= 0.15 for p in parts},
+        aim = args.aim
+        headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r,
+                    "replace": find("replace", None, None, None), "day_subspace_rank6": full, "random_rank6": rand6,
+                    "none": none, "target": {"circle_success_min": aim, "random_success_max": 0.15},
+                    "met": c["success"] >= aim and r["success"] <= 0.15,
+                    "met_per_part": {p: c[f"success_{p}"] >= aim and r[f"success_{p}"] <= 0.15 for p in parts},
                     "ci95_by_prompt_bootstrap": {
                         name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
                                for part in ["all", *parts]}
@@ -376,7 +375,7 @@ def run(args) -> dict:
     best = max(circle_rows, key=lambda r: r["success"])
     rand_at_best = next(r for r in results if r["edit"] == "random" and r["layers"] == best["layers"]
                         and r["position"] == best["position"] and r["scale"] == best["scale"]
-                        and r["mode"] == best["mode"])
+                        and r["mode"] == best["mode"] and r["plane"] == best["plane"])
     return {
         "experiment": "weekday_circle_intervention",
         "command": "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]),
@@ -408,24 +407,26 @@ def plot(res: dict, path: Path) -> None:
     """Left: the selection (cross-validated fit-template success against scale, one line per layer or
     layer group). Right: the chosen configuration on the held-out prompts, per template set, with the
     controls."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     sel, head = res["selection"], res["headline"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    aim = head["target"]["circle_success_min"] if head else 0.7
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     if sel:
-        keys = list(dict.fromkeys((tuple(c["layers"]), c["mode"]) for c in sel["candidates"]))
-        for layers, mode in keys:
-            cs = sorted((c for c in sel["candidates"] if tuple(c["layers"]) == layers and c["mode"] == mode),
-                        key=lambda c: c["scale"])
-            name = (f"layer {layers[0]}" if len(layers) == 1
-                    else f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius")
+        keys = list(dict.fromkeys((tuple(c["layers"]), c["mode"], c.get("plane", "class_mean"))
+                                  for c in sel["candidates"]))
+        for layers, mode, plane in keys:
+            cs = sorted((c for c in sel["candidates"] if tuple(c["layers"]) == layers and c["mode"] == mode
+                         and c.get("plane", "class_mean") == plane), key=lambda c: c["scale"])
+            name = (f"layer {layers[0]}" if len(layers) == 1 else
+                    f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius")
+            name += ", probe" if plane == "probe" else ""
             axes[0].plot([c["scale"] for c in cs], [c["success"] for c in cs], "o-" if len(layers) == 1 else "s--",
                          ms=4, label=name)
         axes[0].plot([sel["chosen"]["scale"]], [sel["chosen_fit_success"]], "k*", ms=14, label="chosen")
         axes[0].set_xlabel("scale s")
-    axes[0].axhline(0.6, color="green", lw=0.6, ls=":")
+    axes[0].axhline(aim, color="green", lw=0.6, ls=":")
     axes[0].set_ylim(-0.03, 1.03)
     axes[0].set_ylabel("top day == target")
     axes[0].set_title("selection on fit templates (cross-validated over templates)", fontsize=9)
@@ -451,16 +452,15 @@ def plot(res: dict, path: Path) -> None:
         axes[1].set_xticks(range(len(groups)), [g if g == "all" else f"{g}\n({res.get(f'n_rows_{g}', '?')} rows)"
                                                 for g in groups], fontsize=7)
         ch = head["chosen_on_fit_templates"]
-        axes[1].set_title(f"held out: layers {','.join(map(str, ch['layers']))} {ch['mode']} x{ch['scale']:g}, "
-                          f"{res['n_rows']} rows", fontsize=9)
-        axes[1].axhline(0.6, color="green", lw=0.6, ls=":")
+        axes[1].set_title(f"held out: layers {','.join(map(str, ch['layers']))} {ch.get('plane', 'class_mean')} "
+                          f"{ch['mode']} x{ch['scale']:g}, {res['n_rows']} rows", fontsize=9)
+        axes[1].axhline(aim, color="green", lw=0.6, ls=":")
         axes[1].axhline(0.15, color="red", lw=0.6, ls=":")
         axes[1].set_ylim(0, 1.3)
         axes[1].legend(fontsize=7, ncols=3, loc="upper center")
     fig.suptitle("Rotating the weekday circle at the day token (SmolLM2-135M, resid_post)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -495,8 +495,19 @@ def main(argv=None) -> int:
                         f"{len(ts)} {p}" for p, ts in PARTS.items()))
     ap.add_argument("--random-seeds", type=int, default=3)
     ap.add_argument("--max-rows", type=int, default=0, help="cap on (prompt, target) rows; 0 = all")
+    ap.add_argument("--targets-per-prompt", type=int, default=0,
+                    help="target days per prompt, drawn with --seed, in the selection and on the held-out prompts "
+                         "(0: all six)")
+    ap.add_argument("--planes", type=lambda s: s.split(","), default=["class_mean"],
+                    help="planes the selection compares: class_mean (class-mean PCA) and/or probe (the circle "
+                         "probe, interp.features.circle_probe)")
+    ap.add_argument("--aim", type=float, default=0.7, help="the held-out success the headline is judged against")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the drawn targets")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
+    bad_planes = not args.planes or any(p not in ("class_mean", "probe") for p in args.planes)
+    if bad_planes or not 0 <= args.targets_per_prompt <= 6:
+        ap.error("--planes: class_mean and/or probe; --targets-per-prompt: 0..6")
     bad = [p for p in args.positions if p not in ("day", "last")]
     if bad:
         ap.error(f"--positions: unknown {bad}; choose from day,last")

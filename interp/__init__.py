@@ -1,6 +1,7 @@
 """interp: capture, edit and explain the residual stream of Hugging Face transformers."""
 
 from interp.capture import Activations, capture
+from interp.controls import random_control, random_like, random_subspace
 from interp.edits import (
                           Compose,
                           Edit,
@@ -28,6 +29,6 @@ __all__ = [
     "Activations", "capture", "load_model", "EMBEDDED", "Site", "resolve", "site_names", "check_layout", "LayoutCheck",
     "intervene", "Intervention", "Positions", "Edit", "EditContext", "Compose", "Lambda", "ZeroAblate",
     "ProjectOut", "MeanAblate", "Steer", "Replace", "Patch", "SetCoords", "Rotate", "SaeEdit",
-    "Subspace", "CircleMap", "LinearMap", "TableMap",
+    "Subspace", "CircleMap", "LinearMap", "TableMap", "random_control", "random_like", "random_subspace",
     "InterpError", "SiteError", "InputError", "DataError", "CacheError", "ModelLoadError",
 ]

@@ -100,7 +100,9 @@ class RunSpec:
                 raise InputError(f"{where}: {err}") from None
 
 
-def _read_rows(spec: Mapping, base: Path) -> list[dict]:
+def read_rows(spec: Mapping, base: Path) -> list[dict]:
+    """Rows of a spec's ``prompts: [...]`` or ``dataset: {path, text_field, limit}`` (paths relative to
+    ``base``); each row's ``text`` is its prompt and its other keys are the dataset's fields."""
     if "prompts" in spec:
         prompts = spec["prompts"]
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -189,7 +191,7 @@ def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> RunS
     if sub is not None and not Path(sub).is_absolute():
         sub = str(base / sub)
     return RunSpec(model=str(raw["model"]), site=str(raw["site"]), edits=edits, metric=dict(raw["metric"]),
-                   rows=tuple(_read_rows(raw, base)), positions=raw.get("positions", "last"), subspace=sub,
+                   rows=tuple(read_rows(raw, base)), positions=raw.get("positions", "last"), subspace=sub,
                    out=str(raw.get("out", "intervene_out")), batch_size=batch_size,
                    device=raw.get("device"))
 

@@ -3,9 +3,14 @@
 An orthonormal basis ``[rank, d_model]``, an origin ``[d_model]``, and optionally a coordinate map
 from an attribute value to a point of the subspace:
 
-* :class:`CircleMap` -- an angle (or a class placed on a circle, e.g. a weekday) to a 2-D point;
-* :class:`LinearMap` -- a number (a year, a latitude) to a point, ``intercept + value * slope``;
+* :class:`CircleMap` -- an angle (or a class placed on a circle, e.g. a weekday) to a 2-D point (on
+  a round circle, or on the ellipse a circle probe reads through its ``axes``);
+* :class:`LinearMap` -- a number (a year, a latitude) to a point, ``intercept + value * slope``, and
+  back through a fitted readout (PLS's prediction) when it has one;
 * :class:`TableMap`  -- a class label to its mean coordinates.
+
+``Subspace.predict(x)`` reads the map's value at an activation (an angle, a number, a class index);
+``Subspace.direction()`` is, for a linear map, the smallest displacement that raises it by one.
 
 Every feature finder returns a Subspace; every intervention consumes one. Saved as
 ``subspace.safetensors`` + ``subspace.json`` (atomic writes, no pickle).
@@ -33,9 +38,12 @@ from interp.folders import inside
 
 @dataclass
 class CircleMap:
-    """Points ``center + radius * (cos a, sin a)`` in the first two coordinates of the subspace.
+    """Points ``center + axes @ (radius * (cos a, sin a))`` in the first two coordinates of the subspace.
 
-    In a subspace of rank > 2 the remaining coordinates of a mapped point are 0 (the origin's).
+    ``axes`` is None for a round circle (the identity). A circle probe reads an angle through a
+    general linear map, so its circle is an ellipse in the plane: ``axes`` holds, as columns, the
+    plane coordinates of the probe's unit cos and sin directions. In a subspace of rank > 2 the
+    remaining coordinates of a mapped point are 0 (the origin's).
     """
 
     center: Float[Tensor, "2"]
@@ -44,40 +52,84 @@ class CircleMap:
     """Fitted angle (radians) of each named class, e.g. {"Monday": 0.0, ...}."""
     rank: int = 2
     """Length of the coordinate vectors `to_coords` returns (the subspace's rank)."""
+    axes: Float[Tensor, "2 2"] | None = None
+    """Columns: the plane coordinates of the circle's unit cos and sin directions (None: identity)."""
 
     kind = "circle"
 
-    def to_coords(self, value: float | str) -> Tensor:
+    def __post_init__(self):
+        if self.axes is not None:
+            self.axes = torch.as_tensor(self.axes).float()
+            if self.axes.shape != (2, 2) or not torch.isfinite(self.axes).all() or \
+                    abs(float(torch.linalg.det(self.axes.double()))) < 1e-12:
+                raise InputError(f"CircleMap axes must be an invertible [2, 2] matrix; got {self.axes.tolist()}")
+
+    def angle_of(self, value: float | str) -> float:
+        """The angle of a named class (its fitted angle) or an angle given in radians."""
         if isinstance(value, str):
             if value not in self.angles:
                 raise InputError(f"unknown class {value!r}; this circle knows {sorted(self.angles)}")
-            angle = self.angles[value]
-        else:
-            angle = float(value)
-        point = self.center + self.radius * torch.tensor([math.cos(angle), math.sin(angle)], dtype=self.center.dtype)
+            return self.angles[value]
+        return float(value)
+
+    def to_circle(self, coords: Float[Tensor, "... rank"]) -> Float[Tensor, "... 2"]:
+        """Coordinates on the circle's own axes, relative to its center (where the radius is ``radius``)."""
+        d = coords[..., :2] - self.center.to(coords)
+        if self.axes is None:
+            return d
+        return torch.linalg.solve(self.axes.to(coords), d.unsqueeze(-1)).squeeze(-1)
+
+    def from_circle(self, points: Float[Tensor, "... 2"]) -> Float[Tensor, "... 2"]:
+        """Plane coordinates of points given on the circle's axes (the inverse of :meth:`to_circle`)."""
+        if self.axes is not None:
+            points = points @ self.axes.to(points).T
+        return self.center.to(points) + points
+
+    def to_coords(self, value: float | str) -> Tensor:
+        angle = self.angle_of(value)
+        unit = torch.tensor([math.cos(angle), math.sin(angle)], dtype=self.center.dtype)
+        point = self.from_circle(self.radius * unit)
         if self.rank > 2:
             point = torch.cat([point, point.new_zeros(self.rank - 2)])
         return point
 
     def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
         """Angle (radians, in (-pi, pi]) of each point."""
-        d = coords[..., :2] - self.center.to(coords)
+        d = self.to_circle(coords)
         return torch.atan2(d[..., 1], d[..., 0])
 
 
 @dataclass
 class LinearMap:
-    """``intercept + value * slope`` (a numeric attribute along a line in the subspace)."""
+    """A numeric attribute along a line in the subspace.
+
+    ``to_coords(v) = intercept + v * slope``: where activations with value ``v`` sit on average.
+    ``from_coords`` reads a value back: through ``weights`` and ``bias`` when the finder fitted a
+    readout (PLS's regression: ``coords @ weights + bias`` equals its ``predict``), otherwise by
+    projecting onto the line.
+    """
 
     intercept: Float[Tensor, " rank"]
     slope: Float[Tensor, " rank"]
+    weights: Float[Tensor, " rank"] | None = None
+    """A fitted readout from coordinates to the value (None: project onto the line)."""
+    bias: float = 0.0
+    """The readout's constant term."""
 
     kind = "linear"
 
     def to_coords(self, value: float) -> Tensor:
         return self.intercept + float(value) * self.slope
 
+    def gradient(self) -> Float[Tensor, " rank"]:
+        """How the value read by :meth:`from_coords` changes per unit of each coordinate."""
+        if self.weights is not None:
+            return self.weights
+        return self.slope / (self.slope @ self.slope)
+
     def from_coords(self, coords: Float[Tensor, "... rank"]) -> Tensor:
+        if self.weights is not None:
+            return coords @ self.weights.to(coords) + self.bias
         s = self.slope.to(coords)
         return ((coords - self.intercept.to(coords)) @ s) / (s @ s)
 
@@ -183,6 +235,21 @@ class Subspace:
             raise InputError(f"{self!r} has no coordinate map")
         return self.coord_map.from_coords(coords)
 
+    def predict(self, x: Float[Tensor, "... d_model"]) -> Tensor:
+        """The attribute value the coordinate map reads at `x`: an angle (circle), a number (linear;
+        PLS's prediction), the index of the nearest class (table)."""
+        return self.from_coords(self.project(x))
+
+    def direction(self) -> Float[Tensor, " d_model"]:
+        """The smallest displacement of an activation that raises :meth:`predict` by exactly 1
+        (a linear coordinate map only, e.g. PLS: one unit of the target)."""
+        cm = self.coord_map
+        if not isinstance(cm, LinearMap):
+            raise InputError(f"{self!r}: direction() needs a linear coordinate map (pls_subspace); "
+                             f"this one is {getattr(cm, 'kind', None)!r}")
+        g = cm.gradient().float()
+        return (g / (g @ g)) @ self.basis
+
     def plot(self, acts: Float[Tensor, "n d_model"], labels=None, **kwargs):
         """Scatter of the activations projected onto this subspace, coloured by label.
 
@@ -207,9 +274,14 @@ class Subspace:
             if isinstance(cm, CircleMap):
                 tensors["map.center"] = cm.center.float().contiguous()
                 info["coord_map"].update(radius=float(cm.radius), angles=cm.angles, rank=int(cm.rank))
+                if cm.axes is not None:
+                    tensors["map.axes"] = cm.axes.float().contiguous()
             elif isinstance(cm, LinearMap):
                 tensors["map.intercept"] = cm.intercept.float().contiguous()
                 tensors["map.slope"] = cm.slope.float().contiguous()
+                if cm.weights is not None:
+                    tensors["map.weights"] = cm.weights.float().contiguous()
+                    info["coord_map"]["bias"] = float(cm.bias)
             else:
                 tensors["map.coords"] = cm.coords.float().contiguous()
                 info["coord_map"]["labels"] = list(cm.labels)
@@ -239,9 +311,11 @@ class Subspace:
         coord_map = None
         if cm:
             if cm["kind"] == "circle":
-                coord_map = CircleMap(t["map.center"], cm["radius"], dict(cm.get("angles", {})), int(cm.get("rank", 2)))
+                coord_map = CircleMap(t["map.center"], cm["radius"], dict(cm.get("angles", {})), int(cm.get("rank", 2)),
+                                      t.get("map.axes"))
             elif cm["kind"] == "linear":
-                coord_map = LinearMap(t["map.intercept"], t["map.slope"])
+                coord_map = LinearMap(t["map.intercept"], t["map.slope"], t.get("map.weights"),
+                                      float(cm.get("bias", 0.0)))
             elif cm["kind"] == "table":
                 coord_map = TableMap(list(cm["labels"]), t["map.coords"])
             else:

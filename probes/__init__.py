@@ -4,6 +4,7 @@
 >>> ds = probes.token_dataset(model, tok, texts, ["blocks.5.mlp.hook_post"], label_fn=is_day)
 >>> result = probes.sweep(ds.acts, ds.labels, groups=ds.groups, n_neurons=(1, 2, 4, 8), method="f_stat")
 >>> probes.SparseProbe(n_neurons=1).fit(x, y).support_   # the single best neuron
+>>> probes.sweep_regression(ds.acts, years, groups=ds.groups).table()  # held-out R^2 per site and n_neurons
 
 ``n_neurons`` is the number of neurons a probe may use (the paper's k); a sweep's records name the
 ``site`` the activations come from. :func:`first_letter_absorption` measures the feature absorption of
@@ -29,6 +30,7 @@ from probes.metrics import (
                             spearman,
 )
 from probes.plots import plot_metric_vs_n_neurons, plot_neuron_activations, plot_top_neurons
+from probes.regression import RegressionSweepConfig, sweep_regression
 from probes.results import SweepRecord, SweepResult
 from probes.ridge import RidgeProbe
 from probes.selection import METHODS, rank_neurons
@@ -37,6 +39,7 @@ from probes.sweep import DEFAULT_N_NEURONS, SweepConfig, sweep
 
 __all__ = [
     "SparseProbe", "LinearProbe", "RidgeProbe", "sweep", "SweepConfig", "SweepResult", "SweepRecord",
+    "sweep_regression", "RegressionSweepConfig",
     "DEFAULT_N_NEURONS", "METHODS", "rank_neurons", "fit_logistic", "token_dataset", "sequence_dataset",
     "aggregate_tokens", "ProbeDataset", "train_test_split", "accuracy", "precision", "recall", "f1", "roc_auc", "r2",
     "spearman", "classification_report", "regression_report", "plot_metric_vs_n_neurons", "plot_top_neurons",

@@ -21,7 +21,9 @@ from interp.deprecation import RenamedKeys, renamed_fields, renamed_keywords
 from interp.errors import InputError
 
 METRICS = ("f1", "accuracy", "precision", "recall", "auc", "train_f1")
-"""Per-cell metrics of a sweep (test split unless prefixed ``train_``)."""
+"""Per-cell metrics of a classification sweep (test split unless prefixed ``train_``)."""
+REGRESSION_METRICS = ("r2", "spearman", "train_r2")
+"""Per-cell metrics of a regression sweep (:func:`probes.sweep_regression`)."""
 
 
 class SweepRecord(RenamedKeys):
@@ -35,7 +37,8 @@ class SweepRecord(RenamedKeys):
 @renamed_fields({"layers": "sites"})
 @dataclass
 class SweepResult:
-    """Results of :func:`probes.sweep`: one record per (site, n_neurons), plus rankings and top neurons."""
+    """Results of :func:`probes.sweep` (binary labels) or :func:`probes.sweep_regression` (numeric
+    targets): one record per (site, n_neurons), plus rankings and (classification) top neurons."""
 
     config: Any
     """The :class:`probes.SweepConfig` used."""
@@ -53,7 +56,10 @@ class SweepResult:
     rankings: dict[str, Tensor] = field(default_factory=dict)
     """Per site, every neuron index, most useful first."""
     top_neurons: dict[str, list[dict]] = field(default_factory=dict)
-    """Per site, the best-ranked neurons each scored alone: neuron, f1, auc, coef."""
+    """Per site, the best-ranked neurons each scored alone: neuron, f1, auc, coef (classification)."""
+    metrics: tuple[str, ...] = METRICS
+    """The per-cell metrics: :data:`METRICS` for classification, :data:`REGRESSION_METRICS` for
+    regression; the first is the default of :meth:`best`, :meth:`table` and :meth:`plot_f1`."""
 
     def to_frame(self):
         """The records as a pandas DataFrame (needs pandas)."""
@@ -76,17 +82,21 @@ class SweepResult:
                          f"n_neurons values are {self._n_neurons()}")
 
     @renamed_keywords({"k": "n_neurons"})
-    def best(self, n_neurons: int | None = None, metric: str = "f1") -> dict:
-        """The record with the highest `metric` (among probes with `n_neurons` neurons when given)."""
-        if metric not in METRICS:
-            raise InputError(f"metric={metric!r}; expected one of {METRICS}")
+    def best(self, n_neurons: int | None = None, metric: str | None = None) -> dict:
+        """The record with the highest `metric` (default: the first of :attr:`metrics`), among probes
+        with `n_neurons` neurons when given."""
+        metric = metric or self.metrics[0]
+        if metric not in self.metrics:
+            raise InputError(f"metric={metric!r}; expected one of {self.metrics}")
         rows = [r for r in self.records if n_neurons is None or r["n_neurons"] == n_neurons]
         if not rows:
             raise InputError(f"no records at n_neurons={n_neurons}; the sweep has n_neurons {self._n_neurons()}")
         return max(rows, key=lambda r: (r[metric], -r["n_neurons"]))
 
-    def table(self, metric: str = "f1") -> str:
-        """A text table: one row per site, one column per n_neurons (the header names both)."""
+    def table(self, metric: str | None = None) -> str:
+        """A text table of `metric` (default: the first of :attr:`metrics`): one row per site, one column
+        per n_neurons (the header names both)."""
+        metric = metric or self.metrics[0]
         sizes = self._n_neurons()
         lines = ["site \\ n_neurons".ljust(28) + "".join(f"{n}".rjust(8) for n in sizes)]
         for site in self.sites:
@@ -100,7 +110,7 @@ class SweepResult:
         return {
             "config": dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else self.config,
             "classes": [c if isinstance(c, (str, int, float, bool)) else str(c) for c in self.classes],
-            "sites": self.sites, "n_train": self.n_train, "n_test": self.n_test,
+            "sites": self.sites, "n_train": self.n_train, "n_test": self.n_test, "metrics": list(self.metrics),
             "records": self.records, "top_neurons": self.top_neurons,
             "rankings": {k: v[:64].tolist() for k, v in self.rankings.items()},
         }
@@ -109,19 +119,21 @@ class SweepResult:
         """Write :meth:`to_dict` as JSON, atomically (temporary file, then rename).
 
         Fields: ``config`` (the :class:`probes.SweepConfig`), ``classes`` ([negative, positive]),
-        ``sites``, ``n_train``, ``n_test``, ``records`` (one per (site, n_neurons): ``site``,
+        ``sites``, ``n_train``, ``n_test``, ``metrics`` (the per-cell metric names), ``records`` (one per
+        (site, n_neurons): ``site``,
         ``n_neurons``, ``method``, test ``f1``, ``accuracy``, ``precision``, ``recall``, ``auc``,
         ``train_f1``, ``neurons`` (the support, best first) and ``coef``), ``top_neurons`` (per site,
         the best-ranked neurons scored alone: ``neuron``, ``f1``, ``auc``, ``coef``) and ``rankings``
         (per site, the first 64 neuron indices, most useful first)."""
         return write_json(path, self.to_dict(), default=str)
 
-    def plot_f1(self, path: str | os.PathLike | None = None, *, metric: str = "f1", ax=None,
+    def plot_f1(self, path: str | os.PathLike | None = None, *, metric: str | None = None, ax=None,
                 title: str | None = None, dpi: int = 100):
-        """Plot `metric` against n_neurons (log scale), one line per site; saves a PNG when `path` is given."""
+        """Plot `metric` (default: the first of :attr:`metrics`: F1, or R^2 for a regression sweep) against
+        n_neurons (log scale), one line per site; saves a PNG when `path` is given."""
         from probes.plots import plot_metric_vs_n_neurons
 
-        return plot_metric_vs_n_neurons(self, path, metric=metric, ax=ax, title=title, dpi=dpi)
+        return plot_metric_vs_n_neurons(self, path, metric=metric or self.metrics[0], ax=ax, title=title, dpi=dpi)
 
     def plot_top_neurons(self, path: str | os.PathLike | None = None, *, ax=None, title: str | None = None,
                          dpi: int = 100):

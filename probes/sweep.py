@@ -46,6 +46,15 @@ DEFAULT_N_NEURONS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 __getattr__ = renamed_module_attributes(__name__, {"DEFAULT_KS": "DEFAULT_N_NEURONS"}, globals())
 
 
+def probe_sizes(n_neurons) -> tuple[int, ...]:
+    """``n_neurons`` of a sweep as sorted distinct positive integers, or a one-line error."""
+    sizes = tuple(n_neurons)
+    if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
+        raise InputError(f"n_neurons={n_neurons!r} must be a non-empty sequence of positive integers "
+                         "(neurons per probe), e.g. (1, 2, 4, 8)")
+    return tuple(sorted(set(sizes)))
+
+
 @renamed_fields({"ks": "n_neurons"})
 @dataclass(frozen=True, kw_only=True)
 class SweepConfig:
@@ -84,11 +93,7 @@ class SweepConfig:
     default tolerance on the same scale)."""
 
     def __post_init__(self):
-        sizes = tuple(self.n_neurons)
-        if not sizes or any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for n in sizes):
-            raise InputError(f"n_neurons={self.n_neurons!r} must be a non-empty sequence of positive integers "
-                             "(neurons per probe), e.g. (1, 2, 4, 8)")
-        object.__setattr__(self, "n_neurons", tuple(sorted(set(sizes))))
+        object.__setattr__(self, "n_neurons", probe_sizes(self.n_neurons))
         object.__setattr__(self, "method", canonical_method(self.method))
         if self.C <= 0:
             raise InputError(f"C={self.C} must be > 0")

@@ -89,8 +89,10 @@ def front_matter(rows: list[dict[str, Any]], base: str | None, saelens_ok: bool)
     return meta
 
 
-def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str | None = DENSITY_PLOT) -> str:
-    """README.md text for ``{site: Checkpoint}`` to be published as ``repo_id``."""
+def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str | None = DENSITY_PLOT,
+                dashboards: tuple[str, ...] = ()) -> str:
+    """README.md text for ``{site: Checkpoint}`` to be published as ``repo_id``; `dashboards` are the
+    folders (relative to the card) of feature dashboards written by ``interp dashboard``, linked from it."""
     rows = [summary(site, ck) for site, ck in checkpoints.items()]
     first = next(iter(checkpoints.values()))
     base = base_model(first.metadata)
@@ -128,6 +130,13 @@ def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str |
     if plot:
         lines += ["## Latent density", "", f"![Latent density]({plot})", "",
                   "Histogram of log10 firing frequency of each latent (fraction of tokens where it is nonzero).", ""]
+    if dashboards:
+        links = ", ".join(f"[`{d}/index.html`]({d}/index.html)" for d in dashboards)
+        lines += ["## Dashboards", "",
+                  f"What each latent responds to: {links}, static pages written by `interp dashboard sae` (top "
+                  "activating contexts, samples by activation quantile, activation histogram, promoted and "
+                  "suppressed tokens, nearest latents). Download the folder and open `index.html` in a browser; "
+                  "the pages need no server and no network.", ""]
     lines += ["## Files", "",
               "Each site folder holds `cfg.json` (SAELens keys plus this project's `interp` block: format "
               "version, library version, the full SAE config, the training summary and file checksums), "

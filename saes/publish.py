@@ -3,8 +3,9 @@
 ``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
 the model and site; its training summary holds the token count and the evaluation metrics; its
 sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
-folder, and only then uploads the checkpoint files, the card and the plot: the upload is the
-one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
+folder, and only then uploads the checkpoint files, the card and the plot (and the feature dashboards
+that ``interp dashboard sae ... --out FOLDER/dashboard`` wrote there, linked from the card): the
+upload is the one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
 """
 
 from __future__ import annotations
@@ -80,14 +81,27 @@ def _missing(ckpt: Checkpoint) -> list[str]:
     return out
 
 
+def dashboard_folders(folder: Path) -> list[str]:
+    """Feature dashboards in ``folder/dashboard`` (itself, or one level of subfolders, e.g. one per site):
+    the folders holding a finished ``interp dashboard`` site (``index.html`` and ``data.json``)."""
+    root = folder / "dashboard"
+    found = [p for p in [root, *sorted(root.glob("*"))] if p.is_dir() and (p / "index.html").is_file()
+             and (p / "data.json").is_file()]
+    return [p.relative_to(folder).as_posix() for p in found]
+
+
 def prepare(folder: str | os.PathLike, repo_id: str) -> PublishPlan:
     """Validate ``folder``, write its model card and density plot; upload nothing."""
     folder = Path(folder)
     checkpoints = validate(folder)
     plot_latent_density(checkpoints, folder / DENSITY_PLOT)
-    card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT)
+    dashboards = dashboard_folders(folder)
+    card = render_card(checkpoints, repo_id, plot=DENSITY_PLOT, dashboards=tuple(dashboards))
     write_text(folder / CARD_FILENAME, card)
     files = [CARD_FILENAME, DENSITY_PLOT]
+    for d in dashboards:
+        files += sorted(p.relative_to(folder).as_posix() for p in (folder / d).rglob("*") if p.is_file()
+                        and p.suffix in (".html", ".json", ".safetensors") and not p.name.startswith("."))
     for site in checkpoints:
         prefix = f"{site}/" if site else ""
         files += [prefix + name for name in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME)

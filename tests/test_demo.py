@@ -17,10 +17,12 @@ def test_demo_quick_writes_a_report(tmp_path, capsys):
     assert f"report: {(out / 'report.md').resolve()}" in capsys.readouterr().out
     res = json.loads((out / "results.json").read_text())
     edits = res["intervention"]["edits"]
-    assert set(edits) >= {"no edit", "circle x1", "random plane x1 (control)", "replace with target mean (control)"}
+    assert set(edits) >= {"no edit", "circle x1", "random plane x1 (control)", "replace with target mean (control)",
+                          "circle x4 radius", "random plane x4 radius (control)", "circle probe x4 radius"}
     assert all(0.0 <= e["success"] <= 1.0 for e in edits.values())
     assert edits["no edit"]["kept_source"] > 0.9  # the model copies the day it was told
     assert all(r["order_matches"] for r in res["circle"])  # days on a circle at every layer checked
+    assert all(0 <= r["probe_loco_angle_error"] <= 3.15 for r in res["circle"])
     for png in ("circle_scores_by_layer.png", "probe_f1_vs_k.png", "intervention.png", "circle_layer10.png"):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()

@@ -18,7 +18,7 @@ from interp.cli.options import Parser
 from interp.errors import InterpError
 
 #: Command modules, in the order ``interp --help`` lists them.
-COMMANDS = ("demo", "capture", "sae", "probe", "features", "intervene")
+COMMANDS = ("demo", "capture", "sae", "probe", "features", "intervene", "patch", "dashboard")
 
 
 def _version() -> str:

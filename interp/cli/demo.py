@@ -2,18 +2,21 @@
 
 1. capture the residual stream at weekday (or month) tokens in many prompts, every other layer;
 2. find the circle: class-mean PCA and a circle fit per layer (cyclic order, leave-one-class-out
-   angle error, radius spread);
+   angle error, radius spread), beside the circle probe's leave-one-class-out error (a linear
+   read-out of each item's angle, which does not assume evenly spaced items);
 3. probe for item tokens with k-sparse probes on the MLP neurons (F1 against k, best single neurons);
 4. rotate the item's circle coordinates at the item token of prompts that make the model repeat it,
-   and count how often the model then says the target item, against three controls measured in the
-   same run (no edit, a random plane turned by the same angles, the whole activation replaced by
-   the target's mean activation);
+   and count how often the model then says the target item: a pure rotation, ``Rotate``'s defaults
+   (the target's point at 4 x the circle radius) in the class-mean and the probe's planes, against
+   controls measured in the same run (no edit, a random plane turned by the same angles and put as far
+   out, ``interp.controls.random_control``; the whole activation replaced by the target's mean);
 5. write ``report.md`` + PNG plots + ``results.json`` to a folder and print where it is.
 
 ``results.json`` fields: ``model``, ``items_name`` (days or months), ``items``, ``layer`` (the edited
 layer), ``device``, ``command``, ``seconds``; ``circle``: one row per layer (``layer``,
-``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``radius_cv``,
-``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by layer and neuron
+``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``probe_loco_angle_error`` (the
+circle probe's), ``radius_cv``, ``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by
+layer and neuron
 count, as text), ``best_k1`` (the best single neuron: ``site``, ``f1``, ``neuron``); ``intervention``: ``site``,
 ``position``, ``rows`` (prompt, target pairs), ``templates`` and ``edits`` (per edit: ``success``,
 the fraction of rows whose top item is the target, and ``kept_source``, the fraction still naming the
@@ -50,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--items", default="days", choices=["days", "months"], help="item family (default: days)")
     p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited (default: 10)")
-    p.add_argument("--scale", type=float, default=2.0, help="circle edit: distance-from-centre multiplier "
-                   "(default: 2.0)")
+    p.add_argument("--scale", type=float, default=None, help="circle edit: multiple of the circle radius the "
+                   "target's point is put at (default: Rotate's, 4)")
     p.add_argument("--out", default="interp-demo", help="report folder (default: interp-demo)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer layers and prompts (for tests)")
@@ -70,20 +73,24 @@ def _item_token_ids(tok, items: list[str]) -> list[int]:
 
 def find_circles(model, tok, items, templates, layers, out: Path) -> tuple[dict, list[dict]]:
     """Class-mean PCA + circle fit at every layer; returns ({layer: Subspace}, score rows)."""
-    from interp.features import class_mean_subspace, item_activations
+    from interp.features import circle_probe, class_mean_subspace, item_activations
     from interp.features.plot import plot_layer_scores
 
     sites = [f"blocks.{L}.hook_resid_post" for L in layers]
-    acts, labels, _ = item_activations(model, tok, items, templates, sites)
+    acts, labels, tids = item_activations(model, tok, items, templates, sites)
     subspaces, rows = {}, []
     for L, s in zip(layers, sites):
         sub = class_mean_subspace(acts[s], labels, rank=2, circle=True, order=items, name=f"{s} circle")
-        subspaces[L] = (sub, acts[s], labels)
+        probe = circle_probe(acts[s], labels, order=items, groups=tids, name=f"{s} circle probe")
+        subspaces[L] = (sub, acts[s], labels, probe)
         m = sub.meta
         rows.append({"layer": L, "order_matches": bool(m["order_matches"]),
-                     "loco_angle_error": round(m["loco_angle_error"], 4), "radius_cv": round(m["radius_cv"], 4),
+                     "loco_angle_error": round(m["loco_angle_error"], 4),
+                     "probe_loco_angle_error": round(probe.meta["loco_angle_error"], 4),
+                     "radius_cv": round(m["radius_cv"], 4),
                      "top2_explained": round(sum(m["explained_variance"][:2]), 4)})
-    plot_layer_scores(rows, out / "circle_scores_by_layer.png", title=f"{items[0]}.. circle, per layer")
+    plot_layer_scores(rows, out / "circle_scores_by_layer.png", title=f"{items[0]}.. circle, per layer",
+                      keys=("loco_angle_error", "probe_loco_angle_error", "radius_cv", "top2_explained"))
     return subspaces, rows
 
 
@@ -109,12 +116,12 @@ def _top_items(model, batch, item_ids) -> torch.Tensor:
     return logits[:, item_ids].argmax(-1).cpu()
 
 
-def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scale, n_templates, seed=0):
-    """Success rates of the circle rotation and the three controls on repeat prompts."""
+def intervene_items(model, tok, items, circle, probe, fit_acts, fit_labels, layer, scale, n_templates, seed=0):
+    """Success rates of the circle edits (class-mean and probe planes) and the controls on repeat prompts."""
     from interp.capture import tokenize
-    from interp.edits import Replace, Rotate
+    from interp.controls import random_control
+    from interp.edits import ROTATE_SCALE, Replace, Rotate
     from interp.intervene import intervene
-    from interp.subspace import Subspace
 
     item_ids = _item_token_ids(tok, items)
     family = "days" if items[0] == "Monday" else "months"
@@ -132,20 +139,15 @@ def intervene_items(model, tok, items, circle, fit_acts, fit_labels, layer, scal
     targets = torch.tensor([items.index(tgt) for _, _, tgt in rows])
     sources = torch.tensor([items.index(src) for _, src, _ in rows])
     site = f"blocks.{layer}.hook_resid_post"
-    from interp import capture
-
-    here = capture(model, batch, site, positions=item_pos[:, None])[site][:, 0]
-    cur = circle.from_coords(circle.project(here))  # each row's current angle on the circle
-    tgt_angle = torch.tensor([circle.coord_map.angles[items[t]] for t in targets.tolist()])
-    theta = torch.atan2(torch.sin(tgt_angle - cur), torch.cos(tgt_angle - cur))
-    g = torch.Generator().manual_seed(seed)
-    random_plane = Subspace(torch.randn(2, circle.d_model, generator=g))
     means = torch.stack([fit_acts[[lab == it for lab in fit_labels]].mean(0) for it in items])
     to = [items[t] for t in targets.tolist()]
-    edits = {"no edit": None, "circle x1": Rotate(circle, to=to),
-             f"circle x{scale:g}": Rotate(circle, to=to, scale=scale),
-             "random plane x1 (control)": Rotate(random_plane, angle=theta),
-             f"random plane x{scale:g} (control)": Rotate(random_plane, angle=theta, scale=scale),
+    pure = Rotate(circle, to=to, scale=1.0, radius=None)  # turn each row's point, keeping its distance
+    default = Rotate(circle, to=to, scale=scale)  # the target's point at `scale` x the circle radius
+    s = scale or ROTATE_SCALE
+    edits = {"no edit": None, "circle x1": pure, "random plane x1 (control)": random_control(pure, seed=seed),
+             f"circle x{s:g} radius": default,
+             f"random plane x{s:g} radius (control)": random_control(default, seed=seed),
+             f"circle probe x{s:g} radius": Rotate(probe, to=to, scale=scale),
              "replace with target mean (control)": Replace(means[targets])}
     results = {}
     for name, edit in edits.items():
@@ -166,8 +168,9 @@ def _bar_plot(inter: dict, path: Path) -> None:
     names = list(inter["edits"])
     fig = Figure(figsize=(7, 3.2))
     ax = fig.add_subplot()
+    colours = {"no edit": "#999", "replace with target mean (control)": "#58c"}
     ax.barh(names, [inter["edits"][n]["success"] for n in names],
-            color=["#999", "#2a7", "#2a7", "#c55", "#c55", "#58c"])
+            color=[colours.get(n, "#c55" if "random" in n else "#2a7") for n in names])
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("success: the model's top item is the target")
@@ -181,10 +184,13 @@ def write_report(out: Path, res: dict) -> Path:
     lines = [f"# interp demo: {res['items_name']} on {res['model']}", "",
              f"Run `{res['command']}` on {res['device']}, {res['seconds']:.0f} s. Figures below are this run's.", "",
              "## 1. The circle (class-mean PCA + circle fit, per layer)", "",
-             "| layer | cyclic order recovered | leave-one-class-out angle error (rad) | radius CV | top-2 explained |",
-             "|---|---|---|---|---|"]
+             "The leave-one-class-out error of the class-mean circle assumes evenly spaced items; the circle probe's "
+             "(a linear read-out of each item's (cos, sin) from the top 5 principal components) does not.", "",
+             "| layer | cyclic order recovered | leave-one-class-out angle error (rad) | circle probe's (rad) "
+             "| radius CV | top-2 explained |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['layer']} | {'yes' if r['order_matches'] else 'no'} | {r['loco_angle_error']:.3f} | "
-              f"{r['radius_cv']:.3f} | {r['top2_explained']:.3f} |" for r in circ]
+              f"{r['probe_loco_angle_error']:.3f} | {r['radius_cv']:.3f} | {r['top2_explained']:.3f} |" for r in circ]
     lines += ["", "![scores](circle_scores_by_layer.png)", "", f"![circle](circle_layer{res['layer']}.png)", "",
               "## 2. Sparse probes for item tokens (MLP neurons)", "",
               f"{res['probe']['n_examples']} tokens ({res['probe']['n_positive']} item tokens), split by document. "
@@ -224,7 +230,7 @@ def run(args) -> int:
     _item_token_ids(tok, items)
     print(f"[1/4] capturing {len(items) * len(templates)} prompts at {len(layers)} layers, fitting circles")
     subspaces, circle_rows = find_circles(model, tok, items, templates, layers, out)
-    circle, fit_acts, fit_labels = subspaces[args.layer]
+    circle, fit_acts, fit_labels, probe = subspaces[args.layer]
     plot_projection(circle, fit_acts, fit_labels, order=items, title=f"layer {args.layer}: {args.items} circle",
                     path=out / f"circle_layer{args.layer}.png")
     print("[2/4] sparse probes for item tokens on MLP neurons")
@@ -235,7 +241,7 @@ def run(args) -> int:
     best = sweep.best(n_neurons=1)
     info.update(table=sweep.table(), best_k1={"site": best["site"], "f1": best["f1"], "neuron": best["neurons"]})
     print(f"[3/4] rotating the circle at layer {args.layer}, with controls")
-    inter = intervene_items(model, tok, items, circle, fit_acts, fit_labels, args.layer, args.scale,
+    inter = intervene_items(model, tok, items, circle, probe, fit_acts, fit_labels, args.layer, args.scale,
                             n_templates=2 if args.quick else 4)
     _bar_plot(inter, out / "intervention.png")
     res = {"model": args.model, "items_name": args.items, "items": items, "layer": args.layer,

@@ -5,11 +5,17 @@
 ``site``, ``layer``, ``order_matches`` (the circle's cyclic order is the items' order),
 ``cyclic_order``, ``loco_angle_error`` (leave-one-class-out angle error, radians), ``angle_error``,
 ``radius_cv`` (spread of the class means' distances to the centre), ``top2_explained`` and
-``explained_variance`` (of the class means, per direction) and ``angles`` (each item's angle).
-Each site's plane is saved as a Subspace folder under ``subspaces/`` and plotted as ``<site>.png``.
+``explained_variance`` (of the class means, per direction) and ``angles`` (each item's angle); beside
+them the circle probe's (Engels et al.: a linear read-out of each item's (cos, sin) from the top
+principal components, :func:`interp.features.circle_probe`): ``probe_loco_angle_error`` (leave one
+item out), ``probe_loto_angle_error`` (leave one template out, per prompt), ``probe_order_matches``,
+``probe_r2`` and ``probe_angles``. The class-mean LOCO error assumes evenly spaced items; the probe's
+does not. Each site's class-mean plane is saved as a Subspace folder under ``subspaces/<site>`` and
+plotted as ``<site>.png``; the probe's plane under ``subspaces/<site>.probe``.
 
-``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``cluster_config`` and ``config`` (the
-settings used), ``tokens`` (activation rows read), ``n_scored`` and ``clusters``: one entry per
+``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``n_clusters`` (spectral: the number used,
+``d_sae / 25`` unless ``--n-clusters``), ``cluster_config`` and ``config`` (the settings used), ``tokens``
+(activation rows read), ``n_scored`` and ``clusters``: one entry per
 scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
 the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
 components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
@@ -23,12 +29,13 @@ Circles among the top ``--top`` are saved as Subspace folders under ``subspaces/
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from interp.atomic import write_json
 from interp.cli.options import add_options, dataclass_options, given, parse_layers
 from interp.errors import InputError
-from interp.features.clusters import ClusterConfig
+from interp.features.clusters import ClusterConfig, ClusterWarning, default_n_clusters
 from interp.features.multidim import MultiDimConfig
 from interp.models import EMBEDDED
 
@@ -49,6 +56,7 @@ def _sites(args) -> list[str]:
 def run_circles(args) -> int:
     import torch
 
+    from interp.features.circle_probe import circle_probe
     from interp.features.items import item_activations, resolve_items
     from interp.features.plot import plot_layer_scores
     from interp.features.supervised import class_mean_subspace
@@ -59,31 +67,37 @@ def run_circles(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_model(args.model, device=args.device)
-    acts, labels, _ = item_activations(model, tok, items, templates, sites, device="cpu")
+    acts, labels, tids = item_activations(model, tok, items, templates, sites, device="cpu")
     rows = []
+    order = items if family != "custom" else None
     for site in sites:
-        sub = class_mean_subspace(acts[site], labels, rank=args.rank, circle=True,
-                                  order=items if family != "custom" else None, name=f"{family}@{site}")
-        m = sub.meta
+        sub = class_mean_subspace(acts[site], labels, rank=args.rank, circle=True, order=order, name=f"{family}@{site}")
+        probe = circle_probe(acts[site], labels, order=order, groups=tids, name=f"{family}@{site} probe")
+        m, pm = sub.meta, probe.meta
         layer = int(site.split(".")[1]) if site.startswith("blocks.") else None
         rows.append({"site": site, "layer": layer, "order_matches": m["order_matches"],
                      "cyclic_order": m["cyclic_order"], "loco_angle_error": m.get("loco_angle_error"),
                      "angle_error": m["angle_error"], "radius_cv": m["radius_cv"],
                      "top2_explained": sum(m["explained_variance"][:2]), "explained_variance": m["explained_variance"],
-                     "angles": sub.coord_map.angles})
+                     "angles": sub.coord_map.angles, "probe_loco_angle_error": pm["loco_angle_error"],
+                     "probe_loto_angle_error": pm["loto_angle_error"], "probe_order_matches": pm["order_matches"],
+                     "probe_r2": pm["r2"], "probe_angles": probe.coord_map.angles})
         safe = site.replace("/", "_")
         sub.plot(acts[site], labels, order=items, path=out / f"{safe}.png", title=f"{args.model} {site}: {family}")
         sub.save(out / "subspaces" / safe)
+        probe.save(out / "subspaces" / f"{safe}.probe")
     summary = {"model": args.model, "items": items, "family": family, "n_templates": len(templates),
                "n_prompts": len(labels), "rank": args.rank, "sites": rows,
                "torch": torch.__version__, "command": "interp features circles " + " ".join(args.argv_)}
     _write_json(out / "circles.json", summary)
     if len(rows) > 1 and all(r["layer"] is not None for r in rows):
         plot_layer_scores(rows, out / "scores.png", title=f"{args.model}: {family} circle by layer")
-    print(f"{'site':32s} {'order ok':>8s} {'LOCO err':>9s} {'radius cv':>9s} {'top-2 var':>9s}")
+    print(f"{'site':32s} {'order ok':>8s} {'LOCO err':>9s} {'probe LOCO':>10s} {'probe LOTO':>10s} "
+          f"{'radius cv':>9s} {'top-2 var':>9s}  (angle errors in radians)")
     for r in rows:
         loco = r["loco_angle_error"]
         print(f"{r['site']:32s} {str(r['order_matches']):>8s} {loco if loco is None else round(loco, 3)!s:>9s} "
+              f"{r['probe_loco_angle_error']:10.3f} {r['probe_loto_angle_error']:10.3f} "
               f"{r['radius_cv']:9.3f} {r['top2_explained']:9.3f}")
     print(f"wrote {out / 'circles.json'}")
     return 0
@@ -121,10 +135,19 @@ def run_clusters(args) -> int:
     ccfg = ClusterConfig(**given(args, [f.name for f in dataclasses.fields(ClusterConfig)]))
     mcfg = MultiDimConfig(**given(args, [f.name for f in dataclasses.fields(MultiDimConfig)]))
     decoder = ckpt.decoder()
-    feats = find_multidim_features(decoder, data, encode=ckpt.encoder(), cluster_config=ccfg, config=mcfg,
-                                   max_rows=args.tokens)
+    with warnings.catch_warnings(record=True) as caught:  # a clustering that finds nothing: one line, what to change
+        warnings.simplefilter("always", ClusterWarning)
+        feats = find_multidim_features(decoder, data, encode=ckpt.encoder(), cluster_config=ccfg, config=mcfg,
+                                       max_rows=args.tokens)
+    for w in caught:
+        if issubclass(w.category, ClusterWarning):
+            print(f"hint: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     summary = {"sae": str(args.sae), "d_sae": int(decoder.shape[0]), "architecture": ckpt.sae.architecture,
-               "cluster_config": dataclasses.asdict(ccfg), "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
+               "n_clusters": (ccfg.n_clusters or default_n_clusters(int(decoder.shape[0])))
+               if ccfg.method == "spectral" else None, "cluster_config": dataclasses.asdict(ccfg),
+               "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)
     if feats:

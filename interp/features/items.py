@@ -3,9 +3,10 @@
 Each built-in prompt is a short prefix followed by the item with a leading space (" Monday"), so the
 item is the last token and position 0 (an attention sink in models without BOS) is never the one read.
 :func:`item_activations` captures every requested site at one token per prompt in one forward pass:
-the last one by default, or any one-token-per-prompt form of :mod:`interp.positions`, such as
-``positions={"token": " {item}"}`` for templates with the item in the middle (``{item}`` is filled
-per prompt with that prompt's item).
+the last one by default, or a position of :mod:`interp.positions` that picks one token per prompt,
+such as ``positions={"token": " {item}"}`` for templates with the item in the middle (``{item}`` is
+filled per prompt with that prompt's item), or a character span per prompt ``{"chars": [[a, b], ...]}``
+(read at the span's last token).
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence
 
     `positions` picks the one token read per prompt (:mod:`interp.positions`): ``"last"`` (default;
     templates must then end with the item), ``{"token": " {item}"}`` (``{item}`` is filled per prompt
-    with that prompt's item, so the item is found wherever the template puts it), or a single column.
-    Items that the tokenizer splits into several tokens are read at their last token.
+    with that prompt's item, so the item is found wherever the template puts it), ``{"chars": [a, b]}``
+    or one ``[a, b]`` per prompt (in :func:`build_prompts` order: templates outer, items inner; the
+    span's last token is read), or a single column. Items that the tokenizer splits into several
+    tokens are read at their last token.
 
     Returns ``({site: [n, d_model]}, labels, template ids)``.
     """
@@ -93,11 +96,19 @@ def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence
     pos = as_positions(positions)
     prompts, labels, tids = build_prompts(items, templates, item_last=pos.kind == "last")
     pos = pos.fill([{"item": label} for label in labels])
+    inputs = prompts
+    if pos.kind == "chars":  # a span per prompt: read its last token
+        from interp.capture import as_batch
+
+        inputs = as_batch(prompts, tokenizer)
+        mask = pos.bind(inputs["input_ids"], inputs["attention_mask"], tokenizer=tokenizer, texts=prompts).value
+        cols = torch.where(mask, torch.arange(mask.shape[1]), -1).max(1).values
+        pos = as_positions([[int(c)] for c in cols])
     single_col = pos.kind == "cols" and pos.value.shape[1] == 1 and not pos.ragged
     if not (pos.one_per_row or single_col):
         raise InputError(f"item_activations reads one token per prompt; positions={positions!r} picks several. "
-                         "Use 'last', {'token': ' {item}'} or a single column")
-    acts = capture(model, prompts, list(sites), positions=pos, tokenizer=tokenizer, batch_size=batch_size,
+                         "Use 'last', {'token': ' {item}'}, {'chars': [a, b]} or a single column")
+    acts = capture(model, inputs, list(sites), positions=pos, tokenizer=tokenizer, batch_size=batch_size,
                    device=device, dtype=torch.float32)
     return {s: acts[s][:, 0] if single_col else acts[s] for s in sites}, labels, tids
 

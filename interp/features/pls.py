@@ -6,9 +6,12 @@
   ``coef_``, ``intercept_``; ``predict``, ``transform``). No feature scaling: activation geometry is
   kept, so the found directions live in the residual stream as it is.
 * :func:`pls_subspace` -- pick the number of components by k-fold held-out R^2 (accumulated over
-  all folds, optionally split by group so one entity never sits in train and test), refit on all
-  rows, and return a :class:`Subspace` spanned by the PLS rotations with a :class:`LinearMap` from
-  a value to the point where activations with that value sit.
+  all folds, optionally split by group so one entity never sits in train and test) among
+  1..``max_components`` (32 by default), refit on all rows, and return a :class:`Subspace` spanned
+  by the PLS rotations with a :class:`LinearMap` that maps a value to the point where activations
+  with that value sit and reads the PLS prediction back: ``subspace.predict(x)`` equals
+  ``PLSRegression.predict``, and ``subspace.direction()`` is the smallest displacement that raises
+  the prediction by one unit of the target.
 
 Library choice: torch (runs on GPU, no scikit-learn dependency); scikit-learn's
 ``PLSRegression(scale=False)`` is the test oracle.
@@ -110,8 +113,12 @@ def held_out_r2(x: Tensor, y: Tensor, max_components: int, *, n_folds: int = 5, 
     return (1 - sse / sst).tolist()
 
 
+MAX_COMPONENTS = 32
+"""Largest number of components :func:`pls_subspace` tries by default."""
+
+
 def pls_subspace(acts: Float[Tensor, "n d_model"], values: Float[Tensor, " n"], *, n_components: int | None = None,
-                 max_components: int = 8, n_folds: int = 5, groups: Sequence | None = None, seed: int = 0,
+                 max_components: int = MAX_COMPONENTS, n_folds: int = 5, groups: Sequence | None = None, seed: int = 0,
                  name: str = "") -> Subspace:
     """Subspace of a numeric attribute by PLS, the number of components chosen by held-out R^2.
 
@@ -119,14 +126,17 @@ def pls_subspace(acts: Float[Tensor, "n d_model"], values: Float[Tensor, " n"], 
         acts: one activation per example ``[n, d_model]``.
         values: the attribute per example ``[n]`` (a year, a latitude, a count).
         n_components: fix the number of components; by default the one with the best k-fold
-            held-out R^2 among 1..max_components.
+            held-out R^2 among 1..max_components (capped by the rows of a training fold and d_model).
         groups: optional entity id per row; folds then split by entity (a by-prompt split of the
             same entity inflates R^2).
 
     Returns a Subspace (origin = mean activation) spanned by the orthonormalised PLS rotations,
-    with a :class:`LinearMap` fitted by least squares from value to coordinates, so that
-    ``to_coords(v)`` is where activations with value ``v`` sit on average. ``meta`` holds
-    ``held_out_r2`` (per number of components), ``n_components`` and ``train_r2``.
+    with a :class:`LinearMap`: ``to_coords(v)`` is the point nearest to where activations with value
+    ``v`` sit on average (least squares from value to coordinates) among those the regression reads
+    as ``v``; ``predict(x)`` is the PLS prediction (the map's
+    readout holds the regression coefficients in the subspace's coordinates), and ``direction()``
+    the ``[d_model]`` displacement that raises the prediction by exactly 1. ``meta`` holds
+    ``held_out_r2`` (per number of components), ``n_components``, ``max_components`` and ``train_r2``.
     """
     acts = torch.as_tensor(acts)
     values = torch.as_tensor(values).double().flatten()
@@ -150,7 +160,15 @@ def pls_subspace(acts: Float[Tensor, "n d_model"], values: Float[Tensor, " n"], 
     coords = sub.project(x.float()).double()
     design = torch.stack([torch.ones_like(values), values], 1)
     sol = torch.linalg.lstsq(design, coords).solution  # [2, rank]
-    sub.coord_map = LinearMap(sol[0].float(), sol[1].float())
-    sub.meta = {"finder": "pls", "n_components": n_components, "held_out_r2": r2, "train_r2": train_r2,
-                "n_folds": n_folds, "grouped": groups is not None}
+    # the readout: PLS's prediction in the subspace's coordinates (coef_ lies in the span of the rotations)
+    w = sub.basis.double() @ model.coef_[:, 0]
+    bias = float(model.y_mean_[0] - (model.x_mean_ - sub.origin.double()) @ model.coef_[:, 0])
+    # to_coords(v): where activations with value v sit on average (sol), moved along w onto the points
+    # the regression reads as v, so that predict(to_coords(v)) == v
+    ww = w @ w
+    intercept = sol[0] - (sol[0] @ w + bias) * w / ww
+    slope = sol[1] + (1 - sol[1] @ w) * w / ww
+    sub.coord_map = LinearMap(intercept.float(), slope.float(), w.float(), bias)
+    sub.meta = {"finder": "pls", "n_components": n_components, "max_components": max_components,
+                "held_out_r2": r2, "train_r2": train_r2, "n_folds": n_folds, "grouped": groups is not None}
     return sub

@@ -17,6 +17,8 @@ COMMANDS = {
     "sae publish": lambda sae, tmp: ["sae", "publish", str(sae), "me/x", "--dry-run"],
     "features clusters": lambda sae, tmp: ["features", "clusters", "--sae", str(sae), "--cache", str(tmp / "none"),
                                            "--out", str(tmp / "out")],
+    "dashboard sae": lambda sae, tmp: ["dashboard", "sae", str(sae), "--model", str(tmp / "no-model"),
+                                       "--out", str(tmp / "dash")],
 }
 
 

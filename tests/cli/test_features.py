@@ -43,6 +43,12 @@ def test_circles_cli_writes_json_png_and_subspaces(tiny_dir, tmp_path, capsys):
         assert (out / f"{r['site']}.png").stat().st_size > 1000
     assert (out / "scores.png").exists()
     assert "LOCO err" in capsys.readouterr().out
+    for r in summary["sites"]:  # the circle probe beside the class-mean circle
+        probe = Subspace.load(out / "subspaces" / f"{r['site']}.probe")
+        assert probe.meta["finder"] == "circle_probe" and probe.coord_map.axes is not None
+        assert probe.meta["loco_angle_error"] == pytest.approx(r["probe_loco_angle_error"])
+        assert 0 <= r["probe_loto_angle_error"] <= 3.15 and len(r["probe_r2"]) == 2
+        assert sorted(r["probe_angles"]) == sorted(summary["items"])
 
 
 def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
@@ -64,6 +70,18 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
     assert scores == sorted(scores, reverse=True)
     if summary["clusters"]:
         assert (out / "clusters.png").stat().st_size > 1000
+
+
+def test_clusters_cli_says_what_to_change_when_nothing_is_found(tiny_dir, tmp_path, capsys):
+    w_dec = torch.randn(24, 32, generator=torch.Generator().manual_seed(3))  # random atoms: no pair above 0.9
+    sae_dir = write_sae(tmp_path / "sae", w_dec, meta={"model_name": str(tiny_dir),
+                                                      "hook_name": "blocks.1.hook_resid_post"})
+    rc = main(["features", "clusters", "--sae", str(sae_dir), "--tokens", "500", "--batch-tokens", "250",
+               "--method", "graph", "--sim-cutoff", "0.9", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    hints = [line for line in capsys.readouterr().out.splitlines() if line.startswith("hint: ")]
+    assert len(hints) == 1 and "lower sim_cutoff below" in hints[0]
+    assert json.loads((tmp_path / "out" / "clusters.json").read_text())["n_scored"] == 0
 
 
 def test_clusters_cli_reads_through_the_validating_loader(tmp_path, capsys):

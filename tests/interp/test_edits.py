@@ -12,6 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.edits import (
+    ROTATE_SCALE,
     Compose,
     EditContext,
     MeanAblate,
@@ -73,7 +74,7 @@ def test_rotate_to_a_class_on_a_circle_keeps_each_radius():
     cm = CircleMap(torch.tensor([0.5, -0.2]), 2.0, {d: 2 * math.pi * i / 7 for i, d in enumerate(days)})
     sub = Subspace(torch.randn(2, D, generator=torch.Generator().manual_seed(3)), torch.randn(D), cm)
     x = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
-    y = Rotate(sub, to=["Fri", "Mon", "Sun", "Fri"])(x, _ctx(4))
+    y = Rotate(sub, to=["Fri", "Mon", "Sun", "Fri"], scale=1, radius=None)(x, _ctx(4))  # a pure rotation
     want = torch.tensor([cm.angles[d] for d in ["Fri", "Mon", "Sun", "Fri"]])
     got = cm.from_coords(sub.project(y))
     torch.testing.assert_close(torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi, torch.zeros(4),
@@ -148,6 +149,23 @@ def test_patch_errors_say_what_to_do(unchecked):
         Patch(src, source_positions=[[1], [2]])(torch.randn(2, D), ctx)
     with unchecked(), pytest.raises(InputError, match="batch, seq, d_model"):
         Patch(torch.randn(D))
+    with pytest.raises(InputError, match="not both"):
+        Patch(src, _sub(), neurons=[1])
+    with pytest.raises(InputError, match=r"neurons \[16\] do not exist .* width is 16"):
+        Patch(src[:, 0], neurons=[3, 16])(torch.randn(2, D), _ctx(2))
+
+
+def test_patch_neurons_copies_only_those_coordinates_bitwise():
+    x, src = torch.randn(3, D), torch.randn(3, D)
+    out = Patch(src, neurons=[2, 5])(x, _ctx(3))
+    keep = torch.ones(D, dtype=torch.bool)
+    keep[[2, 5]] = False
+    assert torch.equal(out[:, ~keep], src[:, [2, 5]]) and torch.equal(out[:, keep], x[:, keep])
+    per_row = Patch(src, neurons=[[0], [7], [15]])(x, _ctx(3))  # one neuron per row
+    want = x.clone()
+    want[[0, 1, 2], [0, 7, 15]] = src[[0, 1, 2], [0, 7, 15]]
+    assert torch.equal(per_row, want)
+    assert torch.equal(Patch(x, neurons=[1, 2])(x, _ctx(3)), x)  # source == base: the identity
 
 
 class TinySAE(nn.Module):
@@ -198,3 +216,44 @@ def test_sae_splice_in_a_model_is_exact_without_edits():
         assert torch.equal(model(ids).logits, base)
     with intervene(model, {"blocks.0.hook_resid_post": SaeEdit(sae, latents=[0, 1], value=20.0)}):
         assert not torch.allclose(model(ids).logits, base)
+
+
+def test_rotate_to_a_class_defaults_to_four_times_the_circle_radius():
+    days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    cm = CircleMap(torch.tensor([0.5, -0.2]), 2.0, {d: 2 * math.pi * i / 7 for i, d in enumerate(days)})
+    sub = Subspace(torch.randn(2, D, generator=torch.Generator().manual_seed(3)), torch.randn(D), cm)
+    x = torch.randn(4, D, generator=torch.Generator().manual_seed(4))
+    edit = Rotate(sub, to="Wed")
+    assert (edit.scale, edit.radius) == (ROTATE_SCALE, cm.radius) == (4.0, 2.0)
+    y = edit(x, _ctx(4))
+    want = cm.center + ROTATE_SCALE * (cm.to_coords("Wed") - cm.center)
+    torch.testing.assert_close(sub.project(y), want.expand(4, 2), atol=1e-4, rtol=0)
+    # turning by an angle, or a plane without a circle map, stays a pure rotation by default
+    assert (Rotate(sub, angle=0.3).scale, Rotate(sub, angle=0.3).radius) == (1.0, None)
+    assert Rotate(Subspace(sub.basis), to=0.3).radius is None
+
+
+def test_rotate_on_an_elliptical_circle_map_moves_what_the_map_reads():
+    """A probe's circle is an ellipse in the plane (axes != identity): turning to a class sets the angle
+    the map reads, at the given radius on the map's own axes."""
+    days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    axes = torch.tensor([[2.0, 0.7], [-0.3, 0.5]])
+    cm = CircleMap(torch.tensor([0.4, 0.1]), 1.5, {d: 2 * math.pi * i / 7 for i, d in enumerate(days)}, axes=axes)
+    sub = Subspace(torch.randn(2, D, generator=torch.Generator().manual_seed(8)), torch.randn(D), cm)
+    x = torch.randn(6, D, generator=torch.Generator().manual_seed(9))
+    to = ["Fri", "Mon", "Sun", "Fri", "Tue", "Thu"]
+    y = Rotate(sub, to=to, scale=2.0)(x, _ctx(6))
+    want = torch.tensor([cm.angles[d] for d in to])
+    got = sub.predict(y)
+    torch.testing.assert_close(torch.remainder(got - want + math.pi, 2 * math.pi) - math.pi, torch.zeros(6),
+                               atol=1e-4, rtol=0)
+    on_axes = cm.to_circle(sub.project(y))
+    torch.testing.assert_close(on_axes.norm(dim=-1), torch.full((6,), 3.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(sub.remove(y), sub.remove(x), atol=1e-5, rtol=1e-5)
+    # a pure rotation keeps each row's radius on the map's axes (not in the plane)
+    z = Rotate(sub, angle=1.1)(x, _ctx(6))
+    torch.testing.assert_close(cm.to_circle(sub.project(z)).norm(dim=-1), cm.to_circle(sub.project(x)).norm(dim=-1),
+                               atol=1e-4, rtol=1e-4)
+    assert abs(math.remainder(float(cm.from_coords(cm.to_coords("Sat"))) - cm.angles["Sat"], 2 * math.pi)) < 1e-5
+    with pytest.raises(InputError, match="invertible"):
+        CircleMap(torch.zeros(2), 1.0, axes=torch.zeros(2, 2))

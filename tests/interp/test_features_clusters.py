@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from interp.errors import InputError
-from interp.features.clusters import ClusterConfig, cluster_decoder, graph_clusters, kmeans, spectral_clusters
+from interp.features.clusters import (
+    ClusterConfig,
+    ClusterWarning,
+    cluster_decoder,
+    default_n_clusters,
+    graph_clusters,
+    kmeans,
+    spectral_clusters,
+)
 from interp.features.multidim import MultiDimConfig, find_multidim_features
 from interp.subspace import CircleMap, Subspace
 
@@ -162,3 +170,59 @@ def test_kmeans_finds_separated_blobs():
     assert len(set(labels.tolist())) == 4
     assert all(len(set(labels[50 * i:50 * (i + 1)].tolist())) == 1 for i in range(4))
     assert inertia < 2 * 200 * 3 * 1.5
+
+
+def planted_circle_group(d_sae: int, seed: int, d_model: int = 576, k: int = 7):
+    """`d_sae` random unit atoms, `k` of them replaced by a circular group: a shared direction plus a
+    circle in a plane (neighbours' cosine ~0.86, opposite atoms' ~0.3), with a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_sae, d_model, generator=g)
+    q = torch.linalg.qr(torch.randn(d_model, 3, generator=g))[0].T
+    th = torch.arange(k) * 2 * math.pi / k
+    circ = q[0] + 0.75 * (th.cos()[:, None] * q[1] + th.sin()[:, None] * q[2])
+    circ = circ / circ.norm(dim=1, keepdim=True) + 0.05 * torch.randn(k, d_model, generator=g) / math.sqrt(d_model)
+    idx = torch.randperm(d_sae, generator=g)[:k]
+    w[idx] = circ
+    return w, set(idx.tolist())
+
+
+@pytest.mark.parametrize("d_sae", [150, 300, 600])
+def test_spectral_default_recovers_a_planted_circle_group_in_every_seed(d_sae):
+    """The default spectral clustering (d_sae / 25 clusters) keeps a planted 7-atom circular group in at
+    most 2 clusters with at most 3 foreign atoms, in each of 10 seeds."""
+    assert ClusterConfig().n_clusters is None and default_n_clusters(d_sae) == round(d_sae / 25)
+    for seed in range(10):
+        w, group = planted_circle_group(d_sae, seed)
+        clusters = cluster_decoder(w, ClusterConfig(seed=seed, min_size=1))
+        hit = [c for c in clusters if set(c) & group]
+        foreign = sum(len(set(c) - group) for c in hit)
+        assert set().union(*map(set, hit)) >= group  # nothing filtered away
+        assert len(hit) <= 2 and foreign <= 3, (seed, [len(c) for c in hit], foreign)
+
+
+def test_spectral_equals_sklearn_spectral_clustering_and_kmeans_equals_sklearn():
+    cluster = pytest.importorskip("sklearn.cluster")
+    metrics = pytest.importorskip("sklearn.metrics")
+    w, _ = planted_circle_group(200, 3)
+    ours = torch.empty(200, dtype=torch.long)
+    for i, grp in enumerate(spectral_clusters(w, n_clusters=8, seed=0)):
+        ours[grp] = i
+    wn = w / w.norm(dim=1, keepdim=True)
+    aff = (1 - torch.arccos((wn @ wn.T).clamp(-1, 1)) / math.pi).double().numpy()
+    ref = cluster.SpectralClustering(8, affinity="precomputed", random_state=0).fit_predict(aff)
+    assert metrics.adjusted_rand_score(ref, ours.numpy()) == 1.0  # the same partition
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(1))
+    labels, inertia = kmeans(x, 5, n_init=4, seed=2)
+    km = cluster.KMeans(5, n_init=4, random_state=2).fit(x.double().numpy())
+    assert labels.tolist() == km.labels_.tolist() and inertia == pytest.approx(km.inertia_)
+
+
+def test_a_clustering_that_finds_nothing_says_what_to_change():
+    w = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))  # random atoms: no pair above 0.5
+    with pytest.warns(ClusterWarning, match=r"largest cosine similarity .* lower sim_cutoff below") as caught:
+        assert cluster_decoder(w, ClusterConfig(method="graph")) == []
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    with pytest.warns(ClusterWarning, match="raise n_clusters"):
+        assert cluster_decoder(w, ClusterConfig(n_clusters=2, max_size=5)) == []
+    with pytest.raises(InputError, match="n_clusters must be >= 2"):
+        ClusterConfig(n_clusters=1)

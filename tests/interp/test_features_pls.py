@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +92,42 @@ def test_bad_inputs(unchecked):
         pls_subspace(torch.randn(50, 8), torch.randn(49))
     with pytest.raises(InputError, match="n_components"):
         PLSRegression(20).fit(torch.randn(50, 8), torch.randn(50))
+
+
+def test_subspace_predict_equals_sklearn_and_direction_moves_the_prediction_by_one():
+    cross = pytest.importorskip("sklearn.cross_decomposition")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 40, generator=g) @ torch.randn(40, 40, generator=g) + 3.0
+    y = x[:, :4] @ torch.randn(4, generator=g) + 0.3 * torch.randn(300, generator=g)
+    sub = pls_subspace(x, y, n_components=4)
+    ref = cross.PLSRegression(4, scale=False, tol=1e-20, max_iter=100_000).fit(x.double().numpy(), y.double().numpy())
+    expected = ref.predict(x.double().numpy()).ravel()
+    scale = np.abs(expected).max()
+    assert np.allclose(sub.predict(x).numpy(), expected, atol=1e-4 * scale)
+    assert np.allclose(PLSRegression(4).fit(x, y).predict(x).numpy(), expected, atol=1e-8 * scale)
+    # direction(): the smallest step that raises the prediction by exactly 1 (parallel to the coefficients)
+    v = sub.direction()
+    assert torch.allclose(sub.predict(x[:5] + v) - sub.predict(x[:5]), torch.ones(5), atol=1e-3)
+    coef = torch.as_tensor(ref.coef_).reshape(-1).float()
+    assert torch.allclose(v, coef / (coef @ coef), rtol=1e-3, atol=1e-6)
+    # the value map and the prediction agree: a point set to value v is read as v
+    for value in (-5.0, 0.0, 12.0):
+        assert abs(sub.from_coords(sub.to_coords(value)).item() - value) < 1e-3
+    saved = Subspace.load(sub.save(Path(tempfile.mkdtemp()) / "pls"))
+    assert torch.allclose(saved.predict(x[:7]), sub.predict(x[:7]))
+    with pytest.raises(InputError, match="direction\\(\\) needs a linear coordinate map"):
+        Subspace(torch.eye(2, 40)).direction()
+
+
+def test_components_are_chosen_beyond_eight_when_held_out_r2_keeps_rising():
+    g = torch.Generator().manual_seed(12)
+    n, d, k = 800, 96, 14
+    factors = torch.randn(n, k, generator=g) * torch.linspace(8.0, 1.0, k)
+    loadings, _ = torch.linalg.qr(torch.randn(d, k, generator=g))
+    x = factors @ loadings.T + 0.05 * torch.randn(n, d, generator=g)
+    y = factors @ torch.linspace(0.2, 3.0, k) + 0.1 * torch.randn(n, generator=g)  # small factors matter most
+    sub = pls_subspace(x, y)
+    r2 = sub.meta["held_out_r2"]
+    assert sub.meta["max_components"] == 32 and len(r2) == 32
+    assert sub.meta["n_components"] == k  # the planted number of factors, past the old cap of 8
+    assert 1 - r2[k - 1] < 0.5 * (1 - r2[7])  # the held-out error still halves after 8 components

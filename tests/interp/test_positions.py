@@ -211,6 +211,9 @@ def test_item_activations_reads_the_item_inside_the_prompt():
         item_activations(model, tok, items, templates, [SITE], positions=[0, 1])
     with pytest.raises(InputError, match=r"positions=\{'token': ' \{item\}'\}"):
         item_activations(model, tok, items, templates, [SITE])
+    spans = [[p.index(" " + it) + 1, p.index(" " + it) + 1 + len(it)] for p, it in zip(prompts, labels)]
+    by_chars, _, _ = item_activations(model, tok, items, templates, [SITE], positions={"chars": spans})
+    assert torch.equal(by_chars[SITE], acts[SITE])  # the span's last token: the item's last character
     last, _, _ = item_activations(model, tok, items, ["I saw {}"], [SITE])
     col, _, _ = item_activations(model, tok, items, ["I saw {}"], [SITE], positions=-1)
     assert torch.equal(last[SITE], col[SITE]) and last[SITE].shape == (3, 32)

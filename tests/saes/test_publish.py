@@ -58,10 +58,23 @@ def test_prepare_writes_card_and_plot(repo):
     assert 'saes.load("me/smollm2-saes", site="blocks.3.hook_resid_post")' in card
     assert "| `blocks.6.hook_resid_post` | topk | 16 | 64 | 8 | 2,000,000 | 8 | 0.72 | 0.9 | 0.04688 |" in card
     assert "## Latent density" in card and "![Latent density](latent_density.png)" in card
+    assert "## Dashboards" not in card  # none in the folder: no link
     assert "MP steps" not in card and "n_steps" not in meta["saes"][0]  # no MP-SAE here: no steps column
     assert (repo / "latent_density.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(plan.files) == sorted(["README.md", "latent_density.png"] + [
         f"{s}/{n}" for s in SITES for n in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")])
+
+
+def test_card_links_the_dashboard_and_the_plan_uploads_it(repo):
+    dash = repo / "dashboard"
+    (dash / "units").mkdir(parents=True)
+    for name in ("index.html", "data.json", "data.safetensors", "units/0.html"):
+        (dash / name).write_text("x")
+    (dash / ".interp-lock").write_text("")
+    plan = prepare(repo, "me/smollm2-saes")
+    assert "## Dashboards" in plan.card and "[`dashboard/index.html`](dashboard/index.html)" in plan.card
+    assert sorted(f for f in plan.files if f.startswith("dashboard/")) == [
+        "dashboard/data.json", "dashboard/data.safetensors", "dashboard/index.html", "dashboard/units/0.html"]
 
 
 class FakeApi:

@@ -1,0 +1,209 @@
+"""The dashboard data pass against capturing the same tokens alone, and its peak memory at two N.
+
+    python benchmarks/dashboard.py [--tokens 100000 --rounds 3 --d-sae 9216 --k 32]
+    python benchmarks/dashboard.py --quick --out /tmp/dashboard.json     # tiny sizes: checks the code path only
+
+Full mode: the embedded model, a TopK SAE with ``--d-sae`` latents at ``--site`` (random weights,
+or ``--sae FOLDER`` read with ``saes.read``; a TopK encoder costs the same whatever its weights),
+``--tokens`` positions of the default corpus. Each round times both, in alternating order:
+
+* **capture**: the windows of the default corpus packed as the pass packs them, one
+  ``interp.capture`` of the site per batch (the same forward passes, stopped after the site);
+* **dashboard**: ``interp.dashboard.collect`` for every latent into a fresh folder: capture, SAE
+  encode, the top-k / histogram / sample bookkeeping, the periodic resume states, and at the end the
+  logit effect, the neighbours and the data files.
+
+The target is a median ratio dashboard / capture <= 1.3. Peak memory: ``collect`` runs in a child
+process at ``--tokens / 4`` and at ``--tokens``; each child first runs a one-batch pass (libraries
+imported, corpus read), then reports its peak resident memory (``ru_maxrss``) minus its resident
+memory just before the measured pass; the target is the two peaks within 10 %.
+Writes ``benchmarks/results/dashboard.json`` (every round kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SITE = "blocks.12.hook_resid_post"
+
+
+def _byte_tokenizer():
+    """An offline byte-level tokenizer (quick mode)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for s in ("<bos>", "<eos>", "<pad>"):
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def _setup(args):
+    """(model, tokenizer, site, units, config)."""
+    import saes
+    from interp.dashboard import DashboardConfig, sae_units
+
+    if args.quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
+                                             eos_token_id=257, pad_token_id=258)).eval()
+        tok, site = _byte_tokenizer(), "blocks.1.hook_resid_post"
+    else:
+        from interp import load_model
+
+        model, tok = load_model("smollm2-135m", device=args.device)
+        site = args.site
+    if args.sae:
+        ckpt = saes.read(args.sae)
+        encode, decoder = ckpt.encoder(), ckpt.decoder()
+    else:
+        torch.manual_seed(0)
+        sae = saes.build("topk", d_model=model.config.hidden_size, d_sae=args.d_sae, k=args.k).to(args.device)
+
+        def encode(x):
+            with torch.no_grad():
+                return sae.encode(x)
+
+        decoder = sae.W_dec.detach()
+    cfg = DashboardConfig(tokens=args.tokens, context_size=args.context_size, batch_windows=args.batch_windows,
+                          dataset=args.dataset)
+    return model, tok, site, sae_units(encode, decoder), cfg
+
+
+def _capture_only(model, tok, site, cfg, device) -> int:
+    """Capture the site over the windows the pass reads; returns the positions kept."""
+    import itertools
+
+    from interp import capture
+    from interp.data import load_texts, pack, token_mask
+
+    windows = pack(load_texts(cfg.dataset, shuffle_seed=cfg.seed), tok, cfg.context_size)
+    n = 0
+    while n < cfg.tokens:
+        chunk = list(itertools.islice(windows, cfg.batch_windows))
+        if not chunk:
+            break
+        ids = torch.stack(chunk)
+        keep = token_mask(ids, tok)
+        acts = capture(model, ids, [site], dtype=torch.float32, device=device)[site]
+        acts[keep.to(acts.device)]  # the rows the pass encodes
+        n += int(keep.sum())
+    return n
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(args) -> None:
+    from interp.dashboard import collect
+
+    model, tok, site, units, cfg = _setup(args)
+    folder = Path(tempfile.mkdtemp(prefix="dash-bench-"))
+    try:  # a one-batch pass first: libraries imported and the corpus read are not counted as the pass's memory
+        collect(model, tok, site, units, folder / "warm", dataclasses.replace(cfg, tokens=1), progress=False,
+                device=args.device)
+        before = _rss_bytes()
+        collect(model, tok, site, units, folder / "d", cfg, progress=False, device=args.device)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps({"tokens": cfg.tokens, "rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
+                      "peak_delta_mb": (peak - before) / 2**20}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="tiny random model and SAE: checks the code path only")
+    ap.add_argument("--tokens", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--d-sae", type=int, default=9216)
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--sae", help="an SAE folder instead of a random TopK SAE")
+    ap.add_argument("--site", default=SITE)
+    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--batch-windows", type=int, default=8)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dashboard.json"))
+    args = ap.parse_args()
+    if args.quick and args.tokens == ap.get_default("tokens"):
+        args.tokens, args.d_sae, args.k, args.rounds, args.context_size = 1500, 64, 4, 2, 32
+    if args.memory_child:
+        return _memory_child(args)
+
+    from interp.dashboard import collect
+
+    model, tok, site, units, cfg = _setup(args)
+    _capture_only(model, tok, site, cfg, args.device)  # warm-up: the corpus is built and cached, caches filled
+    rounds = []
+    for r in range(args.rounds):
+        order = ["capture", "dashboard"] if r % 2 == 0 else ["dashboard", "capture"]
+        row: dict = {"round": r, "order": order}
+        for name in order:
+            folder = Path(tempfile.mkdtemp(prefix="dash-bench-"))
+            t0 = time.perf_counter()
+            if name == "capture":
+                row["tokens"] = _capture_only(model, tok, site, cfg, args.device)
+            else:
+                collect(model, tok, site, units, folder / "d", cfg, progress=False, device=args.device)
+            row[f"{name}_s"] = time.perf_counter() - t0
+            shutil.rmtree(folder, ignore_errors=True)
+        row["ratio"] = row["dashboard_s"] / row["capture_s"]
+        rounds.append(row)
+        print(json.dumps(row), flush=True)
+    memory = []
+    child = ["--d-sae", str(args.d_sae), "--k", str(args.k), "--site", args.site, "--context-size",
+             str(args.context_size), "--batch-windows", str(args.batch_windows), "--device", args.device]
+    child += ["--quick"] * args.quick + ["--dataset", args.dataset] * bool(args.dataset)
+    child += ["--sae", args.sae] * bool(args.sae)
+    for n in (args.tokens // 4, args.tokens):
+        cmd = [sys.executable, __file__, *child, "--tokens", str(n), "--memory-child"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(memory[-1]), flush=True)
+    med_c = statistics.median(r["capture_s"] for r in rounds)
+    med_d = statistics.median(r["dashboard_s"] for r in rounds)
+    result = {
+        "command": "python benchmarks/dashboard.py " + " ".join(sys.argv[1:]),
+        "quick": args.quick, "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+        "model": "tiny random Llama" if args.quick else "smollm2-135m", "site": site, "d_sae": args.d_sae,
+        "k": args.k, "sae": args.sae, "tokens": args.tokens, "context_size": args.context_size,
+        "batch_windows": args.batch_windows, "rounds": rounds, "median_capture_s": med_c,
+        "median_dashboard_s": med_d, "ratio": med_d / med_c, "ratio_target": 1.3, "memory": memory,
+        "memory_peak_ratio": memory[1]["peak_delta_mb"] / max(memory[0]["peak_delta_mb"], 1e-9),
+        "memory_target": "peak_delta_mb at the two token counts within 10 %",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"dashboard / capture = {result['ratio']:.3f} (median of {len(rounds)} rounds; target <= 1.3); "
+          f"peak memory {memory[0]['peak_delta_mb']:.1f} MB at {memory[0]['tokens']} tokens, "
+          f"{memory[1]['peak_delta_mb']:.1f} MB at {memory[1]['tokens']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
