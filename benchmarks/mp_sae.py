@@ -10,7 +10,10 @@ and batch for everyone. Measured:
 * bytes autograd keeps for backward in one training forward (distinct saved storages);
 * code parity: ours in overcomplete's mode (``coefficients="signed_max"``, accumulate, no decoder
   bias) against ``MpSAE.encode`` with the same dictionary; ours in SAELens' mode (``nonneg``,
-  accumulate, ``b_dec``) against SAELens' encoder.
+  accumulate, ``b_dec``) against SAELens' encoder;
+* encode rounds (``--rounds``): every encoder timed once per round, the order reversed every other
+  round, and the ratio taken between medians; the peers' timings swing up to 2x between runs on a
+  shared CPU, so the medians are the figures to quote (``rounds`` in the JSON).
 
 SAELens runs with ``residual_threshold=0``, ``max_iterations=n_steps`` and
 ``stop_on_duplicate_support=False`` so that it takes exactly ``n_steps`` steps like the others.
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peer-reps", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     p.add_argument("--overcomplete-bypass", action="store_true")
+    p.add_argument("--rounds", type=int, default=5, help="encode rounds in alternating order (medians reported)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mp_sae.json")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
@@ -220,6 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
         t_oc_train = timed(oc_step, a.peer_reps)
         add("overcomplete MpSAE train step", seconds=t_oc_train, saved_bytes=saved_bytes(oc_forward))
         oc_row = {"encode": t_oc, "train": t_oc_train}
+    encoders = {"ours (nonneg, accumulate) encode warm": lambda: ours.encode(x)}
+    if sl_row:
+        encoders["SAELens MatchingPursuit encode"] = lambda: sl.encode(x)
+    if oc_row:
+        oc.eval()
+        encoders["overcomplete MpSAE encode"] = lambda: oc.encode(x)
+    ours.eval()
+    rounds = encode_rounds(encoders, a.rounds)
     peers = [r for r in (sl_row, oc_row) if r]
     speedup = {}
     if peers:
@@ -233,9 +245,11 @@ def main(argv: list[str] | None = None) -> dict:
         mb = f"{r['saved_bytes'] / 2**20:.0f}" if "saved_bytes" in r else ""
         print(f"{r['impl']:55s} {tps:>10s} {r.get('seconds', float('nan')):9.3f} {mb:>9s}")
     print("speedup:", json.dumps(speedup))
+    print("encode rounds (median seconds):", json.dumps(rounds["median_seconds"]),
+          "ratio of medians:", rounds.get("encode_vs_faster_peer_warm_median"))
     result = {"config": {"d_model": d, "d_sae": m, "n_steps": n_steps, "batch": B, "dtype": "float32", "device": "cpu",
                          "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps},
-              "rows": rows, "speedup": speedup,
+              "rows": rows, "speedup": speedup, "rounds": rounds,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
               "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
@@ -247,6 +261,27 @@ def main(argv: list[str] | None = None) -> dict:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(a.out)
     return result
+
+
+@torch.no_grad()
+def encode_rounds(encoders: dict, n_rounds: int) -> dict:
+    """Each encoder once per round, in the given order on even rounds and reversed on odd ones;
+    per-round seconds, medians, and our warm encode against the faster peer's median."""
+    import statistics
+
+    names = list(encoders)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(n_rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t = time.perf_counter()
+            encoders[name]()
+            seconds[name].append(time.perf_counter() - t)
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    out = {"rounds": n_rounds, "order": names, "seconds": seconds, "median_seconds": median}
+    peers = [median[n] for n in names[1:]]
+    if peers:
+        out["encode_vs_faster_peer_warm_median"] = min(peers) / median[names[0]]
+    return out
 
 
 def _version(name: str) -> str | None:

@@ -86,7 +86,7 @@ def train(arch: str, cfg: dict, batches: list[torch.Tensor], a: argparse.Namespa
     torch.manual_seed(seed)
     sae = build(arch, d_model=a.d_model, d_sae=a.d_sae, **cfg)
     tc = TrainConfig(total_tokens=a.batch * a.steps, batch_tokens=a.batch, lr=a.lr, progress=False,
-                     seed=seed, log_every=max(1, a.steps // 4), dead_tokens=a.batch * 50)
+                     seed=seed, log_every=max(1, a.steps // 4), dead_tokens=a.batch * getattr(a, "dead_batches", 50))
     return Trainer(sae, tc).fit(batches).saes_[""]
 
 

@@ -7,12 +7,14 @@
 >>> probes.sweep_regression(ds.acts, years, groups=ds.groups).table()  # held-out R^2 per site and n_neurons
 
 ``n_neurons`` is the number of neurons a probe may use (the paper's k); a sweep's records name the
-``site`` the activations come from. The previous names (``k=``, ``ks=``, ``DEFAULT_KS``,
-``plot_metric_vs_k``, ``ProbeDataset.features``, record keys ``"k"`` / ``"layer"``) still work for one
-release, with a DeprecationWarning.
+``site`` the activations come from. :func:`first_letter_absorption` measures the feature absorption of
+any sparse dictionary (an encode callable and its decoder rows) with these probes. The previous names
+(``k=``, ``ks=``, ``DEFAULT_KS``, ``plot_metric_vs_k``, ``ProbeDataset.features``, record keys ``"k"`` /
+``"layer"``) still work for one release, with a DeprecationWarning.
 """
 
 from interp.deprecation import renamed_module_attributes
+from probes.absorption import AbsorptionConfig, LetterData, first_letter_absorption, first_letter_data, letter_probes
 from probes.data import ProbeDataset, aggregate_tokens, sequence_dataset, token_dataset
 from probes.estimators import LinearProbe, SparseProbe
 from probes.logistic import fit_logistic
@@ -41,7 +43,8 @@ __all__ = [
     "DEFAULT_N_NEURONS", "METHODS", "rank_neurons", "fit_logistic", "token_dataset", "sequence_dataset",
     "aggregate_tokens", "ProbeDataset", "train_test_split", "accuracy", "precision", "recall", "f1", "roc_auc", "r2",
     "spearman", "classification_report", "regression_report", "plot_metric_vs_n_neurons", "plot_top_neurons",
-    "plot_neuron_activations",
+    "plot_neuron_activations", "first_letter_absorption", "first_letter_data", "letter_probes", "AbsorptionConfig",
+    "LetterData",
 ]
 
 __getattr__ = renamed_module_attributes(

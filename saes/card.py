@@ -30,6 +30,9 @@ BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2":
                "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
                "embedded": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """This project's model aliases -> Hub ids (the embedded model is a Q4_1 GGUF of this one)."""
+OPTIONAL_METRICS = (("absorption_full", "Absorption (full)"), ("absorption_fraction", "Absorption fraction"))
+"""Columns shown when a checkpoint holds them: the first-letter absorption that ``interp sae eval
+--absorption`` records under ``training["metrics"]["absorption"]`` (:func:`probes.first_letter_absorption`)."""
 SPARSITY_FIELDS = (("k", "k"), ("n_steps", "MP steps"))
 """Config fields that set an SAE's sparsity, shown on the card where the architecture has them:
 ``k`` active latents per row (TopK; BatchTopK's batch mean), ``n_steps`` matching-pursuit steps."""
@@ -61,6 +64,9 @@ def summary(site: str, ckpt: Checkpoint) -> dict[str, Any]:
         "training_tokens": ckpt.training.get("n_tokens"),
     }
     row.update({key: metrics.get(key) for key, _ in CARD_METRICS})
+    absorption = metrics.get("absorption") if isinstance(metrics.get("absorption"), dict) else {}
+    row["absorption_full"] = absorption.get("full_absorption_rate")
+    row["absorption_fraction"] = absorption.get("absorption_fraction")
     row["eval_tokens"] = metrics.get("n_rows")
     row["eval_predicted_tokens"] = metrics.get("n_predicted_tokens")
     if isinstance(metrics.get("dead_fraction"), (int, float)):
@@ -115,6 +121,12 @@ def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str |
               "variance about the mean, over the whole evaluation set. CE loss recovered: "
               "(CE with zero-ablation - CE with the SAE spliced in) / (CE with zero-ablation - clean CE). "
               "Dead: fraction of latents whose recorded firing frequency is 0.", ""]
+    if any(r.get("absorption_full") is not None for r in rows):
+        lines += ["Absorption: first-letter feature absorption (Chanin et al., the metric SAEBench reports), "
+                  "measured on single-token words of the model's vocabulary. Full: fraction of the words a dense "
+                  "probe recognises where the letter's main latents stay silent and another latent aligned with "
+                  "the probe carries the letter; fraction: the share of the probe projection carried by such "
+                  "latents. Means over the letters evaluated; lower is better.", ""]
     if plot:
         lines += ["## Latent density", "", f"![Latent density]({plot})", "",
                   "Histogram of log10 firing frequency of each latent (fraction of tokens where it is nonzero).", ""]
@@ -150,7 +162,8 @@ def _fmt(value: Any) -> str:
 def _table(rows: list[dict[str, Any]]) -> str:
     sparsity = [col for col in SPARSITY_FIELDS if any(r.get(col[0]) is not None for r in rows)]
     cols = [("site", "Site"), ("architecture", "Architecture"), ("d_model", "d_model"), ("d_sae", "d_sae"),
-            *sparsity, ("training_tokens", "Training tokens"), *CARD_METRICS, ("dead_fraction", "Dead")]
+            *sparsity, ("training_tokens", "Training tokens"), *CARD_METRICS, ("dead_fraction", "Dead"),
+            *(col for col in OPTIONAL_METRICS if any(r.get(col[0]) is not None for r in rows))]
     out = ["| " + " | ".join(label for _, label in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         out.append("| " + " | ".join(f"`{r[k]}`" if k == "site" else _fmt(r.get(k)) for k, _ in cols) + " |")

@@ -6,16 +6,26 @@ encoder is tied: ``W_enc`` is ``W_dec.T``): pick the atom most correlated with t
 its coefficient, subtract its contribution, repeat. The algorithm lives in :mod:`saes.mp_pursuit`
 (selection without autograd, coefficients recomputed with autograd from the chosen atoms only).
 
-Training runs exactly ``n_steps`` steps. At inference the steps can be changed without retraining:
-``max_iterations`` sets the number of steps, and a row stops early when its residual norm falls to
-``residual_threshold`` or (``stop_on_repeated_support``) when a step re-picks an atom it already
-uses. :meth:`MPSAE.pursue` takes the same options per call and reports per-step residual norms and
-why each row stopped; :func:`mp_metrics` turns that into L0 min / mean / max, the mean residual
+Training runs ``n_steps`` steps per row, or, with ``residual_fraction``, stops each row once its
+residual norm has fallen to that fraction of its input's norm (the paper's residual-threshold
+stopping rule, in a scale-free form) with ``n_steps`` as the cap. At inference the steps can be
+changed without retraining: ``max_iterations`` sets the number of steps, and a row stops early when
+its residual norm falls to ``residual_threshold`` (absolute) or to ``residual_fraction`` of its
+input's norm, or (``stop_on_repeated_support``) when a step re-picks an atom it already uses.
+:meth:`MPSAE.pursue` takes the same options per call and reports per-step residual norms and why
+each row stopped; :func:`mp_metrics` turns that into L0 min / mean / max, the mean residual
 norm per step and the fraction of rows stopped by each rule.
 
 Atoms are kept at unit norm: the forward pass divides every row of ``W_dec`` by its norm (so a
 step never grows the residual even between optimizer steps), and the trainer projects the rows back
 to the sphere after every step (``normalize_decoder = True``).
+
+Why a seed can get stuck, and the cure (on by default): an atom gets a gradient only when a pursuit
+picks it, so an atom that never wins a selection stays where it started, and the features left to it
+are represented by mixtures of the atoms that do win. ``resample_every`` moves atoms the trainer
+counts as dead (``TrainConfig.dead_tokens``) to the residual directions of the rows reconstructed
+worst, where a feature no atom represents shows up. ``atom_init="data"`` (start the atoms at centred
+data rows) is the other remedy tried; it starts atoms as mixtures of features and is off by default.
 """
 
 from __future__ import annotations
@@ -31,9 +41,10 @@ from interp.deprecation import renamed_fields
 from saes import mp_pursuit
 from saes.base import SAE, SAEConfig, SAEError, SaeOutput, register
 from saes.losses import TrainState, TrainStep, auxk_loss, fvu_loss
-from saes.mp_pursuit import STOP_REASONS, Coefficients, Selection
+from saes.mp_atoms import gather_rows, init_from_rows, resample_dead
+from saes.mp_pursuit import STOP_REASONS, Coefficients, Selection, l0_per_row, mp_metrics
 
-__all__ = ["MPSAE", "MPSAEConfig", "MpResult", "mp_metrics", "STOP_REASONS"]
+__all__ = ["MPSAE", "MPSAEConfig", "MpResult", "mp_metrics", "resample_dead", "STOP_REASONS"]
 
 
 @renamed_fields({"k": "n_steps"}, error=SAEError)
@@ -81,6 +92,21 @@ class MPSAEConfig(SAEConfig):
     pursuit's final residual (AuxK on the residual); 0 disables."""
     revive_k: int = 64
     """Dead atoms used per row by the revive term."""
+    residual_fraction: float = 0.0
+    """Threshold-stopped pursuit, in training and at inference: a row stops once its residual norm
+    is <= this fraction of its centred input's norm (checked before every step), after at most
+    ``n_steps`` steps (``max_iterations`` at inference); 0 disables. A fraction, not an absolute norm,
+    so the rule is the same before and after the trainer's input scaling, and for rows of any norm."""
+    atom_init: Literal["random", "data"] = "random"
+    """How the atoms start: ``"data"``, as the normalised centred rows of the first training batch
+    (distinct rows, picked at random; the trainer calls :meth:`MPSAE.init_from_data`); ``"random"``,
+    Gaussian directions (also what an SAE never trained holds)."""
+    resample_every: int = 50
+    """Every this many optimizer steps, atoms the trainer counts as dead (not picked for
+    ``TrainConfig.dead_tokens`` rows) move to the residual directions of this batch's worst
+    reconstructed rows (drawn with probability proportional to the squared residual norm); 0 never."""
+    resample_until: float = 0.7
+    """Resampling stops after this fraction of the training steps (atoms moved later would not train)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -114,6 +140,14 @@ class MPSAEConfig(SAEConfig):
             raise bad("revive_coeff", ">= 0")
         if not pos_int(self.revive_k):
             raise bad("revive_k", "a positive integer")
+        if not isinstance(self.residual_fraction, (int, float)) or not 0 <= self.residual_fraction < 1:
+            raise bad("residual_fraction", "a number in [0, 1) (0: run every step)")
+        if self.atom_init not in ("random", "data"):
+            raise bad("atom_init", "'random' or 'data'")
+        if not isinstance(self.resample_every, int) or isinstance(self.resample_every, bool) or self.resample_every < 0:
+            raise bad("resample_every", "an integer >= 0 (0: never resample)")
+        if not 0 <= self.resample_until <= 1:
+            raise bad("resample_until", "in [0, 1]")
         if not self.apply_b_dec_to_input:
             raise bad("apply_b_dec_to_input", "True (MP always pursues x - b_dec; use decoder_bias=False for no bias)")
 
@@ -148,6 +182,8 @@ class MPSAE(SAE):
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_model), requires_grad=cfg.decoder_bias)
         self._gram_key: tuple | None = None
         self._gram: Tensor | None = None
+        self._pool: tuple[Tensor, Tensor] | None = None
+        self.n_resampled_ = 0  # atoms moved by dead-atom resampling in training so far (not saved)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -206,27 +242,34 @@ class MPSAE(SAE):
         return x - self.bias().to(x.dtype)
 
     def _select(self, xc: Tensor, atoms: Tensor, *, steps: int, residual_threshold: float,
-                stop_on_repeated_support: bool, excluded: Tensor | None = None) -> Selection:
+                stop_on_repeated_support: bool, residual_fraction: float = 0.0,
+                excluded: Tensor | None = None) -> Selection:
         cfg = self.cfg
         with torch.autocast(xc.device.type, enabled=False):  # selection stays in the working dtype
             return mp_pursuit.select(
                 xc.detach(), atoms.detach(), steps=steps, coefficients=cfg.coefficients,
                 allow_repeat=cfg.allow_repeat, residual_threshold=residual_threshold,
-                stop_on_repeated_support=stop_on_repeated_support,
+                residual_fraction=residual_fraction, stop_on_repeated_support=stop_on_repeated_support,
                 gram=self._gram_for(atoms, xc.shape[0], steps), excluded=excluded)
 
     def _inference_options(self, max_iterations: int | None, residual_threshold: float | None,
-                           stop_on_repeated_support: bool | None) -> dict[str, Any]:
+                           stop_on_repeated_support: bool | None,
+                           residual_fraction: float | None = None) -> dict[str, Any]:
         cfg = self.cfg
         if self.training:
-            opts = {"steps": cfg.n_steps, "residual_threshold": 0.0, "stop_on_repeated_support": False}
+            opts = {"steps": cfg.n_steps, "residual_threshold": 0.0, "stop_on_repeated_support": False,
+                    "residual_fraction": cfg.residual_fraction}
         else:
             opts = {"steps": cfg.max_iterations or cfg.n_steps, "residual_threshold": cfg.residual_threshold,
-                    "stop_on_repeated_support": cfg.stop_on_repeated_support}
+                    "stop_on_repeated_support": cfg.stop_on_repeated_support,
+                    "residual_fraction": cfg.residual_fraction}
         for key, val in (("steps", max_iterations), ("residual_threshold", residual_threshold),
-                         ("stop_on_repeated_support", stop_on_repeated_support)):
+                         ("stop_on_repeated_support", stop_on_repeated_support),
+                         ("residual_fraction", residual_fraction)):
             if val is not None:
                 opts[key] = val
+        if not 0 <= opts["residual_fraction"] < 1:
+            raise SAEError(f"residual_fraction must be in [0, 1), got {opts['residual_fraction']!r}")
         if not isinstance(opts["steps"], int) or opts["steps"] < 1:
             raise SAEError(f"max_iterations must be a positive integer, got {opts['steps']!r}")
         if not cfg.allow_repeat and opts["steps"] > cfg.d_sae:
@@ -244,10 +287,12 @@ class MPSAE(SAE):
         max_iterations: int | None = None,
         residual_threshold: float | None = None,
         stop_on_repeated_support: bool | None = None,
+        residual_fraction: float | None = None,
     ) -> MpResult:
         """Run the pursuit without autograd; options default to the config (eval-mode rules)."""
         self._check_finite(x)
-        opts = self._inference_options(max_iterations, residual_threshold, stop_on_repeated_support)
+        opts = self._inference_options(max_iterations, residual_threshold, stop_on_repeated_support,
+                                       residual_fraction)
         lead = x.shape[:-1]
         xc = self._center(x)
         atoms = self.atoms().to(xc.dtype)
@@ -313,8 +358,10 @@ class MPSAE(SAE):
         xc = self._center(x)
         atoms = self.atoms().to(xc.dtype)
         sel = self._select(xc, atoms, steps=cfg.n_steps, residual_threshold=0.0, stop_on_repeated_support=False,
-                           excluded=excluded)
+                           residual_fraction=cfg.residual_fraction, excluded=excluded)
         _, x_hat_c = mp_pursuit.recompute(xc, atoms, sel)
+        if self._resamples_after(state):
+            self._keep_worst_residuals(xc - x_hat_c.detach())
         x_hat = (x_hat_c + self.bias().to(xc.dtype)).to(self.dtype)
         fvu, _ = fvu_loss(x, x_hat, state)
         loss, terms = fvu, {"fvu": fvu.detach()}
@@ -330,16 +377,44 @@ class MPSAE(SAE):
             loss = loss + cfg.revive_coeff * revive
             terms["revive"] = revive.detach()
         with torch.no_grad():
-            l0 = _l0_per_row(sel)
+            l0 = l0_per_row(sel)
             fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
             fired[sel.indices[sel.taken]] = True
         return TrainStep(loss, x_hat, l0.float().mean(), fired, terms)
 
     def after_step(self, state: TrainState) -> None:
-        """Called by the trainer after every optimizer step (rows are already renormalised)."""
-        if not self.cfg.decoder_bias:
+        """Called by the trainer after every optimizer step (rows are already renormalised): keeps
+        ``b_dec`` at zero without a decoder bias, and resamples dead atoms every ``resample_every``."""
+        cfg = self.cfg
+        if not cfg.decoder_bias:
             with torch.no_grad():
                 self.b_dec.zero_()
+        if self._resamples_after(state) and self._pool is not None:
+            self.n_resampled_ += resample_dead(self.W_dec, state.dead_mask, *self._pool, seed=state.step)
+        self._pool = None
+
+    def _resamples_after(self, state: TrainState) -> bool:
+        """Whether dead atoms are resampled after this training step."""
+        cfg = self.cfg
+        return bool(cfg.resample_every and (state.step + 1) % cfg.resample_every == 0 and state.dead_mask is not None
+                    and state.step < cfg.resample_until * state.total_steps)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Float[Tensor, "batch d_model"]) -> None:
+        """Called by the trainer once, on the first (scaled) batch after ``b_dec`` is set: with
+        ``atom_init="data"`` the atoms become distinct random centred rows, normalised (the remaining
+        atoms keep their random directions when the batch has fewer rows than ``d_sae``)."""
+        if self.cfg.atom_init != "data":
+            return
+        init_from_rows(self.W_dec, x.reshape(-1, self.cfg.d_model).to(self.W_dec.dtype) - self.bias().detach())
+
+    @torch.no_grad()
+    def _keep_worst_residuals(self, r: Tensor) -> None:
+        """Keep this batch's worst residuals (over every process) for :meth:`after_step` (resample steps only)."""
+        sq = r.float().pow(2).sum(1)
+        m = min(self.cfg.d_sae, sq.shape[0])
+        top = sq.topk(m).indices
+        self._pool = gather_rows(r.detach().float()[top], sq[top], self.cfg.d_sae)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:
@@ -347,24 +422,3 @@ class MPSAE(SAE):
         so only ``b_dec`` changes (``/= scale``); codes come out ``1 / scale`` times the training
         ones and ``residual_threshold`` is in raw units."""
         self.b_dec.div_(scale)
-
-
-def _l0_per_row(sel: Selection) -> Tensor:
-    """Distinct atoms per row (a re-picked atom counts once)."""
-    idx = torch.where(sel.taken, sel.indices, torch.full_like(sel.indices, -1)).sort(dim=1).values
-    new = torch.ones_like(idx, dtype=torch.bool)
-    new[:, 1:] = idx[:, 1:] != idx[:, :-1]
-    return (new & (idx >= 0)).sum(1)
-
-
-def mp_metrics(result: MpResult | Selection) -> dict[str, Any]:
-    """L0 distribution, mean residual norm per step and the fraction of rows stopped by each rule."""
-    sel = result.selection if isinstance(result, MpResult) else result
-    l0 = _l0_per_row(sel).float()
-    reasons = torch.bincount(sel.stop_reason, minlength=len(STOP_REASONS)).float() / max(len(sel.stop_reason), 1)
-    return {
-        "l0_min": l0.min().item(), "l0_mean": l0.mean().item(), "l0_max": l0.max().item(),
-        "steps_mean": sel.n_steps.float().mean().item(),
-        "residual_norm_per_step": sel.residual_norms.float().mean(0).tolist(),
-        "stopped_by": {name: reasons[i].item() for i, name in enumerate(STOP_REASONS)},
-    }

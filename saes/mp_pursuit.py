@@ -18,7 +18,7 @@ from its square (``z = <r, a>`` or ``0``).
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -86,11 +86,14 @@ def select(
     stop_on_repeated_support: bool = False,
     gram: Float[Tensor, "d_sae d_sae"] | None = None,
     excluded: Bool[Tensor, " d_sae"] | None = None,
+    residual_fraction: float = 0.0,
 ) -> Selection:
     """Run matching pursuit for up to ``steps`` steps on (already centred) rows ``x``.
 
     ``atoms`` must have unit-norm rows. ``gram`` (``atoms @ atoms.T``) switches on the incremental
-    correlation update; ``excluded`` atoms are never picked (atom dropout).
+    correlation update; ``excluded`` atoms are never picked (atom dropout). A row stops (reason
+    ``residual_threshold``) once its residual norm is at most the larger of ``residual_threshold``
+    and ``residual_fraction`` times its own starting norm.
     """
     n, _ = x.shape
     dev = x.device
@@ -103,7 +106,7 @@ def select(
     chunk = n if gram is None or dev.type != "cpu" else max(1, CHUNK_ELEMS // atoms.shape[0])
     opts = dict(steps=steps, coefficients=coefficients, allow_repeat=allow_repeat,
                 residual_threshold=residual_threshold, stop_on_repeated_support=stop_on_repeated_support,
-                gram=gram, excluded=excluded)
+                gram=gram, excluded=excluded, residual_fraction=residual_fraction)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
         _select_rows(x[s:e], atoms, indices[s:e], coefs[s:e], taken[s:e], norms[s:e], reason[s:e], **opts)
@@ -129,7 +132,7 @@ def row_max(score: Float[Tensor, "n m"], block: int = 128) -> tuple[Tensor, Tens
 def _select_rows(x: Tensor, atoms: Tensor, indices: Tensor, coefs: Tensor, taken: Tensor, norms: Tensor,
                  reason: Tensor, *, steps: int, coefficients: Coefficients, allow_repeat: bool,
                  residual_threshold: float, stop_on_repeated_support: bool, gram: Tensor | None,
-                 excluded: Tensor | None) -> None:
+                 excluded: Tensor | None, residual_fraction: float) -> None:
     """The pursuit on one block of rows; writes into the given output views."""
     n, dev = x.shape[0], x.device
     rows = torch.arange(n, device=dev)
@@ -146,9 +149,12 @@ def _select_rows(x: Tensor, atoms: Tensor, indices: Tensor, coefs: Tensor, taken
     sq = (x * x).sum(-1)  # squared residual norm, updated incrementally
     norms[:, 0] = sq.sqrt()
     running = torch.ones(n, dtype=torch.bool, device=dev)
+    stop_below = residual_threshold if residual_threshold > 0 else None
+    if residual_fraction > 0:  # per row: a fraction of its own starting norm
+        stop_below = (residual_fraction * norms[:, 0]).clamp_min(residual_threshold)
     for t in range(steps):
-        if residual_threshold > 0:
-            below = running & (norms[:, t] <= residual_threshold)
+        if stop_below is not None:
+            below = running & (norms[:, t] <= stop_below)
             reason[below] = 1
             running &= ~below
         if not running.any():
@@ -239,3 +245,25 @@ def sparse_reconstruct(
         idx, z = sel.indices[:, s : s + chunk], sel.coefs[:, s : s + chunk]
         out += torch.einsum("nt,ntd->nd", z, atoms[idx])
     return out
+
+
+def l0_per_row(sel: Selection) -> Tensor:
+    """Distinct atoms per row (a re-picked atom counts once)."""
+    idx = torch.where(sel.taken, sel.indices, torch.full_like(sel.indices, -1)).sort(dim=1).values
+    new = torch.ones_like(idx, dtype=torch.bool)
+    new[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    return (new & (idx >= 0)).sum(1)
+
+
+def mp_metrics(result) -> dict[str, Any]:
+    """L0 distribution, mean residual norm per step and the fraction of rows stopped by each rule, of
+    a :class:`Selection` or of anything holding one as ``.selection`` (``saes.mp.MpResult``)."""
+    sel = result if isinstance(result, Selection) else result.selection
+    l0 = l0_per_row(sel).float()
+    reasons = torch.bincount(sel.stop_reason, minlength=len(STOP_REASONS)).float() / max(len(sel.stop_reason), 1)
+    return {
+        "l0_min": l0.min().item(), "l0_mean": l0.mean().item(), "l0_max": l0.max().item(),
+        "steps_mean": sel.n_steps.float().mean().item(),
+        "residual_norm_per_step": sel.residual_norms.float().mean(0).tolist(),
+        "stopped_by": {name: reasons[i].item() for i, name in enumerate(STOP_REASONS)},
+    }

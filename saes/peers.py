@@ -18,7 +18,8 @@ for a given SAE) and :func:`module_state` (the SAE's ``state_dict`` rebuilt from
   and unit-norm atoms; ``max_iterations``, ``residual_threshold`` and ``stop_on_duplicate_support``
   map to ``max_iterations`` (``n_steps``), ``residual_threshold`` and ``stop_on_repeated_support``. SAELens
   uses ``W_dec`` rows as they are and ours divides them by their norm, so a file whose rows are not
-  unit norm is refused. One edge differs: SAELens always takes a first step, ours takes none when
+  unit norm is refused; SAELens has no relative stopping rule, so an SAE with ``residual_fraction``
+  is written under this project's name. One edge differs: SAELens always takes a first step, ours takes none when
   the centred input's norm is already below ``residual_threshold`` (never with the threshold at 0).
 * ``"sparsify"``: EleutherAI sparsify's ``<hookpoint>/cfg.json`` + ``sae.safetensors`` with
   ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec``, ``b_dec``. Its encoder is
@@ -126,7 +127,7 @@ def saelens_architecture(sae: SAE) -> str:
     if sae.architecture == "mpsae":
         cfg = sae.cfg
         if (getattr(cfg, "coefficients", None) != "nonneg" or not getattr(cfg, "allow_repeat", False)
-                or not unit_norm_rows(state["W_dec"])[0]):
+                or getattr(cfg, "residual_fraction", 0) > 0 or not unit_norm_rows(state["W_dec"])[0]):
             return NOT_SAELENS_PREFIX + sae.architecture
     return theirs
 

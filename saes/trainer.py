@@ -15,6 +15,8 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
 * Optional class attribute ``normalize_decoder = True``: the trainer then removes the gradient
   component parallel to each decoder row before the step and renormalises rows after it.
 * Optional ``after_step(state)``: called after every optimizer step (e.g. clamp thresholds).
+* Optional ``init_from_data(x)``: called once with the first (scaled, global) batch, after
+  ``b_dec`` is set (e.g. atoms started from data rows).
 * Optional ``fold_input_scale(scale)``: fold the input normalisation into the weights at the end
   (default :func:`saes.losses.fold_input_scale`, right for any SAE whose codes only depend on
   ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
@@ -216,6 +218,9 @@ class Trainer:
                     st.sae.b_dec.copy_(geometric_median(x))
                 elif self.cfg.b_dec_init == "mean":
                     st.sae.b_dec.copy_(x.mean(0))
+            init = getattr(st.sae, "init_from_data", None)
+            if init is not None:
+                init(x.to(st.sae.dtype))
 
     @contextlib.contextmanager
     def _own_output(self) -> Iterator[None]:

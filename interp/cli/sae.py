@@ -105,6 +105,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     e.add_argument("--out", help="write eval.json, sparsity.safetensors and latent_density.png here instead of "
                    "recording the metrics in the checkpoint")
+    from probes.absorption import AbsorptionConfig
+
+    words = AbsorptionConfig().words_per_letter
+    e.add_argument("--absorption", action="store_true", help="also measure first-letter feature absorption (Chanin "
+                   "et al.; SAEBench's metric): prompts the model with the vocabulary's single-token words, fits "
+                   "probes, and records the absorption rates under 'absorption'")
+    e.add_argument("--absorption-words", type=int, default=words, help="words per first letter for --absorption "
+                   f"(default: {words}; fewer runs faster)")
     e.set_defaults(func=run_eval)
 
     u = ssub.add_parser("publish", help="validate a folder of SAEs, write its model card, upload it to the Hub",
@@ -241,12 +249,30 @@ def run_eval(args: argparse.Namespace) -> int:
         windows, mask = sample_windows(tok, args.windows, context, dataset, seed=args.eval_seed)
     report = evaluate(sae, data, site=site, n_batches=max(1, args.tokens // bt),
                       model=model if args.windows else None, windows=windows, splice_mask=mask, out_dir=args.out)
+    if args.absorption:
+        report["absorption"] = _absorption(ck, model, tok, site, args)
+        if args.out is not None:
+            from interp.atomic import write_json
+
+            write_json(Path(args.out) / "absorption.json", report["absorption"])
     if args.out is None:
         annotate(ck.path, metrics=report)
-    shown = {k: v for k, v in report.items() if not hasattr(v, "shape") and k != "l0_histogram"}
+    shown = {k: v for k, v in report.items() if not hasattr(v, "shape") and k not in ("l0_histogram", "absorption")}
+    if args.absorption:
+        shown["absorption"] = {k: v for k, v in report["absorption"].items() if k not in ("letters", "config")}
     print(json.dumps(shown, indent=1))
     print(f"metrics recorded in {ck.path / 'cfg.json'}" if args.out is None else f"wrote {args.out}")
     return 0
+
+
+def _absorption(ck, model, tok, site: str, args: argparse.Namespace) -> dict[str, Any]:
+    """First-letter absorption of the checkpoint's dictionary (probes.absorption), on the words' activations."""
+    from probes.absorption import AbsorptionConfig, first_letter_absorption, first_letter_data
+
+    cfg = AbsorptionConfig(words_per_letter=args.absorption_words, seed=args.eval_seed)
+    data = first_letter_data(model, tok, site, cfg)
+    encode, sae = ck.encoder(), ck.sae
+    return first_letter_absorption(lambda x: encode(x.to(sae.device, sae.dtype)), ck.decoder(), data, cfg)
 
 
 def _warn_in_sample(cache: str, trained: dict[str, Any], rows: int) -> None:

@@ -64,6 +64,32 @@ def test_synthetic_grid_summary_gathers_settings(tmp_path):
     assert pooled["children_sign_test_p"] == sign_test(pooled["children_wins"], 4)
 
 
+def test_stuck_seeds_reduced(tmp_path):
+    mod = _load("mp_stuck_seeds")
+    small = ["--seeds", "2", "--steps", "4", "--batch", "64"]
+    rows = mod.main(["--out", str(tmp_path), "--setting", "tree_d64", *small])
+    assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in mod.SETTINGS["tree_d64"]["arms"] for s in (0, 1)]
+    assert all(0 < r["floor"] < r["fvu"] and r["l0"] <= 2 for r in rows)
+    assert rows[0]["config"] == {"n_steps": 2, "atom_init": "random", "resample_every": 0}  # the previous defaults
+    again = mod.main(["--out", str(tmp_path), "--setting", "tree_d64", *small])  # resumes: nothing re-run
+    assert [json.dumps(r, sort_keys=True) for r in again] == [json.dumps(r, sort_keys=True) for r in rows]
+    thr = mod.main(["--out", str(tmp_path), "--setting", "tree_var_threshold", *small])
+    l0 = [r["l0"] for r in thr if r["arm"] == "mp_threshold"]
+    assert all(r["config"].get("k", r["config"].get("n_steps")) == round(sum(l0) / 2)
+               for r in thr if r["arm"] != "mp_threshold")  # the fixed-k arms at the threshold arm's L0
+    summary = mod.main(["--out", str(tmp_path), "--summary"])
+    assert set(summary) == {"tree_d64", "tree_var_threshold"} and (tmp_path / "stuck_seeds.png").stat().st_size > 0
+    d64 = summary["tree_d64"]
+    assert d64["floor_reachable"] and "stuck_seeds" in d64["arms"]["mp"]  # the planted atoms reach the noise floor
+    assert d64["paired"]["mp_vs_mp_before"]["seeds"] == [0, 1]
+    diag = mod.main(["--out", str(tmp_path), "--setting", "tree_d64", "--diagnose", *small])
+    assert [(r["arm"], r["seed"]) for r in diag] == [("mp_before", 0), ("mp", 0), ("mp_before", 1), ("mp", 1)]
+    assert all(0 <= f <= 1 for r in diag for f in r["dead_fraction"]) and len(diag[0]["dead_fraction"]) == 4
+    assert all(r["resampled_atoms"] == 0 for r in diag if r["arm"] == "mp_before")
+    assert all((r["missed_best_cos_parent"] is None) == (r["missed_children"] == 0) for r in diag)
+    assert len((tmp_path / "tree_d64" / "diagnosis.jsonl").read_text().splitlines()) == 4
+
+
 def test_planted_children_orthogonal_to_parent():
     import torch
 
@@ -85,3 +111,21 @@ def test_smollm2_reduced(tmp_path):
     assert {r["arch"] for r in res["results"]} == {"topk", "mpsae"}
     for r in res["results"]:
         assert r["l0"] <= 4 + 1e-6 and 0 < r["fvu"] < 2
+
+
+@pytest.mark.slow
+def test_absorption_smollm2_reduced(tmp_path):
+    mod = _load("mp_absorption_smollm2")
+    res = mod.main(["--out", str(tmp_path), "--layer", "2", "--train-tokens", "1024", "--eval-tokens", "256",
+                    "--d-sae", "64", "--batch", "256", "--seeds", "2", "--cap", "6", "--residual-fraction", "0.6",
+                    "--windows", "2", "--words-per-letter", "40", "--icl-examples", "1"])
+    assert (tmp_path / "absorption_ev_ce.png").stat().st_size > 0
+    assert [(r["arm"], r["seed"]) for r in res["runs"]] == [(a, s) for a in mod.ARMS for s in (0, 1)]
+    k = res["k"]
+    thr = [r for r in res["runs"] if r["arm"] == "mp_threshold"]
+    assert k == round(sum(r["l0"] for r in thr) / 2)  # the fixed-k arms run at the threshold arm's mean L0
+    for r in res["runs"]:
+        assert r["l0"] <= (6 if r["arm"] == "mp_threshold" else k) + 1e-6
+        assert -1 < r["ce_loss_recovered"] <= 1.5 and r["absorption"]["n_words"] > 26 * 10
+    assert set(res["summary"]) >= {"letters", *mod.ARMS}
+    assert (tmp_path / "letter_acts.safetensors").is_file()  # the word activations are kept for a rerun
