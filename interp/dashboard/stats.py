@@ -132,19 +132,28 @@ class Tracker:
             raise InputError(f"batch shapes ids {tuple(ids.shape)}, keep {tuple(keep.shape)}, activations "
                              f"{tuple(z.shape)} do not match [B, T] and [B, T, n_units={self.U}]")
         ids, keep, z = ids.to(self.device), keep.to(self.device), z.to(self.device)
-        self._update_top(ids, keep, z, first_window)
-        self._update_bins(ids, z, first_window)
+        nz = z.nonzero()  # [n, 3]: window, position, unit (positions left out hold 0)
+        self._update_top(ids, keep, z, nz, first_window)
+        self._update_bins(ids, z, nz, first_window)
         self.n_tokens += int(keep.sum())
         self.batches += 1
 
-    def _update_top(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
+    def _update_top(self, ids: Tensor, keep: Tensor, z: Tensor, nz: Tensor, first_window: int) -> None:
         t = self.t
+        B, T, U = z.shape
+        first_pos = None
         if self.signed:  # positions left out hold 0, which may exceed a negative maximum
             z = z.masked_fill(~keep[..., None], -math.inf)
-        win_max = z.amax(dim=1).T.float()  # [U, B]; the position of the maximum only for the windows kept
-        if not self.signed:
-            win_max = win_max.masked_fill(win_max <= 0, -math.inf)  # a window where the unit never fires
-        B = win_max.shape[1]
+            win_max = z.amax(dim=1).T.float()  # [U, B]
+        else:  # from the nonzero entries only (sparse codes: a few active units a position)
+            b_, p_, u_ = nz.unbind(1)
+            v_ = z[b_, p_, u_].float()
+            cell = u_ * B + b_  # (unit, window) flattened as [U, B]
+            win_max = torch.full((U * B,), -math.inf, device=self.device).scatter_reduce_(0, cell, v_, "amax")
+            at_max = v_ == win_max[cell]  # the first position holding each window's maximum
+            first_pos = torch.full((U * B,), T, dtype=torch.long, device=self.device).scatter_reduce_(
+                0, cell[at_max], p_[at_max], "amin")
+            win_max = win_max.view(U, B).masked_fill(win_max.view(U, B) <= 0, -math.inf)  # never fires: -inf
         wins = torch.arange(first_window, first_window + B, device=self.device).expand_as(win_max)
         src = _insert(t["top_val"], t["top_win"], win_max, wins)  # updates top_val and top_win in place
         dst = (src >= 0).nonzero()
@@ -152,7 +161,10 @@ class Tracker:
             return
         u, slot = dst[:, 0], dst[:, 1]
         b = src[u, slot]
-        pos = z[b[:, None], torch.arange(z.shape[1], device=self.device), u[:, None]].argmax(dim=1)  # first maximum
+        if first_pos is None:
+            pos = z[b[:, None], torch.arange(T, device=self.device), u[:, None]].argmax(dim=1)  # first maximum
+        else:
+            pos = first_pos[u * B + b]
         tok, act = self._context(ids, z, b, pos, u)
         t["top_pos"][u, slot] = pos
         t["top_tok"][u, slot] = tok
@@ -164,9 +176,8 @@ class Tracker:
             return b
         return torch.where(v > 0, self.n_bins + b, self.n_bins - 1 - b)
 
-    def _update_bins(self, ids: Tensor, z: Tensor, first_window: int) -> None:
+    def _update_bins(self, ids: Tensor, z: Tensor, nz: Tensor, first_window: int) -> None:
         t = self.t
-        nz = z.nonzero()  # [n, 3]: window, position, unit (positions left out hold 0)
         if nz.shape[0] == 0:
             return
         b, p, u = nz.unbind(1)
@@ -224,6 +235,21 @@ def _insert(val: Tensor, win: Tensor, new_val: Tensor, new_win: Tensor) -> Tenso
     when its value is strictly larger, so each row ends with its best ``k`` of old and new by (value
     descending, window ascending), provided new windows come after the old ones. Returns ``[R, k]``:
     the new column now in each slot, or -1."""
+    R, k = val.shape
+    # only rows where some new entry beats the current worst slot can change (the worst only rises)
+    live = (new_val > val.min(dim=1).values[:, None]).any(dim=1).nonzero().flatten()
+    if live.numel() == R:
+        return _insert_rows(val, win, new_val, new_win)
+    src = torch.full((R, k), -1, dtype=torch.long, device=val.device)
+    if live.numel():
+        v, w = val[live], win[live]
+        src[live] = _insert_rows(v, w, new_val[live], new_win[live])
+        val[live], win[live] = v, w
+    return src
+
+
+def _insert_rows(val: Tensor, win: Tensor, new_val: Tensor, new_win: Tensor) -> Tensor:
+    """:func:`_insert` on every row."""
     R, k = val.shape
     src = torch.full((R, k), -1, dtype=torch.long, device=val.device)
     rows = torch.arange(R, device=val.device)
