@@ -1,7 +1,8 @@
-"""Render a dashboard's data as a static site: ``index.html`` and ``units/<n>.html``.
+"""Render a dashboard's data as a static site: ``index.html``, ``style.css`` and ``units/<n>.html``.
 
-The pages are self-contained (inline CSS, inline SVG plots, a few lines of inline JavaScript, no
-external file), so the folder opens from ``file://`` with no server and no network. Jinja2 renders
+The site is self-contained (one ``style.css`` beside ``index.html`` that every page links, inline
+SVG plots, a few lines of inline JavaScript, nothing from outside the folder), so the folder opens
+from ``file://`` with no server and no network. Jinja2 renders
 them with autoescaping on: a token is text, never markup. The index lists the units with their
 frequency, max activation, top context token and top promoted tokens; a search box filters them
 (also from the address: ``index.html#q=word``) and buttons sort them by frequency or max activation
@@ -117,7 +118,8 @@ def render(folder: str | os.PathLike, units: Sequence[int] | None = None, *, tit
         rec = data.unit(u)
         scale = max([abs(a) for c in rec["contexts"] for _, a in c["tokens"]] + [0.0]) or 1.0
         page = env.get_template("unit.html").render(
-            title=f"{rec['name']} · {title}", info=info, u=rec, scale=scale, histogram=histogram_svg(rec["histogram"]),
+            title=f"{rec['name']} · {title}", root="../", info=info, u=rec, scale=scale,
+            histogram=histogram_svg(rec["histogram"]),
             prev=chosen[pos - 1] if pos > 0 else None, next=chosen[pos + 1] if pos + 1 < len(chosen) else None,
             pages=set(chosen))
         write_text(folder / "units" / f"{u}.html", page)
@@ -128,6 +130,8 @@ def render(folder: str | os.PathLike, units: Sequence[int] | None = None, *, tit
     points = (info.get("extra") or {}).get("class_means")
     scatter = scatter_svg(points) if points and all(len(p) >= 2 and all(map(math.isfinite, p[:2]))
                                                     for p in points.values()) else None
-    index = env.get_template("index.html").render(title=title, info=info, units=records, n_units=len(records),
+    write_text(folder / "style.css", (Path(__file__).parent / "templates" / "style.css").read_text())
+    index = env.get_template("index.html").render(title=title, root="", info=info, units=records,
+                                                  n_units=len(records),
                                                   scatter=scatter)
     return write_text(folder / "index.html", index)
