@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int, Shaped
 from torch import Tensor
 
 from interp.errors import InputError
@@ -190,8 +190,9 @@ class Positions:
                                  "character indices count from the start of the prompt text")
         return self._with("mask", out)
 
-    def take(self, x: Float[Tensor, "batch seq d"], mask: Int[Tensor, "batch seq"]) -> Tensor:
-        """The picked rows of ``x`` in capture's output shape for this form (module docstring table)."""
+    def take(self, x: Shaped[Tensor, "batch seq d"], mask: Int[Tensor, "batch seq"]) -> Tensor:
+        """The picked rows of ``x`` (any dtype: activations, or column indices) in capture's output shape for
+        this form (module docstring table)."""
         kind, v = self.kind, self.value
         b, s = x.shape[:2]
         if kind == "all":

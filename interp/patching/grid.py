@@ -101,8 +101,7 @@ def _columns(pos: Positions, ids: Tensor, text, tokenizer, what: str) -> Tensor:
     try:  # what capture would read from a [1, seq, 1] tensor holding each column's index
         if pos.needs_text:
             pos = pos.bind(ids[None], None, tokenizer=tokenizer, texts=[text] if isinstance(text, str) else None)
-        cols = pos.take(torch.arange(seq, dtype=torch.float64).view(1, seq, 1),
-                        torch.ones(1, seq, dtype=torch.long)).reshape(-1).long()
+        cols = pos.take(torch.arange(seq).view(1, seq, 1), torch.ones(1, seq, dtype=torch.long)).reshape(-1)
     except InputError as e:
         raise InputError(f"{what}: {e}") from None
     if cols.numel() == 0:
