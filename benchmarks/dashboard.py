@@ -1,7 +1,7 @@
 """The dashboard data pass against capturing the same tokens alone, and its peak memory at two N.
 
     python benchmarks/dashboard.py [--tokens 100000 --rounds 3 --d-sae 9216 --k 32]
-    python benchmarks/dashboard.py --quick --out /tmp/dashboard.json     # tiny sizes: checks the code path only
+    python benchmarks/dashboard.py --quick --out dashboard_quick.json     # tiny sizes: checks the code path only
 
 Full mode: the embedded model, a TopK SAE with ``--d-sae`` latents at ``--site`` (random weights,
 or ``--sae FOLDER`` read with ``saes.read``; a TopK encoder costs the same whatever its weights),
