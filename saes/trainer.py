@@ -29,8 +29,9 @@ periodic atomic resume checkpoints (:mod:`saes.resume`); gradient all-reduce ove
 processes (:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional
 wandb. Every SAE draws its random numbers (atom dropout, data-row picks ...) from its own torch RNG
 stream, seeded with ``TrainConfig.seed``, so SAEs trained together from one stream come out exactly
-as each would trained alone on the same batches. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`; rank 0
-under torchrun), so a second run into the same folder is refused with the holder's PID.
+as each would trained alone on the same batches. While it writes ``out_dir``, the run holds that
+folder's lock (:mod:`interp.folders`; rank 0 under torchrun), so a second run into the same folder is
+refused with the holder's PID.
 """
 
 from __future__ import annotations
