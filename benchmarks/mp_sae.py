@@ -318,8 +318,10 @@ def encode_rounds(encoders: dict, n_rounds: int) -> dict:
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(n_rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            _sync()
             t = time.perf_counter()
             encoders[name]()
+            _sync()
             seconds[name].append(time.perf_counter() - t)
     median = {name: statistics.median(v) for name, v in seconds.items()}
     out = {"rounds": n_rounds, "order": names, "seconds": seconds, "median_seconds": median}
