@@ -50,7 +50,7 @@ def plan(name: str, *, device: str, quick: bool, out: Path, work: Path, cache: P
     model = ["--model", str(work / "tiny-llama")] if quick else []
     if quick:
         sizes = {"sae_train": ["--quick", "--bf16"], "mp_sae": ["--quick"], "capture": ["--quick", "--bf16"],
-                 "intervene": ["--quick"], "patching": ["--quick"],
+                 "intervene": ["--quick"], "patching": ["--quick", "--rounds", "1"],
                  "dashboard": ["--quick", "--dataset", str(work / "docs.jsonl")], "probe_sweep": ["--quick"]}
     else:
         sizes = {"sae_train": ["--cache", str(cache), "--steps", "200", "--batch", "4096", "--repeats", "2", "--bf16",

@@ -339,7 +339,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         libraries += [BF16[lib] for lib in args.libraries if lib in BF16 and BF16[lib] not in libraries]
     runs: dict[str, list[dict]] = {lib: [] for lib in libraries}
     load_before = list(os.getloadavg())
-    d_model = 64 if args.quick else 576
+    if args.quick:
+        d_model = planted_rows(1).shape[-1]
+    else:
+        from interp.cache import CachedActivations
+
+        d_model = CachedActivations(args.cache, batch_tokens=args.batch, sites=[SITE], epochs=1).d_models[SITE]
     lim_before = matmul_limit(args.batch, d_model, args.d_sae, args.device)
     order = []
     for r in range(args.repeats):  # A B C, then C B A: load that drifts over time hits everyone alike

@@ -87,7 +87,8 @@ class TrainConfig:
     dead_tokens: int = 10_000_000
     """A latent is dead after this many rows without firing (AuxK uses the dead ones)."""
     bf16: bool = False
-    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32)."""
+    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32; an MP-SAE also runs its
+    pursuit's selection in bf16, see ``MPSAEConfig.pursuit_dtype``)."""
     checkpoint_every: int = 0
     """Write a resume checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
