@@ -66,7 +66,7 @@ def _setup(args):
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
-                                             eos_token_id=257, pad_token_id=258)).eval()
+                                             eos_token_id=257, pad_token_id=258)).eval().to(args.device)
         tok, site = _byte_tokenizer(), "blocks.1.hook_resid_post"
     else:
         from interp import load_model
@@ -133,7 +133,7 @@ def _memory_child(args) -> None:
                       "peak_delta_mb": (peak - before) / 2**20}))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="tiny random model and SAE: checks the code path only")
     ap.add_argument("--tokens", type=int, default=100_000)
@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dashboard.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.quick and args.tokens == ap.get_default("tokens"):
         args.tokens, args.d_sae, args.k, args.rounds, args.context_size = 1500, 64, 4, 2, 32
     if args.memory_child:
@@ -187,7 +187,7 @@ def main() -> None:
     med_c = statistics.median(r["capture_s"] for r in rounds)
     med_d = statistics.median(r["dashboard_s"] for r in rounds)
     result = {
-        "command": "python benchmarks/dashboard.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/dashboard.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "quick": args.quick, "platform": platform.platform(), "python": platform.python_version(),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
         "model": "tiny random Llama" if args.quick else "smollm2-135m", "site": site, "d_sae": args.d_sae,
@@ -203,6 +203,7 @@ def main() -> None:
     print(f"dashboard / capture = {result['ratio']:.3f} (median of {len(rounds)} rounds; target <= 1.3); "
           f"peak memory {memory[0]['peak_delta_mb']:.1f} MB at {memory[0]['tokens']} tokens, "
           f"{memory[1]['peak_delta_mb']:.1f} MB at {memory[1]['tokens']}; wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

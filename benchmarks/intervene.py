@@ -11,6 +11,7 @@ overhead shows). "Faster than a peer" is decided per shape by a paired sign test
 the two-sided p-value.
 
     python benchmarks/intervene.py                   # writes benchmarks/results/intervene.json
+    python benchmarks/intervene.py --quick --model DIR   # a tiny model, one shape, 3 rounds: the code path only
 """
 
 from __future__ import annotations
@@ -170,15 +171,24 @@ def main(argv=None) -> int:
     ap.add_argument("--layer", type=int, default=12)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model", default="smollm2-135m", help="model name or folder")
+    ap.add_argument("--quick", action="store_true", help="shape 1x16, 3 rounds, the last layer at most: the code "
+                    "path only (with a tiny --model)")
     ap.add_argument("--out", default="benchmarks/results/intervene.json")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.shapes, args.rounds = [(1, 16)], [3]
     rounds = args.rounds * len(args.shapes) if len(args.rounds) == 1 else args.rounds
     if len(rounds) != len(args.shapes):
         ap.error(f"--rounds: give one number or one per shape ({len(args.shapes)}); got {args.rounds}")
-    model, tok = load_model("smollm2-135m", device=args.device)
+    model, tok = load_model(args.model, device=args.device)
+    if args.quick:
+        args.layer = min(args.layer, model.config.num_hidden_layers - 1)
+        args.rank = min(args.rank, model.config.hidden_size // 2)
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(model.config.hidden_size, args.rank, generator=g))[0].T.contiguous()
+    basis = basis.to(device)
     b0, s0 = args.shapes[0]
     with torch.inference_mode():
         mic = micro(model, args.layer, basis, b0, s0)
@@ -198,7 +208,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "intervene",
         "command": "python benchmarks/intervene.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": "smollm2-135m", "device": str(device), "dtype": str(next(model.parameters()).dtype),
+        "model": args.model, "quick": args.quick, "device": str(device), "dtype": str(next(model.parameters()).dtype),
         "site": f"blocks.{args.layer}.hook_resid_post", "rank": args.rank,
         "edit": "project out a rank-r subspace at every position",
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),

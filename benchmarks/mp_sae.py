@@ -25,6 +25,15 @@ without executing ``overcomplete/__init__.py`` (its vision-model and plotting im
 code that runs is unmodified. See benchmarks/results/mp_sae.json for the command used.
 
     python benchmarks/mp_sae.py --overcomplete-bypass   # with the interpreter that has overcomplete
+
+bf16 rows (ours): encode with ``pursuit_dtype="bfloat16"`` (the selection in bf16, coefficients of
+the chosen atoms recomputed in fp32), warm, with its quality against the fp32 encode on the same
+rows and dictionary (FVU of both, its relative change, the fraction of rows with the same support;
+random data and a random dictionary, so the FVU itself is high and only the change means much); and
+a training step under bf16 autocast (``TrainConfig(bf16=True)`` selects in bf16 too).
+
+``--device cuda`` runs every implementation on the GPU (timings synchronised); ``--quick`` uses tiny
+sizes (the code path only).
 """
 
 from __future__ import annotations
@@ -64,11 +73,18 @@ def load_overcomplete(bypass: bool):
     return MpSAE
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps: int) -> float:
     best = float("inf")
     for _ in range(reps):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -100,12 +116,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5, help="encode rounds in alternating order (medians reported)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mp_sae.json")
     p.add_argument("--note", default="")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="d_model 32, d_sae 128, 4 steps, batch 64: the code path only")
     a = p.parse_args(argv)
+    if a.quick:
+        a.d_model, a.d_sae, a.n_steps, a.batch, a.reps, a.rounds = 32, 128, 4, 64, 1, 2
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    d, m, n_steps, B = a.d_model, a.d_sae, a.n_steps, a.batch
-    x = torch.randn(B, d) * 2 + 0.5
+    d, m, n_steps, B, dev = a.d_model, a.d_sae, a.n_steps, a.batch, a.device
+    x = (torch.randn(B, d) * 2 + 0.5).to(dev)
     rows: list[dict] = []
 
     def add(name, **kw):
@@ -113,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(rows[-1]))
 
     # ---------------------------------------------------------------- ours
-    ours = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps)
+    ours = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps).to(dev)
     with torch.no_grad():
         ours.b_dec.copy_(torch.randn(d) * 0.1)
     ours.eval()
@@ -122,19 +142,20 @@ def main(argv: list[str] | None = None) -> dict:
     warm = timed(lambda: ours.encode(x), a.reps)
     add("ours (nonneg, accumulate) encode warm", tokens_per_s=B / warm, seconds=warm)
     add("ours (nonneg, accumulate) encode cold", tokens_per_s=B / cold, seconds=cold)
-    direct = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, correlation_update="direct").eval()
+    direct = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, correlation_update="direct").to(dev).eval()
     direct.load_state_dict(ours.state_dict())
     t_direct = timed(lambda: direct.encode(x), 1)
     add("ours encode, direct path forced", tokens_per_s=B / t_direct, seconds=t_direct)
     ours.train()
     from saes.losses import TrainState
 
-    def train_step(sae):
+    def train_step(sae, bf16: bool = False):
         """One optimizer step of `sae` on `x` (forward, backward, Adam, atoms back to the sphere)."""
         opt = torch.optim.Adam(sae.parameters(), lr=1e-5)
 
         def step():
-            out = sae.training_loss(x, TrainState(step=0, global_rows=B))
+            with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=bf16):
+                out = sae.training_loss(x, TrainState(step=0, global_rows=B))
             out.loss.backward()
             remove_parallel_grad(sae.W_dec)
             opt.step()
@@ -148,11 +169,29 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = timed(our_step, a.reps)
     mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
     add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
-    fast = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, train_gram_dtype="bfloat16")
+    fast = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, train_gram_dtype="bfloat16").to(dev)
     fast.load_state_dict(ours.state_dict())
     fast_step = train_step(fast)
     t_train_bf16 = timed(fast_step, a.reps)
     add("ours train step, train_gram_dtype=bfloat16", seconds=t_train_bf16)
+    auto = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps).to(dev)
+    auto.load_state_dict(ours.state_dict())
+    auto_step = train_step(auto, bf16=True)
+    auto_step()
+    t_train_autocast = timed(auto_step, a.reps)
+    add("ours train step, bf16 autocast (TrainConfig(bf16=True))", seconds=t_train_autocast)
+    ours.eval()
+    low = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, pursuit_dtype="bfloat16").to(dev).eval()
+    low.load_state_dict(ours.state_dict())
+    low.encode(x)  # the bf16 Gram matrix is cached, as for the warm fp32 row
+    t_low = timed(lambda: low.encode(x), a.reps)
+    r32, r16 = ours.pursue(x), low.pursue(x)
+    total = (x - x.mean(0)).pow(2).sum()
+    fvu32, fvu16 = float((x - r32.x_hat).pow(2).sum() / total), float((x - r16.x_hat).pow(2).sum() / total)
+    add("ours encode warm, pursuit_dtype=bfloat16", tokens_per_s=B / t_low, seconds=t_low, fvu_fp32=fvu32,
+        fvu_bf16=fvu16, fvu_relative_change=(fvu16 - fvu32) / fvu32,
+        same_support_frac=((r32.codes != 0) == (r16.codes != 0)).all(1).float().mean().item())
+    ours.train()
 
     # ---------------------------------------------------------------- SAELens
     sl_row = {}
@@ -160,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
         from sae_lens.saes.matching_pursuit_sae import MatchingPursuitTrainingSAE, MatchingPursuitTrainingSAEConfig
 
         sl = MatchingPursuitTrainingSAE(MatchingPursuitTrainingSAEConfig(
-            d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=n_steps, stop_on_duplicate_support=False))
+            d_in=d, d_sae=m, residual_threshold=0.0, max_iterations=n_steps, stop_on_duplicate_support=False,
+            device=str(dev)))
         with torch.no_grad():
             sl.W_dec.copy_(ours.W_dec)
             sl.b_dec.copy_(ours.b_dec)
@@ -193,11 +233,12 @@ def main(argv: list[str] | None = None) -> dict:
     oc_row = {}
     MpSAE = load_overcomplete(a.overcomplete_bypass)
     if MpSAE is not None:
-        oc = MpSAE(d, m, k=n_steps)  # overcomplete's name for the pursuit steps
+        oc = MpSAE(d, m, k=n_steps, device=str(dev))  # overcomplete's name for the pursuit steps
         with torch.no_grad():
             oc.dictionary._weights.copy_(ours.W_dec)
         oc.eval()
-        mine = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, coefficients="signed_max", decoder_bias=False).eval()
+        mine = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, coefficients="signed_max",
+                     decoder_bias=False).to(dev).eval()
         with torch.no_grad():
             mine.W_dec.copy_(ours.W_dec)
             t_oc = timed(lambda: oc.encode(x), a.peer_reps)
@@ -238,7 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
         speedup = {"encode_vs_faster_peer_warm": min(r["encode"] for r in peers) / warm,
                    "encode_vs_faster_peer_cold": min(r["encode"] for r in peers) / cold,
                    "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train,
-                   "train_step_bf16_gram_vs_faster_peer": min(r["train"] for r in peers) / t_train_bf16}
+                   "train_step_bf16_gram_vs_faster_peer": min(r["train"] for r in peers) / t_train_bf16,
+                   "train_step_bf16_autocast_vs_faster_peer": min(r["train"] for r in peers) / t_train_autocast}
+    speedup["encode_bf16_pursuit_vs_fp32_warm"] = warm / t_low
+    speedup["train_step_bf16_autocast_vs_fp32"] = t_train / t_train_autocast
     print(f"\n{'implementation':55s} {'tokens/s':>10s} {'seconds':>9s} {'saved MB':>9s}")
     for r in rows:
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
@@ -247,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("speedup:", json.dumps(speedup))
     print("encode rounds (median seconds):", json.dumps(rounds["median_seconds"]),
           "ratio of medians:", rounds.get("encode_vs_faster_peer_warm_median"))
-    result = {"config": {"d_model": d, "d_sae": m, "n_steps": n_steps, "batch": B, "dtype": "float32", "device": "cpu",
+    result = {"config": {"d_model": d, "d_sae": m, "n_steps": n_steps, "batch": B, "quick": a.quick,
+                         "dtype": "float32 (rows naming bf16: see the module docstring)", "device": str(dev),
                          "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps},
               "rows": rows, "speedup": speedup, "rounds": rounds,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
@@ -273,8 +318,10 @@ def encode_rounds(encoders: dict, n_rounds: int) -> dict:
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(n_rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            _sync()
             t = time.perf_counter()
             encoders[name]()
+            _sync()
             seconds[name].append(time.perf_counter() - t)
     median = {name: statistics.median(v) for name, v in seconds.items()}
     out = {"rounds": n_rounds, "order": names, "seconds": seconds, "median_seconds": median}

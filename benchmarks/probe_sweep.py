@@ -10,7 +10,10 @@ with the neuron's rank and a signal strength that rises then falls with depth, s
 and differs across layers, as in real sweeps.
 
     python benchmarks/probe_sweep.py                       # full: 30 layers x 9 ks x 20k examples
-    python benchmarks/probe_sweep.py --layers 4 --examples 4000   # quick
+    python benchmarks/probe_sweep.py --layers 4 --examples 4000   # smaller
+    python benchmarks/probe_sweep.py --quick                       # tiny: the code path only
+
+``--device cuda`` runs probes.sweep on the GPU (the scikit-learn loop runs on the CPU either way).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ def run_sklearn(layers, y, train, test, ks, C):
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--examples", type=int, default=20_000)
@@ -75,16 +78,24 @@ def main() -> None:
     ap.add_argument("--ks", default="1,2,4,8,16,32,64,128,256")
     ap.add_argument("--layer-batch", type=int, default=10, help="layers fitted together by probes.sweep")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where probes.sweep runs (cpu, cuda ...)")
+    ap.add_argument("--quick", action="store_true", help="2 layers x 400 examples x 64 neurons, k 1,2,4")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_sweep.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.layers, args.examples, args.dim, args.ks, args.layer_batch = 2, 400, 64, "1,2,4", 2
     ks = tuple(int(k) for k in args.ks.split(","))
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = os.getloadavg()[0]
     layers, y = synthetic(args.layers, args.examples, args.dim)
     train, test = train_test_split(len(y), 0.2, seed=0, stratify=y)
     acts = {str(i): x for i, x in enumerate(layers)}
 
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
-    result = probes.sweep(acts, y, n_neurons=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch, top_n=0)
+    result = probes.sweep(acts, y, n_neurons=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch, top_n=0,
+                          device=args.device)
+    sync()
     t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
     ours = {(r["site"], r["n_neurons"]): r["f1"] for r in result.records}
 
@@ -112,7 +123,7 @@ def main() -> None:
                      "torch_threads": torch.get_num_threads(),
                      "thread_env": {v: os.environ.get(v)
                                     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
-                     "device": "cpu"},
+                     "device": args.device, "quick": args.quick},
         "wall_seconds": {"probes.sweep": round(t_ours, 3),
                          "sklearn_loop": None if t_peer is None else round(t_peer, 3)},
         "cpu_seconds": {"probes.sweep": round(c_ours, 3), "sklearn_loop": None if c_peer is None else round(c_peer, 3)},
@@ -127,7 +138,7 @@ def main() -> None:
                 "(about 1 or less: quiet). CPU seconds (process time) are less affected by sharing than wall seconds",
         "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "command": "python benchmarks/probe_sweep.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_sklearn")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_sklearn", "quick")),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -136,6 +147,7 @@ def main() -> None:
         json.dump(report, f, indent=1)
     os.replace(tmp, out)
     print(f"wrote {out}")
+    return report
 
 
 if __name__ == "__main__":

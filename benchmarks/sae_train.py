@@ -31,6 +31,20 @@ as a fraction of a step (whole runs differ by a few percent from round to round 
 more than the check costs). Only the guard:
 
     python benchmarks/sae_train.py --cache DIR --steps 40 --libraries interp interp-noguard interp-grads --repeats 5
+
+bf16 (``--bf16``): each library that has a bf16 path gets a second row trained under bf16 autocast of
+its SAE forward, on the same batches with the same budget (weights and Adam stay fp32 everywhere):
+``interp-bf16`` (``TrainConfig(bf16=True)``), ``saelens-bf16`` (``SAETrainerConfig(autocast=True)``)
+and ``sparsify-bf16`` (its step under ``torch.autocast``; on CUDA sparsify's ``SparseCoder.forward``
+is decorated with bf16 autocast, so its plain row is bf16 there too). ``summary.bf16`` gives, per
+library, the median per-round ratio of bf16 to fp32 tokens/s and the relative change of the final
+held-out FVU (measured in fp32), and ``speedup_bf16_vs_<peer>_bf16`` compares the bf16 rows:
+
+    python benchmarks/sae_train.py --cache DIR --steps 40 --bf16
+
+``--device cuda`` runs every library on the GPU (the data is moved there before timing); ``--quick``
+trains on a small planted-dictionary data set instead of a cache, with tiny sizes, every library in
+this process: it checks the code path only.
 """
 
 from __future__ import annotations
@@ -53,13 +67,26 @@ SITE = "blocks.12.hook_resid_post"
 RESULTS = Path(__file__).parent / "results" / "sae_train.json"
 
 
-def load_batches(cache: str, batch: int, steps: int, eval_batches: int) -> tuple[list, list]:
-    """Every row of the cache, pre-scaled; the last ``eval_batches * batch`` rows are held out, the
-    rest is cycled through (a new fixed permutation per pass) to make ``steps`` training batches."""
-    from interp.cache import CachedActivations
+def planted_rows(n_rows: int, d_model: int = 64, seed: int = 0) -> torch.Tensor:
+    """Quick-mode data: sparse non-negative mixtures of a fixed random unit-norm dictionary (4 x d_model
+    atoms, about 8 active per row) plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.nn.functional.normalize(torch.randn(4 * d_model, d_model, generator=g), dim=1)
+    z = (torch.rand(n_rows, 4 * d_model, generator=g) < 8 / (4 * d_model)).float()
+    return (z * 2 * torch.rand(n_rows, 4 * d_model, generator=g)) @ atoms + torch.randn(d_model, generator=g)
 
-    src = CachedActivations(cache, batch_tokens=batch, seed=0, sites=[SITE], epochs=1)
-    rows = torch.cat([b[SITE].float() for b in src])
+
+def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int) -> tuple[list, list]:
+    """Every row of the cache (no cache: :func:`planted_rows`), pre-scaled; the last
+    ``eval_batches * batch`` rows are held out, the rest is cycled through (a new fixed permutation per
+    pass) to make ``steps`` training batches."""
+    if cache is None:
+        rows = planted_rows(max(4, eval_batches + 2) * batch)
+    else:
+        from interp.cache import CachedActivations
+
+        src = CachedActivations(cache, batch_tokens=batch, seed=0, sites=[SITE], epochs=1)
+        rows = torch.cat([b[SITE].float() for b in src])
     scale = math.sqrt(rows.shape[-1] / rows[:batch].pow(2).sum(-1).mean().item())
     rows = rows * scale
     n_held = eval_batches * batch
@@ -111,12 +138,12 @@ class Timer:
         self.t.append(time.perf_counter())
 
 
-def run_ours(train, lr, k, d_sae, guard: str = "loss"):
+def run_ours(train, lr, k, d_sae, device, bf16: bool = False, guard: str = "loss"):
     import saes
     from saes.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
-    sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=d_sae, k=k)
+    sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=d_sae, k=k).to(device)
     timer = Timer()
 
     class Source:
@@ -127,23 +154,24 @@ def run_ours(train, lr, k, d_sae, guard: str = "loss"):
 
     n, b = len(train), train[0].shape[0]
     cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
-                      log_every=n, nonfinite_guard=guard)
+                      log_every=n, nonfinite_guard=guard, bf16=bf16)
     Trainer(sae, cfg).fit(Source())
     timer.tick()
     return timer, lambda x: sae(x).x_hat
 
 
-def run_saelens(train, lr, k, d_sae):
+def run_saelens(train, lr, k, d_sae, device, bf16: bool = False):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
     torch.manual_seed(0)
     n, b, d = len(train), train[0].shape[0], train[0].shape[-1]
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=k, dtype="float32", device="cpu"))
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=k, dtype="float32", device=str(device)))
     cfg = SAETrainerConfig(total_training_samples=n * b, train_batch_size_samples=b, lr=lr, lr_end=0.0,
                            lr_scheduler_name="constant", lr_warm_up_steps=int(0.01 * n),
-                           lr_decay_steps=int(0.2 * n), device="cpu", dead_feature_window=2442)
+                           lr_decay_steps=int(0.2 * n), device=str(device), dead_feature_window=2442,
+                           autocast=bf16)
     timer = Timer()
 
     def provider():
@@ -161,24 +189,27 @@ def run_saelens(train, lr, k, d_sae):
     return timer, lambda x: sae(x)
 
 
-def run_sparsify(train, lr, k, d_sae):
+def run_sparsify(train, lr, k, d_sae, device, bf16: bool = False):
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
     n, d = len(train), train[0].shape[-1]
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n))
-    since = torch.zeros(d_sae, dtype=torch.long)
+    since = torch.zeros(d_sae, dtype=torch.long, device=device)
     timer = Timer()
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step, x in enumerate(train):
         timer.tick()
         if step == 0:
             sae.b_dec.data = x.mean(0)
         sae.set_decoder_norm_to_unit_norm()
         dead = since > 10_000_000
-        out = sae(x, dead_mask=dead)
-        (out.fvu + out.auxk_loss / 32).backward()
+        with autocast:
+            out = sae(x, dead_mask=dead)
+            loss = out.fvu + out.auxk_loss / 32
+        loss.backward()
         since += x.shape[0]
         since[out.latent_indices.flatten()] = 0
         sae.remove_gradient_parallel_to_decoder_directions()
@@ -193,7 +224,13 @@ def run_sparsify(train, lr, k, d_sae):
 RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
            # the same trainer with its non-finite guard off / checking gradients too: the guard's cost
            "interp-noguard": lambda *a: run_ours(*a, guard="off"),
-           "interp-grads": lambda *a: run_ours(*a, guard="grads")}
+           "interp-grads": lambda *a: run_ours(*a, guard="grads"),
+           # bf16 autocast of the SAE forward, each library's own way (see the module docstring)
+           "interp-bf16": lambda *a: run_ours(*a, bf16=True),
+           "saelens-bf16": lambda *a: run_saelens(*a, bf16=True),
+           "sparsify-bf16": lambda *a: run_sparsify(*a, bf16=True)}
+BF16 = {lib: f"{lib}-bf16" for lib in ("interp", "saelens", "sparsify")}
+"""The libraries with a bf16 path and the name of their bf16 row."""
 
 
 @torch.no_grad()
@@ -206,12 +243,13 @@ def final_fvu(recon, held_out) -> float:
     return acc.result()["fvu"]
 
 
-def worker(args) -> None:
+def worker(args) -> dict:
     train, held, pool_rows = load_batches(args.cache, args.batch, args.steps, args.eval_batches)
+    train, held = [x.to(args.device) for x in train], [x.to(args.device) for x in held]
     lr = args.lr if args.lr else 2e-4 / math.sqrt(args.d_sae / 16384)
     _reset_peak_rss()
     rss0 = _peak_rss_mb()
-    timer, recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae)
+    timer, recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae, args.device)
     peak = _peak_rss_mb()
     t = timer.t
     timed = t[-1] - t[1]
@@ -220,47 +258,59 @@ def worker(args) -> None:
            "final_fvu": final_fvu(recon, held), "peak_rss_mb": peak,
            "peak_rss_over_data_mb": peak - rss0, "lr": lr, "distinct_training_rows": pool_rows,
            "held_out_rows": sum(x.shape[0] for x in held)}
+    if str(args.device).startswith("cuda"):
+        res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))
+    return res
 
 
-def matmul_limit(batch: int, d_model: int, d_sae: int, reps: int = 5) -> dict:
-    x, w = torch.randn(batch, d_model), torch.randn(d_model, d_sae)
-    b = torch.zeros(d_sae)
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_limit(batch: int, d_model: int, d_sae: int, device: str = "cpu", reps: int = 5) -> dict:
+    x, w = torch.randn(batch, d_model, device=device), torch.randn(d_model, d_sae, device=device)
+    b = torch.zeros(d_sae, device=device)
     torch.addmm(b, x, w)
     times = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         torch.addmm(b, x, w)
+        _sync(device)
         times.append(time.perf_counter() - t0)
     t = sorted(times)[len(times) // 2]
     return {"seconds_median": t, "tokens_per_s": batch / t, "gflops": 2 * batch * d_model * d_sae / t / 1e9}
 
 
-def guard_check_cost(batch: int, d_model: int, d_sae: int, k: int, reps: int = 50) -> dict:
+def guard_check_cost(batch: int, d_model: int, d_sae: int, k: int, device: str = "cpu", reps: int = 50) -> dict:
     """The guard's own work timed alone (median of ``reps`` calls) on a real loss and real gradients of
     the benchmark's SAE: what it adds to a step, free of the step-to-step noise of whole runs."""
     import saes
     from saes import guard
 
     torch.manual_seed(0)
-    sae = saes.build("topk", d_model=d_model, d_sae=d_sae, k=k)
-    out = sae(torch.randn(batch, d_model))
-    loss = (out.x_hat - torch.randn(batch, d_model)).pow(2).mean()
+    sae = saes.build("topk", d_model=d_model, d_sae=d_sae, k=k).to(device)
+    out = sae(torch.randn(batch, d_model, device=device))
+    loss = (out.x_hat - torch.randn(batch, d_model, device=device)).pow(2).mean()
     loss.backward()
     res = {}
     for name, params in (("loss", None), ("grads", list(sae.parameters()))):
         times = []
         for _ in range(reps):
+            _sync(device)
             t0 = time.perf_counter()
             guard.finite(loss, params)
+            _sync(device)
             times.append(time.perf_counter() - t0)
         res[f"{name}_seconds_median"] = statistics.median(times)
     return res
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cache", required=True, help="cache folder holding blocks.12.hook_resid_post")
+    p.add_argument("--cache", help="cache folder holding blocks.12.hook_resid_post (required unless --quick)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-batches", type=int, default=2, help="held-out batches (the cache's last rows)")
     p.add_argument("--batch", type=int, default=4096)
@@ -269,29 +319,49 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--libraries", nargs="+", default=["interp", "interp-noguard", "sparsify", "saelens"],
                    help=f"any of {sorted(RUNNERS)}; interp-noguard / interp-grads measure the non-finite guard")
+    p.add_argument("--bf16", action="store_true", help="add the bf16 row of every library in --libraries that has one")
     p.add_argument("--repeats", type=int, default=5,
                    help="runs per library (alternating order); the median is reported")
+    p.add_argument("--device", default="cpu", help="cpu, cuda ... (every library, and the matmul limit)")
+    p.add_argument("--quick", action="store_true", help="planted data instead of a cache, tiny sizes, one repeat, "
+                   "every library in this process: checks the code path only")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.d_sae, args.k, args.repeats, args.eval_batches = 4, 128, 256, 8, 1, 1
+    elif args.cache is None:
+        p.error("--cache is required (or --quick)")
     if args.worker:
         return worker(args)
-    runs: dict[str, list[dict]] = {lib: [] for lib in args.libraries}
+    libraries = list(args.libraries)
+    if args.bf16:
+        libraries += [BF16[lib] for lib in args.libraries if lib in BF16 and BF16[lib] not in libraries]
+    runs: dict[str, list[dict]] = {lib: [] for lib in libraries}
     load_before = list(os.getloadavg())
-    lim_before = matmul_limit(args.batch, 576, args.d_sae)
+    if args.quick:
+        d_model = planted_rows(1).shape[-1]
+    else:
+        from interp.cache import CachedActivations
+
+        d_model = CachedActivations(args.cache, batch_tokens=args.batch, sites=[SITE], epochs=1).d_models[SITE]
+    lim_before = matmul_limit(args.batch, d_model, args.d_sae, args.device)
     order = []
     for r in range(args.repeats):  # A B C, then C B A: load that drifts over time hits everyone alike
-        order += args.libraries if r % 2 == 0 else args.libraries[::-1]
+        order += libraries if r % 2 == 0 else libraries[::-1]
     for lib in order:
+        if args.quick:  # in this process: the code path only (peak memory is not the library's own)
+            runs[lib].append(worker(argparse.Namespace(**{**vars(args), "worker": lib})))
+            continue
         cmd = [sys.executable, __file__, "--worker", lib, "--cache", args.cache, "--steps", str(args.steps),
                "--eval-batches", str(args.eval_batches), "--batch", str(args.batch), "--d-sae", str(args.d_sae),
-               "--k", str(args.k)] + (["--lr", str(args.lr)] if args.lr else [])
+               "--k", str(args.k), "--device", args.device] + (["--lr", str(args.lr)] if args.lr else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{lib} failed:\n{out.stderr[-3000:]}")
         runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{lib}: {runs[lib][-1]}", flush=True)
-    lim_after = matmul_limit(args.batch, 576, args.d_sae)
+    lim_after = matmul_limit(args.batch, d_model, args.d_sae, args.device)
     # each library's median repeat by tokens/s (every repeat is kept); FVU is deterministic
     rows = {lib: {**sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2],
                   "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
@@ -324,24 +394,52 @@ def main() -> None:
                 summary["guard_overhead_grads"] = statistics.median(per_round)
                 summary["guard_overhead_grads_per_round"] = per_round
         if "interp-noguard" in rows:
-            cost = guard_check_cost(args.batch, 576, args.d_sae, args.k)
+            cost = guard_check_cost(args.batch, d_model, args.d_sae, args.k, args.device)
             step_s = args.batch / rows["interp-noguard"]["tokens_per_s"]  # one step without the guard
             summary["guard_check_timed_alone"] = {**cost, "step_seconds_without_guard": step_s,
                                                   "loss_fraction_of_step": cost["loss_seconds_median"] / step_s,
                                                   "grads_fraction_of_step": cost["grads_seconds_median"] / step_s}
+    bf16 = bf16_summary(runs, rows)
+    if bf16:
+        summary["bf16"] = bf16
+        for peer in ("saelens", "sparsify"):
+            if "interp-bf16" in rows and BF16[peer] in rows:
+                summary[f"speedup_bf16_vs_{peer}_bf16"] = (rows["interp-bf16"]["tokens_per_s"]
+                                                          / rows[BF16[peer]]["tokens_per_s"])
+    if summary:
         print(json.dumps(summary, indent=1))
     result = {"benchmark": "sae_train", "site": SITE, "d_sae": args.d_sae, "k": args.k, "batch_tokens": args.batch,
-              "steps": args.steps, "eval_batches": args.eval_batches, "dtype": "float32",
-              "device": "cuda" if torch.cuda.is_available() else "cpu", "torch_threads": torch.get_num_threads(),
+              "steps": args.steps, "eval_batches": args.eval_batches, "quick": args.quick,
+              "data": "planted sparse dictionary (quick)" if args.quick else f"cache of {SITE}",
+              "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
+              "device": args.device, "torch_threads": torch.get_num_threads(),
               "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit},
-              "summary": summary, "command": " ".join(["python", "benchmarks/sae_train.py", *sys.argv[1:]]),
+              "summary": summary, "command": " ".join(["python", "benchmarks/sae_train.py",
+                                                       *(sys.argv[1:] if argv is None else argv)]),
               "load_average_before_after": [load_before, list(os.getloadavg())],
               "note": "libraries ran one after another in separate processes, in alternating order "
                       "(A B C, C B A, ...); each row is the median repeat, every repeat is in "
-                      "tokens_per_s_all_repeats."}
+                      "tokens_per_s_all_repeats. Final FVU is measured in fp32 for every row."
+                      + (" On CUDA, sparsify's SparseCoder.forward runs under bf16 autocast in its plain row "
+                         "too (its own decorator)." if args.device.startswith("cuda") else "")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
+    return result
+
+
+def bf16_summary(runs: dict[str, list[dict]], rows: dict[str, dict]) -> dict:
+    """Per library with both rows: bf16 / fp32 tokens/s (median of the per-round ratios; the two runs of a
+    round are neighbours in time) and the relative change of the final held-out FVU."""
+    out = {}
+    for lib, low in BF16.items():
+        if lib in runs and low in runs:
+            per_round = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[lib], runs[low])]
+            fvu32, fvu16 = rows[lib]["final_fvu"], rows[low]["final_fvu"]
+            out[lib] = {"tokens_per_s_ratio": statistics.median(per_round), "tokens_per_s_ratio_per_round": per_round,
+                        "final_fvu_fp32": fvu32, "final_fvu_bf16": fvu16,
+                        "final_fvu_relative_change": (fvu16 - fvu32) / fvu32}
+    return out
 
 
 if __name__ == "__main__":

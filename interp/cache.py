@@ -2,7 +2,7 @@
 
 Layout of a cache folder::
 
-    manifest.json                  what was cached: model, sites, widths, dtypes, context size, dataset
+    manifest.json                  what was cached: model (and its dtype), sites, widths, dtypes, context size, dataset
     manifest.rank{R}.json          shards written by rank R so far (rewritten atomically after each shard)
     shard-r{R}-{I:06d}.safetensors one tensor per site [n, d] (rows aligned) + "tokens" [n] (int32 ids)
 
@@ -125,7 +125,9 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
     header = {"format": FORMAT, "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", ""),
               "sites": sites, "context_size": context_size, "dtype": dtype_name, "n_tokens": n_tokens,
               "dataset": dataset_name(dataset), "exclude_first": exclude_first, "exclude_special": exclude_special,
-              "prepend_bos": prepend_bos, "seed": seed, "world_size": world}
+              "prepend_bos": prepend_bos, "seed": seed, "world_size": world,
+              # a cache made before this key was written has none: it is then not compared
+              "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
     mpath, rpath = out / "manifest.json", out / f"manifest.rank{rank}.json"
     _, mine = _read_manifests(out, mpath, rpath, header, rank)
     target = -(-n_tokens // world)  # this rank's share

@@ -82,6 +82,16 @@ class MPSAEConfig(SAEConfig):
     ``"bfloat16"`` builds it several times faster where the CPU/GPU has bf16 matrix units; the
     choices may then differ from exact MP on near-ties, while the coefficients of the chosen atoms
     are still recomputed exactly. Inference always uses the working dtype."""
+    pursuit_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the pursuit's selection (the correlations with every atom, the Gram matrix and
+    their updates), in training and at inference. ``"bfloat16"`` halves the bytes the selection reads
+    and uses bf16 matrix units where the CPU/GPU has them; the choices may then differ from exact MP
+    on near-ties, and the coefficients of the chosen atoms are recomputed in the working dtype (exact
+    projections, so the residual never grows; a ``nonneg`` step whose exact coefficient is not
+    positive is dropped). Inside a bf16 autocast region (``TrainConfig(bf16=True)``, or
+    ``torch.autocast(device, dtype=torch.bfloat16)`` around ``encode``) the selection runs in bf16
+    whatever this says. Residual-threshold stopping then reads bf16 norms (decisions near the
+    threshold may differ; the reported norms are exact)."""
     atom_dropout: float = 0.0
     """Probability that an atom is left out of a training batch's pursuit (fights dead atoms early
     in training); 0 disables."""
@@ -128,8 +138,9 @@ class MPSAEConfig(SAEConfig):
             raise bad("max_iterations", "a positive integer or None")
         if not isinstance(self.residual_threshold, (int, float)) or not self.residual_threshold >= 0:
             raise bad("residual_threshold", "a number >= 0")
-        if self.train_gram_dtype not in ("float32", "bfloat16"):
-            raise bad("train_gram_dtype", "'float32' or 'bfloat16'")
+        for field in ("train_gram_dtype", "pursuit_dtype"):
+            if getattr(self, field) not in ("float32", "bfloat16"):
+                raise bad(field, "'float32' or 'bfloat16'")
         if self.correlation_update not in ("auto", "gram", "direct"):
             raise bad("correlation_update", "one of 'auto', 'gram', 'direct'")
         if not 0 <= self.atom_dropout < 1:
@@ -241,16 +252,29 @@ class MPSAE(SAE):
         x = x.reshape(-1, self.cfg.d_model).to(self._work_dtype())
         return x - self.bias().to(x.dtype)
 
+    def selects_in_bf16(self, device_type: str) -> bool:
+        """Whether the pursuit's selection runs in bf16 here (``pursuit_dtype``, or a bf16 autocast region)."""
+        return self.cfg.pursuit_dtype == "bfloat16" or (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16)
+
     def _select(self, xc: Tensor, atoms: Tensor, *, steps: int, residual_threshold: float,
                 stop_on_repeated_support: bool, residual_fraction: float = 0.0,
                 excluded: Tensor | None = None) -> Selection:
         cfg = self.cfg
-        with torch.autocast(xc.device.type, enabled=False):  # selection stays in the working dtype
-            return mp_pursuit.select(
-                xc.detach(), atoms.detach(), steps=steps, coefficients=cfg.coefficients,
+        low = self.selects_in_bf16(xc.device.type)
+        x_sel, a_sel = xc.detach(), atoms.detach()
+        if low:
+            x_sel, a_sel = x_sel.to(torch.bfloat16), a_sel.to(torch.bfloat16)
+        with torch.autocast(xc.device.type, enabled=False):  # the selection runs in the dtype chosen here
+            sel = mp_pursuit.select(
+                x_sel, a_sel, steps=steps, coefficients=cfg.coefficients,
                 allow_repeat=cfg.allow_repeat, residual_threshold=residual_threshold,
                 residual_fraction=residual_fraction, stop_on_repeated_support=stop_on_repeated_support,
-                gram=self._gram_for(atoms, xc.shape[0], steps), excluded=excluded)
+                gram=self._gram_for(a_sel, xc.shape[0], steps), excluded=excluded)
+            if low:
+                sel = mp_pursuit.exact_coefficients(xc.detach(), atoms.detach(), sel,
+                                                    nonneg=cfg.coefficients == "nonneg")
+        return sel
 
     def _inference_options(self, max_iterations: int | None, residual_threshold: float | None,
                            stop_on_repeated_support: bool | None,

@@ -229,6 +229,36 @@ def recompute(
     return torch.stack(zs, 1), x - r
 
 
+@torch.no_grad()
+def exact_coefficients(
+    x: Float[Tensor, "n d_model"],
+    atoms: Float[Tensor, "d_sae d_model"],
+    sel: Selection,
+    *,
+    nonneg: bool,
+) -> Selection:
+    """The same choices with their coefficients recomputed in ``x``'s dtype (a selection made in a
+    lower precision): ``z_t = <r_t, a_t>`` (clamped at 0 with ``nonneg``), ``r_{t+1} = r_t - z_t a_t``,
+    exact residual norms; a step whose coefficient comes out 0 is no longer taken. Costs
+    ``O(n * steps * d_model)``, one step at a time (no ``[n, steps, d_model]`` tensor)."""
+    n, steps = sel.indices.shape
+    r = x.clone()
+    coefs = torch.zeros(n, steps, dtype=x.dtype, device=x.device)
+    norms = torch.empty(n, steps + 1, dtype=x.dtype, device=x.device)
+    norms[:, 0] = r.norm(dim=-1)
+    for t in range(steps):
+        a = atoms.index_select(0, sel.indices[:, t]).to(x.dtype)
+        z = (r * a).sum(-1) * sel.taken[:, t]
+        if nonneg:
+            z = z.clamp_min(0)
+        r.addcmul_(z[:, None], a, value=-1)
+        coefs[:, t] = z
+        norms[:, t + 1] = r.norm(dim=-1)
+    taken = sel.taken & (coefs != 0)
+    indices = torch.where(taken, sel.indices, torch.zeros_like(sel.indices))
+    return Selection(indices, coefs, taken, norms, taken.sum(1), sel.stop_reason)
+
+
 def dense_codes(sel_indices: Int[Tensor, "n steps"], z: Float[Tensor, "n steps"],
                 d_sae: int) -> Float[Tensor, "n d_sae"]:
     """Scatter per-step coefficients into dense codes (a re-picked atom's coefficients add up)."""

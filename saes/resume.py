@@ -207,14 +207,19 @@ def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bo
 
 
 def pack_sites(sites: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and JSON of every site's training state (``site.sae``, ``.opt``, ``.sched``,
-    ``.since_fired``, ``.scale``), keyed ``<site>/sae.*``, ``<site>/opt.*``, ``<site>/since_fired``."""
+    """Tensors and JSON of every SAE's training state (``site.sae``, ``.opt``, ``.sched``,
+    ``.since_fired``, ``.scale``, its own RNG streams ``.rng`` / ``.device_rng``), keyed by the SAE's
+    name: ``<name>/sae.*``, ``<name>/opt.*``, ``<name>/since_fired``, ``<name>/rng``, ``<name>/rng.device``."""
     tensors: dict[str, Tensor] = {}
     meta: dict[str, Any] = {}
     for name, st in sites.items():
         for k, v in st.sae.state_dict().items():
             tensors[f"{name}/sae.{k}"] = v
         tensors[f"{name}/since_fired"] = st.since_fired
+        if getattr(st, "rng", None) is not None:
+            tensors[f"{name}/rng"] = st.rng
+        if getattr(st, "device_rng", None) is not None:
+            tensors[f"{name}/rng.device"] = st.device_rng
         t, opt_meta = optimizer_to_flat(st.opt, f"{name}/opt.")
         tensors.update(t)
         sched = {k: v for k, v in st.sched.state_dict().items() if k != "lr_lambdas"}
@@ -235,6 +240,9 @@ def unpack_sites(sites: dict[str, Any], tensors: dict[str, Tensor], meta: dict[s
                             m["optimizer"], f"{name}/opt.")
         st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
         st.scale = m["scale"]
+        # None (a checkpoint from before SAEs had their own streams): the trainer starts it from the global one
+        st.rng = tensors.get(f"{name}/rng")
+        st.device_rng = tensors.get(f"{name}/rng.device")
 
 
 def describe_differences(diff: dict[str, list]) -> str:

@@ -1,4 +1,5 @@
-"""Train SAEs on an activation store (live or cached), one SAE per site, from one data stream.
+"""Train SAEs on an activation store (live or cached) from one data stream: one SAE per site, or
+several per site (sizes, ``k`` ...) that read the same activations (``sites=``).
 
 What an architecture must provide to be trained here (``saes.mp`` and any new one)
 -------------------------------------------------------------------------------------
@@ -26,8 +27,11 @@ the first batch (geometric median or mean); inputs scaled so that ``E||x||^2 = d
 the saved weights); optional bf16 autocast; a finite-value check of every step (:mod:`saes.guard`);
 periodic atomic resume checkpoints (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed``
 processes (:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional
-wandb. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`; rank 0
-under torchrun), so a second run into the same folder is refused with the holder's PID.
+wandb. Every SAE draws its random numbers (atom dropout, data-row picks ...) from its own torch RNG
+stream, seeded with ``TrainConfig.seed``, so SAEs trained together from one stream come out exactly
+as each would trained alone on the same batches. While it writes ``out_dir``, the run holds that
+folder's lock (:mod:`interp.folders`; rank 0 under torchrun), so a second run into the same folder is
+refused with the holder's PID.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class TrainConfig:
     dead_tokens: int = 10_000_000
     """A latent is dead after this many rows without firing (AuxK uses the dead ones)."""
     bf16: bool = False
-    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32)."""
+    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32; an MP-SAE also runs its
+    pursuit's selection in bf16, see ``MPSAEConfig.pursuit_dtype``)."""
     checkpoint_every: int = 0
     """Write a resume checkpoint every this many steps (0: only at the end)."""
     keep_checkpoints: int = 2
@@ -146,18 +151,32 @@ class _Site:
     sched: torch.optim.lr_scheduler.LambdaLR
     since_fired: torch.Tensor
     scale: float = 1.0
+    rng: torch.Tensor | None = None
+    """This SAE's own CPU RNG state (swapped in around its steps)."""
+    device_rng: torch.Tensor | None = None
+    """Its RNG state on its accelerator (None on CPU)."""
 
 
 class Trainer:
-    """``Trainer(saes, cfg, out_dir=...).fit(data)``; ``saes`` is one SAE or ``{site: SAE}``.
+    """``Trainer(saes, cfg, out_dir=...).fit(data)``; ``saes`` is one SAE or ``{name: SAE}``.
+
+    Without ``sites`` each name is the site its SAE reads (``{site: SAE}``, one SAE per site). To train
+    several SAEs on one site from the same activations (sizes, ``k`` ...), name each SAE and map the
+    names to sites: ``sites="blocks.12.hook_resid_post"`` (every SAE reads that site) or
+    ``sites={name: site}``, e.g. ``Trainer({"k32": a, "k64": b}, cfg, sites="blocks.12.hook_resid_post")``.
+    Each SAE has its own optimizer, schedule, input scale, dead-latent counters and RNG stream, so the
+    result is exactly that of training each alone on the same batches (one forward of the model, or one
+    read of the cache, for all of them).
 
     After ``fit``: ``saes_`` (input scale folded into the weights, ready for raw activations),
-    ``history_`` (logged metrics), ``scales_``, ``steps_``, ``tokens_``; with ``out_dir``, every SAE is
-    saved to ``out_dir/<site>/`` and resume checkpoints live in ``out_dir/checkpoints``.
+    ``history_`` (logged metrics), ``scales_``, ``steps_``, ``tokens_``, all keyed by name; with
+    ``out_dir``, every SAE is saved to ``out_dir/<name>/`` (a ``/`` in a name becomes ``_``; names that
+    would share a folder are refused) with ``hook_name`` set to its site, and resume checkpoints live in
+    ``out_dir/checkpoints`` (keyed by name).
 
     ``out_dir/train_history.json`` is ``history_``: one entry every ``log_every`` steps (and at the
-    last) with ``step``, ``tokens`` (rows trained on so far) and, per site, the live metrics of that
-    step: ``loss``, ``fvu`` (fraction of variance unexplained on the batch), ``l0`` (mean active
+    last) with ``step``, ``tokens`` (rows trained on so far) and, per SAE name, the live metrics of
+    that step: ``loss``, ``fvu`` (fraction of variance unexplained on the batch), ``l0`` (mean active
     latents per row), ``dead`` (fraction of latents not fired for ``dead_tokens`` rows) and the
     architecture's loss terms (e.g. ``auxk``). A resume restores the history saved with the
     checkpoint, so it stays whole; a resume that accepted changed settings adds an entry
@@ -168,17 +187,20 @@ class Trainer:
     activations came from, e.g. an activation source's ``describe()``) is kept in its training
     summary under ``"data"``, with the number of rows trained on."""
 
-    def __init__(self, saes: SAE | dict[str, SAE], cfg: TrainConfig, *, out_dir: str | Path | None = None,
-                 metadata: dict[str, Any] | None = None, data_summary: dict[str, Any] | None = None):
+    def __init__(self, saes: SAE | dict[str, SAE], cfg: TrainConfig, *, sites: str | dict[str, str] | None = None,
+                 out_dir: str | Path | None = None, metadata: dict[str, Any] | None = None,
+                 data_summary: dict[str, Any] | None = None):
         if isinstance(saes, SAE):
             saes = {"": saes}
-        if not saes or not all(isinstance(s, SAE) for s in saes.values()):
-            raise SAEError(f"Trainer expects an SAE or a non-empty dict {{site: SAE}}, got {saes!r}")
-        for site, sae in saes.items():
+        if not isinstance(saes, dict) or not saes or not all(isinstance(s, SAE) for s in saes.values()):
+            raise SAEError(f"Trainer expects an SAE or a non-empty dict {{name: SAE}}, got {saes!r}")
+        for name, sae in saes.items():
             if not hasattr(sae, "training_loss"):
-                raise SAEError(f"SAE {type(sae).__name__} for site {site!r} has no training_loss(x, state); "
+                raise SAEError(f"SAE {type(sae).__name__} named {name!r} has no training_loss(x, state); "
                                "see saes.trainer's docstring for what an architecture must provide")
         self.saes, self.cfg = dict(saes), cfg
+        self.site_of = _site_map(self.saes, sites)
+        _check_folders(self.saes)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata, self.data_summary = dict(metadata or {}), dict(data_summary or {})
 
@@ -195,17 +217,25 @@ class Trainer:
             self.sites[name] = _Site(sae, opt, sched, since)
 
     def _split(self, batch) -> dict[str, torch.Tensor]:
+        """``{name: rows}``: each SAE's rows, taken from the batch by its site (a site read by several
+        SAEs hands all of them the same tensor)."""
+        needed = list(dict.fromkeys(self.site_of.values()))
         if isinstance(batch, torch.Tensor):
-            batch = {next(iter(self.saes)): batch} if len(self.saes) == 1 else {"": batch}
+            if len(needed) != 1:
+                raise SAEError(f"the data source yields one tensor per batch, but the SAEs read {len(needed)} sites "
+                               f"{needed}: yield dicts {{site: tensor}} (e.g. an activation store of those sites)")
+            batch = {needed[0]: batch}
         if not isinstance(batch, dict):
             raise SAEError(f"the data source must yield tensors [rows, d_model] or dicts {{site: tensor}}, "
                            f"got {type(batch).__name__}")
-        if len(self.saes) == 1 and len(batch) == 1:
-            return {next(iter(self.saes)): next(iter(batch.values()))}
-        missing = [s for s in self.saes if s not in batch]
-        if missing:
-            raise SAEError(f"the data source yields sites {sorted(batch)}, but SAEs were given for {missing}")
-        return {s: batch[s] for s in self.saes}
+        if len(needed) == 1 and len(batch) == 1:
+            by_site = {needed[0]: next(iter(batch.values()))}
+        else:
+            missing = [s for s in needed if s not in batch]
+            if missing:
+                raise SAEError(f"the data source yields sites {sorted(batch)}, but SAEs were given for {missing}")
+            by_site = batch
+        return {name: by_site[site] for name, site in self.site_of.items()}
 
     def _init_from_data(self, batch: dict[str, torch.Tensor]) -> None:
         for name, st in self.sites.items():
@@ -220,7 +250,8 @@ class Trainer:
                     st.sae.b_dec.copy_(x.mean(0))
             init = getattr(st.sae, "init_from_data", None)
             if init is not None:
-                init(x.to(st.sae.dtype))
+                with _own_rng(st):
+                    init(x.to(st.sae.dtype))
 
     @contextlib.contextmanager
     def _own_output(self) -> Iterator[None]:
@@ -261,6 +292,8 @@ class Trainer:
         import random
 
         random.seed(cfg.seed)
+        for st in self.sites.values():  # every SAE starts its own stream from the seed
+            _seed_rng(st)
         self.history_: list[dict[str, Any]] = []
         self.tokens_ = step = 0
         ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
@@ -329,7 +362,7 @@ class Trainer:
         x = ddp.local_rows(batch, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=st.since_fired >= cfg.dead_tokens,
                            global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world)
-        with autocast:
+        with _own_rng(st), autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
         ddp.allsum_grads(sae.parameters())
@@ -350,7 +383,8 @@ class Trainer:
             normalize_rows(sae.W_dec)
         after = getattr(sae, "after_step", None)
         if after is not None:
-            after(state)
+            with _own_rng(st):
+                after(state)
         fired = ddp.allsum(out.fired.to(torch.int32)) > 0
         st.since_fired += cfg.batch_tokens
         st.since_fired[fired] = 0
@@ -366,8 +400,11 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def _settings(self, data) -> dict[str, Any]:
         described = self.data_summary or (data.describe() if callable(getattr(data, "describe", None)) else {})
+        # the site is recorded where it differs from the name (runs of one SAE per site keep their old settings)
         return resume_ckpt.settings(_jsonable(self.cfg), {n: {"architecture": st.sae.architecture,
-                                                              **st.sae.cfg.to_dict()} for n, st in self.sites.items()},
+                                                              **st.sae.cfg.to_dict(),
+                                                              **({"site": self.site_of[n]} if self.site_of[n] != n
+                                                                 else {})} for n, st in self.sites.items()},
                                     described)
 
     def _save(self, root: Path, step: int, data) -> None:
@@ -391,6 +428,9 @@ class Trainer:
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(meta["data"])
         resume_ckpt.set_rng_state(tensors, meta["rng"])
+        for st in self.sites.values():  # a checkpoint written before SAEs had their own streams: the global one
+            if st.rng is None:
+                _seed_rng(st)
         self.tokens_ = int(meta.get("tokens", step * meta["config"]["batch_tokens"]))
         self.history_ = list(meta.get("history", []))
         if diff:
@@ -402,10 +442,11 @@ class Trainer:
 
         logged = [e for e in self.history_ if "event" not in e]
         for name, sae in self.saes_.items():
-            folder = self.out_dir / (name.replace("/", "_") or "sae")
+            folder = self.out_dir / folder_name(name)
             last = logged[-1].get(name, {}) if logged else {}
             data = {**self.data_summary, "tokens_trained": self.tokens_} if self.data_summary else {}
-            save(sae, folder, metadata={**self.metadata, **({"hook_name": name} if name else {})},
+            site = self.site_of[name]
+            save(sae, folder, metadata={**self.metadata, **({"hook_name": site} if site else {})},
                  training={"n_tokens": self.tokens_, "steps": self.steps_, **({"data": data} if data else {}),
                            "input_scale_folded": self.scales_[name], "config": _jsonable(self.cfg),
                            "final_metrics": last})
@@ -424,6 +465,64 @@ class Trainer:
 
 LOCK_NAME = ".interp-lock"
 """The lock file a training run holds in its output folder (see :mod:`interp.folders`)."""
+
+
+def folder_name(name: str) -> str:
+    """The folder under ``out_dir`` that holds the SAE named ``name``."""
+    return name.replace("/", "_") or "sae"
+
+
+def _site_map(saes: dict[str, SAE], sites: str | dict[str, str] | None) -> dict[str, str]:
+    """``{name: site}``: the site each SAE reads."""
+    if sites is None:
+        return {name: name for name in saes}
+    if isinstance(sites, str):
+        return {name: sites for name in saes}
+    if not isinstance(sites, dict) or not all(isinstance(v, str) for v in sites.values()):
+        raise SAEError(f"Trainer(sites=...) takes a site name or a dict {{name: site}}, got {sites!r}")
+    missing, extra = [n for n in saes if n not in sites], [n for n in sites if n not in saes]
+    if missing or extra:
+        raise SAEError(f"Trainer(sites=...) must name the site of every SAE and nothing else: no site for {missing}, "
+                       f"sites for names that have no SAE {extra}; the SAEs are named {list(saes)}")
+    return {name: sites[name] for name in saes}
+
+
+def _check_folders(saes: dict[str, SAE]) -> None:
+    seen: dict[str, str] = {}
+    for name in saes:
+        folder = folder_name(name)
+        if folder in seen:
+            raise SAEError(f"SAEs named {seen[folder]!r} and {name!r} would be saved to the same folder {folder!r} "
+                           "('/' becomes '_'): rename one")
+        seen[folder] = name
+
+
+def _rng_module(device: torch.device):
+    """``torch.cuda`` (or the module of another accelerator) for ``device``; None on CPU."""
+    return None if device.type == "cpu" else getattr(torch, device.type)
+
+
+def _seed_rng(st: _Site) -> None:
+    """Start ``st``'s own RNG stream at the current global state (right after ``manual_seed(cfg.seed)``,
+    or the state a resume checkpoint restored)."""
+    st.rng = torch.get_rng_state()
+    mod = _rng_module(st.sae.device)
+    st.device_rng = mod.get_rng_state(st.sae.device) if mod is not None else None
+
+
+@contextlib.contextmanager
+def _own_rng(st: _Site) -> Iterator[None]:
+    """Run the block on ``st``'s own RNG stream; the global stream is left as it was."""
+    dev = st.sae.device
+    mod = _rng_module(dev)
+    with torch.random.fork_rng(devices=[dev] if mod is not None else [], device_type=dev.type if mod else "cuda"):
+        torch.set_rng_state(st.rng)
+        if mod is not None:
+            mod.set_rng_state(st.device_rng, dev)
+        yield
+        st.rng = torch.get_rng_state()
+        if mod is not None:
+            st.device_rng = mod.get_rng_state(dev)
 
 
 def _jsonable(cfg) -> dict[str, Any]:

@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="cache folder (run the same command again to resume) (required)")
     add_options(p, signature_options(cache_activations, CAPTURE_ARGS))
     p.add_argument("--dtype", choices=DTYPES, default=None, help="dtype of the cached activations (default: float32)")
+    p.add_argument("--model-dtype", choices=DTYPES, default=None, help="dtype the model runs in (default: float32); "
+                   "bfloat16 halves its memory and runs faster where the CPU/GPU has bf16 units, with activations "
+                   "that differ from fp32's (benchmarks/capture.py --bf16 measures both); recorded in the manifest")
     p.add_argument("--keep-first", action="store_true", help="keep position 0 of each window (default: left out, "
                    "an attention sink on models without BOS)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -60,7 +63,7 @@ def run_capture(args: argparse.Namespace) -> int:
 
     from interp.models import load_model
 
-    model, tok = load_model(args.model, device=args.device)
+    model, tok = load_model(args.model, device=args.device, dtype=args.model_dtype)
     kwargs = {k: getattr(args, k) for k in CAPTURE_ARGS if getattr(args, k) is not None}
     if args.dtype:
         kwargs["dtype"] = getattr(torch, args.dtype)

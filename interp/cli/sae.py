@@ -2,13 +2,16 @@
 
     interp capture --sites blocks.12.hook_resid_post --tokens 2000000 --out cache/
     interp sae train --cache cache/ --arch topk --k 32 --out sae/
+    interp sae train --cache cache/ --arch topk --variants k32:k=32 k64:k=64,d_sae=18432 --out sae/
     interp sae eval sae/blocks.12.hook_resid_post --cache heldout-cache/
     interp sae publish sae/ me/my-saes --dry-run
 
 Training flags come from :class:`TrainRun` (data and output), :class:`saes.TrainConfig` (the
 optimisation) and every registered architecture's config (``--k``, ``--l1-coeff`` ...): a flag that
 the chosen architecture does not have is an error naming it. ``--config FILE.json`` takes the same
-options by their underscored names; a flag on the command line wins over the file.
+options by their underscored names; a flag on the command line wins over the file. ``--variants``
+trains several SAEs per site (other sizes, ``k`` ...) from the same activations, each exactly as it
+would train alone.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ class TrainRun:
     """Number of latents (default: --expansion times the site's width)."""
     expansion: int = 16
     """d_sae / width when --d-sae is not given."""
+    variants: tuple[str, ...] = ()
+    """Several SAEs per site from the same activations, one per NAME:FIELD=VALUE[,FIELD=VALUE...] that
+    changes d_sae or architecture options for that SAE, e.g. k32:k=32 k64:k=64,d_sae=18432; each is saved
+    as SITE_NAME (default: one SAE per site, saved as SITE)."""
     device: str | None = None
     """cpu, cuda, cuda:1 ... (default: cuda when available)."""
     resume: bool = False
@@ -172,18 +179,53 @@ def run_train(args: argparse.Namespace) -> int:
 
     torch.manual_seed(cfg.seed)
     arch_kw = {k: v for k, v in got.items() if k in fields and k not in ("d_model", "d_sae")}  # set just below
-    models = {s: saes.build(run.arch, d_model=w, d_sae=run.d_sae or run.expansion * w, **arch_kw).to(device)
-              for s, w in widths.items()}
+    variants = parse_variants(run.variants, run.arch, fields)
+    models, sites = {}, {}
+    for s, w in widths.items():
+        for vname, change in (variants or {"": {}}).items():
+            name = f"{s}/{vname}" if vname else s
+            kw = {**arch_kw, "d_sae": run.d_sae or run.expansion * w, **change}
+            models[name], sites[name] = saes.build(run.arch, d_model=w, **kw).to(device), s
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"model_name": source["model"], "context_size": source["context_size"],
                 "prepend_bos": source.get("prepend_bos", False), "dataset_path": source.get("dataset")}
-    tr = saes.Trainer(models, cfg, out_dir=out, metadata=metadata, data_summary=source).fit(
+    tr = saes.Trainer(models, cfg, sites=sites, out_dir=out, metadata=metadata, data_summary=source).fit(
         data, resume=run.resume, overwrite=run.overwrite, accept_changes=run.accept_changes)
+    from saes.trainer import folder_name
+
     print(json.dumps({"steps": tr.steps_, "tokens": tr.steps_ * cfg.batch_tokens,
                       "final": tr.history_[-1] if tr.history_ else None,
-                      "saved": [str(out / s) for s in widths]}, indent=1))
+                      "saved": [str(out / folder_name(n)) for n in models]}, indent=1))
     return 0
+
+
+def parse_variants(specs: tuple[str, ...], arch: str, fields: set[str]) -> dict[str, dict[str, Any]]:
+    """``--variants k32:k=32 k64:k=64,d_sae=18432`` -> ``{"k32": {"k": 32}, "k64": {"k": 64, "d_sae": 18432}}``
+    (values read as JSON where they parse, else as text; the architecture's config checks them)."""
+    from saes.base import SAEError
+
+    valid = sorted((fields | {"d_sae"}) - {"d_model"})
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, sep, body = spec.partition(":")
+        if not sep or not name or not body:
+            raise SAEError(f"--variants {spec!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE...], "
+                           "e.g. k64:k=64,d_sae=18432")
+        if name in out:
+            raise SAEError(f"--variants: the name {name!r} is given twice; give each variant its own name")
+        change: dict[str, Any] = {}
+        for item in body.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or key not in valid:
+                raise SAEError(f"--variants {spec!r}: {item!r} is not FIELD=VALUE with a field of architecture "
+                               f"{arch!r}; its fields: {', '.join(valid)}")
+            try:
+                change[key] = json.loads(value)
+            except ValueError:
+                change[key] = value
+        out[name] = change
+    return out
 
 
 def _train_data(run: TrainRun, got: dict[str, Any], device) -> tuple[Any, dict[str, int], dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from cli_util import one_error_line
 
 from interp.cli import main
@@ -145,3 +146,48 @@ def test_overwrite_resume_and_accepted_changes_through_the_cli(cache, tmp_path, 
     event = next(h for h in history if h.get("event") == "resume")
     assert event["step"] == 6 and event["changes"] == {"config.lr": [None, 0.001], "config.total_tokens": [3000, 4000]}
     assert read(run / SITES[0]).training["n_tokens"] == 4000
+
+
+def test_variants_train_several_saes_of_one_site_as_each_alone(cache, tmp_path, capsys):
+    common = ["sae", "train", "--cache", str(cache), "--sites", SITES[0], "--k", "4", "--expansion", "2",
+              "--batch-tokens", "500", "--tokens", "2000", "--device", "cpu"]
+    together = tmp_path / "together"
+    assert main([*common, "--variants", "small:k=2", "wide:d_sae=128", "--out", str(together)]) == 0
+    assert json.loads(capsys.readouterr().out)["saved"] == [str(together / f"{SITES[0]}_{v}") for v in ("small",
+                                                                                                         "wide")]
+    small, wide = read(together / f"{SITES[0]}_small"), read(together / f"{SITES[0]}_wide")
+    assert (small.sae.cfg.k, small.sae.cfg.d_sae, wide.sae.cfg.k, wide.sae.cfg.d_sae) == (2, 64, 4, 128)
+    assert small.metadata["hook_name"] == wide.metadata["hook_name"] == SITES[0]
+    # the same SAE trained alone (its own initialisation: the variant built first draws the same weights)
+    assert main([*common, "--k", "2", "--out", str(tmp_path / "alone")]) == 0
+    alone = read(tmp_path / "alone" / SITES[0])
+    for key, value in alone.sae.state_dict().items():
+        assert torch.equal(value, small.sae.state_dict()[key]), key
+    capsys.readouterr()
+    assert main([*common, "--variants", "k=2", "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "expected NAME:FIELD=VALUE" in err
+    assert main([*common, "--variants", "a:n_steps=2", "--out", str(tmp_path / "bad")]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "'n_steps=2' is not FIELD=VALUE with a field of architecture 'topk'" in err
+
+
+def test_capture_from_a_bf16_model_is_recorded_and_close_to_fp32(tiny_dir, text_file, tmp_path, capsys):
+    from interp.cache import CachedActivations
+
+    common = ["capture", "--model", str(tiny_dir), "--sites", SITES[0], "--dataset", str(text_file),
+              "--context-size", "32", "--tokens", "1000", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*common, "--model-dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["model_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "fp32" / "manifest.json").read_text())["model_dtype"] == "float32"
+    a, b = (torch.cat([x[SITES[0]] for x in CachedActivations(tmp_path / d, batch_tokens=500, seed=0, epochs=1)])
+            for d in ("fp32", "bf16"))
+    assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape  # the same rows, in the same order
+    rel = float((b - a).norm() / a.norm())
+    assert 0 < rel < 0.02, rel  # the bf16 model really ran, and its activations stay close to fp32's
+    capsys.readouterr()
+    grow = [c if c != "1000" else "2000" for c in common]  # growing it from the fp32 model is refused
+    assert main([*grow, "--out", str(tmp_path / "bf16")]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "'model_dtype': ('bfloat16', 'float32')" in err

@@ -167,3 +167,70 @@ def test_checkpoint_folder_is_complete_and_bounded(tmp_path):
 
     back = load(tmp_path / "sae")
     torch.testing.assert_close(back.W_dec, sae.W_dec)
+
+
+SITE = "blocks.3.hook_resid_post"
+# several SAEs of one site: two TopK sizes and two MP-SAEs that draw random numbers while they train
+# (atom dropout every step, data rows picked at random for their first atoms): each must draw what it
+# would draw alone, whatever the others draw before it
+VARIANTS = {"k4": ("topk", dict(d_sae=M, k=4)), "k8_wide": ("topk", dict(d_sae=2 * M, k=8)),
+            "mp/drop": ("mpsae", dict(d_sae=M, n_steps=3, atom_dropout=0.3, atom_dropout_steps=30,
+                                      atom_init="data", resample_every=4)),
+            "mp_wide": ("mpsae", dict(d_sae=2 * M, n_steps=2, atom_dropout=0.5, atom_dropout_steps=30,
+                                      atom_init="data"))}
+
+
+def _variant(name: str) -> saes.SAE:
+    torch.manual_seed(len(name))  # each its own initialisation, the same whenever it is built
+    arch, kw = VARIANTS[name]
+    return saes.build(arch, d_model=D, **kw)
+
+
+def test_several_saes_from_one_stream_equal_each_trained_alone(tmp_path):
+    c = cfg(total_tokens=ROWS * 24, dead_tokens=ROWS * 3, log_every=6)
+    together = {name: _variant(name) for name in VARIANTS}
+    tr = Trainer(together, c, sites=SITE, out_dir=tmp_path / "together").fit(
+        SyntheticSource(D, rows=ROWS, sites=(SITE,)))
+    assert tr.steps_ == 24 and set(tr.saes_) == set(VARIANTS)
+    for name in VARIANTS:
+        alone = _variant(name)
+        ta = Trainer(alone, c).fit(SyntheticSource(D, rows=ROWS))
+        for (key, p), q in zip(alone.state_dict().items(), together[name].state_dict().values()):
+            assert torch.equal(p, q), (name, key)
+        assert ta.scales_[""] == tr.scales_[name]
+        assert [e[""] for e in ta.history_] == [e[name] for e in tr.history_]
+    from saes.checkpoint import read
+
+    for name, folder in (("k4", "k4"), ("k8_wide", "k8_wide"), ("mp/drop", "mp_drop")):
+        ck = read(tmp_path / "together" / folder)
+        assert ck.metadata["hook_name"] == SITE and ck.sae.cfg.d_sae == VARIANTS[name][1]["d_sae"]
+
+
+def test_several_saes_of_one_site_resume_exactly(tmp_path):
+    c = cfg(total_tokens=ROWS * 24, checkpoint_every=5, dead_tokens=ROWS * 3)
+    ref = {name: _variant(name) for name in VARIANTS}
+    Trainer(ref, c, sites=SITE, out_dir=tmp_path / "ref").fit(SyntheticSource(D, rows=ROWS, sites=(SITE,)))
+    with pytest.raises(Crash):  # dies at step 17: the last checkpoint is step 15
+        Trainer({name: _variant(name) for name in VARIANTS}, c, sites=SITE, out_dir=tmp_path / "run").fit(
+            CrashingSource(D, rows=ROWS, sites=(SITE,), crash_at=17))
+    torch.manual_seed(123)  # a fresh process: other weights, another global RNG state
+    back = {name: saes.build(arch, d_model=D, **kw) for name, (arch, kw) in VARIANTS.items()}
+    Trainer(back, c, sites=SITE, out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS, sites=(SITE,)),
+                                                               resume=True)
+    for name in VARIANTS:
+        for (key, p), q in zip(ref[name].state_dict().items(), back[name].state_dict().values()):
+            assert torch.equal(p, q), (name, key)
+    with pytest.raises(saes.SAEError, match=r"sites\.k4\.site"):  # another site for the same names: refused
+        Trainer({name: _variant(name) for name in VARIANTS}, c, sites="blocks.4.hook_resid_post",
+                out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
+
+
+def test_names_and_sites_of_several_saes_are_checked():
+    a, b = (saes.build("topk", d_model=D, d_sae=M, k=4) for _ in range(2))
+    with pytest.raises(saes.SAEError, match=r"same folder 'x_y'"):
+        Trainer({"x/y": a, "x_y": b}, cfg())
+    with pytest.raises(saes.SAEError, match=r"no site for \['b'\].*no SAE \['c'\]"):
+        Trainer({"a": a, "b": b}, cfg(), sites={"a": SITE, "c": SITE})
+    with pytest.raises(saes.SAEError, match="yields one tensor per batch, but the SAEs read 2 sites"):
+        Trainer({"a": a, "b": b}, cfg(), sites={"a": SITE, "b": "blocks.4.hook_resid_post"}).fit(
+            SyntheticSource(D, rows=ROWS))
