@@ -46,7 +46,8 @@ class Units:
     """The units a dashboard is built for."""
 
     encode: Encoder
-    """Activations ``[n, width]`` of the site to unit activations ``[n, n_units]`` (no autograd needed)."""
+    """Activations ``[n, width]`` of the site to unit activations ``[n, n_units]`` (no autograd needed):
+    a dense tensor, or a sparse COO one (e.g. an SAE's sparse codes; entries not stored are 0)."""
     names: tuple[str, ...]
     """One display name per unit (e.g. ``"latent 17"``, ``"neuron 403"``, ``"angle Monday"``)."""
     kind: str = "latent"
@@ -89,7 +90,8 @@ def sae_units(encode: Encoder, decoder: Float[Tensor, "d_sae d_model"], latents:
     sel = torch.tensor(idx)
 
     def encode_some(x: Tensor) -> Tensor:
-        return encode(x)[:, sel]
+        codes = encode(x)
+        return codes.index_select(1, sel.to(codes.device))  # dense or sparse codes
 
     return Units(encode=encode_some, names=tuple(f"latent {i}" for i in idx), directions=decoder[sel].float(),
                  ids=tuple(idx))
@@ -186,8 +188,10 @@ def logit_effect(model: nn.Module, directions: Float[Tensor, "n d_model"], n_tok
     norm = final_norm(model)
     k = min(n_tokens, w_u.shape[0])
     outs: list[list[Tensor]] = [[], [], [], []]
+    buf = torch.empty(min(chunk, directions.shape[0]), w_u.shape[0], device=w_u.device)  # reused by every chunk
     for lo in range(0, directions.shape[0], chunk):
-        eff = _apply_norm(norm, directions[lo:lo + chunk].float().to(w_u.device)) @ w_u.T
+        d = _apply_norm(norm, directions[lo:lo + chunk].float().to(w_u.device))
+        eff = torch.matmul(d, w_u.T, out=buf[:d.shape[0]])
         up, down = eff.topk(k, dim=1), eff.topk(k, dim=1, largest=False)
         for out, t in zip(outs, (up.indices, up.values, down.indices, down.values)):
             out.append(t.cpu())
@@ -203,8 +207,9 @@ def nearest_units(directions: Float[Tensor, "n d_model"], n_neighbors: int = 8,
     unit = directions.float()
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
     idx, val = [], []
+    buf = torch.empty(min(chunk, n), n, device=unit.device)  # reused by every chunk
     for lo in range(0, n, chunk):
-        cos = unit[lo:lo + chunk] @ unit.T
+        cos = torch.matmul(unit[lo:lo + chunk], unit.T, out=buf[:min(chunk, n - lo)])
         rows = torch.arange(lo, min(lo + chunk, n))
         cos[rows - lo, rows] = -math.inf  # not its own neighbour
         top = cos.topk(k, dim=1) if k > 0 else cos[:, :0].topk(0, dim=1)
