@@ -128,7 +128,10 @@ class SAE(nn.Module):
         x = x.to(self.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc
+        if pre.dtype != torch.promote_types(pre.dtype, self.b_enc.dtype):  # e.g. bf16 under autocast: promoted
+            return pre + self.b_enc
+        return pre.add_(self.b_enc)  # the same sums, without a second [..., d_sae] buffer
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         """The sparsifying nonlinearity."""

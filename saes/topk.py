@@ -74,11 +74,12 @@ class TopKSAE(SAE):
             raise SAEError(f"encode_sparse expects [batch, d_model={self.cfg.d_model}] input, got {tuple(x.shape)}")
         pre = self.encode_pre(x)
         vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # as activation(): the same latents, same values
-        vals = vals.relu()
+        idx, order = idx.sort(dim=-1)  # each row's latents ascending: the entries come out coalesced
+        vals = vals.gather(-1, order).relu()
         rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(idx)
         fired = vals != 0
         return torch.sparse_coo_tensor(torch.stack([rows[fired], idx[fired]]), vals[fired], tuple(pre.shape),
-                                       check_invariants=False).coalesce()  # valid by construction
+                                       is_coalesced=True, check_invariants=False)  # valid by construction
 
     def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
         self._check_input(x)

@@ -20,9 +20,13 @@ count ``[B, T]`` and unit activations ``[B, T, U]``) and keeps, per unit:
 * **count** and **sum** of the nonzero activations (frequency = count / tokens).
 
 Every step depends only on the batch and the batch number, so a tracker restored from
-:meth:`Tracker.state_dict` continues exactly as an uninterrupted one. The per-batch work is a few
-passes over the batch's activations (the window maxima, the nonzero entries) plus work on the nonzero
-entries and the new winners only.
+:meth:`Tracker.state_dict` continues exactly as an uninterrupted one.
+
+:meth:`Tracker.update_rows` takes only the kept positions' activations ``[n, U]``, dense or as a
+sparse COO tensor (an SAE's codes: a few active units a position). The per-batch work is on the
+nonzero entries (window maxima by scatter, histogram, samples) and the new winners (their contexts
+are looked up among the sorted nonzero entries), so nothing of size ``[B, T, U]`` is built, except
+for signed units, whose window maxima must see the zeros too.
 """
 
 from __future__ import annotations

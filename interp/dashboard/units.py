@@ -2,10 +2,11 @@
 
 A unit is one SAE latent, one neuron, or one coordinate of a :class:`~interp.subspace.Subspace`.
 :class:`Units` holds what the data pass needs and nothing about where the units came from: an
-encoder ``[n, width] -> [n, n_units]``, a name per unit, and optionally the direction each unit
-writes into the residual stream (``[n_units, d_model]``: an SAE's decoder rows), from which the
-logit effect and the nearest units are computed. ``interp`` never imports ``saes``: the command
-layer hands an SAE checkpoint's ``encoder()`` and ``decoder()`` to :func:`sae_units`.
+encoder ``[n, width] -> [n, n_units]`` (dense, or a sparse COO tensor), a name per unit, and
+optionally the direction each unit writes into the residual stream (``[n_units, d_model]``: an SAE's
+decoder rows), from which the logit effect and the nearest units are computed. ``interp`` never
+imports ``saes``: the command layer hands an SAE checkpoint's ``encoder(sparse=True)`` and
+``decoder()`` to :func:`sae_units`.
 
 **Logit effect** (:func:`logit_effect`) of a direction ``v``: ``norm(v) @ W_U.T``, where ``W_U`` is
 the model's output embedding (the input embedding when they are tied, as HF ties them) and
@@ -78,7 +79,8 @@ class Units:
 
 def sae_units(encode: Encoder, decoder: Float[Tensor, "d_sae d_model"], latents: Sequence[int] | None = None) -> Units:
     """Units for an SAE: its encoder and decoder rows (``ckpt.encoder()``, ``ckpt.decoder()`` of
-    ``saes.read``). With `latents`, only those latents (the encoder still runs in full)."""
+    ``saes.read``; ``ckpt.encoder(sparse=True)`` gives sparse codes, which the pass reads fastest). With
+    `latents`, only those latents (the encoder still runs in full)."""
     d_sae = int(decoder.shape[0])
     if latents is None:
         return Units(encode=encode, names=tuple(f"latent {i}" for i in range(d_sae)), directions=decoder.float())

@@ -118,6 +118,19 @@ def test_encode_sparse_holds_exactly_the_nonzero_codes(arch, unchecked):
         sae.encode_sparse(x[None])
 
 
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - NO_B_ENC))
+def test_encode_pre_adds_the_bias_as_written(arch):
+    """``(x - b_dec) @ W_enc + b_enc``, bit for bit; under bf16 autocast the sum is promoted to float32."""
+    sae = make(arch)
+    randomize(sae, seed=3)
+    x = torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(sae.encode_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pre, expected = sae.encode_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert pre.dtype == expected.dtype == torch.float32 and torch.equal(pre, expected)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_topk_leaves_exactly_k_nonzeros(seed):
     torch.manual_seed(seed)
