@@ -13,10 +13,18 @@ or ``--sae FOLDER`` read with ``saes.read``; a TopK encoder costs the same whate
   encode, the top-k / histogram / sample bookkeeping, the periodic resume states, and at the end the
   logit effect, the neighbours and the data files.
 
-The target is a median ratio dashboard / capture <= 1.3. Peak memory: ``collect`` runs in a child
-process at ``--tokens / 4`` and at ``--tokens``; each child first runs a one-batch pass (libraries
-imported, corpus read), then reports its peak resident memory (``ru_maxrss``) minus its resident
-memory just before the measured pass; the target is the two peaks within 10 %.
+The target is a median ratio dashboard / capture <= 1.3. With ``--profile`` (the default; the
+clock reads cost nothing measurable on the CPU, and synchronize a GPU) each round also records where
+the time went: the capture's ``read`` (windows, kept positions) and ``capture`` (forward passes), and
+the pass's phases from ``collect(timings=...)``: ``read``, ``capture``, ``encode``, ``track``,
+``save``, ``logits``, ``neighbors``, ``write`` and ``other`` (the rest); ``phases`` holds their medians
+over the rounds and ``overhead`` splits the median extra time of the pass over the capture into them.
+The SAE encodes to sparse codes (``encode_sparse``), as ``interp dashboard sae`` does.
+
+Peak memory: ``collect`` runs in a child process at ``--tokens / 4`` and at ``--tokens``; each child
+first runs a one-batch pass (libraries imported, corpus read), then reports its peak resident memory
+(``ru_maxrss``) minus its resident memory just before the measured pass; the target is the two
+peaks within 10 %.
 Writes ``benchmarks/results/dashboard.json`` (every round kept).
 """
 
@@ -75,14 +83,14 @@ def _setup(args):
         site = args.site
     if args.sae:
         ckpt = saes.read(args.sae)
-        encode, decoder = ckpt.encoder(), ckpt.decoder()
+        encode, decoder = ckpt.encoder(sparse=True), ckpt.decoder()
     else:
         torch.manual_seed(0)
         sae = saes.build("topk", d_model=model.config.hidden_size, d_sae=args.d_sae, k=args.k).to(args.device)
 
         def encode(x):
             with torch.no_grad():
-                return sae.encode(x)
+                return sae.encode_sparse(x)
 
         decoder = sae.W_dec.detach()
     cfg = DashboardConfig(tokens=args.tokens, context_size=args.context_size, batch_windows=args.batch_windows,
@@ -90,13 +98,24 @@ def _setup(args):
     return model, tok, site, sae_units(encode, decoder), cfg
 
 
-def _capture_only(model, tok, site, cfg, device) -> int:
-    """Capture the site over the windows the pass reads; returns the positions kept."""
+def _capture_only(model, tok, site, cfg, device, timings: dict | None = None) -> int:
+    """Capture the site over the windows the pass reads; returns the positions kept. With `timings`,
+    adds the seconds of ``read`` and ``capture`` to it (as ``collect(timings=...)`` counts them)."""
     import itertools
 
     from interp import capture
     from interp.data import load_texts, pack, token_mask
 
+    cuda = torch.device(device).type == "cuda"
+
+    def clock(name, t0):
+        if timings is not None:
+            if cuda:
+                torch.cuda.synchronize()
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        return time.perf_counter()
+
+    t = time.perf_counter()
     windows = pack(load_texts(cfg.dataset, shuffle_seed=cfg.seed), tok, cfg.context_size)
     n = 0
     while n < cfg.tokens:
@@ -105,10 +124,24 @@ def _capture_only(model, tok, site, cfg, device) -> int:
             break
         ids = torch.stack(chunk)
         keep = token_mask(ids, tok)
+        t = clock("read", t)
         acts = capture(model, ids, [site], dtype=torch.float32, device=device)[site]
         acts[keep.to(acts.device)]  # the rows the pass encodes
         n += int(keep.sum())
+        t = clock("capture", t)
     return n
+
+
+PHASES = ("read", "capture", "encode", "track", "save", "logits", "neighbors", "write", "other")
+
+
+def _overhead(rounds: list[dict]) -> dict:
+    """Median seconds of each phase, and the median extra time of the pass split into its phases."""
+    med = {f"capture_{k}": statistics.median(r["capture_phases"].get(k, 0.0) for r in rounds)
+           for k in ("read", "capture", "other")}
+    med |= {k: statistics.median(r["dashboard_phases"].get(k, 0.0) for r in rounds) for k in PHASES}
+    extra = {k: med[k] - med.get(f"capture_{k}", 0.0) for k in PHASES}
+    return {"phases": med, "overhead": extra, "overhead_s": sum(extra.values())}
 
 
 def _rss_bytes() -> int:
@@ -146,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--context-size", type=int, default=128)
     ap.add_argument("--batch-windows", type=int, default=8)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
+                    help="record the seconds of each phase of both runs (default: on)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dashboard.json"))
     args = ap.parse_args(argv)
@@ -164,12 +199,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         row: dict = {"round": r, "order": order}
         for name in order:
             folder = Path(tempfile.mkdtemp(prefix="dash-bench-"))
+            phases: dict | None = {} if args.profile else None
             t0 = time.perf_counter()
             if name == "capture":
-                row["tokens"] = _capture_only(model, tok, site, cfg, args.device)
+                row["tokens"] = _capture_only(model, tok, site, cfg, args.device, phases)
             else:
-                collect(model, tok, site, units, folder / "d", cfg, progress=False, device=args.device)
+                collect(model, tok, site, units, folder / "d", cfg, progress=False, device=args.device, timings=phases)
             row[f"{name}_s"] = time.perf_counter() - t0
+            if phases is not None:
+                phases["other"] = row[f"{name}_s"] - sum(phases.values())
+                row[f"{name}_phases"] = phases
             shutil.rmtree(folder, ignore_errors=True)
         row["ratio"] = row["dashboard_s"] / row["capture_s"]
         rounds.append(row)
@@ -196,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "median_dashboard_s": med_d, "ratio": med_d / med_c, "ratio_target": 1.3, "memory": memory,
         "memory_peak_ratio": memory[1]["peak_delta_mb"] / max(memory[0]["peak_delta_mb"], 1e-9),
         "memory_target": "peak_delta_mb at the two token counts within 10 %",
+        "load_average": os.getloadavg(),
+        **(_overhead(rounds) if args.profile else {}),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"dashboard / capture = {result['ratio']:.3f} (median of {len(rounds)} rounds; target <= 1.3); "
           f"peak memory {memory[0]['peak_delta_mb']:.1f} MB at {memory[0]['tokens']} tokens, "
           f"{memory[1]['peak_delta_mb']:.1f} MB at {memory[1]['tokens']}; wrote {out}")
+    if args.profile:
+        parts = ", ".join(f"{k} {v:+.2f}" for k, v in result["overhead"].items())
+        print(f"extra seconds of the pass over the capture (medians): {result['overhead_s']:.2f} = {parts}")
     return result
 
 

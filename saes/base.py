@@ -128,7 +128,10 @@ class SAE(nn.Module):
         x = x.to(self.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc
+        if pre.dtype != torch.promote_types(pre.dtype, self.b_enc.dtype):  # e.g. bf16 under autocast: promoted
+            return pre + self.b_enc
+        return pre.add_(self.b_enc)  # the same sums, without a second [..., d_sae] buffer
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         """The sparsifying nonlinearity."""
@@ -136,6 +139,14 @@ class SAE(nn.Module):
 
     def encode(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
         return self.activation(self.encode_pre(x))
+
+    def encode_sparse(self, x: Float[Tensor, "batch d_model"]) -> Tensor:
+        """``encode(x)`` as a coalesced sparse COO tensor ``[batch, d_sae]`` holding the nonzero codes
+        only (the same values). Architectures that pick their active latents directly (TopK) never
+        build the dense codes."""
+        if x.dim() != 2:
+            raise SAEError(f"encode_sparse expects [batch, d_model={self.cfg.d_model}] input, got {tuple(x.shape)}")
+        return self.encode(x).to_sparse()
 
     def decode(self, codes: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_model"]:
         return codes @ self.W_dec + self.b_dec

@@ -86,13 +86,16 @@ class Checkpoint:
             atoms = getattr(self.sae, "atoms", None)
             return (atoms() if callable(atoms) else self.sae.W_dec).detach()
 
-    def encoder(self) -> Callable[[Float[Tensor, "... d_model"]], Float[Tensor, "... d_sae"]]:
-        """``sae.encode`` without autograd: activations to codes, what feature finders and dashboards take."""
+    def encoder(self, sparse: bool = False) -> Callable[[Float[Tensor, "... d_model"]], Tensor]:
+        """``sae.encode`` without autograd: activations to codes, what feature finders and dashboards take.
+        With `sparse`, ``sae.encode_sparse``: ``[n, d_model]`` to a sparse COO tensor of the same codes
+        (what the dashboard pass reads fastest)."""
         sae = self.sae
+        fn = sae.encode_sparse if sparse else sae.encode
 
-        def encode(x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+        def encode(x: Float[Tensor, "... d_model"]) -> Tensor:
             with torch.no_grad():
-                return sae.encode(x)
+                return fn(x)
 
         return encode
 

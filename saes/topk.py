@@ -68,6 +68,19 @@ class TopKSAE(SAE):
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         return _topk_dense(pre, self.cfg.k)
 
+    def encode_sparse(self, x: Float[Tensor, "batch d_model"]) -> Tensor:
+        """``encode(x)`` as a sparse COO tensor, from the top-k indices (no dense ``[batch, d_sae]`` codes)."""
+        if x.dim() != 2:
+            raise SAEError(f"encode_sparse expects [batch, d_model={self.cfg.d_model}] input, got {tuple(x.shape)}")
+        pre = self.encode_pre(x)
+        vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)  # as activation(): the same latents, same values
+        idx, order = idx.sort(dim=-1)  # each row's latents ascending: the entries come out coalesced
+        vals = vals.gather(-1, order).relu()
+        rows = torch.arange(pre.shape[0], device=pre.device)[:, None].expand_as(idx)
+        fired = vals != 0
+        return torch.sparse_coo_tensor(torch.stack([rows[fired], idx[fired]]), vals[fired], tuple(pre.shape),
+                                       is_coalesced=True, check_invariants=False)  # valid by construction
+
     def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
         self._check_input(x)
         center = self.cfg.apply_b_dec_to_input

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -23,4 +25,11 @@ def test_quick_benchmark_writes_its_rounds_and_memory(tmp_path, text_file):
     for r in result["rounds"]:
         assert r["capture_s"] > 0 and r["dashboard_s"] > 0 and r["tokens"] >= result["tokens"]
     assert [m["tokens"] for m in result["memory"]] == [result["tokens"] // 4, result["tokens"]]
+    for r in result["rounds"]:  # where the time went: every phase ran, and the phases add up to the run
+        assert set(r["capture_phases"]) == {"read", "capture", "other"}
+        assert {"read", "capture", "encode", "track", "logits", "neighbors", "write"} <= set(r["dashboard_phases"])
+        assert all(r["dashboard_phases"][k] > 0 for k in ("capture", "encode", "track", "logits", "write"))
+        assert sum(r["dashboard_phases"].values()) == pytest.approx(r["dashboard_s"])
+    # two rounds: the medians are means, so the overhead's parts add up to the difference of the medians
+    assert result["overhead_s"] == pytest.approx(result["median_dashboard_s"] - result["median_capture_s"])
     assert "dashboard / capture" in done.stdout

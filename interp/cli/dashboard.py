@@ -82,7 +82,7 @@ def run_sae(args: argparse.Namespace) -> int:
     latents = _indices(args.latents, decoder.shape[0], "--latents") if args.latents else None
     device = _device(args.device)
     ckpt.sae.to(device)
-    units = sae_units(ckpt.encoder(), decoder.to(device), latents)
+    units = sae_units(ckpt.encoder(sparse=True), decoder.to(device), latents)  # sparse codes: the pass's fastest
     model, tok = load_model(model_name, device=device)
     return _finish(args, model, tok, site, units, model_name)
 

@@ -3,7 +3,9 @@
 :func:`collect` packs the corpus into windows (as ``interp capture`` does: same corpus, same
 shuffle seed, same windows), captures the site, runs the units' encoder on the positions an
 activation store keeps (not position 0, no special tokens) and feeds a
-:class:`~interp.dashboard.stats.Tracker`. Every ``save_every`` batches the tracker's state is written
+:class:`~interp.dashboard.stats.Tracker` (only the kept positions' codes: an encoder that returns a
+sparse COO tensor, as ``saes`` checkpoints' ``encoder(sparse=True)`` does, never builds dense codes).
+When ``save_seconds`` have passed since the last save, the tracker's state is written after the batch
 to ``state.safetensors`` + ``state.json`` (atomically, ``state.json`` last, under the folder's lock);
 calling :func:`collect` again with the same settings resumes after the last saved batch and gives
 the same data as an uninterrupted run. At the end it writes the data files and removes the state:
@@ -28,13 +30,16 @@ import itertools
 import json
 import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp.atomic import atomic_path, save_file, write_json
@@ -53,7 +58,7 @@ FORMAT = "interp.dashboard/1"
 
 @dataclass(frozen=True, kw_only=True)
 class DashboardConfig:
-    """Settings of the data pass (all of them must match to resume)."""
+    """Settings of the data pass (all but ``save_seconds`` must match to resume)."""
 
     tokens: int = 100_000
     """Token positions to read (the pass stops at the first batch that reaches it)."""
@@ -85,13 +90,16 @@ class DashboardConfig:
     """Top promoted and suppressed tokens per unit."""
     n_neighbors: int = 8
     """Nearest units by cosine of their directions."""
-    save_every: int = 20
-    """Batches between two saved states (resume points)."""
+    save_seconds: float = 60.0
+    """Seconds between two saved states (resume points; an interrupted pass redoes at most this much
+    work); 0: after every batch. It does not change the data."""
 
     def __post_init__(self):
-        for name in ("tokens", "context_size", "batch_windows", "top_k", "n_quantiles", "save_every"):
+        for name in ("tokens", "context_size", "batch_windows", "top_k", "n_quantiles"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.save_seconds < math.inf:
+            raise InputError(f"save_seconds must be a finite number >= 0, got {self.save_seconds}")
         for name in ("left", "right", "samples_per_bin", "n_logits", "n_neighbors"):
             if getattr(self, name) < 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -118,7 +126,20 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"{path} is unreadable or not JSON ({e}); delete the folder and run again") from e
 
 
+_CADENCE = ("save_seconds", "save_every")
+"""Settings of how often the state is saved (``save_every``: batches, in folders written before
+``save_seconds``): they do not change the data, so they need not match."""
+
+
+def _comparable(d: dict) -> dict:
+    settings = d.get("settings")
+    if not isinstance(settings, dict):
+        return d
+    return {**d, "settings": {k: v for k, v in settings.items() if k not in _CADENCE}}
+
+
 def _check_same(path: Path, old: dict, new: dict) -> None:
+    old, new = _comparable(old), _comparable(new)
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
         raise InputError(f"{path.parent} holds a dashboard made with other settings {diff} (old, new); use another "
@@ -127,11 +148,16 @@ def _check_same(path: Path, old: dict, new: dict) -> None:
 
 def collect(model: nn.Module, tokenizer, site: str, units: Units, out: str | os.PathLike,
             config: DashboardConfig | None = None, *, model_name: str = "", device: str | torch.device | None = None,
-            extra: dict[str, Any] | None = None, progress: bool = True) -> Path:
+            extra: dict[str, Any] | None = None, progress: bool = True,
+            timings: dict[str, float] | None = None) -> Path:
     """Run the data pass of `units` at `site` and write ``data.safetensors`` + ``data.json`` into `out`.
 
     Resumes from a saved state with the same settings; returns at once when `out` already holds the
-    finished data of the same settings. Returns `out`.
+    finished data of the same settings. Returns `out`. With a `timings` dict, adds the seconds spent in
+    each phase to it: ``read`` (windows and their kept positions), ``capture`` (the forward passes),
+    ``encode`` (the units' encoder), ``track`` (:meth:`Tracker.update_rows`), ``save`` (resume states),
+    ``logits`` (:func:`logit_effect`), ``neighbors`` (:func:`nearest_units`), ``write`` (ordering, token
+    texts, data files); on CUDA each phase synchronizes the device.
     """
     cfg = config or DashboardConfig()
     resolve(model, site)
@@ -152,43 +178,72 @@ def collect(model: nn.Module, tokenizer, site: str, units: Units, out: str | os.
             _check_same(out / "state.json", {k: st.get(k) for k in want}, want)
             tr.load_state_dict(load_file(str(out / "state.safetensors")))
             windows_done = int(st["windows"])
-        windows = _run(model, tokenizer, site, units, tr, cfg, out, want, windows_done, dev, progress)
-        _finish(model, tokenizer, units, tr, cfg, out, want, windows, extra or {})
+        clock = _Clock(timings, dev)
+        windows = _run(model, tokenizer, site, units, tr, cfg, out, want, windows_done, dev, progress, clock)
+        _finish(model, tokenizer, units, tr, cfg, out, want, windows, extra or {}, clock)
         (out / "state.json").unlink(missing_ok=True)
         (out / "state.safetensors").unlink(missing_ok=True)
     return out
 
 
 def _run(model, tokenizer, site, units: Units, tr: Tracker, cfg: DashboardConfig, out: Path, want: dict,
-         windows_done: int, dev, progress: bool) -> int:
+         windows_done: int, dev, progress: bool, clock: _Clock) -> int:
     texts = load_texts(cfg.dataset, shuffle_seed=cfg.seed)
     stream = itertools.islice(pack(texts, tokenizer, cfg.context_size), windows_done, None)
-    since = 0
+    last_save = time.monotonic()
     with tqdm(total=cfg.tokens, initial=tr.n_tokens, unit="tok", unit_scale=True, desc="dashboard",
               disable=not progress, smoothing=0.1) as bar:
         while tr.n_tokens < cfg.tokens:
-            chunk = list(itertools.islice(stream, cfg.batch_windows))
-            if not chunk:
-                break
-            ids = torch.stack(chunk)
-            keep = token_mask(ids, tokenizer)
-            acts = capture(model, ids, [site], dtype=torch.float32, device=dev)[site]
-            B, T, d = acts.shape
-            rows = units.encode(acts[keep.to(dev)])
-            z = torch.zeros(B, T, rows.shape[-1], device=dev, dtype=torch.float32)
-            z[keep.to(dev)] = rows.float()
+            with clock("read"):
+                chunk = list(itertools.islice(stream, cfg.batch_windows))
+                if not chunk:
+                    break
+                ids = torch.stack(chunk)
+                keep = token_mask(ids, tokenizer)
+            with clock("capture"):
+                acts = capture(model, ids, [site], dtype=torch.float32, device=dev)[site]
+            with clock("encode"):
+                x = acts[keep.to(dev)]  # the kept positions only, in order
+                rows = units.encode(x)
+            if tuple(rows.shape) != (x.shape[0], units.n_units):
+                raise InputError(f"the units' encoder returned shape {tuple(rows.shape)} for {x.shape[0]} rows; "
+                                 f"expected [{x.shape[0]}, n_units={units.n_units}] (one column per unit name)")
             before = tr.n_tokens
-            tr.update(ids, keep, z, windows_done)
+            with clock("track"):
+                tr.update_rows(ids, keep, rows, windows_done)
             windows_done += len(chunk)
             bar.update(tr.n_tokens - before)
-            since += 1
-            if since >= cfg.save_every and tr.n_tokens < cfg.tokens:
-                _save_state(out, tr, want, windows_done)
-                since = 0
+            if tr.n_tokens < cfg.tokens and time.monotonic() - last_save >= cfg.save_seconds:
+                with clock("save"):
+                    _save_state(out, tr, want, windows_done)
+                last_save = time.monotonic()
     if tr.n_tokens == 0:
         raise InputError(f"the dataset gave no window of context_size={cfg.context_size} tokens; give a longer "
                          "dataset or a smaller --context-size")
     return windows_done
+
+
+class _Clock:
+    """``with clock("phase"):`` adds the phase's seconds to ``timings[phase]`` (nothing when timings is None)."""
+
+    def __init__(self, timings: dict[str, float] | None, device: torch.device):
+        self.timings = timings
+        self.cuda = device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        if self.timings is None:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def _save_state(out: Path, tr: Tracker, want: dict, windows: int) -> None:
@@ -197,24 +252,32 @@ def _save_state(out: Path, tr: Tracker, want: dict, windows: int) -> None:
     write_json(out / "state.json", {**want, "windows": windows, "batches": tr.batches, "n_tokens": tr.n_tokens})
 
 
-def _decode(tokenizer, ids: set[int]) -> dict[str, str]:
-    return {str(i): tokenizer.decode([i]) for i in sorted(ids) if i >= 0}
+def _decode(tokenizer, ids: list[Tensor]) -> dict[str, str]:
+    """The text of every token id (>= 0) in `ids`."""
+    flat = torch.cat([t.flatten().long().cpu() for t in ids])
+    flat = flat[flat >= 0]
+    seen = torch.bincount(flat).nonzero().flatten().tolist() if flat.numel() else []  # sorted, each once
+    return {str(i): tokenizer.decode([i]) for i in seen}
 
 
 def _finish(model, tokenizer, units: Units, tr: Tracker, cfg: DashboardConfig, out: Path, want: dict,
-            windows: int, extra: dict) -> None:
-    tensors = tr.state_dict(ordered=True)
-    shown = set(tensors["top_tok"].unique().tolist()) | set(tensors["smp_tok"].unique().tolist())
+            windows: int, extra: dict, clock: _Clock) -> None:
+    with clock("write"):
+        tensors = tr.state_dict(ordered=True)
+        shown = [tensors["top_tok"], tensors["smp_tok"]]
     if units.directions is not None:
         if cfg.n_logits and hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None:
-            up_i, up_v, dn_i, dn_v = logit_effect(model, units.directions, cfg.n_logits)
+            with clock("logits"):
+                up_i, up_v, dn_i, dn_v = logit_effect(model, units.directions, cfg.n_logits)
             tensors.update(logit_up_ids=up_i, logit_up_values=up_v, logit_down_ids=dn_i, logit_down_values=dn_v)
-            shown |= set(up_i.unique().tolist()) | set(dn_i.unique().tolist())
+            shown += [up_i, dn_i]
         if cfg.n_neighbors and units.n_units > 1:
-            n_i, n_c = nearest_units(units.directions, cfg.n_neighbors)
+            with clock("neighbors"):
+                n_i, n_c = nearest_units(units.directions, cfg.n_neighbors)
             tensors.update(neighbor_ids=n_i, neighbor_cos=n_c)
-    with atomic_path(out / "data.safetensors") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    edges = [e if math.isfinite(e) else None for e in tr.edges.tolist()]
-    write_json(out / "data.json", {**want, "n_tokens": tr.n_tokens, "n_windows": windows, "bin_edges": edges,
-                                   "vocab": _decode(tokenizer, shown), "extra": extra})
+    with clock("write"):
+        with atomic_path(out / "data.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        edges = [e if math.isfinite(e) else None for e in tr.edges.tolist()]
+        write_json(out / "data.json", {**want, "n_tokens": tr.n_tokens, "n_windows": windows, "bin_edges": edges,
+                                       "vocab": _decode(tokenizer, shown), "extra": extra})

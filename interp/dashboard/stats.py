@@ -20,14 +20,19 @@ count ``[B, T]`` and unit activations ``[B, T, U]``) and keeps, per unit:
 * **count** and **sum** of the nonzero activations (frequency = count / tokens).
 
 Every step depends only on the batch and the batch number, so a tracker restored from
-:meth:`Tracker.state_dict` continues exactly as an uninterrupted one. The per-batch work is a few
-passes over the batch's activations (the window maxima, the nonzero entries) plus work on the nonzero
-entries and the new winners only.
+:meth:`Tracker.state_dict` continues exactly as an uninterrupted one.
+
+:meth:`Tracker.update_rows` takes only the kept positions' activations ``[n, U]``, dense or as a
+sparse COO tensor (an SAE's codes: a few active units a position). The per-batch work is on the
+nonzero entries (window maxima by scatter, histogram, samples) and the new winners (their contexts
+are looked up among the sorted nonzero entries), so nothing of size ``[B, T, U]`` is built, except
+for signed units, whose window maxima must see the zeros too.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -45,6 +50,29 @@ def bin_edges(n_bins: int, lo: float, hi: float, signed: bool) -> Tensor:
     if not signed:
         return pos
     return torch.cat([-pos.flip(0)[:-1], pos])
+
+
+@dataclass(frozen=True)
+class _Codes:
+    """A batch's nonzero unit activations: window ``b``, position ``p``, unit ``u``, value ``v`` (``[n]``
+    each, sorted by (row, unit)), ``key = row * U + u`` (ascending, for look-ups), and ``row_of [B, T]``
+    (each kept position's row, -1 elsewhere)."""
+
+    b: Tensor
+    p: Tensor
+    u: Tensor
+    v: Tensor
+    key: Tensor
+    row_of: Tensor
+
+    def at(self, b: Tensor, p: Tensor, u: Tensor, n_units: int) -> Tensor:
+        """The activations at (window, position, unit) index tensors (broadcast); 0 where none is stored."""
+        row = self.row_of[b, p]
+        if self.key.numel() == 0:
+            return torch.zeros(row.shape, device=row.device)
+        q = row * n_units + u
+        i = torch.searchsorted(self.key, q).clamp_max(self.key.numel() - 1)
+        return torch.where((row >= 0) & (self.key[i] == q), self.v[i], 0.0)
 
 
 class Tracker:
@@ -112,16 +140,6 @@ class Tracker:
         self.n_tokens, self.batches = int(state["n_tokens"]), int(state["batches"])
 
     # -- one batch -------------------------------------------------------------------------------
-    def _context(self, ids: Tensor, z: Tensor, b: Tensor, t: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
-        """Tokens and activations of unit ``u`` around position ``t`` of window ``b`` (flat index tensors)."""
-        T = ids.shape[1]
-        p = t[:, None] + torch.arange(-self.left, self.right + 1, device=t.device)
-        valid = (p >= 0) & (p < T)
-        pc = p.clamp(0, T - 1)
-        tok = ids[b[:, None], pc].to(torch.int32).masked_fill(~valid, -1)
-        act = z[b[:, None], pc, u[:, None]].float().masked_fill(~valid, 0.0)
-        return tok, act
-
     @torch.no_grad()
     def update(self, ids: Tensor, keep: Tensor, z: Tensor, first_window: int) -> None:
         """Add a batch: token ids ``[B, T]``, the positions that count ``[B, T]`` (bool), unit activations
@@ -131,28 +149,64 @@ class Tracker:
         if U != self.U or ids.shape != (B, T) or keep.shape != (B, T):
             raise InputError(f"batch shapes ids {tuple(ids.shape)}, keep {tuple(keep.shape)}, activations "
                              f"{tuple(z.shape)} do not match [B, T] and [B, T, n_units={self.U}]")
-        ids, keep, z = ids.to(self.device), keep.to(self.device), z.to(self.device)
-        nz = z.nonzero()  # [n, 3]: window, position, unit (positions left out hold 0)
-        self._update_top(ids, keep, z, nz, first_window)
-        self._update_bins(ids, z, nz, first_window)
-        self.n_tokens += int(keep.sum())
+        self.update_rows(ids, keep, z[keep.to(z.device)], first_window)
+
+    @torch.no_grad()
+    def update_rows(self, ids: Tensor, keep: Tensor, rows: Tensor, first_window: int) -> None:
+        """:meth:`update` given only the kept positions' activations: `rows` ``[n, U]`` holds one row per
+        True entry of `keep`, in row-major order (``rows = z[keep]``), dense or as a sparse COO tensor
+        (the entries it does not store, and stored zeros, are 0). Nothing of size ``[B, T, U]`` is built
+        (except for signed units, whose window maxima need the zeros)."""
+        B, T = ids.shape
+        n = int(keep.sum())
+        if keep.shape != (B, T) or rows.dim() != 2 or tuple(rows.shape) != (n, self.U):
+            raise InputError(f"batch shapes ids {tuple(ids.shape)}, keep {tuple(keep.shape)}, rows "
+                             f"{tuple(rows.shape)} do not match [B, T] and [n_kept={n}, n_units={self.U}]")
+        ids, keep, rows = ids.to(self.device), keep.to(self.device), rows.to(self.device)
+        if rows.is_sparse:
+            rows = rows.coalesce()  # indices sorted by (row, unit), as nonzero() lists a dense tensor's
+            r, u = rows.indices()
+            v = rows.values()
+            fired = v != 0
+            r, u, v = r[fired], u[fired], v[fired]
+        else:
+            r, u = rows.nonzero().unbind(1)
+            v = rows[r, u]
+        kept = keep.nonzero()
+        row_of = torch.full((B, T), -1, dtype=torch.long, device=self.device)
+        row_of[keep] = torch.arange(n, device=self.device)
+        c = _Codes(b=kept[r, 0], p=kept[r, 1], u=u, v=v.float(), key=r * self.U + u, row_of=row_of)
+        self._update_top(ids, keep, c, first_window)
+        self._update_bins(ids, c, first_window)
+        self.n_tokens += n
         self.batches += 1
 
-    def _update_top(self, ids: Tensor, keep: Tensor, z: Tensor, nz: Tensor, first_window: int) -> None:
+    def _context(self, ids: Tensor, c: _Codes, b: Tensor, t: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Tokens and activations of unit ``u`` around position ``t`` of window ``b`` (flat index tensors)."""
+        T = ids.shape[1]
+        p = t[:, None] + torch.arange(-self.left, self.right + 1, device=t.device)
+        valid = (p >= 0) & (p < T)
+        pc = p.clamp(0, T - 1)
+        tok = ids[b[:, None], pc].to(torch.int32).masked_fill(~valid, -1)
+        act = c.at(b[:, None], pc, u[:, None], self.U).masked_fill(~valid, 0.0)
+        return tok, act
+
+    def _update_top(self, ids: Tensor, keep: Tensor, c: _Codes, first_window: int) -> None:
         t = self.t
-        B, T, U = z.shape
-        first_pos = None
-        if self.signed:  # positions left out hold 0, which may exceed a negative maximum
-            z = z.masked_fill(~keep[..., None], -math.inf)
-            win_max = z.amax(dim=1).T.float()  # [U, B]
+        B, T = ids.shape
+        U = self.U
+        first_pos = zm = None
+        if self.signed:  # positions left out count as -inf, kept zeros as 0 (which may exceed a negative maximum)
+            zm = torch.full((B, T, U), -math.inf, device=self.device)
+            zm[keep] = 0.0
+            zm[c.b, c.p, c.u] = c.v
+            win_max = zm.amax(dim=1).T  # [U, B]
         else:  # from the nonzero entries only (sparse codes: a few active units a position)
-            b_, p_, u_ = nz.unbind(1)
-            v_ = z[b_, p_, u_].float()
-            cell = u_ * B + b_  # (unit, window) flattened as [U, B]
-            win_max = torch.full((U * B,), -math.inf, device=self.device).scatter_reduce_(0, cell, v_, "amax")
-            at_max = v_ == win_max[cell]  # the first position holding each window's maximum
+            cell = c.u * B + c.b  # (unit, window) flattened as [U, B]
+            win_max = torch.full((U * B,), -math.inf, device=self.device).scatter_reduce_(0, cell, c.v, "amax")
+            at_max = c.v == win_max[cell]  # the first position holding each window's maximum
             first_pos = torch.full((U * B,), T, dtype=torch.long, device=self.device).scatter_reduce_(
-                0, cell[at_max], p_[at_max], "amin")
+                0, cell[at_max], c.p[at_max], "amin")
             win_max = win_max.view(U, B).masked_fill(win_max.view(U, B) <= 0, -math.inf)  # never fires: -inf
         wins = torch.arange(first_window, first_window + B, device=self.device).expand_as(win_max)
         src = _insert(t["top_val"], t["top_win"], win_max, wins)  # updates top_val and top_win in place
@@ -161,11 +215,11 @@ class Tracker:
             return
         u, slot = dst[:, 0], dst[:, 1]
         b = src[u, slot]
-        if first_pos is None:
-            pos = z[b[:, None], torch.arange(T, device=self.device), u[:, None]].argmax(dim=1)  # first maximum
+        if zm is not None:
+            pos = zm[b[:, None], torch.arange(T, device=self.device), u[:, None]].argmax(dim=1)  # first maximum
         else:
             pos = first_pos[u * B + b]
-        tok, act = self._context(ids, z, b, pos, u)
+        tok, act = self._context(ids, c, b, pos, u)
         t["top_pos"][u, slot] = pos
         t["top_tok"][u, slot] = tok
         t["top_act"][u, slot] = act.masked_fill(act == -math.inf, 0.0)
@@ -176,12 +230,11 @@ class Tracker:
             return b
         return torch.where(v > 0, self.n_bins + b, self.n_bins - 1 - b)
 
-    def _update_bins(self, ids: Tensor, z: Tensor, nz: Tensor, first_window: int) -> None:
+    def _update_bins(self, ids: Tensor, c: _Codes, first_window: int) -> None:
         t = self.t
-        if nz.shape[0] == 0:
+        if c.v.shape[0] == 0:
             return
-        b, p, u = nz.unbind(1)
-        v = z[b, p, u].float()
+        b, p, u, v = c.b, c.p, c.u, c.v
         if not self.signed and bool((v < 0).any()):
             raise InputError(f"unit {int(u[v < 0][0])} has negative activations ({float(v.min()):.4g}); build the "
                              "units with signed=True (histograms over both signs)")
@@ -213,7 +266,7 @@ class Tracker:
             return
         gi, slot = touched[dst[:, 0]], dst[:, 1]
         ci = new_idx[dst[:, 0], src[dst[:, 0], dst[:, 1]]]
-        tok, act = self._context(ids, z, b[ci], p[ci], u[ci])
+        tok, act = self._context(ids, c, b[ci], p[ci], u[ci])
         t["smp_key"][gi, slot] = key[ci]
         t["smp_val"][gi, slot] = v[ci]
         t["smp_win"][gi, slot] = b[ci] + first_window

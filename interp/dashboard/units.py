@@ -2,10 +2,11 @@
 
 A unit is one SAE latent, one neuron, or one coordinate of a :class:`~interp.subspace.Subspace`.
 :class:`Units` holds what the data pass needs and nothing about where the units came from: an
-encoder ``[n, width] -> [n, n_units]``, a name per unit, and optionally the direction each unit
-writes into the residual stream (``[n_units, d_model]``: an SAE's decoder rows), from which the
-logit effect and the nearest units are computed. ``interp`` never imports ``saes``: the command
-layer hands an SAE checkpoint's ``encoder()`` and ``decoder()`` to :func:`sae_units`.
+encoder ``[n, width] -> [n, n_units]`` (dense, or a sparse COO tensor), a name per unit, and
+optionally the direction each unit writes into the residual stream (``[n_units, d_model]``: an SAE's
+decoder rows), from which the logit effect and the nearest units are computed. ``interp`` never
+imports ``saes``: the command layer hands an SAE checkpoint's ``encoder(sparse=True)`` and
+``decoder()`` to :func:`sae_units`.
 
 **Logit effect** (:func:`logit_effect`) of a direction ``v``: ``norm(v) @ W_U.T``, where ``W_U`` is
 the model's output embedding (the input embedding when they are tied, as HF ties them) and
@@ -46,7 +47,8 @@ class Units:
     """The units a dashboard is built for."""
 
     encode: Encoder
-    """Activations ``[n, width]`` of the site to unit activations ``[n, n_units]`` (no autograd needed)."""
+    """Activations ``[n, width]`` of the site to unit activations ``[n, n_units]`` (no autograd needed):
+    a dense tensor, or a sparse COO one (e.g. an SAE's sparse codes; entries not stored are 0)."""
     names: tuple[str, ...]
     """One display name per unit (e.g. ``"latent 17"``, ``"neuron 403"``, ``"angle Monday"``)."""
     kind: str = "latent"
@@ -77,7 +79,8 @@ class Units:
 
 def sae_units(encode: Encoder, decoder: Float[Tensor, "d_sae d_model"], latents: Sequence[int] | None = None) -> Units:
     """Units for an SAE: its encoder and decoder rows (``ckpt.encoder()``, ``ckpt.decoder()`` of
-    ``saes.read``). With `latents`, only those latents (the encoder still runs in full)."""
+    ``saes.read``; ``ckpt.encoder(sparse=True)`` gives sparse codes, which the pass reads fastest). With
+    `latents`, only those latents (the encoder still runs in full)."""
     d_sae = int(decoder.shape[0])
     if latents is None:
         return Units(encode=encode, names=tuple(f"latent {i}" for i in range(d_sae)), directions=decoder.float())
@@ -89,7 +92,8 @@ def sae_units(encode: Encoder, decoder: Float[Tensor, "d_sae d_model"], latents:
     sel = torch.tensor(idx)
 
     def encode_some(x: Tensor) -> Tensor:
-        return encode(x)[:, sel]
+        codes = encode(x)
+        return codes.index_select(1, sel.to(codes.device))  # dense or sparse codes
 
     return Units(encode=encode_some, names=tuple(f"latent {i}" for i in idx), directions=decoder[sel].float(),
                  ids=tuple(idx))
@@ -186,8 +190,10 @@ def logit_effect(model: nn.Module, directions: Float[Tensor, "n d_model"], n_tok
     norm = final_norm(model)
     k = min(n_tokens, w_u.shape[0])
     outs: list[list[Tensor]] = [[], [], [], []]
+    buf = torch.empty(min(chunk, directions.shape[0]), w_u.shape[0], device=w_u.device)  # reused by every chunk
     for lo in range(0, directions.shape[0], chunk):
-        eff = _apply_norm(norm, directions[lo:lo + chunk].float().to(w_u.device)) @ w_u.T
+        d = _apply_norm(norm, directions[lo:lo + chunk].float().to(w_u.device))
+        eff = torch.matmul(d, w_u.T, out=buf[:d.shape[0]])
         up, down = eff.topk(k, dim=1), eff.topk(k, dim=1, largest=False)
         for out, t in zip(outs, (up.indices, up.values, down.indices, down.values)):
             out.append(t.cpu())
@@ -203,8 +209,9 @@ def nearest_units(directions: Float[Tensor, "n d_model"], n_neighbors: int = 8,
     unit = directions.float()
     unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
     idx, val = [], []
+    buf = torch.empty(min(chunk, n), n, device=unit.device)  # reused by every chunk
     for lo in range(0, n, chunk):
-        cos = unit[lo:lo + chunk] @ unit.T
+        cos = torch.matmul(unit[lo:lo + chunk], unit.T, out=buf[:min(chunk, n - lo)])
         rows = torch.arange(lo, min(lo + chunk, n))
         cos[rows - lo, rows] = -math.inf  # not its own neighbour
         top = cos.topk(k, dim=1) if k > 0 else cos[:, :0].topk(0, dim=1)

@@ -18,7 +18,7 @@ def _cfg(text_file, **kw):
     from interp.dashboard import DashboardConfig
 
     base = dict(tokens=1500, dataset=str(text_file), context_size=CTX, batch_windows=4, top_k=5, left=4, right=2,
-                n_bins=12, bin_lo=1e-2, bin_hi=10.0, samples_per_bin=2, save_every=2)
+                n_bins=12, bin_lo=1e-2, bin_hi=10.0, samples_per_bin=2, save_seconds=0)
     return DashboardConfig(**{**base, **kw})
 
 
@@ -165,7 +165,7 @@ def test_resume_after_an_interruption_gives_the_same_data(text_file, tmp_path):
 
     def failing(x):
         calls["n"] += 1
-        if calls["n"] == 6:  # after batch 5: states were saved after batches 2 and 4
+        if calls["n"] == 6:  # in batch 6: with save_seconds=0 a state was saved after every batch
             raise RuntimeError("killed")
         return units.encode(x)
 
@@ -174,7 +174,7 @@ def test_resume_after_an_interruption_gives_the_same_data(text_file, tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         collect(model, tok, SITE, broken, tmp_path / "a", cfg, progress=False)
     state = json.loads((tmp_path / "a" / "state.json").read_text())
-    assert state["batches"] == 4 and not (tmp_path / "a" / "data.json").exists()
+    assert state["batches"] == 5 and not (tmp_path / "a" / "data.json").exists()
     collect(model, tok, SITE, units, tmp_path / "a", cfg, progress=False)
     collect(model, tok, SITE, units, tmp_path / "b", cfg, progress=False)
     a, b = load_file(str(tmp_path / "a" / "data.safetensors")), load_file(str(tmp_path / "b" / "data.safetensors"))
@@ -186,11 +186,74 @@ def test_resume_after_an_interruption_gives_the_same_data(text_file, tmp_path):
     assert not (tmp_path / "a" / "state.json").exists()
 
 
+def test_state_is_saved_by_time_and_its_cadence_need_not_match(text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    from interp.dashboard import Units, collect
+
+    units = _units(False)
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    calls = {"n": 0}
+
+    def failing(x):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("killed")
+        return units.encode(x)
+
+    broken = Units(encode=failing, names=units.names, directions=units.directions)
+    with pytest.raises(RuntimeError, match="killed"):  # an hour between saves: none before the kill
+        collect(model, tok, SITE, broken, tmp_path / "a", _cfg(text_file, tokens=600, save_seconds=3600),
+                progress=False)
+    assert not (tmp_path / "a" / "state.json").exists()
+    calls["n"] = 0
+    with pytest.raises(RuntimeError, match="killed"):  # every batch saved; resumed with another cadence
+        collect(model, tok, SITE, broken, tmp_path / "a", _cfg(text_file, tokens=600), progress=False)
+    assert json.loads((tmp_path / "a" / "state.json").read_text())["batches"] == 3
+    collect(model, tok, SITE, units, tmp_path / "a", _cfg(text_file, tokens=600, save_seconds=3600), progress=False)
+    collect(model, tok, SITE, units, tmp_path / "b", _cfg(text_file, tokens=600), progress=False)
+    a, b = load_file(str(tmp_path / "a" / "data.safetensors")), load_file(str(tmp_path / "b" / "data.safetensors"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((tmp_path / "a" / "data.json").read_text())  # a folder written when the cadence was batches
+    del info["settings"]["save_seconds"]
+    info["settings"]["save_every"] = 20
+    (tmp_path / "a" / "data.json").write_text(json.dumps(info))
+    again = collect(model, tok, SITE, units, tmp_path / "a", _cfg(text_file, tokens=600), progress=False)
+    assert again == tmp_path / "a"  # finished: nothing refused, nothing rerun
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_sparse_codes_give_the_same_data_as_dense_ones(text_file, tmp_path, signed):
+    from safetensors.torch import load_file
+
+    from interp.dashboard import Units, collect, sae_units
+
+    units = _units(signed)
+    cfg = _cfg(text_file, tokens=600)
+    sparse = Units(encode=lambda x: units.encode(x).to_sparse(), names=units.names, directions=units.directions,
+                   signed=signed)
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    runs = {"dense": units, "sparse": sparse}
+    if not signed:  # a chosen subset of latents, picked from dense and from sparse codes
+        runs["some dense"] = sae_units(units.encode, units.directions, latents=[4, 1, 2])
+        runs["some sparse"] = sae_units(sparse.encode, units.directions, latents=[4, 1, 2])
+    data = {name: load_file(str(collect(model, tok, SITE, u, tmp_path / name.replace(" ", "-"), cfg, progress=False)
+                                / "data.safetensors")) for name, u in runs.items()}
+    for a, b in [("dense", "sparse"), ("some dense", "some sparse")][:1 if signed else 2]:
+        assert sorted(data[a]) == sorted(data[b])
+        for k in data[a]:
+            assert torch.equal(data[a][k], data[b][k]), (a, b, k)
+    if not signed:
+        assert torch.equal(data["some dense"]["top_val"], data["dense"]["top_val"][[4, 1, 2]])
+        assert bool(torch.isfinite(data["dense"]["top_val"]).any())
+
+
 def test_bad_inputs_are_one_line_errors(text_file, tmp_path):
-    from interp.dashboard import DashboardConfig, Tracker, collect, load, render, sae_units
+    from interp.dashboard import DashboardConfig, Tracker, Units, collect, load, render, sae_units
     from interp.errors import InputError
 
-    for bad in (dict(tokens=0), dict(n_bins=1), dict(bin_lo=5.0, bin_hi=1.0), dict(left=-1)):
+    for bad in (dict(tokens=0), dict(n_bins=1), dict(bin_lo=5.0, bin_hi=1.0), dict(left=-1), dict(save_seconds=-1),
+                dict(save_seconds=math.inf)):
         with pytest.raises(InputError):
             DashboardConfig(**bad)
     with pytest.raises(InputError, match="not in 0..3"):
@@ -198,6 +261,13 @@ def test_bad_inputs_are_one_line_errors(text_file, tmp_path):
     with pytest.raises(InputError, match="signed=True"):
         Tracker(2).update(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
                           -torch.ones(1, 3, 2), 0)
+    with pytest.raises(InputError, match=r"rows \(1, 2\) do not match"):
+        Tracker(3).update_rows(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3, dtype=torch.bool),
+                               torch.ones(1, 2), 0)
+    with pytest.raises(InputError, match=r"encoder returned shape \(\d+, 5\)"):
+        wrong = Units(encode=lambda x: torch.ones(x.shape[0], 5), names=("a", "b"))
+        collect(tiny_model("llama"), byte_tokenizer(), SITE, wrong, tmp_path / "w", _cfg(text_file, tokens=300),
+                progress=False)
     with pytest.raises(InputError, match="no finished dashboard"):
         render(tmp_path)
     with pytest.raises(InputError, match="no finished dashboard"):

@@ -291,6 +291,8 @@ def test_checkpoint_hands_over_decoder_and_encoder(tmp_path, arch):
     x = torch.randn(7, D_MODEL, generator=torch.Generator().manual_seed(3))
     codes = ckpt.encoder()(x)
     assert codes.shape == (7, D_SAE) and not codes.requires_grad
+    sparse = ckpt.encoder(sparse=True)(x)
+    assert sparse.is_sparse and not sparse.requires_grad and torch.equal(sparse.to_dense(), codes)
     with torch.no_grad():
         torch.testing.assert_close(codes, ckpt.sae.encode(x))
         dec = ckpt.decoder()

@@ -99,6 +99,38 @@ def test_save_load_round_trip_after_randomizing(arch, tmp_path):
     assert torch.allclose(sae(x).x_hat, back(x).x_hat)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_sparse_holds_exactly_the_nonzero_codes(arch, unchecked):
+    sae = make(arch)
+    randomize(sae, seed=1)
+    if hasattr(sae, "b_enc"):
+        with torch.no_grad():
+            sae.b_enc.sub_(1.5)  # some of the top k are clipped to 0 by the ReLU: they are not stored
+    x = torch.randn(9, D_MODEL, generator=torch.Generator().manual_seed(2))
+    dense = sae.encode(x)
+    if arch == "topk":
+        assert bool(((dense != 0).sum(1) < K).any()) and bool((dense != 0).any())
+    sp = sae.encode_sparse(x)
+    assert sp.is_sparse and sp.is_coalesced() and sp.shape == dense.shape
+    assert torch.equal(sp.indices(), dense.nonzero().T)  # the nonzero codes only, in row-major order
+    assert torch.equal(sp.values(), dense[dense != 0])  # bit for bit
+    with unchecked(), pytest.raises(saes.SAEError, match=r"\[batch, d_model"):
+        sae.encode_sparse(x[None])
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - NO_B_ENC))
+def test_encode_pre_adds_the_bias_as_written(arch):
+    """``(x - b_dec) @ W_enc + b_enc``, bit for bit; under bf16 autocast the sum is promoted to float32."""
+    sae = make(arch)
+    randomize(sae, seed=3)
+    x = torch.randn(6, D_MODEL, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(sae.encode_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pre, expected = sae.encode_pre(x), (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    assert pre.dtype == expected.dtype == torch.float32 and torch.equal(pre, expected)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_topk_leaves_exactly_k_nonzeros(seed):
     torch.manual_seed(seed)
