@@ -22,9 +22,11 @@ over the rounds and ``overhead`` splits the median extra time of the pass over t
 The SAE encodes to sparse codes (``encode_sparse``), as ``interp dashboard sae`` does.
 
 Peak memory: ``collect`` runs in a child process at ``--tokens / 4`` and at ``--tokens``; each child
-first runs a one-batch pass (libraries imported, corpus read), then reports its peak resident memory
-(``ru_maxrss``) minus its resident memory just before the measured pass; the target is the two
-peaks within 10 %.
+first runs a one-batch pass (libraries imported, corpus read), resets the kernel's high-water mark of
+its resident memory (``/proc/self/clear_refs``; without it the lifetime peak ``ru_maxrss`` could be the
+warm-up pass's), then reports the peak resident memory of the measured pass (``VmHWM``) minus its
+resident memory just before it; the target is the two peaks within 10 %. ``--memory-only`` reruns
+just the two children and replaces the memory fields of an existing ``--out`` of the same settings.
 Writes ``benchmarks/results/dashboard.json`` (every round kept).
 """
 
@@ -47,6 +49,9 @@ from pathlib import Path
 import torch
 
 SITE = "blocks.12.hook_resid_post"
+
+
+QUICK_SITE = "blocks.1.hook_resid_post"
 
 
 def _byte_tokenizer():
@@ -75,7 +80,7 @@ def _setup(args):
         model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
                                              eos_token_id=257, pad_token_id=258)).eval().to(args.device)
-        tok, site = _byte_tokenizer(), "blocks.1.hook_resid_post"
+        tok, site = _byte_tokenizer(), QUICK_SITE
     else:
         from interp import load_model
 
@@ -157,13 +162,32 @@ def _memory_child(args) -> None:
     try:  # a one-batch pass first: libraries imported and the corpus read are not counted as the pass's memory
         collect(model, tok, site, units, folder / "warm", dataclasses.replace(cfg, tokens=1), progress=False,
                 device=args.device)
+        warm_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        reset = _reset_peak_rss()
         before = _rss_bytes()
         collect(model, tok, site, units, folder / "d", cfg, progress=False, device=args.device)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        peak = _peak_rss_bytes() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps({"tokens": cfg.tokens, "rss_before_mb": before / 2**20, "peak_rss_mb": peak / 2**20,
-                      "peak_delta_mb": (peak - before) / 2**20}))
+                      "peak_delta_mb": (peak - before) / 2**20, "warm_pass_peak_rss_mb": warm_peak / 2**20,
+                      "peak_reset": reset}))
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux ``clear_refs`` 5); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -182,12 +206,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True,
                     help="record the seconds of each phase of both runs (default: on)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", action="store_true",
+                    help="rerun only the two memory children and update the memory fields of --out")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "dashboard.json"))
     args = ap.parse_args(argv)
     if args.quick and args.tokens == ap.get_default("tokens"):
         args.tokens, args.d_sae, args.k, args.rounds, args.context_size = 1500, 64, 4, 2, 32
     if args.memory_child:
         return _memory_child(args)
+    if args.memory_only:
+        return _memory_only(args, argv)
 
     from interp.dashboard import collect
 
@@ -213,16 +241,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         row["ratio"] = row["dashboard_s"] / row["capture_s"]
         rounds.append(row)
         print(json.dumps(row), flush=True)
-    memory = []
-    child = ["--d-sae", str(args.d_sae), "--k", str(args.k), "--site", args.site, "--context-size",
-             str(args.context_size), "--batch-windows", str(args.batch_windows), "--device", args.device]
-    child += ["--quick"] * args.quick + ["--dataset", args.dataset] * bool(args.dataset)
-    child += ["--sae", args.sae] * bool(args.sae)
-    for n in (args.tokens // 4, args.tokens):
-        cmd = [sys.executable, __file__, *child, "--tokens", str(n), "--memory-child"]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(memory[-1]), flush=True)
+    memory = _memory(args)
     med_c = statistics.median(r["capture_s"] for r in rounds)
     med_d = statistics.median(r["dashboard_s"] for r in rounds)
     result = {
@@ -232,10 +251,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "model": "tiny random Llama" if args.quick else "smollm2-135m", "site": site, "d_sae": args.d_sae,
         "k": args.k, "sae": args.sae, "tokens": args.tokens, "context_size": args.context_size,
         "batch_windows": args.batch_windows, "rounds": rounds, "median_capture_s": med_c,
-        "median_dashboard_s": med_d, "ratio": med_d / med_c, "ratio_target": 1.3, "memory": memory,
-        "memory_peak_ratio": memory[1]["peak_delta_mb"] / max(memory[0]["peak_delta_mb"], 1e-9),
-        "memory_target": "peak_delta_mb at the two token counts within 10 %",
-        "load_average": os.getloadavg(),
+        "median_dashboard_s": med_d, "ratio": med_d / med_c,
+        "ratio_rounds_median": statistics.median(r["ratio"] for r in rounds), "ratio_target": 1.3,
+        **_memory_fields(memory), "load_average": os.getloadavg(),
         **(_overhead(rounds) if args.profile else {}),
     }
     out = Path(args.out)
@@ -248,6 +266,49 @@ def main(argv: list[str] | None = None) -> dict | None:
         parts = ", ".join(f"{k} {v:+.2f}" for k, v in result["overhead"].items())
         print(f"extra seconds of the pass over the capture (medians): {result['overhead_s']:.2f} = {parts}")
     return result
+
+
+def _memory_fields(memory: list[dict]) -> dict:
+    return {"memory": memory,
+            "memory_peak_ratio": memory[1]["peak_delta_mb"] / max(memory[0]["peak_delta_mb"], 1e-9),
+            "memory_target": "peak_delta_mb at the two token counts within 10 %"}
+
+
+
+def _memory_only(args, argv) -> dict:
+    out = Path(args.out)
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--memory-only updates an existing result; could not read {out}: {e}") from None
+    mine = {"d_sae": args.d_sae, "k": args.k, "site": QUICK_SITE if args.quick else args.site,
+            "context_size": args.context_size, "batch_windows": args.batch_windows,
+            "device": args.device, "tokens": args.tokens, "quick": args.quick, "sae": args.sae}
+    differ = {k: (result.get(k), v) for k, v in mine.items() if result.get(k) != v}
+    if differ:
+        raise SystemExit(f"--memory-only: {out} was measured with other settings {differ} (saved, given); "
+                         "pass the same settings or rerun the whole benchmark")
+    memory = _memory(args)
+    result |= _memory_fields(memory)
+    result["memory_command"] = "python benchmarks/dashboard.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"peak memory {memory[0]['peak_delta_mb']:.1f} MB at {memory[0]['tokens']} tokens, "
+          f"{memory[1]['peak_delta_mb']:.1f} MB at {memory[1]['tokens']}; updated {out}")
+    return result
+
+
+def _memory(args) -> list[dict]:
+    memory = []
+    child = ["--d-sae", str(args.d_sae), "--k", str(args.k), "--site", args.site, "--context-size",
+             str(args.context_size), "--batch-windows", str(args.batch_windows), "--device", args.device]
+    child += ["--quick"] * args.quick + ["--dataset", args.dataset] * bool(args.dataset)
+    child += ["--sae", args.sae] * bool(args.sae)
+    for n in (args.tokens // 4, args.tokens):
+        cmd = [sys.executable, __file__, *child, "--tokens", str(n), "--memory-child"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        memory.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(memory[-1]), flush=True)
+    return memory
 
 
 if __name__ == "__main__":

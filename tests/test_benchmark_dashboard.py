@@ -33,3 +33,17 @@ def test_quick_benchmark_writes_its_rounds_and_memory(tmp_path, text_file):
     # two rounds: the medians are means, so the overhead's parts add up to the difference of the medians
     assert result["overhead_s"] == pytest.approx(result["median_dashboard_s"] - result["median_capture_s"])
     assert "dashboard / capture" in done.stdout
+    # the memory children measure the pass itself (the warm-up pass's peak is reset), and --memory-only
+    # reruns them into the same file, refusing a file measured with other settings
+    for m in result["memory"]:
+        assert m["peak_reset"] and m["peak_rss_mb"] >= m["rss_before_mb"] and m["peak_delta_mb"] > 0
+    args = [sys.executable, str(ROOT / "benchmarks" / "dashboard.py"), "--quick", "--dataset", str(text_file),
+            "--memory-only", "--out", str(out)]
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = json.loads(out.read_text())
+    assert again["rounds"] == result["rounds"] and "--memory-only" in again["memory_command"]
+    assert [m["tokens"] for m in again["memory"]] == [result["tokens"] // 4, result["tokens"]]
+    done = subprocess.run(args[:-2] + ["--batch-windows", "3", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode != 0 and "other settings" in done.stderr and "'batch_windows': (8, 3)" in done.stderr
