@@ -5,10 +5,12 @@ One residual site is captured once from the embedded model over the default offl
 0 excluded) and every SAE trains on the same rows in the same order with the project trainer; seeds
 change the initialisation. The threshold-stopped MP-SAE (``residual_fraction``, ``--cap`` steps at
 most) trains first; its mean held-out L0 over seeds, rounded, is then the k of the fixed-k MP-SAE and
-of TopK. Absorption (:mod:`probes.absorption`) uses one set of word activations and one set of dense
+of TopK (or ``--k``). Absorption (:mod:`probes.absorption`) uses one set of word activations and one set of dense
 probes for every SAE; explained variance is measured on held-out rows and CE loss recovered on token
 windows of the corpus with the SAE spliced in. Results are written after every SAE; a rerun with the
-same ``--out`` resumes.
+same ``--out`` resumes, and a larger ``--seeds`` adds seeds to the recorded runs: the rerun must have the
+same settings (refused otherwise), keeps the recorded fixed k and checks the data against the
+fingerprints recorded with the runs (the captured rows and the words' activations).
 
     python experiments/mp_absorption_smollm2.py --out experiments/results/mp_absorption_smollm2 \\
         --activations runs/smol10_acts.safetensors
@@ -17,6 +19,7 @@ same ``--out`` resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import sys
@@ -41,6 +44,50 @@ from probes.absorption import (  # noqa: E402
 ARMS = ("mp_threshold", "mp", "topk")
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
 """Two-sided 95% Student t quantiles by sample size (n - 1 degrees of freedom)."""
+RUN_SETTINGS = ("layer", "train_tokens", "eval_tokens", "context_size", "d_sae", "batch", "lr", "residual_fraction",
+                "cap", "dead_batches", "windows", "words_per_letter", "icl_examples")
+"""Arguments that change what a run measures: a resumed study must repeat them (``--seeds``, ``--threads``,
+``--out`` and ``--activations`` may differ)."""
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    """sha256 (first 16 hex digits) of the tensors' dtypes, shapes and bytes: the same data, bit for bit."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def check_resume(recorded: dict, a: argparse.Namespace, data: dict[str, str]) -> int | None:
+    """The fixed k of the recorded runs (None: no fixed-k run yet), after checking that this rerun
+    repeats their settings, its ``--k`` agrees with theirs and its data has their fingerprints."""
+    args = recorded.get("args")
+    if recorded.get("runs") and args is None:
+        raise SystemExit(f"{a.out / 'results.json'} has runs but no recorded settings to check a resume against; "
+                         "use a new --out")
+    if args is not None:
+        differ = {key: (args.get(key), getattr(a, key)) for key in RUN_SETTINGS if args.get(key) != getattr(a, key)}
+        if differ:
+            shown = ", ".join(f"--{key.replace('_', '-')} {new} (recorded {old})" for key, (old, new) in differ.items())
+            raise SystemExit(f"the recorded runs in {a.out} used other settings: {shown}; repeat the recorded "
+                             "settings to add seeds, or use a new --out")
+    ks = {r["k"] for r in recorded.get("runs", []) if r["arm"] != "mp_threshold"}
+    if len(ks) > 1:
+        raise SystemExit(f"the recorded fixed-k runs in {a.out} disagree on k ({sorted(ks)}); use a new --out")
+    k = ks.pop() if ks else None
+    if k is not None and a.k is not None and a.k != k:
+        raise SystemExit(f"--k {a.k} but the recorded fixed-k runs used k={k}; drop --k or use a new --out")
+    for name, value in data.items():
+        old = recorded.get("data_fingerprint", {}).get(name)
+        if old is not None and old != value:
+            raise SystemExit(f"the {name} differ from those of the recorded runs (fingerprint {value}, recorded "
+                             f"{old}); rebuild them with the recorded settings or use a new --out")
+        if old is None and recorded.get("runs"):
+            print(f"note: the recorded runs carry no fingerprint of the {name}; this rerun cannot check them and "
+                  f"records {value}", flush=True)
+    return k
 
 
 def letter_data(path: Path, model, tok, site: str, cfg: AbsorptionConfig) -> LetterData:
@@ -122,7 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d-sae", type=int, default=2304)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..SEEDS-1 per arm (recorded ones are kept)")
+    p.add_argument("--k", type=int, default=None, help="k of the fixed-k arms (default: the recorded runs' k, "
+                   "else the threshold arm's mean held-out L0, rounded)")
     p.add_argument("--residual-fraction", type=float, default=0.45,
                    help="threshold-stopped MP-SAE: a row stops once its residual is this fraction of its norm")
     p.add_argument("--cap", type=int, default=32, help="threshold-stopped MP-SAE: most pursuit steps per row")
@@ -154,25 +203,31 @@ def main(argv: list[str] | None = None) -> dict:
         cache.parent.mkdir(parents=True, exist_ok=True)
         save_file({"x": rows.contiguous()}, str(cache.with_suffix(".tmp")))
         cache.with_suffix(".tmp").replace(cache)
+    rows_sha = fingerprint(rows)
     rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))]
     train, test = rows[: a.train_tokens], rows[a.train_tokens:]
     batches = [b for b in train.split(a.batch) if b.shape[0] == a.batch]
     model, tok = load_model("smollm2-135m")
     acfg = AbsorptionConfig(words_per_letter=a.words_per_letter, icl_examples=a.icl_examples)
     letters = letter_data(a.out / "letter_acts.safetensors", model, tok, site, acfg)
+    data = {"captured rows": rows_sha, "word activations": fingerprint(letters.acts, letters.labels,
+                                                                                letters.test)}
     probes = letter_probes(letters)
     windows, mask = sample_windows(tok, a.windows, a.context_size, seed=1234)
     ctx = {"model": model, "site": site, "windows": windows, "mask": mask, "letters": letters, "probes": probes,
            "acfg": acfg, "ce_clean": mean_ce(model, site, windows, mask),
            "ce_zero": mean_ce(model, site, windows, mask, torch.zeros_like)}
     path = a.out / "results.json"
-    results = json.loads(path.read_text())["runs"] if path.is_file() else []
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded_k = check_resume(recorded, a, data)
+    results = recorded.get("runs", [])
     done = {(r["arm"], r["seed"]) for r in results}
+    args = {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(a).items()}
     k = None
     for arm in ARMS:
         if arm != "mp_threshold":
             l0 = [r["l0"] for r in results if r["arm"] == "mp_threshold"]
-            k = max(1, round(sum(l0) / len(l0)))
+            k = recorded_k or a.k or max(1, round(sum(l0) / len(l0)))
         for seed in range(a.seeds):
             if (arm, seed) in done:
                 continue
@@ -180,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({key: v for key, v in row.items() if key not in ("config", "absorption")}
                              | {"absorption": row["absorption"]["full_absorption_rate"]}), flush=True)
             results.append(row)
-            write_json(path, {"site": site, "runs": results, "partial": True})
-    out = {"site": site, "args": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(a).items()},
+            write_json(path, {"site": site, "args": args, "data_fingerprint": data, "runs": results, "partial": True})
+    l0 = [r["l0"] for r in results if r["arm"] == "mp_threshold"]
+    out = {"site": site, "args": args, "data_fingerprint": data,
            "n_train": train.shape[0], "n_eval": test.shape[0], "k": k,
+           "threshold_mean_l0": sum(l0) / len(l0) if l0 else None,
            "probe_f1": dict(zip(letters.classes, probes.f1)),
            "runs": results, "summary": summarise(results), "seconds": round(time.time() - t0, 1)}
     write_json(path, out)

@@ -129,3 +129,43 @@ def test_absorption_smollm2_reduced(tmp_path):
         assert -1 < r["ce_loss_recovered"] <= 1.5 and r["absorption"]["n_words"] > 26 * 10
     assert set(res["summary"]) >= {"letters", *mod.ARMS}
     assert (tmp_path / "letter_acts.safetensors").is_file()  # the word activations are kept for a rerun
+    # a third seed is added to the recorded runs, at their k, without re-running seeds 0 and 1
+    more = mod.main(["--out", str(tmp_path), "--layer", "2", "--train-tokens", "1024", "--eval-tokens", "256",
+                     "--d-sae", "64", "--batch", "256", "--seeds", "3", "--cap", "6", "--residual-fraction", "0.6",
+                     "--windows", "2", "--words-per-letter", "40", "--icl-examples", "1", "--k", str(k)])
+    assert [(r["arm"], r["seed"]) for r in more["runs"]] == [*[(r["arm"], r["seed"]) for r in res["runs"]],
+                                                             *[(a, 2) for a in mod.ARMS]]
+    assert more["runs"][:6] == json.loads(json.dumps(res["runs"]))
+    assert more["k"] == k and all(r["k"] == k for r in more["runs"] if r["arm"] != "mp_threshold")
+    assert more["data_fingerprint"] == res["data_fingerprint"] and len(more["summary"]["topk"]["l0"]["values"]) == 3
+
+
+def test_absorption_resume_checks(tmp_path):
+    """A resumed absorption study refuses other settings, another k and other data."""
+    import argparse
+
+    import torch
+
+    mod = _load("mp_absorption_smollm2")
+    settings = {key: 1 for key in mod.RUN_SETTINGS}
+    data = {"captured rows": mod.fingerprint(torch.arange(6.0)), "word activations": "abc"}
+    recorded = {"args": settings, "data_fingerprint": data,
+                "runs": [{"arm": "mp_threshold", "k": None}, {"arm": "mp", "k": 24}, {"arm": "topk", "k": 24}]}
+    a = argparse.Namespace(out=tmp_path, k=None, **settings)
+    assert mod.check_resume(recorded, a, data) == 24
+    assert mod.check_resume({}, a, data) is None  # nothing recorded: a fresh study
+    with pytest.raises(SystemExit, match="--d-sae 2 \\(recorded 1\\)"):
+        mod.check_resume(recorded, argparse.Namespace(**{**vars(a), "d_sae": 2}), data)
+    with pytest.raises(SystemExit, match="--k 23 but the recorded fixed-k runs used k=24"):
+        mod.check_resume(recorded, argparse.Namespace(**{**vars(a), "k": 23}), data)
+    other = {**data, "captured rows": mod.fingerprint(torch.arange(6.0).flip(0))}
+    with pytest.raises(SystemExit, match="captured rows differ"):
+        mod.check_resume(recorded, a, other)
+    with pytest.raises(SystemExit, match="no recorded settings"):
+        mod.check_resume({"runs": recorded["runs"]}, a, data)
+    # the fingerprint reads dtype, shape and bytes
+    x = torch.arange(6.0)
+    assert len({mod.fingerprint(x), mod.fingerprint(x.double()), mod.fingerprint(x.reshape(2, 3)),
+                mod.fingerprint(x + 1e-6)}) == 4
+    y = x.reshape(3, 2).t()  # a strided view hashes as its values in order
+    assert mod.fingerprint(x) == mod.fingerprint(x.clone()) and mod.fingerprint(y) == mod.fingerprint(y.contiguous())
