@@ -21,7 +21,7 @@ the class-mean circle or the circle probe's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -242,7 +242,8 @@ def fit_das_circle(model: nn.Module, sites: str | Sequence[str], batch: dict[str
                    class_tokens: Sequence[int] | Tensor, *, order: Sequence[str],
                    positions: Int[Tensor, " batch"] | Sequence[int],
                    acts: dict[str, Tensor] | None = None, train_rows: Tensor | None = None,
-                   scale: float = ROTATE_SCALE, within: str | None = "class_means", init: str | Tensor = "class_mean",
+                   scale: float = ROTATE_SCALE, within: str | Tensor | None = "class_means",
+                   init: str | Tensor | Subspace | Mapping[str, Tensor | Subspace] = "class_mean",
                    steps: int = 60, lr: float = 0.01, batch_size: int = 16, seed: int = 0,
                    progress: bool | None = None, name: str = "das") -> dict[str, Subspace]:
     """Learn, at each of `sites` jointly, the plane whose circle edit makes the model answer the target class.
@@ -270,7 +271,9 @@ def fit_das_circle(model: nn.Module, sites: str | Sequence[str], batch: dict[str
             mean; ``n_classes - 1`` directions), None lets it range over the whole residual stream,
             or directions ``[k, d_model]`` (the same at every site).
         init: ``"class_mean"`` starts from the class means' top-2 principal plane (the plane of
-            ``class_mean_subspace``), ``"random"`` from a random plane (``seed``), or ``[2, d_model]``.
+            ``class_mean_subspace``), ``"random"`` from a random plane (``seed``), a ``[2, d_model]``
+            tensor or a Subspace (its first two directions), or ``{site: one of those}`` (e.g. the
+            result of an earlier call, to train on).
         steps, lr, batch_size: Adam steps over minibatches of base rows (without replacement within
             an epoch).
 
@@ -302,7 +305,9 @@ def fit_das_circle(model: nn.Module, sites: str | Sequence[str], batch: dict[str
     if isinstance(within, str) and within != "class_means":
         raise InputError(f"within={within!r}: use 'class_means', None or a [k, d_model] tensor of directions")
     if isinstance(init, str) and init not in ("class_mean", "random"):
-        raise InputError(f"init={init!r}: use 'class_mean', 'random' or a [2, d_model] tensor")
+        raise InputError(f"init={init!r}: use 'class_mean', 'random', a [2, d_model] tensor or a Subspace")
+    if isinstance(init, Mapping) and sorted(init) != sorted(names):
+        raise InputError(f"init as a mapping must name every site once; sites {names}, got {sorted(init)}")
     device = next(model.parameters()).device
     y = torch.tensor([order.index(v) for v in labels])
     if acts is None:
@@ -326,8 +331,11 @@ def fit_das_circle(model: nn.Module, sites: str | Sequence[str], batch: dict[str
         means = torch.stack([a[y == k].mean(0) for k in range(len(order))])
         pcs = _orthonormal_rows(means - means.mean(0))
         span = pcs if isinstance(within, str) else (None if within is None else torch.as_tensor(within).float())
-        start = pcs[:2] if isinstance(init, str) and init == "class_mean" else (
-            None if isinstance(init, str) else torch.as_tensor(init).float())
+        given = init[s] if isinstance(init, Mapping) else init
+        if isinstance(given, Subspace):
+            given = given.basis[:2]
+        start = pcs[:2] if isinstance(given, str) and given == "class_mean" else (
+            None if isinstance(given, str) else torch.as_tensor(given).float())
         modules[s] = CircleRotation(means, order, scale=scale, seed=seed + i, within=span, init=start).to(device)
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.Adam(params, lr=lr)
