@@ -49,6 +49,7 @@ import torch
 from interp import capture, load_model, random_control
 from interp.atomic import write_json
 from interp.capture import last_token_index, tokenize
+from interp.das import fit_das_circle
 from interp.edits import Replace, Rotate, SetCoords
 from interp.features import circle_probe, class_mean_subspace
 from interp.features.supervised import class_means
@@ -202,38 +203,85 @@ def circle_edit(circles: dict, layers, mode: str, scale: float, to, sites: dict)
 
 
 def candidates(args) -> list[dict]:
-    """Every configuration the selection compares (fixed before any held-out prompt is seen)."""
+    """Every configuration the selection compares (fixed before any held-out prompt is seen). DAS planes
+    are trained for each layer set (single layers and groups) at every ``--das-scales`` radius and
+    ``--das-within`` span, and scored at every ``--group-scales`` radius (the edit is absolute-radius)."""
     out = [{"layers": [layer], "mode": "scale", "scale": s} for layer in args.select_layers for s in args.scales]
     out += [{"layers": g, "mode": "radius", "scale": s} for g in args.select_groups for s in args.group_scales]
-    return [{**c, "plane": p} for p in args.planes for c in out]
+    cands = [{**c, "plane": p} for p in args.planes if p != "das" for c in out]
+    if "das" in args.planes:
+        cands += [{"layers": g, "mode": "radius", "scale": s, "plane": "das", "das_scale": ts, "das_within": w}
+                  for g in [[layer] for layer in args.select_layers] + args.select_groups
+                  for ts in args.das_scales for w in args.das_within for s in args.group_scales]
+    return cands
 
 
-def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
+def das_key(c: dict) -> tuple:
+    """What a DAS plane is trained for: the layer set, the training radius and the span."""
+    return tuple(c["layers"]), c["das_scale"], c["das_within"]
+
+
+def config(c: dict) -> dict:
+    """The keys that name a candidate (its plane's training settings included)."""
+    return {k: c[k] for k in ("layers", "mode", "scale", "plane", "das_scale", "das_within") if k in c}
+
+
+def fit_das_planes(model, b, labels, day_pos, acts_by_layer: dict, copied, key: tuple, day_ids, args, seed: int,
+                   name: str) -> dict:
+    """DAS circle planes (``interp.das.fit_das_circle``) trained jointly at the layers of `key` on these
+    prompts: the circle edit to a random other day at the day token, cross-entropy of the target day among
+    the seven at the last token; training bases are the prompts the model copies (`copied`)."""
+    layers, scale, within = key
+    sites = {layer: f"blocks.{layer}.hook_resid_post" for layer in layers}
+    out = fit_das_circle(model, list(sites.values()), b, labels, day_ids, order=DAYS, positions=day_pos,
+                         acts={sites[L]: acts_by_layer[L] for L in layers}, train_rows=copied, scale=scale,
+                         within=None if within == "full" else within, steps=args.das_steps, lr=args.das_lr,
+                         batch_size=args.das_batch, seed=seed, name=name)
+    return {layer: out[sites[layer]] for layer in layers}
+
+
+def select_on_fit(model, fit, fit_acts, sites, args, day_ids, base_top) -> dict:
     """Cross-validated success (``args.folds`` folds of fit templates; 0 = leave one template out) of
     every candidate circle edit at the day token (single layers with a radius multiplier; layer groups
-    with an absolute radius); the choice is the best pooled success (ties: fewer layers, then the
-    smaller scale). Nothing here sees a held-out template."""
+    with an absolute radius; DAS planes trained on the other folds); the choice is the best pooled success
+    (ties: fewer layers, then the smaller scale), overall and per plane. Nothing here sees a held-out
+    template."""
     b, labels, day_pos, last = fit
-    base_top, _ = top_days(model, b, day_ids, last)
+    src_idx = torch.tensor([DAYS.index(d) for d in labels])
     n_t = len(labels) // 7
     n_folds = min(args.folds or n_t, n_t)
     template = torch.arange(len(labels)) // 7
     cands = candidates(args)
     layers = sorted({layer for c in cands for layer in c["layers"]})
+    keys = list(dict.fromkeys(das_key(c) for c in cands if c["plane"] == "das"))
     table: dict[int, list] = {i: [] for i in range(len(cands))}
+    das_seconds, das_losses = 0.0, {}
     fold = template % n_folds  # templates dealt round-robin into folds (one template a fold = leave-one-out)
     for f in range(n_folds):
         train = (fold != f).nonzero()[:, 0]
         test = (fold == f).nonzero()[:, 0]
-        circles = {(layer, p): fit_day_circle(fit_acts[sites[layer]][train, 0].float(), [labels[i] for i in train],
-                                              f"L{layer}-fold{f}", p)[0] for layer in layers for p in args.planes}
+        lab_tr = [labels[i] for i in train]
+        circles = {(layer, p): fit_day_circle(fit_acts[sites[layer]][train, 0].float(), lab_tr, f"L{layer}-fold{f}",
+                                              p)[0] for layer in layers for p in args.planes if p != "das"}
+        das = {}
+        for key in keys:
+            t0 = time.time()
+            das[key] = fit_das_planes(model, {k: v[train] for k, v in b.items()}, lab_tr, day_pos[train],
+                                      {L: fit_acts[sites[L]][train, 0].float() for L in key[0]},
+                                      base_top[train] == src_idx[train], key, day_ids, args, args.seed + f,
+                                      f"das-fold{f}")
+            das_seconds += time.time() - t0
+            das_losses[f"{key}/fold{f}"] = das[key][key[0][0]].meta["losses"]
+            print(f"fold {f + 1}/{n_folds}: DAS {key} trained ({time.time() - t0:.0f} s; loss "
+                  f"{das_losses[f'{key}/fold{f}'][0]:.3f} -> {das_losses[f'{key}/fold{f}'][-1]:.3f})", flush=True)
         sub_b = {k: v[test] for k, v in b.items()}
         rows = make_rows(sub_b, [labels[i] for i in test], day_pos[test], last[test], base_top[test],
                          targets=args.targets_per_prompt, seed=args.seed + f)
         if len(rows["tgt"]) == 0:
             continue
         for i, c in enumerate(cands):
-            plane = {layer: circles[layer, c["plane"]] for layer in c["layers"]}
+            plane = das[das_key(c)] if c["plane"] == "das" else {
+                layer: circles[layer, c["plane"]] for layer in c["layers"]}
             edit = circle_edit(plane, c["layers"], c["mode"], c["scale"], rows["tgt_names"], sites)
             with intervene(model, edit, positions=rows["where"]["day"]):
                 top, _ = top_days(model, rows["batch"], day_ids, rows["last"])
@@ -241,12 +289,19 @@ def select_on_fit(model, fit, fit_acts, sites, args, day_ids) -> dict:
     scores = [{**c, "success": sum(s for s, _ in table[i]) / max(sum(n for _, n in table[i]), 1),
                "per_fold": [round(s / n, 4) for s, n in table[i]]} for i, c in enumerate(cands)]
     for r in scores:
+        extra = f" (DAS trained x{r['das_scale']:g}, {r['das_within']})" if r["plane"] == "das" else ""
         print(f"select (fit templates, CV) {r['plane']:10s} layers {','.join(map(str, r['layers'])):18s} "
-              f"{r['mode']:6s} x{r['scale']:<4g} success {r['success']:.3f}", flush=True)
-    best = max(scores, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
-    return {"candidates": scores, "chosen": {k: best[k] for k in ("layers", "mode", "scale", "plane")},
-            "chosen_fit_success": best["success"], "fit_copy_accuracy":
-            float((base_top == torch.tensor([DAYS.index(d) for d in labels])).float().mean())}
+              f"{r['mode']:6s} x{r['scale']:<4g} success {r['success']:.3f}{extra}", flush=True)
+
+    def best_of(rows):
+        return max(rows, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
+
+    best = best_of(scores)
+    per_plane = {p: best_of([r for r in scores if r["plane"] == p]) for p in args.planes}
+    return {"candidates": scores, "chosen": config(best), "chosen_fit_success": best["success"],
+            "chosen_per_plane": {p: {**config(r), "fit_success": r["success"]} for p, r in per_plane.items()},
+            "fit_copy_accuracy": float((base_top == src_idx).float().mean()),
+            "das_training_seconds": round(das_seconds, 1), "das_losses": das_losses}
 
 
 def run(args) -> dict:
@@ -282,7 +337,9 @@ def run(args) -> dict:
             if not k.startswith("_")}
     fit_pos = torch.stack([fit_day, fit_last], 1)
     acts = capture(model, fit_b, list(sites.values()), positions=fit_pos)
-    selection = select_on_fit(model, (fit_b, fit_lab, fit_day, fit_last), acts, sites, args, day_ids) \
+    fit_src = torch.tensor([DAYS.index(d) for d in fit_lab])
+    fit_top, _ = top_days(model, fit_b, day_ids, fit_last)
+    selection = select_on_fit(model, (fit_b, fit_lab, fit_day, fit_last), acts, sites, args, day_ids, fit_top) \
         if candidates(args) else None
     fitted, circles = {}, {}
     needed = set(args.positions) | {"day"}  # the headline edits the day token
@@ -315,14 +372,27 @@ def run(args) -> dict:
               f"x{scale or 1:<4g} success {row['success']:.3f} source_kept {row['source_kept']:.3f}", flush=True)
         return row
 
-    def measure_group(group, pname, scale, mode="scale", plane="class_mean"):
-        circles_here = {L: probes[L] if plane == "probe" else fitted[L, pname][0] for L in group}
+    def measure_group(group, pname, scale, mode="scale", plane="class_mean", planes=None, span_control=False):
+        """The circle edit at `group`, its random control (a random plane at each layer, turned by the same
+        per-row angle and put as far out) and, with `span_control`, the same control drawn inside the span of
+        the seven day means at each layer. `planes`: {layer: Subspace} (default: the class-mean or probe
+        circle fitted on all fit prompts)."""
+        circles_here = planes or {L: probes[L] if plane == "probe" else fitted[L, pname][0] for L in group}
         edits = circle_edit(circles_here, group, mode, scale, tgt_names, sites)
         c = record(group, pname, "circle", scale, [measure(edits, where[pname])], mode, plane)
-        # the control: a random plane at each layer, turned by the same per-row angle and put as far out
         runs = [measure({sites[L]: random_control(edits[sites[L]], seed=1000 * L + seed) for L in group}, where[pname])
                 for seed in range(args.random_seeds)]
-        return c, record(group, pname, "random", scale, runs, mode, plane)
+        r = record(group, pname, "random", scale, runs, mode, plane)
+        if not span_control:
+            return c, r, None
+        runs = [measure({sites[L]: random_control(edits[sites[L]], seed=1000 * L + seed, within=day_span(L))
+                         for L in group}, where[pname]) for seed in range(args.random_seeds)]
+        return c, r, record(group, pname, "random_day_span", scale, runs, mode, plane)
+
+    def day_span(layer):
+        """The span of the seven day means (minus their mean) at the day token, fit prompts."""
+        means = fitted[layer, "day"][1]
+        return means - means.mean(0)
 
     for group in args.layers:  # single layers: radius multipliers (--scales); groups: absolute radius (--group-scales)
         for pname in args.positions:
@@ -339,17 +409,28 @@ def run(args) -> dict:
     headline = None
     if selection is not None:
         ch = selection["chosen"]
-
-        def find(edit, scale=ch["scale"], mode=ch["mode"], plane=ch["plane"]):
-            return next((r for r in results if r["edit"] == edit and r["layers"] == ch["layers"]
-                         and r["position"] == "day" and r["scale"] == scale and r["mode"] == mode
-                         and r["plane"] == plane), None)
-
-        if find("circle") is None:  # the chosen configuration was not in the sweep: measure it now
-            measure_group(ch["layers"], "day", ch["scale"], ch["mode"], ch["plane"])
-        if find("replace", None, None, None) is None:
-            replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
-            record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
+        # every plane at the configuration its own fit-template scores chose, refitted on all fit prompts
+        per_plane, das_final = {}, {}
+        for p, cp in selection["chosen_per_plane"].items():
+            planes = None
+            if p == "das":
+                t0 = time.time()
+                planes = fit_das_planes(model, fit_b, fit_lab, fit_day, {L: acts[sites[L]][:, 0].float()
+                                                                        for L in cp["layers"]},
+                                        fit_top == fit_src, das_key(cp), day_ids, args, args.seed, "das")
+                das_final = {"seconds": round(time.time() - t0, 1), "losses": planes[cp["layers"][0]].meta["losses"],
+                             **{f"{L}/day/das": {k: planes[L].meta.get(k) for k in (
+                                 "order_matches", "cyclic_order", "radius_cv")} for L in cp["layers"]}}
+            c, r, rs = measure_group(cp["layers"], "day", cp["scale"], cp["mode"], p, planes, span_control=True)
+            per_plane[p] = {"chosen_on_fit_templates": cp, "circle": c, "random": r, "random_day_span": rs,
+                            "met": c["success"] >= args.aim and r["success"] <= 0.15,
+                            "ci95_by_prompt_bootstrap": {
+                                name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
+                                       for part in ["all", *part_mask]}
+                                for name, row in (("circle", c), ("random", r), ("random_day_span", rs))}}
+        c, r = per_plane[ch["plane"]]["circle"], per_plane[ch["plane"]]["random"]
+        replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
+        rep = record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
         # How much of the day's identity the circle plane carries: the same layers, with the whole rank-6
         # span of the seven day means set to the target's mean coordinates (and a random rank-6 control).
         day_sub = {L: class_mean_subspace(acts[sites[L]][:, 0].float(), fit_lab, rank=6, circle=False,
@@ -359,18 +440,18 @@ def run(args) -> dict:
         rand6 = record(ch["layers"], "day", "random_rank6", None, [measure(  # moved as far, in a random rank-6 subspace
             {sites[L]: random_control(SetCoords(day_sub[L], value=tgt_names), seed=1000 * L + seed)
              for L in ch["layers"]}, where["day"]) for seed in range(args.random_seeds)], "set")
-        c, r = find("circle"), find("random")
         parts = list(part_mask)
         aim = args.aim
         headline = {"chosen_on_fit_templates": ch, "circle": c, "random": r,
-                    "replace": find("replace", None, None, None), "day_subspace_rank6": full, "random_rank6": rand6,
+                    "replace": rep, "day_subspace_rank6": full, "random_rank6": rand6,
                     "none": none, "target": {"circle_success_min": aim, "random_success_max": 0.15},
                     "met": c["success"] >= aim and r["success"] <= 0.15,
                     "met_per_part": {p: c[f"success_{p}"] >= aim and r[f"success_{p}"] <= 0.15 for p in parts},
+                    "per_plane": per_plane, "das_final_fit": das_final or None,
                     "ci95_by_prompt_bootstrap": {
-                        name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
-                               for part in ["all", *parts]}
-                        for name, row in (("circle", c), ("random", r), ("day_subspace_rank6", full))}}
+                        **per_plane[ch["plane"]]["ci95_by_prompt_bootstrap"],
+                        "day_subspace_rank6": {part: prompt_bootstrap_ci(row_hits[id(full)], pi, part_mask.get(part))
+                                               for part in ["all", *parts]}}}
     circle_rows = [r for r in results if r["edit"] == "circle"]
     best = max(circle_rows, key=lambda r: r["success"])
     rand_at_best = next(r for r in results if r["edit"] == "random" and r["layers"] == best["layers"]
@@ -411,17 +492,21 @@ def plot(res: dict, path: Path) -> None:
 
     sel, head = res["selection"], res["headline"]
     aim = head["target"]["circle_success_min"] if head else 0.7
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
+    per_plane = (head or {}).get("per_plane") or {}
+    fig = Figure(figsize=(16 if per_plane else 11, 4))
+    axes = fig.subplots(1, 3 if per_plane else 2)
     if sel:
-        keys = list(dict.fromkeys((tuple(c["layers"]), c["mode"], c.get("plane", "class_mean"))
-                                  for c in sel["candidates"]))
-        for layers, mode, plane in keys:
-            cs = sorted((c for c in sel["candidates"] if tuple(c["layers"]) == layers and c["mode"] == mode
-                         and c.get("plane", "class_mean") == plane), key=lambda c: c["scale"])
+        def line(c):
+            return (tuple(c["layers"]), c["mode"], c.get("plane", "class_mean"), c.get("das_scale"),
+                    c.get("das_within"))
+
+        for key in dict.fromkeys(line(c) for c in sel["candidates"]):
+            layers, mode, plane, das_scale, das_within = key
+            cs = sorted((c for c in sel["candidates"] if line(c) == key), key=lambda c: c["scale"])
             name = (f"layer {layers[0]}" if len(layers) == 1 else
                     f"layers {layers[0]}-{layers[-1]} ({len(layers)}), radius")
-            name += ", probe" if plane == "probe" else ""
+            if plane != "class_mean":
+                name += ", probe" if plane == "probe" else f", DAS (x{das_scale:g}, {das_within})"
             axes[0].plot([c["scale"] for c in cs], [c["success"] for c in cs], "o-" if len(layers) == 1 else "s--",
                          ms=4, label=name)
         axes[0].plot([sel["chosen"]["scale"]], [sel["chosen_fit_success"]], "k*", ms=14, label="chosen")
@@ -458,6 +543,22 @@ def plot(res: dict, path: Path) -> None:
         axes[1].axhline(0.15, color="red", lw=0.6, ls=":")
         axes[1].set_ylim(0, 1.3)
         axes[1].legend(fontsize=7, ncols=3, loc="upper center")
+    if per_plane:  # every plane at its own fit-template choice, held out, with its controls
+        names = list(per_plane)
+        kinds = {"circle": "circle edit", "random": "random plane", "random_day_span": "random plane in the day span"}
+        for i, (kind, label) in enumerate(kinds.items()):
+            ys = [per_plane[p][kind]["success"] for p in names]
+            ci = [per_plane[p]["ci95_by_prompt_bootstrap"][kind]["all"] for p in names]
+            err = [[max(y - c[0], 0) for y, c in zip(ys, ci)], [max(c[1] - y, 0) for y, c in zip(ys, ci)]]
+            axes[2].bar([j + (i - 1) * 0.27 for j in range(len(names))], ys, 0.27, label=label, yerr=err, capsize=2)
+        axes[2].set_xticks(range(len(names)), [
+            f"{p}\nlayers {','.join(map(str, per_plane[p]['chosen_on_fit_templates']['layers']))} "
+            f"x{per_plane[p]['chosen_on_fit_templates']['scale']:g}" for p in names], fontsize=7)
+        axes[2].axhline(aim, color="green", lw=0.6, ls=":")
+        axes[2].axhline(0.15, color="red", lw=0.6, ls=":")
+        axes[2].set_ylim(0, 1.1)
+        axes[2].set_title("held out, all rows: each plane at its own fit-template choice (95 % CI)", fontsize=9)
+        axes[2].legend(fontsize=7, loc="upper left")
     fig.suptitle("Rotating the weekday circle at the day token (SmolLM2-135M, resid_post)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -499,15 +600,26 @@ def main(argv=None) -> int:
                     help="target days per prompt, drawn with --seed, in the selection and on the held-out prompts "
                          "(0: all six)")
     ap.add_argument("--planes", type=lambda s: s.split(","), default=["class_mean"],
-                    help="planes the selection compares: class_mean (class-mean PCA) and/or probe (the circle "
-                         "probe, interp.features.circle_probe)")
+                    help="planes the selection compares: class_mean (class-mean PCA), probe (the circle probe, "
+                         "interp.features.circle_probe) and/or das (a plane learned with the circle edit as the "
+                         "intervention, interp.das.fit_das_circle)")
+    ap.add_argument("--das-scales", type=lambda s: [float(x) for x in s.split(",")], default=[3.0],
+                    help="radius multipliers DAS planes are trained at (each is also scored at every --group-scales)")
+    ap.add_argument("--das-within", type=lambda s: s.split(","), default=["class_means"],
+                    help="spans DAS planes are searched in: class_means (the seven day means' span) and/or full")
+    ap.add_argument("--das-steps", type=int, default=8, help="Adam steps of each DAS fit")
+    ap.add_argument("--das-lr", type=float, default=0.02, help="learning rate of the DAS fits")
+    ap.add_argument("--das-batch", type=int, default=16, help="prompts per DAS step")
     ap.add_argument("--aim", type=float, default=0.7, help="the held-out success the headline is judged against")
     ap.add_argument("--seed", type=int, default=0, help="seed of the drawn targets")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
-    bad_planes = not args.planes or any(p not in ("class_mean", "probe") for p in args.planes)
+    bad_planes = not args.planes or any(p not in ("class_mean", "probe", "das") for p in args.planes)
     if bad_planes or not 0 <= args.targets_per_prompt <= 6:
-        ap.error("--planes: class_mean and/or probe; --targets-per-prompt: 0..6")
+        ap.error("--planes: class_mean, probe and/or das; --targets-per-prompt: 0..6")
+    if any(w not in ("class_means", "full") for w in args.das_within) or min(args.das_scales) <= 0 or \
+            args.das_steps < 1 or args.das_batch < 1 or args.das_lr <= 0:
+        ap.error("--das-within: class_means and/or full; --das-scales > 0; --das-steps, --das-batch >= 1; --das-lr > 0")
     bad = [p for p in args.positions if p not in ("day", "last")]
     if bad:
         ap.error(f"--positions: unknown {bad}; choose from day,last")
@@ -527,6 +639,12 @@ def main(argv=None) -> int:
               f"replace {h['replace']['success']:.3f}; target met: {h['met']} (per part: {h['met_per_part']}); "
               "95% interval of the circle's success (prompt bootstrap) "
               f"{h['ci95_by_prompt_bootstrap']['circle']['all']}")
+        for p, row in h["per_plane"].items():
+            ci, cp = row["ci95_by_prompt_bootstrap"], row["chosen_on_fit_templates"]
+            print(f"plane {p:10s} (its own fit-template choice: layers {cp['layers']} x{cp['scale']:g}, fit CV "
+                  f"{cp['fit_success']:.3f}): held-out {row['circle']['success']:.3f} {ci['circle']['all']}, random "
+                  f"{row['random']['success']:.3f} {ci['random']['all']}, random in the day span "
+                  f"{row['random_day_span']['success']:.3f}")
     return 0
 
 

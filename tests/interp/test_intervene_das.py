@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from interp.das import RotatedPatch, fit_das
+from interp.das import CircleRotation, RotatedPatch, fit_das, fit_das_circle
 from interp.edits import EditContext
 from interp.errors import InputError
 from interp.intervene import intervene
@@ -56,3 +57,133 @@ def test_fit_das_learns_a_subspace_that_carries_the_source_answer(model):
     assert all(p.requires_grad for p in model.parameters())  # model flags restored
     w = das.subspace().basis
     torch.testing.assert_close(w @ w.T, torch.eye(4), atol=1e-4, rtol=0)
+
+
+def test_rotated_patch_within_a_span_starts_at_init_and_stays_there():
+    g = torch.Generator().manual_seed(1)
+    within = torch.randn(5, D, generator=g)
+    init = within[:2] + 0.5 * within[2:4]
+    das = RotatedPatch(D, 2, within=within, init=init)
+    w = das.W.detach()
+    q = torch.linalg.qr(init.T)[0].T  # the orthonormalised start (init lies in the span)
+    torch.testing.assert_close(w @ w.T, torch.eye(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(w.T @ w, q.T @ q, atol=1e-5, rtol=0)  # the same plane
+    basis = torch.linalg.qr(within.T)[0].T
+    torch.testing.assert_close(w - (w @ basis.T) @ basis, torch.zeros_like(w), atol=1e-5, rtol=0)
+    with pytest.raises(InputError, match="span"):
+        RotatedPatch(D, 6, within=within)
+
+
+def test_circle_rotation_is_the_rotate_edit_of_its_subspace():
+    from interp.edits import Rotate
+
+    g = torch.Generator().manual_seed(2)
+    classes = ["a", "b", "c", "d", "e"]
+    ang = torch.tensor([0.0, 1.0, 2.5, 3.9, 5.0])  # unevenly spaced, in a random plane, off-center
+    plane = torch.linalg.qr(torch.randn(D, 2, generator=g))[0].T
+    means = (torch.stack([ang.cos(), ang.sin()], 1) * 3 + 1.0) @ plane + 0.1 * torch.randn(5, D, generator=g)
+    rot = CircleRotation(means, classes, scale=3.0, within=None, seed=4)
+    target = torch.tensor([1, 4, 0, 2, 3, 3])
+    x = torch.randn(6, D, generator=g)
+    ctx = EditContext(torch.arange(6), torch.zeros(6, dtype=torch.long), None)
+    got = rot.set_target(target)(x, ctx)
+    sub = rot.subspace(order=classes)
+    want = Rotate(sub, to=[classes[t] for t in target], scale=3.0)(x, ctx)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the edited points sit on the target's angle at 3 x the circle's radius
+    cm = sub.coord_map
+    d = sub.project(got) - cm.center
+    torch.testing.assert_close(d.norm(dim=-1), torch.full((6,), 3.0 * cm.radius), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(torch.atan2(d[:, 1], d[:, 0]), torch.tensor([cm.angles[classes[t]] for t in target]),
+                               atol=1e-4, rtol=0)
+    with pytest.raises(InputError, match="set_target"):
+        CircleRotation(means, classes)(x, ctx)
+
+
+N_CLS = 5
+
+
+def _class_task(n, seed=0):
+    """Prompts of 5 random tokens with a class token (ids 1..N_CLS) at column 1; the answer is that token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(N_CLS + 1, V, (n, 5), generator=g)
+    y = torch.arange(n) % N_CLS
+    ids[:, 1] = y + 1
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, y
+
+
+@pytest.fixture(scope="module")
+def copy_model():
+    """A tiny Llama trained to repeat the class token, whose class embeddings are planted on a circle in
+    coordinates 0 and 1 (the same elsewhere), so only that plane tells the classes apart at the embedding."""
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    emb = m.get_input_embeddings().weight
+    ang = torch.arange(N_CLS) * 2 * torch.pi / N_CLS
+    with torch.no_grad():
+        shared = torch.randn(D)
+        shared[:2] = 0
+        emb[1:N_CLS + 1] = shared / shared.norm()
+        emb[1:N_CLS + 1, 0], emb[1:N_CLS + 1, 1] = ang.cos(), ang.sin()
+    frozen = torch.ones(V, 1)
+    frozen[1:N_CLS + 1] = 0
+    emb.register_hook(lambda grad: grad * frozen)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for step in range(60):
+        batch, y = _class_task(32, seed=100 + step)
+        loss = nn.functional.cross_entropy(m(**batch).logits[:, -1], y + 1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.eval().requires_grad_(True)
+
+
+def test_fit_das_circle_finds_a_planted_circle_plane_from_a_random_start(copy_model):
+    from interp.edits import Rotate
+
+    site = "blocks.0.hook_resid_pre"  # the embedding: the classes differ only in the planted plane
+    order = ["a", "b", "c", "d", "e"]
+    tokens = torch.arange(1, N_CLS + 1)
+    batch, y = _class_task(60)
+    labels = [order[i] for i in y]
+    n = len(y)
+    target = (y + 1 + torch.arange(n) % 4) % N_CLS  # every row, a class other than its own
+    with torch.no_grad():
+        assert bool((copy_model(**batch).logits[:, -1, tokens].argmax(-1) == y).all())  # the model copies
+
+    def success(sub):
+        with torch.no_grad(), intervene(copy_model, {site: Rotate(sub, to=[order[t] for t in target], scale=1.0)},
+                                        positions=[[1]] * n):
+            top = copy_model(**batch).logits[:, -1, tokens].argmax(-1)
+        return float((top == target).float().mean())
+
+    kw = dict(order=order, positions=torch.full((n,), 1), scale=1.0, within=None, init="random", lr=0.05,
+              batch_size=20, seed=0)
+    start = fit_das_circle(copy_model, site, batch, labels, tokens, steps=1, **kw)[site]
+    sub = fit_das_circle(copy_model, [site], batch, labels, tokens, steps=30, **kw)[site]
+    before, after = success(start), success(sub)
+    assert before < 0.5 and after >= 0.9, (before, after)
+    # cosines of the principal angles to the planted plane: the learned plane turned towards it
+    cos_start, cos_end = (torch.linalg.svdvals(s.basis[:, :2]) for s in (start, sub))
+    assert float(cos_end.min()) > 0.7 > 0.5 > float(cos_start.min()), (cos_start, cos_end)
+    assert sub.meta["finder"] == "das_circle" and len(sub.meta["losses"]) == 30
+    assert sub.meta["order_matches"] and sorted(sub.coord_map.angles) == order
+    assert all(p.requires_grad for p in copy_model.parameters())  # the model's flags restored
+    torch.testing.assert_close(sub.basis @ sub.basis.T, torch.eye(2), atol=1e-4, rtol=0)
+
+
+def test_fit_das_circle_rejects_bad_input(model):
+    batch, y = _class_task(10)
+    labels = [["a", "b", "c", "d", "e"][i] for i in y]
+    site = "blocks.0.hook_resid_post"
+    args = (model, site, batch, labels, torch.arange(1, 6))
+    with pytest.raises(InputError, match="unknown classes"):
+        fit_das_circle(*args, order=["a", "b", "c", "d"], positions=torch.full((10,), 2))
+    with pytest.raises(InputError, match="positions"):
+        fit_das_circle(*args, order=list("abcde"), positions=torch.full((3,), 2))
+    with pytest.raises(InputError, match="within"):
+        fit_das_circle(*args, order=list("abcde"), positions=torch.full((10,), 2), within="pca")
+    with pytest.raises(InputError, match="no training rows"):
+        fit_das_circle(*args, order=list("abcde"), positions=torch.full((10,), 2),
+                       train_rows=torch.zeros(10, dtype=torch.bool))
