@@ -40,15 +40,21 @@ What each row runs (each library's own end-to-end path):
 With runs shorter than 10M rows no latent counts as dead for anyone, so AuxK adds no work or loss.
 The rows' data order differs by design: each shuffles documents, windows or rows its own way.
 
-Figures per row and round: ``setup_s`` (model load, dataset preparation and SAE construction, before
-the training call), ``train_s`` (the training call: buffer fills, model forwards, SAE steps, saving
-the SAE), ``imports_s``; ``tokens_trained`` (rows fed to the SAE, counted where the SAE sees them) and
-``model_tokens`` (token positions that went through the model, counted by a hook on the input
-embedding); ``tokens_per_s = tokens_trained / train_s`` (the headline), ``tokens_per_s_with_setup``;
-``final_fvu``: one function (1 - explained variance, accumulated over the whole set) on the same
-held-out activations for every row: rows of documents no row trains on, captured by
-:func:`interp.source.capture_rows` (position 0 and special tokens left out). A row that cannot run
-records its error in one line (``status: "failed"``) and the run continues.
+Figures per row and round: ``imports_s`` (torch, transformers, datasets, the model's class, then the
+library), ``setup_s`` (model load, dataset preparation and SAE construction: everything before the
+training call), ``train_s`` (the training call: buffer fills, model forwards, SAE steps, and saving
+what the library saves at the end: this project its SAE and a resume checkpoint, sparsify its SAE
+and optimizer state, SAELens its SAE); ``tokens_trained`` (rows that reached the SAE) and
+``model_tokens`` (token positions the model ran on during the training call, counted by a hook on its
+input embedding: more than ``tokens_trained`` where a buffer is filled past the last step or positions
+are left out); ``tokens_per_s = tokens_trained / train_s`` (the headline), ``tokens_per_s_with_setup``
+and ``model_tokens_per_s``. ``final_fvu`` is measured by one function (1 - explained variance, sums
+over the whole set) in the parent process, on the reconstructions each row writes of the same
+held-out rows: activations of documents that no row trains on, captured once by the parent with
+:func:`interp.source.capture_rows` (position 0 and special tokens left out). ``summary`` holds the
+medians over the rounds that ran and, per peer, ``interp`` tokens/s over the peer's, paired within a
+round. A row that cannot run records its error in one line (``status: "failed"``, ``reason``) and
+the run goes on with the other rows.
 
     python benchmarks/sae_end_to_end.py                  # full size: writes benchmarks/results/sae_end_to_end.json
     python benchmarks/sae_end_to_end.py --quick          # a tiny random Llama, a few hundred tokens: the code path
@@ -75,7 +81,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "sae_end_to_end.json"
 ROWS = ("interp", "saelens", "sparsify")
 DEAD_TOKENS = 10_000_000
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "WANDB_MODE": "disabled", "SPARSIFY_DISABLE_TRITON": "1", "TOKENIZERS_PARALLELISM": "false"}
+               "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ------------------------------------------------------------------------------------------ preparation
@@ -211,19 +217,27 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def final_fvu(recon, spec: dict) -> float:
-    """1 - explained variance of `recon` over the held-out rows (sums over the whole set)."""
+def reconstruct(recon, spec: dict, path: Path) -> None:
+    """Write `recon` of every held-out row to `path` (the parent measures the FVU of every row)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    held = load_file(spec["heldout"])["x"]
+    with torch.no_grad():
+        x_hat = torch.cat([recon(x.to(spec["device"])).float().cpu() for x in held.split(1024)])
+    save_file({"x_hat": x_hat.contiguous()}, str(path))
+
+
+def final_fvu(heldout: Path, recon_file: Path) -> float:
+    """1 - explained variance of the reconstructions over the held-out rows (sums over the whole set)."""
     import torch
     from safetensors.torch import load_file
 
     from saes.evaluate import ReconstructionStats
 
-    held = load_file(spec["heldout"])["x"]
-    acc = ReconstructionStats(held.shape[-1], 1)
-    with torch.no_grad():
-        for x in held.split(1024):
-            x = x.to(spec["device"])
-            acc.update(x, recon(x).float(), torch.zeros(x.shape[0], 1))
+    x, x_hat = load_file(str(heldout))["x"], load_file(str(recon_file))["x_hat"]
+    acc = ReconstructionStats(x.shape[-1], 1)
+    acc.update(x, x_hat, torch.zeros(x.shape[0], 1))
     return acc.result()["fvu"]
 
 
@@ -370,7 +384,7 @@ def worker(row: str, spec_path: str) -> int:
                     "tokens_per_s_with_setup": trained / (setup_s + train_s),
                     "model_tokens_per_trained_token": count.model_tokens / trained,
                     "peak_rss_mb": _peak_rss_mb()})
-        res["final_fvu"] = final_fvu(recon, spec)
+        reconstruct(recon, spec, Path(spec["work"]) / f"recon-{row}.safetensors")
     except Exception as e:  # the benchmark records why a row could not run, in one line
         res.update({"status": "failed", "reason": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"})
     shutil.rmtree(out, ignore_errors=True)
@@ -379,8 +393,10 @@ def worker(row: str, spec_path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def run_round(row: str, spec_path: Path, work: Path, timeout: float) -> dict:
-    env = {**os.environ, **OFFLINE_ENV, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{row}"),
+def run_round(row: str, spec_path: Path, work: Path, timeout: float, device: str) -> dict:
+    # sparsify's Triton kernels need CUDA: on CPU it imports only with them switched off
+    cpu = {"SPARSIFY_DISABLE_TRITON": "1"} if not device.startswith("cuda") else {}
+    env = {**os.environ, **OFFLINE_ENV, **cpu, "HF_DATASETS_CACHE": str(work / f"hf-datasets-{row}"),
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     shutil.rmtree(work / f"hf-datasets-{row}", ignore_errors=True)  # no row reuses an earlier round's tokenization
     t0 = time.perf_counter()
@@ -395,6 +411,10 @@ def run_round(row: str, spec_path: Path, work: Path, timeout: float) -> dict:
         return {"row": row, "status": "failed", "reason": f"worker exited {p.returncode}: {err[-1] if err else ''}"}
     res = json.loads(lines[-1])
     res["process_s"] = time.perf_counter() - t0
+    recon = work / f"recon-{row}.safetensors"
+    if res["status"] == "ok":
+        res["final_fvu"] = final_fvu(work / "heldout.safetensors", recon)
+    recon.unlink(missing_ok=True)
     return res
 
 
@@ -480,7 +500,7 @@ def main(argv=None) -> int:
             order = args.rows if r % 2 == 0 else args.rows[::-1]
             got = []
             for row in order:
-                res = {**run_round(row, spec_path, work, args.timeout), "round": r}
+                res = {**run_round(row, spec_path, work, args.timeout, args.device), "round": r}
                 got.append(res)
                 brief = {k: res.get(k) for k in ("status", "tokens_per_s", "final_fvu", "setup_s", "train_s", "reason")}
                 print(f"round {r} {row}: {json.dumps({k: v for k, v in brief.items() if v is not None})}", flush=True)
@@ -510,7 +530,10 @@ def main(argv=None) -> int:
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     spec_out = {k: v for k, v in spec.items() if k not in ("work", "text_dir", "text_file", "heldout", "special_ids")}
-    spec_out["model_dir"] = "smollm2-135m (converted copy)" if not (args.quick or args.model) else args.model or "tiny"
+    spec_out["model"] = args.model or ("tiny random Llama (4 layers, d_model 64, byte tokenizer)" if args.quick
+                                       else "smollm2-135m (the embedded model's safetensors copy)")
+    spec_out["text_source"] = args.text or "the offline default corpus (pydocs)"
+    del spec_out["model_dir"]
     result = {"benchmark": "sae_end_to_end", "quick": args.quick, "settings": spec_out, "rows": args.rows,
               "rounds": rounds, "summary": summary, "prepare_s": prep_s,
               "command": " ".join(["python", "benchmarks/sae_end_to_end.py", *(argv if argv is not None
