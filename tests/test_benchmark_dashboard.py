@@ -44,6 +44,6 @@ def test_quick_benchmark_writes_its_rounds_and_memory(tmp_path, text_file):
     again = json.loads(out.read_text())
     assert again["rounds"] == result["rounds"] and "--memory-only" in again["memory_command"]
     assert [m["tokens"] for m in again["memory"]] == [result["tokens"] // 4, result["tokens"]]
-    done = subprocess.run(args[:-2] + ["--batch-windows", "3", "--out", str(out)], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(args[:-2] + ["--batch-windows", "3", "--out", str(out)], capture_output=True, text=True,
+                          env=env, timeout=600)
     assert done.returncode != 0 and "other settings" in done.stderr and "'batch_windows': (8, 3)" in done.stderr

@@ -27,7 +27,7 @@ def test_weekday_experiment_reduced_run_writes_results(tmp_path, monkeypatch):
     assert res["control_none"]["success"] == 0.0 and res["control_none"]["source_kept"] == 1.0
     edits = {(r["edit"], r["position"]) for r in res["results"]}
     assert edits == {("circle", "day"), ("random", "day"), ("replace", "day"), ("day_subspace", "day"),
-                     ("random_rank6", "day")}
+                     ("random_rank6", "day"), ("random_day_span", "day")}  # a random plane inside the day span too
     assert res["circles"]["10/day"]["order_matches"] is True
     # the held-out sweep: a single layer at every --scales multiplier, a group at every --group-scales radius
     swept = {(tuple(r["layers"]), r["edit"], r["mode"], r["scale"]) for r in res["results"] if r["edit"] != "replace"}
