@@ -32,7 +32,18 @@ three controls:
 Positions: ``day`` (the earlier mention of the day) or ``last`` (the final token; its own circle
 is fitted on final-token activations). Layer groups edit one layer or several at once.
 
-    python experiments/weekday_circle_intervention.py --out experiments/results/weekday_intervention
+Planes (``--planes``): ``class_mean`` (class-mean PCA), ``probe`` (the circle probe,
+``interp.features.circle_probe``) and ``das`` (``interp.das.fit_das_circle``: a plane per layer of the
+group, trained jointly with the circle edit itself as the intervention -- the day token's point put at a
+random other day's angle at ``--das-scales`` x the day means' circle radius in the plane -- and the
+cross-entropy of that day among the seven at the last token as the objective; inside the day means'
+span or the whole residual stream, ``--das-within``). In the selection DAS planes are trained on the
+other folds' templates only; each plane's own best candidate is then refitted on all fit templates and
+measured held out with its random controls (a random plane anywhere, and one inside the day means' span).
+
+    python experiments/weekday_circle_intervention.py --out experiments/results/weekday_intervention \
+        --planes class_mean,probe,das --select-layers "" --select-groups 2,4,6,8,10 4,6,8,10,12,14 \
+        --group-scales 3,4 --targets-per-prompt 2 --random-seeds 2 --das-within class_means,full
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -409,25 +421,51 @@ def run(args) -> dict:
     headline = None
     if selection is not None:
         ch = selection["chosen"]
-        # every plane at the configuration its own fit-template scores chose, refitted on all fit prompts
-        per_plane, das_final = {}, {}
-        for p, cp in selection["chosen_per_plane"].items():
-            planes = None
-            if p == "das":
-                t0 = time.time()
+        def plane_report(plane: str, label: str, cp: dict) -> dict:
+            """One plane at its fit-template choice `cp`, refitted on all fit prompts, measured held out with
+            its controls; for a class-mean or probe plane and for DAS: the plane's day order and where it lies
+            (principal cosines with the class-mean plane, share of its basis in the day means' span)."""
+            t0 = time.time()
+            if plane == "das":
                 planes = fit_das_planes(model, fit_b, fit_lab, fit_day, {L: acts[sites[L]][:, 0].float()
                                                                         for L in cp["layers"]},
                                         fit_top == fit_src, das_key(cp), day_ids, args, args.seed, "das")
-                das_final = {"seconds": round(time.time() - t0, 1), "losses": planes[cp["layers"][0]].meta["losses"],
-                             **{f"{L}/day/das": {k: planes[L].meta.get(k) for k in (
-                                 "order_matches", "cyclic_order", "radius_cv")} for L in cp["layers"]}}
-            c, r, rs = measure_group(cp["layers"], "day", cp["scale"], cp["mode"], p, planes, span_control=True)
-            per_plane[p] = {"chosen_on_fit_templates": cp, "circle": c, "random": r, "random_day_span": rs,
-                            "met": c["success"] >= args.aim and r["success"] <= 0.15,
-                            "ci95_by_prompt_bootstrap": {
-                                name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
-                                       for part in ["all", *part_mask]}
-                                for name, row in (("circle", c), ("random", r), ("random_day_span", rs))}}
+                for L in cp["layers"]:
+                    planes[L].save(Path(args.out) / f"das_planes_{cp['das_within']}" / sites[L])
+            else:
+                planes = {L: probes[L] if plane == "probe" else fitted[L, "day"][0] for L in cp["layers"]}
+            fit_seconds = round(time.time() - t0, 1)
+            where_planes = {}
+            for L in cp["layers"]:
+                b = planes[L].basis.double()
+                means = fitted[L, "day"][1].double()
+                span = torch.linalg.svd(means - means.mean(0), full_matrices=False)[2][:6]
+                where_planes[L] = {
+                    "order_matches": planes[L].meta.get("order_matches"), "cyclic_order": planes[L].meta.get(
+                        "cyclic_order"), "radius": round(float(planes[L].coord_map.radius), 4),
+                    "cos_with_class_mean_plane": [round(float(v), 4) for v in torch.linalg.svdvals(
+                        b @ fitted[L, "day"][0].basis.double().T)],
+                    "share_in_day_span": round(float((b @ span.T).pow(2).sum() / len(b)), 4)}
+            c, r, rs = measure_group(cp["layers"], "day", cp["scale"], cp["mode"], label, planes, span_control=True)
+            out = {"chosen_on_fit_templates": cp, "circle": c, "random": r, "random_day_span": rs,
+                   "met": c["success"] >= args.aim and r["success"] <= 0.15, "planes": where_planes,
+                   "ci95_by_prompt_bootstrap": {
+                       name: {part: prompt_bootstrap_ci(row_hits[id(row)], pi, part_mask.get(part))
+                              for part in ["all", *part_mask]}
+                       for name, row in (("circle", c), ("random", r), ("random_day_span", rs))}}
+            if plane == "das":
+                out["das_fit"] = {"seconds": fit_seconds, "losses": planes[cp["layers"][0]].meta["losses"]}
+            return out
+
+        # every plane at the configuration its own fit-template scores chose, refitted on all fit prompts
+        per_plane = {p: plane_report(p, p, cp) for p, cp in selection["chosen_per_plane"].items()}
+        # with several DAS spans, each other span at its own best fit-template candidate too (reported only)
+        das_other_spans = {}
+        for w in (args.das_within if "das" in args.planes else []):
+            if w != selection["chosen_per_plane"]["das"]["das_within"]:
+                mine = [cand for cand in selection["candidates"] if cand["plane"] == "das" and cand["das_within"] == w]
+                cw = max(mine, key=lambda r: (round(r["success"], 6), -len(r["layers"]), -r["scale"]))
+                das_other_spans[w] = plane_report("das", f"das_{w}", {**config(cw), "fit_success": cw["success"]})
         c, r = per_plane[ch["plane"]]["circle"], per_plane[ch["plane"]]["random"]
         replace = {sites[L]: Replace(fitted[L, "day"][1][tgt]) for L in ch["layers"]}
         rep = record(ch["layers"], "day", "replace", None, [measure(replace, where["day"])])
@@ -447,7 +485,7 @@ def run(args) -> dict:
                     "none": none, "target": {"circle_success_min": aim, "random_success_max": 0.15},
                     "met": c["success"] >= aim and r["success"] <= 0.15,
                     "met_per_part": {p: c[f"success_{p}"] >= aim and r[f"success_{p}"] <= 0.15 for p in parts},
-                    "per_plane": per_plane, "das_final_fit": das_final or None,
+                    "per_plane": per_plane, "das_other_spans": das_other_spans,
                     "ci95_by_prompt_bootstrap": {
                         **per_plane[ch["plane"]]["ci95_by_prompt_bootstrap"],
                         "day_subspace_rank6": {part: prompt_bootstrap_ci(row_hits[id(full)], pi, part_mask.get(part))
@@ -471,6 +509,7 @@ def run(args) -> dict:
         "selection": selection, "headline": headline, "results": results,
         "best_circle_after_the_fact": best, "random_at_best": rand_at_best,
         "seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(sum(resource.getrusage(resource.RUSAGE_SELF)[:2]), 1),
         "note": "CPU run. Success = the model's top day among the seven (logits at the last token) equals the "
                 "target day; rows are (held-out prompt the model copies correctly, target day != source day). "
                 "circle, mode scale = Rotate(fitted circle, to=target, scale=s): the point is turned to the "

@@ -37,9 +37,14 @@ from interp.subspace import CircleMap, Subspace
 
 
 def _orthonormal_rows(m: Tensor) -> Tensor:
-    """An orthonormal basis ``[k, d]`` of the row span of `m` (numerically null directions dropped)."""
+    """An orthonormal basis ``[k, d]`` of the row span of `m` (numerically null directions dropped).
+
+    The tolerance is relative to the input's own precision (``max(shape) * eps`` of its dtype), so the
+    rounding noise of float32 rows that are exactly dependent (e.g. class means minus their mean) is not
+    kept as a direction."""
+    eps = torch.finfo(m.dtype).eps if m.is_floating_point() else torch.finfo(torch.float32).eps
     _, s, vh = torch.linalg.svd(m.double(), full_matrices=False)
-    return vh[s > s.max() * 1e-8].float()
+    return vh[s > s.max() * max(m.shape) * eps].float()
 
 
 class RotatedPatch(nn.Module, Edit):

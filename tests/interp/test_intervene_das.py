@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from interp.capture import capture
 from interp.das import CircleRotation, RotatedPatch, fit_das, fit_das_circle
 from interp.edits import EditContext
 from interp.errors import InputError
@@ -187,3 +188,20 @@ def test_fit_das_circle_rejects_bad_input(model):
     with pytest.raises(InputError, match="no training rows"):
         fit_das_circle(*args, order=list("abcde"), positions=torch.full((10,), 2),
                        train_rows=torch.zeros(10, dtype=torch.bool))
+
+
+def test_fit_das_circle_within_class_means_stays_in_their_centred_span(copy_model):
+    """``within="class_means"``: the plane lies in the span of the class means minus their mean, which has
+    n_classes - 1 directions (the float32 rounding of the centred means is not a direction)."""
+    site = "blocks.1.hook_resid_pre"
+    order = ["a", "b", "c", "d", "e"]
+    batch, y = _class_task(40)
+    labels = [order[i] for i in y]
+    acts = capture(copy_model, batch, [site], positions=torch.full((len(y), 1), 1))[site][:, 0].float()
+    means = torch.stack([acts[y == k].mean(0) for k in range(N_CLS)])
+    span = torch.linalg.svd((means - means.mean(0)).double(), full_matrices=False)[2][: N_CLS - 1]
+    sub = fit_das_circle(copy_model, site, batch, labels, torch.arange(1, N_CLS + 1), order=order,
+                         positions=torch.full((len(y),), 1), acts={site: acts}, init="random", steps=5, lr=0.2,
+                         batch_size=20, seed=1)[site]
+    inside = (sub.basis.double() @ span.T).pow(2).sum(1)  # squared norm of each basis row inside the span
+    torch.testing.assert_close(inside, torch.ones(2, dtype=torch.float64), atol=1e-5, rtol=0)

@@ -60,6 +60,53 @@ def test_weekday_experiment_reduced_run_writes_results(tmp_path, monkeypatch):
     sys.modules.pop("weekday_circle_intervention", None)
 
 
+@pytest.mark.slow
+def test_weekday_experiment_compares_das_planes_on_fit_templates(tmp_path, monkeypatch):
+    """The DAS path, reduced: planes trained per fold of fit templates (one step), chosen per plane and
+    overall by the fit-template scores, each measured held out with its controls."""
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import weekday_circle_intervention as exp
+
+    rc = exp.main(["--out", str(tmp_path), "--planes", "class_mean,das", "--select-layers", "", "--select-groups",
+                   "8,10", "--group-scales", "3,4", "--das-scales", "3", "--das-within", "class_means,full",
+                   "--das-steps", "1", "--das-batch", "4", "--fit-templates", "3", "--eval-templates", "1",
+                   "--random-seeds", "1", "--max-rows", "12", "--targets-per-prompt", "2", "--no-plot"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    sel, head = res["selection"], res["headline"]
+    das = [c for c in sel["candidates"] if c["plane"] == "das"]
+    assert {(tuple(c["layers"]), c["scale"], c["das_scale"], c["das_within"]) for c in das} == {
+        ((8, 10), s, 3.0, w) for s in (3.0, 4.0) for w in ("class_means", "full")}
+    assert all(len(c["per_fold"]) == 3 for c in sel["candidates"])
+    assert len(sel["das_losses"]) == 6 and all(len(v) == 1 for v in sel["das_losses"].values())  # 2 spans x 3 folds
+    for plane in ("class_mean", "das"):  # each plane's own choice is its best fit-template score
+        mine = [c for c in sel["candidates"] if c["plane"] == plane]
+        assert sel["chosen_per_plane"][plane]["fit_success"] == max(c["success"] for c in mine)
+        row = head["per_plane"][plane]
+        assert row["circle"]["plane"] == plane and row["random"]["plane"] == plane
+        assert row["random_day_span"]["edit"] == "random_day_span"
+        assert row["circle"]["layers"] == sel["chosen_per_plane"][plane]["layers"] == [8, 10]
+        ci = row["ci95_by_prompt_bootstrap"]["circle"]["all"]
+        assert ci[0] <= row["circle"]["success"] <= ci[1]
+    assert head["circle"] == head["per_plane"][sel["chosen"]["plane"]]["circle"]
+    # the class-mean plane is its own plane and lies in the day means' span: the diagnostics say so
+    for where in head["per_plane"]["class_mean"]["planes"].values():
+        assert min(where["cos_with_class_mean_plane"]) > 0.999 and where["share_in_day_span"] > 0.999
+    das_row = head["per_plane"]["das"]
+    assert len(das_row["das_fit"]["losses"]) == 1 and set(das_row["planes"]) == {"8", "10"}
+    other = "full" if sel["chosen_per_plane"]["das"]["das_within"] == "class_means" else "class_means"
+    assert list(head["das_other_spans"]) == [other]
+    assert head["das_other_spans"][other]["circle"]["plane"] == f"das_{other}"
+    if other == "full":  # a plane trained inside the day means' span stays there
+        assert all(w["share_in_day_span"] > 0.999 for w in das_row["planes"].values())
+    from interp import Rotate, Subspace
+
+    saved = Subspace.load(tmp_path / f"das_planes_{other}" / "blocks.8.hook_resid_post")
+    assert saved.meta["finder"] == "das_circle" and saved.rank == 2
+    Rotate(saved, to="Thursday")  # a saved DAS plane is a circle edit like any other
+    sys.modules.pop("weekday_circle_intervention", None)
+
+
 def test_probe_plane_recovers_a_planted_weekday_circle(monkeypatch):
     """The circle-probe plane of ``weekday_circle_probe_plane.py`` on synthetic activations: seven days
     evenly spaced on a circle in a random plane of a 64-d space, plus a random day-specific code off
