@@ -24,17 +24,17 @@ alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that.
 
 Time to a target FVU (``--eval-every N``, by default a tenth of the steps, at least 1; 0: off): each library
 records ``fvu_curve``, its held-out FVU (the same function, under ``no_grad``, in eval mode and fp32, with the
-weights as they stand) before steps 0, N, 2N ... on the first held-out batch, and after the last step on
-the whole held-out set (the point is ``final_fvu``). Each point carries ``step``, ``tokens`` (``step x
-batch``) and ``train_seconds``: the library's own clock from the start of step 0 (the warm-up step counts
-here) to that point, with every evaluation taken off it, so tokens/s is what it is without the curve
+weights as they stand) before steps 0, N, 2N ... on the first held-out batch, and after the last step on the
+whole held-out set (the point is ``final_fvu``). Each point carries ``step``, ``tokens`` (``step x batch``)
+and ``train_seconds``: the library's own clock from the start of step 0 (the warm-up step counts here) to that
+point, with every evaluation taken off it; tokens/s comes from the same clock, so it counts training only
 (``eval_seconds_excluded`` says how much was taken off). The target is sparsify's final held-out FVU in the
-same round, or ``--target-fvu``; ``summary.time_to_target`` gives, per round and library, the training
-seconds at which its curve first reaches FVU <= target, linear in time between the two points that bracket
-the crossing (0 when the first point is there already, None when no point is), and
-``time_to_target_vs_sparsify`` the median over rounds of our per-round time divided by sparsify's (< 1:
-we get there first; None unless every round reached it). The intermediate points see one held-out batch,
-the last one all of them: a curve is only as smooth as that batch.
+same round, or ``--target-fvu``; ``summary.time_to_target`` gives, per round and library, the training seconds
+at which its curve first reaches FVU <= target, linear in time between the two points that bracket the
+crossing (0 when the first point is there already, None when no point is), and ``time_to_target_vs_sparsify``
+the median over rounds of our per-round time divided by sparsify's (< 1: we get there first; None unless every
+round reached it). The intermediate points see one held-out batch, the last one all of them: a curve is only
+as smooth as that batch.
 
     python benchmarks/sae_train.py --cache DIR --steps 200 --eval-every 20 --libraries interp sparsify saelens
 
