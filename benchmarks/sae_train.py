@@ -22,6 +22,22 @@ alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that.
     python benchmarks/sae_train.py --cache /tmp/cache_l12 --steps 40
     (write the cache with: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
 
+Time to a target FVU (``--eval-every N``, by default a tenth of the steps, at least 1; 0: off): each library
+records ``fvu_curve``, its held-out FVU (the same function, under ``no_grad``, in eval mode and fp32, with the
+weights as they stand) before steps 0, N, 2N ... on the first held-out batch, and after the last step on the
+whole held-out set (the point is ``final_fvu``). Each point carries ``step``, ``tokens`` (``step x batch``)
+and ``train_seconds``: the library's own clock from the start of step 0 (the warm-up step counts here) to that
+point, with every evaluation taken off it; tokens/s comes from the same clock, so it counts training only
+(``eval_seconds_excluded`` says how much was taken off). The target is sparsify's final held-out FVU in the
+same round, or ``--target-fvu``; ``summary.time_to_target`` gives, per round and library, the training seconds
+at which its curve first reaches FVU <= target, linear in time between the two points that bracket the
+crossing (0 when the first point is there already, None when no point is), and ``time_to_target_vs_sparsify``
+the median over rounds of our per-round time divided by sparsify's (< 1: we get there first; None unless every
+round reached it). The intermediate points see one held-out batch, the last one all of them: a curve is only
+as smooth as that batch.
+
+    python benchmarks/sae_train.py --cache DIR --steps 200 --eval-every 20 --libraries interp sparsify saelens
+
 The cost of the trainer's non-finite guard (:mod:`saes.guard`) is measured in the same run: the rows
 ``interp-noguard`` (guard off) and ``interp-grads`` (loss and gradients checked) beside ``interp``
 (the default, loss checked every step); ``summary.guard_overhead_loss`` / ``guard_overhead_grads`` are
@@ -127,24 +143,51 @@ def _peak_rss_mb() -> float:
 
 
 class Timer:
-    """Timestamps each step (the first step is warm-up and is not counted)."""
+    """Timestamps each step (the first step is warm-up and is not counted) and, every ``every`` steps, records
+    the held-out FVU of the SAE being trained (:meth:`watch`) on ``held`` before the step, off the clock.
 
-    def __init__(self):
+    ``t[s]`` is stamped just before step ``s`` (``t[steps]`` after the last one); the time spent evaluating
+    is subtracted from every later stamp, so differences of stamps are training time only."""
+
+    def __init__(self, steps: int = 0, every: int = 0, held: list | None = None, batch: int = 0):
         self.t: list[float] = []
+        self.steps, self.every, self.held, self.batch = steps, every, held or [], batch
+        self.curve: list[dict] = []
+        self.eval_seconds = 0.0
+        self._sae = self._recon = None
 
-    def tick(self) -> None:
+    def watch(self, sae: torch.nn.Module, recon) -> None:
+        """The SAE to evaluate and its reconstruction function (``x -> x_hat``)."""
+        self._sae, self._recon = sae, recon
+
+    def now(self) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.t.append(time.perf_counter())
+        return time.perf_counter() - self.eval_seconds
+
+    def tick(self) -> None:
+        self.t.append(self.now())
+        step = len(self.t) - 1
+        if self.every and self._recon is not None and step < self.steps and step % self.every == 0:
+            start = time.perf_counter()
+            self.record(step, heldout_fvu(self._sae, self._recon, self.held))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.eval_seconds += time.perf_counter() - start
+
+    def record(self, step: int, fvu: float) -> None:
+        """A curve point: ``fvu`` measured before step ``step`` (``step == steps``: after the last one)."""
+        self.curve.append({"step": step, "tokens": step * self.batch, "train_seconds": self.t[step] - self.t[0],
+                           "heldout_fvu": fvu})
 
 
-def run_ours(train, lr, k, d_sae, device, bf16: bool = False, guard: str = "loss"):
+def run_ours(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False, guard: str = "loss"):
     import saes
     from saes.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=d_sae, k=k).to(device)
-    timer = Timer()
+    timer.watch(sae, lambda x: sae(x).x_hat)
 
     class Source:
         def __iter__(self):
@@ -157,10 +200,10 @@ def run_ours(train, lr, k, d_sae, device, bf16: bool = False, guard: str = "loss
                       log_every=n, nonfinite_guard=guard, bf16=bf16)
     Trainer(sae, cfg).fit(Source())
     timer.tick()
-    return timer, lambda x: sae(x).x_hat
+    return lambda x: sae(x).x_hat
 
 
-def run_saelens(train, lr, k, d_sae, device, bf16: bool = False):
+def run_saelens(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
@@ -172,7 +215,7 @@ def run_saelens(train, lr, k, d_sae, device, bf16: bool = False):
                            lr_scheduler_name="constant", lr_warm_up_steps=int(0.01 * n),
                            lr_decay_steps=int(0.2 * n), device=str(device), dead_feature_window=2442,
                            autocast=bf16)
-    timer = Timer()
+    timer.watch(sae, lambda x: sae(x))
 
     def provider():
         for x in train:
@@ -186,10 +229,10 @@ def run_saelens(train, lr, k, d_sae, device, bf16: bool = False):
         SAETrainer(cfg, sae, provider()).fit()
     timer.tick()
     sae.eval()
-    return timer, lambda x: sae(x)
+    return lambda x: sae(x)
 
 
-def run_sparsify(train, lr, k, d_sae, device, bf16: bool = False):
+def run_sparsify(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
@@ -198,7 +241,7 @@ def run_sparsify(train, lr, k, d_sae, device, bf16: bool = False):
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n))
     since = torch.zeros(d_sae, dtype=torch.long, device=device)
-    timer = Timer()
+    timer.watch(sae, lambda x: sae(x).sae_out)
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step, x in enumerate(train):
         timer.tick()
@@ -218,7 +261,7 @@ def run_sparsify(train, lr, k, d_sae, device, bf16: bool = False):
         sched.step()
     sae.set_decoder_norm_to_unit_norm()
     timer.tick()
-    return timer, lambda x: sae(x).sae_out
+    return lambda x: sae(x).sae_out
 
 
 RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
@@ -243,21 +286,66 @@ def final_fvu(recon, held_out) -> float:
     return acc.result()["fvu"]
 
 
+def heldout_fvu(sae: torch.nn.Module, recon, held_out) -> float:
+    """:func:`final_fvu` of ``sae`` as it stands mid-training: in eval mode (its mode is restored after) and
+    in fp32 (autocast off)."""
+    was = sae.training
+    sae.eval()
+    try:
+        with torch.autocast(held_out[0].device.type, enabled=False):
+            return final_fvu(recon, held_out)
+    finally:
+        sae.train(was)
+
+
+def time_to_target(curve: list[dict], target: float) -> float | None:
+    """Training seconds at which ``curve`` (points ``{"train_seconds", "heldout_fvu"}`` in step order) first
+    reaches a held-out FVU <= ``target``: linear in time between the last point above the target and the first
+    at or below it; the first point's time (0 at step 0) when it is already there; None when no point is.
+    A non-finite point never reaches the target, and a crossing right after one is put at the crossing point."""
+    before = None
+    for point in curve:
+        t, fvu = point["train_seconds"], point["heldout_fvu"]
+        if fvu <= target:
+            if before is None or not math.isfinite(before[1]):
+                return t
+            return before[0] + (t - before[0]) * (before[1] - target) / (before[1] - fvu)
+        before = (t, fvu)
+    return None
+
+
+def eval_every(args) -> int:
+    """``--eval-every``, its default (a tenth of the steps, at least 1) filled in."""
+    if args.eval_every is None:
+        return max(1, args.steps // 10)
+    if args.eval_every < 0:
+        raise SystemExit(f"--eval-every is {args.eval_every}; expected a number of steps >= 1, or 0 for no curve")
+    return args.eval_every
+
+
 def worker(args) -> dict:
     train, held, pool_rows = load_batches(args.cache, args.batch, args.steps, args.eval_batches)
     train, held = [x.to(args.device) for x in train], [x.to(args.device) for x in held]
     lr = args.lr if args.lr else 2e-4 / math.sqrt(args.d_sae / 16384)
+    every = eval_every(args)
+    timer = Timer(args.steps, every, held[:1], args.batch)  # intermediate points: the first held-out batch
     _reset_peak_rss()
     rss0 = _peak_rss_mb()
-    timer, recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae, args.device)
+    recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae, args.device, timer)
     peak = _peak_rss_mb()
     t = timer.t
+    if len(t) != args.steps + 1:
+        raise SystemExit(f"{args.worker} timed {len(t) - 1} steps; expected {args.steps}")
     timed = t[-1] - t[1]
+    fvu = final_fvu(recon, held)
     res = {"library": args.worker, "steps": args.steps, "tokens": args.steps * args.batch,
            "tokens_per_s": (args.steps - 1) * args.batch / timed, "train_seconds": t[-1] - t[0],
-           "final_fvu": final_fvu(recon, held), "peak_rss_mb": peak,
+           "final_fvu": fvu, "peak_rss_mb": peak,
            "peak_rss_over_data_mb": peak - rss0, "lr": lr, "distinct_training_rows": pool_rows,
            "held_out_rows": sum(x.shape[0] for x in held)}
+    if every:
+        timer.record(args.steps, fvu)  # after the last step, on every held-out batch
+        res.update(eval_every=every, eval_seconds_excluded=timer.eval_seconds, fvu_curve=timer.curve)
     if str(args.device).startswith("cuda"):
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(res))
@@ -325,6 +413,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--device", default="cpu", help="cpu, cuda ... (every library, and the matmul limit)")
     p.add_argument("--quick", action="store_true", help="planted data instead of a cache, tiny sizes, one repeat, "
                    "every library in this process: checks the code path only")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="held-out FVU curve point every N steps (default: steps // 10, at least 1; 0: no curve)")
+    p.add_argument("--target-fvu", type=float, default=None,
+                   help="held-out FVU for time_to_target (default: sparsify's final FVU in the same round)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -332,6 +424,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.steps, args.batch, args.d_sae, args.k, args.repeats, args.eval_batches = 4, 128, 256, 8, 1, 1
     elif args.cache is None:
         p.error("--cache is required (or --quick)")
+    args.eval_every = eval_every(args)
     if args.worker:
         return worker(args)
     libraries = list(args.libraries)
@@ -355,7 +448,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             continue
         cmd = [sys.executable, __file__, "--worker", lib, "--cache", args.cache, "--steps", str(args.steps),
                "--eval-batches", str(args.eval_batches), "--batch", str(args.batch), "--d-sae", str(args.d_sae),
-               "--k", str(args.k), "--device", args.device] + (["--lr", str(args.lr)] if args.lr else [])
+               "--k", str(args.k), "--device", args.device, "--eval-every", str(args.eval_every)]
+        cmd += ["--lr", str(args.lr)] if args.lr else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{lib} failed:\n{out.stderr[-3000:]}")
@@ -365,7 +459,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     # each library's median repeat by tokens/s (every repeat is kept); FVU is deterministic
     rows = {lib: {**sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2],
                   "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
-                  "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs]}
+                  "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs],
+                  **({"fvu_curve_all_repeats": [r["fvu_curve"] for r in rs]} if args.eval_every else {})}
             for lib, rs in runs.items()}
     limit = {k: (lim_before[k] + lim_after[k]) / 2 for k in lim_before}
     ours = rows.get("interp", {})
@@ -399,6 +494,15 @@ def main(argv: list[str] | None = None) -> dict | None:
             summary["guard_check_timed_alone"] = {**cost, "step_seconds_without_guard": step_s,
                                                   "loss_fraction_of_step": cost["loss_seconds_median"] / step_s,
                                                   "grads_fraction_of_step": cost["grads_seconds_median"] / step_s}
+    reach = target_summary(runs, args.target_fvu) if args.eval_every else {}
+    if reach:
+        summary["time_to_target"] = reach
+        if "interp" in reach["libraries"] and "sparsify" in runs:
+            summary["time_to_target_vs_sparsify"] = reach["libraries"]["interp"]["vs_sparsify"]
+        print(f"training seconds to held-out FVU <= {reach['target_fvu_per_round']} ({reach['target']}):")
+        for lib, r in reach["libraries"].items():
+            got = "not reached in every round" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.3g}"
+            print(f"  {lib:<15}{got} (per round {r['time_to_target_s_per_round']})")
     bf16 = bf16_summary(runs, rows)
     if bf16:
         summary["bf16"] = bf16
@@ -409,7 +513,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if summary:
         print(json.dumps(summary, indent=1))
     result = {"benchmark": "sae_train", "site": SITE, "d_sae": args.d_sae, "k": args.k, "batch_tokens": args.batch,
-              "steps": args.steps, "eval_batches": args.eval_batches, "quick": args.quick,
+              "steps": args.steps, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+              "target_fvu": args.target_fvu, "quick": args.quick,
               "data": "planted sparse dictionary (quick)" if args.quick else f"cache of {SITE}",
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
               "device": args.device, "torch_threads": torch.get_num_threads(),
@@ -426,6 +531,33 @@ def main(argv: list[str] | None = None) -> dict | None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return result
+
+
+def _median(values: list) -> float | None:
+    """Median over rounds; None unless every round has a value."""
+    return None if not values or any(v is None for v in values) else statistics.median(values)
+
+
+def target_summary(runs: dict[str, list[dict]], target_fvu: float | None) -> dict:
+    """Per round, the target (``target_fvu``, else sparsify's final held-out FVU of that round) and each library's
+    :func:`time_to_target` on its curve; per library the median over rounds of its time and of its per-round
+    ratio to sparsify's time (None unless every round has one). Empty without sparsify and ``target_fvu``."""
+    n_rounds = min(len(rs) for rs in runs.values())
+    if target_fvu is None and "sparsify" not in runs:
+        return {}
+    targets = [target_fvu if target_fvu is not None else runs["sparsify"][i]["final_fvu"] for i in range(n_rounds)]
+    times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i]) for i in range(n_rounds)] for lib, rs in runs.items()}
+    out = {"target_fvu_per_round": targets,
+           "target": "--target-fvu" if target_fvu is not None else "sparsify's final held-out FVU in the same round",
+           "libraries": {}}
+    for lib, ts in times.items():
+        row = {"time_to_target_s": _median(ts), "time_to_target_s_per_round": ts,
+               "rounds_reached": sum(t is not None for t in ts)}
+        if "sparsify" in times:
+            ratios = [None if a is None or not b else a / b for a, b in zip(ts, times["sparsify"])]
+            row.update(vs_sparsify=_median(ratios), vs_sparsify_per_round=ratios)
+        out["libraries"][lib] = row
+    return out
 
 
 def bf16_summary(runs: dict[str, list[dict]], rows: dict[str, dict]) -> dict:

@@ -42,6 +42,11 @@ def test_quick_run_of_every_benchmark_writes_every_result(run_all, tmp_path):
     assert heads["mp_sae"]["speedup"]["encode_bf16_pursuit_vs_fp32_warm"] > 0
     sae = json.loads((out / "sae_train.json").read_text())["results"]
     assert set(sae) >= {"interp", "interp-bf16", "sparsify", "sparsify-bf16", "saelens", "saelens-bf16"}
+    for row in sae.values():  # a held-out FVU curve per row, ending at its final FVU
+        assert row["fvu_curve"][0]["step"] == 0 and row["fvu_curve"][-1]["heldout_fvu"] == row["final_fvu"]
+    reach = heads["sae_train"]["summary"]["time_to_target"]
+    assert set(reach["libraries"]) == set(sae) and reach["libraries"]["sparsify"]["rounds_reached"] == 1
+    assert "time_to_target_vs_sparsify" in heads["sae_train"]["summary"]
 
 
 class Parsed(Exception):

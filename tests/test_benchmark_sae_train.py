@@ -1,0 +1,137 @@
+"""benchmarks/sae_train.py: the held-out FVU curve each library records and the time to a target FVU
+(quick mode on the CPU, and the arithmetic on hand-made curves; tests never assert a wall-clock time)."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = ["interp", "interp-noguard", "sparsify", "saelens"]
+
+
+@pytest.fixture(scope="module")
+def sae_train():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        yield importlib.import_module("sae_train")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("sae_train", None)
+
+
+@pytest.fixture(scope="module")
+def quick(sae_train, tmp_path_factory):
+    """One quick run with the default curve (4 steps: a point before every step and one after the last)."""
+    return sae_train.main(["--quick", "--device", "cpu", "--out", str(tmp_path_factory.mktemp("q") / "q.json")])
+
+
+def curve(*points):
+    return [{"train_seconds": t, "heldout_fvu": f} for t, f in points]
+
+
+def test_time_to_target_interpolates_between_the_bracketing_points(sae_train):
+    c = curve((0.0, 1.0), (2.0, 0.5), (4.0, 0.2))
+    assert sae_train.time_to_target(c, 0.35) == pytest.approx(3.0)
+    assert sae_train.time_to_target(c, 0.5) == 2.0  # a point exactly on the target
+    assert sae_train.time_to_target(c, 0.1) is None  # below every point: never reached
+    assert sae_train.time_to_target(c, 1.5) == 0.0  # above the first point: there from the start
+    # the first crossing counts, not a later one
+    assert sae_train.time_to_target(curve((0.0, 1.0), (1.0, 0.3), (2.0, 0.8), (3.0, 0.1)), 0.5) == pytest.approx(5 / 7)
+    # a non-finite point does not reach the target and brackets nothing
+    assert sae_train.time_to_target(curve((0.0, 1.0), (1.0, math.nan), (2.0, 0.2)), 0.5) == 2.0
+
+
+def test_target_summary_takes_sparsify_per_round_and_medians_of_per_round_ratios(sae_train):
+    def run(final, points):
+        return {"final_fvu": final, "fvu_curve": curve(*points)}
+
+    runs = {"sparsify": [run(0.5, [(0, 1.0), (4, 0.5)]), run(0.4, [(0, 1.0), (6, 0.4)])],
+            "interp": [run(0.3, [(0, 1.0), (1, 0.3)]), run(0.2, [(0, 1.0), (2, 0.2)])],
+            "saelens": [run(0.45, [(0, 1.0), (3, 0.45)]), run(0.6, [(0, 1.0), (3, 0.6)])]}
+    out = sae_train.target_summary(runs, None)
+    assert out["target_fvu_per_round"] == [0.5, 0.4]  # sparsify's final FVU of each round
+    lib = out["libraries"]
+    assert lib["sparsify"]["time_to_target_s_per_round"] == [4, 6] and lib["sparsify"]["vs_sparsify"] == 1.0
+    assert lib["interp"]["time_to_target_s_per_round"] == pytest.approx([1 * 0.5 / 0.7, 2 * 0.6 / 0.8])
+    ratios = [1 * 0.5 / 0.7 / 4, 2 * 0.6 / 0.8 / 6]
+    assert lib["interp"]["vs_sparsify_per_round"] == pytest.approx(ratios)
+    assert lib["interp"]["vs_sparsify"] == pytest.approx(sum(ratios) / 2) and lib["interp"]["rounds_reached"] == 2
+    # reached in one round of two: the per-round values say so, the medians are not made up
+    assert lib["saelens"]["time_to_target_s_per_round"][1] is None and lib["saelens"]["rounds_reached"] == 1
+    assert lib["saelens"]["time_to_target_s"] is None and lib["saelens"]["vs_sparsify"] is None
+    fixed = sae_train.target_summary(runs, 0.6)
+    assert fixed["target_fvu_per_round"] == [0.6, 0.6] and fixed["libraries"]["saelens"]["rounds_reached"] == 2
+    assert sae_train.target_summary({"interp": runs["interp"]}, None) == {}  # no sparsify, no target: nothing
+
+
+def test_timer_takes_evaluation_time_off_the_training_clock(sae_train, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(sae_train.time, "perf_counter", lambda: clock[0])
+
+    def slow_eval(sae, recon, held):  # each evaluation "takes" 100 s
+        clock[0] += 100.0
+        return 0.5
+
+    monkeypatch.setattr(sae_train, "heldout_fvu", slow_eval)
+    timer = sae_train.Timer(steps=5, every=2, held=[None], batch=8)
+    timer.watch(None, lambda x: x)
+    for _ in range(5):
+        timer.tick()
+        clock[0] += 1.0  # a training step takes 1 s
+    timer.tick()
+    assert [p["step"] for p in timer.curve] == [0, 2, 4]
+    assert [p["train_seconds"] for p in timer.curve] == [0.0, 2.0, 4.0]
+    assert [p["tokens"] for p in timer.curve] == [0, 16, 32]
+    assert timer.t[-1] - timer.t[0] == 5.0 and timer.eval_seconds == 300.0
+
+
+def test_quick_run_records_a_curve_per_library_ending_at_the_final_fvu(quick):
+    assert quick["eval_every"] == 1 and quick["steps"] == 4
+    batch = quick["batch_tokens"]
+    for lib in LIBRARIES:
+        row = quick["results"][lib]
+        for pts in [row["fvu_curve"], *row["fvu_curve_all_repeats"]]:
+            steps = [p["step"] for p in pts]
+            assert steps == list(range(quick["steps"] + 1)), (lib, steps)
+            assert [p["tokens"] for p in pts] == [s * batch for s in steps]
+            seconds = [p["train_seconds"] for p in pts]
+            assert seconds[0] == 0.0 and all(a <= b for a, b in zip(seconds, seconds[1:])), (lib, seconds)
+            assert all(math.isfinite(p["heldout_fvu"]) and p["heldout_fvu"] > 0 for p in pts), (lib, pts)
+        assert row["fvu_curve"][-1]["heldout_fvu"] == row["final_fvu"]
+        assert row["fvu_curve"][-1]["train_seconds"] == row["train_seconds"] and row["eval_seconds_excluded"] > 0
+
+
+def test_quick_run_summary_times_each_library_to_sparsify_final_fvu(sae_train, quick):
+    reach = quick["summary"]["time_to_target"]
+    target = quick["results"]["sparsify"]["final_fvu"]
+    assert reach["target_fvu_per_round"] == [target]
+    for lib in LIBRARIES:
+        row = reach["libraries"][lib]
+        assert row["time_to_target_s_per_round"] == [sae_train.time_to_target(quick["results"][lib]["fvu_curve"],
+                                                                              target)]
+    spars = reach["libraries"]["sparsify"]["time_to_target_s"]
+    assert spars is not None and 0 < spars <= quick["results"]["sparsify"]["train_seconds"]  # reaches its own FVU
+    ours = reach["libraries"]["interp"]["time_to_target_s"]
+    if ours is None:
+        assert quick["summary"]["time_to_target_vs_sparsify"] is None
+    else:
+        assert quick["summary"]["time_to_target_vs_sparsify"] == pytest.approx(ours / spars)
+
+
+def test_curve_leaves_training_alone_and_follows_eval_every_and_target(sae_train, quick, tmp_path):
+    off = sae_train.main(["--quick", "--device", "cpu", "--eval-every", "0", "--out", str(tmp_path / "off.json")])
+    assert "time_to_target" not in off["summary"]
+    for lib in LIBRARIES:  # the evaluations do not change what any library trains
+        assert "fvu_curve" not in off["results"][lib]
+        assert off["results"][lib]["final_fvu"] == quick["results"][lib]["final_fvu"], lib
+    sparse = sae_train.main(["--quick", "--device", "cpu", "--eval-every", "3", "--target-fvu", "2.0",
+                             "--libraries", "interp", "sparsify", "--out", str(tmp_path / "three.json")])
+    assert [p["step"] for p in sparse["results"]["interp"]["fvu_curve"]] == [0, 3, 4]
+    assert sparse["summary"]["time_to_target"]["target_fvu_per_round"] == [2.0]
+    with pytest.raises(SystemExit, match="--eval-every is -1"):
+        sae_train.main(["--quick", "--eval-every", "-1", "--out", str(tmp_path / "bad.json")])
