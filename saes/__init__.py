@@ -4,7 +4,17 @@ Importing the package registers every architecture: ``relu``, ``topk``, ``batcht
 ``mpsae``.
 """
 
-from saes.base import REGISTRY, SAE, SAEConfig, SAEError, SaeOutput, build, get_architecture, register
+from saes.base import (
+    REGISTRY,
+    SAE,
+    SAEConfig,
+    SAEError,
+    SaeOutput,
+    UntiedSAEConfig,
+    build,
+    get_architecture,
+    register,
+)
 from saes.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saes.checkpoint import Checkpoint, annotate, load, read, save
 from saes.evaluate import downstream_metrics, evaluate, explained_variance, reconstruction_metrics
@@ -18,7 +28,7 @@ from saes.topk import TopKConfig, TopKSAE
 from saes.trainer import TrainConfig, Trainer
 
 __all__ = [
-    "SAE", "SAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",
+    "SAE", "SAEConfig", "UntiedSAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",
     "ReluSAE", "ReluConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
     "JumpReluSAE", "JumpReluConfig", "MPSAE", "MPSAEConfig", "TrainState", "TrainStep",
     "Trainer", "TrainConfig", "evaluate", "reconstruction_metrics", "downstream_metrics", "explained_variance",

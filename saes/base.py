@@ -80,6 +80,26 @@ class SAEConfig:
         return cls(**kwargs)
 
 
+ENC_INIT_SCALE = 1.0
+"""Default of :attr:`UntiedSAEConfig.enc_init_scale`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UntiedSAEConfig(SAEConfig):
+    """Fields of the architectures with an encoder of their own (``W_enc``, ``b_enc``), initialised by
+    :meth:`SAE.reset_parameters`: TopK, BatchTopK, ReLU, JumpReLU (MP-SAE's encoder is its decoder)."""
+
+    enc_init_scale: float = ENC_INIT_SCALE
+    """Norm of each encoder column at initialisation: ``W_enc`` starts as ``enc_init_scale * W_dec.T``
+    (decoder rows unit-norm)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        v = self.enc_init_scale
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise SAEError(f"{type(self).__name__}.enc_init_scale must be a finite number > 0, got {v!r}")
+
+
 class SAE(nn.Module):
     """Base class. Subclasses implement :meth:`encode_pre` and :meth:`activation` (or override
     :meth:`encode`), and may override :meth:`decode` and :meth:`loss`."""
@@ -100,12 +120,14 @@ class SAE(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose times
+        ``cfg.enc_init_scale`` (:class:`UntiedSAEConfig`; 1 for a config without that field)."""
+        scale = self.cfg.enc_init_scale if isinstance(self.cfg, UntiedSAEConfig) else 1.0
         with torch.no_grad():
             w = torch.randn(self.cfg.d_sae, self.cfg.d_model)
             w /= w.norm(dim=1, keepdim=True)
             self.W_dec.copy_(w)
-            self.W_enc.copy_(w.T)
+            self.W_enc.copy_(w.T * scale)
             self.b_enc.zero_()
             self.b_dec.zero_()
 

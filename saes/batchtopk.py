@@ -13,12 +13,12 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from saes.base import SAE, SAEConfig, SAEError, register
+from saes.base import SAE, SAEError, UntiedSAEConfig, register
 from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
 
 
 @dataclass(frozen=True, kw_only=True)
-class BatchTopKConfig(SAEConfig):
+class BatchTopKConfig(UntiedSAEConfig):
     """Config of :class:`BatchTopKSAE`."""
 
     k: int = 32

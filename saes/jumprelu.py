@@ -10,7 +10,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saes.base import SAE, SAEConfig, SAEError, register
+from saes.base import SAE, SAEError, UntiedSAEConfig, register
 from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
 
 
@@ -50,7 +50,7 @@ class _Step(torch.autograd.Function):
 
 
 @dataclass(frozen=True, kw_only=True)
-class JumpReluConfig(SAEConfig):
+class JumpReluConfig(UntiedSAEConfig):
     """Config of :class:`JumpReluSAE`."""
 
     l0_coeff: float = 1e-3

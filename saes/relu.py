@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from jaxtyping import Float
 from torch import Tensor
 
-from saes.base import SAE, SAEConfig, SAEError, register
+from saes.base import SAE, SAEError, UntiedSAEConfig, register
 from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
 
 
 @dataclass(frozen=True, kw_only=True)
-class ReluConfig(SAEConfig):
+class ReluConfig(UntiedSAEConfig):
     """Config of :class:`ReluSAE`."""
 
     l1_coeff: float = 5e-4

@@ -12,13 +12,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from saes.base import SAE, SAEConfig, SAEError, register
+from saes.base import SAE, SAEError, UntiedSAEConfig, register
 from saes.kernels import gather_pre, sparse_decode, topk_forward
 from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
 
 
 @dataclass(frozen=True, kw_only=True)
-class TopKConfig(SAEConfig):
+class TopKConfig(UntiedSAEConfig):
     """Config of :class:`TopKSAE`."""
 
     k: int = 32

@@ -80,6 +80,20 @@ def test_non_default_config_fields_survive(tmp_path):
     assert load(tmp_path / "s").cfg == cfg
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_config_saved_before_enc_init_scale_existed_loads(tmp_path, arch):
+    sae = make(arch)
+    save(sae, tmp_path / "s")
+    path = tmp_path / "s" / CFG_FILENAME
+    cfg = json.loads(path.read_text())
+    del cfg["interp"]["config"]["enc_init_scale"]  # as written before the field existed
+    path.write_text(json.dumps(cfg))
+    back = load(tmp_path / "s")
+    assert back.cfg == sae.cfg  # the field takes its default; the weights are the saved ones
+    for key, value in sae.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
 def test_negative_jumprelu_threshold_is_not_claimed_saelens_compatible(tmp_path):
     sae = make("jumprelu")
     with torch.no_grad():

@@ -131,6 +131,46 @@ def test_encode_pre_adds_the_bias_as_written(arch):
     assert pre.dtype == expected.dtype == torch.float32 and torch.equal(pre, expected)
 
 
+UNTIED = [a for a in ARCHS if issubclass(REGISTRY[a].config_class, saes.UntiedSAEConfig)]
+
+
+def test_every_architecture_with_its_own_encoder_has_the_init_scale():
+    assert set(UNTIED) >= {"topk", "batchtopk", "relu", "jumprelu"}
+    assert "mpsae" not in UNTIED and "enc_init_scale" not in {f.name for f in dataclasses.fields(
+        REGISTRY["mpsae"].config_class)}  # tied: its encoder is its decoder
+    sae = make("mpsae")
+    assert torch.equal(sae.W_enc, sae.W_dec.T)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+
+
+@pytest.mark.parametrize("arch", UNTIED)
+@pytest.mark.parametrize("scale", [None, 0.25, 1.0])
+def test_encoder_starts_as_the_scaled_decoder_transpose(arch, scale):
+    torch.manual_seed(0)
+    sae = make(arch) if scale is None else make(arch, enc_init_scale=scale)
+    want = saes.base.ENC_INIT_SCALE if scale is None else scale
+    assert sae.cfg.enc_init_scale == want
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    torch.testing.assert_close(sae.W_enc, want * sae.W_dec.T)
+    assert torch.equal(sae.b_enc, torch.zeros(D_SAE)) and torch.equal(sae.b_dec, torch.zeros(D_MODEL))
+
+
+def test_default_encoder_scale_is_the_row_norm_of_torch_linear_init():
+    """The documented default: the norm ``nn.Linear``'s default initialisation gives a latent's encoder
+    row (sparsify's ``SparseCoder`` encoder), independent of the widths."""
+    for d_in, d_out in ((576, 9216), (64, 4096)):
+        torch.manual_seed(0)
+        rows = torch.nn.Linear(d_in, d_out).weight.norm(dim=1)
+        assert abs(rows.mean().item() - saes.base.ENC_INIT_SCALE) < 0.005, (d_in, rows.mean())
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("inf"), float("nan"), True, "0.5"])
+def test_bad_enc_init_scale_is_refused(bad, unchecked):
+    with unchecked(), pytest.raises(saes.SAEError, match=r"TopKConfig.enc_init_scale must be a finite number > 0, "
+                                                         r"got"):
+        make("topk", enc_init_scale=bad)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_topk_leaves_exactly_k_nonzeros(seed):
     torch.manual_seed(seed)

@@ -22,9 +22,9 @@ def cfg(**kw) -> TrainConfig:
                                  checkpoint_every=3), **kw})
 
 
-def sae() -> saes.SAE:
+def sae(**kw) -> saes.SAE:
     torch.manual_seed(0)
-    return saes.build("topk", d_model=D, d_sae=M, k=4)
+    return saes.build("topk", d_model=D, d_sae=M, k=4, **kw)
 
 
 class Crash(RuntimeError):
@@ -110,13 +110,24 @@ def test_resume_keeps_the_whole_history_and_refuses_changed_settings(tmp_path):
     with pytest.raises(saes.SAEError, match=r"sites..d_sae 64 -> 128.*cannot be accepted: the weights differ in shape"):
         Trainer(other, cfg(), out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True,
                                                             accept_changes=True)
-    # what does not change the result may change freely
-    tr = Trainer(sae(), cfg(log_every=2, checkpoint_every=5, keep_checkpoints=4, nonfinite_guard="grads"),
+    # what does not change the result may change freely (the initial weights are replaced by the checkpoint's)
+    tr = Trainer(sae(enc_init_scale=0.123),
+                 cfg(log_every=2, checkpoint_every=5, keep_checkpoints=4, nonfinite_guard="grads"),
                  out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
     assert tr.history_ == ref.history_  # whole: the entries before the resume point are kept
     assert json.loads((tmp_path / "run" / "train_history.json").read_text()) == ref.history_
     for p, q in zip(ref.saes_[""].state_dict().values(), tr.saes_[""].state_dict().values()):
         assert torch.equal(p, q)
+
+
+def test_a_checkpoint_from_before_the_encoder_init_scale_compares_equal():
+    config = {"lr": 1e-3, "seed": 0}
+    now = {"": {"architecture": "topk", **sae().cfg.to_dict()}}
+    before = {"": {k: v for k, v in now[""].items() if k != "enc_init_scale"}}
+    assert "enc_init_scale" in now[""]
+    assert resume.settings(config, before, {}) == resume.settings(config, now, {})
+    meta = {"step": 3, "sites": {"": {"architecture": "topk", "sae_cfg": before[""]}}, "config": config}
+    assert resume.check_settings(meta, resume.settings(config, now, {}), accept_changes=False) == {}
 
 
 def test_accepted_changes_are_recorded_and_tokens_stay_counted(tmp_path):
