@@ -5,8 +5,9 @@ One residual site is captured once from the embedded model over the default offl
 0 excluded) and every SAE trains on the same rows in the same order with the project trainer; seeds
 change the initialisation. The threshold-stopped MP-SAE (``residual_fraction``, ``--cap`` steps at
 most) trains first; its mean held-out L0 over seeds, rounded, is then the k of the fixed-k MP-SAE and
-of TopK (or ``--k``). Absorption (:mod:`probes.absorption`) uses one set of word activations and one set of dense
-probes for every SAE; explained variance is measured on held-out rows and CE loss recovered on token
+of TopK (or ``--k``); TopK runs twice, with the library's encoder initialisation (``topk``) and with the
+encoder starting at the decoder's transpose (``topk_scale1``, the default before it was measured). Absorption
+(:mod:`probes.absorption`) uses one set of word activations and one set of dense probes for every SAE; explained variance is measured on held-out rows and CE loss recovered on token
 windows of the corpus with the SAE spliced in. Results are written after every SAE; a rerun with the
 same ``--out`` resumes, and a larger ``--seeds`` adds seeds to the recorded runs: the rerun must have the
 same settings (refused otherwise), keeps the recorded fixed k and checks the data against the
@@ -41,7 +42,10 @@ from probes.absorption import (  # noqa: E402
     letter_probes,
 )
 
-ARMS = ("mp_threshold", "mp", "topk")
+ARMS = ("mp_threshold", "mp", "topk", "topk_scale1")
+"""``topk``: TopK with the library's defaults; ``topk_scale1``: the same with the encoder starting at the
+decoder's transpose (``enc_init_scale=1``, the default before it was measured; runs recorded before that
+change, whose config has no ``enc_init_scale``, are read as this arm)."""
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
 """Two-sided 95% Student t quantiles by sample size (n - 1 degrees of freedom)."""
 RUN_SETTINGS = ("layer", "train_tokens", "eval_tokens", "context_size", "d_sae", "batch", "lr", "residual_fraction",
@@ -131,7 +135,21 @@ def arm_sae(arm: str, d_model: int, a: argparse.Namespace, k: int | None):
         return saes.build("mpsae", d_model=d_model, d_sae=a.d_sae, n_steps=a.cap, residual_fraction=a.residual_fraction)
     if arm == "mp":
         return saes.build("mpsae", d_model=d_model, d_sae=a.d_sae, n_steps=k)
+    if arm == "topk_scale1":
+        return saes.build("topk", d_model=d_model, d_sae=a.d_sae, k=k, enc_init_scale=1.0)
     return saes.build("topk", d_model=d_model, d_sae=a.d_sae, k=k)
+
+
+def read_recorded(path: Path) -> dict:
+    """The recorded study (``{}`` when none), with TopK runs from before the encoder's init scale was a
+    setting (their config has no ``enc_init_scale``: they started at scale 1) named ``topk_scale1``."""
+    if not path.is_file():
+        return {}
+    recorded = json.loads(path.read_text())
+    for r in recorded.get("runs", []):
+        if r["arm"] == "topk" and "enc_init_scale" not in r.get("config", {}):
+            r["arm"] = "topk_scale1"
+    return recorded
 
 
 def run_one(arm: str, seed: int, k: int | None, batches, test, ctx: dict, a: argparse.Namespace) -> dict:
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
            "acfg": acfg, "ce_clean": mean_ce(model, site, windows, mask),
            "ce_zero": mean_ce(model, site, windows, mask, torch.zeros_like)}
     path = a.out / "results.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_recorded(path)
     recorded_k = check_resume(recorded, a, data)
     results = recorded.get("runs", [])
     done = {(r["arm"], r["seed"]) for r in results}

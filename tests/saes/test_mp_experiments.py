@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import saes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -135,7 +137,9 @@ def test_absorption_smollm2_reduced(tmp_path):
                      "--windows", "2", "--words-per-letter", "40", "--icl-examples", "1", "--k", str(k)])
     assert [(r["arm"], r["seed"]) for r in more["runs"]] == [*[(r["arm"], r["seed"]) for r in res["runs"]],
                                                              *[(a, 2) for a in mod.ARMS]]
-    assert more["runs"][:6] == json.loads(json.dumps(res["runs"]))
+    assert more["runs"][: 2 * len(mod.ARMS)] == json.loads(json.dumps(res["runs"]))
+    scales = {r["arm"]: r["config"]["enc_init_scale"] for r in res["runs"] if r["arm"].startswith("topk")}
+    assert scales == {"topk": saes.base.ENC_INIT_SCALE, "topk_scale1": 1.0}
     assert more["k"] == k and all(r["k"] == k for r in more["runs"] if r["arm"] != "mp_threshold")
     assert more["data_fingerprint"] == res["data_fingerprint"] and len(more["summary"]["topk"]["l0"]["values"]) == 3
 
@@ -163,6 +167,13 @@ def test_absorption_resume_checks(tmp_path):
         mod.check_resume(recorded, a, other)
     with pytest.raises(SystemExit, match="no recorded settings"):
         mod.check_resume({"runs": recorded["runs"]}, a, data)
+    # TopK runs recorded before the encoder init scale was a setting started at scale 1: read as topk_scale1
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": [{"arm": "topk", "config": {"k": 24}},
+                                         {"arm": "topk", "config": {"k": 24, "enc_init_scale": 0.5}},
+                                         {"arm": "mp", "config": {"n_steps": 24}}]}))
+    assert [r["arm"] for r in mod.read_recorded(path)["runs"]] == ["topk_scale1", "topk", "mp"]
+    assert mod.read_recorded(tmp_path / "none.json") == {}
     # the fingerprint reads dtype, shape and bytes
     x = torch.arange(6.0)
     assert len({mod.fingerprint(x), mod.fingerprint(x.double()), mod.fingerprint(x.reshape(2, 3)),
