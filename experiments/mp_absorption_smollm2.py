@@ -1,17 +1,18 @@
 """TopK and MP-SAE (fixed k, and threshold-stopped) at equal mean L0 on SmolLM2-135M: first-letter
 feature absorption, explained variance and CE loss recovered, several seeds each.
 
-One residual site is captured once from the embedded model over the default offline corpus (position
-0 excluded) and every SAE trains on the same rows in the same order with the project trainer; seeds
-change the initialisation. The threshold-stopped MP-SAE (``residual_fraction``, ``--cap`` steps at
-most) trains first; its mean held-out L0 over seeds, rounded, is then the k of the fixed-k MP-SAE and
-of TopK (or ``--k``); TopK runs twice, with the library's encoder initialisation (``topk``) and with the
-encoder starting at the decoder's transpose (``topk_scale1``, the default before it was measured). Absorption
-(:mod:`probes.absorption`) uses one set of word activations and one set of dense probes for every SAE; explained variance is measured on held-out rows and CE loss recovered on token
-windows of the corpus with the SAE spliced in. Results are written after every SAE; a rerun with the
-same ``--out`` resumes, and a larger ``--seeds`` adds seeds to the recorded runs: the rerun must have the
-same settings (refused otherwise), keeps the recorded fixed k and checks the data against the
-fingerprints recorded with the runs (the captured rows and the words' activations).
+One residual site is captured once from the embedded model over the default offline corpus (position 0
+excluded) and every SAE trains on the same rows in the same order with the project trainer; seeds change the
+initialisation. The threshold-stopped MP-SAE (``residual_fraction``, ``--cap`` steps at most) trains first;
+its mean held-out L0 over seeds, rounded, is then the k of the fixed-k MP-SAE and of TopK (or ``--k``); TopK
+runs twice, with the library's encoder initialisation (``topk``) and with the encoder starting at the
+decoder's transpose (``topk_scale1``, the default before it was measured). Absorption
+(:mod:`probes.absorption`) uses one set of word activations and one set of dense probes for every SAE;
+explained variance is measured on held-out rows and CE loss recovered on token windows of the corpus with the
+SAE spliced in. Results are written after every SAE; a rerun with the same ``--out`` resumes, and a larger
+``--seeds`` adds seeds to the recorded runs: the rerun must have the same settings (refused otherwise), keeps
+the recorded fixed k and checks the data against the fingerprints recorded with the runs (the captured rows
+and the words' activations).
 
     python experiments/mp_absorption_smollm2.py --out experiments/results/mp_absorption_smollm2 \\
         --activations runs/smol10_acts.safetensors
