@@ -314,6 +314,18 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def recorded_command(script: str, argv: list[str]) -> str:
+    """The command line as recorded in a result: ``python SCRIPT ARGS``, with the cache folder (a path on the
+    machine that ran it) written as ``CACHE``."""
+    args = list(argv)
+    for i, a in enumerate(args):
+        if a == "--cache" and i + 1 < len(args):
+            args[i + 1] = "CACHE"
+        elif a.startswith("--cache="):
+            args[i] = "--cache=CACHE"
+    return " ".join(["python", script, *args])
+
+
 def eval_every(args) -> int:
     """``--eval-every``, its default (a tenth of the steps, at least 1) filled in."""
     if args.eval_every is None:
@@ -519,8 +531,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
               "device": args.device, "torch_threads": torch.get_num_threads(),
               "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit},
-              "summary": summary, "command": " ".join(["python", "benchmarks/sae_train.py",
-                                                       *(sys.argv[1:] if argv is None else argv)]),
+              "summary": summary, "command": recorded_command("benchmarks/sae_train.py",
+                                                              sys.argv[1:] if argv is None else argv),
               "load_average_before_after": [load_before, list(os.getloadavg())],
               "note": "libraries ran one after another in separate processes, in alternating order "
                       "(A B C, C B A, ...); each row is the median repeat, every repeat is in "

@@ -214,19 +214,24 @@ def plot(summary: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     names = [n for n in summary if summary[n].get("heldout_fvu_by_enc_init_scale")]
-    fig = Figure(figsize=(3.2 * len(names), 3.2))
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(3.3 * cols, 3.0 * rows))
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         pts = sorted((float(s), v) for s, v in summary[name]["heldout_fvu_by_enc_init_scale"].items())
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="this project")
         if summary[name]["sparsify"] is not None:
             ax.axhline(summary[name]["sparsify"], color="C1", ls="--", label="sparsify")
         ax.set_xscale("log")
+        ax.set_xticks([p[0] for p in pts], [f"{p[0]:.3g}" for p in pts])
+        ax.minorticks_off()
         ax.set_title(name, fontsize=8)
-        ax.set_xlabel("enc_init_scale")
-        if i == 0:
+        ax.set_xlabel("enc_init_scale", fontsize=8)
+        if i % cols == 0:
             ax.set_ylabel("held-out FVU")
+        if i == 0:
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -257,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "d_model": d_model, "sparsify_enc_init_scale_measured": sp_scale,
                           "nn_linear_row_norm_expected": 3 ** -0.5, "eval_batches": EVAL_BATCHES,
                           "cells": cells,
-                          "command": " ".join(["python", "experiments/sae_init_ablation.py", *(argv or sys.argv[1:])]),
+                          "command": bench.recorded_command("experiments/sae_init_ablation.py",
+                                                              argv or sys.argv[1:]),
                           "summary": summary, "runs": runs})
 
     from interp.cache import CachedActivations

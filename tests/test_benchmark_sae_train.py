@@ -135,3 +135,9 @@ def test_curve_leaves_training_alone_and_follows_eval_every_and_target(sae_train
     assert sparse["summary"]["time_to_target"]["target_fvu_per_round"] == [2.0]
     with pytest.raises(SystemExit, match="--eval-every is -1"):
         sae_train.main(["--quick", "--eval-every", "-1", "--out", str(tmp_path / "bad.json")])
+
+
+def test_recorded_command_names_no_cache_path(sae_train):
+    cmd = sae_train.recorded_command("benchmarks/sae_train.py", ["--cache", "/data/c12", "--steps", "5"])
+    assert cmd == "python benchmarks/sae_train.py --cache CACHE --steps 5"
+    assert sae_train.recorded_command("x.py", ["--cache=/data/c12", "--quick"]) == "python x.py --cache=CACHE --quick"
