@@ -19,7 +19,7 @@ training steps after the first (warm-up) step; final FVU is measured by one func
 The encoder matmul limit is measured in the same run: ``[batch, d_model] @ [d_model, d_sae]`` timed
 alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that.
 
-    python benchmarks/sae_train.py --cache /tmp/cache_l12 --steps 40
+    python benchmarks/sae_train.py --cache CACHE --steps 40
     (write the cache with: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
 
 Time to a target FVU (``--eval-every N``, by default a tenth of the steps, at least 1; 0: off): each library
