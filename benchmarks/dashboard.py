@@ -56,20 +56,6 @@ SITE = "blocks.12.hook_resid_post"
 QUICK_SITE = "blocks.1.hook_resid_post"
 
 
-def _byte_tokenizer():
-    """An offline byte-level tokenizer (quick mode)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for s in ("<bos>", "<eos>", "<pad>"):
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
 def _setup(args):
     """(model, tokenizer, site, units, config)."""
     import saes
@@ -78,11 +64,13 @@ def _setup(args):
     if args.quick:
         from transformers import LlamaConfig, LlamaForCausalLM
 
+        from interp.models import byte_tokenizer
+
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, num_key_value_heads=2, bos_token_id=256,
                                              eos_token_id=257, pad_token_id=258)).eval().to(args.device)
-        tok, site = _byte_tokenizer(), QUICK_SITE
+        tok, site = byte_tokenizer(), QUICK_SITE
     else:
         from interp import load_model
 

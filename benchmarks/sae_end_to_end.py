@@ -85,24 +85,12 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 
 
 # ------------------------------------------------------------------------------------------ preparation
-def byte_tokenizer():
-    """An offline byte-level tokenizer (one token per byte, plus <bos>, <eos>, <pad>) for --quick."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for s in ("<bos>", "<eos>", "<pad>"):
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-
-
 def tiny_llama(folder: Path) -> Path:
     """A random 4-layer Llama (d_model 64) and the byte tokenizer, saved to `folder`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from interp.models import byte_tokenizer
 
     tok = byte_tokenizer()
     torch.manual_seed(0)

@@ -208,3 +208,19 @@ def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | Non
         ) from None
     model.to(dev).eval()
     return model, tok
+
+
+def byte_tokenizer():
+    """An offline byte-level tokenizer: one token per byte (no merges), plus ``<bos>``, ``<eos>`` and
+    ``<pad>`` (ids 256, 257, 258). For tiny random models built from configs (tests, the benchmarks'
+    quick modes, toy experiments) where no tokenizer can be downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for s in ("<bos>", "<eos>", "<pad>"):
+        vocab[s] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")

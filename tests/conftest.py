@@ -70,18 +70,10 @@ def tiny_model(arch: str):
 
 @functools.cache
 def byte_tokenizer():
-    """An offline byte-level tokenizer (no merges): one token per byte, plus <bos>, <eos>, <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The library's offline byte-level tokenizer (:func:`interp.models.byte_tokenizer`), built once."""
+    from interp.models import byte_tokenizer as build
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    for s in ("<bos>", "<eos>", "<pad>"):
-        vocab[s] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return build()
 
 
 @pytest.fixture(scope="session")
