@@ -25,7 +25,8 @@ from saes.mp import MPSAE, MPSAEConfig
 from saes.publish import PublishError, publish
 from saes.relu import ReluConfig, ReluSAE
 from saes.topk import TopKConfig, TopKSAE
-from saes.trainer import TrainConfig, Trainer
+from saes.train_config import TrainConfig
+from saes.trainer import Trainer
 
 __all__ = [
     "SAE", "SAEConfig", "UntiedSAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",

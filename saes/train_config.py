@@ -1,0 +1,89 @@
+"""The hyper-parameters of an SAE training run (:class:`TrainConfig`): what :class:`saes.Trainer` trains
+with, checked when built, and the learning-rate schedule they define."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from saes import guard
+from saes.base import SAEError
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyper-parameters of a training run (shared by every site)."""
+
+    total_tokens: int
+    """Activation rows to train on (all processes together)."""
+    batch_tokens: int = 4096
+    """Rows per optimizer step (the global batch; each DDP process trains on its slice)."""
+    lr: float | None = None
+    """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)``, sparsify's scaling rule)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    warmup_frac: float = 0.01
+    """Fraction of steps with a linear learning-rate warm-up from 0."""
+    decay_frac: float = 0.2
+    """Fraction of steps at the end with a linear decay of the learning rate to 0."""
+    b_dec_init: str = "geometric_median"
+    """``"geometric_median"``, ``"mean"`` or ``"zeros"``: how ``b_dec`` starts (first batch)."""
+    normalize_inputs: bool = True
+    """Scale inputs so that ``E||x||^2 = d_model`` (estimated on the first batch, folded at the end)."""
+    dead_tokens: int = 10_000_000
+    """A latent is dead after this many rows without firing (AuxK uses the dead ones)."""
+    bf16: bool = False
+    """Run the SAE forward under bf16 autocast (weights and Adam stay fp32; an MP-SAE also runs its
+    pursuit's selection in bf16, see ``MPSAEConfig.pursuit_dtype``)."""
+    checkpoint_every: int = 0
+    """Write a resume checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Resume checkpoints kept on disk."""
+    log_every: int = 20
+    """Steps between progress-bar / wandb updates and history entries."""
+    wandb_project: str | None = None
+    """Log to this wandb project when wandb is installed."""
+    seed: int = 0
+    """Seed of the torch and python RNGs at the start of the run."""
+    progress: bool = True
+    """Show a progress bar."""
+    nonfinite_guard: str = "loss"
+    """Check every step before applying it: ``"loss"`` (the loss is finite), ``"grads"`` (the loss and
+    every gradient), ``"off"``. A non-finite value stops the run with :class:`saes.guard.NonFiniteError`
+    naming the step and the input rows that were NaN or inf; the last resume checkpoint is kept."""
+
+    def __post_init__(self) -> None:
+        for name in ("total_tokens", "batch_tokens", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SAEError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("checkpoint_every", "keep_checkpoints", "dead_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise SAEError(f"TrainConfig.{name} must be an integer >= 0, got {v!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise SAEError(f"TrainConfig.lr must be > 0 or None, got {self.lr!r}")
+        for name in ("warmup_frac", "decay_frac"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SAEError(f"TrainConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.warmup_frac + self.decay_frac > 1:
+            raise SAEError("TrainConfig.warmup_frac + decay_frac must be <= 1, "
+                           f"got {self.warmup_frac} + {self.decay_frac}")
+        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
+            raise SAEError("TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', "
+                           f"got {self.b_dec_init!r}")
+        if self.nonfinite_guard not in guard.GUARDS:
+            raise SAEError(f"TrainConfig.nonfinite_guard must be one of {guard.GUARDS}, got {self.nonfinite_guard!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.total_tokens // self.batch_tokens)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the learning rate at ``step`` (warm-up, constant, linear decay)."""
+        n = self.total_steps
+        warm, decay = int(self.warmup_frac * n), int(self.decay_frac * n)
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if decay and step >= n - decay:
+            return max(0.0, (n - step) / decay)
+        return 1.0
