@@ -17,6 +17,8 @@ is an ``index_add`` into ``W_dec``'s gradient).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -24,20 +26,38 @@ from torch.nn import functional as F
 
 
 def pre_acts(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
-             b_dec: Tensor | None) -> Float[Tensor, "batch d_sae"]:
-    """Dense encoder pre-activations, without autograd."""
+             b_dec: Tensor | None, workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
+    """Dense encoder pre-activations, without autograd.
+
+    With a ``workspace`` dict (the trainer keeps one per SAE for the run), the ``[batch, d_sae]`` result is
+    written into a buffer kept there and reused by the next call: a fresh tensor of that size costs page
+    faults on every step (on a 2-core CPU, ~10 ms for batch 1,024 x 9,216 latents, 15 % of the matmul).
+    The buffer is overwritten by the next call with the same workspace. Not under autocast (the product
+    comes out in another dtype there)."""
     with torch.no_grad():
         xc = x - b_dec if b_dec is not None else x
-        return torch.addmm(b_enc, xc, W_enc)
+        if workspace is None or torch.is_autocast_enabled(x.device.type):
+            return torch.addmm(b_enc, xc, W_enc)
+        shape = (x.shape[0], W_enc.shape[1])
+        buf = workspace.get("pre")
+        if buf is None or buf.shape != shape or buf.dtype != W_enc.dtype or buf.device != W_enc.device:
+            buf = workspace["pre"] = torch.empty(shape, dtype=W_enc.dtype, device=W_enc.device)
+        return torch.addmm(b_enc, xc, W_enc, out=buf)
 
 
 def _sparse_t(idx: Tensor, g: Tensor, d_sae: int) -> Tensor:
-    """The ``[d_sae, batch]`` sparse matrix ``S^T`` with ``S[b, idx[b, j]] = g[b, j]``."""
+    """The ``[d_sae, batch]`` sparse matrix ``S^T`` with ``S[b, idx[b, j]] = g[b, j]``, in CSR form (rows
+    sorted by latent; a CSR-dense product ran 2x faster than the COO one on CPU, with no coalescing step).
+    Valid by construction (the top-k indices of a row are distinct), so invariants are not checked."""
     b, k = idx.shape
-    rows = idx.reshape(-1)
-    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), g.reshape(-1), (d_sae, b),
-                                   check_invariants=False)
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)  # entries of one latent stay in batch order: a deterministic sum
+    crow = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
+    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+    with warnings.catch_warnings():  # torch calls its CSR support "beta" once per process
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, torch.div(order, k, rounding_mode="floor"), g.reshape(-1)[order],
+                                       (d_sae, b), check_invariants=False)
 
 
 class GatherPre(torch.autograd.Function):
@@ -63,7 +83,7 @@ class GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             xc = (x - b_dec) if ctx.has_b_dec else x
             st = _sparse_t(idx, g, d_sae)
-            grad_W = torch.sparse.mm(st, xc.to(W_enc.dtype)).T
+            grad_W = (st @ xc.to(W_enc.dtype)).T
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
@@ -84,11 +104,11 @@ def sparse_decode(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W
 
 
 def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-                 center: bool = True):
+                 center: bool = True, workspace: dict | None = None):
     """Sparse TopK encode: ``(idx, vals, pre)``; ``vals`` are differentiable, ``pre`` is dense
-    and detached (kept for AuxK's choice of dead latents)."""
+    and detached (kept for AuxK's choice of dead latents; see :func:`pre_acts` for ``workspace``)."""
     x = x.to(W_enc.dtype)
-    pre = pre_acts(x, W_enc, b_enc, b_dec if center else None)
+    pre = pre_acts(x, W_enc, b_enc, b_dec if center else None, workspace)
     idx = pre.topk(k, dim=-1, sorted=False).indices
     vals = gather_pre(pre, idx, x, W_enc, b_enc, b_dec if center else None).relu()
     return idx, vals, pre

@@ -42,6 +42,9 @@ class TrainState:
     """Sums a (non-differentiable) tensor over DDP processes; identity on one process."""
     world_size: int = 1
     """Number of DDP processes."""
+    workspace: dict | None = None
+    """Scratch buffers this SAE may keep from one step to the next (the trainer holds one dict per SAE for
+    a run; None: allocate afresh). Nothing in it outlives the step that wrote it."""
 
 
 class TrainStep(NamedTuple):
@@ -113,13 +116,14 @@ def warmup_coeff(coeff: float, warmup_steps: int, state: TrainState) -> float:
 
 
 def remove_parallel_grad(W_dec: Tensor) -> None:
-    """Project out the gradient component parallel to each (unit-norm) decoder row, so that an
-    Adam step moves rows along the sphere rather than scaling them."""
+    """Project out the gradient component parallel to each decoder row, so that an Adam step moves
+    rows along the sphere rather than scaling them: ``grad -= (<grad, w> / <w, w>) w`` row by row, in
+    place and without a temporary of the decoder's size (each one costs page faults every step)."""
     if W_dec.grad is None:
         return
     with torch.no_grad():
-        w = W_dec / W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        W_dec.grad -= (W_dec.grad * w).sum(1, keepdim=True) * w
+        coef = torch.linalg.vecdot(W_dec.grad, W_dec) / torch.linalg.vecdot(W_dec, W_dec).clamp_min(1e-24)
+        W_dec.grad.addcmul_(W_dec, coef[:, None], value=-1)
 
 
 def normalize_rows(W_dec: Tensor) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from interp.atomic import save_file, write_json
 from interp.folders import inside, temp_name
+from saes import optim
 from saes.base import SAEError
 
 LATEST = "latest.json"
@@ -282,7 +283,8 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], 
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = val
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    opt.load_state_dict({"state": state, "param_groups": optim.keep_implementation(opt, groups)})
+    optim.align_layouts(opt)  # tensors come back contiguous: a fused step needs the parameters' strides
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:

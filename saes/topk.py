@@ -87,7 +87,8 @@ class TopKSAE(SAE):
         b_dec = self.b_dec if center else None
         if self.cfg.sparse_kernels:
             x = x.to(self.dtype)
-            idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center)
+            idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
+                                          workspace=state.workspace)
             x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec)
             active = vals > 0
             fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)

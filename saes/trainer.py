@@ -22,16 +22,16 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
   (default :func:`saes.losses.fold_input_scale`, right for any SAE whose codes only depend on
   ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
 
-The loop: Adam with linear warm-up and a linear decay to zero at the end; ``b_dec`` initialised from
-the first batch (geometric median or mean); inputs scaled so that ``E||x||^2 = d_model`` (folded into
-the saved weights); optional bf16 autocast; a finite-value check of every step (:mod:`saes.guard`);
-periodic atomic resume checkpoints (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed``
-processes (:mod:`saes.distributed`); a progress bar with loss / L0 / FVU / dead fraction and optional
-wandb. Every SAE draws its random numbers (atom dropout, data-row picks ...) from its own torch RNG
-stream, seeded with ``TrainConfig.seed``, so SAEs trained together from one stream come out exactly
-as each would trained alone on the same batches. While it writes ``out_dir``, the run holds that
-folder's lock (:mod:`interp.folders`; rank 0 under torchrun), so a second run into the same folder is
-refused with the holder's PID.
+The loop: Adam (torch's fused kernel where it runs, :mod:`saes.optim`) with linear warm-up and a linear
+decay to zero at the end; ``b_dec`` initialised from the first batch (geometric median or mean); inputs
+scaled so that ``E||x||^2 = d_model`` (folded into the saved weights); optional bf16 autocast; a
+finite-value check of every step (:mod:`saes.guard`); periodic atomic resume checkpoints
+(:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes (:mod:`saes.distributed`); a
+progress bar with loss / L0 / FVU / dead fraction and optional wandb. Every SAE draws its random numbers
+(atom dropout, data-row picks ...) from its own torch RNG stream, seeded with ``TrainConfig.seed``, so SAEs
+trained together from one stream come out exactly as each would trained alone on the same batches. While it
+writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`; rank 0 under torchrun), so a
+second run into the same folder is refused with the holder's PID.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from interp.atomic import write_json
 from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
-from saes import guard
+from saes import guard, optim
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
 from saes.losses import (
@@ -76,6 +76,8 @@ class _Site:
     """This SAE's own CPU RNG state (swapped in around its steps)."""
     device_rng: torch.Tensor | None = None
     """Its RNG state on its accelerator (None on CPU)."""
+    workspace: dict = dataclasses.field(default_factory=dict)
+    """Scratch buffers its ``training_loss`` reuses from step to step (emptied when ``fit`` ends)."""
 
 
 class Trainer:
@@ -132,7 +134,7 @@ class Trainer:
         self.sites: dict[str, _Site] = {}
         for name, sae in self.saes.items():
             lr = self.cfg.lr if self.cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 16384)
-            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
+            opt = optim.adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
             self.sites[name] = _Site(sae, opt, sched, since)
@@ -257,6 +259,8 @@ class Trainer:
                     self._save(ckpt_root, step, data)
         finally:  # a stopped run ends its progress line, so an error prints on a line of its own
             bar.close()
+            for st in self.sites.values():
+                st.workspace.clear()
         if run is not None:
             run.finish()
         self.steps_ = step
@@ -282,7 +286,8 @@ class Trainer:
         sae, cfg = st.sae, self.cfg
         x = ddp.local_rows(batch, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=st.since_fired >= cfg.dead_tokens,
-                           global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world)
+                           global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world,
+                           workspace=st.workspace)
         with _own_rng(st), autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
@@ -297,6 +302,7 @@ class Trainer:
         norm = getattr(sae, "normalize_decoder", False)
         if norm:
             remove_parallel_grad(sae.W_dec)
+        optim.align_layouts(st.opt)
         st.opt.step()
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)

@@ -183,8 +183,9 @@ def test_topk_leaves_exactly_k_nonzeros(seed):
     assert ((sae2.encode(torch.randn(50, D_MODEL)) != 0).sum(-1) <= K).all()
 
 
+@pytest.mark.parametrize("workspace", [False, True])
 @pytest.mark.parametrize("center", [True, False])
-def test_topk_sparse_kernels_match_dense_autograd(center):
+def test_topk_sparse_kernels_match_dense_autograd(center, workspace):
     torch.manual_seed(0)
     a = make("topk", sparse_kernels=True, apply_b_dec_to_input=center).double()
     b = make("topk", sparse_kernels=False, apply_b_dec_to_input=center).double()
@@ -195,8 +196,13 @@ def test_topk_sparse_kernels_match_dense_autograd(center):
     x = torch.randn(64, D_MODEL, dtype=torch.float64)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
     dead[::3] = True  # exercise AuxK on both paths
+    ws = {} if workspace else None
+    if workspace:  # a buffer left by an earlier step (other rows) is overwritten, not read
+        a.training_loss(torch.randn(64, D_MODEL, dtype=torch.float64), TrainState(global_rows=64, workspace=ws))
+        a.zero_grad(set_to_none=True)
+        assert ws["pre"].shape == (64, D_SAE)
     for sae in (a, b):
-        sae.training_loss(x, TrainState(global_rows=64, dead_mask=dead)).loss.backward()
+        sae.training_loss(x, TrainState(global_rows=64, dead_mask=dead, workspace=ws)).loss.backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=name)
 

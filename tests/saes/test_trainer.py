@@ -30,6 +30,7 @@ def test_training_reduces_fvu_and_keeps_invariants(arch):
     if sae.normalize_decoder:  # unit rows in training units; folded: 1 / scale
         norms = sae.W_dec.norm(dim=1)
         torch.testing.assert_close(norms, torch.full_like(norms, 1 / tr.scales_[""]))
+    assert all(not st.workspace for st in tr.sites.values())  # scratch buffers are gone with the run
 
 
 def test_fold_input_scale_reads_raw_activations():

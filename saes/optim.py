@@ -1,0 +1,57 @@
+"""The trainer's Adam: torch's fused kernel where it runs, with every tensor it reads in its parameter's layout.
+
+``torch.optim.Adam(fused=True)`` steps all of an SAE's parameters in one kernel per parameter (on this
+project's 2-core CPU benchmark, a 9,216-latent SAE in 2.8 ms instead of 10-14 ms for the default
+``foreach`` path, equal values to 2.4e-7 over 5 steps). The fused kernel reads the parameter, its gradient
+and the two moment buffers as flat arrays in memory order: when one of them has other strides than the
+parameter (a moment restored contiguous from a checkpoint for TopK's transposed ``W_enc``, or a gradient
+assigned by hand), it pairs the wrong elements without any error. :func:`align_layouts` gives each of
+them the parameter's strides; the trainer calls it after every checkpoint load and before every step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+FUSED_DEVICES = ("cpu", "cuda")
+FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def fused_ok(params: Iterable[Tensor]) -> bool:
+    """Whether torch's fused Adam runs on these parameters (floating point, on CPU or CUDA)."""
+    return all(p.device.type in FUSED_DEVICES and p.dtype in FUSED_DTYPES for p in params)
+
+
+def adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """Adam, fused where :func:`fused_ok` (else torch's default implementation)."""
+    params = list(params)
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=True if fused_ok(params) else None)
+
+
+def _like(p: Tensor, v: Tensor) -> Tensor:
+    return torch.empty_like(p, dtype=v.dtype).copy_(v)  # empty_like keeps a dense tensor's strides
+
+
+def align_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give every gradient and every parameter-shaped optimizer state tensor its parameter's strides
+    (a copy only where they differ; values unchanged)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = _like(p, p.grad)
+            state = opt.state.get(p)
+            if not state:
+                continue
+            for key, v in state.items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    state[key] = _like(p, v)
+
+
+def keep_implementation(opt: torch.optim.Optimizer, groups: list[dict]) -> list[dict]:
+    """Saved parameter groups with this optimizer's own choice of implementation (``fused``,
+    ``foreach``): a checkpoint from a run with the other kernel resumes on the one this run picked."""
+    keys = ("fused", "foreach")
+    return [{**g, **{k: cur[k] for k in keys if k in cur}} for g, cur in zip(groups, opt.param_groups)]
