@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if quality is not None:
         per_round["all30_bf16_over_all30_fp32"] = [a / b for a, b in zip(times[low_row], times[all30])]
-    result = {"command": "python benchmarks/capture.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not False),
+    result = {"command": "python benchmarks/capture.py " + " ".join(  # a flag that is on is written bare
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
+        if k != "out" and v is not False),
         "model": ("smollm2-135m (GGUF Q4_1 dequantized to fp32)" if args.model.lower() in _ALIASES else args.model),
         "quick": args.quick, "batch": args.batch, "seq": args.seq,
         "device": args.device, "dtype": "float32" + (" (and a bf16 copy: the bf16 row)" if args.bf16 else ""),
