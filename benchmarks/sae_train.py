@@ -378,17 +378,23 @@ def matmul_limit(batch: int, d_model: int, d_sae: int, device: str = "cpu", reps
     out = torch.addmm(b, x, w)
 
     def timed(fresh: bool) -> dict:
+        kw = {} if fresh else {"out": out}
         times = []
         for _ in range(reps):
             _sync(device)
             t0 = time.perf_counter()
-            torch.addmm(b, x, w) if fresh else torch.addmm(b, x, w, out=out)
+            torch.addmm(b, x, w, **kw)
             _sync(device)
             times.append(time.perf_counter() - t0)
         t = sorted(times)[len(times) // 2]
         return {"seconds_median": t, "tokens_per_s": batch / t, "gflops": 2 * batch * d_model * d_sae / t / 1e9}
 
     return {**timed(True), "preallocated": timed(False)}
+
+
+def _mean_of(a: dict, b: dict) -> dict:
+    """The mean of two timings of :func:`matmul_limit`, field by field (nested ones too)."""
+    return {k: _mean_of(v, b[k]) if isinstance(v, dict) else (v + b[k]) / 2 for k, v in a.items()}
 
 
 def guard_check_cost(batch: int, d_model: int, d_sae: int, k: int, device: str = "cpu", reps: int = 50) -> dict:
@@ -481,9 +487,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                   "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs],
                   **({"fvu_curve_all_repeats": [r["fvu_curve"] for r in rs]} if args.eval_every else {})}
             for lib, rs in runs.items()}
-    limit = {k: (lim_before[k] + lim_after[k]) / 2 for k in lim_before if k != "preallocated"}
-    limit["preallocated"] = {k: (lim_before["preallocated"][k] + lim_after["preallocated"][k]) / 2
-                             for k in lim_before["preallocated"]}
+    limit = _mean_of(lim_before, lim_after)
     ours = rows.get("interp", {})
     print(f"\n{'library':<15}{'tokens/s':>11}{'final FVU':>11}{'peak RSS MB':>13}{'over data MB':>14}")
     for lib, r in rows.items():

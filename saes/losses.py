@@ -43,8 +43,8 @@ class TrainState:
     world_size: int = 1
     """Number of DDP processes."""
     workspace: dict | None = None
-    """Scratch buffers this SAE may keep from one step to the next (the trainer holds one dict per SAE for
-    a run; None: allocate afresh). Nothing in it outlives the step that wrote it."""
+    """Scratch buffers this SAE may reuse from one step to the next (the trainer holds one dict per SAE for
+    a run; None: allocate afresh). A buffer's contents are only valid within the step that wrote them."""
 
 
 class TrainStep(NamedTuple):

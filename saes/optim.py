@@ -4,9 +4,10 @@
 CPU: 10.7 ms a step against 39 ms for the default ``foreach`` path, median of 21 steps; the same values to
 float rounding, see ``tests/saes/test_optim.py``). The fused kernel reads the parameter, its gradient
 and the two moment buffers as flat arrays in memory order: when one of them has other strides than the
-parameter (a moment restored contiguous from a checkpoint for TopK's transposed ``W_enc``, or a gradient
-assigned by hand), it pairs the wrong elements without any error. :func:`align_layouts` gives each of
-them the parameter's strides; the trainer calls it after every checkpoint load and before every step.
+parameter, it pairs the wrong elements without any error. Gradients from autograd always come in the
+parameter's strides (torch's gradient layout contract, checked by the tests for TopK's transposed
+``W_enc``); moments restored from a checkpoint come back contiguous, so :func:`align_layouts` gives them the
+parameter's strides when :func:`saes.resume.optimizer_from_flat` loads them.
 """
 
 from __future__ import annotations
@@ -31,23 +32,15 @@ def adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float]) -> tor
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=True if fused_ok(params) else None)
 
 
-def _like(p: Tensor, v: Tensor) -> Tensor:
-    return torch.empty_like(p, dtype=v.dtype).copy_(v)  # empty_like keeps a dense tensor's strides
-
-
 def align_layouts(opt: torch.optim.Optimizer) -> None:
-    """Give every gradient and every parameter-shaped optimizer state tensor its parameter's strides
-    (a copy only where they differ; values unchanged)."""
+    """Give every parameter-shaped optimizer state tensor its parameter's strides (a copy only where they
+    differ; values unchanged)."""
     for group in opt.param_groups:
         for p in group["params"]:
-            if p.grad is not None and p.grad.stride() != p.stride():
-                p.grad = _like(p, p.grad)
-            state = opt.state.get(p)
-            if not state:
-                continue
+            state = opt.state.get(p, {})
             for key, v in state.items():
                 if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
-                    state[key] = _like(p, v)
+                    state[key] = torch.empty_like(p, dtype=v.dtype).copy_(v)  # keeps a dense tensor's strides
 
 
 def keep_implementation(opt: torch.optim.Optimizer, groups: list[dict]) -> list[dict]:

@@ -302,7 +302,6 @@ class Trainer:
         norm = getattr(sae, "normalize_decoder", False)
         if norm:
             remove_parallel_grad(sae.W_dec)
-        optim.align_layouts(st.opt)
         st.opt.step()
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)
