@@ -58,6 +58,18 @@ held-out FVU (measured in fp32), and ``speedup_bf16_vs_<peer>_bf16`` compares th
 
     python benchmarks/sae_train.py --cache DIR --steps 40 --bf16
 
+Each library at its own defaults (rows ``interp-default`` and ``sparsify-signum``): the rows above share one
+Adam learning rate and schedule (``--lr``, by default sparsify's Adam rule ``2e-4 / sqrt(d_sae / 2**14)``),
+which isolates speed and learning per token but is not what either library does out of the box.
+``interp-default`` is this project's trainer at its default learning rate (``TrainConfig(lr=None)``);
+``sparsify-signum`` is sparsify with every default of its ``TrainConfig``: not Adam but ``SignSGD`` under
+schedulefree's ``ScheduleFreeWrapper`` (momentum 0.95, ``5e-3 / sqrt(d_sae / 2**14)``, no schedule) and no
+AuxK loss, evaluated on its averaged weights (the ones it saves). Each row records the rate it used (``lr``);
+``summary.time_to_target_at_defaults`` times every row to ``sparsify-signum``'s final held-out FVU:
+
+    python benchmarks/sae_train.py --cache DIR --steps 200 --batch 1024 \
+        --libraries interp sparsify interp-default sparsify-signum
+
 ``--device cuda`` runs every library on the GPU (the data is moved there before timing); ``--quick``
 trains on a small planted-dictionary data set instead of a cache, with tiny sizes, every library in
 this process: it checks the code path only.
@@ -155,10 +167,15 @@ class Timer:
         self.curve: list[dict] = []
         self.eval_seconds = 0.0
         self._sae = self._recon = None
+        self._around: tuple = (lambda: None, lambda: None)
+        self.lr_used: float | None = None
+        """The learning rate the runner trained with, when it is not the one it was given."""
 
-    def watch(self, sae: torch.nn.Module, recon) -> None:
-        """The SAE to evaluate and its reconstruction function (``x -> x_hat``)."""
+    def watch(self, sae: torch.nn.Module, recon, around: tuple | None = None) -> None:
+        """The SAE to evaluate and its reconstruction function (``x -> x_hat``); ``around``: two callables run
+        before and after each evaluation (a schedule-free optimizer swaps its averaged weights in and out)."""
         self._sae, self._recon = sae, recon
+        self._around = around or self._around
 
     def now(self) -> float:
         if torch.cuda.is_available():
@@ -170,7 +187,9 @@ class Timer:
         step = len(self.t) - 1
         if self.every and self._recon is not None and step < self.steps and step % self.every == 0:
             start = time.perf_counter()
+            self._around[0]()
             self.record(step, heldout_fvu(self._sae, self._recon, self.held))
+            self._around[1]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.eval_seconds += time.perf_counter() - start
@@ -198,6 +217,7 @@ def run_ours(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False, guar
     n, b = len(train), train[0].shape[0]
     cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
                       log_every=n, nonfinite_guard=guard, bf16=bf16)
+    timer.lr_used = cfg.lr_for(sae)
     Trainer(sae, cfg).fit(Source())
     timer.tick()
     return lambda x: sae(x).x_hat
@@ -264,6 +284,51 @@ def run_sparsify(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
     return lambda x: sae(x).sae_out
 
 
+def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
+    """sparsify with every default of its ``TrainConfig``: its default optimizer (``SignSGD`` in schedulefree's
+    ``ScheduleFreeWrapper``, momentum 0.95, learning rate ``5e-3 / sqrt(d_sae / 2**14)``, no schedule) and
+    ``auxk_alpha = 0``; the benchmark's ``lr`` is not used. Held-out FVU is measured on the averaged weights
+    (``optimizer.eval()``), the ones sparsify saves."""
+    from schedulefree import ScheduleFreeWrapper
+    from sparsify import SparseCoder, SparseCoderConfig
+    from sparsify.sign_sgd import SignSGD
+
+    torch.manual_seed(0)
+    d = train[0].shape[-1]
+    sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+    timer.lr_used = 5e-3 / (d_sae / 2**14) ** 0.5
+    opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": timer.lr_used}]), momentum=0.95)
+    opt.train()
+    kept: list[torch.Tensor] = []
+
+    def averaged_in():  # the averaged weights for the evaluation; the training ones kept exactly
+        kept[:] = [p.detach().clone() for p in sae.parameters()]
+        opt.eval()
+
+    def training_back():  # opt.train() interpolates back, which is not bit-exact: restore the kept copy
+        opt.train()
+        with torch.no_grad():
+            for p, v in zip(sae.parameters(), kept):
+                p.copy_(v)
+
+    timer.watch(sae, lambda x: sae(x).sae_out, around=(averaged_in, training_back))
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    for step, x in enumerate(train):
+        timer.tick()
+        if step == 0:
+            sae.b_dec.data = x.mean(0)
+        sae.set_decoder_norm_to_unit_norm()
+        with autocast:
+            loss = sae(x).fvu
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+    opt.eval()
+    timer.tick()
+    return lambda x: sae(x).sae_out
+
+
 RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
            # the same trainer with its non-finite guard off / checking gradients too: the guard's cost
            "interp-noguard": lambda *a: run_ours(*a, guard="off"),
@@ -271,7 +336,10 @@ RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
            # bf16 autocast of the SAE forward, each library's own way (see the module docstring)
            "interp-bf16": lambda *a: run_ours(*a, bf16=True),
            "saelens-bf16": lambda *a: run_saelens(*a, bf16=True),
-           "sparsify-bf16": lambda *a: run_sparsify(*a, bf16=True)}
+           "sparsify-bf16": lambda *a: run_sparsify(*a, bf16=True),
+           # each library at its own defaults, learning rate included (the rows above share one rate)
+           "interp-default": lambda train, lr, *a: run_ours(train, None, *a),
+           "sparsify-signum": run_sparsify_signum}
 BF16 = {lib: f"{lib}-bf16" for lib in ("interp", "saelens", "sparsify")}
 """The libraries with a bf16 path and the name of their bf16 row."""
 
@@ -315,14 +383,18 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
 
 
 def recorded_command(script: str, argv: list[str]) -> str:
-    """The command line as recorded in a result: ``python SCRIPT ARGS``, with the cache folder (a path on the
-    machine that ran it) written as ``CACHE``."""
+    """The command line as recorded in a result: ``python SCRIPT ARGS``, with every cache folder (a path on the
+    machine that ran it) written as its flag's name: ``--cache CACHE``, ``--tune-cache TUNE_CACHE``."""
     args = list(argv)
     for i, a in enumerate(args):
-        if a == "--cache" and i + 1 < len(args):
-            args[i + 1] = "CACHE"
-        elif a.startswith("--cache="):
-            args[i] = "--cache=CACHE"
+        flag, eq, _ = a.partition("=")
+        if not (flag.startswith("--") and flag.endswith("cache")):
+            continue
+        name = flag[2:].replace("-", "_").upper()
+        if eq:
+            args[i] = f"{flag}={name}"
+        elif i + 1 < len(args):
+            args[i + 1] = name
     return " ".join(["python", script, *args])
 
 
@@ -353,7 +425,7 @@ def worker(args) -> dict:
     res = {"library": args.worker, "steps": args.steps, "tokens": args.steps * args.batch,
            "tokens_per_s": (args.steps - 1) * args.batch / timed, "train_seconds": t[-1] - t[0],
            "final_fvu": fvu, "peak_rss_mb": peak,
-           "peak_rss_over_data_mb": peak - rss0, "lr": lr, "distinct_training_rows": pool_rows,
+           "peak_rss_over_data_mb": peak - rss0, "lr": timer.lr_used or lr, "distinct_training_rows": pool_rows,
            "held_out_rows": sum(x.shape[0] for x in held)}
     if every:
         timer.record(args.steps, fvu)  # after the last step, on every held-out batch
@@ -534,6 +606,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         for lib, r in reach["libraries"].items():
             got = "not reached in every round" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.3g}"
             print(f"  {lib:<15}{got} (per round {r['time_to_target_s_per_round']})")
+    if args.eval_every and "sparsify-signum" in runs and args.target_fvu is None:
+        # each library at its own defaults: the target is sparsify's final FVU with every default of its own
+        defaults = target_summary(runs, None, reference="sparsify-signum")
+        summary["time_to_target_at_defaults"] = defaults
+        if "interp-default" in runs:
+            summary["time_to_target_interp_default_vs_sparsify_signum"] = (
+                defaults["libraries"]["interp-default"]["vs_sparsify_signum"])
     bf16 = bf16_summary(runs, rows)
     if bf16:
         summary["bf16"] = bf16
@@ -569,24 +648,26 @@ def _median(values: list) -> float | None:
     return None if not values or any(v is None for v in values) else statistics.median(values)
 
 
-def target_summary(runs: dict[str, list[dict]], target_fvu: float | None) -> dict:
-    """Per round, the target (``target_fvu``, else sparsify's final held-out FVU of that round) and each library's
-    :func:`time_to_target` on its curve; per library the median over rounds of its time and of its per-round
-    ratio to sparsify's time (None unless every round has one). Empty without sparsify and ``target_fvu``."""
+def target_summary(runs: dict[str, list[dict]], target_fvu: float | None, reference: str = "sparsify") -> dict:
+    """Per round, the target (``target_fvu``, else ``reference``'s final held-out FVU of that round) and each
+    library's :func:`time_to_target` on its curve; per library the median over rounds of its time and of its
+    per-round ratio to ``reference``'s time (None unless every round has one). Empty without ``reference`` and
+    ``target_fvu``."""
     n_rounds = min(len(rs) for rs in runs.values())
-    if target_fvu is None and "sparsify" not in runs:
+    if target_fvu is None and reference not in runs:
         return {}
-    targets = [target_fvu if target_fvu is not None else runs["sparsify"][i]["final_fvu"] for i in range(n_rounds)]
+    targets = [target_fvu if target_fvu is not None else runs[reference][i]["final_fvu"] for i in range(n_rounds)]
     times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i]) for i in range(n_rounds)] for lib, rs in runs.items()}
-    out = {"target_fvu_per_round": targets,
-           "target": "--target-fvu" if target_fvu is not None else "sparsify's final held-out FVU in the same round",
+    said = "--target-fvu" if target_fvu is not None else f"{reference}'s final held-out FVU in the same round"
+    out = {"target_fvu_per_round": targets, "target": said,
            "libraries": {}}
+    key = "vs_" + reference.replace("-", "_")
     for lib, ts in times.items():
         row = {"time_to_target_s": _median(ts), "time_to_target_s_per_round": ts,
                "rounds_reached": sum(t is not None for t in ts)}
-        if "sparsify" in times:
-            ratios = [None if a is None or not b else a / b for a, b in zip(ts, times["sparsify"])]
-            row.update(vs_sparsify=_median(ratios), vs_sparsify_per_round=ratios)
+        if reference in times:
+            ratios = [None if a is None or not b else a / b for a, b in zip(ts, times[reference])]
+            row.update({key: _median(ratios), f"{key}_per_round": ratios})
         out["libraries"][lib] = row
     return out
 

@@ -3,7 +3,7 @@
 Every run reads the same cached activations (layer 12 ``hook_resid_post`` of the embedded model), in
 the same order, through the SAE benchmark's own loader (:func:`benchmarks.sae_train.load_batches`:
 inputs pre-scaled to ``E||x||^2 = d_model``, the cache's last ``2 * batch`` rows held out), with the
-same Adam learning rate (``2e-4 / sqrt(d_sae / 16384)``, the trainer's default rule) and schedule
+same Adam learning rate (``2e-4 / sqrt(d_sae / 16384)``, the trainer's default rule then) and schedule
 (1 % warm-up, linear decay over the last 20 %). Held-out FVU is the benchmark's
 :func:`benchmarks.sae_train.final_fvu`; sparsify runs through the benchmark's own
 :func:`benchmarks.sae_train.run_sparsify` (its ``SparseCoder``, loss and loop).
@@ -86,7 +86,8 @@ def sparsify_enc_scale(d_model: int, d_sae: int) -> float:
 
 
 def default_lr(d_sae: int) -> float:
-    """The trainer's default learning rate (``TrainConfig.lr=None``), also used for sparsify."""
+    """The trainer's default learning rate when this study ran (sparsify's Adam rule; TopK's default is now
+    4 x this, see ``sae_lr_rule.md``), used for every run here, sparsify's too."""
     return 2e-4 / math.sqrt(d_sae / 16384)
 
 

@@ -113,6 +113,9 @@ class SAE(nn.Module):
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     architecture: ClassVar[str] = ""
+    default_lr_factor: ClassVar[float] = 1.0
+    """The trainer's default learning rate is ``2e-4 / sqrt(d_sae / 16384)`` times this
+    (:meth:`saes.TrainConfig.lr_for`); 1 unless a study measured better for the architecture."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

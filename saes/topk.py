@@ -56,6 +56,8 @@ class TopKSAE(SAE):
 
     config_class = TopKConfig
     normalize_decoder = True
+    default_lr_factor = 4.0
+    """Chosen by held-out FVU at equal tokens in ``experiments/sae_lr_rule.py`` (``sae_lr_rule.md``)."""
     cfg: TopKConfig
 
     def __init__(self, cfg: TopKConfig):

@@ -3,6 +3,7 @@ with, checked when built, and the learning-rate schedule they define."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from saes import guard
@@ -18,7 +19,9 @@ class TrainConfig:
     batch_tokens: int = 4096
     """Rows per optimizer step (the global batch; each DDP process trains on its slice)."""
     lr: float | None = None
-    """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)``, sparsify's scaling rule)."""
+    """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)`` times the architecture's ``default_lr_factor``:
+    4 for TopK, chosen by held-out FVU in ``experiments/sae_lr_rule.py``; 1, sparsify's Adam rule, for the
+    others, which that study did not cover)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_frac: float = 0.01
@@ -28,7 +31,8 @@ class TrainConfig:
     b_dec_init: str = "geometric_median"
     """``"geometric_median"``, ``"mean"`` or ``"zeros"``: how ``b_dec`` starts (first batch)."""
     normalize_inputs: bool = True
-    """Scale inputs so that ``E||x||^2 = d_model`` (estimated on the first batch, folded at the end)."""
+    """Scale inputs so that ``E||x||^2 = d_model`` (estimated on the first batch's typical rows, massive
+    activations left out: :func:`saes.losses.input_scale`; folded into the weights at the end)."""
     dead_tokens: int = 10_000_000
     """A latent is dead after this many rows without firing (AuxK uses the dead ones)."""
     bf16: bool = False
@@ -74,6 +78,13 @@ class TrainConfig:
         if self.nonfinite_guard not in guard.GUARDS:
             raise SAEError(f"TrainConfig.nonfinite_guard must be one of {guard.GUARDS}, got {self.nonfinite_guard!r}")
 
+    def lr_for(self, sae) -> float:
+        """The Adam learning rate of ``sae``: ``lr``, else :func:`default_lr` of its width times its
+        architecture's ``default_lr_factor``."""
+        if self.lr is not None:
+            return self.lr
+        return default_lr(sae.cfg.d_sae) * getattr(sae, "default_lr_factor", 1.0)
+
     @property
     def total_steps(self) -> int:
         return max(1, self.total_tokens // self.batch_tokens)
@@ -87,3 +98,9 @@ class TrainConfig:
         if decay and step >= n - decay:
             return max(0.0, (n - step) / decay)
         return 1.0
+
+
+def default_lr(d_sae: int) -> float:
+    """The base of the trainer's default Adam learning rate for ``d_sae`` latents, ``2e-4 / sqrt(d_sae / 16384)``
+    (sparsify's Adam rule); each architecture multiplies it by its ``default_lr_factor`` (TopK: 4)."""
+    return 2e-4 / math.sqrt(d_sae / 16384)

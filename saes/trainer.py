@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ from saes.losses import (
     TrainState,
     fold_input_scale,
     geometric_median,
+    input_scale,
     normalize_rows,
     remove_parallel_grad,
     total_variance,
@@ -133,7 +133,7 @@ class Trainer:
         self.rank, self.world = ddp.setup(dev)
         self.sites: dict[str, _Site] = {}
         for name, sae in self.saes.items():
-            lr = self.cfg.lr if self.cfg.lr is not None else 2e-4 / math.sqrt(sae.cfg.d_sae / 16384)
+            lr = self.cfg.lr_for(sae)
             opt = optim.adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
@@ -164,7 +164,7 @@ class Trainer:
         for name, st in self.sites.items():
             x = batch[name].to(st.sae.device, torch.float32)
             if self.cfg.normalize_inputs:
-                st.scale = math.sqrt(x.shape[-1] / x.pow(2).sum(-1).mean().clamp_min(1e-12).item())
+                st.scale = input_scale(x)
             x = x * st.scale
             with torch.no_grad():
                 if self.cfg.b_dec_init == "geometric_median":

@@ -141,3 +141,25 @@ def test_recorded_command_names_no_cache_path(sae_train):
     cmd = sae_train.recorded_command("benchmarks/sae_train.py", ["--cache", "/data/c12", "--steps", "5"])
     assert cmd == "python benchmarks/sae_train.py --cache CACHE --steps 5"
     assert sae_train.recorded_command("x.py", ["--cache=/data/c12", "--quick"]) == "python x.py --cache=CACHE --quick"
+    assert (sae_train.recorded_command("x.py", ["--tune-cache", "/a", "--check-cache=/b", "--out", "o"])
+            == "python x.py --tune-cache TUNE_CACHE --check-cache=CHECK_CACHE --out o")
+
+
+def test_rows_at_each_library_defaults_record_their_own_rate_and_evaluate_without_changing_training(sae_train,
+                                                                                                   tmp_path):
+    from saes.topk import TopKSAE
+    from saes.train_config import default_lr
+
+    libs = ["interp-default", "sparsify-signum"]
+    on = sae_train.main(["--quick", "--device", "cpu", "--lr", "0.001", "--libraries", *libs,
+                         "--out", str(tmp_path / "on.json")])
+    d_sae = on["d_sae"]
+    # the trainer's own default for TopK, not the --lr every other row shares
+    assert on["results"]["interp-default"]["lr"] == default_lr(d_sae) * TopKSAE.default_lr_factor
+    assert TopKSAE.default_lr_factor == 4
+    assert on["results"]["sparsify-signum"]["lr"] == pytest.approx(5e-3 / (d_sae / 2**14) ** 0.5)
+    off = sae_train.main(["--quick", "--device", "cpu", "--lr", "0.001", "--eval-every", "0", "--libraries", *libs,
+                          "--out", str(tmp_path / "off.json")])
+    for lib in libs:  # evaluating the schedule-free average mid-run leaves the training weights exactly alone
+        assert on["results"][lib]["final_fvu"] == off["results"][lib]["final_fvu"], lib
+        assert math.isfinite(on["results"][lib]["final_fvu"])

@@ -7,7 +7,7 @@ import torch
 from sae_testdata import SyntheticSource
 
 import saes
-from saes.losses import fold_input_scale, geometric_median
+from saes.losses import fold_input_scale, geometric_median, input_scale
 from saes.trainer import TrainConfig, Trainer
 
 D, M, ROWS = 16, 64, 128
@@ -45,6 +45,48 @@ def test_fold_input_scale_reads_raw_activations():
     out = sae(x)
     torch.testing.assert_close(out.codes, ref.codes)
     torch.testing.assert_close(out.x_hat, ref.x_hat / s)
+
+
+def test_default_learning_rate_is_the_rule_times_the_architecture_factor():
+    from saes.train_config import default_lr
+
+    assert default_lr(16384) == pytest.approx(2e-4) and default_lr(4 * 16384) == pytest.approx(1e-4)
+    topk, relu = saes.build("topk", d_model=D, d_sae=M, k=4), saes.build("relu", d_model=D, d_sae=M)
+    for sae, factor in ((topk, 4.0), (relu, 1.0)):
+        tr = Trainer(sae, cfg(lr=None, total_tokens=ROWS * 2)).fit(SyntheticSource(D, rows=ROWS))
+        assert tr.sites[""].opt.param_groups[0]["initial_lr"] == pytest.approx(factor * default_lr(M))
+    assert cfg(lr=1e-3).lr_for(topk) == 1e-3  # a rate given wins
+
+
+def test_input_scale_leaves_massive_activations_out():
+    torch.manual_seed(0)
+    x = torch.randn(1024, D) * 3
+    plain = (D / x.pow(2).sum(-1).mean()).sqrt().item()
+    assert input_scale(x) == pytest.approx(plain, rel=0.05)  # no outlier: about the plain estimate
+    spiked = x.clone()
+    spiked[7] *= 300  # one massive activation, as residual streams have: the plain mean moves ~9x
+    assert (D / spiked.pow(2).sum(-1).mean()).sqrt().item() < plain / 5
+    assert input_scale(spiked) == pytest.approx(input_scale(x), rel=0.01)
+    mostly_zero = torch.zeros(10, D)
+    mostly_zero[0] = 2.0
+    assert input_scale(mostly_zero) == pytest.approx((D / (4 * D / 10)) ** 0.5)  # a zero median: every row counts
+
+
+def test_trainer_scale_ignores_a_massive_row_in_the_first_batch():
+    def source(spike: bool):
+        g = torch.Generator().manual_seed(1)
+        for i in range(4):
+            x = torch.randn(ROWS, D, generator=g)
+            if spike and i == 0:
+                x[3] *= 500
+            yield x
+
+    scales = []
+    for spike in (False, True):
+        torch.manual_seed(0)
+        sae = saes.build("topk", d_model=D, d_sae=M, k=4)
+        scales.append(Trainer(sae, cfg(total_tokens=ROWS * 4)).fit(source(spike)).scales_[""])
+    assert scales[1] == pytest.approx(scales[0], rel=0.01)  # a plain mean over the spiked batch: ~40x smaller
 
 
 def test_geometric_median_hand_cases():

@@ -1,0 +1,68 @@
+"""The learning-rate study runs end to end at reduced size on a tiny model's caches of two sites."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
+DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(120)]
+
+
+@pytest.fixture
+def experiment(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    spec = importlib.util.spec_from_file_location("sae_lr_rule", ROOT / "experiments" / "sae_lr_rule.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop("sae_lr_rule", None)
+
+
+def test_lr_study_reduced(tmp_path, experiment, capsys):
+    from conftest import byte_tokenizer, tiny_model
+
+    from interp.cache import cache_activations
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    caches = []
+    for site in SITES:  # one cache per site: the study reads a cache of one site
+        caches.append(tmp_path / site)
+        cache_activations(model, tok, [site], caches[-1], 3000, dataset=DOCS, context_size=32, shard_tokens=1000,
+                          progress=False)
+    out = tmp_path / "out"
+    args = ["--tune-cache", str(caches[0]), "--check-cache", str(caches[1]), "--out", str(out), "--shrink", "64",
+            "--cells", "d9216_b4096_1ep", "check_d9216_b4096_1ep"]
+    res = experiment.main(args)
+    assert (out / "heldout_fvu_by_lr.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text()) == res
+    assert all(str(c) not in res["command"] for c in caches) and "--tune-cache TUNE_CACHE" in res["command"]
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    peer = experiment.PEER
+    assert set(runs) == {f"{c}_{a}" if a == peer else f"{c}_x{a:g}"
+                         for c in ("d9216_b4096_1ep", "check_d9216_b4096_1ep")
+                         for a in experiment.CELLS[c]["mults"]}
+    for r in runs.values():
+        assert r["site"] == SITES[0 if r["kind"] == "tune" else 1]
+        assert r["d_sae"] == experiment.CELLS[r["cell"]]["d_sae"] // 64 and r["batch"] == 4096 // 64
+        assert r["tokens"] == r["steps"] * r["batch"] and r["held_out_rows"] == experiment.HELD_OUT // 64
+        if r["lr_mult"] == peer:  # sparsify's own signum rule, not a factor of ours
+            assert r["lr"] == pytest.approx(5e-3 / (r["d_sae"] / 2**14) ** 0.5)
+        else:
+            assert r["lr"] == pytest.approx(r["lr_mult"] * experiment.old_rule(r["d_sae"]))
+        assert math.isfinite(r["heldout_fvu"]) and math.isfinite(r["heldout_fvu_all_rows"])
+        assert r["curve"][-1] == {"step": r["steps"], "tokens": r["tokens"], "heldout_fvu": r["heldout_fvu"]}
+    one_pass = res["summary"]["d9216_b4096_1ep"]
+    fvu = one_pass["heldout_fvu_by_lr_mult"]
+    assert set(fvu) == {"x1", "x2", "x4", "x8", "x16"} and one_pass["best_lr_mult"] == min((v, float(k[1:]))
+                                                                                    for k, v in fvu.items())[1]
+    assert one_pass[peer] == runs[f"d9216_b4096_1ep_{peer}"]["heldout_fvu"]
+    capsys.readouterr()
+    assert experiment.main(args) == res  # a rerun finds every run done and trains nothing
+    assert "held-out FVU" not in capsys.readouterr().out
