@@ -410,7 +410,9 @@ def eval_every(args) -> int:
 def worker(args) -> dict:
     train, held, pool_rows = load_batches(args.cache, args.batch, args.steps, args.eval_batches)
     train, held = [x.to(args.device) for x in train], [x.to(args.device) for x in held]
-    lr = args.lr if args.lr else 2e-4 / math.sqrt(args.d_sae / 16384)
+    from saes.train_config import default_lr  # sparsify's Adam rule: the rate the shared-rate rows train at
+
+    lr = args.lr if args.lr else default_lr(args.d_sae)
     every = eval_every(args)
     timer = Timer(args.steps, every, held[:1], args.batch)  # intermediate points: the first held-out batch
     _reset_peak_rss()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -88,7 +87,9 @@ def sparsify_enc_scale(d_model: int, d_sae: int) -> float:
 def default_lr(d_sae: int) -> float:
     """The trainer's default learning rate when this study ran (sparsify's Adam rule; TopK's default is now
     4 x this, see ``sae_lr_rule.md``), used for every run here, sparsify's too."""
-    return 2e-4 / math.sqrt(d_sae / 16384)
+    from saes.train_config import default_lr as base
+
+    return base(d_sae)
 
 
 def arm_settings(arm: str, sp_scale: float) -> dict:

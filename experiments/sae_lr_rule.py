@@ -7,9 +7,11 @@ default) and changes nothing else: TopK with the trainer's defaults, the same ba
 (a fixed permutation of the cache per pass), the same schedule (1 % warm-up, linear decay over the last
 20 %). The last :data:`HELD_OUT` rows of each cache are never trained on; the held-out FVU
 (:func:`benchmarks.sae_train.final_fvu`) is measured on the held-out rows that are not massive activations
-(:data:`MASSIVE`): at :data:`CURVE_POINTS` points during the run on the first 8,192 of them, at its end
-on all of them, so each run also gives the time-free shape of its curve; the FVU over every held-out row
-is recorded beside the final one.
+(squared norm over :data:`saes.losses.MASSIVE_ROW` x the median; on the embedded model's layer 12 ~120
+rows in 786k sit far above it and hold ~85 % of the variance, so an FVU over every row measures mostly
+them): at :data:`CURVE_POINTS` points during the run on the first 8,192 of them, at its end on all of
+them, so each run also gives the time-free shape of its curve; the FVU over every held-out row is
+recorded beside the final one.
 
 Cells of kind ``tune`` read ``--tune-cache`` (the rule is chosen on them); cells of kind ``check`` read
 ``--check-cache``, another layer, and test the chosen factor there. A pass over the cache is one epoch;
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -40,16 +41,14 @@ sys.path.insert(0, str(ROOT))
 import saes  # noqa: E402
 from benchmarks import sae_train as bench  # noqa: E402 - the benchmark's held-out FVU and command record
 from interp.atomic import write_json  # noqa: E402
+from saes.losses import MASSIVE_ROW, input_scale  # noqa: E402
+from saes.train_config import default_lr  # noqa: E402
 from saes.trainer import TrainConfig, Trainer  # noqa: E402
 
 PEER = "sparsify-signum"
 """The arm that runs sparsify at every default of its own (its optimizer is not Adam: see the benchmark)."""
 HELD_OUT = 32768
 """Rows at the end of each cache that no run trains on."""
-MASSIVE = 10
-"""A row whose squared norm exceeds this many times the median's is a massive activation (on the embedded
-model's layer 12, ~110 rows in 786k sit 50-40,000 x above the median and hold ~85 % of the variance: an FVU
-over every row measures mostly them)."""
 CURVE_POINTS = 8
 """Held-out FVU points during a run (besides the final one)."""
 BASE = dict(kind="tune", d_sae=9216, k=32, batch=4096, epochs=1.0, mults=[1, 2, 4, 8, PEER])
@@ -67,14 +66,14 @@ the reference for what a user of the best peer gets out of the box)."""
 
 
 def old_rule(d_sae: int) -> float:
-    """The trainer's learning rate before this study (sparsify's rule)."""
-    return 2e-4 / math.sqrt(d_sae / 16384)
+    """The trainer's learning rate before this study (sparsify's Adam rule): the base TopK now multiplies by 4."""
+    return default_lr(d_sae)
 
 
 def load_rows(cache: str, held_out: int = HELD_OUT, read: int = 4096) -> tuple[str, torch.Tensor, dict]:
     """(site, training rows, held-out sets): every row of the cache's one site and the last ``held_out``
-    rows held out, as batches of 4,096: ``typical`` (squared norm at most :data:`MASSIVE` x the training rows'
-    median) and ``all``. Rows are scaled so that ``E||x||^2 = d_model`` over the typical training rows."""
+    rows held out, as batches of 4,096: ``typical`` (squared norm at most ``MASSIVE_ROW`` x the training
+    rows' median) and ``all``. Rows are scaled so that ``E||x||^2 = d_model`` over the typical training rows."""
     from interp.cache import CachedActivations
 
     src = CachedActivations(cache, batch_tokens=read, seed=0, epochs=1)  # whole batches of ``read`` rows
@@ -85,8 +84,8 @@ def load_rows(cache: str, held_out: int = HELD_OUT, read: int = 4096) -> tuple[s
     if rows.shape[0] < 4 * held_out:
         raise SystemExit(f"{cache} holds {rows.shape[0]} rows; this study needs at least {4 * held_out}")
     sq = rows.pow(2).sum(-1)
-    limit = MASSIVE * sq[:-held_out].median()
-    rows *= math.sqrt(rows.shape[-1] / sq[:-held_out][sq[:-held_out] <= limit].mean().item())
+    limit = MASSIVE_ROW * sq[:-held_out].median()
+    rows *= input_scale(rows[:-held_out])  # the trainer's estimate, over every training row
     held, typical = rows[-held_out:], sq[-held_out:] <= limit
     return site, rows[:-held_out], {"typical": list(held[typical].split(4096)), "all": list(held.split(4096)),
                                     "massive_held_out": int((~typical).sum()),
