@@ -49,7 +49,8 @@ and optimizer state, SAELens its SAE); ``tokens_trained`` (rows that reached the
 input embedding: more than ``tokens_trained`` where a buffer is filled past the last step or positions
 are left out); ``tokens_per_s = tokens_trained / train_s`` (the headline), ``tokens_per_s_with_setup``
 and ``model_tokens_per_s``. ``final_fvu`` is measured by one function (1 - explained variance, sums
-over the whole set) in the parent process, on the reconstructions each row writes of the same
+over the whole set; ``final_fvu_typical`` the same without the held-out rows that are massive activations,
+``held_out_massive_rows`` of them) in the parent process, on the reconstructions each row writes of the same
 held-out rows: activations of documents that no row trains on, captured once by the parent with
 :func:`interp.source.capture_rows` (position 0 and special tokens left out). ``summary`` holds the
 medians over the rounds that ran and, per peer, ``interp`` tokens/s over the peer's, paired within a
@@ -143,6 +144,7 @@ def prepare(args, work: Path) -> dict:
     from interp import load_model
     from interp.data import load_texts, pack
     from interp.source import capture_rows
+    from saes.train_config import default_lr
 
     model_dir = tiny_llama(work / "model") if args.quick and not args.model else None
     model, tok = load_model(str(model_dir) if model_dir else (args.model or "smollm2-135m"), device=args.device)
@@ -172,7 +174,7 @@ def prepare(args, work: Path) -> dict:
     return {"model_dir": str(folder), "site": args.site, "hook_name": hook_name, "hookpoint": hookpoint,
             "d_model": d_model, "d_sae": args.d_sae, "k": args.k, "batch": args.batch, "steps": args.steps,
             "context_size": args.context_size, "model_batch": args.model_batch, "buffer_tokens": buffer,
-            "lr": args.lr or 2e-4 / math.sqrt(args.d_sae / 16384), "device": args.device,
+            "lr": args.lr or default_lr(args.d_sae), "device": args.device,
             "text_dir": str(work / "text"), "text_file": str(work / "text" / "train.jsonl"),
             "heldout": str(work / "heldout.safetensors"), "heldout_rows": held.shape[0], "work": str(work),
             "text": text, "special_ids": sorted(set(tok.all_special_ids))}
@@ -216,8 +218,10 @@ def reconstruct(recon, spec: dict, path: Path) -> None:
     save_file({"x_hat": x_hat.contiguous()}, str(path))
 
 
-def final_fvu(heldout: Path, recon_file: Path) -> float:
-    """1 - explained variance of the reconstructions over the held-out rows (sums over the whole set)."""
+def final_fvu(heldout: Path, recon_file: Path) -> dict:
+    """``final_fvu`` (1 - explained variance of the reconstructions over the held-out rows, sums over the
+    whole set), ``final_fvu_typical`` (the same over the rows that are not massive activations) and
+    ``held_out_massive_rows``."""
     import torch
     from safetensors.torch import load_file
 
@@ -226,7 +230,9 @@ def final_fvu(heldout: Path, recon_file: Path) -> float:
     x, x_hat = load_file(str(heldout))["x"], load_file(str(recon_file))["x_hat"]
     acc = ReconstructionStats(x.shape[-1], 1)
     acc.update(x, x_hat, torch.zeros(x.shape[0], 1))
-    return acc.result()["fvu"]
+    r = acc.result()
+    return {"final_fvu": r["fvu"], "final_fvu_typical": r.get("fvu_typical"),
+            "held_out_massive_rows": r["massive_rows"]}
 
 
 def run_interp(spec: dict, out: Path, count: Counter):
@@ -401,7 +407,7 @@ def run_round(row: str, spec_path: Path, work: Path, timeout: float, device: str
     res["process_s"] = time.perf_counter() - t0
     recon = work / f"recon-{row}.safetensors"
     if res["status"] == "ok":
-        res["final_fvu"] = final_fvu(work / "heldout.safetensors", recon)
+        res.update(final_fvu(work / "heldout.safetensors", recon))
     recon.unlink(missing_ok=True)
     return res
 
@@ -417,6 +423,9 @@ def summarize(rounds: list[list[dict]], rows: list[str]) -> dict:
                         "imports_s", "final_fvu",
                         "model_tokens_per_trained_token", "peak_rss_mb"):
                 entry[key] = statistics.median(r[key] for r in ok)
+            for key in ("final_fvu_typical", "held_out_massive_rows"):  # None: no typical row held out
+                if all(r.get(key) is not None for r in ok):
+                    entry[key] = statistics.median(r[key] for r in ok)
             entry["tokens_trained"] = ok[0]["tokens_trained"]
         else:
             entry["reasons"] = sorted({r["reason"] for r in runs})
@@ -445,7 +454,8 @@ def parse(argv):
     p.add_argument("--batch", type=int, default=None, help="rows per SAE step (default 4096; --quick 64)")
     p.add_argument("--d-sae", type=int, default=None, help="default 16 x 576 = 9216 (--quick 256)")
     p.add_argument("--k", type=int, default=None, help="default 32 (--quick 8)")
-    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(d_sae / 16384) for every row")
+    p.add_argument("--lr", type=float, default=None, help="default 2e-4 / sqrt(d_sae / 16384) for every row "
+                   "(saes.train_config.default_lr: sparsify's Adam rule)")
     p.add_argument("--context-size", type=int, default=None, help="tokens per window (default 128; --quick 32)")
     p.add_argument("--model-batch", type=int, default=8, help="windows per model forward (interp, SAELens)")
     p.add_argument("--heldout-tokens", type=int, default=None, help="held-out rows for the FVU (default 8192)")

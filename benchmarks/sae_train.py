@@ -345,13 +345,21 @@ BF16 = {lib: f"{lib}-bf16" for lib in ("interp", "saelens", "sparsify")}
 
 
 @torch.no_grad()
-def final_fvu(recon, held_out) -> float:
+def final_report(recon, held_out) -> dict:
+    """Held-out reconstruction: ``fvu`` over every row, ``fvu_typical`` over the rows that are not massive
+    activations and ``massive_rows`` (:class:`saes.evaluate.ReconstructionStats`; sums over the whole set)."""
     from saes.evaluate import ReconstructionStats
 
     acc = ReconstructionStats(held_out[0].shape[-1], 1)
     for x in held_out:
         acc.update(x, recon(x), torch.zeros(x.shape[0], 1))
-    return acc.result()["fvu"]
+    r = acc.result()
+    return {"fvu": r["fvu"], "fvu_typical": r.get("fvu_typical"), "massive_rows": r["massive_rows"]}
+
+
+def final_fvu(recon, held_out) -> float:
+    """:func:`final_report`'s FVU over every held-out row."""
+    return final_report(recon, held_out)["fvu"]
 
 
 def heldout_fvu(sae: torch.nn.Module, recon, held_out) -> float:
@@ -423,10 +431,12 @@ def worker(args) -> dict:
     if len(t) != args.steps + 1:
         raise SystemExit(f"{args.worker} timed {len(t) - 1} steps; expected {args.steps}")
     timed = t[-1] - t[1]
-    fvu = final_fvu(recon, held)
+    report = final_report(recon, held)
+    fvu = report["fvu"]
     res = {"library": args.worker, "steps": args.steps, "tokens": args.steps * args.batch,
            "tokens_per_s": (args.steps - 1) * args.batch / timed, "train_seconds": t[-1] - t[0],
-           "final_fvu": fvu, "peak_rss_mb": peak,
+           "final_fvu": fvu, "final_fvu_typical": report["fvu_typical"],
+           "held_out_massive_rows": report["massive_rows"], "peak_rss_mb": peak,
            "peak_rss_over_data_mb": peak - rss0, "lr": timer.lr_used or lr, "distinct_training_rows": pool_rows,
            "held_out_rows": sum(x.shape[0] for x in held)}
     if every:

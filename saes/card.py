@@ -20,6 +20,7 @@ from interp.atomic import atomic_path
 from interp.deprecation import renamed_function
 from saes.checkpoint import Checkpoint
 from saes.evaluate import DENSITY_PLOT
+from saes.losses import MASSIVE_ROW
 from saes.peers import NOT_SAELENS_PREFIX
 
 CARD_METRICS = (("l0_mean", "L0"), ("explained_variance", "Explained variance"),
@@ -30,9 +31,15 @@ BASE_MODELS = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2":
                "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
                "embedded": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 """This project's model aliases -> Hub ids (the embedded model is a Q4_1 GGUF of this one)."""
-OPTIONAL_METRICS = (("absorption_full", "Absorption (full)"), ("absorption_fraction", "Absorption fraction"))
-"""Columns shown when a checkpoint holds them: the first-letter absorption that ``interp sae eval
---absorption`` records under ``training["metrics"]["absorption"]`` (:func:`probes.first_letter_absorption`)."""
+MASSIVE_METRICS = (("explained_variance_typical", "Explained variance (typical rows)"),
+                   ("massive_variance_share", "Massive rows' variance share"))
+"""The explained variance without the massive-activation rows and those rows' share of the variance
+(:func:`saes.evaluate.reconstruction_metrics`), shown beside the explained variance over every row."""
+OPTIONAL_METRICS = (*MASSIVE_METRICS, ("absorption_full", "Absorption (full)"),
+                    ("absorption_fraction", "Absorption fraction"))
+"""Columns shown when a checkpoint holds them: :data:`MASSIVE_METRICS` (recorded by evaluations since they
+were added) and the first-letter absorption that ``interp sae eval --absorption`` records under
+``training["metrics"]["absorption"]`` (:func:`probes.first_letter_absorption`)."""
 SPARSITY_FIELDS = (("k", "k"), ("n_steps", "MP steps"))
 """Config fields that set an SAE's sparsity, shown on the card where the architecture has them:
 ``k`` active latents per row (TopK; BatchTopK's batch mean), ``n_steps`` matching-pursuit steps."""
@@ -63,7 +70,7 @@ def summary(site: str, ckpt: Checkpoint) -> dict[str, Any]:
         **{name: getattr(cfg, name) if name in fields else None for name, _ in SPARSITY_FIELDS},
         "training_tokens": ckpt.training.get("n_tokens"),
     }
-    row.update({key: metrics.get(key) for key, _ in CARD_METRICS})
+    row.update({key: metrics.get(key) for key, _ in (*CARD_METRICS, *MASSIVE_METRICS)})
     absorption = metrics.get("absorption") if isinstance(metrics.get("absorption"), dict) else {}
     row["absorption_full"] = absorption.get("full_absorption_rate")
     row["absorption_fraction"] = absorption.get("absorption_fraction")
@@ -121,6 +128,11 @@ def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str |
               "variance about the mean, over the whole evaluation set. CE loss recovered: "
               "(CE with zero-ablation - CE with the SAE spliced in) / (CE with zero-ablation - clean CE). "
               "Dead: fraction of latents whose recorded firing frequency is 0.", ""]
+    if any(r.get("explained_variance_typical") is not None for r in rows):
+        lines += [f"Typical rows: the evaluation rows whose squared norm is at most {MASSIVE_ROW:g} x the median "
+                  "(residual streams hold a few massive activations far above that; the variance share column is "
+                  "theirs). Where they hold most of the variance, the explained variance over every row measures "
+                  "mostly them, and the typical-row figure is the one that describes most tokens.", ""]
     if any(r.get("absorption_full") is not None for r in rows):
         lines += ["Absorption: first-letter feature absorption (Chanin et al., the metric SAEBench reports), "
                   "measured on single-token words of the model's vocabulary. Full: fraction of the words a dense "

@@ -10,6 +10,13 @@ Metrics (keys of the returned dict):
 * ``l0_mean``, ``l0_quantiles`` (5/25/50/75/95 %), ``l0_histogram`` (count of rows per L0 value);
 * ``explained_variance``, ``fvu`` (= 1 - explained variance), ``mse`` (mean over elements),
   ``cosine_similarity`` (mean over rows of cos(x, x_hat));
+* ``massive_rows``, ``massive_variance_share``, ``fvu_typical``, ``explained_variance_typical``: residual
+  streams hold a few rows whose squared norm is far above the rest (massive activations; on the embedded
+  model's layer 12 about 1 row in 7,000, holding ~85 % of the variance), and an FVU over every row then
+  measures mostly those rows. Rows whose squared norm is over :data:`saes.losses.MASSIVE_ROW` x the median
+  of the first batch's are counted as massive; ``massive_variance_share`` is their part of
+  ``sum||x - mean(x)||^2`` and ``fvu_typical`` the FVU over the other rows (about their own mean).
+  :func:`reconstruction_metrics` warns when the massive rows hold half the variance or more;
 * ``dead_fraction`` (latents that never fire on the set), ``dense_fraction`` (latents firing on more
   than ``dense_threshold`` of the rows), and the per-latent ``latent_density`` (the fraction of rows
   each latent fires on; returned as a tensor, saved as SAELens' ``sparsity.safetensors`` = log10
@@ -25,6 +32,7 @@ The report is an :class:`EvalReport`: ``report["feature_density"]``, the old nam
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,11 +46,15 @@ from tqdm.auto import tqdm
 from interp.atomic import atomic_path, write_json
 from interp.deprecation import RenamedKeys
 from saes.base import SAE, SAEError
+from saes.losses import MASSIVE_ROW
 
 DENSITY_KEY = "latent_density"
 """Report key of the per-latent firing rate ``[d_sae]`` (fraction of rows where the latent is nonzero)."""
 DENSITY_PLOT = "latent_density.png"
 """File name of the density histogram :func:`save_report` writes."""
+MASSIVE_SHARE_WARNING = 0.5
+"""``massive_variance_share`` at or above which :func:`reconstruction_metrics` warns that ``fvu`` is mostly
+the massive rows'."""
 RENAMED_KEYS = {"feature_density": DENSITY_KEY}
 """Report keys renamed since the previous release (old -> new); the old ones are still read."""
 
@@ -72,7 +84,8 @@ def explained_variance(x: Float[Tensor, "n d_model"], x_hat: Float[Tensor, "n d_
 
 
 class ReconstructionStats:
-    """Streaming sums for the reconstruction and sparsity metrics (exact over the whole set)."""
+    """Streaming sums for the reconstruction and sparsity metrics (exact over the whole set), kept for every
+    row and, apart, for the massive rows (squared norm over ``MASSIVE_ROW`` x the first batch's median)."""
 
     def __init__(self, d_model: int, d_sae: int):
         self.n = 0
@@ -83,18 +96,51 @@ class ReconstructionStats:
         self.fires = torch.zeros(d_sae, dtype=torch.float64)
         self.l0: list[Tensor] = []
         self.d_model = d_model
+        self.massive_limit: float | None = None
+        """Squared norm above which a row counts as massive (set by the first batch; inf when its median is 0)."""
+        self.n_m = 0
+        self.sum_x_m = torch.zeros(d_model, dtype=torch.float64)
+        self.sum_x2_m = torch.zeros((), dtype=torch.float64)
+        self.sum_err_m = torch.zeros((), dtype=torch.float64)
 
     def update(self, x: Float[Tensor, "n d_model"], x_hat: Float[Tensor, "n d_model"],
                codes: Float[Tensor, "n d_sae"]) -> None:
         x, x_hat = x.detach().double().cpu(), x_hat.detach().double().cpu()
         active = (codes.detach() != 0).cpu()
+        sq, err = x.pow(2).sum(-1), (x - x_hat).pow(2).sum(-1)
+        if self.massive_limit is None and x.shape[0]:
+            med = float(sq.median())
+            self.massive_limit = MASSIVE_ROW * med if med > 0 else float("inf")
         self.n += x.shape[0]
         self.sum_x += x.sum(0)
-        self.sum_x2 += x.pow(2).sum()
-        self.sum_err += (x - x_hat).pow(2).sum()
+        self.sum_x2 += sq.sum()
+        self.sum_err += err.sum()
         self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1, eps=1e-12).sum()
         self.fires += active.sum(0).double()
         self.l0.append(active.sum(-1))
+        if self.massive_limit is not None:
+            big = sq > self.massive_limit
+            if big.any():
+                self.n_m += int(big.sum())
+                self.sum_x_m += x[big].sum(0)
+                self.sum_x2_m += sq[big].sum()
+                self.sum_err_m += err[big].sum()
+
+    def massive(self) -> dict[str, Any]:
+        """``massive_rows``, ``massive_variance_share`` and the FVU / explained variance over the other rows."""
+        mean = self.sum_x / self.n
+        total_var = self.sum_x2 - self.sum_x.pow(2).sum() / self.n
+        # sum over the massive rows of ||x - mean||^2, mean being every row's
+        var_m = self.sum_x2_m - 2 * (self.sum_x_m @ mean) + self.n_m * mean.pow(2).sum()
+        n_t = self.n - self.n_m
+        out: dict[str, Any] = {"massive_rows": self.n_m,
+                               "massive_variance_share": float(var_m / total_var.clamp_min(1e-30))}
+        if n_t:
+            sum_x_t = self.sum_x - self.sum_x_m
+            var_t = (self.sum_x2 - self.sum_x2_m) - sum_x_t.pow(2).sum() / n_t
+            fvu_t = float((self.sum_err - self.sum_err_m) / var_t.clamp_min(1e-30))
+            out.update(fvu_typical=fvu_t, explained_variance_typical=1 - fvu_t)
+        return out
 
     def result(self, dense_threshold: float = 0.1) -> EvalReport:
         if self.n == 0:
@@ -109,6 +155,7 @@ class ReconstructionStats:
             "fvu": float(self.sum_err / total_var.clamp_min(1e-30)),
             "mse": float(self.sum_err / (self.n * self.d_model)),
             "cosine_similarity": float(self.sum_cos / self.n),
+            **self.massive(),
             "l0_mean": float(l0.mean()),
             "l0_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], q)),
             "l0_histogram": torch.bincount(l0.long()).tolist(),
@@ -138,7 +185,15 @@ def reconstruction_metrics(sae: SAE, batches: Iterable, *, site: str | None = No
         if n_batches is not None and i + 1 >= n_batches:
             break  # before asking a live store for one more batch
     bar.close()
-    return acc.result(dense_threshold)
+    report = acc.result(dense_threshold)
+    share = report["massive_variance_share"]
+    if share >= MASSIVE_SHARE_WARNING:
+        typical = report.get("fvu_typical", float("nan"))
+        warnings.warn(f"{report['massive_rows']} of {report['n_rows']} evaluated rows are massive activations "
+                      f"(squared norm over {MASSIVE_ROW:g} x the median) and hold {share:.0%} of the variance, so "
+                      f"fvu {report['fvu']:.4f} is mostly theirs; over the other rows fvu_typical is {typical:.4f}: "
+                      "report both", stacklevel=2)
+    return report
 
 
 def _token_ce(logits: Tensor, ids: Tensor) -> Tensor:

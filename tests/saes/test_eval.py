@@ -124,3 +124,51 @@ def test_feature_density_is_a_deprecated_alias_of_latent_density(tmp_path):
     assert "density" not in (tmp_path / "old" / "eval.json").read_text()
     with pytest.raises(saes.SAEError, match="latent_density"):
         save_report({"l0_mean": 1.0}, tmp_path / "none")
+
+
+def test_massive_rows_are_counted_apart_and_warned_about():
+    """A few rows far above the median norm, reconstructed exactly, while typical rows are not: the FVU over
+    every row looks good, ``fvu_typical`` (by hand, over the other rows about their own mean) does not, and
+    the library says so."""
+    from saes.evaluate import ReconstructionStats
+
+    g = torch.Generator().manual_seed(0)
+    typical = torch.randn(600, 8, generator=g) + 1.0
+    massive = 300.0 * torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=1)
+    x = torch.cat([typical[:300], massive, typical[300:]])
+    noise = 0.5 * torch.randn(x.shape, generator=g)
+    is_massive = torch.zeros(x.shape[0], dtype=torch.bool)
+    is_massive[300:303] = True
+    x_hat = torch.where(is_massive[:, None], x, x + noise)
+    acc = ReconstructionStats(8, 1)
+    for lo in range(0, x.shape[0], 200):  # massive rows in the second batch; the limit comes from the first
+        acc.update(x[lo:lo + 200], x_hat[lo:lo + 200], torch.ones(len(x[lo:lo + 200]), 1))
+    r = acc.result()
+    x, x_hat = x.double(), x_hat.double()  # the hand sums in float64, as the library's
+    t, t_hat = x[~is_massive], x_hat[~is_massive]
+    fvu_t = ((t - t_hat).pow(2).sum() / (t - t.mean(0)).pow(2).sum()).item()
+    share = ((x[is_massive] - x.mean(0)).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert r["massive_rows"] == 3
+    assert r["fvu_typical"] == pytest.approx(fvu_t, rel=1e-9)
+    assert r["explained_variance_typical"] == pytest.approx(1 - fvu_t, rel=1e-9)
+    assert r["massive_variance_share"] == pytest.approx(share, rel=1e-9)
+    assert r["fvu"] < 0.1 * r["fvu_typical"]  # the all-row figure flatters
+    sae = relu_identity(8, signed=True)  # exact everywhere: the counts still show, and the warning
+    with pytest.warns(UserWarning, match=r"3 of 603 evaluated rows are massive.*fvu_typical"):
+        w = reconstruction_metrics(sae, list(x.float().split(200)), progress=False)
+    assert w["massive_rows"] == 3 and w["fvu_typical"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_massive_rows_no_warning_and_typical_equals_all():
+    import warnings
+
+    x = torch.randn(500, 6, generator=torch.Generator().manual_seed(1))
+    sae = relu_identity(6, signed=False)  # relu(x): half the signal lost
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = reconstruction_metrics(sae, list(x.split(100)), progress=False)
+    assert r["massive_rows"] == 0 and r["massive_variance_share"] == pytest.approx(0.0, abs=1e-12)
+    assert r["fvu_typical"] == pytest.approx(r["fvu"], rel=1e-12)
+    zeros = torch.zeros(4, 6)  # a median of 0: no row is massive, nothing divides by zero
+    z = reconstruction_metrics(sae, [zeros, x[:4]], progress=False)
+    assert z["massive_rows"] == 0 and math.isfinite(z["fvu_typical"])

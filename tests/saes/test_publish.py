@@ -209,3 +209,28 @@ def test_cli_reports_errors_in_one_line(tmp_path, capsys):
     assert main(["sae", "publish", str(tmp_path), "me/x", "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "no cfg.json here" in err and err.count("\n") == 1
+
+
+def test_card_shows_the_typical_row_figures_when_recorded(tmp_path):
+    """An evaluation that recorded the massive-row split puts it on the card beside the all-row figure;
+    checkpoints evaluated before it existed publish as they did (no column, no note)."""
+    from saes.evaluate import reconstruction_metrics
+
+    trained_like(tmp_path / "old", SITES[0])
+    old = prepare(tmp_path / "old", "me/old").card
+    assert "typical rows" not in old and "Massive rows" not in old
+    trained_like(tmp_path / "out", SITES[0], metrics=False, sparsity=False)
+    folder = tmp_path / "out" / SITES[0]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, D_MODEL, generator=g)
+    x[300] *= 100.0  # one massive row
+    with pytest.warns(UserWarning, match="massive"):
+        report = reconstruction_metrics(read(folder).sae, [x[:256], x[256:]], progress=False)
+    annotate(folder, metrics={**report, "ce_loss_recovered": 0.5})
+    card = prepare(tmp_path / "out", "me/new").card
+    row = front_matter(card)["saes"][0]
+    assert row["explained_variance_typical"] == pytest.approx(report["explained_variance_typical"])
+    assert row["massive_variance_share"] == pytest.approx(report["massive_variance_share"])
+    assert row["massive_variance_share"] > 0.5
+    assert "| Explained variance (typical rows) | Massive rows' variance share |" in card
+    assert "Typical rows: the evaluation rows whose squared norm is at most 10 x the median" in card
