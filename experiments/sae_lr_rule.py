@@ -5,7 +5,8 @@ The trainer's rule was sparsify's, ``lr = 2e-4 / sqrt(d_sae / 16384)``, which sp
 batches of 32 x 2,048 tokens. Every run here multiplies that rule by a factor (``x1`` is the old
 default) and changes nothing else: TopK with the trainer's defaults, the same batches in the same order
 (a fixed permutation of the cache per pass), the same schedule (1 % warm-up, linear decay over the last
-20 %). The last :data:`HELD_OUT` rows of each cache are never trained on; the held-out FVU
+20 %; the cells named ``*_decay50`` decay over the last 50 %, the ``*_200st`` ones run 200 steps whatever
+the cache's size). The last :data:`HELD_OUT` rows of each cache are never trained on; the held-out FVU
 (:func:`benchmarks.sae_train.final_fvu`) is measured on the held-out rows that are not massive activations
 (squared norm over :data:`saes.losses.MASSIVE_ROW` x the median; on the embedded model's layer 12 ~120
 rows in 786k sit far above it and hold ~85 % of the variance, so an FVU over every row measures mostly
@@ -59,9 +60,20 @@ CELLS = {
     "d9216_b1024_1ep": dict(BASE, batch=1024),
     "d2304_b4096_1ep": dict(BASE, d_sae=2304, mults=[1, 2, 4, 8]),
     "check_d9216_b4096_1ep": dict(BASE, kind="check", mults=[1, 2, 4, PEER]),
+    # short runs and a longer decay: where sparsify's defaults lead (200 steps of 1,024), and what that
+    # costs at one pass; decay_frac is the fraction of steps of the final linear decay (the trainer's 0.2)
+    "d9216_b1024_200st": dict(BASE, batch=1024, steps=200, mults=[4, 8, PEER]),
+    "d9216_b1024_200st_decay50": dict(BASE, batch=1024, steps=200, decay_frac=0.5, mults=[4, 8]),
+    "d9216_b1024_1ep_decay50": dict(BASE, batch=1024, decay_frac=0.5, mults=[4, 8]),
+    "d9216_b4096_1ep_decay50": dict(BASE, decay_frac=0.5, mults=[4, 8]),
+    "check_d9216_b1024_200st": dict(BASE, kind="check", batch=1024, steps=200, mults=[4, 8, PEER]),
+    "check_d9216_b1024_200st_decay50": dict(BASE, kind="check", batch=1024, steps=200, decay_frac=0.5, mults=[8]),
+    "check_d9216_b1024_1ep": dict(BASE, kind="check", batch=1024, mults=[4, 8, PEER]),
+    "check_d9216_b1024_1ep_decay50": dict(BASE, kind="check", batch=1024, decay_frac=0.5, mults=[8]),
 }
 """Each cell's data (``tune`` or ``check`` cache), SAE width and k, batch rows, length in passes over
-the training rows, and the factors of the old rule it runs (:data:`PEER`: sparsify at its own defaults,
+the training rows (or ``steps``), the schedule's ``decay_frac`` where it is not the trainer's, and the
+factors of the old rule it runs (:data:`PEER`: sparsify at its own defaults,
 the reference for what a user of the best peer gets out of the box)."""
 
 
@@ -92,6 +104,11 @@ def load_rows(cache: str, held_out: int = HELD_OUT, read: int = 4096) -> tuple[s
                                     "massive_training": int((sq[:-held_out] > limit).sum())}
 
 
+def cell_steps(cell: dict, pool: torch.Tensor) -> int:
+    """A cell's optimizer steps: its ``steps``, else ``epochs`` passes over ``pool`` (at least 2)."""
+    return cell.get("steps") or max(2, int(cell["epochs"] * pool.shape[0]) // cell["batch"])
+
+
 def batches(pool: torch.Tensor, batch: int, steps: int):
     """``steps`` batches of ``batch`` rows: a new fixed permutation of ``pool`` per pass (seed 0)."""
     g = torch.Generator().manual_seed(0)
@@ -104,7 +121,7 @@ def batches(pool: torch.Tensor, batch: int, steps: int):
 
 
 def run(cell: dict, mult: float, pool: torch.Tensor, held: list) -> dict:
-    steps = max(2, int(cell["epochs"] * pool.shape[0]) // cell["batch"])
+    steps = cell_steps(cell, pool)
     every = max(1, steps // CURVE_POINTS)
     torch.manual_seed(0)
     sae = saes.build("topk", d_model=pool.shape[-1], d_sae=cell["d_sae"], k=cell["k"])
@@ -119,7 +136,7 @@ def run(cell: dict, mult: float, pool: torch.Tensor, held: list) -> dict:
             yield x
 
     cfg = TrainConfig(total_tokens=steps * cell["batch"], batch_tokens=cell["batch"], lr=lr, normalize_inputs=False,
-                      progress=False, log_every=every)
+                      progress=False, log_every=every, decay_frac=cell.get("decay_frac", TrainConfig.decay_frac))
     t0 = time.perf_counter()
     tr = Trainer(sae, cfg).fit(source())
     seconds = time.perf_counter() - t0
@@ -152,7 +169,7 @@ class _Batches:
 
 def run_peer(cell: dict, pool: torch.Tensor, held: list) -> dict:
     """sparsify with every default of its own (:func:`benchmarks.sae_train.run_sparsify_signum`), same batches."""
-    steps = max(2, int(cell["epochs"] * pool.shape[0]) // cell["batch"])
+    steps = cell_steps(cell, pool)
     every = max(1, steps // CURVE_POINTS)
     timer = bench.Timer(steps, every, held["typical"][:2], cell["batch"])
     t0 = time.perf_counter()
@@ -193,10 +210,14 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     names = list(summary)
-    fig = Figure(figsize=(3.4 * len(names), 5.6))
+    ncol = min(len(names), 5)  # cells side by side; below its final-FVU panel, each cell's curves
+    nblock = -(-len(names) // ncol)
+    fig = Figure(figsize=(3.4 * ncol, 5.6 * nblock))
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
-        top, bottom = fig.add_subplot(2, len(names), i + 1), fig.add_subplot(2, len(names), len(names) + i + 1)
+        block, col = divmod(i, ncol)
+        top = fig.add_subplot(2 * nblock, ncol, 2 * block * ncol + col + 1)
+        bottom = fig.add_subplot(2 * nblock, ncol, (2 * block + 1) * ncol + col + 1)
         pts = sorted((float(m[1:]), v) for m, v in summary[name]["heldout_fvu_by_lr_mult"].items())
         top.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label="this project (Adam)")
         if summary[name][PEER] is not None:
@@ -214,7 +235,7 @@ def plot(runs: dict, summary: dict, path: Path) -> None:
         bottom.set_xlabel("tokens", fontsize=7)
         bottom.set_yscale("log")
         bottom.set_ylim(top=min(1.0, bottom.get_ylim()[1]))
-        if i == 0:
+        if col == 0:
             top.set_ylabel("final held-out FVU", fontsize=7)
             bottom.set_ylabel("held-out FVU", fontsize=7)
         bottom.legend(fontsize=6)

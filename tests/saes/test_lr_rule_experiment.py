@@ -66,3 +66,34 @@ def test_lr_study_reduced(tmp_path, experiment, capsys):
     capsys.readouterr()
     assert experiment.main(args) == res  # a rerun finds every run done and trains nothing
     assert "held-out FVU" not in capsys.readouterr().out
+
+
+def test_lr_study_step_and_decay_cells(tmp_path, experiment, monkeypatch):
+    """A cell of a fixed step count trains that many steps whatever the cache's size, and a cell's
+    ``decay_frac`` reaches the trainer's schedule (the other cells keep the trainer's)."""
+    from conftest import byte_tokenizer, tiny_model
+
+    from interp.cache import cache_activations
+
+    cache = tmp_path / "c"
+    cache_activations(tiny_model("llama"), byte_tokenizer(), [SITES[0]], cache, 3000, dataset=DOCS, context_size=32,
+                      shard_tokens=1000, progress=False)
+    seen = []
+    real = experiment.TrainConfig
+
+    def recording(*a, **kw):
+        seen.append(kw["decay_frac"])
+        return real(*a, **kw)
+
+    recording.decay_frac = real.decay_frac
+    monkeypatch.setattr(experiment, "TrainConfig", recording)
+    cells = ["d9216_b1024_200st", "d9216_b1024_200st_decay50"]
+    res = experiment.main(["--tune-cache", str(cache), "--out", str(tmp_path / "out"), "--shrink", "64",
+                           "--cells", *cells])
+    runs = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")}
+    assert set(runs) == {"d9216_b1024_200st_x4", "d9216_b1024_200st_x8", f"d9216_b1024_200st_{experiment.PEER}",
+                         "d9216_b1024_200st_decay50_x4", "d9216_b1024_200st_decay50_x8"}
+    assert all(r["steps"] == 200 and r["batch"] == 1024 // 64 and r["tokens"] == 200 * 16 for r in runs.values())
+    assert sorted(seen) == [0.2, 0.2, 0.5, 0.5]  # x4 and x8 of each cell; the peer has no such schedule
+    assert all(runs[n]["decay_frac"] == 0.5 for n in runs if "decay50" in n)
+    assert res["summary"]["d9216_b1024_200st_decay50"]["heldout_fvu_by_lr_mult"].keys() == {"x4", "x8"}
