@@ -105,7 +105,9 @@ def planted_rows(n_rows: int, d_model: int = 64, seed: int = 0) -> torch.Tensor:
 
 
 def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int) -> tuple[list, list]:
-    """Every row of the cache (no cache: :func:`planted_rows`), pre-scaled; the last
+    """Every row of the cache (no cache: :func:`planted_rows`), pre-scaled as the trainer scales its inputs
+    (:func:`saes.losses.input_scale` of the first batch: on the layer-12 cache the same number as a plain mean,
+    its first batch holding no massive activation); the last
     ``eval_batches * batch`` rows are held out, the rest is cycled through (a new fixed permutation per
     pass) to make ``steps`` training batches."""
     if cache is None:
@@ -115,8 +117,9 @@ def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int) -
 
         src = CachedActivations(cache, batch_tokens=batch, seed=0, sites=[SITE], epochs=1)
         rows = torch.cat([b[SITE].float() for b in src])
-    scale = math.sqrt(rows.shape[-1] / rows[:batch].pow(2).sum(-1).mean().item())
-    rows = rows * scale
+    from saes.losses import input_scale
+
+    rows = rows * input_scale(rows[:batch])  # the trainer's estimate on the first batch, massive rows left out
     n_held = eval_batches * batch
     if rows.shape[0] < n_held + batch:
         raise SystemExit(f"the cache holds {rows.shape[0]} rows; need at least {n_held + batch}")
