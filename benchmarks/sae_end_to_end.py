@@ -218,7 +218,7 @@ def reconstruct(recon, spec: dict, path: Path) -> None:
     save_file({"x_hat": x_hat.contiguous()}, str(path))
 
 
-def final_fvu(heldout: Path, recon_file: Path) -> dict:
+def heldout_fvus(heldout: Path, recon_file: Path) -> dict:
     """``final_fvu`` (1 - explained variance of the reconstructions over the held-out rows, sums over the
     whole set), ``final_fvu_typical`` (the same over the rows that are not massive activations) and
     ``held_out_massive_rows``."""
@@ -407,7 +407,7 @@ def run_round(row: str, spec_path: Path, work: Path, timeout: float, device: str
     res["process_s"] = time.perf_counter() - t0
     recon = work / f"recon-{row}.safetensors"
     if res["status"] == "ok":
-        res.update(final_fvu(work / "heldout.safetensors", recon))
+        res.update(heldout_fvus(work / "heldout.safetensors", recon))
     recon.unlink(missing_ok=True)
     return res
 

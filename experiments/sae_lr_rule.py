@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 import saes  # noqa: E402
 from benchmarks import sae_train as bench  # noqa: E402 - the benchmark's held-out FVU and command record
 from interp.atomic import write_json  # noqa: E402
-from saes.losses import MASSIVE_ROW, input_scale  # noqa: E402
+from saes.losses import input_scale, massive_limit  # noqa: E402
 from saes.train_config import default_lr  # noqa: E402
 from saes.trainer import TrainConfig, Trainer  # noqa: E402
 
@@ -96,7 +96,7 @@ def load_rows(cache: str, held_out: int = HELD_OUT, read: int = 4096) -> tuple[s
     if rows.shape[0] < 4 * held_out:
         raise SystemExit(f"{cache} holds {rows.shape[0]} rows; this study needs at least {4 * held_out}")
     sq = rows.pow(2).sum(-1)
-    limit = MASSIVE_ROW * sq[:-held_out].median()
+    limit = massive_limit(sq[:-held_out])
     rows *= input_scale(rows[:-held_out])  # the trainer's estimate, over every training row
     held, typical = rows[-held_out:], sq[-held_out:] <= limit
     return site, rows[:-held_out], {"typical": list(held[typical].split(4096)), "all": list(held.split(4096)),
@@ -136,7 +136,7 @@ def run(cell: dict, mult: float, pool: torch.Tensor, held: list) -> dict:
             yield x
 
     cfg = TrainConfig(total_tokens=steps * cell["batch"], batch_tokens=cell["batch"], lr=lr, normalize_inputs=False,
-                      progress=False, log_every=every, decay_frac=cell.get("decay_frac", TrainConfig.decay_frac))
+                      progress=False, log_every=every, **{k: cell[k] for k in ("decay_frac",) if k in cell})
     t0 = time.perf_counter()
     tr = Trainer(sae, cfg).fit(source())
     seconds = time.perf_counter() - t0

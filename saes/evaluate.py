@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from interp.atomic import atomic_path, write_json
 from interp.deprecation import RenamedKeys
 from saes.base import SAE, SAEError
-from saes.losses import MASSIVE_ROW
+from saes.losses import MASSIVE_ROW, massive_limit
 
 DENSITY_KEY = "latent_density"
 """Report key of the per-latent firing rate ``[d_sae]`` (fraction of rows where the latent is nonzero)."""
@@ -109,8 +109,7 @@ class ReconstructionStats:
         active = (codes.detach() != 0).cpu()
         sq, err = x.pow(2).sum(-1), (x - x_hat).pow(2).sum(-1)
         if self.massive_limit is None and x.shape[0]:
-            med = float(sq.median())
-            self.massive_limit = MASSIVE_ROW * med if med > 0 else float("inf")
+            self.massive_limit = float(massive_limit(sq))
         self.n += x.shape[0]
         self.sum_x += x.sum(0)
         self.sum_x2 += sq.sum()
@@ -126,10 +125,10 @@ class ReconstructionStats:
                 self.sum_x2_m += sq[big].sum()
                 self.sum_err_m += err[big].sum()
 
-    def massive(self) -> dict[str, Any]:
-        """``massive_rows``, ``massive_variance_share`` and the FVU / explained variance over the other rows."""
+    def _massive(self, total_var: Tensor) -> dict[str, Any]:
+        """``massive_rows``, ``massive_variance_share`` and the FVU / explained variance over the other rows;
+        ``total_var`` is every row's ``sum||x - mean(x)||^2``."""
         mean = self.sum_x / self.n
-        total_var = self.sum_x2 - self.sum_x.pow(2).sum() / self.n
         # sum over the massive rows of ||x - mean||^2, mean being every row's
         var_m = self.sum_x2_m - 2 * (self.sum_x_m @ mean) + self.n_m * mean.pow(2).sum()
         n_t = self.n - self.n_m
@@ -155,7 +154,7 @@ class ReconstructionStats:
             "fvu": float(self.sum_err / total_var.clamp_min(1e-30)),
             "mse": float(self.sum_err / (self.n * self.d_model)),
             "cosine_similarity": float(self.sum_cos / self.n),
-            **self.massive(),
+            **self._massive(total_var),
             "l0_mean": float(l0.mean()),
             "l0_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], q)),
             "l0_histogram": torch.bincount(l0.long()).tolist(),

@@ -134,7 +134,14 @@ def normalize_rows(W_dec: Tensor) -> None:
 
 MASSIVE_ROW = 10.0
 """A row whose squared norm is over this many times the batch median's is a massive activation: left out of
-:func:`input_scale`'s estimate."""
+:func:`input_scale`'s estimate and counted apart by :class:`saes.evaluate.ReconstructionStats`."""
+
+
+def massive_limit(sq: Float[Tensor, " n"]) -> Tensor:
+    """The squared norm above which a row is a massive activation: :data:`MASSIVE_ROW` x the median of ``sq``
+    (rows' squared norms); inf when that median is 0 (mostly zero rows), so that no row is."""
+    med = sq.median()
+    return MASSIVE_ROW * med if med > 0 else torch.full_like(med, math.inf)
 
 
 def input_scale(x: Float[Tensor, "batch d"]) -> float:
@@ -147,8 +154,7 @@ def input_scale(x: Float[Tensor, "batch d"]) -> float:
     estimate by 1.9 % (``experiments/sae_lr_rule.md``). With a median of 0 (mostly zero rows) every row
     counts."""
     sq = x.float().pow(2).sum(-1)
-    med = sq.median()
-    typical = sq[sq <= MASSIVE_ROW * med] if med > 0 else sq
+    typical = sq[sq <= massive_limit(sq)]
     return math.sqrt(x.shape[-1] / typical.mean().clamp_min(1e-12).item())
 
 

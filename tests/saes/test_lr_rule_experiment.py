@@ -81,11 +81,11 @@ def test_lr_study_step_and_decay_cells(tmp_path, experiment, monkeypatch):
     seen = []
     real = experiment.TrainConfig
 
-    def recording(*a, **kw):
-        seen.append(kw["decay_frac"])
-        return real(*a, **kw)
+    def recording(*a, **kw):  # the schedule each run's config really holds
+        cfg = real(*a, **kw)
+        seen.append(cfg.decay_frac)
+        return cfg
 
-    recording.decay_frac = real.decay_frac
     monkeypatch.setattr(experiment, "TrainConfig", recording)
     cells = ["d9216_b1024_200st", "d9216_b1024_200st_decay50"]
     res = experiment.main(["--tune-cache", str(cache), "--out", str(tmp_path / "out"), "--shrink", "64",
