@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from interp.deprecation import translate
 from interp.errors import InterpError
+from saes import kernels
 
 
 class SAEError(InterpError):
@@ -155,11 +156,16 @@ class SAE(nn.Module):
             raise SAEError(f"{type(self).__name__} expects [..., d_model={self.cfg.d_model}] input, got {got}")
 
     def encode_pre(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
-        """Encoder pre-activations."""
+        """Encoder pre-activations (without autograd and in float32 on CPU, through
+        :func:`saes.kernels.encoder_matmul`'s faster kernel where it applies)."""
         self._check_input(x)
         x = x.to(self.dtype)
         if self.cfg.apply_b_dec_to_input:
             x = x - self.b_dec
+        rows = x.reshape(-1, x.shape[-1])
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.W_enc.requires_grad or self.b_enc.requires_grad)) \
+                and kernels.onednn_ok(rows, self.W_enc):
+            return kernels.encoder_matmul(rows, self.W_enc, self.b_enc).view(*x.shape[:-1], -1)
         pre = x @ self.W_enc
         if pre.dtype != torch.promote_types(pre.dtype, self.b_enc.dtype):  # e.g. bf16 under autocast: promoted
             return pre + self.b_enc

@@ -24,25 +24,67 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn import functional as F
 
+ONEDNN_MIN_FLOPS = 1e7
+"""Smaller encoder matmuls stay on ``addmm``: oneDNN's per-call setup costs more than it saves there (2-core
+AMD EPYC: 0.21 x addmm's speed at 2.6e5 flops, 1.1 x at 4.2e6, 1.9-2.7 x from 1.7e8 up)."""
+_onednn_failed: list[str] = []
 
-def pre_acts(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
-             b_dec: Tensor | None, workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
-    """Dense encoder pre-activations, without autograd.
 
-    With a ``workspace`` dict (the trainer keeps one per SAE for the run), the ``[batch, d_sae]`` result is
-    written into a buffer kept there and reused by the next call: a fresh tensor of that size costs page
-    faults on every step (on a 2-core CPU, ~10 ms for batch 1,024 x 9,216 latents, 15 % of the matmul).
-    The buffer is overwritten by the next call with the same workspace. Not under autocast (the product
-    comes out in another dtype there)."""
+def onednn_ok(x: Tensor, W_enc: Tensor) -> bool:
+    """Whether :func:`encoder_matmul` goes through oneDNN: float32 on CPU, ``W_enc`` stored as the transpose of a
+    contiguous ``[d_sae, d_model]`` block (TopK's layout: oneDNN's weight layout, no copy), torch built with
+    oneDNN, not under autocast, and a product of at least :data:`ONEDNN_MIN_FLOPS`."""
+    return (x.device.type == "cpu" and x.dtype == W_enc.dtype == torch.float32 and x.dim() == 2
+            and W_enc.T.is_contiguous() and not _onednn_failed and torch.backends.mkldnn.is_available()
+            and not torch.is_autocast_enabled("cpu") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and 2 * x.shape[0] * W_enc.shape[0] * W_enc.shape[1] >= ONEDNN_MIN_FLOPS)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """oneDNN's linear kernel on plain tensors: ``x @ weight.T + bias`` (``weight`` row-major ``[out, in]``)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def encoder_matmul(xc: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
+                   workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
+    """``xc @ W_enc + b_enc`` without autograd.
+
+    On CPU in float32 (see :func:`onednn_ok`) through oneDNN's linear kernel, which uses the CPU's widest
+    vector units where torch's ``addmm`` (MKL) may not: on the 2-core AMD EPYC (AVX-512) of this project's
+    benchmarks, 356-377 GFLOPS against MKL's 104-179 at batch 256-4,096 and 2,304-36,864 latents
+    (``benchmarks/sae_train.py`` records both in ``encoder_matmul_limit``). The sums come in another order
+    than ``addmm``'s: equal to float rounding (checked in ``tests/saes/test_kernels.py``). Elsewhere
+    ``addmm``, into ``workspace["pre"]`` when a workspace is given (see :func:`pre_acts`)."""
     with torch.no_grad():
-        xc = x - b_dec if b_dec is not None else x
-        if workspace is None or torch.is_autocast_enabled(x.device.type):
+        if onednn_ok(xc, W_enc):
+            try:
+                return _linear(xc.contiguous(), W_enc.T, b_enc)
+            except RuntimeError as e:  # a build whose kernel refuses these tensors: addmm from now on
+                _onednn_failed.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                warnings.warn(f"oneDNN's linear kernel failed ({_onednn_failed[0]}); the SAE encoder uses addmm "
+                              "from now on (same results, slower on CPUs where MKL lacks the widest vector units)",
+                              stacklevel=3)
+        if workspace is None or torch.is_autocast_enabled(xc.device.type):
             return torch.addmm(b_enc, xc, W_enc)
-        shape = (x.shape[0], W_enc.shape[1])
+        shape = (xc.shape[0], W_enc.shape[1])
         buf = workspace.get("pre")
         if buf is None or buf.shape != shape or buf.dtype != W_enc.dtype or buf.device != W_enc.device:
             buf = workspace["pre"] = torch.empty(shape, dtype=W_enc.dtype, device=W_enc.device)
         return torch.addmm(b_enc, xc, W_enc, out=buf)
+
+
+def pre_acts(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
+             b_dec: Tensor | None, workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
+    """Dense encoder pre-activations, without autograd (:func:`encoder_matmul` of ``x - b_dec``).
+
+    With a ``workspace`` dict (the trainer keeps one per SAE for the run), an ``addmm`` result is written
+    into a buffer kept there and reused by the next call: a fresh tensor of that size costs page faults on
+    every step unless freed memory is kept (:mod:`saes.malloc`, which the trainer turns on for CPU runs).
+    The buffer is overwritten by the next call with the same workspace. Not under autocast (the product
+    comes out in another dtype there)."""
+    with torch.no_grad():
+        xc = x - b_dec if b_dec is not None else x
+        return encoder_matmul(xc, W_enc, b_enc, workspace)
 
 
 def _sparse_t(idx: Tensor, g: Tensor, d_sae: int) -> Tensor:

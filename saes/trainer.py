@@ -27,11 +27,12 @@ decay to zero at the end; ``b_dec`` initialised from the first batch (geometric 
 scaled so that ``E||x||^2 = d_model`` (folded into the saved weights); optional bf16 autocast; a
 finite-value check of every step (:mod:`saes.guard`); periodic atomic resume checkpoints
 (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes (:mod:`saes.distributed`); a
-progress bar with loss / L0 / FVU / dead fraction and optional wandb. Every SAE draws its random numbers
-(atom dropout, data-row picks ...) from its own torch RNG stream, seeded with ``TrainConfig.seed``, so SAEs
-trained together from one stream come out exactly as each would trained alone on the same batches. While it
-writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`; rank 0 under torchrun), so a
-second run into the same folder is refused with the holder's PID.
+progress bar with loss / L0 / FVU / dead fraction and optional wandb. On CPU, freed blocks are kept for
+the next step while the run lasts (:mod:`saes.malloc`: no page faults on weight-sized tensors each step).
+Every SAE draws its random numbers (atom dropout, data-row picks ...) from its own torch RNG stream, seeded
+with ``TrainConfig.seed``, so SAEs trained together from one stream come out exactly as each would trained
+alone on the same batches. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`;
+rank 0 under torchrun), so a second run into the same folder is refused with the holder's PID.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from tqdm.auto import tqdm
 from interp.atomic import write_json
 from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
-from saes import guard, optim
+from saes import guard, malloc, optim
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
 from saes.losses import (
@@ -206,7 +207,8 @@ class Trainer:
         if resume and self.out_dir is None:
             raise SAEError("resume=True needs out_dir (where the checkpoints are)")
         self._setup()
-        with self._own_output():
+        on_cpu = any(sae.device.type == "cpu" for sae in self.saes.values())
+        with self._own_output(), malloc.reuse_freed_memory(on_cpu):
             return self._fit(data, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
 
     def _fit(self, data: Iterable, *, resume: bool, overwrite: bool, accept_changes: bool) -> Trainer:
