@@ -99,9 +99,11 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
     if n_dead == 0:
         return x.new_zeros((), dtype=torch.float32)
     k = min(k_aux, n_dead)
+    # the top k among the dead latents' columns only: with 300 of 9,216 dead at batch 4,096, 18 ms against 69 ms
+    # for a top-k over a copy of every column with the live ones masked (as fast when every latent is dead)
     with torch.no_grad():
-        masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
-        idx = masked.topk(k, dim=-1, sorted=False).indices
+        cols = dead.nonzero().squeeze(1)
+        idx = cols[pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices]
     vals = gather(idx).relu()
     e = x.float() - x_hat.detach().float()
     e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")

@@ -82,3 +82,22 @@ def test_a_failing_kernel_falls_back_to_addmm_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         torch.testing.assert_close(kernels.encoder_matmul(x, sae.W_enc, sae.b_enc), ref)
+
+
+def test_auxk_picks_the_top_dead_latents():
+    from saes.losses import auxk_loss
+
+    torch.manual_seed(0)
+    pre = torch.randn(16, 64)
+    dead = torch.rand(64) < 0.3
+    picked = {}
+
+    def gather(i):
+        picked["idx"] = i
+        return pre.gather(1, i)
+
+    state = TrainState(global_rows=16, dead_mask=dead)
+    auxk_loss(torch.randn(16, 8), torch.zeros(16, 8), pre, gather, torch.randn(64, 8), state, k_aux=4)
+    want = torch.where(dead, pre, -torch.inf).topk(4, dim=-1).indices
+    assert torch.equal(picked["idx"].sort(-1).values, want.sort(-1).values)
+    assert dead[picked["idx"]].all()
