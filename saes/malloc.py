@@ -5,8 +5,8 @@ products, the decoder's norm terms) and allocates them again in the next step. g
 allocation over its mmap threshold (128 KiB, raised as large blocks are freed up to at most 32 MiB on
 64-bit) from a fresh mapping and unmaps it when freed, so every step pays a page fault for every 4 KiB
 page of those tensors. A 36,864-latent, 576-wide SAE has 85 MB weights: on a 2-core CPU at batch 1,024
-a step took 0.535 s, 0.421 s with freed blocks kept (``benchmarks/results/sae_train_d36864.json``, run 2,
-has the side-by-side figures).
+a step took 0.535 s, 0.421 s with freed blocks kept (median step of the trainer on cached activations,
+before the encoder matmul moved to oneDNN; ``experiments/README.md``, SAE training run 6).
 
 Inside :func:`reuse_freed_memory` allocations up to 1 GiB come from the heap and freed heap memory is
 not handed back, so a step reuses the previous step's pages. On leaving, the thresholds are set to the
@@ -14,7 +14,10 @@ values glibc's own rule reaches in a process that frees large tensors (mmap 32 M
 ``malloc_trim(0)`` hands the freed memory back to the system: the process's memory after training is
 what it would have been without this. Nothing is changed where the C library is not glibc, or where
 the user tunes malloc already (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
-``GLIBC_TUNABLES`` naming malloc): their settings stay as they are.
+``GLIBC_TUNABLES`` naming malloc): their settings stay as they are. One case it cannot help: a thread that
+glibc has moved off the main arena (after lock contention with other threads; seen in a long test
+session, not in a training script) gets a fresh mapping for every block over 64 MiB whatever the
+thresholds, so there the step runs as it would without this.
 """
 
 from __future__ import annotations
