@@ -16,7 +16,7 @@ what it would have been without this. Nothing is changed where the C library is 
 the user tunes malloc already (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``, or
 ``GLIBC_TUNABLES`` naming malloc): their settings stay as they are. One case it cannot help: a thread that
 glibc has moved off the main arena (after lock contention with other threads; seen in a long test
-session, not in a training script) gets a fresh mapping for every block over 64 MiB whatever the
+run, not in a training script) gets a fresh mapping for every block over 64 MiB whatever the
 thresholds, so there the step runs as it would without this.
 """
 
