@@ -23,20 +23,22 @@ import json, resource, torch
 from saes import malloc
 MB = 48  # over glibc's largest dynamic mmap threshold (32 MiB): outside the block every allocation is a new mapping
 def faults(n):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = []
     for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = torch.empty(MB << 18).fill_(1.0)
         del t
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        out.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
 out = {"pages": (MB << 20) // 4096, "outside": faults(4)}
 with malloc.reuse_freed_memory() as on:
     out["on"] = on
     faults(2)
-    out["inside"] = faults(4)
+    out["inside"] = faults(8)
     with malloc.reuse_freed_memory():
         faults(1)
-    out["after_inner"] = faults(4)
-out["after"] = faults(4)
+    out["after_inner"] = faults(8)
+out["after"] = faults(1)
 print(json.dumps(out))
 """
 
@@ -47,10 +49,15 @@ def test_freed_blocks_are_reused_inside_and_unmapped_outside():
     got = json.loads(res.stdout.strip().splitlines()[-1])
     pages = got["pages"]
     assert got["on"] is True
-    assert got["outside"] > 3.5 * pages  # each round maps fresh pages
-    assert got["inside"] < 0.5 * pages  # the pages of the first rounds are reused
-    assert got["after_inner"] < 0.5 * pages  # a nested block's end keeps the outer block's setting
-    assert got["after"] > 3.5 * pages  # back to glibc's handling once the last block ends
+    assert min(got["outside"]) > 0.9 * pages  # each round maps fresh pages
+    # Inside, rounds reuse the pages of earlier ones. A round may still fault once in a while: when a small
+    # object lands next to the freed block, the next (aligned, slightly larger) request no longer fits
+    # in it and the heap grows once (seen with one OpenMP thread); the steady state is no faults.
+    for key in ("inside", "after_inner"):  # a nested block's end keeps the outer block's setting
+        assert sorted(got[key])[len(got[key]) // 2] < 0.01 * pages, (key, got[key])
+        assert sum(got[key]) < 2.5 * pages, (key, got[key])
+    # Leaving the last block hands the freed memory back (malloc_trim): the next round faults its pages in.
+    assert got["after"][0] > 0.9 * pages
 
 
 @pytest.mark.parametrize("env", [{"MALLOC_MMAP_THRESHOLD_": "65536"},
