@@ -22,6 +22,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from saes.kernels import bag_sum
+
 
 def _identity(t: Tensor) -> Tensor:
     return t
@@ -106,7 +108,7 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
         idx = cols[pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices]
     vals = gather(idx).relu()
     e = x.float() - x_hat.detach().float()
-    e_hat = torch.nn.functional.embedding_bag(idx, W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    e_hat = bag_sum(idx, vals, W_dec)
     tv = total_variance(e, state)
     return min(n_dead / k_aux, 1.0) * (e_hat.float() - e).pow(2).sum() / tv
 

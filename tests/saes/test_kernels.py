@@ -101,3 +101,82 @@ def test_auxk_picks_the_top_dead_latents():
     want = torch.where(dead, pre, -torch.inf).topk(4, dim=-1).indices
     assert torch.equal(picked["idx"].sort(-1).values, want.sort(-1).values)
     assert dead[picked["idx"]].all()
+
+
+@pytest.mark.parametrize("data", ["continuous", "ties", "negative"])
+def test_two_level_topk_picks_the_values_torch_topk_picks(data):
+    torch.manual_seed(0)
+    b, d, k = 64, 4096, 32
+    if data == "ties":  # many rows have more than k kept entries at the k-th group maximum: the second topk runs
+        pre = torch.randint(0, 6, (b, d)).float()
+    else:
+        pre = torch.randn(b, d) - (50.0 if data == "negative" else 0.0)
+    idx = kernels.topk_indices(pre, k)
+    assert idx.shape == (b, k)
+    assert all(len(set(row)) == k for row in idx.tolist())  # k distinct positions per row
+    want = pre.topk(k, dim=-1).values
+    torch.testing.assert_close(pre.gather(1, idx).sort(1, descending=True).values, want, rtol=0, atol=0)
+    if data == "continuous":  # no ties: the very same positions
+        assert torch.equal(idx.sort(1).values, pre.topk(k, dim=-1).indices.sort(1).values)
+
+
+def test_two_level_topk_mixes_exact_rows_and_rows_needing_a_second_topk():
+    torch.manual_seed(1)
+    pre = torch.randn(8, 8192)
+    pre[::2] = pre[::2].round()  # ties at the k-th group maximum in the even rows only
+    idx = kernels.topk_indices(pre, 16)
+    torch.testing.assert_close(pre.gather(1, idx).sort(1).values, pre.topk(16, dim=-1).values.sort(1).values,
+                               rtol=0, atol=0)
+
+
+def test_narrow_rows_go_to_torch_topk():
+    pre = torch.randn(4, 1024)
+    assert torch.equal(kernels.topk_indices(pre, 8), pre.topk(8, dim=-1, sorted=False).indices)
+
+
+@pytest.mark.parametrize("k", [1, 7])
+def test_bag_sum_and_its_gradients_equal_embedding_bag(k):
+    torch.manual_seed(0)
+    b, d_sae, d = 50, 300, 24
+    idx = torch.stack([torch.randperm(d_sae)[:k] for _ in range(b)])
+    vals = torch.rand(b, k, requires_grad=True)
+    W = torch.randn(d_sae, d, requires_grad=True)
+    g = torch.randn(b, d)
+    out = kernels.BagSum.apply(idx, vals, W)
+    got = torch.autograd.grad(out, (vals, W), g)
+    ref_out = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
+    want = torch.autograd.grad(ref_out, (vals, W), g)
+    torch.testing.assert_close(out, ref_out)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=1e-5, atol=1e-5)
+    # only the values' gradient asked for (a frozen decoder)
+    (gv,) = torch.autograd.grad(kernels.BagSum.apply(idx, vals, W.detach()), (vals,), g)
+    torch.testing.assert_close(gv, want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bag_sum_takes_the_sparse_backward_only_where_latents_fire_often():
+    W = torch.randn(64, 8, requires_grad=True)
+    vals = torch.rand(64, 4, requires_grad=True)
+    idx = torch.randint(0, 64, (64, 4))  # 4 entries per latent: below the rule
+    assert "EmbeddingBag" in type(kernels.bag_sum(idx, vals, W).grad_fn).__name__
+    idx = torch.randint(0, 64, (64 * kernels.BAG_SUM_MIN_ENTRIES_PER_LATENT // 4, 4))
+    vals = torch.rand(idx.shape, requires_grad=True)
+    assert type(kernels.bag_sum(idx, vals, W).grad_fn).__name__ == "BagSumBackward"
+
+
+@needs_onednn
+def test_sparse_training_step_with_wide_rows_matches_dense_autograd():
+    """4,096 latents: the two-level top-k and the bag-sum backward in the step."""
+    torch.manual_seed(0)
+    kw = dict(d_model=32, d_sae=4096, k=8)
+    torch.manual_seed(0)
+    a = saes.build("topk", sparse_kernels=True, **kw)
+    torch.manual_seed(0)
+    b = saes.build("topk", sparse_kernels=False, **kw)
+    x = torch.randn(128, 32)
+    dead = torch.zeros(4096, dtype=torch.bool)
+    dead[::5] = True
+    for s in (a, b):
+        s.training_loss(x, TrainState(global_rows=128, dead_mask=dead, workspace={})).loss.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
