@@ -33,11 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sae_train import load_batches, recorded_command  # noqa: E402
+from sae_train import load_batches, recorded_command
 
 RESULTS = Path(__file__).parent / "results" / "sae_kernels.json"
 SETTINGS = ((4096, 9216, 32, 50), (1024, 9216, 32, 200), (1024, 36864, 64, 200))
@@ -76,13 +72,8 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     idx = kernels.topk_indices(pre, k)
     b, d_sae = pre.shape
     same_values = bool(torch.equal(pre.gather(1, idx).sort(1).values, pre.topk(k, dim=-1).values.sort(1).values))
-    second = None
-    G = kernels.TWO_LEVEL_GROUP
-    if d_sae % G == 0 and d_sae >= kernels.TWO_LEVEL_MIN_D_SAE:
-        groups = pre.view(b, G, d_sae // G)
-        top = groups.amax(1).topk(k, dim=-1, sorted=False)
-        cand = groups.gather(2, top.indices.unsqueeze(1).expand(b, G, k)).view(b, G * k)
-        second = float(((cand >= top.values.amin(1, keepdim=True)).sum(1) != k).float().mean())
+    second = (float((~kernels.two_level_candidates(pre, k)[3]).float().mean())
+              if kernels.two_level_applies(pre, k) else None)
     topk = compare(lambda: pre.topk(k, dim=-1, sorted=False), lambda: kernels.topk_indices(pre, k), rounds, calls)
 
     g = torch.randn(b, sae.W_dec.shape[1], generator=torch.Generator().manual_seed(0))
@@ -102,7 +93,7 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     return {"topk": topk, "rows_with_second_topk": second, "topk_same_values": same_values,
             "bag_sum_forward_backward": bag, "bag_sum_grads_relative_error": rel, "bag_sum_grads_close": rel < 1e-5,
             "entries_per_latent": b * k / d_sae,
-            "trainer_uses_bag_sum": b * k >= kernels.BAG_SUM_MIN_ENTRIES_PER_LATENT * d_sae}
+            "trainer_uses_bag_sum": kernels.bag_sum_applies(idx, W)}
 
 
 def main(argv: list[str] | None = None) -> dict:

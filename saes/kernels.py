@@ -179,13 +179,19 @@ SAE / one trained 50-200 steps): 1.21x / 1.54x at 14 entries per latent (batch 4
 gave 1.24x / 1.08x, 0.67x / 0.99x and 0.77x / 1.04x: slower on a fresh SAE at 3.6 both times."""
 
 
+def bag_sum_applies(idx: Int[Tensor, "batch k"], W: Float[Tensor, "d_sae d_model"]) -> bool:
+    """Whether :func:`bag_sum` takes :class:`BagSum`: float32 on CPU with at least
+    :data:`BAG_SUM_MIN_ENTRIES_PER_LATENT` entries per latent."""
+    return (W.device.type == "cpu" and W.dtype == torch.float32
+            and idx.numel() >= BAG_SUM_MIN_ENTRIES_PER_LATENT * W.shape[0])
+
+
 def bag_sum(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"],
             W: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "batch d_model"]:
-    """``sum_j vals[b, j] * W[idx[b, j]]``: :class:`BagSum` for float32 on CPU with at least
-    :data:`BAG_SUM_MIN_ENTRIES_PER_LATENT` entries per latent, ``embedding_bag`` otherwise."""
+    """``sum_j vals[b, j] * W[idx[b, j]]``: :class:`BagSum` where :func:`bag_sum_applies`, ``embedding_bag``
+    otherwise."""
     vals = vals.to(W.dtype)
-    if (W.device.type == "cpu" and W.dtype == torch.float32 and idx.dim() == 2 and idx.shape[1] > 0
-            and idx.numel() >= BAG_SUM_MIN_ENTRIES_PER_LATENT * W.shape[0]):
+    if bag_sum_applies(idx, W):
         return BagSum.apply(idx, vals, W)
     return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
@@ -200,6 +206,28 @@ TWO_LEVEL_GROUP = 16
 """Entries per group in :func:`topk_indices`' first level."""
 TWO_LEVEL_MIN_D_SAE = 4096
 """Narrower rows go straight to ``torch.topk`` (measured: no gain at 2,304 latents)."""
+
+
+def two_level_applies(pre: Float[Tensor, "batch d_sae"], k: int) -> bool:
+    """Whether :func:`topk_indices` takes two levels: CPU, a nonempty batch, at least
+    :data:`TWO_LEVEL_MIN_D_SAE` latents in whole groups, and at least ``4 k`` groups."""
+    b, d = pre.shape
+    return (pre.device.type == "cpu" and b > 0 and d >= TWO_LEVEL_MIN_D_SAE and d % TWO_LEVEL_GROUP == 0
+            and d // TWO_LEVEL_GROUP >= 4 * k)
+
+
+def two_level_candidates(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The first level of :func:`topk_indices`: ``(sel, cand, mask, exact)`` with ``sel`` the ``[batch, k]``
+    kept groups, ``cand`` their ``[batch, 16 k]`` entries (entry ``r * k + j`` is row ``r`` of group
+    ``sel[:, j]``), ``mask`` the candidates ``>=`` the k-th largest group maximum, and ``exact`` the rows
+    where ``mask`` holds exactly ``k`` entries (the answer, with no second ``topk``)."""
+    b, d = pre.shape
+    groups = pre.view(b, TWO_LEVEL_GROUP, d // TWO_LEVEL_GROUP)
+    top = groups.amax(1).topk(k, dim=-1, sorted=False)
+    sel = top.indices
+    cand = groups.gather(2, sel.unsqueeze(1).expand(b, TWO_LEVEL_GROUP, k)).view(b, TWO_LEVEL_GROUP * k)
+    mask = cand >= top.values.amin(1, keepdim=True)
+    return sel, cand, mask, mask.sum(1) == k
 
 
 def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batch k"]:
@@ -219,17 +247,10 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batc
     27.7 / 26.9 against 42.2 / 33.3 with 36,864 latents (k 64). ``torch.topk`` elsewhere (CUDA has its own
     radix select).
     """
-    b, d = pre.shape
-    G = TWO_LEVEL_GROUP
-    if pre.device.type != "cpu" or d < TWO_LEVEL_MIN_D_SAE or d % G or d // G < 4 * k or b == 0:
+    if not two_level_applies(pre, k):
         return pre.topk(k, dim=-1, sorted=False).indices
-    g = d // G
-    groups = pre.view(b, G, g)
-    top = groups.amax(1).topk(k, dim=-1, sorted=False)
-    sel = top.indices  # [b, k] kept groups
-    cand = groups.gather(2, sel.unsqueeze(1).expand(b, G, k)).view(b, G * k)  # entry r * k + j: row r of group sel[j]
-    mask = cand >= top.values.amin(1, keepdim=True)
-    exact = mask.sum(1) == k
+    sel, cand, mask, exact = two_level_candidates(pre, k)
+    b = pre.shape[0]
     if bool(exact.all()):
         pos = mask.nonzero()[:, 1].view(b, k)
     else:
@@ -238,7 +259,7 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batc
         rest = ~exact
         pos[rest] = cand[rest].topk(k, dim=-1, sorted=False).indices
     r = torch.div(pos, k, rounding_mode="floor")
-    return r * g + sel.gather(1, pos - r * k)
+    return r * (pre.shape[1] // TWO_LEVEL_GROUP) + sel.gather(1, pos - r * k)
 
 
 def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,

@@ -166,8 +166,8 @@ def test_bag_sum_takes_the_sparse_backward_only_where_latents_fire_often():
 
 @needs_onednn
 def test_sparse_training_step_with_wide_rows_matches_dense_autograd():
-    """4,096 latents: the two-level top-k and the bag-sum backward in the step."""
-    torch.manual_seed(0)
+    """4,096 latents: the two-level top-k in the step (the decoder stays on ``embedding_bag`` at a quarter of an
+    entry per latent; ``BagSum`` in the step is covered at 512 latents above)."""
     kw = dict(d_model=32, d_sae=4096, k=8)
     torch.manual_seed(0)
     a = saes.build("topk", sparse_kernels=True, **kw)
