@@ -7,7 +7,7 @@ over the last 20 %). Inputs are pre-scaled once so that ``E||x||^2 = d_model`` f
 library's own input normalisation is off). Each library keeps its own initialisation, ``b_dec``
 init and AuxK details:
 
-* this project: :class:`saes.Trainer` (sparse TopK kernels, geometric-median ``b_dec``);
+* this project: :class:`saes.Trainer` (sparse TopK kernels, ``b_dec`` from the first batch's typical rows' mean);
 * SAELens: ``TopKTrainingSAE`` + its ``SAETrainer`` fed by an iterator of the same tensors
   (its loop: MSE + AuxK, gradient clipping at 1.0);
 * sparsify: ``SparseCoder`` and its ``forward`` loss (FVU + AuxK / 32) in the loop its
@@ -70,6 +70,15 @@ AuxK loss, evaluated on its averaged weights (the ones it saves). Each row recor
     python benchmarks/sae_train.py --cache DIR --steps 200 --batch 1024 \
         --libraries interp sparsify interp-default sparsify-signum
 
+Seeds (``--seeds S [S ...]``, default 0): round r draws every library's initial weights and the order of the
+training rows from ``seeds[r % len(seeds)]`` (the held-out rows stay the same), so each round pairs the libraries
+on one seed; with several seeds ``summary.fvu_over_seeds`` gives each library's final FVU per seed and, against
+this project, the per-seed differences, their mean and standard error and the seeds where this project's FVU is
+at or below. ``fvu_minus_best_peer`` and the bf16 FVU change are per round, then the median:
+
+    python benchmarks/sae_train.py --cache DIR --steps 200 --batch 1024 --libraries interp sparsify \
+        --repeats 5 --seeds 0 1 2 3 4
+
 ``--device cuda`` runs every library on the GPU (the data is moved there before timing); ``--quick``
 trains on a small planted-dictionary data set instead of a cache, with tiny sizes, every library in
 this process: it checks the code path only.
@@ -104,12 +113,12 @@ def planted_rows(n_rows: int, d_model: int = 64, seed: int = 0) -> torch.Tensor:
     return (z * 2 * torch.rand(n_rows, 4 * d_model, generator=g)) @ atoms + torch.randn(d_model, generator=g)
 
 
-def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int) -> tuple[list, list]:
+def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int, seed: int = 0) -> tuple[list, list]:
     """Every row of the cache (no cache: :func:`planted_rows`), pre-scaled as the trainer scales its inputs
     (:func:`saes.losses.input_scale` of the first batch: massive activations left out; the plain mean used
     before put batch-4,096 runs on layer 12 at 0.525 x this scale); the last
-    ``eval_batches * batch`` rows are held out, the rest is cycled through (a new fixed permutation per
-    pass) to make ``steps`` training batches."""
+    ``eval_batches * batch`` rows are held out, the rest is cycled through (a new permutation per pass, drawn
+    from ``seed``) to make ``steps`` training batches."""
     if cache is None:
         rows = planted_rows(max(4, eval_batches + 2) * batch)
     else:
@@ -124,7 +133,7 @@ def load_batches(cache: str | None, batch: int, steps: int, eval_batches: int) -
     if rows.shape[0] < n_held + batch:
         raise SystemExit(f"the cache holds {rows.shape[0]} rows; need at least {n_held + batch}")
     pool, held = rows[:-n_held], rows[-n_held:]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     train, order, pos = [], torch.randperm(pool.shape[0], generator=g), 0
     for _ in range(steps):
         if pos + batch > pool.shape[0]:
@@ -203,11 +212,11 @@ class Timer:
                            "heldout_fvu": fvu})
 
 
-def run_ours(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False, guard: str = "loss"):
+def run_ours(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False, guard: str = "loss"):
     import saes
     from saes.trainer import TrainConfig, Trainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=d_sae, k=k).to(device)
     timer.watch(sae, lambda x: sae(x).x_hat)
 
@@ -226,12 +235,12 @@ def run_ours(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False, guar
     return lambda x: sae(x).x_hat
 
 
-def run_saelens(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
+def run_saelens(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
     from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import SAETrainerConfig
     from sae_lens.training.sae_trainer import SAETrainer
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     n, b, d = len(train), train[0].shape[0], train[0].shape[-1]
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d, d_sae=d_sae, k=k, dtype="float32", device=str(device)))
     cfg = SAETrainerConfig(total_training_samples=n * b, train_batch_size_samples=b, lr=lr, lr_end=0.0,
@@ -255,10 +264,10 @@ def run_saelens(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
     return lambda x: sae(x)
 
 
-def run_sparsify(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
+def run_sparsify(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
     from sparsify import SparseCoder, SparseCoderConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     n, d = len(train), train[0].shape[-1]
     sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
@@ -287,7 +296,7 @@ def run_sparsify(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
     return lambda x: sae(x).sae_out
 
 
-def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, bf16: bool = False):
+def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
     """sparsify with every default of its ``TrainConfig``: its default optimizer (``SignSGD`` in schedulefree's
     ``ScheduleFreeWrapper``, momentum 0.95, learning rate ``5e-3 / sqrt(d_sae / 2**14)``, no schedule) and
     ``auxk_alpha = 0``; the benchmark's ``lr`` is not used. Held-out FVU is measured on the averaged weights
@@ -296,7 +305,7 @@ def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, bf16: bool = 
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     d = train[0].shape[-1]
     sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
     timer.lr_used = 5e-3 / (d_sae / 2**14) ** 0.5
@@ -419,7 +428,7 @@ def eval_every(args) -> int:
 
 
 def worker(args) -> dict:
-    train, held, pool_rows = load_batches(args.cache, args.batch, args.steps, args.eval_batches)
+    train, held, pool_rows = load_batches(args.cache, args.batch, args.steps, args.eval_batches, args.seed)
     train, held = [x.to(args.device) for x in train], [x.to(args.device) for x in held]
     from saes.train_config import default_lr  # sparsify's Adam rule: the rate the shared-rate rows train at
 
@@ -428,7 +437,7 @@ def worker(args) -> dict:
     timer = Timer(args.steps, every, held[:1], args.batch)  # intermediate points: the first held-out batch
     _reset_peak_rss()
     rss0 = _peak_rss_mb()
-    recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae, args.device, timer)
+    recon = RUNNERS[args.worker](train, lr, args.k, args.d_sae, args.device, timer, args.seed)
     peak = _peak_rss_mb()
     t = timer.t
     if len(t) != args.steps + 1:
@@ -436,7 +445,7 @@ def worker(args) -> dict:
     timed = t[-1] - t[1]
     report = final_report(recon, held)
     fvu = report["fvu"]
-    res = {"library": args.worker, "steps": args.steps, "tokens": args.steps * args.batch,
+    res = {"library": args.worker, "seed": args.seed, "steps": args.steps, "tokens": args.steps * args.batch,
            "tokens_per_s": (args.steps - 1) * args.batch / timed, "train_seconds": t[-1] - t[0],
            "final_fvu": fvu, "final_fvu_typical": report["fvu_typical"],
            "held_out_massive_rows": report["massive_rows"], "peak_rss_mb": peak,
@@ -546,8 +555,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="held-out FVU curve point every N steps (default: steps // 10, at least 1; 0: no curve)")
     p.add_argument("--target-fvu", type=float, default=None,
                    help="held-out FVU for time_to_target (default: sparsify's final FVU in the same round)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="round r initialises every SAE and orders the training batches with seeds[r %% len(seeds)] "
+                        "(the held-out rows stay the same); several seeds: summary.fvu_over_seeds")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.d_sae, args.k, args.repeats, args.eval_batches = 4, 128, 256, 8, 1, 1
@@ -570,14 +583,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     lim_before = matmul_limit(args.batch, d_model, args.d_sae, args.device)
     order = []
     for r in range(args.repeats):  # A B C, then C B A: load that drifts over time hits everyone alike
-        order += libraries if r % 2 == 0 else libraries[::-1]
-    for lib in order:
+        seed = args.seeds[r % len(args.seeds)]
+        order += [(lib, seed) for lib in (libraries if r % 2 == 0 else libraries[::-1])]
+    for lib, seed in order:
         if args.quick:  # in this process: the code path only (peak memory is not the library's own)
-            runs[lib].append(worker(argparse.Namespace(**{**vars(args), "worker": lib})))
+            runs[lib].append(worker(argparse.Namespace(**{**vars(args), "worker": lib, "seed": seed})))
             continue
         cmd = [sys.executable, __file__, "--worker", lib, "--cache", args.cache, "--steps", str(args.steps),
                "--eval-batches", str(args.eval_batches), "--batch", str(args.batch), "--d-sae", str(args.d_sae),
-               "--k", str(args.k), "--device", args.device, "--eval-every", str(args.eval_every)]
+               "--k", str(args.k), "--device", args.device, "--eval-every", str(args.eval_every),
+               "--seed", str(seed)]
         cmd += ["--lr", str(args.lr)] if args.lr else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
@@ -585,10 +600,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{lib}: {runs[lib][-1]}", flush=True)
     lim_after = matmul_limit(args.batch, d_model, args.d_sae, args.device)
-    # each library's median repeat by tokens/s (every repeat is kept); FVU is deterministic
+    # each library's median repeat by tokens/s (every repeat is kept); FVU is deterministic for one seed, so
+    # with several seeds the row's final_fvu is that repeat's seed's (every seed's is in final_fvu_all_repeats)
     rows = {lib: {**sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2],
                   "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                   "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs],
+                  "final_fvu_all_repeats": [r["final_fvu"] for r in rs], "seed_all_repeats": [r["seed"] for r in rs],
                   **({"fvu_curve_all_repeats": [r["fvu_curve"] for r in rs]} if args.eval_every else {})}
             for lib, rs in runs.items()}
     limit = fastest(_mean_of(lim_before, lim_after))
@@ -605,9 +622,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         for peer in ("saelens", "sparsify"):
             if peer in rows:
                 summary[f"speedup_vs_{peer}"] = ours["tokens_per_s"] / rows[peer]["tokens_per_s"]
-        peers_fvu = [rows[p]["final_fvu"] for p in ("saelens", "sparsify") if p in rows]
-        if peers_fvu:
-            summary["fvu_minus_best_peer"] = ours["final_fvu"] - min(peers_fvu)
+        peers = [p for p in ("saelens", "sparsify") if p in rows]
+        if peers:  # per round (one seed a round), then the median
+            summary["fvu_minus_best_peer"] = statistics.median(
+                r["final_fvu"] - min(runs[p][i]["final_fvu"] for p in peers) for i, r in enumerate(runs["interp"]))
         summary["fraction_of_encoder_matmul_limit"] = ours["tokens_per_s"] / limit["tokens_per_s"]
         summary["encoder_matmul_limit_kernel"] = limit["kernel"]
         for kernel in ("addmm", "preallocated"):  # the ceilings of runs 1-5 (addmm), for comparison
@@ -631,6 +649,9 @@ def main(argv: list[str] | None = None) -> dict | None:
             summary["guard_check_timed_alone"] = {**cost, "step_seconds_without_guard": step_s,
                                                   "loss_fraction_of_step": cost["loss_seconds_median"] / step_s,
                                                   "grads_fraction_of_step": cost["grads_seconds_median"] / step_s}
+    if len(set(args.seeds)) > 1:
+        summary["fvu_over_seeds"] = seed_summary(runs)
+        print(json.dumps({"fvu_over_seeds": summary["fvu_over_seeds"]["vs_interp"]}, indent=1))
     reach = target_summary(runs, args.target_fvu) if args.eval_every else {}
     if reach:
         summary["time_to_target"] = reach
@@ -647,7 +668,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         if "interp-default" in runs:
             summary["time_to_target_interp_default_vs_sparsify_signum"] = (
                 defaults["libraries"]["interp-default"]["vs_sparsify_signum"])
-    bf16 = bf16_summary(runs, rows)
+    bf16 = bf16_summary(runs)
     if bf16:
         summary["bf16"] = bf16
         for peer in ("saelens", "sparsify"):
@@ -657,7 +678,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if summary:
         print(json.dumps(summary, indent=1))
     result = {"benchmark": "sae_train", "site": SITE, "d_sae": args.d_sae, "k": args.k, "batch_tokens": args.batch,
-              "steps": args.steps, "eval_batches": args.eval_batches, "eval_every": args.eval_every,
+              "steps": args.steps, "seeds": args.seeds, "eval_batches": args.eval_batches,
+              "eval_every": args.eval_every,
               "target_fvu": args.target_fvu, "quick": args.quick,
               "data": "planted sparse dictionary (quick)" if args.quick else f"cache of {SITE}",
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
@@ -706,17 +728,43 @@ def target_summary(runs: dict[str, list[dict]], target_fvu: float | None, refere
     return out
 
 
-def bf16_summary(runs: dict[str, list[dict]], rows: dict[str, dict]) -> dict:
+def seed_summary(runs: dict[str, list[dict]]) -> dict:
+    """Final held-out FVU per seed and library (a seed run in several rounds gives the same FVU, so its first
+    round stands for it), and for every other library against ``interp`` the seeds both ran: per seed the
+    difference ``other - interp`` (> 0: this project's SAE reconstructs better), its mean, its standard error
+    (sample standard deviation over sqrt(seeds)) and the seeds where this project's FVU is <= the other's."""
+    by_seed = {lib: {} for lib in runs}
+    for lib, rs in runs.items():
+        for r in rs:
+            by_seed[lib].setdefault(r["seed"], r["final_fvu"])
+    out: dict = {"final_fvu_by_seed": {lib: {str(s): f for s, f in d.items()} for lib, d in by_seed.items()},
+                 "vs_interp": {}}
+    ours = by_seed.get("interp", {})
+    for lib, theirs in by_seed.items():
+        seeds = sorted(set(ours) & set(theirs))
+        if lib == "interp" or len(seeds) < 2:
+            continue
+        diff = [theirs[s] - ours[s] for s in seeds]
+        out["vs_interp"][lib] = {"seeds": seeds, "fvu_minus_interp_per_seed": diff,
+                                 "mean": statistics.mean(diff),
+                                 "standard_error": statistics.stdev(diff) / len(diff) ** 0.5,
+                                 "seeds_interp_at_or_below": sum(d >= 0 for d in diff)}
+    return out
+
+
+def bf16_summary(runs: dict[str, list[dict]]) -> dict:
     """Per library with both rows: bf16 / fp32 tokens/s (median of the per-round ratios; the two runs of a
-    round are neighbours in time) and the relative change of the final held-out FVU."""
+    round are neighbours in time) and the relative change of the final held-out FVU (per round, same seed, then
+    the median; ``final_fvu_fp32`` / ``_bf16`` are the first round's)."""
     out = {}
     for lib, low in BF16.items():
         if lib in runs and low in runs:
             per_round = [b["tokens_per_s"] / a["tokens_per_s"] for a, b in zip(runs[lib], runs[low])]
-            fvu32, fvu16 = rows[lib]["final_fvu"], rows[low]["final_fvu"]
+            change = [(b["final_fvu"] - a["final_fvu"]) / a["final_fvu"] for a, b in zip(runs[lib], runs[low])]
             out[lib] = {"tokens_per_s_ratio": statistics.median(per_round), "tokens_per_s_ratio_per_round": per_round,
-                        "final_fvu_fp32": fvu32, "final_fvu_bf16": fvu16,
-                        "final_fvu_relative_change": (fvu16 - fvu32) / fvu32}
+                        "final_fvu_fp32": runs[lib][0]["final_fvu"], "final_fvu_bf16": runs[low][0]["final_fvu"],
+                        "final_fvu_relative_change": statistics.median(change),
+                        "final_fvu_relative_change_per_round": change}
     return out
 
 

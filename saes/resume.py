@@ -47,6 +47,9 @@ NOT_RESULT = ("progress", "log_every", "wandb_project", "checkpoint_every", "kee
 INIT_ONLY = ("enc_init_scale",)
 """SAE config fields that only set the initial weights, which a resume replaces by the checkpoint's: not
 compared (a checkpoint written before such a field existed resumes under the new default)."""
+CONFIG_INIT_ONLY = ("b_dec_init",)
+"""TrainConfig fields that only set the initial weights (read on the first batch of a fresh run): not compared,
+so a run started under an earlier default resumes under the new one."""
 
 
 def step_dir(step: int) -> str:
@@ -167,10 +170,12 @@ def read_latest(root: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | 
 
 
 def settings(config: dict[str, Any], sae_configs: dict[str, dict[str, Any]], data: dict[str, Any]) -> dict[str, Any]:
-    """What a resume must find unchanged: the training config (minus :data:`NOT_RESULT`), every
-    site's SAE architecture and config (minus :data:`INIT_ONLY`), and the data source's description."""
+    """What a resume must find unchanged: the training config (minus :data:`NOT_RESULT` and
+    :data:`CONFIG_INIT_ONLY`), every site's SAE architecture and config (minus :data:`INIT_ONLY`), and the data
+    source's description."""
     sites = {name: {k: v for k, v in c.items() if k not in INIT_ONLY} for name, c in sae_configs.items()}
-    return {"config": {k: v for k, v in config.items() if k not in NOT_RESULT}, "sites": sites, "data": data}
+    skip = NOT_RESULT + CONFIG_INIT_ONLY
+    return {"config": {k: v for k, v in config.items() if k not in skip}, "sites": sites, "data": data}
 
 
 def differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, list]:

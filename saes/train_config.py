@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from saes import guard
 from saes.base import SAEError
 
+B_DEC_INITS = ("typical_mean", "geometric_median", "mean", "zeros")
+"""The values of :attr:`TrainConfig.b_dec_init`."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -28,8 +31,10 @@ class TrainConfig:
     """Fraction of steps with a linear learning-rate warm-up from 0."""
     decay_frac: float = 0.2
     """Fraction of steps at the end with a linear decay of the learning rate to 0."""
-    b_dec_init: str = "geometric_median"
-    """``"geometric_median"``, ``"mean"`` or ``"zeros"``: how ``b_dec`` starts (first batch)."""
+    b_dec_init: str = "typical_mean"
+    """How ``b_dec`` starts, from the first batch: ``"typical_mean"`` (the mean of the rows that are not
+    massive activations, :func:`saes.losses.typical_mean`; chosen over several seeds in
+    ``experiments/sae_b_dec_init.md``), ``"geometric_median"``, ``"mean"`` (every row) or ``"zeros"``."""
     normalize_inputs: bool = True
     """Scale inputs so that ``E||x||^2 = d_model`` (estimated on the first batch's typical rows, massive
     activations left out: :func:`saes.losses.input_scale`; folded into the weights at the end)."""
@@ -72,8 +77,8 @@ class TrainConfig:
         if self.warmup_frac + self.decay_frac > 1:
             raise SAEError("TrainConfig.warmup_frac + decay_frac must be <= 1, "
                            f"got {self.warmup_frac} + {self.decay_frac}")
-        if self.b_dec_init not in ("geometric_median", "mean", "zeros"):
-            raise SAEError("TrainConfig.b_dec_init must be 'geometric_median', 'mean' or 'zeros', "
+        if self.b_dec_init not in B_DEC_INITS:
+            raise SAEError(f"TrainConfig.b_dec_init must be one of {', '.join(map(repr, B_DEC_INITS))}, "
                            f"got {self.b_dec_init!r}")
         if self.nonfinite_guard not in guard.GUARDS:
             raise SAEError(f"TrainConfig.nonfinite_guard must be one of {guard.GUARDS}, got {self.nonfinite_guard!r}")

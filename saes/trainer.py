@@ -23,8 +23,8 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
   ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
 
 The loop: Adam (torch's fused kernel where it runs, :mod:`saes.optim`) with linear warm-up and a linear
-decay to zero at the end; ``b_dec`` initialised from the first batch (geometric median or mean); inputs
-scaled so that ``E||x||^2 = d_model`` (folded into the saved weights); optional bf16 autocast; a
+decay to zero at the end; ``b_dec`` initialised from the first batch (by default the mean of its typical
+rows); inputs scaled so that ``E||x||^2 = d_model`` (folded into the saved weights); optional bf16 autocast; a
 finite-value check of every step (:mod:`saes.guard`); periodic atomic resume checkpoints
 (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes (:mod:`saes.distributed`); a
 progress bar with loss / L0 / FVU / dead fraction and optional wandb. On CPU, freed blocks are kept for
@@ -62,6 +62,7 @@ from saes.losses import (
     normalize_rows,
     remove_parallel_grad,
     total_variance,
+    typical_mean,
 )
 from saes.train_config import TrainConfig
 
@@ -172,6 +173,8 @@ class Trainer:
                     st.sae.b_dec.copy_(geometric_median(x))
                 elif self.cfg.b_dec_init == "mean":
                     st.sae.b_dec.copy_(x.mean(0))
+                elif self.cfg.b_dec_init == "typical_mean":
+                    st.sae.b_dec.copy_(typical_mean(x))
             init = getattr(st.sae, "init_from_data", None)
             if init is not None:
                 with _own_rng(st):
@@ -198,8 +201,9 @@ class Trainer:
         Args:
             resume: continue from the newest resume checkpoint in ``out_dir/checkpoints`` (from step 0,
                 with a warning, when there is none). Settings that change the result (the config but
-                :data:`saes.resume.NOT_RESULT`, the SAE configs, the data source's description) must
-                match the checkpoint's, else :class:`SAEError` lists every difference.
+                :data:`saes.resume.NOT_RESULT`, the SAE configs, the data source's description; not what only
+                sets the initial weights) must match the checkpoint's, else :class:`SAEError` lists every
+                difference.
             overwrite: without ``resume``, delete the resume checkpoints an earlier run left in
                 ``out_dir`` (without it they are refused: a run never mixes its checkpoints with another's).
             accept_changes: with ``resume``, accept changed settings and record them in the history.

@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import math
+import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBRARIES = ["interp", "interp-noguard", "sparsify", "saelens"]
@@ -163,3 +166,45 @@ def test_rows_at_each_library_defaults_record_their_own_rate_and_evaluate_withou
     for lib in libs:  # evaluating the schedule-free average mid-run leaves the training weights exactly alone
         assert on["results"][lib]["final_fvu"] == off["results"][lib]["final_fvu"], lib
         assert math.isfinite(on["results"][lib]["final_fvu"])
+
+
+def test_seed_summary_pairs_each_seed_and_counts_the_seeds_where_this_project_is_at_or_below(sae_train):
+    def run(seed, fvu):
+        return {"seed": seed, "final_fvu": fvu}
+
+    runs = {"interp": [run(0, 0.30), run(1, 0.32), run(2, 0.31), run(0, 0.30)],  # seed 0 twice: one FVU
+            "sparsify": [run(0, 0.31), run(1, 0.31), run(2, 0.33), run(0, 0.31)],
+            "saelens": [run(0, 0.40)]}  # one seed only: no comparison
+    out = sae_train.seed_summary(runs)
+    assert out["final_fvu_by_seed"]["interp"] == {"0": 0.30, "1": 0.32, "2": 0.31}
+    sp = out["vs_interp"]["sparsify"]
+    assert sp["seeds"] == [0, 1, 2]
+    assert sp["fvu_minus_interp_per_seed"] == pytest.approx([0.01, -0.01, 0.02])
+    assert sp["mean"] == pytest.approx(0.02 / 3) and sp["seeds_interp_at_or_below"] == 2
+    assert sp["standard_error"] == pytest.approx(statistics.stdev([0.01, -0.01, 0.02]) / 3 ** 0.5)
+    assert "saelens" not in out["vs_interp"]
+
+
+def test_a_seed_sets_the_initial_weights_and_the_batch_order(sae_train):
+    def fvu(seed: int, lib: str = "interp") -> float:
+        args = argparse.Namespace(cache=None, batch=128, steps=4, eval_batches=1, device="cpu", lr=None, k=8,
+                                  d_sae=256, eval_every=0, worker=lib, seed=seed)
+        return sae_train.worker(args)["final_fvu"]
+
+    first, second = sae_train.load_batches(None, 128, 4, 1, 0), sae_train.load_batches(None, 128, 4, 1, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))  # the same held-out rows
+    assert not torch.equal(first[0][0], second[0][0])  # training rows in another order
+    assert fvu(0) == fvu(0) != fvu(1)
+    assert fvu(0, "sparsify") != fvu(1, "sparsify")
+
+
+def test_bf16_summary_compares_the_two_rows_of_each_round(sae_train):
+    def run(tps, fvu):
+        return {"tokens_per_s": tps, "final_fvu": fvu}
+
+    runs = {"interp": [run(10, 0.30), run(20, 0.40)], "interp-bf16": [run(15, 0.303), run(50, 0.38)]}
+    out = sae_train.bf16_summary(runs)["interp"]
+    assert out["tokens_per_s_ratio_per_round"] == [1.5, 2.5] and out["tokens_per_s_ratio"] == 2.0
+    assert out["final_fvu_relative_change_per_round"] == pytest.approx([0.01, -0.05])
+    assert out["final_fvu_relative_change"] == pytest.approx(-0.02)
+    assert (out["final_fvu_fp32"], out["final_fvu_bf16"]) == (0.30, 0.303)

@@ -30,13 +30,16 @@ from torch import Tensor
 
 from interp.errors import InputError
 
+MIN_POINTS = 10
+"""The fewest points a reducibility index is computed on."""
+
 
 def _points2(points: Tensor) -> Tensor:
     p = torch.as_tensor(points).double()
     if p.dim() != 2 or p.shape[1] != 2:
         raise InputError(f"expected a 2-D point cloud of shape [n, 2]; got {tuple(p.shape)}")
-    if len(p) < 10:
-        raise InputError(f"need at least 10 points for a reducibility index; got {len(p)}")
+    if len(p) < MIN_POINTS:
+        raise InputError(f"need at least {MIN_POINTS} points for a reducibility index; got {len(p)}")
     if not torch.isfinite(p).all():
         raise InputError("points contain NaN or inf")
     return p

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from interp.errors import InputError
 from interp.features.circles import circle_scores, cyclic_order, fit_circle, same_cyclic_order
 from interp.features.clusters import ClusterConfig, cluster_decoder
-from interp.features.indices import reducibility
+from interp.features.indices import MIN_POINTS, reducibility
 from interp.subspace import CircleMap, Subspace
 
 
@@ -48,16 +48,20 @@ class MultiDimConfig:
     max_points: int = 5000
     """Rows kept per cluster (the first ones met)."""
     min_points: int = 50
-    """Clusters active on fewer rows are not scored."""
+    """Clusters active on fewer rows are not scored (at least :data:`interp.features.indices.MIN_POINTS`, the
+    fewest rows the reducibility indices take)."""
     circle_radius_cv: float = 0.35
     """Circle flag: largest spread of distances to the centre (a round Gaussian blob gives ~0.52)."""
     circle_coverage: float = 0.75
     """Circle flag: smallest fraction of 12 angle sectors holding at least half their uniform share."""
 
     def __post_init__(self):
-        for name in ("n_pcs", "bins", "max_points", "min_points"):
+        for name in ("n_pcs", "bins", "max_points"):
             if getattr(self, name) < (2 if name in ("n_pcs", "bins") else 1):
                 raise InputError(f"MultiDimConfig.{name} is too small: {getattr(self, name)}")
+        if self.min_points < MIN_POINTS:  # a cluster on fewer rows would fail deep inside the indices
+            raise InputError(f"MultiDimConfig.min_points is {self.min_points}; the reducibility indices need at "
+                             f"least {MIN_POINTS} rows per cluster: pass min_points >= {MIN_POINTS}")
         if not self.eps > 0:
             raise InputError(f"MultiDimConfig.eps must be > 0; got {self.eps}")
         if not 0 <= self.circle_coverage <= 1 or self.circle_radius_cv <= 0:

@@ -140,6 +140,11 @@ def test_graph_and_config():
         graph_clusters(torch.zeros(3, 4))
     with pytest.raises(InputError, match="eps"):
         MultiDimConfig(eps=0.0)
+    # fewer rows than the indices take would fail inside them, on whichever cluster happened to be small
+    with pytest.raises(InputError, match=r"MultiDimConfig.min_points is 5; the reducibility indices need at least "
+                                         r"10 rows per cluster: pass min_points >= 10"):
+        MultiDimConfig(min_points=5)
+    assert MultiDimConfig(min_points=10).min_points == 10
 
 
 def test_top_k_is_a_deprecated_alias_of_n_neighbors():

@@ -21,7 +21,7 @@ def test_weekday_circle_experiment_reduced(tmp_path):
     out = tmp_path / "out"
     rc = exp.main(["--out", str(out), "--layers", "15", "--plot-layers", "15", "--templates", "4",
                    "--d-sae", "64", "--k", "4", "--sae-tokens", "4096", "--batch", "256", "--day-docs", "10",
-                   "--corpus-docs", "0", "--eval-docs", "6", "--n-clusters", "8", "--min-points", "5", "--quiet",
+                   "--corpus-docs", "0", "--eval-docs", "6", "--n-clusters", "8", "--min-points", "10", "--quiet",
                    "--save-subspaces", str(tmp_path / "subspaces")])
     assert rc == 0
     res = json.loads((out / "weekday_circle_features.json").read_text())

@@ -112,7 +112,7 @@ def test_resume_keeps_the_whole_history_and_refuses_changed_settings(tmp_path):
                                                             accept_changes=True)
     # what does not change the result may change freely (the initial weights are replaced by the checkpoint's)
     tr = Trainer(sae(enc_init_scale=0.123),
-                 cfg(log_every=2, checkpoint_every=5, keep_checkpoints=4, nonfinite_guard="grads"),
+                 cfg(log_every=2, checkpoint_every=5, keep_checkpoints=4, nonfinite_guard="grads", b_dec_init="zeros"),
                  out_dir=tmp_path / "run").fit(SyntheticSource(D, rows=ROWS), resume=True)
     assert tr.history_ == ref.history_  # whole: the entries before the resume point are kept
     assert json.loads((tmp_path / "run" / "train_history.json").read_text()) == ref.history_

@@ -7,7 +7,7 @@ import torch
 from sae_testdata import SyntheticSource
 
 import saes
-from saes.losses import fold_input_scale, geometric_median, input_scale
+from saes.losses import fold_input_scale, geometric_median, input_scale, typical_mean
 from saes.trainer import TrainConfig, Trainer
 
 D, M, ROWS = 16, 64, 128
@@ -96,6 +96,40 @@ def test_geometric_median_hand_cases():
     assert gm.norm() < 1.0 < x.mean(0).norm()
     pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [1000.0]])
     torch.testing.assert_close(geometric_median(pts), torch.tensor([2.0]), atol=1e-3, rtol=0)
+
+
+def test_typical_mean_leaves_massive_activations_out():
+    torch.manual_seed(0)
+    x = torch.randn(1024, D) + 2.0
+    torch.testing.assert_close(typical_mean(x), x.mean(0))  # no massive row: the plain mean
+    spiked = x.clone()
+    spiked[7] *= 300
+    torch.testing.assert_close(typical_mean(spiked), torch.cat([x[:7], x[8:]]).mean(0))
+    assert (spiked.mean(0) - x.mean(0)).norm() > 50 * (typical_mean(spiked) - x.mean(0)).norm()
+    mostly_zero = torch.zeros(10, D)
+    mostly_zero[0] = 2.0
+    torch.testing.assert_close(typical_mean(mostly_zero), mostly_zero.mean(0))  # a zero median: every row counts
+
+
+@pytest.mark.parametrize("how", ["typical_mean", "geometric_median", "mean", "zeros"])
+def test_b_dec_starts_from_the_first_batch_as_asked(how):
+    g = torch.Generator().manual_seed(3)
+    first = torch.randn(ROWS, D, generator=g) + 1.5
+    first[5] *= 400  # a massive activation
+    torch.manual_seed(0)
+    sae = saes.build("topk", d_model=D, d_sae=M, k=4)
+    tr = Trainer(sae, cfg(total_tokens=ROWS, lr=1e-9, b_dec_init=how)).fit([first])
+    x = first * tr.scales_[""]  # the trainer's scale, folded back into b_dec at the end
+    want = {"typical_mean": typical_mean(x), "geometric_median": geometric_median(x), "mean": x.mean(0),
+            "zeros": torch.zeros(D)}[how] / tr.scales_[""]
+    torch.testing.assert_close(sae.b_dec.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_b_dec_init_default_and_refusal():
+    assert TrainConfig(total_tokens=8, batch_tokens=8).b_dec_init == "typical_mean"
+    with pytest.raises(saes.SAEError, match=r"TrainConfig.b_dec_init must be one of 'typical_mean', "
+                                            r"'geometric_median', 'mean', 'zeros', got 'median'"):
+        cfg(b_dec_init="median")
 
 
 def test_dead_latents_are_tracked():
