@@ -264,12 +264,28 @@ def run_saelens(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: 
     return lambda x: sae(x)
 
 
-def run_sparsify(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
+def sparse_coder(d: int, d_sae: int, k: int, device="cpu", seed: int = 0):
+    """sparsify's ``SparseCoder`` as every sparsify row builds it: fp32, its own initialisation drawn after
+    ``torch.manual_seed(seed)``."""
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(seed)
+    return SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def start_from_sparsify(sae: torch.nn.Module, seed: int = 0) -> None:
+    """Give this project's TopK-style ``sae`` the very weights sparsify starts from with ``seed``
+    (:func:`sparse_coder`: ``nn.Linear``'s uniform encoder, zero bias, the normalised encoder as decoder)."""
+    sc = sparse_coder(sae.cfg.d_model, sae.cfg.d_sae, sae.cfg.k, sae.W_dec.device, seed)
+    sae.W_enc.copy_(sc.encoder.weight.T)
+    sae.b_enc.copy_(sc.encoder.bias)
+    sae.W_dec.copy_(sc.W_dec)
+
+
+def run_sparsify(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
     n, d = len(train), train[0].shape[-1]
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+    sae = sparse_coder(d, d_sae, k, device, seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n))
     since = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -302,12 +318,9 @@ def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, seed: int = 0
     ``auxk_alpha = 0``; the benchmark's ``lr`` is not used. Held-out FVU is measured on the averaged weights
     (``optimizer.eval()``), the ones sparsify saves."""
     from schedulefree import ScheduleFreeWrapper
-    from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.sign_sgd import SignSGD
 
-    torch.manual_seed(seed)
-    d = train[0].shape[-1]
-    sae = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device=device, dtype=torch.float32)
+    sae = sparse_coder(train[0].shape[-1], d_sae, k, device, seed)
     timer.lr_used = 5e-3 / (d_sae / 2**14) ** 0.5
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": timer.lr_used}]), momentum=0.95)
     opt.train()

@@ -87,18 +87,9 @@ def starting_points(x: torch.Tensor) -> dict:
 
 def run_interp(train, lr: float, cell: dict, b_dec_init: str, seed: int, sparsify_init: bool = False):
     torch.manual_seed(seed)
-    d = train[0].shape[-1]
-    sae = saes.build(cell["arch"], d_model=d, d_sae=cell["d_sae"], k=cell["k"])
-    if sparsify_init:  # the weights sparsify starts from: its seed and construction, as the benchmark builds it
-        from sparsify import SparseCoder, SparseCoderConfig
-
-        torch.manual_seed(seed)
-        sc = SparseCoder(d, SparseCoderConfig(num_latents=cell["d_sae"], k=cell["k"]), device="cpu",
-                         dtype=torch.float32)
-        with torch.no_grad():
-            sae.W_enc.copy_(sc.encoder.weight.T)
-            sae.b_enc.copy_(sc.encoder.bias)
-            sae.W_dec.copy_(sc.W_dec)
+    sae = saes.build(cell["arch"], d_model=train[0].shape[-1], d_sae=cell["d_sae"], k=cell["k"])
+    if sparsify_init:
+        bench.start_from_sparsify(sae, seed)
     n, b = len(train), train[0].shape[0]
     cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
                       log_every=n, b_dec_init=b_dec_init)

@@ -76,10 +76,7 @@ NO_SPARSIFY = {"archs"}
 
 def sparsify_enc_scale(d_model: int, d_sae: int) -> float:
     """Mean ratio of encoder-row norm to decoder-row norm in a ``SparseCoder`` as sparsify builds it."""
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(0)
-    sc = SparseCoder(d_model, SparseCoderConfig(num_latents=d_sae, k=1), device="cpu", dtype=torch.float32)
+    sc = bench.sparse_coder(d_model, d_sae, 1)
     with torch.no_grad():
         return float((sc.encoder.weight.norm(dim=1) / sc.W_dec.norm(dim=1)).mean())
 
@@ -130,14 +127,7 @@ def run_interp(train, lr: float, k: int, d_sae: int, s: dict, log_every: int):
         kw["enc_init_scale"] = s["enc_init_scale"]
     sae = saes.build(s["arch"], d_model=d, d_sae=d_sae, **kw)
     if s["weights"] == "sparsify":  # the weights sparsify starts from (its seed and construction, as the benchmark's)
-        from sparsify import SparseCoder, SparseCoderConfig
-
-        torch.manual_seed(0)
-        sc = SparseCoder(d, SparseCoderConfig(num_latents=d_sae, k=k), device="cpu", dtype=torch.float32)
-        with torch.no_grad():
-            sae.W_enc.copy_(sc.encoder.weight.T)
-            sae.b_enc.copy_(sc.encoder.bias)
-            sae.W_dec.copy_(sc.W_dec)
+        bench.start_from_sparsify(sae, 0)
     n, b = len(train), train[0].shape[0]
     cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
                       log_every=log_every, b_dec_init=s["b_dec_init"], dead_tokens=s["dead_tokens"])

@@ -148,6 +148,14 @@ def massive_limit(sq: Float[Tensor, " n"]) -> Tensor:
     return MASSIVE_ROW * med if med > 0 else torch.full_like(med, math.inf)
 
 
+def typical_rows(x: Float[Tensor, "batch d"]) -> Float[Tensor, "n d"]:
+    """The rows of ``x`` (as float32) that are not massive activations: squared norm at most :data:`MASSIVE_ROW`
+    x the median's (every row when that median is 0)."""
+    x = x.float()
+    sq = x.pow(2).sum(-1)
+    return x[sq <= massive_limit(sq)]
+
+
 def input_scale(x: Float[Tensor, "batch d"]) -> float:
     """``sqrt(d / E||x||^2)`` over the rows of ``x`` that are not massive activations (squared norm at most
     :data:`MASSIVE_ROW` x the median's), so that typical rows come out with ``E||x||^2 = d``.
@@ -157,9 +165,7 @@ def input_scale(x: Float[Tensor, "batch d"]) -> float:
     rows then varies by up to 9.4x in scale with the luck of the draw (measured over 190 batches), this
     estimate by 1.9 % (``experiments/sae_lr_rule.md``). With a median of 0 (mostly zero rows) every row
     counts."""
-    sq = x.float().pow(2).sum(-1)
-    typical = sq[sq <= massive_limit(sq)]
-    return math.sqrt(x.shape[-1] / typical.mean().clamp_min(1e-12).item())
+    return math.sqrt(x.shape[-1] / typical_rows(x).pow(2).sum(-1).mean().clamp_min(1e-12).item())
 
 
 def fold_input_scale(sae: torch.nn.Module, scale: float) -> None:
@@ -180,14 +186,12 @@ def active_mask(codes: Float[Tensor, "batch d_sae"]) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def typical_mean(x: Float[Tensor, "n d_model"]) -> Float[Tensor, " d_model"]:
-    """The mean of the rows of ``x`` that are not massive activations (squared norm at most
-    :data:`MASSIVE_ROW` x the median's, as :func:`input_scale` counts them): the constant that best
-    reconstructs typical rows in squared error, without the pull of a rare row 10,000 x the median's squared
-    norm (one such row in a first batch of 1,024 on the embedded model's layer 12 moves the plain mean 4.0 away,
-    against 0.7 between the plain mean and the geometric median of a batch without one)."""
-    x = x.float()
-    sq = x.pow(2).sum(-1)
-    return x[sq <= massive_limit(sq)].mean(0)
+    """The mean of :func:`typical_rows` (the rows that are not massive activations, as :func:`input_scale`
+    counts them): the constant that best reconstructs typical rows in squared error, without the pull of a rare
+    row 10,000 x the median's squared norm (one such row in a first batch of 1,024 on the embedded model's layer
+    12 moves the plain mean 4.0 away, against 0.7 between the plain mean and the geometric median of a batch
+    without one)."""
+    return typical_rows(x).mean(0)
 
 
 @torch.no_grad()
