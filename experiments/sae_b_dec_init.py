@@ -27,7 +27,11 @@ activation and how far the three starting points lie from each other.
 
 Cells: the benchmark's batch-1,024 setting on layer 12 (where the tie was seen), its batch-4,096 and
 36,864-latent settings, the batch-1,024 setting on layer 20 (a cache this choice was not made on) and
-BatchTopK, the other architecture trained with ``b_dec`` free from the first batch. Results are written
+BatchTopK, the other architecture trained with ``b_dec`` free from the first batch. Checks after the choice,
+on the other architectures that start ``b_dec`` the same way and on a longer run: the batch-1,024 setting
+over 800 steps, and ReLU, JumpReLU (each at its config's default penalty; their held-out L0 is recorded,
+since the start may move it) and MP-SAE (32 pursuit steps, its default random atoms; ``b_dec`` is subtracted
+before the pursuit) over 200 steps, on layer 12 and on layer 20. Results are written
 after every run; a rerun with the same ``--out`` skips what is there.
 
     python experiments/sae_b_dec_init.py --cache CACHE12 --layer20-cache CACHE20 \
@@ -70,6 +74,13 @@ CELLS = {
     "l12_d36864": dict(layer=12, arch="topk", d_sae=36864, k=64, batch=1024, steps=200, seeds=3, sparsify=False),
     "l12_batchtopk": dict(layer=12, arch="batchtopk", d_sae=9216, k=32, batch=4096, steps=50, seeds=2,
                           sparsify=False),
+    "l12_b1024_long": dict(layer=12, arch="topk", d_sae=9216, k=32, batch=1024, steps=800, seeds=4, sparsify=False),
+    # the architectures whose sparsity is not a fixed k (each at its config's default penalty) and MP-SAE
+    "l12_relu": dict(layer=12, arch="relu", d_sae=9216, k=None, batch=1024, steps=200, seeds=3, sparsify=False),
+    "l12_jumprelu": dict(layer=12, arch="jumprelu", d_sae=9216, k=None, batch=1024, steps=200, seeds=3,
+                         sparsify=False),
+    "l12_mpsae": dict(layer=12, arch="mpsae", d_sae=9216, k=32, batch=1024, steps=200, seeds=4, sparsify=False),
+    "l20_mpsae": dict(layer=20, arch="mpsae", d_sae=9216, k=32, batch=1024, steps=200, seeds=3, sparsify=False),
 }
 
 
@@ -85,9 +96,22 @@ def starting_points(x: torch.Tensor) -> dict:
             "dist_mean_typical_mean": float((mean - tm).norm()), "norm_geometric_median": float(gm.norm())}
 
 
+def sparsity_kwargs(cell: dict) -> dict:
+    """The cell's sparsity setting as its architecture's config names it (none for the penalised ones)."""
+    if cell["arch"] in ("topk", "batchtopk"):
+        return {"k": cell["k"]}
+    return {"n_steps": cell["k"]} if cell["arch"] == "mpsae" else {}
+
+
+def heldout_l0(sae, held) -> float:
+    """Mean number of non-zero codes per held-out row, from the same forward the held-out FVU uses."""
+    with torch.no_grad():
+        return float(torch.cat([(sae(x).codes != 0).sum(-1).float() for x in held]).mean())
+
+
 def run_interp(train, lr: float, cell: dict, b_dec_init: str, seed: int, sparsify_init: bool = False):
     torch.manual_seed(seed)
-    sae = saes.build(cell["arch"], d_model=train[0].shape[-1], d_sae=cell["d_sae"], k=cell["k"])
+    sae = saes.build(cell["arch"], d_model=train[0].shape[-1], d_sae=cell["d_sae"], **sparsity_kwargs(cell))
     if sparsify_init:
         bench.start_from_sparsify(sae, seed)
     n, b = len(train), train[0].shape[0]
@@ -112,13 +136,15 @@ def run_cell(name: str, cell: dict, cache: str, done: dict, save) -> None:
                   **starting_points(train[0])}
         for arm in todo:
             t0 = time.perf_counter()
+            extra = {}
             if arm == "sparsify":
                 recon = bench.run_sparsify(train, lr, cell["k"], cell["d_sae"], "cpu", bench.Timer(), seed)
             else:
                 sae = (run_interp(train, lr, cell, "mean", seed, sparsify_init=True) if arm == "sparsify_init"
                        else run_interp(train, lr, cell, arm, seed))
                 recon = lambda x, m=sae: m(x).x_hat  # noqa: E731
-            row = {**common, "arm": arm, "heldout_fvu": bench.final_fvu(recon, held)}
+                extra["heldout_l0"] = heldout_l0(sae, held)
+            row = {**common, "arm": arm, "heldout_fvu": bench.final_fvu(recon, held), **extra}
             done[f"{name}/{arm}/{seed}"] = row
             print(f"{name:14s} seed {seed} {arm:17s} held-out FVU {row['heldout_fvu']:.5f} "
                   f"(first batch: {row['first_batch_massive_rows']} massive; {time.perf_counter() - t0:.0f} s)",
@@ -127,9 +153,10 @@ def run_cell(name: str, cell: dict, cache: str, done: dict, save) -> None:
 
 
 def summarize(runs: dict) -> dict:
-    """Per cell: each arm's held-out FVU by seed, its mean, and against ``typical_mean`` the per-seed
-    differences (other minus ``typical_mean``: > 0 means ``typical_mean`` reconstructs better), their mean
-    and standard error, and the seeds where ``typical_mean`` is at or below the other arm."""
+    """Per cell: each arm's held-out FVU by seed, its mean (and its mean held-out L0 where every run recorded
+    one), and against ``typical_mean`` the per-seed differences (other minus ``typical_mean``: > 0 means
+    ``typical_mean`` reconstructs better), their mean and standard error, and the seeds where ``typical_mean``
+    is at or below the other arm."""
     out = {}
     for name in CELLS:
         rows = [r for r in runs.values() if r["cell"] == name]
@@ -140,6 +167,8 @@ def summarize(runs: dict) -> dict:
             by_arm.setdefault(r["arm"], {})[r["seed"]] = r["heldout_fvu"]
         cell = {"heldout_fvu_by_seed": {a: {str(s): v for s, v in sorted(d.items())} for a, d in by_arm.items()},
                 "mean_heldout_fvu": {a: statistics.mean(d.values()) for a, d in by_arm.items()},
+                "mean_heldout_l0": {a: statistics.mean(r["heldout_l0"] for r in rows if r["arm"] == a)
+                                    for a in by_arm if all("heldout_l0" in r for r in rows if r["arm"] == a)},
                 "seeds_with_massive_first_batch": sorted({r["seed"] for r in rows if r["first_batch_massive_rows"]}),
                 "vs_typical_mean": {}}
         ref = by_arm.get("typical_mean", {})
@@ -156,6 +185,8 @@ def summarize(runs: dict) -> dict:
     return out
 
 
+PANELS_PER_ROW = 5
+"""The plot's panels (one per cell) wrap after this many."""
 COLORS = {"geometric_median": "C1", "mean": "C2", "sparsify": "C3", "sparsify_init": "C4"}
 """One colour per arm in every panel."""
 
@@ -167,10 +198,12 @@ def plot(summary: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     names = list(summary)
-    fig = Figure(figsize=(3.4 * len(names), 3.4))
+    cols = min(PANELS_PER_ROW, len(names))
+    rows = -(-len(names) // cols)
+    fig = Figure(figsize=(3.4 * cols, 3.4 * rows))
     FigureCanvasAgg(fig)
     for i, name in enumerate(names):
-        ax = fig.add_subplot(1, len(names), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         ref = summary[name]["heldout_fvu_by_seed"].get("typical_mean", {})
         shown = [0.0]
         for arm, d in summary[name]["heldout_fvu_by_seed"].items():
@@ -190,7 +223,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.set_title(name, fontsize=8)
         ax.set_xlabel("seed (grey: massive row in the first batch)", fontsize=7)
         ax.legend(fontsize=6)
-        if i == 0:
+        if i % cols == 0:
             ax.set_ylabel("held-out FVU minus typical_mean's")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

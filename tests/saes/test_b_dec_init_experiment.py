@@ -11,6 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SITE = "blocks.1.hook_resid_post"
+CELLS = ["l12_b1024", "l20_b1024", "l12_batchtopk", "l12_relu", "l12_jumprelu", "l12_mpsae", "l20_mpsae"]
 DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(60)]
 
 
@@ -36,14 +37,14 @@ def test_study_reduced(tmp_path, experiment):
     cache_activations(tiny_model("llama"), byte_tokenizer(), [SITE], cache, 1500, dataset=DOCS, context_size=32,
                       shard_tokens=500, progress=False)
     args = ["--cache", str(cache), "--layer20-cache", str(cache), "--out", str(tmp_path / "out"), "--shrink", "64",
-            "--cells", "l12_b1024", "l20_b1024", "l12_batchtopk"]
+            "--cells", *CELLS]
     res = experiment.main(args)
     assert (tmp_path / "out" / "heldout_fvu_vs_typical_mean.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == res
     assert "CACHE" in res["command"] and str(cache) not in res["command"]
     runs = res["runs"]
     cells = experiment.CELLS
-    for name in ("l12_b1024", "l20_b1024", "l12_batchtopk"):
+    for name in CELLS:
         arms = {*experiment.ARMS, *(["sparsify"] if cells[name]["sparsify"] else []), *cells[name].get("extra", [])}
         for seed in range(cells[name]["seeds"]):
             assert {r["arm"] for r in runs.values() if r["cell"] == name and r["seed"] == seed} == arms
@@ -53,6 +54,10 @@ def test_study_reduced(tmp_path, experiment):
         # without a massive row in the first batch the typical rows' mean is the plain mean
         if r["first_batch_massive_rows"] == 0:
             assert r["dist_mean_typical_mean"] == 0
+        if r["arm"] == "sparsify":
+            assert "heldout_l0" not in r
+        else:  # MP-SAE's pursuit adds at most one atom per step
+            assert 0 < r["heldout_l0"] <= (r["k"] if r["arch"] in ("topk", "batchtopk", "mpsae") else r["d_sae"])
     cell = res["summary"]["l12_b1024"]
     fvu = cell["heldout_fvu_by_seed"]
     gm = cell["vs_typical_mean"]["geometric_median"]
