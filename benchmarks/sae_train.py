@@ -415,6 +415,15 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return None
 
 
+def done_runs(path: Path, shrink: int) -> dict:
+    """The runs a study's ``results.json`` at ``path`` already holds (``{}`` when there is none), so that a rerun
+    into the same folder skips them; a file written with another ``--shrink`` is refused."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old and old.get("shrink") != shrink:
+        raise SystemExit(f"{path} was written with --shrink {old.get('shrink')}; use another --out")
+    return old.get("runs", {})
+
+
 def recorded_command(script: str, argv: list[str]) -> str:
     """The command line as recorded in a result: ``python SCRIPT ARGS``, with every cache folder (a path on the
     machine that ran it) written as its flag's name: ``--cache CACHE``, ``--tune-cache TUNE_CACHE``."""

@@ -241,10 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    if old and old.get("shrink") != args.shrink:
-        raise SystemExit(f"{path} was written with --shrink {old.get('shrink')}; use another --out")
-    runs: dict = old.get("runs", {})
+    runs = bench.done_runs(path, args.shrink)
     caches = {12: args.cache, 20: args.layer20_cache}
 
     def save() -> dict:

@@ -208,3 +208,12 @@ def test_bf16_summary_compares_the_two_rows_of_each_round(sae_train):
     assert out["final_fvu_relative_change_per_round"] == pytest.approx([0.01, -0.05])
     assert out["final_fvu_relative_change"] == pytest.approx(-0.02)
     assert (out["final_fvu_fp32"], out["final_fvu_bf16"]) == (0.30, 0.303)
+
+
+def test_done_runs_skips_what_is_there_and_refuses_another_shrink(tmp_path, sae_train):
+    path = tmp_path / "results.json"
+    assert sae_train.done_runs(path, 1) == {}
+    path.write_text('{"shrink": 4, "runs": {"cell/arm/0": {"heldout_fvu": 0.5}}}')
+    assert sae_train.done_runs(path, 4) == {"cell/arm/0": {"heldout_fvu": 0.5}}
+    with pytest.raises(SystemExit, match="written with --shrink 4; use another --out"):
+        sae_train.done_runs(path, 1)
