@@ -482,6 +482,24 @@ def worker(args) -> dict:
     return res
 
 
+def machine() -> dict:
+    """What sets this run's speeds beside the load: the CPU's vector capability as torch sees it (oneDNN's lead over
+    ``addmm`` depends on AVX-512), the CPU model, and the versions of torch and of the peers."""
+    import platform
+    from importlib import metadata
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": model or platform.processor(),
+            "versions": {d: version(d) for d in ("torch", "eai-sparsify", "sae-lens")}}
+
+
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -705,7 +723,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "target_fvu": args.target_fvu, "quick": args.quick,
               "data": "planted sparse dictionary (quick)" if args.quick else f"cache of {SITE}",
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
-              "device": args.device, "torch_threads": torch.get_num_threads(),
+              "device": args.device, "torch_threads": torch.get_num_threads(), "machine": machine(),
               "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit},
               "summary": summary, "command": recorded_command("benchmarks/sae_train.py",
                                                               sys.argv[1:] if argv is None else argv),

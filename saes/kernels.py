@@ -103,6 +103,20 @@ def _sparse_t(idx: Tensor, g: Tensor, d_sae: int) -> Tensor:
                                        (d_sae, b), check_invariants=False)
 
 
+def csr_matmul(st: Tensor, dense: Float[Tensor, "n m"], out: Tensor | None = None) -> Tensor:
+    """``st @ dense`` for a sparse CSR ``st``. On CPU as ``addmm`` with ``beta=0`` into ``out`` (a fresh
+    uninitialised tensor when None; its contents are ignored, NaN included): ``st @ dense`` there zero-fills a
+    result and copies the product into it. With freed memory kept, as the trainer keeps it (9,216 latents, 576
+    wide, k 32, random pre-activations; 2-core AMD EPYC with AVX2; median of 21 alternating calls, three runs):
+    2.3-2.8 ms against 4.5-6.1 at batch 1,024 and 9.3-14.3 against 13.6-17.7 at 4,096, the same values bit for
+    bit (``tests/saes/test_kernels.py``). ``st @ dense`` on other devices."""
+    if st.device.type != "cpu":
+        return st @ dense
+    if out is None:
+        out = torch.empty(st.shape[0], dense.shape[1], dtype=dense.dtype, device=dense.device)
+    return torch.addmm(out, st, dense, beta=0, out=out)
+
+
 class GatherPre(torch.autograd.Function):
     """``pre[b, idx[b, j]]`` where ``pre = (x - b_dec) @ W_enc + b_enc``, with a sparse backward.
 
@@ -126,7 +140,7 @@ class GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             xc = (x - b_dec) if ctx.has_b_dec else x
             st = _sparse_t(idx, g, d_sae)
-            grad_W = (st @ xc.to(W_enc.dtype)).T
+            grad_W = csr_matmul(st, xc.to(W_enc.dtype)).T
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
@@ -167,7 +181,7 @@ class BagSum(torch.autograd.Function):
                                                   check_invariants=False)
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(b, k)
         if ctx.needs_input_grad[2]:
-            grad_W = _sparse_t(idx, vals, W.shape[0]) @ g
+            grad_W = csr_matmul(_sparse_t(idx, vals, W.shape[0]), g)
         return None, grad_vals, grad_W
 
 

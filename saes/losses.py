@@ -120,14 +120,21 @@ def warmup_coeff(coeff: float, warmup_steps: int, state: TrainState) -> float:
     return coeff * min(1.0, (state.step + 1) / warmup_steps)
 
 
-def remove_parallel_grad(W_dec: Tensor) -> None:
+def remove_parallel_grad(W_dec: Tensor, unit_rows: bool = False) -> None:
     """Project out the gradient component parallel to each decoder row, so that an Adam step moves
     rows along the sphere rather than scaling them: ``grad -= (<grad, w> / <w, w>) w`` row by row, in
-    place and without a temporary of the decoder's size (each one costs page faults every step)."""
+    place and without a temporary of the decoder's size (each one costs page faults every step).
+
+    ``unit_rows``: the rows are known to have unit norm (the trainer after its first step: :func:`normalize_rows`
+    ran last), so ``<w, w>`` is taken as 1 and not computed, one pass over the decoder less; in float32 and
+    float64 only (``<w, w>`` of a row normalised there is 1 to float rounding; in lower precisions it is
+    computed all the same)."""
     if W_dec.grad is None:
         return
     with torch.no_grad():
-        coef = torch.linalg.vecdot(W_dec.grad, W_dec) / torch.linalg.vecdot(W_dec, W_dec).clamp_min(1e-24)
+        coef = torch.linalg.vecdot(W_dec.grad, W_dec)
+        if not (unit_rows and W_dec.dtype in (torch.float32, torch.float64)):
+            coef /= torch.linalg.vecdot(W_dec, W_dec).clamp_min(1e-24)
         W_dec.grad.addcmul_(W_dec, coef[:, None], value=-1)
 
 

@@ -307,7 +307,7 @@ class Trainer:
                               checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
         norm = getattr(sae, "normalize_decoder", False)
         if norm:
-            remove_parallel_grad(sae.W_dec)
+            remove_parallel_grad(sae.W_dec, unit_rows=step > 0)  # normalize_rows ran after every earlier step
         st.opt.step()
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)

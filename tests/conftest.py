@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -74,6 +76,32 @@ def byte_tokenizer():
     from interp.models import byte_tokenizer as build
 
     return build()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(120)]
+"""Short repeated documents for the tiny model's caches (any text works; this keeps the shards small)."""
+
+
+def tiny_cache(out: Path, sites, tokens: int, *, shard_tokens: int, docs=DOCS) -> Path:
+    """An activation cache of the tiny llama's ``sites`` (``tokens`` tokens, 32-token contexts) at ``out``."""
+    from interp.cache import cache_activations
+
+    cache_activations(tiny_model("llama"), byte_tokenizer(), list(sites), out, tokens, dataset=docs,
+                      context_size=32, shard_tokens=shard_tokens, progress=False)
+    return out
+
+
+def load_script(monkeypatch, path: str):
+    """A script of the repository (``experiments/x.py``, ``benchmarks/x.py``) imported as a module named after its
+    file, with the repository root on ``sys.path``; both are undone at teardown."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, mod)  # removed again at teardown
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

@@ -217,3 +217,11 @@ def test_done_runs_skips_what_is_there_and_refuses_another_shrink(tmp_path, sae_
     assert sae_train.done_runs(path, 4) == {"cell/arm/0": {"heldout_fvu": 0.5}}
     with pytest.raises(SystemExit, match="written with --shrink 4; use another --out"):
         sae_train.done_runs(path, 1)
+
+
+def test_quick_run_records_the_machine_that_sets_its_speeds(quick):
+    import torch
+
+    m = quick["machine"]
+    assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["eai-sparsify"]

@@ -5,19 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_quickstart_notebook_is_generated_from_its_script():
-    import importlib.util
-
+def test_quickstart_notebook_is_generated_from_its_script(monkeypatch):
     import nbformat
 
-    spec = importlib.util.spec_from_file_location("make_quickstart", ROOT / "experiments" / "make_quickstart.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(monkeypatch, "experiments/make_quickstart.py")
     on_disk = nbformat.read(ROOT / "experiments" / "quickstart.ipynb", as_version=4)
     assert [c.source for c in on_disk.cells] == [c.source for c in mod.build().cells], \
         "quickstart.ipynb is stale: run python experiments/make_quickstart.py"

@@ -2,40 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_script, tiny_cache
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = "blocks.1.hook_resid_post"
 CELLS = ["l12_b1024", "l20_b1024", "l12_batchtopk", "l12_relu", "l12_jumprelu", "l12_mpsae", "l20_mpsae"]
-DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(60)]
 
 
 @pytest.fixture
 def experiment(monkeypatch):
     """The script, reading the tiny model's site for both layers."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    spec = importlib.util.spec_from_file_location("sae_b_dec_init", ROOT / "experiments" / "sae_b_dec_init.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(monkeypatch, "experiments/sae_b_dec_init.py")
     monkeypatch.setattr(mod, "SITES", {12: SITE, 20: SITE})
     monkeypatch.setattr(mod.bench, "SITE", SITE)
-    yield mod
-    sys.modules.pop("sae_b_dec_init", None)
+    return mod
 
 
 def test_study_reduced(tmp_path, experiment):
-    from conftest import byte_tokenizer, tiny_model
-
-    from interp.cache import cache_activations
-
-    cache = tmp_path / "cache"
-    cache_activations(tiny_model("llama"), byte_tokenizer(), [SITE], cache, 1500, dataset=DOCS, context_size=32,
-                      shard_tokens=500, progress=False)
+    cache = tiny_cache(tmp_path / "cache", [SITE], 1500, shard_tokens=500)
     args = ["--cache", str(cache), "--layer20-cache", str(cache), "--out", str(tmp_path / "out"), "--shrink", "64",
             "--cells", *CELLS]
     res = experiment.main(args)

@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_script, tiny_cache
 
-ROOT = Path(__file__).resolve().parents[2]
 SITE = "blocks.1.hook_resid_post"
-DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(60)]
 
 
 @pytest.fixture
 def experiment(monkeypatch):
     """The script, reading the tiny model's site instead of the embedded model's layer 12."""
-    monkeypatch.syspath_prepend(str(ROOT))
-    import benchmarks.sae_train as bench
-
-    monkeypatch.setattr(bench, "SITE", SITE)
-    spec = importlib.util.spec_from_file_location("sae_init_ablation", ROOT / "experiments" / "sae_init_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("sae_init_ablation", None)
+    mod = load_script(monkeypatch, "experiments/sae_init_ablation.py")
+    monkeypatch.setattr(mod.bench, "SITE", SITE)
+    return mod
 
 
 def test_ablation_reduced(tmp_path, experiment):
-    from conftest import byte_tokenizer, tiny_model
-
-    from interp.cache import cache_activations
-
-    cache = tmp_path / "cache"
-    cache_activations(tiny_model("llama"), byte_tokenizer(), [SITE], cache, 1500, dataset=DOCS, context_size=32,
-                      shard_tokens=500, progress=False)
+    cache = tiny_cache(tmp_path / "cache", [SITE], 1500, shard_tokens=500)
     args = ["--cache", str(cache), "--out", str(tmp_path / "out"), "--shrink", "64", "--cells", "base",
             "batch1024_steps200", "archs"]
     res = experiment.main(args)

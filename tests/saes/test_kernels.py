@@ -180,3 +180,35 @@ def test_sparse_training_step_with_wide_rows_matches_dense_autograd():
         s.training_loss(x, TrainState(global_rows=128, dead_mask=dead, workspace={})).loss.backward()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_csr_matmul_equals_the_csr_product_and_ignores_what_out_held():
+    torch.manual_seed(0)
+    idx = torch.randn(64, 512).topk(8, dim=1).indices
+    st = kernels._sparse_t(idx, torch.randn(64, 8), 512)
+    dense = torch.randn(64, 24)
+    want = st @ dense
+    assert torch.equal(kernels.csr_matmul(st, dense), want)
+    garbage = torch.full((512, 24), float("nan"))  # an uninitialised output may hold anything
+    assert torch.equal(kernels.csr_matmul(st, dense, out=garbage), want)
+
+
+def test_parallel_grad_removal_with_unit_rows_matches_the_general_one():
+    from saes.losses import normalize_rows, remove_parallel_grad
+
+    torch.manual_seed(0)
+    grads = {}
+    for unit in (False, True):
+        W = torch.nn.Parameter(torch.randn(300, 40))
+        normalize_rows(W)
+        W.grad = torch.randn(300, 40)
+        remove_parallel_grad(W, unit_rows=unit)
+        grads[unit] = W.grad
+        assert torch.linalg.vecdot(W.grad, W).abs().max() < 1e-5  # what is left is orthogonal to each row
+        torch.manual_seed(0)
+    torch.testing.assert_close(grads[True], grads[False], rtol=0, atol=1e-6)
+    # rows of other norms: unit_rows=False divides by them
+    W = torch.nn.Parameter(3 * torch.randn(5, 7))
+    W.grad = torch.randn(5, 7)
+    remove_parallel_grad(W)
+    assert torch.linalg.vecdot(W.grad, W).abs().max() < 1e-4

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import load_script, tiny_cache
 
-ROOT = Path(__file__).resolve().parents[2]
 SITES = ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post")
-DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(120)]
 
 
 @pytest.fixture
 def experiment(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT))
-    spec = importlib.util.spec_from_file_location("sae_lr_rule", ROOT / "experiments" / "sae_lr_rule.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop("sae_lr_rule", None)
+    return load_script(monkeypatch, "experiments/sae_lr_rule.py")
 
 
 def test_lr_study_reduced(tmp_path, experiment, capsys):
-    from conftest import byte_tokenizer, tiny_model
-
-    from interp.cache import cache_activations
-
-    model, tok = tiny_model("llama"), byte_tokenizer()
-    caches = []
-    for site in SITES:  # one cache per site: the study reads a cache of one site
-        caches.append(tmp_path / site)
-        cache_activations(model, tok, [site], caches[-1], 3000, dataset=DOCS, context_size=32, shard_tokens=1000,
-                          progress=False)
+    # one cache per site: the study reads a cache of one site
+    caches = [tiny_cache(tmp_path / site, [site], 3000, shard_tokens=1000) for site in SITES]
     out = tmp_path / "out"
     args = ["--tune-cache", str(caches[0]), "--check-cache", str(caches[1]), "--out", str(out), "--shrink", "64",
             "--cells", "d9216_b4096_1ep", "check_d9216_b4096_1ep"]
@@ -71,13 +54,7 @@ def test_lr_study_reduced(tmp_path, experiment, capsys):
 def test_lr_study_step_and_decay_cells(tmp_path, experiment, monkeypatch):
     """A cell of a fixed step count trains that many steps whatever the cache's size, and a cell's
     ``decay_frac`` reaches the trainer's schedule (the other cells keep the trainer's)."""
-    from conftest import byte_tokenizer, tiny_model
-
-    from interp.cache import cache_activations
-
-    cache = tmp_path / "c"
-    cache_activations(tiny_model("llama"), byte_tokenizer(), [SITES[0]], cache, 3000, dataset=DOCS, context_size=32,
-                      shard_tokens=1000, progress=False)
+    cache = tiny_cache(tmp_path / "c", [SITES[0]], 3000, shard_tokens=1000)
     seen = []
     real = experiment.TrainConfig
 

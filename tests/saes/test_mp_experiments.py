@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 import saes
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def load(monkeypatch):
+    """A script of ``experiments/``, by name."""
+    return lambda name: load_script(monkeypatch, f"experiments/{name}.py")
 
 
 TINY = ["--d-model", "16", "--n-parents", "3", "--n-children", "2", "--n-singles", "4", "--d-sae", "24",
         "--k", "3", "--steps", "6", "--batch", "64"]
 
 
-def test_synthetic_reduced(tmp_path):
-    mod = _load("mp_vs_topk_synthetic")
+def test_synthetic_reduced(tmp_path, load):
+    mod = load("mp_vs_topk_synthetic")
     res = mod.main(["--out", str(tmp_path), *TINY, "--seeds", "1", "--l1-grid", "0.1", "1.0"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "recovery.png").stat().st_size > 0
@@ -46,8 +42,8 @@ def test_synthetic_reduced(tmp_path):
     assert len(relu["l1_grid"]) == 2
 
 
-def test_synthetic_grid_summary_gathers_settings(tmp_path):
-    mod = _load("mp_vs_topk_synthetic")
+def test_synthetic_grid_summary_gathers_settings(tmp_path, load):
+    mod = load("mp_vs_topk_synthetic")
     for name, extra in (("a", ["--p-child", "1.0"]), ("b", ["--p-child", "0.5", "--sibling-cos", "0.7"])):
         mod.main(["--out", str(tmp_path / name), *TINY, "--seeds", "2", "--l1-grid", "0.1", *extra])
     out = mod.main(["--out", str(tmp_path), "--grid-summary"])
@@ -66,8 +62,8 @@ def test_synthetic_grid_summary_gathers_settings(tmp_path):
     assert pooled["children_sign_test_p"] == sign_test(pooled["children_wins"], 4)
 
 
-def test_stuck_seeds_reduced(tmp_path):
-    mod = _load("mp_stuck_seeds")
+def test_stuck_seeds_reduced(tmp_path, load):
+    mod = load("mp_stuck_seeds")
     small = ["--seeds", "2", "--steps", "4", "--batch", "64"]
     rows = mod.main(["--out", str(tmp_path), "--setting", "tree_d64", *small])
     assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in mod.SETTINGS["tree_d64"]["arms"] for s in (0, 1)]
@@ -92,10 +88,10 @@ def test_stuck_seeds_reduced(tmp_path):
     assert len((tmp_path / "tree_d64" / "diagnosis.jsonl").read_text().splitlines()) == 4
 
 
-def test_planted_children_orthogonal_to_parent():
+def test_planted_children_orthogonal_to_parent(load):
     import torch
 
-    mod = _load("mp_vs_topk_synthetic")
+    mod = load("mp_vs_topk_synthetic")
     atoms, family = mod.planted_dictionary(32, 4, 3, 5, 0.7, torch.Generator().manual_seed(0))
     assert atoms.shape == (4 + 12 + 5, 32) and (family == 1).sum() == 12
     parents, children = atoms[:4], atoms[4:16].reshape(4, 3, 32)
@@ -105,8 +101,8 @@ def test_planted_children_orthogonal_to_parent():
 
 
 @pytest.mark.slow
-def test_smollm2_reduced(tmp_path):
-    mod = _load("mp_vs_topk_smollm2")
+def test_smollm2_reduced(tmp_path, load):
+    mod = load("mp_vs_topk_smollm2")
     res = mod.main(["--out", str(tmp_path), "--layer", "2", "--train-tokens", "512", "--eval-tokens", "256",
                     "--d-sae", "64", "--ks", "4", "--batch", "256"])
     assert (tmp_path / "fvu_vs_l0.png").stat().st_size > 0
@@ -116,8 +112,8 @@ def test_smollm2_reduced(tmp_path):
 
 
 @pytest.mark.slow
-def test_absorption_smollm2_reduced(tmp_path):
-    mod = _load("mp_absorption_smollm2")
+def test_absorption_smollm2_reduced(tmp_path, load):
+    mod = load("mp_absorption_smollm2")
     res = mod.main(["--out", str(tmp_path), "--layer", "2", "--train-tokens", "1024", "--eval-tokens", "256",
                     "--d-sae", "64", "--batch", "256", "--seeds", "2", "--cap", "6", "--residual-fraction", "0.6",
                     "--windows", "2", "--words-per-letter", "40", "--icl-examples", "1"])
@@ -144,13 +140,13 @@ def test_absorption_smollm2_reduced(tmp_path):
     assert more["data_fingerprint"] == res["data_fingerprint"] and len(more["summary"]["topk"]["l0"]["values"]) == 3
 
 
-def test_absorption_resume_checks(tmp_path):
+def test_absorption_resume_checks(tmp_path, load):
     """A resumed absorption study refuses other settings, another k and other data."""
     import argparse
 
     import torch
 
-    mod = _load("mp_absorption_smollm2")
+    mod = load("mp_absorption_smollm2")
     settings = {key: 1 for key in mod.RUN_SETTINGS}
     data = {"captured rows": mod.fingerprint(torch.arange(6.0)), "word activations": "abc"}
     recorded = {"args": settings, "data_fingerprint": data,
