@@ -645,7 +645,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     rows = {lib: {**sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2],
                   "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                   "tokens_per_s_all_repeats": [r["tokens_per_s"] for r in rs],
-                  "final_fvu_all_repeats": [r["final_fvu"] for r in rs], "seed_all_repeats": [r["seed"] for r in rs],
+                  "final_fvu_all_repeats": [r["final_fvu"] for r in rs],
+                  "final_fvu_typical_all_repeats": [r.get("final_fvu_typical") for r in rs],
+                  "seed_all_repeats": [r["seed"] for r in rs],
                   **({"fvu_curve_all_repeats": [r["fvu_curve"] for r in rs]} if args.eval_every else {})}
             for lib, rs in runs.items()}
     limit = fastest(_mean_of(lim_before, lim_after))

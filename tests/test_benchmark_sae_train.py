@@ -106,6 +106,9 @@ def test_quick_run_records_a_curve_per_library_ending_at_the_final_fvu(quick):
             assert seconds[0] == 0.0 and all(a <= b for a, b in zip(seconds, seconds[1:])), (lib, seconds)
             assert all(math.isfinite(p["heldout_fvu"]) and p["heldout_fvu"] > 0 for p in pts), (lib, pts)
         assert row["fvu_curve"][-1]["heldout_fvu"] == row["final_fvu"]
+        # the FVU without massive held-out rows, every repeat: one such row can rule the all-rows figure
+        assert len(row["final_fvu_typical_all_repeats"]) == len(row["final_fvu_all_repeats"])
+        assert row["final_fvu_typical"] in row["final_fvu_typical_all_repeats"]
         assert row["fvu_curve"][-1]["train_seconds"] == row["train_seconds"] and row["eval_seconds_excluded"] > 0
 
 
