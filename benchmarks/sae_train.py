@@ -494,8 +494,11 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").exists() else None
+    try:  # Linux; elsewhere platform's own name
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = None
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": model or platform.processor(),
             "versions": {d: version(d) for d in ("torch", "eai-sparsify", "sae-lens")}}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import byte_tokenizer, tiny_model
+from conftest import DOCS, tiny_cache
 
 from interp.cli import main
 from interp.errors import InterpError
@@ -18,17 +18,13 @@ from interp.folders import TMP_PREFIX
 from tests.bad_inputs import SITE, cases
 
 CASES = cases()
-DOCS = [f"Document {i}: the quick brown fox jumps over the lazy dog on day {i}. " * 3 for i in range(40)]
 _BAR = re.compile(r"\d+%\||\[\d+:\d+(<|,)|^\s*$")  # tqdm: "40%|####", "[00:01<00:02", "[00:00, ?"
 
 
 @pytest.fixture(scope="session")
 def env(tiny_dir, text_file, tmp_path_factory):
-    from interp.cache import cache_activations
-
-    cache = tmp_path_factory.mktemp("bad-input-cache") / "cache"
-    cache_activations(tiny_model("llama"), byte_tokenizer(), [SITE], cache, 600, dataset=DOCS, context_size=32,
-                      shard_tokens=200, progress=False)
+    cache = tiny_cache(tmp_path_factory.mktemp("bad-input-cache") / "cache", [SITE], 600, shard_tokens=200,
+                       docs=DOCS[:40])
     return SimpleNamespace(model=Path(tiny_dir), cache=cache, text=Path(text_file))
 
 
