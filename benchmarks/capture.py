@@ -19,7 +19,8 @@ modify it in place), so the all-30 row includes those copies; its target stays <
 its quality against the fp32 model on the same tokens: per layer, the relative error
 ``||a_bf16 - a_fp32|| / ||a_fp32||`` over all kept positions, and the median and 99th percentile of
 the per-row relative errors over positions after the first (position 0 is an attention sink whose
-large norm dominates any whole-tensor norm) (``bf16_quality``).
+large norm dominates any whole-tensor norm) (``bf16_quality``). Where bf16 matrix products take torch's slow
+path (a CPU without bf16 units: :mod:`interp.precision`) the row is left out and ``bf16_skipped`` says why.
 
 ``--device cuda`` times on the GPU (each call synchronised); ``--quick --model DIR`` runs a tiny model
 with tiny sizes: the code path only.
@@ -32,12 +33,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from interp import capture, load_model
+from interp import capture, load_model, precision
 from interp.models import _ALIASES, _embedded_copy
 
 
@@ -103,7 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {"bare HF forward": bare, "bare backbone forward (no lm_head)": backbone,
             "HF output_hidden_states=True": hidden_states, all_row: ours_all, one_row: ours_layer6}
     quality = None
-    if args.bf16:
+    bf16_skipped = None if args.quick or not args.bf16 else precision.skip_reason(args.device, "--bf16 row")
+    if bf16_skipped:
+        print(bf16_skipped, file=sys.stderr, flush=True)
+    if args.bf16 and not bf16_skipped:
         low_model, _ = load_model(args.model, device=args.device, dtype="bfloat16")
         low_row = f"interp.capture, all {n_layers} resid_post, bf16 model"
         rows[low_row] = lambda: capture(low_model, ids, all_sites)
@@ -172,8 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
         if k != "out" and v is not False),
         "model": ("smollm2-135m (GGUF Q4_1 dequantized to fp32)" if args.model.lower() in _ALIASES else args.model),
         "quick": args.quick, "batch": args.batch, "seq": args.seq,
-        "device": args.device, "dtype": "float32" + (" (and a bf16 copy: the bf16 row)" if args.bf16 else ""),
-        "bf16_quality": quality, "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "dtype": "float32" + (" (and a bf16 copy: the bf16 row)" if quality is not None else ""),
+        "bf16_quality": quality, **({"bf16_skipped": bf16_skipped} if bf16_skipped else {}),
+        "torch_threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(), "repeats": args.repeats,
         "rows": table, "targets_met": checks,
         "rounds_s": {k: [round(t, 4) for t in v] for k, v in times.items()},

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import save_file
 
+from interp import precision
 from interp.errors import ModelLoadError
 from interp.folders import folder_lock, remove_temps, temp_name
 
@@ -181,6 +182,9 @@ def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | Non
             raise ModelLoadError(f"dtype must be a torch dtype or its name ('float32', 'bfloat16'); got {dtype!r}")
     dtype = dtype or torch.float32
     dev = resolve_device(device)
+    if dtype in (torch.bfloat16, torch.float16):
+        precision.warn_if_slow(dev, f"the model {name_or_path!r}", "load it in float32 on this machine (the default; "
+                               "interp capture: drop --model-dtype)", dtype=dtype)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ModelLoadError(f"load_model takes a model name or a folder path, got {type(name_or_path).__name__}")
     name_or_path = os.fspath(name_or_path)

@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from interp import precision
 from interp.deprecation import renamed_fields
 from saes import mp_pursuit
 from saes.base import SAE, SAEConfig, SAEError, SaeOutput, register
@@ -230,6 +231,8 @@ class MPSAE(SAE):
             with torch.no_grad():
                 a = atoms.detach()
                 if self.training and self.cfg.train_gram_dtype == "bfloat16":
+                    precision.warn_if_slow(a.device, "the MP-SAE training Gram matrix (train_gram_dtype='bfloat16')",
+                                           "build it in float32 on this machine (train_gram_dtype='float32')")
                     a = a.to(torch.bfloat16)
                 self._gram = (a @ a.T).to(atoms.dtype)
             self._gram_key = key
@@ -264,6 +267,9 @@ class MPSAE(SAE):
         low = self.selects_in_bf16(xc.device.type)
         x_sel, a_sel = xc.detach(), atoms.detach()
         if low:
+            precision.warn_if_slow(xc.device, "the MP-SAE pursuit's selection (pursuit_dtype='bfloat16' or a bf16 "
+                                   "autocast region)", "select in float32 on this machine (pursuit_dtype='float32', "
+                                   "no bf16 autocast; interp sae train: drop --bf16)")
             x_sel, a_sel = x_sel.to(torch.bfloat16), a_sel.to(torch.bfloat16)
         with torch.autocast(xc.device.type, enabled=False):  # the selection runs in the dtype chosen here
             sel = mp_pursuit.select(

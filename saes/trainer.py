@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from interp import precision
 from interp.atomic import write_json
 from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
@@ -239,6 +240,10 @@ class Trainer:
         bar = tqdm(total=cfg.total_steps, initial=step, disable=not cfg.progress or self.rank != 0, desc="sae train")
         autocast = (torch.autocast(next(iter(self.saes.values())).device.type, dtype=torch.bfloat16)
                     if cfg.bf16 else contextlib.nullcontext())
+        if cfg.bf16:
+            for dev in {sae.device for sae in self.saes.values()}:
+                precision.warn_if_slow(dev, "SAE training with bf16=True (autocast of the SAE forward)",
+                                       "train in float32 on this machine (bf16=False; interp sae train: drop --bf16)")
         try:
             while step < cfg.total_steps:
                 try:
