@@ -4,8 +4,8 @@ Two pieces of the sparse TopK step (:mod:`saes.kernels`) are timed beside torch'
 
 * ``topk_indices`` (the two-level top-k) against ``Tensor.topk``, on the encoder pre-activations of a batch;
 * :class:`saes.kernels.BagSum` forward + backward (CSR product and ``sampled_addmm``) against
-  ``F.embedding_bag``'s (``trainer_uses_bag_sum``: whether the step takes it at this size, by
-  ``saes.kernels.BAG_SUM_MIN_ENTRIES_PER_LATENT``).
+  ``F.embedding_bag``'s (``trainer_uses_bag_sum``: whether the step takes it, by
+  ``saes.kernels.bag_sum_applies``).
 
 Both are measured for a freshly initialised SAE and after training it (``--steps`` trainer steps on the same
 cache), since which latents fire, and so the layout of the sparse products, changes as an SAE trains. Each
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from sae_train import load_batches, recorded_command
+from sae_train import load_batches, machine, recorded_command
 
 RESULTS = Path(__file__).parent / "results" / "sae_kernels.json"
 SETTINGS = ((4096, 9216, 32, 50), (1024, 9216, 32, 200), (1024, 36864, 64, 200))
@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({key: (round(v["speedup"], 3) if isinstance(v, dict) else v) for key, v in row.items()}),
                   flush=True)
     result = {"benchmark": "sae_kernels", "quick": args.quick, "dtype": "float32", "device": "cpu",
-              "torch_threads": args.threads, "rounds": args.rounds, "calls_per_round": args.calls, "rows": rows,
+              "torch_threads": args.threads, "machine": machine(), "rounds": args.rounds,
+              "calls_per_round": args.calls, "rows": rows,
               "command": recorded_command("benchmarks/sae_kernels.py", sys.argv[1:] if argv is None else argv),
               "load_average_before_after": [list(load_before), list(os.getloadavg())]}
     out = Path(args.out)

@@ -34,7 +34,10 @@ at which its curve first reaches FVU <= target, linear in time between the two p
 crossing (0 when the first point is there already, None when no point is), and ``time_to_target_vs_sparsify``
 the median over rounds of our per-round time divided by sparsify's (< 1: we get there first; None unless every
 round reached it). The intermediate points see one held-out batch, the last one all of them: a curve is only
-as smooth as that batch.
+as smooth as that batch. Each point also carries ``heldout_fvu_typical``, the FVU over the held-out rows that
+are not massive activations, and ``summary.time_to_target_typical`` (with ``time_to_target_typical_vs_sparsify``)
+is the same on those: sparsify's final typical-row FVU as the target, typical-row curves. A single massive
+held-out row can rule the FVU over every row, and so the all-rows target.
 
     python benchmarks/sae_train.py --cache DIR --steps 200 --eval-every 20 --libraries interp sparsify saelens
 
@@ -54,7 +57,9 @@ its SAE forward, on the same batches with the same budget (weights and Adam stay
 and ``sparsify-bf16`` (its step under ``torch.autocast``; on CUDA sparsify's ``SparseCoder.forward``
 is decorated with bf16 autocast, so its plain row is bf16 there too). ``summary.bf16`` gives, per
 library, the median per-round ratio of bf16 to fp32 tokens/s and the relative change of the final
-held-out FVU (measured in fp32), and ``speedup_bf16_vs_<peer>_bf16`` compares the bf16 rows:
+held-out FVU (measured in fp32), and ``speedup_bf16_vs_<peer>_bf16`` compares the bf16 rows. Where bf16
+matrix products take torch's slow path (a CPU without bf16 units, :mod:`interp.precision`) the bf16 rows are
+left out and ``bf16_skipped`` says why:
 
     python benchmarks/sae_train.py --cache DIR --steps 40 --bf16
 
@@ -200,16 +205,17 @@ class Timer:
         if self.every and self._recon is not None and step < self.steps and step % self.every == 0:
             start = time.perf_counter()
             self._around[0]()
-            self.record(step, heldout_fvu(self._sae, self._recon, self.held))
+            self.record(step, **heldout_report(self._sae, self._recon, self.held))
             self._around[1]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.eval_seconds += time.perf_counter() - start
 
-    def record(self, step: int, fvu: float) -> None:
-        """A curve point: ``fvu`` measured before step ``step`` (``step == steps``: after the last one)."""
+    def record(self, step: int, fvu: float, fvu_typical: float | None = None) -> None:
+        """A curve point: ``fvu`` measured before step ``step`` (``step == steps``: after the last one), and
+        ``fvu_typical``, the FVU over the rows that are not massive activations, when given."""
         self.curve.append({"step": step, "tokens": step * self.batch, "train_seconds": self.t[step] - self.t[0],
-                           "heldout_fvu": fvu})
+                           "heldout_fvu": fvu, **({} if fvu_typical is None else {"heldout_fvu_typical": fvu_typical})})
 
 
 def run_ours(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False, guard: str = "loss"):
@@ -387,26 +393,34 @@ def final_fvu(recon, held_out) -> float:
     return final_report(recon, held_out)["fvu"]
 
 
-def heldout_fvu(sae: torch.nn.Module, recon, held_out) -> float:
-    """:func:`final_fvu` of ``sae`` as it stands mid-training: in eval mode (its mode is restored after) and
-    in fp32 (autocast off)."""
+def heldout_report(sae: torch.nn.Module, recon, held_out) -> dict:
+    """``{"fvu", "fvu_typical"}`` of :func:`final_report` for ``sae`` as it stands mid-training: in eval mode (its
+    mode is restored after) and in fp32 (autocast off)."""
     was = sae.training
     sae.eval()
     try:
         with torch.autocast(held_out[0].device.type, enabled=False):
-            return final_fvu(recon, held_out)
+            r = final_report(recon, held_out)
+        return {"fvu": r["fvu"], "fvu_typical": r["fvu_typical"]}
     finally:
         sae.train(was)
 
 
-def time_to_target(curve: list[dict], target: float) -> float | None:
-    """Training seconds at which ``curve`` (points ``{"train_seconds", "heldout_fvu"}`` in step order) first
-    reaches a held-out FVU <= ``target``: linear in time between the last point above the target and the first
-    at or below it; the first point's time (0 at step 0) when it is already there; None when no point is.
-    A non-finite point never reaches the target, and a crossing right after one is put at the crossing point."""
+def heldout_fvu(sae: torch.nn.Module, recon, held_out) -> float:
+    """:func:`heldout_report`'s FVU over every row."""
+    return heldout_report(sae, recon, held_out)["fvu"]
+
+
+def time_to_target(curve: list[dict], target: float, key: str = "heldout_fvu") -> float | None:
+    """Training seconds at which ``curve`` (points ``{"train_seconds", key}`` in step order; ``key`` is
+    ``"heldout_fvu"`` or ``"heldout_fvu_typical"``) first reaches a held-out FVU <= ``target``: linear in time
+    between the last point above the target and the first at or below it; the first point's time (0 at step 0)
+    when it is already there; None when no point is. A non-finite or missing point never reaches the target,
+    and a crossing right after one is put at the crossing point."""
     before = None
     for point in curve:
-        t, fvu = point["train_seconds"], point["heldout_fvu"]
+        t, fvu = point["train_seconds"], point.get(key)
+        fvu = math.nan if fvu is None else fvu
         if fvu <= target:
             if before is None or not math.isfinite(before[1]):
                 return t
@@ -474,7 +488,7 @@ def worker(args) -> dict:
            "peak_rss_over_data_mb": peak - rss0, "lr": timer.lr_used or lr, "distinct_training_rows": pool_rows,
            "held_out_rows": sum(x.shape[0] for x in held)}
     if every:
-        timer.record(args.steps, fvu)  # after the last step, on every held-out batch
+        timer.record(args.steps, fvu, report["fvu_typical"])  # after the last step, on every held-out batch
         res.update(eval_every=every, eval_seconds_excluded=timer.eval_seconds, fvu_curve=timer.curve)
     if str(args.device).startswith("cuda"):
         res["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -613,7 +627,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.worker:
         return worker(args)
     libraries = list(args.libraries)
-    if args.bf16:
+    bf16_skipped = slow_bf16(args)
+    if bf16_skipped:
+        print(bf16_skipped, file=sys.stderr, flush=True)
+    elif args.bf16:
         libraries += [BF16[lib] for lib in args.libraries if lib in BF16 and BF16[lib] not in libraries]
     runs: dict[str, list[dict]] = {lib: [] for lib in libraries}
     load_before = list(os.getloadavg())
@@ -697,11 +714,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if len(set(args.seeds)) > 1:
         summary["fvu_over_seeds"] = seed_summary(runs)
         print(json.dumps({"fvu_over_seeds": summary["fvu_over_seeds"]["vs_interp"]}, indent=1))
-    reach = target_summary(runs, args.target_fvu) if args.eval_every else {}
-    if reach:
-        summary["time_to_target"] = reach
+    for typical in (False, True):  # every held-out row, then the typical rows (no massive activations)
+        reach = target_summary(runs, args.target_fvu, typical=typical) if args.eval_every else {}
+        if not reach:
+            continue
+        name = "time_to_target" + ("_typical" if typical else "")
+        summary[name] = reach
         if "interp" in reach["libraries"] and "sparsify" in runs:
-            summary["time_to_target_vs_sparsify"] = reach["libraries"]["interp"]["vs_sparsify"]
+            summary[f"{name}_vs_sparsify"] = reach["libraries"]["interp"]["vs_sparsify"]
         print(f"training seconds to held-out FVU <= {reach['target_fvu_per_round']} ({reach['target']}):")
         for lib, r in reach["libraries"].items():
             got = "not reached in every round" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.3g}"
@@ -729,6 +749,7 @@ def main(argv: list[str] | None = None) -> dict | None:
               "data": "planted sparse dictionary (quick)" if args.quick else f"cache of {SITE}",
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
               "device": args.device, "torch_threads": torch.get_num_threads(), "machine": machine(),
+              **({"bf16_skipped": bf16_skipped} if bf16_skipped else {}),
               "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit},
               "summary": summary, "command": recorded_command("benchmarks/sae_train.py",
                                                               sys.argv[1:] if argv is None else argv),
@@ -744,23 +765,42 @@ def main(argv: list[str] | None = None) -> dict | None:
     return result
 
 
+def slow_bf16(args: argparse.Namespace) -> str | None:
+    """Why the ``--bf16`` rows are left out, or None: on a device where bf16 matrix products take the slow path
+    (:func:`interp.precision.skip_reason`; on an AVX2-only CPU ~130x float32's time at these sizes). ``--quick``
+    sizes run them anyway."""
+    from interp import precision
+
+    if not args.bf16 or args.quick:
+        return None
+    return precision.skip_reason(args.device, "--bf16 rows")
+
+
 def _median(values: list) -> float | None:
     """Median over rounds; None unless every round has a value."""
     return None if not values or any(v is None for v in values) else statistics.median(values)
 
 
-def target_summary(runs: dict[str, list[dict]], target_fvu: float | None, reference: str = "sparsify") -> dict:
+def target_summary(runs: dict[str, list[dict]], target_fvu: float | None, reference: str = "sparsify",
+                   typical: bool = False) -> dict:
     """Per round, the target (``target_fvu``, else ``reference``'s final held-out FVU of that round) and each
     library's :func:`time_to_target` on its curve; per library the median over rounds of its time and of its
     per-round ratio to ``reference``'s time (None unless every round has one). Empty without ``reference`` and
-    ``target_fvu``."""
+    ``target_fvu``. ``typical``: the FVU over the held-out rows that are not massive activations, for the
+    curves and the reference's final FVU alike (one massive row can rule the FVU over every row)."""
     n_rounds = min(len(rs) for rs in runs.values())
     if target_fvu is None and reference not in runs:
         return {}
-    targets = [target_fvu if target_fvu is not None else runs[reference][i]["final_fvu"] for i in range(n_rounds)]
-    times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i]) for i in range(n_rounds)] for lib, rs in runs.items()}
-    said = "--target-fvu" if target_fvu is not None else f"{reference}'s final held-out FVU in the same round"
-    out = {"target_fvu_per_round": targets, "target": said,
+    final, key = ("final_fvu_typical", "heldout_fvu_typical") if typical else ("final_fvu", "heldout_fvu")
+    targets = [target_fvu if target_fvu is not None else runs[reference][i].get(final) for i in range(n_rounds)]
+    if any(t is None for t in targets):
+        return {}
+    times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i], key) for i in range(n_rounds)]
+             for lib, rs in runs.items()}
+    rows = "the typical rows' " if typical else ""
+    said = "--target-fvu" if target_fvu is not None else f"{reference}'s final held-out FVU ({rows or 'every row'}) " \
+        "in the same round"
+    out = {"target_fvu_per_round": targets, "target": said, "rows": "typical" if typical else "all",
            "libraries": {}}
     key = "vs_" + reference.replace("-", "_")
     for lib, ts in times.items():

@@ -11,9 +11,9 @@ the selected entries:
   computed as a sparse-dense product (``batch * k * d_model`` multiply-adds, not
   ``batch * d_sae * d_model``).
 
-Decoding is ``embedding_bag(idx, W_dec, per_sample_weights=vals)``, a gather-sum (:func:`bag_sum`: where
-latents fire often within a batch its backward is a CSR product for ``W_dec`` and a ``sampled_addmm`` for
-the values). The top ``k`` come from :func:`topk_indices`, exact, in two levels on CPU.
+Decoding is ``embedding_bag(idx, W_dec, per_sample_weights=vals)``, a gather-sum (:func:`bag_sum`: on CPU
+in float32 its backward is a CSR product for ``W_dec`` and a ``sampled_addmm`` for the values). The top ``k``
+come from :func:`topk_indices`, exact, in two levels on CPU.
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ class BagSum(torch.autograd.Function):
 
     ``grad W = S^T g`` as a CSR-dense product (``S`` the sparse ``[batch, d_sae]`` matrix of ``vals``) and
     ``grad vals[b, j] = <g[b], W[idx[b, j]]>`` by ``torch.sparse.sampled_addmm`` on the pattern of ``idx``.
-    Equal to ``embedding_bag``'s gradients to float rounding (``tests/saes/test_kernels.py``). Faster only
-    where latents fire often within a batch (see :data:`BAG_SUM_MIN_ENTRIES_PER_LATENT`)."""
+    Equal to ``embedding_bag``'s gradients to float rounding (``tests/saes/test_kernels.py``); faster on CPU
+    (see :func:`bag_sum_applies`)."""
 
     @staticmethod
     def forward(ctx, idx, vals, W):  # noqa: D102
@@ -185,19 +185,18 @@ class BagSum(torch.autograd.Function):
         return None, grad_vals, grad_W
 
 
-BAG_SUM_MIN_ENTRIES_PER_LATENT = 8
-""":func:`bag_sum` uses :class:`BagSum` from ``batch * k / d_sae`` entries per latent up. Forward + backward
-against ``embedding_bag``'s on the layer-12 cache (``benchmarks/sae_kernels.py``, 2-core AMD EPYC, a fresh
-SAE / one trained 50-200 steps): 1.21x / 1.54x at 14 entries per latent (batch 4,096, 9,216 latents, k 32);
-0.87x / 1.18x at 3.6 (batch 1,024); 0.80x / 1.02x at 1.8 (batch 1,024, 36,864 latents, k 64). An earlier pass
-gave 1.24x / 1.08x, 0.67x / 0.99x and 0.77x / 1.04x: slower on a fresh SAE at 3.6 both times."""
-
-
 def bag_sum_applies(idx: Int[Tensor, "batch k"], W: Float[Tensor, "d_sae d_model"]) -> bool:
-    """Whether :func:`bag_sum` takes :class:`BagSum`: float32 on CPU with at least
-    :data:`BAG_SUM_MIN_ENTRIES_PER_LATENT` entries per latent."""
-    return (W.device.type == "cpu" and W.dtype == torch.float32
-            and idx.numel() >= BAG_SUM_MIN_ENTRIES_PER_LATENT * W.shape[0])
+    """Whether :func:`bag_sum` takes :class:`BagSum`: float32 on CPU.
+
+    Forward + backward against ``embedding_bag``'s, since the CSR products go through :func:`csr_matmul`
+    (``benchmarks/sae_kernels.py`` on the layer-12 cache, freed memory kept as in the trainer; 2-core AMD EPYC
+    with AVX2; a fresh SAE / one trained 50-200 steps; ``experiments/README.md``, SAE training run 11):
+    1.20x / 1.39x at 14 entries per latent (batch 4,096, 9,216 latents, k 32), 1.16x / 1.21x at 3.6 (batch
+    1,024) and 1.22x / 1.26x at 1.8 (batch 1,024, 36,864 latents, k 64), 1.19-1.40x in a first pass; on random
+    rows 1.20-1.34x from 0.22 to 3.6 entries per latent. Before :func:`csr_matmul`, on an AVX-512 AMD EPYC, it
+    lost below 8 entries per latent on a fresh SAE (0.87x at 3.6, 0.80x at 1.8), and the step took it only from 8
+    up; that CPU was not measured again."""
+    return W.device.type == "cpu" and W.dtype == torch.float32
 
 
 def bag_sum(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"],

@@ -70,6 +70,29 @@ def test_target_summary_takes_sparsify_per_round_and_medians_of_per_round_ratios
     fixed = sae_train.target_summary(runs, 0.6)
     assert fixed["target_fvu_per_round"] == [0.6, 0.6] and fixed["libraries"]["saelens"]["rounds_reached"] == 2
     assert sae_train.target_summary({"interp": runs["interp"]}, None) == {}  # no sparsify, no target: nothing
+    assert out["rows"] == "all"
+
+
+def test_typical_target_reads_the_typical_rows_of_the_reference_and_of_every_curve(sae_train):
+    """One massive held-out row can rule the FVU over every row: the typical-row target leaves it out on both
+    sides (the reference's final FVU and each curve)."""
+    def run(final, final_typical, points):
+        return {"final_fvu": final, "final_fvu_typical": final_typical,
+                "fvu_curve": [{"train_seconds": t, "heldout_fvu": f, "heldout_fvu_typical": ft} for t, f, ft in points]}
+
+    runs = {"sparsify": [run(0.65, 0.46, [(0, 1.0, 1.0), (10, 0.65, 0.46)])],
+            "interp": [run(0.40, 0.47, [(0, 1.0, 1.0), (1, 0.40, 0.50), (3, 0.39, 0.45)])]}
+    every = sae_train.target_summary(runs, None)
+    assert every["libraries"]["interp"]["time_to_target_s_per_round"] == [pytest.approx(1 * 0.35 / 0.6)]
+    typical = sae_train.target_summary(runs, None, typical=True)
+    assert typical["rows"] == "typical" and typical["target_fvu_per_round"] == [0.46]
+    assert typical["libraries"]["interp"]["time_to_target_s_per_round"] == [pytest.approx(1 + 2 * 0.04 / 0.05)]
+    assert typical["libraries"]["interp"]["vs_sparsify"] == pytest.approx((1 + 2 * 0.04 / 0.05) / 10)
+    # curves without the typical figure (older results) reach nothing, rather than reading the all-rows one
+    old = {lib: [{**r, "fvu_curve": [{k: v for k, v in p.items() if k != "heldout_fvu_typical"}
+                                     for p in r["fvu_curve"]]} for r in rs] for lib, rs in runs.items()}
+    assert sae_train.target_summary(old, None, typical=True)["libraries"]["interp"]["rounds_reached"] == 0
+    assert sae_train.target_summary({"sparsify": [{"final_fvu": 0.5, "fvu_curve": []}]}, None, typical=True) == {}
 
 
 def test_timer_takes_evaluation_time_off_the_training_clock(sae_train, monkeypatch):
@@ -78,9 +101,9 @@ def test_timer_takes_evaluation_time_off_the_training_clock(sae_train, monkeypat
 
     def slow_eval(sae, recon, held):  # each evaluation "takes" 100 s
         clock[0] += 100.0
-        return 0.5
+        return {"fvu": 0.5, "fvu_typical": 0.4}
 
-    monkeypatch.setattr(sae_train, "heldout_fvu", slow_eval)
+    monkeypatch.setattr(sae_train, "heldout_report", slow_eval)
     timer = sae_train.Timer(steps=5, every=2, held=[None], batch=8)
     timer.watch(None, lambda x: x)
     for _ in range(5):
@@ -90,6 +113,7 @@ def test_timer_takes_evaluation_time_off_the_training_clock(sae_train, monkeypat
     assert [p["step"] for p in timer.curve] == [0, 2, 4]
     assert [p["train_seconds"] for p in timer.curve] == [0.0, 2.0, 4.0]
     assert [p["tokens"] for p in timer.curve] == [0, 16, 32]
+    assert [(p["heldout_fvu"], p["heldout_fvu_typical"]) for p in timer.curve] == [(0.5, 0.4)] * 3
     assert timer.t[-1] - timer.t[0] == 5.0 and timer.eval_seconds == 300.0
 
 
@@ -127,6 +151,13 @@ def test_quick_run_summary_times_each_library_to_sparsify_final_fvu(sae_train, q
         assert quick["summary"]["time_to_target_vs_sparsify"] is None
     else:
         assert quick["summary"]["time_to_target_vs_sparsify"] == pytest.approx(ours / spars)
+    typical = quick["summary"]["time_to_target_typical"]
+    assert typical["rows"] == "typical"
+    assert typical["target_fvu_per_round"] == [quick["results"]["sparsify"]["final_fvu_typical"]]
+    for lib in LIBRARIES:
+        pts = quick["results"][lib]["fvu_curve"]
+        assert all(math.isfinite(p["heldout_fvu_typical"]) for p in pts)
+        assert pts[-1]["heldout_fvu_typical"] == quick["results"][lib]["final_fvu_typical"]
 
 
 def test_curve_leaves_training_alone_and_follows_eval_every_and_target(sae_train, quick, tmp_path):
@@ -228,3 +259,16 @@ def test_quick_run_records_the_machine_that_sets_its_speeds(quick):
     m = quick["machine"]
     assert m["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert m["versions"]["torch"] == torch.__version__ and m["versions"]["eai-sparsify"]
+
+
+def test_bf16_rows_are_left_out_with_the_reason_where_bf16_products_are_slow(sae_train, monkeypatch):
+    from interp import precision
+
+    args = argparse.Namespace(bf16=True, quick=False, device="cpu")
+    monkeypatch.setattr(precision, "matmul_slowdown", lambda kind, dtype: 50.0)
+    why = sae_train.slow_bf16(args)
+    assert why.startswith("--bf16 rows left out") and "50x" in why
+    assert sae_train.slow_bf16(argparse.Namespace(bf16=True, quick=True, device="cpu")) is None  # tiny sizes run
+    assert sae_train.slow_bf16(argparse.Namespace(bf16=False, quick=False, device="cpu")) is None
+    monkeypatch.setattr(precision, "matmul_slowdown", lambda kind, dtype: 0.7)
+    assert sae_train.slow_bf16(args) is None
