@@ -30,7 +30,9 @@ bf16 rows (ours): encode with ``pursuit_dtype="bfloat16"`` (the selection in bf1
 the chosen atoms recomputed in fp32), warm, with its quality against the fp32 encode on the same
 rows and dictionary (FVU of both, its relative change, the fraction of rows with the same support;
 random data and a random dictionary, so the FVU itself is high and only the change means much); and
-a training step under bf16 autocast (``TrainConfig(bf16=True)`` selects in bf16 too).
+a training step under bf16 autocast (``TrainConfig(bf16=True)`` selects in bf16 too). Where bf16 matrix
+products take torch's slow path (a CPU without bf16 units: :mod:`interp.precision`) these rows are left out and
+``config.bf16_skipped`` says why (``--quick`` runs them anyway).
 
 ``--device cuda`` runs every implementation on the GPU (timings synchronised); ``--quick`` uses tiny
 sizes (the code path only).
@@ -53,6 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import saes.mp  # noqa: E402,F401 - registers mpsae
+from interp import precision  # noqa: E402
 from saes.base import build  # noqa: E402
 from saes.losses import normalize_rows, remove_parallel_grad  # noqa: E402
 
@@ -169,29 +172,33 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = timed(our_step, a.reps)
     mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
     add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
-    fast = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, train_gram_dtype="bfloat16").to(dev)
-    fast.load_state_dict(ours.state_dict())
-    fast_step = train_step(fast)
-    t_train_bf16 = timed(fast_step, a.reps)
-    add("ours train step, train_gram_dtype=bfloat16", seconds=t_train_bf16)
-    auto = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps).to(dev)
-    auto.load_state_dict(ours.state_dict())
-    auto_step = train_step(auto, bf16=True)
-    auto_step()
-    t_train_autocast = timed(auto_step, a.reps)
-    add("ours train step, bf16 autocast (TrainConfig(bf16=True))", seconds=t_train_autocast)
-    ours.eval()
-    low = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, pursuit_dtype="bfloat16").to(dev).eval()
-    low.load_state_dict(ours.state_dict())
-    low.encode(x)  # the bf16 Gram matrix is cached, as for the warm fp32 row
-    t_low = timed(lambda: low.encode(x), a.reps)
-    r32, r16 = ours.pursue(x), low.pursue(x)
-    total = (x - x.mean(0)).pow(2).sum()
-    fvu32, fvu16 = float((x - r32.x_hat).pow(2).sum() / total), float((x - r16.x_hat).pow(2).sum() / total)
-    add("ours encode warm, pursuit_dtype=bfloat16", tokens_per_s=B / t_low, seconds=t_low, fvu_fp32=fvu32,
-        fvu_bf16=fvu16, fvu_relative_change=(fvu16 - fvu32) / fvu32,
-        same_support_frac=((r32.codes != 0) == (r16.codes != 0)).all(1).float().mean().item())
-    ours.train()
+    bf16_skipped = None if a.quick else precision.skip_reason(dev, "the bf16 rows")
+    if bf16_skipped:
+        print(bf16_skipped, file=sys.stderr, flush=True)
+    else:
+        fast = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, train_gram_dtype="bfloat16").to(dev)
+        fast.load_state_dict(ours.state_dict())
+        fast_step = train_step(fast)
+        t_train_bf16 = timed(fast_step, a.reps)
+        add("ours train step, train_gram_dtype=bfloat16", seconds=t_train_bf16)
+        auto = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps).to(dev)
+        auto.load_state_dict(ours.state_dict())
+        auto_step = train_step(auto, bf16=True)
+        auto_step()
+        t_train_autocast = timed(auto_step, a.reps)
+        add("ours train step, bf16 autocast (TrainConfig(bf16=True))", seconds=t_train_autocast)
+        ours.eval()
+        low = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, pursuit_dtype="bfloat16").to(dev).eval()
+        low.load_state_dict(ours.state_dict())
+        low.encode(x)  # the bf16 Gram matrix is cached, as for the warm fp32 row
+        t_low = timed(lambda: low.encode(x), a.reps)
+        r32, r16 = ours.pursue(x), low.pursue(x)
+        total = (x - x.mean(0)).pow(2).sum()
+        fvu32, fvu16 = float((x - r32.x_hat).pow(2).sum() / total), float((x - r16.x_hat).pow(2).sum() / total)
+        add("ours encode warm, pursuit_dtype=bfloat16", tokens_per_s=B / t_low, seconds=t_low, fvu_fp32=fvu32,
+            fvu_bf16=fvu16, fvu_relative_change=(fvu16 - fvu32) / fvu32,
+            same_support_frac=((r32.codes != 0) == (r16.codes != 0)).all(1).float().mean().item())
+        ours.train()
 
     # ---------------------------------------------------------------- SAELens
     sl_row = {}
@@ -278,11 +285,13 @@ def main(argv: list[str] | None = None) -> dict:
     if peers:
         speedup = {"encode_vs_faster_peer_warm": min(r["encode"] for r in peers) / warm,
                    "encode_vs_faster_peer_cold": min(r["encode"] for r in peers) / cold,
-                   "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train,
-                   "train_step_bf16_gram_vs_faster_peer": min(r["train"] for r in peers) / t_train_bf16,
-                   "train_step_bf16_autocast_vs_faster_peer": min(r["train"] for r in peers) / t_train_autocast}
-    speedup["encode_bf16_pursuit_vs_fp32_warm"] = warm / t_low
-    speedup["train_step_bf16_autocast_vs_fp32"] = t_train / t_train_autocast
+                   "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train}
+        if not bf16_skipped:
+            speedup["train_step_bf16_gram_vs_faster_peer"] = min(r["train"] for r in peers) / t_train_bf16
+            speedup["train_step_bf16_autocast_vs_faster_peer"] = min(r["train"] for r in peers) / t_train_autocast
+    if not bf16_skipped:
+        speedup["encode_bf16_pursuit_vs_fp32_warm"] = warm / t_low
+        speedup["train_step_bf16_autocast_vs_fp32"] = t_train / t_train_autocast
     print(f"\n{'implementation':55s} {'tokens/s':>10s} {'seconds':>9s} {'saved MB':>9s}")
     for r in rows:
         tps = f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else ""
@@ -293,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict:
           "ratio of medians:", rounds.get("encode_vs_faster_peer_warm_median"))
     result = {"config": {"d_model": d, "d_sae": m, "n_steps": n_steps, "batch": B, "quick": a.quick,
                          "dtype": "float32 (rows naming bf16: see the module docstring)", "device": str(dev),
-                         "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps},
+                         "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps,
+                         **({"bf16_skipped": bf16_skipped} if bf16_skipped else {})},
               "rows": rows, "speedup": speedup, "rounds": rounds,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
