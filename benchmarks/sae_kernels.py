@@ -93,7 +93,7 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     return {"topk": topk, "rows_with_second_topk": second, "topk_same_values": same_values,
             "bag_sum_forward_backward": bag, "bag_sum_grads_relative_error": rel, "bag_sum_grads_close": rel < 1e-5,
             "entries_per_latent": b * k / d_sae,
-            "trainer_uses_bag_sum": kernels.bag_sum_applies(idx, W)}
+            "trainer_uses_bag_sum": kernels.bag_sum_applies(W)}
 
 
 def main(argv: list[str] | None = None) -> dict:

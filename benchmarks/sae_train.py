@@ -791,15 +791,14 @@ def target_summary(runs: dict[str, list[dict]], target_fvu: float | None, refere
     n_rounds = min(len(rs) for rs in runs.values())
     if target_fvu is None and reference not in runs:
         return {}
-    final, key = ("final_fvu_typical", "heldout_fvu_typical") if typical else ("final_fvu", "heldout_fvu")
+    final, point = ("final_fvu_typical", "heldout_fvu_typical") if typical else ("final_fvu", "heldout_fvu")
     targets = [target_fvu if target_fvu is not None else runs[reference][i].get(final) for i in range(n_rounds)]
     if any(t is None for t in targets):
         return {}
-    times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i], key) for i in range(n_rounds)]
+    times = {lib: [time_to_target(rs[i]["fvu_curve"], targets[i], point) for i in range(n_rounds)]
              for lib, rs in runs.items()}
-    rows = "the typical rows' " if typical else ""
-    said = "--target-fvu" if target_fvu is not None else f"{reference}'s final held-out FVU ({rows or 'every row'}) " \
-        "in the same round"
+    rows = "typical rows" if typical else "every row"
+    said = "--target-fvu" if target_fvu is not None else f"{reference}'s final held-out FVU ({rows}) in the same round"
     out = {"target_fvu_per_round": targets, "target": said, "rows": "typical" if typical else "all",
            "libraries": {}}
     key = "vs_" + reference.replace("-", "_")

@@ -81,21 +81,31 @@ def matmul_slowdown(device_type: str, dtype: torch.dtype) -> float:
     return timed(a.to(dtype), b.to(dtype)) / max(timed(a, b), 1e-9)
 
 
-def warn_if_slow(device: str | torch.device, what: str, remedy: str, dtype: torch.dtype = torch.bfloat16) -> bool:
-    """Whether ``dtype`` matrix products run on the slow path on ``device`` (see :func:`matmul_slowdown`); when
-    they do, a :class:`SlowPrecisionWarning` naming ``what`` was asked for, the measured slowdown and ``remedy``,
-    once per process for each (device type, dtype, ``what``), pointing at the first line outside this library."""
+def _slow(device: str | torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``dtype`` matrix products take the slow path on ``device`` (:func:`matmul_slowdown` at or above
+    :data:`SLOW_RATIO`), as a clause for a message; None where they do not."""
     kind = torch.device(device).type
     ratio = matmul_slowdown(kind, dtype)
     if ratio < SLOW_RATIO:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    if kind != "cpu":
+        return f"this {kind} device has no native {name} units"
+    return (f"a {name} matrix product measured {ratio:.0f}x float32's time on this CPU (CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}: no native {name} units)")
+
+
+def warn_if_slow(device: str | torch.device, what: str, remedy: str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether ``dtype`` matrix products run on the slow path on ``device`` (see :func:`matmul_slowdown`); when
+    they do, a :class:`SlowPrecisionWarning` naming ``what`` was asked for, the measured slowdown and ``remedy``,
+    once per process for each (device, dtype, ``what``), pointing at the first line outside this library."""
+    why = _slow(device, dtype)
+    if why is None:
         return False
-    key = (kind, dtype, what)
+    key = (torch.device(device).type, dtype, what)
     if key not in _warned:
         _warned.add(key)
         name = str(dtype).removeprefix("torch.")
-        why = (f"a {name} matrix product measured {ratio:.0f}x float32's time on this CPU (CPU capability "
-               f"{torch.backends.cpu.get_cpu_capability()}: no native {name} units)" if kind == "cpu"
-               else f"this {kind} device has no native {name} units")
         warnings.warn(f"{what} runs in {name}, but {why}; expected a CPU with AVX-512 BF16/FP16 or AMX, or a "
                       f"recent GPU, so this will run one to two orders of magnitude slower than float32: {remedy}",
                       SlowPrecisionWarning, stacklevel=_outside_stacklevel(sys._getframe()))
@@ -104,13 +114,10 @@ def warn_if_slow(device: str | torch.device, what: str, remedy: str, dtype: torc
 
 def skip_reason(device: str | torch.device, what: str, dtype: torch.dtype = torch.bfloat16) -> str | None:
     """For benchmarks: why ``what`` (rows in ``dtype``) is left out on ``device``, or None when it runs. Where
-    ``dtype`` products take the slow path (:func:`matmul_slowdown` at or above :data:`SLOW_RATIO`) a row would
-    time torch's fallback loop, not a library, for hours at real sizes."""
-    kind = torch.device(device).type
-    ratio = matmul_slowdown(kind, dtype)
-    if ratio < SLOW_RATIO:
+    ``dtype`` products take the slow path a row would time torch's fallback loop, not a library, for hours at
+    real sizes."""
+    why = _slow(device, dtype)
+    if why is None:
         return None
-    name = str(dtype).removeprefix("torch.")
-    return (f"{what} left out: a {name} matrix product takes {ratio:.0f}x float32's time on this {kind} (CPU "
-            f"capability {torch.backends.cpu.get_cpu_capability()}), so each round would time torch's fallback loop "
-            f"for hours; run them on a machine with native {name} units")
+    return (f"{what} left out: {why}, so each round would time torch's fallback loop for hours; run them on a "
+            "machine with native units")

@@ -185,7 +185,7 @@ class BagSum(torch.autograd.Function):
         return None, grad_vals, grad_W
 
 
-def bag_sum_applies(idx: Int[Tensor, "batch k"], W: Float[Tensor, "d_sae d_model"]) -> bool:
+def bag_sum_applies(W: Float[Tensor, "d_sae d_model"]) -> bool:
     """Whether :func:`bag_sum` takes :class:`BagSum`: float32 on CPU.
 
     Forward + backward against ``embedding_bag``'s, since the CSR products go through :func:`csr_matmul`
@@ -204,7 +204,7 @@ def bag_sum(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"],
     """``sum_j vals[b, j] * W[idx[b, j]]``: :class:`BagSum` where :func:`bag_sum_applies`, ``embedding_bag``
     otherwise."""
     vals = vals.to(W.dtype)
-    if bag_sum_applies(idx, W):
+    if bag_sum_applies(W):
         return BagSum.apply(idx, vals, W)
     return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 

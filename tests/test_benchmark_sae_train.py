@@ -86,6 +86,8 @@ def test_typical_target_reads_the_typical_rows_of_the_reference_and_of_every_cur
     assert every["libraries"]["interp"]["time_to_target_s_per_round"] == [pytest.approx(1 * 0.35 / 0.6)]
     typical = sae_train.target_summary(runs, None, typical=True)
     assert typical["rows"] == "typical" and typical["target_fvu_per_round"] == [0.46]
+    assert typical["target"] == "sparsify's final held-out FVU (typical rows) in the same round"
+    assert every["target"] == "sparsify's final held-out FVU (every row) in the same round"
     assert typical["libraries"]["interp"]["time_to_target_s_per_round"] == [pytest.approx(1 + 2 * 0.04 / 0.05)]
     assert typical["libraries"]["interp"]["vs_sparsify"] == pytest.approx((1 + 2 * 0.04 / 0.05) / 10)
     # curves without the typical figure (older results) reach nothing, rather than reading the all-rows one
