@@ -120,10 +120,21 @@ def warmup_coeff(coeff: float, warmup_steps: int, state: TrainState) -> float:
     return coeff * min(1.0, (state.step + 1) / warmup_steps)
 
 
+PROJECTION_ROWS = 1024
+"""Decoder rows per block in :func:`remove_parallel_grad` on CPU."""
+
+
 def remove_parallel_grad(W_dec: Tensor, unit_rows: bool = False) -> None:
     """Project out the gradient component parallel to each decoder row, so that an Adam step moves
     rows along the sphere rather than scaling them: ``grad -= (<grad, w> / <w, w>) w`` row by row, in
-    place and without a temporary of the decoder's size (each one costs page faults every step).
+    place.
+
+    On CPU in blocks of :data:`PROJECTION_ROWS` rows: ``vecdot`` multiplies into a temporary of its inputs' size
+    before it sums, so a block's rows are read from memory once for the dot products and the update, and no
+    temporary of the decoder's size is made (9,216 x 576 in float32 on a 2-core AMD EPYC with AVX2: 3.8 ms a step
+    against 5.9 for the whole decoder at once inside the trainer at batch 1,024, SAE training run 12 in
+    ``experiments/README.md``; the same values bit for bit, ``tests/saes/test_kernels.py``). Elsewhere in one
+    piece.
 
     ``unit_rows``: the rows are known to have unit norm (the trainer after its first step: :func:`normalize_rows`
     ran last), so ``<w, w>`` is taken as 1 and not computed, one pass over the decoder less; in float32 and
@@ -131,11 +142,15 @@ def remove_parallel_grad(W_dec: Tensor, unit_rows: bool = False) -> None:
     computed all the same)."""
     if W_dec.grad is None:
         return
+    unit = unit_rows and W_dec.dtype in (torch.float32, torch.float64)
+    step = PROJECTION_ROWS if W_dec.device.type == "cpu" else max(W_dec.shape[0], 1)
     with torch.no_grad():
-        coef = torch.linalg.vecdot(W_dec.grad, W_dec)
-        if not (unit_rows and W_dec.dtype in (torch.float32, torch.float64)):
-            coef /= torch.linalg.vecdot(W_dec, W_dec).clamp_min(1e-24)
-        W_dec.grad.addcmul_(W_dec, coef[:, None], value=-1)
+        for start in range(0, W_dec.shape[0], step):
+            g, w = W_dec.grad[start:start + step], W_dec[start:start + step]
+            coef = torch.linalg.vecdot(g, w)
+            if not unit:
+                coef /= torch.linalg.vecdot(w, w).clamp_min(1e-24)
+            g.addcmul_(w, coef[:, None], value=-1)
 
 
 def normalize_rows(W_dec: Tensor) -> None:

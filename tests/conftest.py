@@ -94,8 +94,10 @@ def tiny_cache(out: Path, sites, tokens: int, *, shard_tokens: int, docs=DOCS) -
 
 def load_script(monkeypatch, path: str):
     """A script of the repository (``experiments/x.py``, ``benchmarks/x.py``) imported as a module named after its
-    file, with the repository root on ``sys.path``; both are undone at teardown."""
+    file, with the repository root and the script's folder on ``sys.path`` (as running it puts the folder there,
+    so that it imports its siblings); both are undone at teardown."""
     monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.syspath_prepend(str((ROOT / path).parent))
     name = Path(path).stem
     spec = importlib.util.spec_from_file_location(name, ROOT / path)
     mod = importlib.util.module_from_spec(spec)

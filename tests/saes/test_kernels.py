@@ -210,3 +210,25 @@ def test_parallel_grad_removal_with_unit_rows_matches_the_general_one():
     W.grad = torch.randn(5, 7)
     remove_parallel_grad(W)
     assert torch.linalg.vecdot(W.grad, W).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("unit", [False, True])
+def test_parallel_grad_removal_in_row_blocks_is_the_whole_decoder_formula_bit_for_bit(unit, monkeypatch):
+    from saes import losses
+
+    monkeypatch.setattr(losses, "PROJECTION_ROWS", 64)  # 300 rows: four whole blocks and a part
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(300, 40))
+    losses.normalize_rows(W)
+    if not unit:
+        with torch.no_grad():
+            W.mul_(torch.rand(300, 1) + 0.5)  # rows of other norms
+    grad = torch.randn(300, 40)
+    W.grad = grad.clone()
+    losses.remove_parallel_grad(W, unit_rows=unit)
+    with torch.no_grad():
+        coef = torch.linalg.vecdot(grad, W)
+        if not unit:
+            coef /= torch.linalg.vecdot(W, W).clamp_min(1e-24)
+        want = grad.addcmul(W, coef[:, None], value=-1)
+    assert torch.equal(W.grad, want)

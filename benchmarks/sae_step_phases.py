@@ -1,0 +1,218 @@
+"""Where a TopK SAE training step's time goes: this project's trainer, each phase of its step timed by the wall
+clock, beside the encoder matmul alone (the ceiling ``benchmarks/sae_train.py`` compares a step with).
+
+The trainer runs as in ``sae_train.py``'s ``interp`` row (same cache, pre-scaled rows, learning rate and
+schedule); the functions it calls are wrapped with timers, and the step, from one batch handed to the trainer to
+the next, is cut into:
+
+* ``encoder_matmul``: :func:`saes.kernels.encoder_matmul`, the dense pre-activations;
+* ``top_k``: :func:`saes.kernels.topk_indices`;
+* ``loss_rest``: the rest of the SAE's ``training_loss`` (the gathers, the sparse decode, the loss terms);
+* ``backward``: from the end of ``training_loss`` to the decoder's gradient projection: ``loss.backward()``
+  (the encoder's and decoder's sparse backward) and the non-finite guard's check of the loss;
+* ``projection``: :func:`saes.losses.remove_parallel_grad`;
+* ``optimizer``: from the projection's end to the decoder renormalisation: the Adam step, the schedule and
+  ``zero_grad``;
+* ``renorm``: :func:`saes.losses.normalize_rows`;
+* ``rest``: the remainder (dead-latent counters, logging, handing over the next batch).
+
+Each round is a fresh SAE trained ``--steps`` steps, and the encoder matmul timed alone
+(``sae_train.matmul_limit``: every kernel, the fastest is the ceiling), one before the other in alternating
+order; per round, each phase's median over the steps after ``--warmup``, and ``fraction_of_ceiling``, the
+ceiling's time over the step's: the share of the matmul ceiling a step reaches, as ``sae_train.py``'s
+``fraction_of_encoder_matmul_limit`` is for whole runs (which also count their first steps). The summary gives
+the medians over rounds, each phase's share of the step, and the median of the per-round fractions (on a shared
+CPU both drift within a run; each round pairs a step with the ceiling measured beside it). The timers cost a
+few microseconds a step; on CUDA each one synchronises the device (so the phases add up, and the step is slower
+than unwrapped).
+
+    python benchmarks/sae_step_phases.py --cache DIR --batch 1024 --rounds 5
+    (the cache: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
+
+``--quick`` trains on planted rows at tiny sizes: the code path only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sae_train  # noqa: E402
+
+from saes import kernels  # noqa: E402
+from saes import trainer as trainer_module  # noqa: E402
+
+PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
+RESULTS = Path(__file__).parent / "results" / "sae_step_phases.json"
+
+
+class Clock:
+    """Start and end times of the wrapped calls, in order, for one training run."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.events: list[tuple[str, float, float]] = []
+        self.batches: list[float] = []
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            start = self.now()
+            out = fn(*args, **kwargs)
+            self.events.append((name, start, self.now()))
+            return out
+
+        return timed
+
+    def steps(self) -> list[dict[str, float]]:
+        """Per step, each phase in seconds, and ``step``: from one batch handed over to the next."""
+        out = []
+        for i in range(len(self.batches) - 1):
+            lo, hi = self.batches[i], self.batches[i + 1]
+            ev: dict[str, list[tuple[float, float]]] = {}
+            for name, s, e in self.events:
+                if lo <= s < hi:
+                    ev.setdefault(name, []).append((s, e))
+
+            def total(name: str, ev: dict = ev) -> float:
+                return sum(e - s for s, e in ev.get(name, []))
+
+            (ls, le), = ev["training_loss"]
+            proj, norm = ev["projection"][0], ev["renorm"][0]
+            row = {"step": hi - lo, "encoder_matmul": total("encoder_matmul"), "top_k": total("top_k"),
+                   "backward": proj[0] - le, "projection": proj[1] - proj[0], "optimizer": norm[0] - proj[1],
+                   "renorm": norm[1] - norm[0]}
+            row["loss_rest"] = (le - ls) - row["encoder_matmul"] - row["top_k"]
+            row["rest"] = row["step"] - sum(row[p] for p in PHASES if p != "rest")
+            out.append(row)
+        return out
+
+
+def run_round(train: list[torch.Tensor], args, lr: float, seed: int) -> dict:
+    """One fresh SAE trained on ``train`` with every phase timed; medians over the steps after the warm-up."""
+    import saes
+    from saes.trainer import TrainConfig, Trainer
+
+    clock = Clock(args.device)
+    saved = {"encoder_matmul": kernels.encoder_matmul, "topk_indices": kernels.topk_indices,
+             "remove_parallel_grad": trainer_module.remove_parallel_grad,
+             "normalize_rows": trainer_module.normalize_rows}
+    kernels.encoder_matmul = clock.wrap("encoder_matmul", saved["encoder_matmul"])
+    kernels.topk_indices = clock.wrap("top_k", saved["topk_indices"])
+    trainer_module.remove_parallel_grad = clock.wrap("projection", saved["remove_parallel_grad"])
+    trainer_module.normalize_rows = clock.wrap("renorm", saved["normalize_rows"])
+    try:
+        torch.manual_seed(seed)
+        sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=args.d_sae, k=args.k).to(args.device)
+        sae.training_loss = clock.wrap("training_loss", sae.training_loss)
+
+        class Source:
+            def __iter__(self):
+                for x in train:
+                    clock.batches.append(clock.now())
+                    yield x
+
+        n, b = len(train), train[0].shape[0]
+        cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
+                          log_every=n)
+        Trainer(sae, cfg).fit(Source())
+        clock.batches.append(clock.now())
+    finally:
+        kernels.encoder_matmul, kernels.topk_indices = saved["encoder_matmul"], saved["topk_indices"]
+        trainer_module.remove_parallel_grad = saved["remove_parallel_grad"]
+        trainer_module.normalize_rows = saved["normalize_rows"]
+    steps = clock.steps()[args.warmup:]
+    return {"seed": seed, "steps_timed": len(steps),
+            "ms": {p: 1000 * statistics.median(s[p] for s in steps) for p in ("step", *PHASES)}}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Medians over rounds, each phase's share of the median step, and the median of the per-round fractions of
+    the matmul ceiling."""
+    ms = {p: statistics.median(r["ms"][p] for r in rounds) for p in ("step", *PHASES)}
+    ceiling = statistics.median(r["ceiling_ms"] for r in rounds)
+    return {"ms": ms, "share_of_step": {p: ms[p] / ms["step"] for p in PHASES},
+            "non_matmul_ms": ms["step"] - ms["encoder_matmul"], "ceiling_ms": ceiling,
+            "step_fraction_of_ceiling": statistics.median(r["fraction_of_ceiling"] for r in rounds),
+            "in_step_matmul_over_ceiling": statistics.median(r["ms"]["encoder_matmul"] / r["ceiling_ms"]
+                                                             for r in rounds)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache", help="cache folder holding blocks.12.hook_resid_post (required unless --quick)")
+    p.add_argument("--batch", type=int, default=1024)
+    p.add_argument("--d-sae", type=int, default=16 * 576)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--steps", type=int, default=60, help="training steps per round")
+    p.add_argument("--warmup", type=int, default=10, help="steps of each round left out of its medians")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None, help="default: sae_train.py's shared rate for --d-sae")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.d_sae, args.k, args.steps, args.warmup = 128, 256, 8, 6, 2
+    elif args.cache is None:
+        p.error("--cache is required (or --quick)")
+    if args.warmup >= args.steps - 1:
+        p.error(f"--warmup {args.warmup} leaves no step of --steps {args.steps} to time; use a smaller --warmup")
+    from saes.train_config import default_lr
+
+    lr = args.lr if args.lr else default_lr(args.d_sae)
+    load_before = os.getloadavg()[0]
+    train, _, _ = sae_train.load_batches(args.cache, args.batch, args.steps, 1)
+    train = [x.to(args.device) for x in train]
+    d_model = train[0].shape[-1]
+    rounds = []
+    for r in range(args.rounds):
+        if r % 2 == 0:
+            limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
+            row = run_round(train, args, lr, seed=r)
+        else:
+            row = run_round(train, args, lr, seed=r)
+            limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
+        row.update(ceiling_ms=1000 * limit["seconds_median"], ceiling_kernel=limit["kernel"],
+                   encoder_matmul_limit=limit, fraction_of_ceiling=1000 * limit["seconds_median"] / row["ms"]["step"])
+        rounds.append(row)
+        print(json.dumps({"round": r, **{k: round(v, 2) for k, v in row["ms"].items()},
+                          "ceiling": round(row["ceiling_ms"], 2)}), flush=True)
+    summary = summarise(rounds)
+    result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
+              "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
+              "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
+              "machine": sae_train.machine(), "rounds": rounds,
+              "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
+                                                                        sys.argv[1:] if argv is None else argv),
+              "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+              "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
+                      f"{torch.get_num_threads()} threads: above that, something else ran"}
+    print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}")
+    for ph in PHASES:
+        print(f"{ph:16s} {summary['ms'][ph]:8.2f} {summary['share_of_step'][ph]:7.1%}")
+    print(f"{'step':16s} {summary['ms']['step']:8.2f}   matmul alone {summary['ceiling_ms']:.2f} ms: "
+          f"{summary['step_fraction_of_ceiling']:.1%} of the ceiling (median of the rounds' fractions)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
