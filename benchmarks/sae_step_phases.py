@@ -20,11 +20,11 @@ Each round is a fresh SAE trained ``--steps`` steps, and the encoder matmul time
 (``sae_train.matmul_limit``: every kernel, the fastest is the ceiling), one before the other in alternating
 order; per round, each phase's median over the steps after ``--warmup``, and ``fraction_of_ceiling``, the
 ceiling's time over the step's: the share of the matmul ceiling a step reaches, as ``sae_train.py``'s
-``fraction_of_encoder_matmul_limit`` is for whole runs (which also count their first steps). The summary gives
-the medians over rounds, each phase's share of the step, and the median of the per-round fractions (on a shared
-CPU both drift within a run; each round pairs a step with the ceiling measured beside it). The timers cost a
-few microseconds a step; on CUDA each one synchronises the device (so the phases add up, and the step is slower
-than unwrapped).
+``fraction_of_encoder_matmul_limit`` is for whole runs (from their mean step, every step after the first). The
+summary gives the medians over rounds, each phase's share of the step, and the median of the per-round fractions
+(on a shared CPU both drift within a run; each round pairs a step with the ceiling measured beside it). The five
+timers cost about 0.5 microseconds each a step on the CPU (a wrapped no-op, 100,000 calls); on CUDA each one
+synchronises the device (so the phases add up, and the step is slower than unwrapped).
 
     python benchmarks/sae_step_phases.py --cache DIR --batch 1024 --rounds 5
     (the cache: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
