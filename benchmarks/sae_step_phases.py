@@ -1,8 +1,9 @@
 """Where a TopK SAE training step's time goes: this project's trainer, each phase of its step timed by the wall
 clock, beside the encoder matmul alone (the ceiling ``benchmarks/sae_train.py`` compares a step with).
 
-The trainer runs as in ``sae_train.py``'s ``interp`` row (same cache, pre-scaled rows, learning rate and
-schedule); the functions it calls are wrapped with timers, and the step, from one batch handed to the trainer to
+The trainer runs through ``sae_train.py``'s own ``interp`` runner (:func:`sae_train.run_ours`: same cache,
+pre-scaled rows, learning rate and schedule), with a :class:`Clock` as its timer; the functions it calls are
+wrapped with timers, and the step, from one batch handed to the trainer to
 the next, is cut into:
 
 * ``encoder_matmul``: :func:`saes.kernels.encoder_matmul`, the dense pre-activations;
@@ -35,12 +36,14 @@ synchronises the device (so the phases add up, and the step is slower than unwra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -53,15 +56,28 @@ from saes import trainer as trainer_module  # noqa: E402
 
 PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
 RESULTS = Path(__file__).parent / "results" / "sae_step_phases.json"
+TIMED = ((kernels, "encoder_matmul", "encoder_matmul"), (kernels, "topk_indices", "top_k"),
+         (trainer_module, "remove_parallel_grad", "projection"), (trainer_module, "normalize_rows", "renorm"))
+"""``(module, function, phase)``: the functions the trainer calls through their module, timed as that phase."""
 
 
 class Clock:
-    """Start and end times of the wrapped calls, in order, for one training run."""
+    """Start and end times of the wrapped calls, in order, for one training run; the timer that
+    :func:`sae_train.run_ours` takes (``watch``, ``tick``, ``lr_used``)."""
 
     def __init__(self, device: str):
         self.cuda = str(device).startswith("cuda")
         self.events: list[tuple[str, float, float]] = []
         self.batches: list[float] = []
+        self.lr_used: float | None = None
+
+    def watch(self, sae: torch.nn.Module, recon=None) -> None:
+        """Time the SAE's ``training_loss`` (``recon``, the runner's reconstruction function, is not needed)."""
+        sae.training_loss = self.wrap("training_loss", sae.training_loss)
+
+    def tick(self) -> None:
+        """A batch handed to the trainer (and once after the last step)."""
+        self.batches.append(self.now())
 
     def now(self) -> float:
         if self.cuda:
@@ -102,38 +118,13 @@ class Clock:
 
 
 def run_round(train: list[torch.Tensor], args, lr: float, seed: int) -> dict:
-    """One fresh SAE trained on ``train`` with every phase timed; medians over the steps after the warm-up."""
-    import saes
-    from saes.trainer import TrainConfig, Trainer
-
+    """One fresh SAE trained on ``train`` by ``sae_train.run_ours`` with every phase timed; medians over the steps
+    after the warm-up."""
     clock = Clock(args.device)
-    saved = {"encoder_matmul": kernels.encoder_matmul, "topk_indices": kernels.topk_indices,
-             "remove_parallel_grad": trainer_module.remove_parallel_grad,
-             "normalize_rows": trainer_module.normalize_rows}
-    kernels.encoder_matmul = clock.wrap("encoder_matmul", saved["encoder_matmul"])
-    kernels.topk_indices = clock.wrap("top_k", saved["topk_indices"])
-    trainer_module.remove_parallel_grad = clock.wrap("projection", saved["remove_parallel_grad"])
-    trainer_module.normalize_rows = clock.wrap("renorm", saved["normalize_rows"])
-    try:
-        torch.manual_seed(seed)
-        sae = saes.build("topk", d_model=train[0].shape[-1], d_sae=args.d_sae, k=args.k).to(args.device)
-        sae.training_loss = clock.wrap("training_loss", sae.training_loss)
-
-        class Source:
-            def __iter__(self):
-                for x in train:
-                    clock.batches.append(clock.now())
-                    yield x
-
-        n, b = len(train), train[0].shape[0]
-        cfg = TrainConfig(total_tokens=n * b, batch_tokens=b, lr=lr, normalize_inputs=False, progress=False,
-                          log_every=n)
-        Trainer(sae, cfg).fit(Source())
-        clock.batches.append(clock.now())
-    finally:
-        kernels.encoder_matmul, kernels.topk_indices = saved["encoder_matmul"], saved["topk_indices"]
-        trainer_module.remove_parallel_grad = saved["remove_parallel_grad"]
-        trainer_module.normalize_rows = saved["normalize_rows"]
+    with contextlib.ExitStack() as patches:  # the timers come off again, whatever happens
+        for module, name, phase in TIMED:
+            patches.enter_context(mock.patch.object(module, name, clock.wrap(phase, getattr(module, name))))
+        sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
             "ms": {p: 1000 * statistics.median(s[p] for s in steps) for p in ("step", *PHASES)}}
@@ -179,13 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     train = [x.to(args.device) for x in train]
     d_model = train[0].shape[-1]
     rounds = []
-    for r in range(args.rounds):
-        if r % 2 == 0:
-            limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
-            row = run_round(train, args, lr, seed=r)
-        else:
-            row = run_round(train, args, lr, seed=r)
-            limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
+    for r in range(args.rounds):  # the ceiling first in even rounds, the training first in odd ones
+        row = run_round(train, args, lr, seed=r) if r % 2 else None
+        limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
+        row = row or run_round(train, args, lr, seed=r)
         row.update(ceiling_ms=1000 * limit["seconds_median"], ceiling_kernel=limit["kernel"],
                    encoder_matmul_limit=limit, fraction_of_ceiling=1000 * limit["seconds_median"] / row["ms"]["step"])
         rounds.append(row)

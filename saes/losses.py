@@ -143,10 +143,10 @@ def remove_parallel_grad(W_dec: Tensor, unit_rows: bool = False) -> None:
     if W_dec.grad is None:
         return
     unit = unit_rows and W_dec.dtype in (torch.float32, torch.float64)
-    step = PROJECTION_ROWS if W_dec.device.type == "cpu" else max(W_dec.shape[0], 1)
+    rows = PROJECTION_ROWS if W_dec.device.type == "cpu" else max(W_dec.shape[0], 1)
     with torch.no_grad():
-        for start in range(0, W_dec.shape[0], step):
-            g, w = W_dec.grad[start:start + step], W_dec[start:start + step]
+        for start in range(0, W_dec.shape[0], rows):
+            g, w = W_dec.grad[start:start + rows], W_dec[start:start + rows]
             coef = torch.linalg.vecdot(g, w)
             if not unit:
                 coef /= torch.linalg.vecdot(w, w).clamp_min(1e-24)

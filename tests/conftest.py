@@ -95,14 +95,20 @@ def tiny_cache(out: Path, sites, tokens: int, *, shard_tokens: int, docs=DOCS) -
 def load_script(monkeypatch, path: str):
     """A script of the repository (``experiments/x.py``, ``benchmarks/x.py``) imported as a module named after its
     file, with the repository root and the script's folder on ``sys.path`` (as running it puts the folder there,
-    so that it imports its siblings); both are undone at teardown."""
+    so that it imports its siblings); all three are undone at teardown, and so are the siblings it imported that
+    were not imported before."""
+    folder = (ROOT / path).parent
     monkeypatch.syspath_prepend(str(ROOT))
-    monkeypatch.syspath_prepend(str((ROOT / path).parent))
+    monkeypatch.syspath_prepend(str(folder))
     name = Path(path).stem
     spec = importlib.util.spec_from_file_location(name, ROOT / path)
     mod = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, mod)  # removed again at teardown
+    before = set(sys.modules)
     spec.loader.exec_module(mod)
+    for new in set(sys.modules) - before:
+        if Path(getattr(sys.modules[new], "__file__", None) or "/").parent == folder:
+            monkeypatch.setitem(sys.modules, new, sys.modules.pop(new))  # removed again at teardown
     return mod
 
 

@@ -4,7 +4,6 @@ ceiling measured beside it (timings are not tested); the phases cut each step wi
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 from conftest import load_script
@@ -12,12 +11,7 @@ from conftest import load_script
 
 @pytest.fixture
 def phases(monkeypatch):
-    before = sys.modules.get("sae_train")
-    yield load_script(monkeypatch, "benchmarks/sae_step_phases.py")
-    if before is None:  # the sibling it imports, as it was
-        sys.modules.pop("sae_train", None)
-    else:
-        sys.modules["sae_train"] = before
+    return load_script(monkeypatch, "benchmarks/sae_step_phases.py")
 
 
 def test_quick_run_records_every_phase_of_every_round(phases, tmp_path):
