@@ -30,6 +30,11 @@ synchronises the device (so the phases add up, and the step is slower than unwra
     python benchmarks/sae_step_phases.py --cache DIR --batch 1024 --rounds 5
     (the cache: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
 
+``--encoder-kernels onednn addmm`` makes each round an A/B of the encoder matmul's kernel on CPU (the trainer picks
+oneDNN where torch dispatches AVX-512, ``addmm`` elsewhere: :func:`saes.kernels.prefer_onednn`): a fresh SAE is
+trained once per kernel named, the matmul forced onto it, in alternating order with the ceiling; the summary gives
+each kernel's phases and fraction, and the median of the rounds' step ratios.
+
 ``--quick`` trains on planted rows at tiny sizes: the code path only.
 """
 
@@ -117,13 +122,16 @@ class Clock:
         return out
 
 
-def run_round(train: list[torch.Tensor], args, lr: float, seed: int) -> dict:
+def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str | None = None) -> dict:
     """One fresh SAE trained on ``train`` by ``sae_train.run_ours`` with every phase timed; medians over the steps
-    after the warm-up."""
+    after the warm-up. ``kernel`` (``onednn`` or ``addmm``) forces the encoder matmul onto that kernel (through
+    :func:`saes.kernels.prefer_onednn`); None leaves the trainer's own choice."""
     clock = Clock(args.device)
     with contextlib.ExitStack() as patches:  # the timers come off again, whatever happens
         for module, name, phase in TIMED:
             patches.enter_context(mock.patch.object(module, name, clock.wrap(phase, getattr(module, name))))
+        if kernel is not None:
+            patches.enter_context(mock.patch.object(kernels, "prefer_onednn", lambda: kernel == "onednn"))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
@@ -153,6 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lr", type=float, default=None, help="default: sae_train.py's shared rate for --d-sae")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--encoder-kernels", nargs="+", choices=("onednn", "addmm"), default=None,
+                   help="an A/B of the encoder matmul's kernel (CPU): each round trains once per kernel named, in "
+                        "alternating order; default: the trainer's own choice for this CPU")
     p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -160,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch, args.d_sae, args.k, args.steps, args.warmup = 128, 256, 8, 6, 2
     elif args.cache is None:
         p.error("--cache is required (or --quick)")
+    if args.encoder_kernels and not str(args.device).startswith("cpu"):
+        p.error(f"--encoder-kernels compares CPU kernels; --device is {args.device}: leave it out there")
+    if args.encoder_kernels and len(set(args.encoder_kernels)) != len(args.encoder_kernels):
+        p.error(f"--encoder-kernels names a kernel twice ({' '.join(args.encoder_kernels)}); name each once")
     if args.warmup >= args.steps - 1:
         p.error(f"--warmup {args.warmup} leaves no step of --steps {args.steps} to time; use a smaller --warmup")
     from saes.train_config import default_lr
@@ -170,30 +185,54 @@ def main(argv: list[str] | None = None) -> dict:
     train = [x.to(args.device) for x in train]
     d_model = train[0].shape[-1]
     rounds = []
-    for r in range(args.rounds):  # the ceiling first in even rounds, the training first in odd ones
-        row = run_round(train, args, lr, seed=r) if r % 2 else None
-        limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
-        row = row or run_round(train, args, lr, seed=r)
-        row.update(ceiling_ms=1000 * limit["seconds_median"], ceiling_kernel=limit["kernel"],
-                   encoder_matmul_limit=limit, fraction_of_ceiling=1000 * limit["seconds_median"] / row["ms"]["step"])
-        rounds.append(row)
-        print(json.dumps({"round": r, **{k: round(v, 2) for k, v in row["ms"].items()},
-                          "ceiling": round(row["ceiling_ms"], 2)}), flush=True)
-    summary = summarise(rounds)
+    kernel_ab = args.encoder_kernels or [None]
+    for r in range(args.rounds):  # the ceiling first in even rounds, the training(s) first in odd ones
+        order = ["ceiling", *kernel_ab]
+        done = {}
+        for what in (order if r % 2 == 0 else order[::-1]):
+            if what == "ceiling":
+                limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
+            else:
+                done[what] = run_round(train, args, lr, seed=r, kernel=what)
+        ceiling_ms = 1000 * limit["seconds_median"]
+        for kernel, row in done.items():
+            row.update(ceiling_ms=ceiling_ms, fraction_of_ceiling=ceiling_ms / row["ms"]["step"])
+            print(json.dumps({"round": r, **({"kernel": kernel} if kernel else {}),
+                              **{k: round(v, 2) for k, v in row["ms"].items()}, "ceiling": round(ceiling_ms, 2)}),
+                  flush=True)
+        limits = {"ceiling_kernel": limit["kernel"], "encoder_matmul_limit": limit}
+        if args.encoder_kernels:
+            rounds.append({"seed": r, "ceiling_ms": ceiling_ms, **limits, "by_kernel": done})
+        else:
+            rounds.append({**done[None], **limits})
+    if args.encoder_kernels:
+        summary = {"by_kernel": {k: summarise([r["by_kernel"][k] for r in rounds]) for k in args.encoder_kernels}}
+        if len(args.encoder_kernels) == 2:
+            a, b = args.encoder_kernels
+            summary[f"step_{b}_over_{a}"] = statistics.median(r["by_kernel"][b]["ms"]["step"]
+                                                              / r["by_kernel"][a]["ms"]["step"] for r in rounds)
+    else:
+        summary = summarise(rounds)
     result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
               "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
+              "encoder_kernel": (args.encoder_kernels if args.encoder_kernels else
+                                 "onednn" if kernels.onednn_ok(train[0], torch.empty(args.d_sae, d_model).T)
+                                 else "addmm"),
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
                                                                         sys.argv[1:] if argv is None else argv),
               "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
                       f"{torch.get_num_threads()} threads: above that, something else ran"}
-    print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}")
-    for ph in PHASES:
-        print(f"{ph:16s} {summary['ms'][ph]:8.2f} {summary['share_of_step'][ph]:7.1%}")
-    print(f"{'step':16s} {summary['ms']['step']:8.2f}   matmul alone {summary['ceiling_ms']:.2f} ms: "
-          f"{summary['step_fraction_of_ceiling']:.1%} of the ceiling (median of the rounds' fractions)")
+    for kernel, summ in (summary["by_kernel"].items() if args.encoder_kernels else [(None, summary)]):
+        print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   (encoder matmul on {kernel})" if kernel else ""))
+        for ph in PHASES:
+            print(f"{ph:16s} {summ['ms'][ph]:8.2f} {summ['share_of_step'][ph]:7.1%}")
+        print(f"{'step':16s} {summ['ms']['step']:8.2f}   matmul alone {summ['ceiling_ms']:.2f} ms: "
+              f"{summ['step_fraction_of_ceiling']:.1%} of the ceiling (median of the rounds' fractions)")
+    for key in (k for k in summary if k.startswith("step_") and k.count("_over_")):
+        print(f"{key}: {summary[key]:.3f} (median of the rounds' ratios)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -525,8 +525,9 @@ def _sync(device: str) -> None:
 def matmul_limit(batch: int, d_model: int, d_sae: int, device: str = "cpu", reps: int = 5) -> dict:
     """The fp32 encoder matmul alone, median of ``reps``, with every kernel there is: torch's ``addmm`` (MKL on
     CPU) into a fresh output (``addmm``) and into an output allocated once (``preallocated``); on CPU also
-    oneDNN's linear kernel (``onednn``), the one this project's trainer uses there
-    (:func:`saes.kernels.encoder_matmul`), with freed memory kept as the trainer keeps it. :func:`fastest` adds
+    oneDNN's linear kernel (``onednn``), the one this project's trainer uses on CPUs with AVX-512
+    (:func:`saes.kernels.encoder_matmul`; ``preallocated`` is its kernel elsewhere), with freed memory kept as the
+    trainer keeps it. :func:`fastest` adds
     the top-level figures: the fastest kernel, the ceiling a training step is compared with. (Up to run 5 of
     this benchmark the top level was ``addmm`` into a fresh output; MKL there is 2-3x slower than oneDNN on
     this project's AVX-512 AMD CPU.)"""
@@ -550,9 +551,9 @@ def matmul_limit(batch: int, d_model: int, d_sae: int, device: str = "cpu", reps
         return {"seconds_median": t, "tokens_per_s": batch / t, "gflops": 2 * batch * d_model * d_sae / t / 1e9}
 
     res = {"addmm": timed(lambda: torch.addmm(b, x, w)), "preallocated": timed(lambda: torch.addmm(b, x, w, out=out))}
-    if kernels.onednn_ok(x, w):
+    if kernels.onednn_applies(x, w):
         with reuse_freed_memory():
-            res["onednn"] = timed(lambda: kernels.encoder_matmul(x, w, b))
+            res["onednn"] = timed(lambda: kernels.encoder_matmul(x, w, b, onednn=True))
     return res
 
 

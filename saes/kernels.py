@@ -31,14 +31,34 @@ AMD EPYC: 0.21 x addmm's speed at 2.6e5 flops, 1.1 x at 4.2e6, 1.9-2.7 x from 1.
 _onednn_failed: list[str] = []
 
 
-def onednn_ok(x: Tensor, W_enc: Tensor) -> bool:
-    """Whether :func:`encoder_matmul` goes through oneDNN: float32 on CPU, ``W_enc`` stored as the transpose of a
-    contiguous ``[d_sae, d_model]`` block (TopK's layout: oneDNN's weight layout, no copy), torch built with
-    oneDNN, not under autocast, and a product of at least :data:`ONEDNN_MIN_FLOPS`."""
+def onednn_applies(x: Tensor, W_enc: Tensor) -> bool:
+    """Whether oneDNN's linear kernel can take this encoder matmul: float32 on CPU, ``W_enc`` stored as the
+    transpose of a contiguous ``[d_sae, d_model]`` block (TopK's layout: oneDNN's weight layout, no copy), torch
+    built with oneDNN, not under autocast, and a product of at least :data:`ONEDNN_MIN_FLOPS`."""
     return (x.device.type == "cpu" and x.dtype == W_enc.dtype == torch.float32 and x.dim() == 2
             and W_enc.T.is_contiguous() and not _onednn_failed and torch.backends.mkldnn.is_available()
             and not torch.is_autocast_enabled("cpu") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and 2 * x.shape[0] * W_enc.shape[0] * W_enc.shape[1] >= ONEDNN_MIN_FLOPS)
+
+
+def prefer_onednn() -> bool:
+    """Whether this CPU's encoder matmuls go to oneDNN rather than ``addmm`` (MKL): where torch dispatches its
+    AVX-512 kernels (``torch.backends.cpu.get_cpu_capability()``; the ``ATEN_CPU_CAPABILITY`` environment
+    variable lowers it).
+
+    Measured with ``benchmarks/sae_step_phases.py --encoder-kernels onednn addmm`` (the trainer's step with the
+    matmul forced onto each) and ``benchmarks/sae_train.py``'s ``encoder_matmul_limit`` (each kernel alone), both
+    on 2-core AMD EPYCs: with AVX-512, oneDNN ran the matmul alone at 2.5-2.7x ``addmm``'s speed (MKL does not use
+    AVX-512 there); with AVX2 only, the whole step on ``addmm`` took 0.91x, 0.91x and 0.96x its time on oneDNN
+    (batch 1,024 and 4,096 with 9,216 latents, 1,024 with 36,864; below 1 in all 15 rounds; ``experiments/README.md``,
+    SAE training run 13)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def onednn_ok(x: Tensor, W_enc: Tensor) -> bool:
+    """Whether :func:`encoder_matmul` goes through oneDNN: where it applies (:func:`onednn_applies`) on a CPU that
+    prefers it (:func:`prefer_onednn`)."""
+    return onednn_applies(x, W_enc) and prefer_onednn()
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -47,17 +67,18 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def encoder_matmul(xc: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
-                   workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
+                   workspace: dict | None = None, onednn: bool | None = None) -> Float[Tensor, "batch d_sae"]:
     """``xc @ W_enc + b_enc`` without autograd.
 
-    On CPU in float32 (see :func:`onednn_ok`) through oneDNN's linear kernel, which uses the CPU's widest
+    On CPUs with AVX-512 in float32 (see :func:`onednn_ok`) through oneDNN's linear kernel, which uses those
     vector units where torch's ``addmm`` (MKL) may not: on the 2-core AMD EPYC (AVX-512) of this project's
     benchmarks, 356-377 GFLOPS against MKL's 104-179 at batch 256-4,096 and 2,304-36,864 latents
     (``benchmarks/sae_train.py`` records both in ``encoder_matmul_limit``). The sums come in another order
     than ``addmm``'s: equal to float rounding (checked in ``tests/saes/test_kernels.py``). Elsewhere
-    ``addmm``, into ``workspace["pre"]`` when a workspace is given (see :func:`pre_acts`)."""
+    ``addmm``, into ``workspace["pre"]`` when a workspace is given (see :func:`pre_acts`). ``onednn=True`` takes
+    oneDNN wherever it applies (:func:`onednn_applies`), ``False`` never: benchmarks time both kernels so."""
     with torch.no_grad():
-        if onednn_ok(xc, W_enc):
+        if onednn_ok(xc, W_enc) if onednn is None else (onednn and onednn_applies(xc, W_enc)):
             try:
                 return _linear(xc.contiguous(), W_enc.T, b_enc)
             except RuntimeError as e:  # a build whose kernel refuses these tensors: addmm from now on
@@ -221,6 +242,31 @@ TWO_LEVEL_MIN_D_SAE = 4096
 """Narrower rows go straight to ``torch.topk`` (measured: no gain at 2,304 latents)."""
 
 
+GROUP_FAN = 4
+"""Group maxima per super-group where :func:`top_groups` picks the kept groups in two steps."""
+
+
+def top_groups(gm: Float[Tensor, "batch groups"], k: int) -> tuple[Int[Tensor, "batch k"], Float[Tensor, "batch 1"]]:
+    """The positions of each row's ``k`` largest group maxima (in no particular order) and the smallest of them
+    (the k-th largest): ``gm.topk(k)``, in two steps where a row holds at least ``4 k`` super-groups of
+    :data:`GROUP_FAN` maxima (the same argument as :func:`topk_indices`' one level down: the ``k`` super-groups
+    with the largest maxima hold a set of ``k`` largest maxima, ties at the k-th value possibly other ones).
+    ``torch.topk`` costs in proportion to its row's length, and the two steps read ``g / 4 + 4 k`` entries in
+    place of ``g``: at 576 groups (9,216 latents), k 32, a batch of 1,024 layer-12 rows, 2.6 against 3.4 ms
+    (2-core AMD EPYC with AVX2, ad hoc); at 2,304 groups (36,864 latents, k 64) :func:`topk_indices` went from
+    1.44-1.53x to 1.91-1.95x ``Tensor.topk``'s speed (``experiments/README.md``, SAE training run 13)."""
+    b, g = gm.shape
+    if g % GROUP_FAN or g // GROUP_FAN < 4 * k:
+        top = gm.topk(k, dim=-1, sorted=False)
+        return top.indices, top.values.amin(1, keepdim=True)
+    sup = gm.view(b, GROUP_FAN, g // GROUP_FAN)  # super-group j holds maxima j, j + g / 4, ...
+    kept = sup.amax(1).topk(k, dim=-1, sorted=False).indices
+    cand = sup.gather(2, kept.unsqueeze(1).expand(b, GROUP_FAN, k)).view(b, GROUP_FAN * k)
+    top = cand.topk(k, dim=-1, sorted=False)
+    r = torch.div(top.indices, k, rounding_mode="floor")
+    return r * (g // GROUP_FAN) + kept.gather(1, top.indices - r * k), top.values.amin(1, keepdim=True)
+
+
 def two_level_applies(pre: Float[Tensor, "batch d_sae"], k: int) -> bool:
     """Whether :func:`topk_indices` takes two levels: CPU, a nonempty batch, at least
     :data:`TWO_LEVEL_MIN_D_SAE` latents in whole groups, and at least ``4 k`` groups."""
@@ -236,10 +282,9 @@ def two_level_candidates(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Ten
     where ``mask`` holds exactly ``k`` entries (the answer, with no second ``topk``)."""
     b, d = pre.shape
     groups = pre.view(b, TWO_LEVEL_GROUP, d // TWO_LEVEL_GROUP)
-    top = groups.amax(1).topk(k, dim=-1, sorted=False)
-    sel = top.indices
+    sel, m = top_groups(groups.amax(1), k)
     cand = groups.gather(2, sel.unsqueeze(1).expand(b, TWO_LEVEL_GROUP, k)).view(b, TWO_LEVEL_GROUP * k)
-    mask = cand >= top.values.amin(1, keepdim=True)
+    mask = cand >= m
     return sel, cand, mask, mask.sum(1) == k
 
 
@@ -249,16 +294,18 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batc
 
     On CPU for wide rows in two levels, exact by construction: the row is split into ``g = d_sae / 16`` groups
     of 16 entries at stride ``g`` (group ``j`` holds entries ``j, j + g, ...``; their maxima are one vectorised
-    reduction), the ``k`` groups with the largest maxima are kept, and the top ``k`` entries among their
-    ``16 k`` are picked. Every entry above the k-th largest value lies in a group whose maximum is above the
-    k-th largest group maximum ``m`` (so in a kept group), and the kept groups hold at least ``k`` entries
-    ``>= m``. Where exactly ``k`` kept entries are ``>= m`` they are the answer with no second ``topk``
+    reduction), the ``k`` groups with the largest maxima are kept (:func:`top_groups`), and the top ``k``
+    entries among their ``16 k`` are picked. Every entry above the k-th largest value lies in a group whose
+    maximum is above the k-th largest group maximum ``m`` (so in a kept group), and the kept groups hold at least
+    ``k`` entries ``>= m``. Where exactly ``k`` kept entries are ``>= m`` they are the answer with no second ``topk``
     (on layer-12 activations of SmolLM2, 34-46 % of the rows). ``torch.topk`` copies each row into a vector of
     (value, index) pairs, which costs more than reading the row. Against it on the layer-12 cache
     (``benchmarks/sae_kernels.py``, 2-core AMD EPYC, a fresh SAE / one trained 50-200 steps): 30.5 / 30.6 ms
     against 37.7 / 37.1 at batch 4,096 and 9,216 latents; 10.8 / 8.8 against 12.6 / 11.4 at batch 1,024;
-    27.7 / 26.9 against 42.2 / 33.3 with 36,864 latents (k 64). ``torch.topk`` elsewhere (CUDA has its own
-    radix select).
+    27.7 / 26.9 against 42.2 / 33.3 with 36,864 latents (k 64). With the kept groups picked in two steps, on the
+    2-core AMD EPYC with AVX2 (``benchmarks/results/sae_kernels_avx2_run13.json``): 1.44x / 1.43x ``Tensor.topk``'s
+    speed at batch 4,096, 1.29x / 1.30x at 1,024, 1.91x / 1.95x with 36,864 latents. ``torch.topk`` elsewhere (CUDA
+    has its own radix select).
     """
     if not two_level_applies(pre, k):
         return pre.topk(k, dim=-1, sorted=False).indices

@@ -1,11 +1,14 @@
 """benchmarks/sae_step_phases.py: quick mode times every phase of every step and records every round with the
-ceiling measured beside it (timings are not tested); the phases cut each step without gaps or overlaps."""
+ceiling measured beside it (timings are not tested); the phases cut each step without gaps or overlaps; the
+encoder-kernel A/B trains on each kernel named, in alternating order."""
 
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
+import torch
 from conftest import load_script
 
 
@@ -49,3 +52,56 @@ def test_each_step_is_cut_into_phases_that_add_up_to_it(phases):
         assert row == pytest.approx({"step": 10, "encoder_matmul": 2, "top_k": 1, "loss_rest": 1.5, "backward": 1,
                                      "projection": 0.5, "optimizer": 1.5, "renorm": 0.25, "rest": 2.25})
         assert sum(row[p] for p in phases.PHASES) == pytest.approx(row["step"])
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_kernel_ab_forces_each_kernel_in_alternating_order(phases, monkeypatch, tmp_path):
+    from saes import kernels
+
+    monkeypatch.setattr(kernels, "ONEDNN_MIN_FLOPS", 0)  # quick mode's tiny matmuls can take oneDNN too
+    seen, onednn_calls, training = [], {"onednn": 0, "addmm": 0}, []
+    real_run, real_limit, real_linear = phases.sae_train.run_ours, phases.sae_train.matmul_limit, kernels._linear
+
+    def run_ours(*a, **kw):
+        training.append("onednn" if kernels.prefer_onednn() else "addmm")
+        seen.append(training[-1])
+        try:
+            return real_run(*a, **kw)
+        finally:
+            training.clear()
+
+    def linear(*a):
+        if training:
+            onednn_calls[training[-1]] += 1
+        return real_linear(*a)
+
+    def limit(*a, **kw):
+        seen.append("ceiling")
+        return real_limit(*a, **kw)
+
+    monkeypatch.setattr(phases.sae_train, "run_ours", run_ours)
+    monkeypatch.setattr(phases.sae_train, "matmul_limit", limit)
+    monkeypatch.setattr(kernels, "_linear", linear)
+    res = phases.main(["--quick", "--rounds", "2", "--encoder-kernels", "onednn", "addmm",
+                       "--out", str(tmp_path / "ab.json")])
+    assert seen == ["ceiling", "onednn", "addmm", "addmm", "onednn", "ceiling"]
+    assert onednn_calls["onednn"] > 0 and onednn_calls["addmm"] == 0
+    assert res["encoder_kernel"] == ["onednn", "addmm"]
+    for r in res["rounds"]:
+        assert set(r["by_kernel"]) == {"onednn", "addmm"}
+        for row in r["by_kernel"].values():
+            assert row["fraction_of_ceiling"] == pytest.approx(r["ceiling_ms"] / row["ms"]["step"])
+    s = res["summary"]
+    assert set(s["by_kernel"]) == {"onednn", "addmm"}
+    assert s["step_addmm_over_onednn"] == pytest.approx(statistics.median(
+        r["by_kernel"]["addmm"]["ms"]["step"] / r["by_kernel"]["onednn"]["ms"]["step"] for r in res["rounds"]))
+
+
+@pytest.mark.parametrize(("argv", "message"), [(["--device", "cuda"], "compares CPU kernels"),
+                                                (["--encoder-kernels", "addmm", "addmm"], "names a kernel twice")])
+def test_kernel_ab_refuses_what_it_cannot_compare(phases, capsys, argv, message):
+    if "--device" in argv:
+        argv = [*argv, "--encoder-kernels", "onednn", "addmm"]
+    with pytest.raises(SystemExit):
+        phases.main(["--quick", *argv])
+    assert message in capsys.readouterr().err

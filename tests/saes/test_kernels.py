@@ -1,6 +1,7 @@
 """The encoder matmul's oneDNN path (CPU, float32): equal to ``addmm`` to float rounding, in training (sparse
-TopK kernels against dense autograd) and at inference (``encode_pre``), taken only where it applies, and
-replaced by ``addmm`` with one warning when the kernel fails."""
+TopK kernels against dense autograd) and at inference (``encode_pre``), taken only where it applies on a CPU that
+prefers it (AVX-512; the tests below force that choice so they run on any CPU), and replaced by ``addmm`` with one
+warning when the kernel fails."""
 
 from __future__ import annotations
 
@@ -15,6 +16,12 @@ B, D_MODEL, D_SAE, K = 256, 64, 512, 16  # 2*B*D_MODEL*D_SAE = 1.7e7 flops: over
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
+@pytest.fixture
+def onednn_chosen(monkeypatch):
+    """This CPU prefers oneDNN, whatever its vector units (see :func:`saes.kernels.prefer_onednn`)."""
+    monkeypatch.setattr(kernels, "prefer_onednn", lambda: True)
+
+
 def make(**kw) -> saes.SAE:
     torch.manual_seed(0)
     sae = saes.build("topk", d_model=D_MODEL, d_sae=D_SAE, k=K, **kw)
@@ -25,7 +32,7 @@ def make(**kw) -> saes.SAE:
 
 
 @needs_onednn
-def test_onednn_matmul_equals_addmm_where_it_applies():
+def test_onednn_matmul_equals_addmm_where_it_applies(onednn_chosen):
     sae = make()
     x = torch.randn(B, D_MODEL)
     assert kernels.onednn_ok(x, sae.W_enc)
@@ -39,8 +46,31 @@ def test_onednn_matmul_equals_addmm_where_it_applies():
         assert not kernels.onednn_ok(x, sae.W_enc)
 
 
+@pytest.mark.parametrize(("capability", "chosen"), [("AVX512", True), ("AVX512_BF16", True), ("AVX2", False),
+                                                   ("DEFAULT", False)])
+def test_onednn_is_chosen_on_avx512_cpus_only(monkeypatch, capability, chosen):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert kernels.prefer_onednn() is chosen
+    sae = make()
+    x = torch.randn(B, D_MODEL)
+    assert kernels.onednn_ok(x, sae.W_enc) is (chosen and kernels.onednn_applies(x, sae.W_enc))
+
+
+def test_without_onednn_the_matmul_is_addmm_into_the_workspace(monkeypatch):
+    monkeypatch.setattr(kernels, "prefer_onednn", lambda: False)
+    sae = make()
+    ws: dict = {}
+    with torch.no_grad():
+        x = torch.randn(B, D_MODEL)
+        first = kernels.encoder_matmul(x, sae.W_enc, sae.b_enc, ws)
+        assert first.data_ptr() == ws["pre"].data_ptr()
+        assert torch.equal(first, torch.addmm(sae.b_enc, x, sae.W_enc))  # the same kernel: the same sums
+        again = kernels.encoder_matmul(x + 1, sae.W_enc, sae.b_enc, ws)
+        assert again.data_ptr() == first.data_ptr()  # the buffer is reused, not reallocated
+
+
 @needs_onednn
-def test_encode_pre_without_grad_equals_the_autograd_path():
+def test_encode_pre_without_grad_equals_the_autograd_path(onednn_chosen):
     sae = make()
     x = torch.randn(2, B // 2, D_MODEL)  # leading dims are kept
     with torch.no_grad():
@@ -51,7 +81,7 @@ def test_encode_pre_without_grad_equals_the_autograd_path():
 
 
 @needs_onednn
-def test_sparse_training_step_on_onednn_matches_dense_autograd():
+def test_sparse_training_step_on_onednn_matches_dense_autograd(onednn_chosen):
     a, b = make(sparse_kernels=True), make(sparse_kernels=False)
     x = torch.randn(B, D_MODEL)
     dead = torch.zeros(D_SAE, dtype=torch.bool)
@@ -103,10 +133,11 @@ def test_auxk_picks_the_top_dead_latents():
     assert dead[picked["idx"]].all()
 
 
+@pytest.mark.parametrize("d", [4096, 9216])  # 256 groups: one step to the kept groups; 576: two (top_groups)
 @pytest.mark.parametrize("data", ["continuous", "ties", "negative"])
-def test_two_level_topk_picks_the_values_torch_topk_picks(data):
+def test_two_level_topk_picks_the_values_torch_topk_picks(data, d):
     torch.manual_seed(0)
-    b, d, k = 64, 4096, 32
+    b, k = 64, 32
     if data == "ties":  # many rows have more than k kept entries at the k-th group maximum: the second topk runs
         pre = torch.randint(0, 6, (b, d)).float()
     else:
@@ -127,6 +158,19 @@ def test_two_level_topk_mixes_exact_rows_and_rows_needing_a_second_topk():
     idx = kernels.topk_indices(pre, 16)
     torch.testing.assert_close(pre.gather(1, idx).sort(1).values, pre.topk(16, dim=-1).values.sort(1).values,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("g", "k"), [(576, 32), (2304, 64), (256, 32), (100, 8)])
+@pytest.mark.parametrize("data", ["continuous", "ties"])
+def test_top_groups_picks_the_largest_maxima(g, k, data):
+    torch.manual_seed(2)
+    gm = torch.randn(200, g) if data == "continuous" else torch.randint(0, 8, (200, g)).float()
+    sel, m = kernels.top_groups(gm, k)
+    assert sel.shape == (200, k) and m.shape == (200, 1)
+    assert all(len(set(row)) == k for row in sel.tolist())
+    want = gm.topk(k, dim=-1).values
+    torch.testing.assert_close(gm.gather(1, sel).sort(1, descending=True).values, want, rtol=0, atol=0)
+    torch.testing.assert_close(m, want[:, -1:], rtol=0, atol=0)
 
 
 def test_narrow_rows_go_to_torch_topk():
@@ -164,7 +208,7 @@ def test_bag_sum_takes_the_sparse_backward_in_float32_on_cpu():
 
 
 @needs_onednn
-def test_sparse_training_step_with_wide_rows_matches_dense_autograd():
+def test_sparse_training_step_with_wide_rows_matches_dense_autograd(onednn_chosen):
     """4,096 latents: the two-level top-k in the step, with ``BagSum`` at a quarter of an entry per latent."""
     kw = dict(d_model=32, d_sae=4096, k=8)
     torch.manual_seed(0)
