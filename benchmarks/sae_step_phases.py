@@ -205,20 +205,22 @@ def main(argv: list[str] | None = None) -> dict:
             rounds.append({"seed": r, "ceiling_ms": ceiling_ms, **limits, "by_kernel": done})
         else:
             rounds.append({**done[None], **limits})
+    ratio = None
     if args.encoder_kernels:
         summary = {"by_kernel": {k: summarise([r["by_kernel"][k] for r in rounds]) for k in args.encoder_kernels}}
         if len(args.encoder_kernels) == 2:
             a, b = args.encoder_kernels
-            summary[f"step_{b}_over_{a}"] = statistics.median(r["by_kernel"][b]["ms"]["step"]
-                                                              / r["by_kernel"][a]["ms"]["step"] for r in rounds)
+            ratio = f"step_{b}_over_{a}"
+            summary[ratio] = statistics.median(r["by_kernel"][b]["ms"]["step"] / r["by_kernel"][a]["ms"]["step"]
+                                               for r in rounds)
     else:
         summary = summarise(rounds)
+    w_enc = torch.empty(args.d_sae, d_model, device="meta").T  # the trainer's layout, no memory
+    trainer_kernel = "onednn" if kernels.onednn_ok(train[0], w_enc) else "addmm"
     result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
               "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
-              "encoder_kernel": (args.encoder_kernels if args.encoder_kernels else
-                                 "onednn" if kernels.onednn_ok(train[0], torch.empty(args.d_sae, d_model).T)
-                                 else "addmm"),
+              "encoder_kernel": args.encoder_kernels or trainer_kernel,
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
                                                                         sys.argv[1:] if argv is None else argv),
@@ -231,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{ph:16s} {summ['ms'][ph]:8.2f} {summ['share_of_step'][ph]:7.1%}")
         print(f"{'step':16s} {summ['ms']['step']:8.2f}   matmul alone {summ['ceiling_ms']:.2f} ms: "
               f"{summ['step_fraction_of_ceiling']:.1%} of the ceiling (median of the rounds' fractions)")
-    for key in (k for k in summary if k.startswith("step_") and k.count("_over_")):
-        print(f"{key}: {summary[key]:.3f} (median of the rounds' ratios)")
+    if ratio:
+        print(f"{ratio}: {summary[ratio]:.3f} (median of the rounds' ratios)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -527,10 +527,9 @@ def matmul_limit(batch: int, d_model: int, d_sae: int, device: str = "cpu", reps
     CPU) into a fresh output (``addmm``) and into an output allocated once (``preallocated``); on CPU also
     oneDNN's linear kernel (``onednn``), the one this project's trainer uses on CPUs with AVX-512
     (:func:`saes.kernels.encoder_matmul`; ``preallocated`` is its kernel elsewhere), with freed memory kept as the
-    trainer keeps it. :func:`fastest` adds
-    the top-level figures: the fastest kernel, the ceiling a training step is compared with. (Up to run 5 of
-    this benchmark the top level was ``addmm`` into a fresh output; MKL there is 2-3x slower than oneDNN on
-    this project's AVX-512 AMD CPU.)"""
+    trainer keeps it. :func:`fastest` adds the top-level figures: the fastest kernel, the ceiling a training step
+    is compared with. (Up to run 5 of this benchmark the top level was ``addmm`` into a fresh output; MKL there is
+    2-3x slower than oneDNN on this project's AVX-512 AMD CPU.)"""
     from saes import kernels
     from saes.malloc import reuse_freed_memory
 

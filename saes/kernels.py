@@ -246,6 +246,22 @@ GROUP_FAN = 4
 """Group maxima per super-group where :func:`top_groups` picks the kept groups in two steps."""
 
 
+def _members(groups: Tensor, kept: Int[Tensor, "batch k"]) -> Tensor:
+    """The entries of each row's ``kept`` groups, ``[batch, size * k]`` from ``groups`` ``[batch, size, n]`` (group
+    ``j`` holds ``groups[:, :, j]``): entry ``r * k + i`` is member ``r`` of group ``kept[:, i]``."""
+    b, size, _ = groups.shape
+    k = kept.shape[1]
+    return groups.gather(2, kept.unsqueeze(1).expand(b, size, k)).view(b, size * k)
+
+
+def _row_positions(pos: Int[Tensor, "batch k"], kept: Int[Tensor, "batch k"], n: int) -> Int[Tensor, "batch k"]:
+    """The positions in the whole row (``r * n + j`` for member ``r`` of group ``j``) of the entries ``pos`` of
+    :func:`_members`' output."""
+    k = kept.shape[1]
+    r = torch.div(pos, k, rounding_mode="floor")
+    return r * n + kept.gather(1, pos - r * k)
+
+
 def top_groups(gm: Float[Tensor, "batch groups"], k: int) -> tuple[Int[Tensor, "batch k"], Float[Tensor, "batch 1"]]:
     """The positions of each row's ``k`` largest group maxima (in no particular order) and the smallest of them
     (the k-th largest): ``gm.topk(k)``, in two steps where a row holds at least ``4 k`` super-groups of
@@ -261,10 +277,8 @@ def top_groups(gm: Float[Tensor, "batch groups"], k: int) -> tuple[Int[Tensor, "
         return top.indices, top.values.amin(1, keepdim=True)
     sup = gm.view(b, GROUP_FAN, g // GROUP_FAN)  # super-group j holds maxima j, j + g / 4, ...
     kept = sup.amax(1).topk(k, dim=-1, sorted=False).indices
-    cand = sup.gather(2, kept.unsqueeze(1).expand(b, GROUP_FAN, k)).view(b, GROUP_FAN * k)
-    top = cand.topk(k, dim=-1, sorted=False)
-    r = torch.div(top.indices, k, rounding_mode="floor")
-    return r * (g // GROUP_FAN) + kept.gather(1, top.indices - r * k), top.values.amin(1, keepdim=True)
+    top = _members(sup, kept).topk(k, dim=-1, sorted=False)
+    return _row_positions(top.indices, kept, g // GROUP_FAN), top.values.amin(1, keepdim=True)
 
 
 def two_level_applies(pre: Float[Tensor, "batch d_sae"], k: int) -> bool:
@@ -283,7 +297,7 @@ def two_level_candidates(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Ten
     b, d = pre.shape
     groups = pre.view(b, TWO_LEVEL_GROUP, d // TWO_LEVEL_GROUP)
     sel, m = top_groups(groups.amax(1), k)
-    cand = groups.gather(2, sel.unsqueeze(1).expand(b, TWO_LEVEL_GROUP, k)).view(b, TWO_LEVEL_GROUP * k)
+    cand = _members(groups, sel)
     mask = cand >= m
     return sel, cand, mask, mask.sum(1) == k
 
@@ -318,8 +332,7 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batc
         pos[exact] = mask[exact].nonzero()[:, 1].view(-1, k)
         rest = ~exact
         pos[rest] = cand[rest].topk(k, dim=-1, sorted=False).indices
-    r = torch.div(pos, k, rounding_mode="floor")
-    return r * (pre.shape[1] // TWO_LEVEL_GROUP) + sel.gather(1, pos - r * k)
+    return _row_positions(pos, sel, pre.shape[1] // TWO_LEVEL_GROUP)
 
 
 def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
