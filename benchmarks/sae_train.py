@@ -17,7 +17,11 @@ Each library runs in its own subprocess (so peak memory is its own): tokens/s is
 training steps after the first (warm-up) step; final FVU is measured by one function
 (``1 - explained variance`` over the whole held-out set) on batches none of them trained on.
 The encoder matmul limit is measured in the same run: ``[batch, d_model] @ [d_model, d_sae]`` timed
-alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that.
+alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that. It is timed before and after the
+whole run (``fraction_of_encoder_matmul_limit``: the median tokens/s over the mean of the two) and once in every
+round, before the libraries in even rounds and after them in odd ones
+(``fraction_of_encoder_matmul_limit_paired``: the median over rounds of each round's tokens/s over the limit
+timed in that round; a shared CPU drifts by 10-20 % within a run, and the pairing follows it).
 
     python benchmarks/sae_train.py --cache CACHE --steps 40
     (write the cache with: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
@@ -641,11 +645,11 @@ def main(argv: list[str] | None = None) -> dict | None:
 
         d_model = CachedActivations(args.cache, batch_tokens=args.batch, sites=[SITE], epochs=1).d_models[SITE]
     lim_before = matmul_limit(args.batch, d_model, args.d_sae, args.device)
-    order = []
-    for r in range(args.repeats):  # A B C, then C B A: load that drifts over time hits everyone alike
-        seed = args.seeds[r % len(args.seeds)]
-        order += [(lib, seed) for lib in (libraries if r % 2 == 0 else libraries[::-1])]
-    for lib, seed in order:
+    round_limits = []
+    for lib, seed in run_order(libraries, args.repeats, args.seeds):
+        if lib == "ceiling":  # the matmul alone, beside this round's libraries
+            round_limits.append(fastest(matmul_limit(args.batch, d_model, args.d_sae, args.device)))
+            continue
         if args.quick:  # in this process: the code path only (peak memory is not the library's own)
             runs[lib].append(worker(argparse.Namespace(**{**vars(args), "worker": lib, "seed": seed})))
             continue
@@ -690,6 +694,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                 r["final_fvu"] - min(runs[p][i]["final_fvu"] for p in peers) for i, r in enumerate(runs["interp"]))
         summary["fraction_of_encoder_matmul_limit"] = ours["tokens_per_s"] / limit["tokens_per_s"]
         summary["encoder_matmul_limit_kernel"] = limit["kernel"]
+        for lib, key in (("interp", ""), ("sparsify", "sparsify_")):  # each round against its own ceiling
+            if lib in runs:
+                per_round = [run["tokens_per_s"] / lim["tokens_per_s"] for run, lim in zip(runs[lib], round_limits)]
+                summary[f"{key}fraction_of_encoder_matmul_limit_paired"] = statistics.median(per_round)
+                summary[f"{key}fraction_of_encoder_matmul_limit_per_round"] = per_round
         for kernel in ("addmm", "preallocated"):  # the ceilings of runs 1-5 (addmm), for comparison
             summary[f"fraction_of_encoder_matmul_limit_{kernel}"] = ours["tokens_per_s"] / limit[kernel]["tokens_per_s"]
         for peer in ("saelens", "sparsify"):  # 2x a peer needs twice its fraction: above 1, out of reach
@@ -750,7 +759,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               "dtype": "float32 weights and Adam; rows ending in -bf16 run the SAE forward under bf16 autocast",
               "device": args.device, "torch_threads": torch.get_num_threads(), "machine": machine(),
               **({"bf16_skipped": bf16_skipped} if bf16_skipped else {}),
-              "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit},
+              "results": rows, "encoder_matmul_limit": {"before": lim_before, "after": lim_after, "mean": limit,
+                                                        "per_round": round_limits},
               "summary": summary, "command": recorded_command("benchmarks/sae_train.py",
                                                               sys.argv[1:] if argv is None else argv),
               "load_average_before_after": [load_before, list(os.getloadavg())],
@@ -763,6 +773,18 @@ def main(argv: list[str] | None = None) -> dict | None:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out}")
     return result
+
+
+def run_order(libraries: list[str], repeats: int, seeds: list[int]) -> list[tuple[str, int]]:
+    """``(library, seed)`` in the order they run, with ``("ceiling", round)`` where the matmul alone is timed:
+    A B C, then C B A (load that drifts over time hits everyone alike), the ceiling before the libraries in even
+    rounds and after them in odd ones; round ``r`` takes ``seeds[r % len(seeds)]``."""
+    order: list[tuple[str, int]] = []
+    for r in range(repeats):
+        seed = seeds[r % len(seeds)]
+        todo = [(lib, seed) for lib in (libraries if r % 2 == 0 else libraries[::-1])]
+        order += [("ceiling", r), *todo] if r % 2 == 0 else [*todo, ("ceiling", r)]
+    return order
 
 
 def slow_bf16(args: argparse.Namespace) -> str | None:

@@ -274,3 +274,20 @@ def test_bf16_rows_are_left_out_with_the_reason_where_bf16_products_are_slow(sae
     assert sae_train.slow_bf16(argparse.Namespace(bf16=False, quick=False, device="cpu")) is None
     monkeypatch.setattr(precision, "matmul_slowdown", lambda kind, dtype: 0.7)
     assert sae_train.slow_bf16(args) is None
+
+
+def test_runs_alternate_with_the_ceiling_timed_beside_each_round(sae_train):
+    assert sae_train.run_order(["a", "b"], 3, [7, 8]) == [
+        ("ceiling", 0), ("a", 7), ("b", 7), ("b", 8), ("a", 8), ("ceiling", 1), ("ceiling", 2), ("a", 7), ("b", 7)]
+
+
+def test_quick_run_pairs_each_round_with_its_own_ceiling(quick):
+    limits = quick["encoder_matmul_limit"]["per_round"]
+    assert len(limits) == len(quick["summary"]["fraction_of_encoder_matmul_limit_per_round"]) == 1
+    for lib, key in (("interp", ""), ("sparsify", "sparsify_")):
+        per_round = [t / lim["tokens_per_s"] for t, lim in
+                     zip(quick["results"][lib]["tokens_per_s_all_repeats"], limits)]
+        assert quick["summary"][f"{key}fraction_of_encoder_matmul_limit_per_round"] == pytest.approx(per_round)
+        assert quick["summary"][f"{key}fraction_of_encoder_matmul_limit_paired"] == pytest.approx(
+            statistics.median(per_round))
+    assert all(lim["kernel"] in lim for lim in limits)
