@@ -186,10 +186,11 @@ def main(argv: list[str] | None = None) -> dict:
     d_model = train[0].shape[-1]
     rounds = []
     kernel_ab = args.encoder_kernels or [None]
-    for r in range(args.rounds):  # the ceiling first in even rounds, the training(s) first in odd ones
-        order = ["ceiling", *kernel_ab]
+    order = sae_train.run_order(kernel_ab, args.rounds, list(range(args.rounds)))  # the ceiling beside each round
+    per_round = len(kernel_ab) + 1
+    for r in range(args.rounds):
         done = {}
-        for what in (order if r % 2 == 0 else order[::-1]):
+        for what, _ in order[r * per_round:(r + 1) * per_round]:
             if what == "ceiling":
                 limit = sae_train.fastest(sae_train.matmul_limit(args.batch, d_model, args.d_sae, args.device))
             else:

@@ -21,7 +21,7 @@ alone, as tokens/s and FLOP/s; no TopK trainer can be faster than that. It is ti
 whole run (``fraction_of_encoder_matmul_limit``: the median tokens/s over the mean of the two) and once in every
 round, before the libraries in even rounds and after them in odd ones
 (``fraction_of_encoder_matmul_limit_paired``: the median over rounds of each round's tokens/s over the limit
-timed in that round; a shared CPU drifts by 10-20 % within a run, and the pairing follows it).
+timed in that round; a shared CPU drifts by 10-30 % within a run, and the pairing follows it).
 
     python benchmarks/sae_train.py --cache CACHE --steps 40
     (write the cache with: interp capture --sites blocks.12.hook_resid_post --tokens 250000 --out DIR)
@@ -694,8 +694,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                 r["final_fvu"] - min(runs[p][i]["final_fvu"] for p in peers) for i, r in enumerate(runs["interp"]))
         summary["fraction_of_encoder_matmul_limit"] = ours["tokens_per_s"] / limit["tokens_per_s"]
         summary["encoder_matmul_limit_kernel"] = limit["kernel"]
-        for lib, key in (("interp", ""), ("sparsify", "sparsify_")):  # each round against its own ceiling
+        for lib in ("interp", "saelens", "sparsify"):  # each round against its own ceiling
             if lib in runs:
+                key = "" if lib == "interp" else f"{lib}_"
                 per_round = [run["tokens_per_s"] / lim["tokens_per_s"] for run, lim in zip(runs[lib], round_limits)]
                 summary[f"{key}fraction_of_encoder_matmul_limit_paired"] = statistics.median(per_round)
                 summary[f"{key}fraction_of_encoder_matmul_limit_per_round"] = per_round

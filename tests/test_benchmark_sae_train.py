@@ -284,7 +284,7 @@ def test_runs_alternate_with_the_ceiling_timed_beside_each_round(sae_train):
 def test_quick_run_pairs_each_round_with_its_own_ceiling(quick):
     limits = quick["encoder_matmul_limit"]["per_round"]
     assert len(limits) == len(quick["summary"]["fraction_of_encoder_matmul_limit_per_round"]) == 1
-    for lib, key in (("interp", ""), ("sparsify", "sparsify_")):
+    for lib, key in (("interp", ""), ("saelens", "saelens_"), ("sparsify", "sparsify_")):
         per_round = [t / lim["tokens_per_s"] for t, lim in
                      zip(quick["results"][lib]["tokens_per_s_all_repeats"], limits)]
         assert quick["summary"][f"{key}fraction_of_encoder_matmul_limit_per_round"] == pytest.approx(per_round)
