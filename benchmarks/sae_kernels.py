@@ -2,7 +2,8 @@
 
 Two pieces of the sparse TopK step (:mod:`saes.kernels`) are timed beside torch's own op on the same tensors:
 
-* ``topk_indices`` (the two-level top-k) against ``Tensor.topk``, on the encoder pre-activations of a batch;
+* ``topk_indices`` (the trainer's top-k: :func:`saes.native.topk` where it is built, ``topk_kernel``) and
+  ``two_level_topk`` (the torch-only two levels) against ``Tensor.topk``, on the encoder pre-activations of a batch;
 * :class:`saes.kernels.BagSum` forward + backward (CSR product and ``sampled_addmm``) against
   ``F.embedding_bag``'s (``trainer_uses_bag_sum``: whether the step takes it, by
   ``saes.kernels.bag_sum_applies``).
@@ -65,7 +66,7 @@ def compare(ref, ours, rounds: int, calls: int) -> dict:
 
 
 def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
-    from saes import kernels
+    from saes import kernels, native
 
     with torch.no_grad():
         pre = kernels.pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec)
@@ -75,6 +76,9 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     second = (float((~kernels.two_level_candidates(pre, k)[3]).float().mean())
               if kernels.two_level_applies(pre, k) else None)
     topk = compare(lambda: pre.topk(k, dim=-1, sorted=False), lambda: kernels.topk_indices(pre, k), rounds, calls)
+    two = compare(lambda: pre.topk(k, dim=-1, sorted=False), lambda: kernels.two_level_topk(pre, k), rounds, calls)
+    two_idx = kernels.two_level_topk(pre, k)
+    same_values &= bool(torch.equal(pre.gather(1, two_idx).sort(1).values, pre.topk(k, dim=-1).values.sort(1).values))
 
     g = torch.randn(b, sae.W_dec.shape[1], generator=torch.Generator().manual_seed(0))
     vals = pre.gather(1, idx).relu().requires_grad_()
@@ -90,7 +94,8 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     # fresh SAE has gradient entries near 260, where float32's spacing alone is 3e-5)
     rel = max(float((a - w).norm() / w.norm()) for a, w in zip(ours(), ref()))
     bag = compare(ref, ours, rounds, calls)
-    return {"topk": topk, "rows_with_second_topk": second, "topk_same_values": same_values,
+    return {"topk": topk, "topk_kernel": "native" if native.topk_applies(pre, k) else "two_level",
+            "topk_two_level": two, "rows_with_second_topk": second, "topk_same_values": same_values,
             "bag_sum_forward_backward": bag, "bag_sum_grads_relative_error": rel, "bag_sum_grads_close": rel < 1e-5,
             "entries_per_latent": b * k / d_sae,
             "trainer_uses_bag_sum": kernels.bag_sum_applies(W)}

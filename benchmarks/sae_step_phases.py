@@ -13,7 +13,9 @@ the next, is cut into:
   (the encoder's and decoder's sparse backward) and the non-finite guard's check of the loss;
 * ``projection``: :func:`saes.losses.remove_parallel_grad`;
 * ``optimizer``: from the projection's end to the decoder renormalisation: the Adam step, the schedule and
-  ``zero_grad``;
+  ``zero_grad``; where the trainer takes the one-pass decoder step (:func:`saes.optim.unit_rows_applies`),
+  the Adam step alone, with the projection and the renorm inside it (both read 0, and the schedule and
+  ``zero_grad`` count in ``rest``);
 * ``renorm``: :func:`saes.losses.normalize_rows`;
 * ``rest``: the remainder (dead-latent counters, logging, handing over the next batch).
 
@@ -33,7 +35,9 @@ synchronises the device (so the phases add up, and the step is slower than unwra
 ``--encoder-kernels onednn addmm`` makes each round an A/B of the encoder matmul's kernel on CPU (the trainer picks
 oneDNN where torch dispatches AVX-512, ``addmm`` elsewhere: :func:`saes.kernels.prefer_onednn`): a fresh SAE is
 trained once per kernel named, the matmul forced onto it, in alternating order with the ceiling; the summary gives
-each kernel's phases and fraction, and the median of the rounds' step ratios.
+each kernel's phases and fraction, and the median of the rounds' step ratios. ``--step-kernels native torch`` is
+the same A/B for the compiled kernels of :mod:`saes.native` (top-k and the one-pass decoder step) against the
+torch paths the trainer takes where they are not built.
 
 ``--quick`` trains on planted rows at tiny sizes: the code path only.
 """
@@ -56,14 +60,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_train  # noqa: E402
 
-from saes import kernels  # noqa: E402
+from saes import kernels, native, optim  # noqa: E402
 from saes import trainer as trainer_module  # noqa: E402
 
 PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
 RESULTS = Path(__file__).parent / "results" / "sae_step_phases.json"
 TIMED = ((kernels, "encoder_matmul", "encoder_matmul"), (kernels, "topk_indices", "top_k"),
-         (trainer_module, "remove_parallel_grad", "projection"), (trainer_module, "normalize_rows", "renorm"))
+         (trainer_module, "remove_parallel_grad", "projection"), (trainer_module, "normalize_rows", "renorm"),
+         (optim.Adam, "step", "adam"))
 """``(module, function, phase)``: the functions the trainer calls through their module, timed as that phase."""
+ENCODER_KERNELS = ("onednn", "addmm")
+STEP_KERNELS = ("native", "torch")
 
 
 class Clock:
@@ -112,10 +119,14 @@ class Clock:
                 return sum(e - s for s, e in ev.get(name, []))
 
             (ls, le), = ev["training_loss"]
-            proj, norm = ev["projection"][0], ev["renorm"][0]
-            row = {"step": hi - lo, "encoder_matmul": total("encoder_matmul"), "top_k": total("top_k"),
-                   "backward": proj[0] - le, "projection": proj[1] - proj[0], "optimizer": norm[0] - proj[1],
-                   "renorm": norm[1] - norm[0]}
+            row = {"step": hi - lo, "encoder_matmul": total("encoder_matmul"), "top_k": total("top_k")}
+            if "projection" in ev:
+                proj, norm = ev["projection"][0], ev["renorm"][0]
+                row.update(backward=proj[0] - le, projection=proj[1] - proj[0], optimizer=norm[0] - proj[1],
+                           renorm=norm[1] - norm[0])
+            else:  # the one-pass decoder step: projection and renorm inside Adam's
+                adam = ev["adam"][0]
+                row.update(backward=adam[0] - le, projection=0.0, optimizer=adam[1] - adam[0], renorm=0.0)
             row["loss_rest"] = (le - ls) - row["encoder_matmul"] - row["top_k"]
             row["rest"] = row["step"] - sum(row[p] for p in PHASES if p != "rest")
             out.append(row)
@@ -124,14 +135,17 @@ class Clock:
 
 def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str | None = None) -> dict:
     """One fresh SAE trained on ``train`` by ``sae_train.run_ours`` with every phase timed; medians over the steps
-    after the warm-up. ``kernel`` (``onednn`` or ``addmm``) forces the encoder matmul onto that kernel (through
-    :func:`saes.kernels.prefer_onednn`); None leaves the trainer's own choice."""
+    after the warm-up. ``kernel`` ``onednn`` or ``addmm`` forces the encoder matmul onto that kernel (through
+    :func:`saes.kernels.prefer_onednn`), ``torch`` keeps the trainer off :mod:`saes.native`'s kernels, ``native``
+    (or None) leaves the trainer's own choice."""
     clock = Clock(args.device)
     with contextlib.ExitStack() as patches:  # the timers come off again, whatever happens
         for module, name, phase in TIMED:
             patches.enter_context(mock.patch.object(module, name, clock.wrap(phase, getattr(module, name))))
-        if kernel is not None:
+        if kernel in ENCODER_KERNELS:
             patches.enter_context(mock.patch.object(kernels, "prefer_onednn", lambda: kernel == "onednn"))
+        if kernel == "torch":
+            patches.enter_context(mock.patch.object(native, "library", lambda: None))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
@@ -161,9 +175,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--lr", type=float, default=None, help="default: sae_train.py's shared rate for --d-sae")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--encoder-kernels", nargs="+", choices=("onednn", "addmm"), default=None,
+    p.add_argument("--encoder-kernels", nargs="+", choices=ENCODER_KERNELS, default=None,
                    help="an A/B of the encoder matmul's kernel (CPU): each round trains once per kernel named, in "
                         "alternating order; default: the trainer's own choice for this CPU")
+    p.add_argument("--step-kernels", nargs="+", choices=STEP_KERNELS, default=None,
+                   help="an A/B of saes.native's compiled kernels against the torch paths (CPU), as --encoder-kernels")
     p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -171,10 +187,16 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch, args.d_sae, args.k, args.steps, args.warmup = 128, 256, 8, 6, 2
     elif args.cache is None:
         p.error("--cache is required (or --quick)")
+    if args.encoder_kernels and args.step_kernels:
+        p.error("--encoder-kernels and --step-kernels are two A/Bs: give one of them per run")
+    ab_flag = "--encoder-kernels" if args.encoder_kernels else "--step-kernels"
+    args.encoder_kernels = args.encoder_kernels or args.step_kernels
     if args.encoder_kernels and not str(args.device).startswith("cpu"):
-        p.error(f"--encoder-kernels compares CPU kernels; --device is {args.device}: leave it out there")
+        p.error(f"{ab_flag} compares CPU kernels; --device is {args.device}: leave it out there")
     if args.encoder_kernels and len(set(args.encoder_kernels)) != len(args.encoder_kernels):
-        p.error(f"--encoder-kernels names a kernel twice ({' '.join(args.encoder_kernels)}); name each once")
+        p.error(f"{ab_flag} names a kernel twice ({' '.join(args.encoder_kernels)}); name each once")
+    if "native" in (args.encoder_kernels or []) and native.library() is None:
+        p.error(f"{ab_flag} names native, but saes.native's kernels are not built here ({native.status()})")
     if args.warmup >= args.steps - 1:
         p.error(f"--warmup {args.warmup} leaves no step of --steps {args.steps} to time; use a smaller --warmup")
     from saes.train_config import default_lr
@@ -221,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
               "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
-              "encoder_kernel": args.encoder_kernels or trainer_kernel,
+              "encoder_kernel": args.encoder_kernels if ab_flag == "--encoder-kernels" and args.encoder_kernels
+              else trainer_kernel,
+              "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
                                                                         sys.argv[1:] if argv is None else argv),
@@ -229,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
               "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
                       f"{torch.get_num_threads()} threads: above that, something else ran"}
     for kernel, summ in (summary["by_kernel"].items() if args.encoder_kernels else [(None, summary)]):
-        print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   (encoder matmul on {kernel})" if kernel else ""))
+        what = "encoder matmul on" if kernel in ENCODER_KERNELS else "step kernels:"
+        print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   ({what} {kernel})" if kernel else ""))
         for ph in PHASES:
             print(f"{ph:16s} {summ['ms'][ph]:8.2f} {summ['share_of_step'][ph]:7.1%}")
         print(f"{'step':16s} {summ['ms']['step']:8.2f}   matmul alone {summ['ceiling_ms']:.2f} ms: "

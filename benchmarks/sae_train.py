@@ -502,7 +502,8 @@ def worker(args) -> dict:
 
 def machine() -> dict:
     """What sets this run's speeds beside the load: the CPU's vector capability as torch sees it (oneDNN's lead over
-    ``addmm`` depends on AVX-512), the CPU model, and the versions of torch and of the peers."""
+    ``addmm`` depends on AVX-512), the CPU model, whether :mod:`saes.native`'s compiled kernels are built, and the
+    versions of torch and of the peers."""
     import platform
     from importlib import metadata
 
@@ -517,7 +518,10 @@ def machine() -> dict:
                      if line.startswith("model name"))
     except (OSError, StopIteration):
         model = None
+    from saes import native
+
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_model": model or platform.processor(),
+            "native_kernels": native.library() is not None,
             "versions": {d: version(d) for d in ("torch", "eai-sparsify", "sae-lens")}}
 
 

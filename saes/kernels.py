@@ -8,12 +8,13 @@ the selected entries:
 
 * ``grad b_enc = index_add(g)``; ``grad b_dec = -W_enc @ grad b_enc`` (when the input is centred);
 * ``grad W_enc = (x - b_dec)^T S`` with ``S`` the sparse ``[batch, d_sae]`` matrix of ``g``,
-  computed as a sparse-dense product (``batch * k * d_model`` multiply-adds, not
+  computed as a sparse-dense product (:func:`scatter_rows`: ``batch * k * d_model`` multiply-adds, not
   ``batch * d_sae * d_model``).
 
 Decoding is ``embedding_bag(idx, W_dec, per_sample_weights=vals)``, a gather-sum (:func:`bag_sum`: on CPU
-in float32 its backward is a CSR product for ``W_dec`` and a ``sampled_addmm`` for the values). The top ``k``
-come from :func:`topk_indices`, exact, in two levels on CPU.
+in float32 its backward is :func:`scatter_rows` for ``W_dec`` and a ``sampled_addmm`` for the values). The top
+``k`` come from :func:`topk_indices`, exact. On CPU in float32 the top-k and the sparse products are compiled
+kernels (:mod:`saes.native`) where a C compiler is at hand, torch ops elsewhere.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn import functional as F
+
+from saes import native
 
 ONEDNN_MIN_FLOPS = 1e7
 """Smaller encoder matmuls stay on ``addmm``: oneDNN's per-call setup costs more than it saves there (2-core
@@ -138,6 +141,19 @@ def csr_matmul(st: Tensor, dense: Float[Tensor, "n m"], out: Tensor | None = Non
     return torch.addmm(out, st, dense, beta=0, out=out)
 
 
+def scatter_rows(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], dense: Float[Tensor, "batch m"],
+                 d_sae: int) -> Float[Tensor, "d_sae m"]:
+    """``S^T dense`` with ``S`` the sparse ``[batch, d_sae]`` matrix of ``vals`` at ``idx`` (the sparse backwards'
+    weight gradients): :func:`saes.native.scatter_rows` where it applies (a counting sort by latent and one pass
+    writing the product: 1.6-1.8 ms against 2.6-3.0 for the CSR product with its sort (freed memory kept,
+    as in the trainer) at batch 1,024, 9,216 latents, k 32, 576 wide, on a 2-core AMD EPYC with AVX2,
+    ad hoc; ``experiments/README.md``, SAE training run 15), the CSR product (:func:`csr_matmul` of
+    :func:`_sparse_t`) elsewhere; each latent's terms summed in batch order in both."""
+    if native.sparse_applies(idx, vals, dense):
+        return native.scatter_rows(idx, vals, dense, d_sae)
+    return csr_matmul(_sparse_t(idx, vals, d_sae), dense)
+
+
 class GatherPre(torch.autograd.Function):
     """``pre[b, idx[b, j]]`` where ``pre = (x - b_dec) @ W_enc + b_enc``, with a sparse backward.
 
@@ -160,8 +176,7 @@ class GatherPre(torch.autograd.Function):
             grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
         if ctx.needs_input_grad[3]:
             xc = (x - b_dec) if ctx.has_b_dec else x
-            st = _sparse_t(idx, g, d_sae)
-            grad_W = csr_matmul(st, xc.to(W_enc.dtype)).T
+            grad_W = scatter_rows(idx, g, xc.to(W_enc.dtype), d_sae).T
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
             grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
@@ -178,7 +193,7 @@ def gather_pre(pre: Float[Tensor, "batch d_sae"], idx: Int[Tensor, "batch k"], x
 class BagSum(torch.autograd.Function):
     """``sum_j vals[b, j] * W[idx[b, j]]`` (``embedding_bag`` in sum mode) with a sparse backward.
 
-    ``grad W = S^T g`` as a CSR-dense product (``S`` the sparse ``[batch, d_sae]`` matrix of ``vals``) and
+    ``grad W = S^T g`` by :func:`scatter_rows` (``S`` the sparse ``[batch, d_sae]`` matrix of ``vals``) and
     ``grad vals[b, j] = <g[b], W[idx[b, j]]>`` by ``torch.sparse.sampled_addmm`` on the pattern of ``idx``.
     Equal to ``embedding_bag``'s gradients to float rounding (``tests/saes/test_kernels.py``); faster on CPU
     (see :func:`bag_sum_applies`)."""
@@ -202,20 +217,21 @@ class BagSum(torch.autograd.Function):
                                                   check_invariants=False)
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(b, k)
         if ctx.needs_input_grad[2]:
-            grad_W = csr_matmul(_sparse_t(idx, vals, W.shape[0]), g)
+            grad_W = scatter_rows(idx, vals, g, W.shape[0])
         return None, grad_vals, grad_W
 
 
 def bag_sum_applies(W: Float[Tensor, "d_sae d_model"]) -> bool:
     """Whether :func:`bag_sum` takes :class:`BagSum`: float32 on CPU.
 
-    Forward + backward against ``embedding_bag``'s, since the CSR products go through :func:`csr_matmul`
-    (``benchmarks/sae_kernels.py`` on the layer-12 cache, freed memory kept as in the trainer; 2-core AMD EPYC
-    with AVX2; a fresh SAE / one trained 50-200 steps; ``experiments/README.md``, SAE training run 11):
-    1.20x / 1.39x at 14 entries per latent (batch 4,096, 9,216 latents, k 32), 1.16x / 1.21x at 3.6 (batch
-    1,024) and 1.22x / 1.26x at 1.8 (batch 1,024, 36,864 latents, k 64), 1.19-1.40x in a first pass; on random
-    rows 1.20-1.34x from 0.22 to 3.6 entries per latent. Before :func:`csr_matmul`, on an AVX-512 AMD EPYC, it
-    lost below 8 entries per latent on a fresh SAE (0.87x at 3.6, 0.80x at 1.8), and the step took it only from 8
+    Forward + backward against ``embedding_bag``'s with the compiled weight gradient (:func:`scatter_rows`;
+    ``benchmarks/results/sae_kernels_avx2_run15.json``, the settings below): 1.42-1.62x; with the CSR products
+    through :func:`csr_matmul` (``benchmarks/sae_kernels.py`` on the layer-12 cache, freed memory kept as in the
+    trainer; 2-core AMD EPYC with AVX2; a fresh SAE / one trained 50-200 steps; ``experiments/README.md``, SAE
+    training run 11): 1.20x / 1.39x at 14 entries per latent (batch 4,096, 9,216 latents, k 32), 1.16x / 1.21x at
+    3.6 (batch 1,024) and 1.22x / 1.26x at 1.8 (batch 1,024, 36,864 latents, k 64), 1.19-1.40x in a first pass; on
+    random rows 1.20-1.34x from 0.22 to 3.6 entries per latent. Before :func:`csr_matmul`, on an AVX-512 AMD EPYC,
+    it lost below 8 entries per latent on a fresh SAE (0.87x at 3.6, 0.80x at 1.8), and the step took it only from 8
     up; that CPU was not measured again."""
     return W.device.type == "cpu" and W.dtype == torch.float32
 
@@ -305,6 +321,19 @@ def two_level_candidates(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Ten
 def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batch k"]:
     """The positions of each row's ``k`` largest entries, in no particular order: the same values as
     ``pre.topk(k).indices`` picks (where entries tie at the k-th value, possibly other positions of it).
+
+    In float32 on CPU the compiled kernel :func:`saes.native.topk` where it is built (block maxima, a lower bound
+    from them, selection among the few entries above it; :func:`saes.native.status`): on the layer-12 cache,
+    2-core AMD EPYC with AVX2 (``benchmarks/results/sae_kernels_avx2_run15.json``), 4.1-5.9x ``Tensor.topk``'s
+    speed at batch 1,024 and 4,096 with 9,216 and 36,864 latents, where the torch-only :func:`two_level_topk` ran
+    1.30-2.12x. Elsewhere :func:`two_level_topk`."""
+    if native.topk_applies(pre, k):
+        return native.topk(pre, k)
+    return two_level_topk(pre, k)
+
+
+def two_level_topk(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batch k"]:
+    """:func:`topk_indices` with torch ops only.
 
     On CPU for wide rows in two levels, exact by construction: the row is split into ``g = d_sae / 16`` groups
     of 16 entries at stride ``g`` (group ``j`` holds entries ``j, j + g, ...``; their maxima are one vectorised

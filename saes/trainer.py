@@ -311,12 +311,13 @@ class Trainer:
                               lr=st.opt.param_groups[0]["lr"], last_good=self._last_saved,
                               checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
         norm = getattr(sae, "normalize_decoder", False)
-        if norm:
+        one_pass = norm and optim.unit_rows_applies(st.opt, sae.W_dec)  # projection, Adam and renorm in one kernel
+        if norm and not one_pass:
             remove_parallel_grad(sae.W_dec, unit_rows=step > 0)  # normalize_rows ran after every earlier step
-        st.opt.step()
+        st.opt.step(**({"unit_rows": {sae.W_dec: step > 0}} if one_pass else {}))
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)
-        if norm:
+        if norm and not one_pass:
             normalize_rows(sae.W_dec)
         after = getattr(sae, "after_step", None)
         if after is not None:

@@ -105,3 +105,39 @@ def test_kernel_ab_refuses_what_it_cannot_compare(phases, capsys, argv, message)
     with pytest.raises(SystemExit):
         phases.main(["--quick", *argv])
     assert message in capsys.readouterr().err
+
+
+def test_step_kernel_ab_trains_with_and_without_the_compiled_kernels(phases, monkeypatch, tmp_path):
+    from saes import native
+
+    if native.library() is None:
+        with pytest.raises(SystemExit):  # refused with the reason, not timed as if built
+            phases.main(["--quick", "--step-kernels", "native", "torch", "--out", str(tmp_path / "x.json")])
+        return
+    calls, arm = {"native": 0, "torch": 0}, []
+    real_run, real_topk = phases.sae_train.run_ours, native.topk
+
+    def run_ours(*a, **kw):
+        arm.append("native" if native.library() is not None else "torch")
+        try:
+            return real_run(*a, **kw)
+        finally:
+            arm.clear()
+
+    def topk(*a, **kw):
+        calls[arm[-1]] += 1
+        return real_topk(*a, **kw)
+
+    monkeypatch.setattr(phases.sae_train, "run_ours", run_ours)
+    monkeypatch.setattr(native, "topk", topk)
+    res = phases.main(["--quick", "--rounds", "2", "--step-kernels", "native", "torch",
+                       "--out", str(tmp_path / "ab.json")])
+    assert calls["native"] > 0 and calls["torch"] == 0
+    assert res["step_kernels"] == ["native", "torch"] and res["encoder_kernel"] in ("onednn", "addmm")
+    for r in res["rounds"]:
+        one_pass, three = r["by_kernel"]["native"]["ms"], r["by_kernel"]["torch"]["ms"]
+        assert one_pass["projection"] == one_pass["renorm"] == 0 < three["projection"] and three["renorm"] > 0
+        assert one_pass["optimizer"] > 0
+    assert "step_torch_over_native" in res["summary"]
+    with pytest.raises(SystemExit):
+        phases.main(["--quick", "--step-kernels", "native", "--encoder-kernels", "addmm"])

@@ -142,7 +142,7 @@ def test_two_level_topk_picks_the_values_torch_topk_picks(data, d):
         pre = torch.randint(0, 6, (b, d)).float()
     else:
         pre = torch.randn(b, d) - (50.0 if data == "negative" else 0.0)
-    idx = kernels.topk_indices(pre, k)
+    idx = kernels.two_level_topk(pre, k)
     assert idx.shape == (b, k)
     assert all(len(set(row)) == k for row in idx.tolist())  # k distinct positions per row
     want = pre.topk(k, dim=-1).values
@@ -155,7 +155,7 @@ def test_two_level_topk_mixes_exact_rows_and_rows_needing_a_second_topk():
     torch.manual_seed(1)
     pre = torch.randn(8, 8192)
     pre[::2] = pre[::2].round()  # ties at the k-th group maximum in the even rows only
-    idx = kernels.topk_indices(pre, 16)
+    idx = kernels.two_level_topk(pre, 16)
     torch.testing.assert_close(pre.gather(1, idx).sort(1).values, pre.topk(16, dim=-1).values.sort(1).values,
                                rtol=0, atol=0)
 
@@ -175,7 +175,7 @@ def test_top_groups_picks_the_largest_maxima(g, k, data):
 
 def test_narrow_rows_go_to_torch_topk():
     pre = torch.randn(4, 1024)
-    assert torch.equal(kernels.topk_indices(pre, 8), pre.topk(8, dim=-1, sorted=False).indices)
+    assert torch.equal(kernels.two_level_topk(pre, 8), pre.topk(8, dim=-1, sorted=False).indices)
 
 
 @pytest.mark.parametrize("k", [1, 7])

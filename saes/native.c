@@ -1,0 +1,291 @@
+/* CPU kernels of the SAE training step, built at first use by saes/native.py (plain C, no Python or torch
+ * headers; each call takes a range of rows, split over OpenMP threads where built with OpenMP).
+ *
+ * topk_rows:      the positions of each row's k largest entries (in no particular order).
+ * unit_row_adam:  one pass over a decoder whose rows are kept at unit norm: remove each gradient row's
+ *                 component along its weight row, take torch's Adam step (no weight decay, no amsgrad),
+ *                 renormalise the row.
+ * scatter_rows:   the sparse product S^T dense of the sparse backwards, after a counting sort by latent.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BLOCK 16
+#define MIN_ROWS_PER_THREAD 64
+
+int native_version(void) { return 4; }
+
+/* Built with OpenMP, the kernels split their rows over native_set_threads() threads of the process's OpenMP
+ * runtime: torch's own (the loader resolves libgomp.so.1 to the copy torch loaded), so no second pool of
+ * threads competes with torch's. Built without it, each call runs on the calling thread and the caller splits. */
+static int n_threads = 1;
+
+void native_set_threads(int n) { n_threads = n > 0 ? n : 1; }
+
+int native_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Runs CALL (an int expression of the row range [a, b)) over [r0, r1) split into contiguous ranges, one per
+ * thread; evaluates to the OR of the calls' results. */
+#ifdef _OPENMP
+#define SPLIT_ROWS(r0, r1, CALL)                                                                                   \
+    ({                                                                                                             \
+        int64_t n_ = (r1) - (r0), t_ = n_ / MIN_ROWS_PER_THREAD;                                                   \
+        int nt_ = t_ < 1 ? 1 : (t_ < n_threads ? (int)t_ : n_threads), rc_ = 0;                                    \
+        _Pragma("omp parallel num_threads(nt_) reduction(| : rc_)") {                                              \
+            int64_t i_ = omp_get_thread_num(), m_ = omp_get_num_threads();                                         \
+            int64_t a = (r0) + n_ * i_ / m_, b = (r0) + n_ * (i_ + 1) / m_;                                        \
+            rc_ |= (CALL);                                                                                         \
+        }                                                                                                          \
+        rc_;                                                                                                       \
+    })
+#else
+#define SPLIT_ROWS(r0, r1, CALL)                                                                                   \
+    ({                                                                                                             \
+        int64_t a = (r0), b = (r1);                                                                                \
+        (CALL);                                                                                                    \
+    })
+#endif
+
+/* An int32 key of a float that orders as the float does, NaN above +inf (as torch.topk orders it). */
+static inline int32_t key32(float x) {
+    int32_t s;
+    memcpy(&s, &x, sizeof s);
+    if (x != x) s = 0x7FFFFFFF;
+    return s < 0 ? s ^ 0x7FFFFFFF : s;
+}
+
+static inline float unkey32(int32_t s) {
+    float x;
+    s = s < 0 ? s ^ 0x7FFFFFFF : s;
+    memcpy(&x, &s, sizeof x);
+    return x;
+}
+
+/* The k-th largest of n keys (0 < k <= n), bit by bit from the top: 32 counting passes, no branch on the data. */
+static int32_t kth_key(const int32_t *key, int64_t n, int64_t k) {
+    uint32_t t = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        uint32_t c = t | (1u << bit);
+        int32_t cs = (int32_t)(c ^ 0x80000000u);
+        int64_t cnt = 0;
+        for (int64_t i = 0; i < n; i++) cnt += key[i] >= cs;
+        if (cnt >= k) t = c;
+    }
+    return (int32_t)(t ^ 0x80000000u);
+}
+
+/* out: the positions (pos[i], or i where pos is NULL) of the k largest keys; of the keys equal to the k-th
+ * largest, the first ones. */
+static void take_top(const int32_t *key, const int64_t *pos, int64_t n, int64_t k, int64_t *out) {
+    int32_t t = kth_key(key, n, k);
+    int64_t gt = 0;
+    for (int64_t i = 0; i < n; i++) gt += key[i] > t;
+    int64_t ties = k - gt, o = 0;
+    for (int64_t i = 0; i < n && o < k; i++) {
+        if (key[i] > t || (key[i] == t && ties-- > 0)) out[o++] = pos ? pos[i] : i;
+    }
+}
+
+/* Block maxima of a row (blocks of 16 adjacent entries, the last one possibly shorter); returns whether the
+ * row holds a NaN. */
+static int block_maxima(const float *p, int64_t d, float *bm) {
+    int64_t nb = d / BLOCK, b = 0;
+    int nan = 0;
+#ifdef __AVX2__
+    __m256 un = _mm256_setzero_ps();
+    for (; b < nb; b++) {
+        __m256 x0 = _mm256_loadu_ps(p + b * BLOCK), x1 = _mm256_loadu_ps(p + b * BLOCK + 8);
+        un = _mm256_or_ps(un, _mm256_or_ps(_mm256_cmp_ps(x0, x0, _CMP_UNORD_Q), _mm256_cmp_ps(x1, x1, _CMP_UNORD_Q)));
+        __m256 m = _mm256_max_ps(x0, x1);
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        bm[b] = _mm_cvtss_f32(h);
+    }
+    nan = _mm256_movemask_ps(un) != 0;
+#endif
+    for (; b < nb; b++) {
+        float m = p[b * BLOCK];
+        for (int t = 0; t < BLOCK; t++) {
+            float x = p[b * BLOCK + t];
+            nan |= x != x;
+            m = x > m ? x : m;
+        }
+        bm[b] = m;
+    }
+    if (nb * BLOCK < d) {
+        float m = p[nb * BLOCK];
+        for (int64_t j = nb * BLOCK; j < d; j++) {
+            nan |= p[j] != p[j];
+            m = p[j] > m ? p[j] : m;
+        }
+        bm[nb] = m;
+    }
+    return nan;
+}
+
+/* Rows [r0, r1) of pre (row stride ld): out[r * k + i] are the positions of row r's k largest entries.
+ *
+ * A row of at least 2 k blocks of 16 takes three steps, exact by construction: the maxima of groups of f
+ * adjacent blocks (f such that there are about 4 k groups); L, the k-th largest group maximum (at least k
+ * entries of the row are >= L, so every entry of the top k is >= L); the entries >= L of the blocks whose maximum
+ * is >= L (about k of them), and the k largest of those. Other rows, and rows holding a NaN, count over the whole
+ * row. Where entries tie at the k-th value, the first positions of it.
+ * Returns 0, or -1 when scratch memory could not be had. */
+static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out) {
+    int64_t nbl = (d + BLOCK - 1) / BLOCK;
+    int64_t f = nbl / (4 * k) > 1 ? nbl / (4 * k) : 1, ng = (nbl + f - 1) / f;
+    float *bm = malloc(sizeof(float) * (nbl + ng));
+    int32_t *key = malloc(sizeof(int32_t) * d);
+    int64_t *pos = malloc(sizeof(int64_t) * d);
+    if (!bm || !key || !pos) { free(bm); free(key); free(pos); return -1; }
+    float *gm = bm + nbl;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *p = pre + r * ld;
+        int64_t *o = out + r * k;
+        if (nbl < 2 * k || block_maxima(p, d, bm)) {
+            for (int64_t j = 0; j < d; j++) key[j] = key32(p[j]);
+            take_top(key, NULL, d, k, o);
+            continue;
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t end = (g + 1) * f < nbl ? (g + 1) * f : nbl;
+            float m = bm[g * f];
+            for (int64_t b = g * f + 1; b < end; b++) m = bm[b] > m ? bm[b] : m;
+            gm[g] = m;
+            key[g] = key32(m);
+        }
+        float L = unkey32(kth_key(key, ng, k));
+        int64_t n = 0;
+        int64_t b = 0;
+#ifdef __AVX2__
+        __m256 lv = _mm256_set1_ps(L);
+        for (; b + 8 <= nbl && (b + 8) * BLOCK <= d; b += 8) {
+            unsigned bits = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(bm + b), lv, _CMP_GE_OQ));
+            while (bits) {
+                int64_t j = (b + __builtin_ctz(bits)) * BLOCK;
+                bits &= bits - 1;
+                unsigned mask = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), lv, _CMP_GE_OQ))
+                    | (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j + 8), lv, _CMP_GE_OQ)) << 8;
+                while (mask) {
+                    int t = __builtin_ctz(mask);
+                    mask &= mask - 1;
+                    key[n] = key32(p[j + t]);
+                    pos[n++] = j + t;
+                }
+            }
+        }
+#endif
+        for (; b < nbl; b++) {
+            if (!(bm[b] >= L)) continue;
+            int64_t end = (b + 1) * BLOCK < d ? (b + 1) * BLOCK : d;
+            for (int64_t j = b * BLOCK; j < end; j++)
+                if (p[j] >= L) { key[n] = key32(p[j]); pos[n++] = j; }
+        }
+        take_top(key, pos, n, k, o);
+    }
+    free(bm);
+    free(key);
+    free(pos);
+    return 0;
+}
+
+int topk_rows(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out) {
+    return SPLIT_ROWS(r0, r1, topk_range(a, b, pre, d, ld, k, out));
+}
+
+/* Rows [r0, r1) of a decoder W (rows x cols, row-major) with gradient G and Adam moments M, V (same layout):
+ *   g <- g - (<g, w> / <w, w>) w        (<w, w> taken as 1 when unit is set)
+ *   m <- m + (1 - beta1) (g - m);  v <- beta2 v + (1 - beta2) g^2
+ *   w <- w - step_size m / (sqrt(v) / bc2_sqrt + eps);  w <- w / max(|w|, 1e-12)
+ * with step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step), as torch's Adam (no weight decay, no
+ * amsgrad). G is not written. */
+static int adam_range(int64_t r0, int64_t r1, float *W, const float *G, float *M, float *V, int64_t cols,
+                      double lr, double beta1, double beta2, double eps, double step, int unit) {
+    double bc1 = 1.0 - pow(beta1, step), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+    float step_size = (float)(lr / bc1), bc2 = (float)bc2_sqrt, e = (float)eps;
+    float b2 = (float)beta2, omb1 = (float)(1.0 - beta1), omb2 = (float)(1.0 - beta2);
+    for (int64_t r = r0; r < r1; r++) {
+        float *w = W + r * cols, *m = M + r * cols, *v = V + r * cols;
+        const float *g = G + r * cols;
+        float gw = 0.f, ww = 0.f;
+#pragma omp simd reduction(+ : gw, ww)
+        for (int64_t c = 0; c < cols; c++) { gw += g[c] * w[c]; ww += w[c] * w[c]; }
+        float coef = unit ? gw : gw / (ww > 1e-24f ? ww : 1e-24f);
+        float nn = 0.f;
+#pragma omp simd reduction(+ : nn)
+        for (int64_t c = 0; c < cols; c++) {
+            float gc = g[c] - coef * w[c];
+            float mc = m[c] + omb1 * (gc - m[c]);
+            float vc = b2 * v[c] + omb2 * gc * gc;
+            m[c] = mc;
+            v[c] = vc;
+            float wc = w[c] - step_size * mc / (sqrtf(vc) / bc2 + e);
+            w[c] = wc;
+            nn += wc * wc;
+        }
+        float s = 1.0f / fmaxf(sqrtf(nn), 1e-12f);
+#pragma omp simd
+        for (int64_t c = 0; c < cols; c++) w[c] *= s;
+    }
+    return 0;
+}
+
+void unit_row_adam(int64_t r0, int64_t r1, float *W, const float *G, float *M, float *V, int64_t cols,
+                   double lr, double beta1, double beta2, double eps, double step, int unit) {
+    SPLIT_ROWS(r0, r1, adam_range(a, b, W, G, M, V, cols, lr, beta1, beta2, eps, step, unit));
+}
+
+/* Counting sort of n latent ids idx[0..n) in [0, d_sae): starts[l] .. starts[l + 1] index into order, which lists
+ * the entries of latent l in ascending order. Returns 0, -1 when an id is out of range, -2 without memory. */
+int sort_by_latent(const int64_t *idx, int64_t n, int64_t d_sae, int64_t *starts, int64_t *order) {
+    memset(starts, 0, sizeof(int64_t) * (d_sae + 1));
+    for (int64_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= d_sae) return -1;
+        starts[idx[i] + 1]++;
+    }
+    for (int64_t l = 0; l < d_sae; l++) starts[l + 1] += starts[l];
+    int64_t *cur = malloc(sizeof(int64_t) * (d_sae > 0 ? d_sae : 1));
+    if (!cur) return -2;
+    memcpy(cur, starts, sizeof(int64_t) * d_sae);
+    for (int64_t i = 0; i < n; i++) order[cur[idx[i]]++] = i;
+    free(cur);
+    return 0;
+}
+
+/* Latents [r0, r1): out[l] = sum over the entries i of latent l (in ascending order) of vals[i] * dense[i / k]
+ * (rows of m floats; dense's row stride ld). Rows of latents with no entry are zero. */
+static int scatter_range(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *order, const float *vals,
+                         int64_t k, const float *dense, int64_t ld, int64_t m, float *out) {
+    for (int64_t l = r0; l < r1; l++) {
+        float *o = out + l * m;
+        memset(o, 0, sizeof(float) * m);
+        for (int64_t e = starts[l]; e < starts[l + 1]; e++) {
+            int64_t i = order[e];
+            const float *row = dense + (i / k) * ld;
+            float v = vals[i];
+#pragma omp simd
+            for (int64_t c = 0; c < m; c++) o[c] += v * row[c];
+        }
+    }
+    return 0;
+}
+
+void scatter_rows(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *order, const float *vals, int64_t k,
+                  const float *dense, int64_t ld, int64_t m, float *out) {
+    SPLIT_ROWS(r0, r1, scatter_range(a, b, starts, order, vals, k, dense, ld, m, out));
+}

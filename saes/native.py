@@ -1,0 +1,273 @@
+"""Compiled CPU kernels of the TopK training step, built from ``native.c`` at first use.
+
+* :func:`topk`: each row's ``k`` largest positions, in three steps per row (block maxima, the k-th largest of
+  them as a lower bound, the largest among the few entries above it), with none of torch's per-element work:
+  what :func:`saes.kernels.topk_indices` takes on CPU.
+* :func:`unit_row_adam`: the decoder's update in one pass over its rows (remove the gradient's component along
+  each row, torch's Adam step, renormalise the row) in place of three passes of torch ops: see
+  :func:`saes.optim.unit_rows_applies`.
+* :func:`scatter_rows`: the sparse backwards' weight gradients ``S^T dense`` by a counting sort and one pass
+  writing the product: what :func:`saes.kernels.scatter_rows` takes on CPU.
+
+Figures: ``experiments/README.md``, SAE training run 15 (each kernel against the torch path it replaces, and the
+whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``).
+
+The source is plain C (no Python or torch headers): it builds in under a second with the system's C compiler
+(``$CC``, else Python's own, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``) and is kept in
+``$INTERP_NATIVE_DIR`` (default ``~/.cache/interp/native``) under a name hashed from the source, the compiler,
+its flags and the CPU, written atomically. Built with OpenMP (:data:`FLAG_SETS`: the first set that builds and
+loads), each kernel splits its rows over ``torch.get_num_threads()`` threads of torch's own OpenMP runtime (the
+loader resolves ``libgomp.so.1`` to the copy torch loaded): a pool of Python threads in its place ran the top-k
+at 5.1 ms a step against 3.1 inside the trainer, its threads competing with torch's waiting ones for the cores.
+Without OpenMP, :func:`_rows` splits the rows over Python threads (ctypes lets go of the GIL during a call).
+
+Without a compiler, where the build fails, or with ``INTERP_NATIVE=0``, :func:`library` is None and the
+trainer takes its torch paths (the same values to float rounding; the tests compare both); :func:`status`
+says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native.c")
+VERSION = 4
+"""``native_version()`` of the source this module speaks to."""
+FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
+MIN_ROWS_PER_THREAD = 64
+"""Fewer rows per thread run on fewer threads (a thread hand-off costs tens of microseconds; ``native.c`` uses the
+same figure)."""
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+"""The process id the pool was made in, and the pool (a forked child makes its own: the threads stay behind)."""
+
+
+def _compiler() -> str | None:
+    names = [os.environ.get("CC", ""), (sysconfig.get_config_var("CC") or "").split(" ")[0], "cc", "gcc", "clang"]
+    for name in names:
+        path = shutil.which(name) if name else None
+        if path:
+            return path
+    return None
+
+
+def _cpu() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags where Linux lists them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$INTERP_NATIVE_DIR``, else ``interp/native`` in the user's cache folder."""
+    if os.environ.get("INTERP_NATIVE_DIR"):
+        return Path(os.environ["INTERP_NATIVE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "interp" / "native"
+
+
+FLAG_SETS = (("-fopenmp", "-march=native"), ("-fopenmp",), ("-fopenmp-simd", "-march=native"), ("-fopenmp-simd",))
+"""Tried in this order until one builds and loads: OpenMP (torch's own runtime) and this CPU's instructions first."""
+
+
+def _build_and_load(cc: str) -> tuple[ctypes.CDLL, Path]:
+    """The library built (now, unless a build for this source, compiler, flags and CPU is kept) and loaded."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    source = SOURCE.read_bytes()
+    last = None
+    for extra in FLAG_SETS:
+        flags = (*FLAGS, *extra)
+        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
+                                         platform.machine().encode(), _cpu().encode()])).hexdigest()[:20]
+        out = cache_dir() / f"saes-native-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=out.suffix)
+            os.close(fd)
+            try:
+                run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                                     timeout=300)
+                if run.returncode != 0:
+                    last = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[0]
+                    continue
+                os.replace(tmp, out)  # atomic: a concurrent build writes the same bytes
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        try:
+            return _load(out), out
+        except (OSError, AttributeError, RuntimeError) as e:  # e.g. an OpenMP runtime that lacks a symbol
+            last = f"{out.name} did not load: {e}"
+    raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last}")
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.native_version.restype = ctypes.c_int
+    lib.native_openmp.restype = ctypes.c_int
+    lib.native_set_threads.argtypes = [ctypes.c_int]
+    lib.native_set_threads.restype = None
+    if lib.native_version() != VERSION:
+        raise RuntimeError(f"{path.name} speaks version {lib.native_version()}, this module {VERSION}")
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.topk_rows.argtypes = [i64, i64, ptr, i64, i64, i64, ptr]
+    lib.topk_rows.restype = ctypes.c_int
+    lib.unit_row_adam.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, *[ctypes.c_double] * 5, ctypes.c_int]
+    lib.unit_row_adam.restype = None
+    lib.sort_by_latent.argtypes = [ptr, i64, i64, ptr, ptr]
+    lib.sort_by_latent.restype = ctypes.c_int
+    lib.scatter_rows.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, ptr]
+    lib.scatter_rows.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernels, or None (no compiler, a failed build, or ``INTERP_NATIVE=0``: see :func:`status`).
+    Built or found once per process; a failed build warns once."""
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]  # type: ignore[return-value]
+        lib, why = None, ""
+        if os.environ.get("INTERP_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+            why = "turned off by INTERP_NATIVE"
+        elif (cc := _compiler()) is None:
+            why = "no C compiler found (set CC to one)"
+        else:
+            try:
+                lib, path = _build_and_load(cc)
+                why = f"built with {cc}{' and OpenMP' if lib.native_openmp() else ''}: {path}"
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                why = f"build failed: {e}"
+                warnings.warn(f"the compiled SAE training kernels are not available ({why}); training takes the "
+                              "slower torch paths (the same values to float rounding)", stacklevel=3)
+        _state["lib"], _state["why"] = lib, why
+        return lib
+
+
+def status() -> str:
+    """Whether the compiled kernels are in use, and why (where the library came from, or why not)."""
+    library()
+    return str(_state["why"])
+
+
+def reset() -> None:
+    """Forget the loaded library, so that the next :func:`library` call looks again (tests use it)."""
+    with _lock:
+        _state.clear()
+
+
+def _rows(fn, rows: int, *args) -> list:
+    """``fn(r0, r1, *args)`` over ``[0, rows)``: in one call where the library has OpenMP (the kernel splits the
+    rows itself over ``torch.get_num_threads()`` threads), else split into that many ranges (fewer where a range
+    would hold under :data:`MIN_ROWS_PER_THREAD` rows) on Python threads, the first in this thread."""
+    global _pool
+    lib = library()
+    if lib is not None and lib.native_openmp():  # the kernel splits its rows over OpenMP threads itself
+        lib.native_set_threads(torch.get_num_threads())
+        return [fn(0, rows, *args)]
+    n = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    bounds = [rows * i // n for i in range(n + 1)]
+    if n == 1:
+        return [fn(0, rows, *args)]
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < n - 1:
+            _pool = (os.getpid(), ThreadPoolExecutor(max_workers=n - 1, thread_name_prefix="saes-native"))
+        pool = _pool[1]
+    futures = [pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, n)]
+    first = fn(bounds[0], bounds[1], *args)
+    return [first, *(f.result() for f in futures)]
+
+
+def topk_applies(pre: Tensor, k: int) -> bool:
+    """Whether :func:`topk` takes ``pre``: float32 on CPU, 2-D with unit column stride, a nonempty batch,
+    ``1 <= k <= d_sae``, and the kernels built."""
+    return (pre.device.type == "cpu" and pre.dtype == torch.float32 and pre.dim() == 2 and pre.shape[0] > 0
+            and 1 <= k <= pre.shape[1] and (pre.stride(1) == 1 or pre.shape[1] == 1) and not pre.requires_grad
+            and library() is not None)
+
+
+def topk(pre: Tensor, k: int) -> Tensor:
+    """The positions ``[batch, k]`` (int64) of each row's ``k`` largest entries, in no particular order: the
+    same values as ``pre.topk(k).indices`` picks (NaN counts as the largest, as there; where entries tie at the
+    k-th value, possibly other positions of it). Only where :func:`topk_applies`."""
+    if not topk_applies(pre, k):
+        raise ValueError(f"native top-k takes a float32 CPU [batch, d] tensor with unit column stride and 1 <= k <= d "
+                         f"(got {pre.dtype} on {pre.device}, shape {tuple(pre.shape)}, k={k}); use torch.topk")
+    b, d = pre.shape
+    out = torch.empty(b, k, dtype=torch.long)
+    lib = library()
+    codes = _rows(lib.topk_rows, b, pre.data_ptr(), d, pre.stride(0), k, out.data_ptr())
+    if any(codes):
+        raise MemoryError(f"native top-k could not allocate its scratch rows ({d} entries)")
+    return out
+
+
+def unit_row_adam(W: Tensor, G: Tensor, M: Tensor, V: Tensor, *, lr: float, betas: tuple[float, float],
+                  eps: float, step: float, unit: bool) -> None:
+    """In place on ``W``, ``M``, ``V`` (contiguous float32 CPU tensors of one 2-D shape, as ``G``): remove each
+    gradient row's component along its row of ``W`` (``<w, w>`` taken as 1 where ``unit``), take torch's Adam step
+    number ``step`` (no weight decay, no amsgrad), and scale each row of ``W`` to unit norm. ``G`` is not written."""
+    ts = (W, G, M, V)
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == W.shape
+               for t in ts) or W.dim() != 2 or library() is None:
+        raise ValueError("unit_row_adam takes four contiguous float32 CPU tensors of one 2-D shape, got "
+                         + ", ".join(f"{t.dtype}/{t.device}/{tuple(t.shape)}" for t in ts))
+    _rows(library().unit_row_adam, W.shape[0], W.data_ptr(), G.data_ptr(), M.data_ptr(), V.data_ptr(), W.shape[1],
+          float(lr), float(betas[0]), float(betas[1]), float(eps), float(step), int(unit))
+
+
+def sparse_applies(idx: Tensor, *dense: Tensor) -> bool:
+    """Whether :func:`scatter_rows` takes these tensors: ``idx`` a contiguous int64 CPU
+    ``[batch, k]`` tensor, each of ``dense`` float32 on CPU, 2-D with unit column stride, and the kernels built."""
+    return (idx.device.type == "cpu" and idx.dtype == torch.long and idx.dim() == 2 and idx.is_contiguous()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
+                    and (t.stride(1) == 1 or t.shape[1] <= 1) for t in dense)
+            and library() is not None)
+
+
+def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor:
+    """``out[l] = sum of vals[b, j] * dense[b] over the (b, j) with idx[b, j] = l``, ``[d_sae, m]`` (zero rows for
+    latents with no entry): the product ``S^T dense`` with ``S`` the sparse ``[batch, d_sae]`` matrix of ``vals`` at
+    ``idx``, each latent's terms summed in batch order. Only where :func:`sparse_applies` (``vals`` contiguous,
+    ``[batch, k]``); raises ValueError on an index outside ``[0, d_sae)``."""
+    b, k = idx.shape
+    vals = vals.contiguous()
+    if not sparse_applies(idx, vals, dense) or vals.shape != idx.shape or dense.shape[0] != b:
+        raise ValueError(f"scatter_rows takes int64 idx [b, k], float32 vals [b, k] and dense [b, m] on CPU (got "
+                         f"{idx.dtype} {tuple(idx.shape)}, {vals.dtype} {tuple(vals.shape)}, {dense.dtype} "
+                         f"{tuple(dense.shape)})")
+    lib, m = library(), dense.shape[1]
+    starts = torch.empty(d_sae + 1, dtype=torch.long)
+    order = torch.empty(b * k, dtype=torch.long)
+    code = lib.sort_by_latent(idx.data_ptr(), b * k, d_sae, starts.data_ptr(), order.data_ptr())
+    if code:
+        raise (ValueError(f"scatter_rows: an index outside [0, {d_sae}) (got {int(idx.min())}..{int(idx.max())})")
+               if code == -1 else MemoryError("scatter_rows could not allocate its sort"))
+    out = torch.empty(d_sae, m, dtype=torch.float32)
+    _rows(lib.scatter_rows, d_sae, starts.data_ptr(), order.data_ptr(), vals.data_ptr(), k, dense.data_ptr(),
+          dense.stride(0), m, out.data_ptr())
+    return out
+
