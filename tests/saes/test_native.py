@@ -252,3 +252,25 @@ def test_a_compiler_without_openmp_gives_the_kernels_without_it(fresh, monkeypat
     assert lib is not None and not lib.native_openmp() and "OpenMP" not in native.status()
     pre = torch.randn(300, 4096)
     check_topk(pre, 32)
+
+
+@built
+def test_the_portable_build_without_this_cpus_vector_instructions(fresh, monkeypatch, tmp_path):
+    """Without ``-march=native`` (the set the build falls back to) an x86-64 build has no AVX2: the scalar paths of
+    ``native.c``, which other CPUs (ARM) always take, are tested here."""
+    real = native._compiler()
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -march=native ] && exit 1; done\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.library() is not None
+    g = torch.Generator().manual_seed(7)
+    for b, d, k in [(70, 9216, 32), (9, 1000, 3), (40, 16 * 64 + 5, 8), (5, 256, 8)]:
+        check_topk(torch.randn(b, d, generator=g), k)
+    pre = torch.randint(-3, 4, (30, 4096), generator=g).float()
+    pre[2, 9] = float("nan")
+    check_topk(pre, 32)
+    idx = torch.rand(300, 4096, generator=g).topk(8, dim=1).indices
+    vals, dense = torch.randn(300, 8, generator=g), torch.randn(300, 24, generator=g)
+    torch.testing.assert_close(native.scatter_rows(idx, vals, dense, 4096),
+                               kernels.csr_matmul(kernels._sparse_t(idx, vals, 4096), dense), rtol=1e-5, atol=1e-5)
