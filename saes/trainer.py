@@ -14,7 +14,8 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
   :func:`saes.losses.total_variance`), so that summed gradients over DDP processes equal one
   process on the whole batch. ``fired [d_sae]`` feeds dead-latent tracking; ``terms`` is logged.
 * Optional class attribute ``normalize_decoder = True``: the trainer then removes the gradient
-  component parallel to each decoder row before the step and renormalises rows after it.
+  component parallel to each decoder row before the step and renormalises rows after it (in one pass with
+  Adam's step where :func:`saes.optim.unit_rows_applies`: the compiled kernel of :mod:`saes.native`).
 * Optional ``after_step(state)``: called after every optimizer step (e.g. clamp thresholds).
 * Optional ``init_from_data(x)``: called once with the first (scaled, global) batch, after
   ``b_dec`` is set (e.g. atoms started from data rows).
