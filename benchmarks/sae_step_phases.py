@@ -190,12 +190,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.encoder_kernels and args.step_kernels:
         p.error("--encoder-kernels and --step-kernels are two A/Bs: give one of them per run")
     ab_flag = "--encoder-kernels" if args.encoder_kernels else "--step-kernels"
-    args.encoder_kernels = args.encoder_kernels or args.step_kernels
-    if args.encoder_kernels and not str(args.device).startswith("cpu"):
+    ab = args.encoder_kernels or args.step_kernels  # the kernels one A/B compares, or None
+    if ab and not str(args.device).startswith("cpu"):
         p.error(f"{ab_flag} compares CPU kernels; --device is {args.device}: leave it out there")
-    if args.encoder_kernels and len(set(args.encoder_kernels)) != len(args.encoder_kernels):
-        p.error(f"{ab_flag} names a kernel twice ({' '.join(args.encoder_kernels)}); name each once")
-    if "native" in (args.encoder_kernels or []) and native.library() is None:
+    if ab and len(set(ab)) != len(ab):
+        p.error(f"{ab_flag} names a kernel twice ({' '.join(ab)}); name each once")
+    if args.step_kernels and "native" in args.step_kernels and native.library() is None:
         p.error(f"{ab_flag} names native, but saes.native's kernels are not built here ({native.status()})")
     if args.warmup >= args.steps - 1:
         p.error(f"--warmup {args.warmup} leaves no step of --steps {args.steps} to time; use a smaller --warmup")
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = [x.to(args.device) for x in train]
     d_model = train[0].shape[-1]
     rounds = []
-    kernel_ab = args.encoder_kernels or [None]
+    kernel_ab = ab or [None]
     order = sae_train.run_order(kernel_ab, args.rounds, list(range(args.rounds)))  # the ceiling beside each round
     per_round = len(kernel_ab) + 1
     for r in range(args.rounds):
@@ -224,15 +224,15 @@ def main(argv: list[str] | None = None) -> dict:
                               **{k: round(v, 2) for k, v in row["ms"].items()}, "ceiling": round(ceiling_ms, 2)}),
                   flush=True)
         limits = {"ceiling_kernel": limit["kernel"], "encoder_matmul_limit": limit}
-        if args.encoder_kernels:
+        if ab:
             rounds.append({"seed": r, "ceiling_ms": ceiling_ms, **limits, "by_kernel": done})
         else:
             rounds.append({**done[None], **limits})
     ratio = None
-    if args.encoder_kernels:
-        summary = {"by_kernel": {k: summarise([r["by_kernel"][k] for r in rounds]) for k in args.encoder_kernels}}
-        if len(args.encoder_kernels) == 2:
-            a, b = args.encoder_kernels
+    if ab:
+        summary = {"by_kernel": {k: summarise([r["by_kernel"][k] for r in rounds]) for k in ab}}
+        if len(ab) == 2:
+            a, b = ab
             ratio = f"step_{b}_over_{a}"
             summary[ratio] = statistics.median(r["by_kernel"][b]["ms"]["step"] / r["by_kernel"][a]["ms"]["step"]
                                                for r in rounds)
@@ -243,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
               "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
-              "encoder_kernel": args.encoder_kernels if ab_flag == "--encoder-kernels" and args.encoder_kernels
-              else trainer_kernel,
+              "encoder_kernel": args.encoder_kernels or trainer_kernel,
               "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
@@ -252,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
               "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
                       f"{torch.get_num_threads()} threads: above that, something else ran"}
-    for kernel, summ in (summary["by_kernel"].items() if args.encoder_kernels else [(None, summary)]):
+    for kernel, summ in (summary["by_kernel"].items() if ab else [(None, summary)]):
         what = "encoder matmul on" if kernel in ENCODER_KERNELS else "step kernels:"
         print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   ({what} {kernel})" if kernel else ""))
         for ph in PHASES:

@@ -19,7 +19,8 @@ its flags and the CPU, written atomically. Built with OpenMP (:data:`FLAG_SETS`:
 loads), each kernel splits its rows over ``torch.get_num_threads()`` threads of torch's own OpenMP runtime (the
 loader resolves ``libgomp.so.1`` to the copy torch loaded): a pool of Python threads in its place ran the top-k
 at 5.1 ms a step against 3.1 inside the trainer, its threads competing with torch's waiting ones for the cores.
-Without OpenMP, :func:`_rows` splits the rows over Python threads (ctypes lets go of the GIL during a call).
+Without OpenMP, :func:`_rows` splits the rows over Python threads (ctypes lets go of the GIL during a call) for the
+top-k and the decoder's update; the sparse backward keeps torch's CSR products there (:func:`sparse_applies`).
 
 Without a compiler, where the build fails, or with ``INTERP_NATIVE=0``, :func:`library` is None and the
 trainer takes its torch paths (the same values to float rounding; the tests compare both); :func:`status`
@@ -94,12 +95,11 @@ FLAG_SETS = (("-fopenmp", "-march=native"), ("-fopenmp",), ("-fopenmp-simd", "-m
 def _build_and_load(cc: str) -> tuple[ctypes.CDLL, Path]:
     """The library built (now, unless a build for this source, compiler, flags and CPU is kept) and loaded."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    source = SOURCE.read_bytes()
+    fixed = [SOURCE.read_bytes(), cc.encode(), version.encode(), platform.machine().encode(), _cpu().encode()]
     last = None
     for extra in FLAG_SETS:
         flags = (*FLAGS, *extra)
-        key = hashlib.sha256(b"\0".join([source, cc.encode(), version.encode(), " ".join(flags).encode(),
-                                         platform.machine().encode(), _cpu().encode()])).hexdigest()[:20]
+        key = hashlib.sha256(b"\0".join([*fixed, " ".join(flags).encode()])).hexdigest()[:20]
         out = cache_dir() / f"saes-native-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -241,11 +241,14 @@ def unit_row_adam(W: Tensor, G: Tensor, M: Tensor, V: Tensor, *, lr: float, beta
 
 def sparse_applies(idx: Tensor, *dense: Tensor) -> bool:
     """Whether :func:`scatter_rows` takes these tensors: ``idx`` a contiguous int64 CPU
-    ``[batch, k]`` tensor, each of ``dense`` float32 on CPU, 2-D with unit column stride, and the kernels built."""
+    ``[batch, k]`` tensor, each of ``dense`` float32 on CPU, 2-D with unit column stride, and the kernels built
+    with OpenMP. On Python threads (a build without OpenMP) it lost to the CSR products inside the trainer's
+    step (backward 13.3 against 10.7 ms at batch 1,024; ``experiments/README.md``, SAE training run 15)."""
+    lib = library()
     return (idx.device.type == "cpu" and idx.dtype == torch.long and idx.dim() == 2 and idx.is_contiguous()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.dim() == 2
                     and (t.stride(1) == 1 or t.shape[1] <= 1) for t in dense)
-            and library() is not None)
+            and lib is not None and bool(lib.native_openmp()))
 
 
 def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor:
@@ -256,7 +259,8 @@ def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor
     b, k = idx.shape
     vals = vals.contiguous()
     if not sparse_applies(idx, vals, dense) or vals.shape != idx.shape or dense.shape[0] != b:
-        raise ValueError(f"scatter_rows takes int64 idx [b, k], float32 vals [b, k] and dense [b, m] on CPU (got "
+        raise ValueError(f"scatter_rows takes int64 idx [b, k], float32 vals [b, k] and dense [b, m] on CPU, built "
+                         f"with OpenMP ({status()}; got "
                          f"{idx.dtype} {tuple(idx.shape)}, {vals.dtype} {tuple(vals.shape)}, {dense.dtype} "
                          f"{tuple(dense.shape)})")
     lib, m = library(), dense.shape[1]

@@ -72,7 +72,7 @@ class Adam(torch.optim.Adam):
 
     @torch.no_grad()
     def _unit_row_step(self, p: Tensor, unit: bool) -> None:
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        group = _group_of(self, p)
         state = self.state[p]
         if not state:  # as torch's Adam sets it up (a float32 step count on the parameter's device)
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -94,7 +94,7 @@ def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     work (``experiments/README.md``, SAE training run 15)."""
     if not isinstance(opt, Adam) or p.grad is None or p.dim() != 2:
         return False
-    group = next((g for g in opt.param_groups if any(q is p for q in g["params"])), None)
+    group = _group_of(opt, p)
     if group is None or group.get("weight_decay") or group.get("amsgrad") or group.get("maximize") \
             or group.get("differentiable") or group.get("capturable") or group.get("decoupled_weight_decay") \
             or not isinstance(group["lr"], float) or not all(isinstance(b, float) for b in group["betas"]):
@@ -106,6 +106,11 @@ def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == p.shape
                 for t in (p, p.grad, *moments))
             and native.library() is not None)
+
+
+def _group_of(opt: torch.optim.Optimizer, p: Tensor) -> dict | None:
+    """The parameter group holding ``p`` (None where ``opt`` does not hold it)."""
+    return next((g for g in opt.param_groups if any(q is p for q in g["params"])), None)
 
 
 def _column_major(p: Tensor) -> bool:

@@ -315,7 +315,7 @@ class Trainer:
         one_pass = norm and optim.unit_rows_applies(st.opt, sae.W_dec)  # projection, Adam and renorm in one kernel
         if norm and not one_pass:
             remove_parallel_grad(sae.W_dec, unit_rows=step > 0)  # normalize_rows ran after every earlier step
-        st.opt.step(**({"unit_rows": {sae.W_dec: step > 0}} if one_pass else {}))
+        st.opt.step(unit_rows={sae.W_dec: step > 0} if one_pass else None)
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)
         if norm and not one_pass:

@@ -252,6 +252,13 @@ def test_a_compiler_without_openmp_gives_the_kernels_without_it(fresh, monkeypat
     assert lib is not None and not lib.native_openmp() and "OpenMP" not in native.status()
     pre = torch.randn(300, 4096)
     check_topk(pre, 32)
+    idx = pre.topk(8, dim=1).indices  # the sparse backward keeps the CSR products without OpenMP
+    vals, dense = torch.randn(300, 8), torch.randn(300, 24)
+    assert not native.sparse_applies(idx, vals, dense)
+    with pytest.raises(ValueError, match="OpenMP"):
+        native.scatter_rows(idx, vals, dense, 4096)
+    assert torch.equal(kernels.scatter_rows(idx, vals, dense, 4096),
+                       kernels.csr_matmul(kernels._sparse_t(idx, vals, 4096), dense))
 
 
 @built
