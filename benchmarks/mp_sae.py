@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
               "rows": rows, "speedup": speedup, "rounds": rounds,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
-              "command": " ".join(["python", *sys.argv]),  # the interpreter's path would name this machine
+              "command": " ".join(["python", "benchmarks/mp_sae.py", *sys.argv[1:]]),  # no path of this machine
               "load_average_1min_at_end": round(os.getloadavg()[0], 2),
               "note": a.note or "2-core CPU; the load average says whether other jobs shared it "
                                 "(about 1 or less: quiet)"}

@@ -40,7 +40,7 @@ import torch
 
 from interp import load_model
 from interp.atomic import write_json
-from interp.patching import activation_patching, agreement, attribution_patching, logit_diff, spearman
+from interp.patching import activation_patching, agreement, attribution_patching, effect_cells, logit_diff, spearman
 from interp.sites import blocks_path, unwrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,8 @@ def spearman_on_experiment(model, tok, layers, batch_size) -> dict:
         return {"skipped": f"{type(e).__name__}: {e}"}
     a = agreement(ex, at, top=5)
     rows = sorted(a["per_row_spearman"].items(), key=lambda kv: kv[1] if kv[1] == kv[1] else 2.0)
-    return {"spearman": a["spearman"], "pearson": a["pearson"], "lowest_layers": rows[:5],
+    return {"spearman": a["spearman"], "pearson": a["pearson"], "spearman_effect_cells": a["spearman_effect_cells"],
+            "n_effect_cells": a["n_effect_cells"], "lowest_layers": rows[:5],
             "disagreements": a["disagreements"], "n_pairs": len(pairs)}
 
 
@@ -171,7 +172,9 @@ def main(argv=None) -> int:
     per_cell = len(layers) / len(nn_layers)  # exact cells per nnsight cell
     vs_nnsight = [b * per_cell / a for a, b in zip(times["interp exact"], times["nnsight loop"])]
     vs_attr = [a / b for a, b in zip(times["interp exact"], times["interp attribution"])]
-    spearman_64 = spearman(ex, at)
+    spearman_64 = spearman(ex, at)  # every cell: mostly float noise ranked where no patch has an effect
+    cells = effect_cells(ex)
+    spearman_cells = spearman(ex[cells], at[cells]) if int(cells.sum()) > 1 else float("nan")
     on_exp = spearman_on_experiment(model, tok, layers, args.batch_size)
     print(f"\n{'method':20s} {'median s':>10s} {'min s':>9s}")
     for n in names:
@@ -182,8 +185,9 @@ def main(argv=None) -> int:
     print(f"interp exact / interp attribution: median {statistics.median(vs_attr):.1f}x (rounds: "
           f"{', '.join(f'{v:.1f}' for v in vs_attr)})")
     print(f"max |nnsight - interp exact| over cells: {float((nn - ex[nn_idx]).abs().max()):.2e}")
-    print(f"Spearman(attribution, exact): {spearman_64:.3f} on the {args.seq}-token pair; on the experiment's "
-          f"prompts: {on_exp.get('spearman', on_exp.get('skipped'))}")
+    print(f"Spearman(attribution, exact): {spearman_cells:.3f} over the {int(cells.sum())} cells with an effect "
+          f"({spearman_64:.3f} over every cell) on the {args.seq}-token pair; on the experiment's prompts: "
+          f"{on_exp.get('spearman_effect_cells', on_exp.get('skipped'))}")
     try:
         load = os.getloadavg()
     except OSError:
@@ -200,6 +204,7 @@ def main(argv=None) -> int:
         "ratio_exact_over_attribution": {"median": statistics.median(vs_attr), "rounds": vs_attr},
         "max_abs_diff_nnsight_vs_exact": float((nn - ex[nn_idx]).abs().max()),
         "max_abs_effect": float(ex.abs().max()), "spearman_attribution_vs_exact": spearman_64,
+        "spearman_attribution_vs_exact_effect_cells": spearman_cells, "effect_cells": int(cells.sum()),
         "spearman_on_experiment_prompts": on_exp,
         "note": "Rounds rotate the order of the methods; ratios are per round (same round, same load). "
                 "'interp exact' reuses the base run's KV cache for the columns before each patch; the nnsight "

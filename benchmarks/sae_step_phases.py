@@ -39,6 +39,11 @@ each kernel's phases and fraction, and the median of the rounds' step ratios. ``
 the same A/B for the compiled kernels of :mod:`saes.native` (top-k and the one-pass decoder step) against the
 torch paths the trainer takes where they are not built.
 
+``--profile-steps N`` adds, after the rounds, N steps of a fresh SAE under ``torch.profiler`` with no phase timer
+(only the per-step stamp of whole runs): the free-running step, each op's calls and self time per step (the
+device's on a GPU) and the host's calls into the device runtime per step (kernel launches, copies and
+synchronisations), for a step that is bound by launches rather than by the matmul.
+
 ``--quick`` trains on planted rows at tiny sizes: the code path only.
 """
 
@@ -164,6 +169,56 @@ def summarise(rounds: list[dict]) -> dict:
                                                              for r in rounds)}
 
 
+RUNTIME_PREFIXES = ("cuda", "cu", "hip")
+"""Profiler events whose names start so are the host's calls into the device runtime (launches, copies, syncs)."""
+
+
+class ProfileTimer(sae_train.Timer):
+    """``sae_train.Timer`` (a stamp per step, the device synchronised there, as in whole runs) that also steps a
+    ``torch.profiler`` schedule at each batch handed to the trainer."""
+
+    def __init__(self, prof):
+        super().__init__()
+        self.prof = prof
+
+    def tick(self) -> None:
+        super().tick()
+        self.prof.step()
+
+
+def profile_steps(train: list, args, lr: float, n: int) -> dict:
+    """``n`` steps of a fresh SAE under ``torch.profiler``, with no phase timer (the step runs free between the
+    per-step stamps): the step's time, each op's calls and self time per step (the device's where there is
+    one), and the host's calls into the device runtime per step (kernel launches, copies, synchronisations)."""
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = str(args.device).startswith("cuda")
+    wait = min(args.warmup, max(len(train) - n - 2, 0))
+    n = max(min(n, len(train) - wait - 2), 1)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts, schedule=schedule(wait=wait, warmup=1, active=n, repeat=1)) as prof:
+        timer = ProfileTimer(prof)
+        sae_train.run_ours(train[:wait + n + 2], lr, args.k, args.d_sae, args.device, timer, seed=0)
+    # profiler step j runs from the stamp before training step j - 1 to the one after it: steps wait .. wait+n-1
+    # are the active ones (the profiler's own start and stop fall outside their stamps)
+    step_ms = [1000 * (b - a) for a, b in zip(timer.t[wait:wait + n], timer.t[wait + 1:wait + 1 + n])]
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    events = prof.key_averages()
+    ops = sorted(events, key=(device_us if cuda else (lambda e: e.self_cpu_time_total)), reverse=True)
+    runtime = {e.key: e.count / n for e in events if e.key.startswith(RUNTIME_PREFIXES)}
+    return {"steps": n, "step_ms_median": statistics.median(step_ms), "step_ms": step_ms,
+            "device_ms_per_step": sum(device_us(e) for e in events) / 1000 / n if cuda else None,
+            "runtime_calls_per_step": dict(sorted(runtime.items(), key=lambda kv: -kv[1])),
+            "kernel_launches_per_step": sum(v for k, v in runtime.items() if "LaunchKernel" in k),
+            "top_ops": [{"name": e.key, "calls_per_step": e.count / n,
+                         "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / n,
+                         **({"self_device_ms_per_step": device_us(e) / 1000 / n} if cuda else {})}
+                        for e in ops[:25]]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", help="cache folder holding blocks.12.hook_resid_post (required unless --quick)")
@@ -181,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step-kernels", nargs="+", choices=STEP_KERNELS, default=None,
                    help="an A/B of saes.native's compiled kernels against the torch paths (CPU), as --encoder-kernels")
     p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after the rounds, profile this many free-running steps of a fresh SAE (torch.profiler: "
+                        "ops, kernel launches and synchronisations per step); 0: off")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
     if args.quick:
@@ -238,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                for r in rounds)
     else:
         summary = summarise(rounds)
+    profiled = profile_steps(train, args, lr, args.profile_steps) if args.profile_steps > 0 else None
     w_enc = torch.empty(args.d_sae, d_model, device="meta").T  # the trainer's layout, no memory
     trainer_kernel = "onednn" if kernels.onednn_ok(train[0], w_enc) else "addmm"
     result = {"benchmark": "sae_step_phases", "d_model": d_model, "d_sae": args.d_sae, "k": args.k,
@@ -246,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
               "encoder_kernel": args.encoder_kernels or trainer_kernel,
               "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
               "machine": sae_train.machine(), "rounds": rounds,
-              "summary": summary, "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
+              "summary": summary, **({"profile": profiled} if profiled else {}),
+              "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
                                                                         sys.argv[1:] if argv is None else argv),
               "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
@@ -260,6 +320,13 @@ def main(argv: list[str] | None = None) -> dict:
               f"{summ['step_fraction_of_ceiling']:.1%} of the ceiling (median of the rounds' fractions)")
     if ratio:
         print(f"{ratio}: {summary[ratio]:.3f} (median of the rounds' ratios)")
+    if profiled:
+        print(f"\nprofiled {profiled['steps']} free-running steps: {profiled['step_ms_median']:.2f} ms a step, "
+              f"{profiled['kernel_launches_per_step']:.0f} kernel launches a step; runtime calls a step: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in list(profiled["runtime_calls_per_step"].items())[:6]))
+        for op in profiled["top_ops"][:10]:
+            ms = op.get("self_device_ms_per_step", op["self_cpu_ms_per_step"])
+            print(f"  {ms:8.3f} ms {op['calls_per_step']:6.1f} calls  {op['name'][:90]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

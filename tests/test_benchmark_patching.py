@@ -23,6 +23,7 @@ def test_patching_benchmark_quick_runs_every_method_and_records_every_round(tiny
     # nnsight's loop and interp's batched sweep patch the same cells: the same effects
     assert res["max_abs_diff_nnsight_vs_exact"] < 1e-4 < res["max_abs_effect"]
     assert -1.0 <= res["spearman_attribution_vs_exact"] <= 1.0
+    assert 0 < res["effect_cells"] <= res["cells"] and -1.0 <= res["spearman_attribution_vs_exact_effect_cells"] <= 1.0
     # the nnsight loop on a subset of the swept layers: its cells are compared with the same cells of the sweep
     assert bench.main(["--quick", "--layers", "2", "--nnsight-layers", "1", "--model", str(tiny_dir), "--device", "cpu",
                        "--out", str(out)]) == 0

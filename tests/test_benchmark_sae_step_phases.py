@@ -39,6 +39,17 @@ def test_quick_run_records_every_phase_of_every_round(phases, tmp_path):
     assert res["command"].startswith("python benchmarks/sae_step_phases.py --quick")
 
 
+
+def test_profile_steps_records_the_free_running_steps_and_their_ops(phases, tmp_path):
+    res = phases.main(["--quick", "--rounds", "1", "--profile-steps", "3", "--out", str(tmp_path / "p.json")])
+    prof = res["profile"]
+    assert prof["steps"] == 3 and len(prof["step_ms"]) == 3 and prof["step_ms_median"] > 0
+    names = {op["name"] for op in prof["top_ops"]}
+    assert "aten::addmm" in names or "aten::mm" in names  # the encoder matmul among the step's ops
+    assert all(op["calls_per_step"] > 0 and op["self_cpu_ms_per_step"] >= 0 for op in prof["top_ops"])
+    assert prof["device_ms_per_step"] is None and prof["kernel_launches_per_step"] == 0  # on the CPU
+    assert "profile" not in phases.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "q.json")])
+
 def test_each_step_is_cut_into_phases_that_add_up_to_it(phases):
     clock = phases.Clock("cpu")
     clock.batches = [0.0, 10.0, 20.0]

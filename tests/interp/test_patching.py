@@ -14,7 +14,7 @@ from interp import capture, intervene
 from interp.edits import Lambda, Patch
 from interp.errors import InputError, SiteError
 from interp.patching import activation_patching, agreement, attribution_patching, expand_sites, kl, logit_diff, prob
-from interp.patching.result import PatchingResult
+from interp.patching.result import PatchingResult, effect_cells
 from interp.subspace import Subspace
 
 CLEAN, CORRUPT = "on Mon, again on", "on Fri, again on"  # byte tokens: same length, differ at columns 3-5
@@ -298,3 +298,31 @@ def test_user_errors_are_one_line():
         model.eval()
     assert expand_sites(model, ["resid_pre", "blocks.1.hook_mlp_out"], layers=[0, 2]) == [
         "blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre", "blocks.1.hook_mlp_out"]
+
+
+def test_agreement_reads_the_cells_with_an_effect_apart_from_float_noise():
+    # 30 rows x 64 positions: 300 cells carry effects that attribution ranks nearly right; the rest are exact 0
+    # for attribution and float noise (1e-6) for exact patching, as where the two prompts still agree
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(30, 64, generator=g) * 1e-6
+    mask = torch.zeros(30, 64, dtype=torch.bool)
+    mask.view(-1)[torch.randperm(30 * 64, generator=g)[:300]] = True
+    true = torch.randn(300, generator=g)
+    exact[mask] = true
+    est = torch.zeros(30, 64)
+    est[mask] = true + 0.01 * torch.randn(300, generator=g)
+    assert torch.equal(effect_cells(exact), mask)
+    rows, positions = [f"blocks.{i}.hook_resid_post" for i in range(30)], list(range(64))
+
+    def result(effect):
+        return PatchingResult(method="exact", direction="denoise", metric={}, rows=rows, sites=rows, units=[""] * 30,
+                              positions=positions, source_positions=positions, tokens=["t"] * 64,
+                              source_tokens=["t"] * 64, effects=effect[None], base_metric=torch.zeros(1),
+                              source_metric=torch.full((1,), 3.0))
+
+    a = agreement(result(exact), result(est))
+    assert a["n_effect_cells"] == 300 and a["effect_floor"] == 1e-4 and a["n_cells"] == 30 * 64
+    assert a["spearman_effect_cells"] > 0.99 and a["pearson_effect_cells"] > 0.99
+    assert a["spearman"] < 0.8  # every cell: the 1,620 noise cells' ranks against attribution's ties at 0
+    none = agreement(result(torch.zeros(30, 64)), result(est))
+    assert none["n_effect_cells"] == 0 and none["spearman_effect_cells"] != none["spearman_effect_cells"]  # nan
