@@ -40,7 +40,7 @@ import torch
 
 from interp import load_model
 from interp.atomic import write_json
-from interp.patching import activation_patching, agreement, attribution_patching, effect_cells, logit_diff, spearman
+from interp.patching import activation_patching, agreement, attribution_patching, effect_spearman, logit_diff, spearman
 from interp.sites import blocks_path, unwrap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,8 +173,7 @@ def main(argv=None) -> int:
     vs_nnsight = [b * per_cell / a for a, b in zip(times["interp exact"], times["nnsight loop"])]
     vs_attr = [a / b for a, b in zip(times["interp exact"], times["interp attribution"])]
     spearman_64 = spearman(ex, at)  # every cell: mostly float noise ranked where no patch has an effect
-    cells = effect_cells(ex)
-    spearman_cells = spearman(ex[cells], at[cells]) if int(cells.sum()) > 1 else float("nan")
+    spearman_cells, n_cells = effect_spearman(ex, at)
     on_exp = spearman_on_experiment(model, tok, layers, args.batch_size)
     print(f"\n{'method':20s} {'median s':>10s} {'min s':>9s}")
     for n in names:
@@ -185,7 +184,7 @@ def main(argv=None) -> int:
     print(f"interp exact / interp attribution: median {statistics.median(vs_attr):.1f}x (rounds: "
           f"{', '.join(f'{v:.1f}' for v in vs_attr)})")
     print(f"max |nnsight - interp exact| over cells: {float((nn - ex[nn_idx]).abs().max()):.2e}")
-    print(f"Spearman(attribution, exact): {spearman_cells:.3f} over the {int(cells.sum())} cells with an effect "
+    print(f"Spearman(attribution, exact): {spearman_cells:.3f} over the {n_cells} cells with an effect "
           f"({spearman_64:.3f} over every cell) on the {args.seq}-token pair; on the experiment's prompts: "
           f"{on_exp.get('spearman_effect_cells', on_exp.get('skipped'))}")
     try:
@@ -204,7 +203,7 @@ def main(argv=None) -> int:
         "ratio_exact_over_attribution": {"median": statistics.median(vs_attr), "rounds": vs_attr},
         "max_abs_diff_nnsight_vs_exact": float((nn - ex[nn_idx]).abs().max()),
         "max_abs_effect": float(ex.abs().max()), "spearman_attribution_vs_exact": spearman_64,
-        "spearman_attribution_vs_exact_effect_cells": spearman_cells, "effect_cells": int(cells.sum()),
+        "spearman_attribution_vs_exact_effect_cells": spearman_cells, "effect_cells": n_cells,
         "spearman_on_experiment_prompts": on_exp,
         "note": "Rounds rotate the order of the methods; ratios are per round (same round, same load). "
                 "'interp exact' reuses the base run's KV cache for the columns before each patch; the nnsight "

@@ -9,11 +9,11 @@ files); :func:`agreement` compares two of them. The spec-file runner behind ``in
 
 from interp.patching.grid import SITE_KINDS, Row, expand_sites
 from interp.patching.metrics import KL, FnMetric, LogitDiff, Metric, Prob, as_metric, kl, logit_diff, prob
-from interp.patching.result import PatchingResult, agreement, effect_cells, spearman
+from interp.patching.result import PatchingResult, agreement, effect_cells, effect_spearman, spearman
 from interp.patching.sweep import activation_patching, attribution_patching
 
 __all__ = [
-    "activation_patching", "attribution_patching", "PatchingResult", "agreement", "effect_cells", "spearman",
-    "expand_sites", "SITE_KINDS", "Row",
+    "activation_patching", "attribution_patching", "PatchingResult", "agreement", "effect_cells", "effect_spearman",
+    "spearman", "expand_sites", "SITE_KINDS", "Row",
     "Metric", "LogitDiff", "Prob", "KL", "FnMetric", "logit_diff", "prob", "kl", "as_metric",
 ]

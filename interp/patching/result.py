@@ -230,8 +230,18 @@ def effect_cells(reference: Tensor, floor: float = EFFECT_FLOOR) -> Tensor:
     283 cells above this floor (224 cells at 1e-3, 291 at 1e-5: 0.999 each), and noise of 1e-7 added to both
     took the every-cell value to 0.40.
     """
+    if not 0 <= floor < 1:
+        raise InputError(f"floor must be a fraction of the largest effect in [0, 1); got {floor!r}")
     mag = reference.abs().nan_to_num(0.0)
     return mag > floor * mag.max() if mag.numel() else mag.bool()
+
+
+def effect_spearman(reference: Tensor, estimate: Tensor, floor: float = EFFECT_FLOOR) -> tuple[float, int]:
+    """Spearman of ``estimate`` against ``reference`` over :func:`effect_cells` of ``reference``, and how many
+    cells that is (NaN where fewer than two)."""
+    cells = effect_cells(reference, floor)
+    n = int(cells.sum())
+    return (spearman(reference[cells], estimate[cells]) if n > 1 else float("nan")), n
 
 
 def agreement(reference: PatchingResult, estimate: PatchingResult, *, top: int = 10,
@@ -261,12 +271,12 @@ def agreement(reference: PatchingResult, estimate: PatchingResult, *, top: int =
     for i, r in enumerate(reference.rows):
         ra, rb = reference.effect[i], estimate.effect[i]
         per_row[r] = spearman(ra, rb) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    rho, n_effect = effect_spearman(a, b, floor)
     cells = effect_cells(a, floor)
-    some = int(cells.sum()) > 1
     return {"spearman": spearman(a, b), "pearson": _pearson(a, b), "n_cells": int(a.numel()),
-            "spearman_effect_cells": spearman(a[cells], b[cells]) if some else float("nan"),
-            "pearson_effect_cells": _pearson(a[cells], b[cells]) if some else float("nan"),
-            "n_effect_cells": int(cells.sum()), "effect_floor": floor,
+            "spearman_effect_cells": rho,
+            "pearson_effect_cells": _pearson(a[cells], b[cells]) if n_effect > 1 else float("nan"),
+            "n_effect_cells": n_effect, "effect_floor": floor,
             "sign_agreement": float((torch.sign(na[big]) == torch.sign(nb[big])).float().mean()) if big.any() else
             float("nan"), "n_cells_over_0.05": int(big.sum()), "top_overlap": len(ta & tb) / k,
             "per_row_spearman": per_row,

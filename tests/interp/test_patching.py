@@ -14,7 +14,7 @@ from interp import capture, intervene
 from interp.edits import Lambda, Patch
 from interp.errors import InputError, SiteError
 from interp.patching import activation_patching, agreement, attribution_patching, expand_sites, kl, logit_diff, prob
-from interp.patching.result import PatchingResult, effect_cells
+from interp.patching.result import PatchingResult, effect_cells, effect_spearman
 from interp.subspace import Subspace
 
 CLEAN, CORRUPT = "on Mon, again on", "on Fri, again on"  # byte tokens: same length, differ at columns 3-5
@@ -312,6 +312,11 @@ def test_agreement_reads_the_cells_with_an_effect_apart_from_float_noise():
     est = torch.zeros(30, 64)
     est[mask] = true + 0.01 * torch.randn(300, generator=g)
     assert torch.equal(effect_cells(exact), mask)
+    rho, n = effect_spearman(exact, est)
+    assert n == 300 and rho > 0.99
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(InputError, match="floor must be a fraction"):
+            effect_cells(exact, bad)
     rows, positions = [f"blocks.{i}.hook_resid_post" for i in range(30)], list(range(64))
 
     def result(effect):
