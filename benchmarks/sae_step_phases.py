@@ -206,14 +206,20 @@ def profile_steps(train: list, args, lr: float, n: int) -> dict:
     def device_us(e) -> float:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
 
+    from torch.autograd import DeviceType
+
+    def on_host(e) -> bool:  # an op or runtime call of the host; else a kernel (whose name may start with "cu")
+        return getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU
+
     events = prof.key_averages()
     ops = sorted(events, key=(device_us if cuda else (lambda e: e.self_cpu_time_total)), reverse=True)
-    runtime = {e.key: e.count / n for e in events if e.key.startswith(RUNTIME_PREFIXES)}
+    runtime = {e.key: e.count / n for e in events if on_host(e) and e.key.startswith(RUNTIME_PREFIXES)}
+    # a host op's self device time is its kernels' time again: the device's busy time sums the kernels alone
     return {"steps": n, "step_ms_median": statistics.median(step_ms), "step_ms": step_ms,
-            "device_ms_per_step": sum(device_us(e) for e in events) / 1000 / n if cuda else None,
+            "device_ms_per_step": sum(device_us(e) for e in events if not on_host(e)) / 1000 / n if cuda else None,
             "runtime_calls_per_step": dict(sorted(runtime.items(), key=lambda kv: -kv[1])),
             "kernel_launches_per_step": sum(v for k, v in runtime.items() if "LaunchKernel" in k),
-            "top_ops": [{"name": e.key, "calls_per_step": e.count / n,
+            "top_ops": [{"name": e.key, "on": "host" if on_host(e) else "device", "calls_per_step": e.count / n,
                          "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / n,
                          **({"self_device_ms_per_step": device_us(e) / 1000 / n} if cuda else {})}
                         for e in ops[:25]]}

@@ -46,7 +46,8 @@ def test_profile_steps_records_the_free_running_steps_and_their_ops(phases, tmp_
     assert prof["steps"] == 3 and len(prof["step_ms"]) == 3 and prof["step_ms_median"] > 0
     names = {op["name"] for op in prof["top_ops"]}
     assert "aten::addmm" in names or "aten::mm" in names  # the encoder matmul among the step's ops
-    assert all(op["calls_per_step"] > 0 and op["self_cpu_ms_per_step"] >= 0 for op in prof["top_ops"])
+    assert all(op["calls_per_step"] > 0 and op["self_cpu_ms_per_step"] >= 0 and op["on"] == "host"
+               for op in prof["top_ops"])
     assert prof["device_ms_per_step"] is None and prof["kernel_launches_per_step"] == 0  # on the CPU
     assert "profile" not in phases.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "q.json")])
 
