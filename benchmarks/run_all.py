@@ -163,6 +163,15 @@ def run_process(cmd: list[str], log: Path, timeout: float) -> tuple[str, str]:
     return "ok", ""
 
 
+def before_benchmarks(cmd: list[str], log: Path, timeout: float, command: str) -> dict:
+    """A step of full mode before the benchmarks (the cache, the warm-up), in its own process: its summary row,
+    ``command`` being the command line as recorded."""
+    t0 = time.perf_counter()
+    status, err = run_process(cmd, log, timeout)
+    return {"status": status, "seconds": time.perf_counter() - t0, "command": command,
+            **({"error": err} if err else {})}
+
+
 def run_in_process(name: str, argv: list[str], log: Path) -> tuple[str, str]:
     """``benchmarks/<name>.py``'s ``main(argv)`` in this process (a process it starts finds this checkout)."""
     sys.path.insert(0, str(HERE))
@@ -215,11 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             cache = work / "cache_l12"
             cmd = [args.python, "-m", "interp.cli", "capture", "--sites", CACHE_SITE, "--tokens", str(CACHE_TOKENS),
                    "--device", args.device, "--out", str(cache)]
-            t0 = time.perf_counter()
-            status, err = run_process(cmd, out / "cache.log", min(CAPS_S["cache"], args.budget_s))
-            summary["cache"] = {"status": status, "seconds": time.perf_counter() - t0,
-                                "command": recorded(cmd[1:], cache), **({"error": err} if err else {})}
-            if status != "ok":
+            summary["cache"] = before_benchmarks(cmd, out / "cache.log", min(CAPS_S["cache"], args.budget_s),
+                                                 recorded(cmd[1:], cache))
+            if summary["cache"]["status"] != "ok":
                 for name in CACHE_READERS:
                     if name in names:
                         names.remove(name)
@@ -228,13 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             # The first process to train on a fresh machine pays its first use of the libraries (loading them from
             # disk, compiling kernels): about a second on the first GPU run, all of it in round 0's first row, which
             # is always this project's. A throwaway quick run of every library takes it before the timed rounds.
-            cmd = [args.python, str(HERE / "sae_train.py"), "--quick", "--libraries", *LIBRARIES,
-                   "--device", args.device, "--out", str(work / "warmup.json")]
-            t0 = time.perf_counter()
-            status, err = run_process(cmd, out / "warmup.log", min(CAPS_S["warmup"], args.budget_s))
-            summary["warmup"] = {"status": status, "seconds": time.perf_counter() - t0,
-                                 "command": " ".join(["python", "benchmarks/sae_train.py", *cmd[2:-2]]),
-                                 **({"error": err} if err else {})}
+            warm = ["--quick", "--libraries", *LIBRARIES, "--device", args.device]
+            summary["warmup"] = before_benchmarks(
+                [args.python, str(HERE / "sae_train.py"), *warm, "--out", str(work / "warmup.json")],
+                out / "warmup.log", min(CAPS_S["warmup"], args.budget_s),
+                " ".join(["python", "benchmarks/sae_train.py", *warm]))
         for name in names:
             argv_b = plan(name, device=args.device, quick=args.quick, out=out, work=work, cache=cache)
             left = args.budget_s - (time.perf_counter() - start)

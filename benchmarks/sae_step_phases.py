@@ -169,7 +169,7 @@ def summarise(rounds: list[dict]) -> dict:
                                                              for r in rounds)}
 
 
-RUNTIME_PREFIXES = ("cuda", "cu", "hip")
+RUNTIME_PREFIXES = ("cu", "hip")
 """Profiler events whose names start so are the host's calls into the device runtime (launches, copies, syncs)."""
 
 
@@ -190,6 +190,7 @@ def profile_steps(train: list, args, lr: float, n: int) -> dict:
     """``n`` steps of a fresh SAE under ``torch.profiler``, with no phase timer (the step runs free between the
     per-step stamps): the step's time, each op's calls and self time per step (the device's where there is
     one), and the host's calls into the device runtime per step (kernel launches, copies, synchronisations)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     cuda = str(args.device).startswith("cuda")
@@ -205,8 +206,6 @@ def profile_steps(train: list, args, lr: float, n: int) -> dict:
 
     def device_us(e) -> float:
         return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
-
-    from torch.autograd import DeviceType
 
     def on_host(e) -> bool:  # an op or runtime call of the host; else a kernel (whose name may start with "cu")
         return getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU

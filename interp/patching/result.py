@@ -239,9 +239,18 @@ def effect_cells(reference: Tensor, floor: float = EFFECT_FLOOR) -> Tensor:
 def effect_spearman(reference: Tensor, estimate: Tensor, floor: float = EFFECT_FLOOR) -> tuple[float, int]:
     """Spearman of ``estimate`` against ``reference`` over :func:`effect_cells` of ``reference``, and how many
     cells that is (NaN where fewer than two)."""
-    cells = effect_cells(reference, floor)
+    rho, _, n = _over_effect_cells(reference, estimate, floor)
+    return rho, n
+
+
+def _over_effect_cells(a: Tensor, b: Tensor, floor: float) -> tuple[float, float, int]:
+    """Spearman and Pearson of ``b`` against ``a`` over :func:`effect_cells` of ``a`` (NaN below two cells),
+    and how many cells that is."""
+    cells = effect_cells(a, floor)
     n = int(cells.sum())
-    return (spearman(reference[cells], estimate[cells]) if n > 1 else float("nan")), n
+    if n < 2:
+        return float("nan"), float("nan"), n
+    return spearman(a[cells], b[cells]), _pearson(a[cells], b[cells]), n
 
 
 def agreement(reference: PatchingResult, estimate: PatchingResult, *, top: int = 10,
@@ -271,12 +280,9 @@ def agreement(reference: PatchingResult, estimate: PatchingResult, *, top: int =
     for i, r in enumerate(reference.rows):
         ra, rb = reference.effect[i], estimate.effect[i]
         per_row[r] = spearman(ra, rb) if ra.std() > 0 and rb.std() > 0 else float("nan")
-    rho, n_effect = effect_spearman(a, b, floor)
-    cells = effect_cells(a, floor)
+    rho, r, n_effect = _over_effect_cells(a, b, floor)
     return {"spearman": spearman(a, b), "pearson": _pearson(a, b), "n_cells": int(a.numel()),
-            "spearman_effect_cells": rho,
-            "pearson_effect_cells": _pearson(a[cells], b[cells]) if n_effect > 1 else float("nan"),
-            "n_effect_cells": n_effect, "effect_floor": floor,
+            "spearman_effect_cells": rho, "pearson_effect_cells": r, "n_effect_cells": n_effect, "effect_floor": floor,
             "sign_agreement": float((torch.sign(na[big]) == torch.sign(nb[big])).float().mean()) if big.any() else
             float("nan"), "n_cells_over_0.05": int(big.sum()), "top_overlap": len(ta & tb) / k,
             "per_row_spearman": per_row,
