@@ -42,7 +42,8 @@ torch paths the trainer takes where they are not built.
 ``--profile-steps N`` adds, after the rounds, N steps of a fresh SAE under ``torch.profiler`` with no phase timer
 (only the per-step stamp of whole runs): the free-running step, each op's calls and self time per step (the
 device's on a GPU) and the host's calls into the device runtime per step (kernel launches, copies and
-synchronisations), for a step that is bound by launches rather than by the matmul.
+synchronisations), for a step that is bound by launches rather than by the matmul; and, from a second run of the
+same steps, the ops that make the host wait for the device (:func:`host_reads`).
 
 ``--quick`` trains on planted rows at tiny sizes: the code path only.
 """
@@ -50,6 +51,7 @@ synchronisations), for a step that is bound by launches rather than by the matmu
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -65,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_train  # noqa: E402
 
-from saes import kernels, native, optim  # noqa: E402
+from saes import hostsync, kernels, native, optim  # noqa: E402
 from saes import trainer as trainer_module  # noqa: E402
 
 PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
@@ -174,8 +176,8 @@ RUNTIME_PREFIXES = ("cu", "hip")
 
 
 class ProfileTimer(sae_train.Timer):
-    """``sae_train.Timer`` (a stamp per step, the device synchronised there, as in whole runs) that also steps a
-    ``torch.profiler`` schedule at each batch handed to the trainer."""
+    """``sae_train.Timer`` (a stamp per step, as in whole runs: a CUDA event on a GPU, which the host does not wait
+    for) that also steps a ``torch.profiler`` schedule at each batch handed to the trainer."""
 
     def __init__(self, prof):
         super().__init__()
@@ -186,10 +188,36 @@ class ProfileTimer(sae_train.Timer):
         self.prof.step()
 
 
+class CountingTimer(sae_train.Timer):
+    """``sae_train.Timer`` that also notes, at each batch handed to the trainer, how many ops of each kind an
+    :class:`saes.hostsync.SyncOps` has counted so far."""
+
+    def __init__(self, ops: hostsync.SyncOps):
+        super().__init__()
+        self.ops, self.marks = ops, []
+
+    def tick(self) -> None:
+        self.marks.append(collections.Counter(self.ops.counts))
+        super().tick()
+
+
+def host_reads(train: list, args, lr: float, steps: range) -> dict:
+    """The ops of the trainer's steps ``steps`` (of a fresh SAE trained on ``train``) that make the host wait for
+    the device on CUDA, per step, by :class:`saes.hostsync.SyncOps` (the paths this device takes: on the CPU
+    reading back costs nothing and the CPU's own paths do; the steps are slower under the counter)."""
+    with hostsync.SyncOps() as ops:
+        timer = CountingTimer(ops)
+        sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, timer, seed=0)
+    total = timer.marks[steps.stop] - timer.marks[steps.start]
+    return {"steps": len(steps), "total": total.total() / len(steps),
+            "by_op": {k: v / len(steps) for k, v in sorted(total.items())}}
+
+
 def profile_steps(train: list, args, lr: float, n: int) -> dict:
     """``n`` steps of a fresh SAE under ``torch.profiler``, with no phase timer (the step runs free between the
     per-step stamps): the step's time, each op's calls and self time per step (the device's where there is
-    one), and the host's calls into the device runtime per step (kernel launches, copies, synchronisations)."""
+    one), the host's calls into the device runtime per step (kernel launches, copies, synchronisations), and the
+    ops that read back to the host in the same steps of a second run (:func:`host_reads`)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -210,6 +238,7 @@ def profile_steps(train: list, args, lr: float, n: int) -> dict:
     def on_host(e) -> bool:  # an op or runtime call of the host; else a kernel (whose name may start with "cu")
         return getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU
 
+    reads = host_reads(train[:wait + n + 2], args, lr, range(wait, wait + n))
     events = prof.key_averages()
     ops = sorted(events, key=(device_us if cuda else (lambda e: e.self_cpu_time_total)), reverse=True)
     runtime = {e.key: e.count / n for e in events if on_host(e) and e.key.startswith(RUNTIME_PREFIXES)}
@@ -218,6 +247,7 @@ def profile_steps(train: list, args, lr: float, n: int) -> dict:
             "device_ms_per_step": sum(device_us(e) for e in events if not on_host(e)) / 1000 / n if cuda else None,
             "runtime_calls_per_step": dict(sorted(runtime.items(), key=lambda kv: -kv[1])),
             "kernel_launches_per_step": sum(v for k, v in runtime.items() if "LaunchKernel" in k),
+            "host_reads_per_step": reads,
             "top_ops": [{"name": e.key, "on": "host" if on_host(e) else "device", "calls_per_step": e.count / n,
                          "self_cpu_ms_per_step": e.self_cpu_time_total / 1000 / n,
                          **({"self_device_ms_per_step": device_us(e) / 1000 / n} if cuda else {})}
@@ -329,6 +359,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nprofiled {profiled['steps']} free-running steps: {profiled['step_ms_median']:.2f} ms a step, "
               f"{profiled['kernel_launches_per_step']:.0f} kernel launches a step; runtime calls a step: "
               + ", ".join(f"{k} {v:.0f}" for k, v in list(profiled["runtime_calls_per_step"].items())[:6]))
+        reads = profiled["host_reads_per_step"]
+        print(f"ops reading back to the host: {reads['total']:.2f} a step "
+              + ", ".join(f"{k} {v:.2f}" for k, v in reads["by_op"].items()))
         for op in profiled["top_ops"][:10]:
             ms = op.get("self_device_ms_per_step", op["self_cpu_ms_per_step"])
             print(f"  {ms:8.3f} ms {op['calls_per_step']:6.1f} calls  {op['name'][:90]}")

@@ -180,10 +180,19 @@ class Timer:
     the held-out FVU of the SAE being trained (:meth:`watch`) on ``held`` before the step, off the clock.
 
     ``t[s]`` is stamped just before step ``s`` (``t[steps]`` after the last one); the time spent evaluating
-    is subtracted from every later stamp, so differences of stamps are training time only."""
+    is subtracted from every later stamp, so differences of stamps are training time only.
+
+    Where the watched SAE is on a CUDA device, each stamp is a CUDA event recorded on the stream, and the host
+    waits for the device only at evaluations and when ``t`` is read: a training loop that queues its next step
+    before the last one has run is timed so, as it runs outside a benchmark (a host wait at every stamp would
+    cost each library the time to queue a step's first kernels, a loop that never waits most). The times are
+    the stream's: the first stamp runs when nothing is queued, so ``t[s] - t[0]`` is the wall-clock time from
+    there. Elsewhere, the host's clock."""
 
     def __init__(self, steps: int = 0, every: int = 0, held: list | None = None, batch: int = 0):
-        self.t: list[float] = []
+        self._stamps: list = []
+        """Host times (seconds, evaluation time already taken off), or ``(CUDA event, evaluation seconds
+        before it)``."""
         self.steps, self.every, self.held, self.batch = steps, every, held or [], batch
         self.curve: list[dict] = []
         self.eval_seconds = 0.0
@@ -198,19 +207,40 @@ class Timer:
         self._sae, self._recon = sae, recon
         self._around = around or self._around
 
-    def now(self) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - self.eval_seconds
+    def _on_cuda(self) -> bool:
+        param = next(self._sae.parameters(), None) if isinstance(self._sae, torch.nn.Module) else None
+        return param is not None and param.is_cuda
+
+    @property
+    def t(self) -> list[float]:
+        """The stamps in seconds (on CUDA, waits for the device once)."""
+        if not self._stamps or not isinstance(self._stamps[0], tuple):
+            return list(self._stamps)
+        torch.cuda.synchronize()
+        first = self._stamps[0][0]
+        return [first.elapsed_time(ev) / 1000 - before for ev, before in self._stamps]
 
     def tick(self) -> None:
-        self.t.append(self.now())
-        step = len(self.t) - 1
+        if self._on_cuda():
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._stamps.append((ev, self.eval_seconds))
+        else:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._stamps.append(time.perf_counter() - self.eval_seconds)
+        step = len(self._stamps) - 1
         if self.every and self._recon is not None and step < self.steps and step % self.every == 0:
             start = time.perf_counter()
             self._around[0]()
             self.record(step, **heldout_report(self._sae, self._recon, self.held))
             self._around[1]()
+            if self._on_cuda():  # the stream's time from this step's stamp to the evaluation's end
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                end.synchronize()
+                self.eval_seconds += self._stamps[-1][0].elapsed_time(end) / 1000
+                return
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.eval_seconds += time.perf_counter() - start
@@ -218,7 +248,8 @@ class Timer:
     def record(self, step: int, fvu: float, fvu_typical: float | None = None) -> None:
         """A curve point: ``fvu`` measured before step ``step`` (``step == steps``: after the last one), and
         ``fvu_typical``, the FVU over the rows that are not massive activations, when given."""
-        self.curve.append({"step": step, "tokens": step * self.batch, "train_seconds": self.t[step] - self.t[0],
+        t = self.t
+        self.curve.append({"step": step, "tokens": step * self.batch, "train_seconds": t[step] - t[0],
                            "heldout_fvu": fvu, **({} if fvu_typical is None else {"heldout_fvu_typical": fvu_typical})})
 
 

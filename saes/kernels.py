@@ -26,7 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn import functional as F
 
-from saes import native
+from saes import hostsync, native
 
 ONEDNN_MIN_FLOPS = 1e7
 """Smaller encoder matmuls stay on ``addmm``: oneDNN's per-call setup costs more than it saves there (2-core
@@ -120,7 +120,11 @@ def _sparse_t(idx: Tensor, g: Tensor, d_sae: int) -> Tensor:
     flat = idx.reshape(-1)
     order = flat.argsort(stable=True)  # entries of one latent stay in batch order: a deterministic sum
     crow = torch.zeros(d_sae + 1, dtype=torch.long, device=idx.device)
-    torch.cumsum(torch.bincount(flat, minlength=d_sae), 0, out=crow[1:])
+    if hostsync.sync_free(idx.device):  # bincount reads its largest entry back to the host on CUDA
+        counts = torch.zeros(d_sae, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
+    else:
+        counts = torch.bincount(flat, minlength=d_sae)
+    torch.cumsum(counts, 0, out=crow[1:])
     with warnings.catch_warnings():  # torch calls its CSR support "beta" once per process
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, torch.div(order, k, rounding_mode="floor"), g.reshape(-1)[order],

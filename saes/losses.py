@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from saes import hostsync
 from saes.kernels import bag_sum
 
 
@@ -38,7 +39,8 @@ class TrainState:
     total_steps: int = 1
     """Steps the run will take (for coefficient warm-ups)."""
     dead_mask: Tensor | None = None
-    """``[d_sae]`` bool: latents that have not fired for ``TrainConfig.dead_tokens`` tokens."""
+    """``[d_sae]`` bool: latents that have not fired for ``TrainConfig.dead_tokens`` tokens; None while no latent
+    can have gone that long (fewer tokens seen since the start than ``dead_tokens``)."""
     global_rows: int = 0
     """Rows in the global batch (all processes together)."""
     allsum: Callable[[Tensor], Tensor] = field(default=_identity)
@@ -95,9 +97,17 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
     normalised by the residual's global variance and scaled by ``min(n_dead / k_aux, 1)``.
 
     ``pre`` (may be detached) picks the latents; ``gather(idx)`` returns their differentiable
-    pre-activations ``[batch, k]`` (``pre.gather(1, idx)`` on the dense path)."""
+    pre-activations ``[batch, k]`` (``pre.gather(1, idx)`` on the dense path).
+
+    Off the CPU (:func:`saes.hostsync.sync_free`) the number of dead latents is not read back: the top
+    ``min(k_aux, d_sae)`` of every column with the live ones masked, the live ones among them weighted 0 and the
+    scale a device scalar (the same loss to float rounding: the extra terms are zeros)."""
     dead = state.dead_mask
-    n_dead = 0 if dead is None else int(dead.sum())
+    if dead is None:
+        return x.new_zeros((), dtype=torch.float32)
+    if hostsync.sync_free(dead.device):
+        return _auxk_masked(x, x_hat, pre, gather, W_dec, state, k_aux, dead)
+    n_dead = int(dead.sum())
     if n_dead == 0:
         return x.new_zeros((), dtype=torch.float32)
     k = min(k_aux, n_dead)
@@ -111,6 +121,20 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
     e_hat = bag_sum(idx, vals, W_dec)
     tv = total_variance(e, state)
     return min(n_dead / k_aux, 1.0) * (e_hat.float() - e).pow(2).sum() / tv
+
+
+def _auxk_masked(x: Tensor, x_hat: Tensor, pre: Tensor, gather: Callable[[Tensor], Tensor], W_dec: Tensor,
+                 state: TrainState, k_aux: int, dead: Tensor) -> Tensor:
+    """:func:`auxk_loss` with nothing read back to the host."""
+    with torch.no_grad():
+        idx = pre.masked_fill(~dead, -math.inf).topk(min(k_aux, dead.shape[0]), dim=-1, sorted=False).indices
+        live = ~dead[idx]
+    vals = gather(idx).relu().masked_fill(live, 0)
+    e = x.float() - x_hat.detach().float()
+    e_hat = bag_sum(idx, vals, W_dec)
+    tv = total_variance(e, state)
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
+    return scale * (e_hat.float() - e).pow(2).sum() / tv
 
 
 def warmup_coeff(coeff: float, warmup_steps: int, state: TrainState) -> float:
@@ -153,9 +177,14 @@ def remove_parallel_grad(W_dec: Tensor, unit_rows: bool = False) -> None:
             g.addcmul_(w, coef[:, None], value=-1)
 
 
-def normalize_rows(W_dec: Tensor) -> None:
+def normalize_rows(W_dec: Tensor, keep: Tensor | None = None) -> None:
+    """Scale each decoder row to unit norm, in place. ``keep``: a scalar flag on the device; where it is nonzero
+    (a step the optimizer skipped, :class:`saes.guard.Deferred`) the rows are left as they are, bit for bit."""
     with torch.no_grad():
-        W_dec /= W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        norm = W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if keep is not None:
+            norm = torch.where(keep != 0, torch.ones_like(norm), norm)
+        W_dec /= norm
 
 
 MASSIVE_ROW = 10.0

@@ -93,8 +93,10 @@ class TopKSAE(SAE):
                                           workspace=state.workspace)
             x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec)
             active = vals > 0
-            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=x.device)
-            fired[idx[active]] = True
+            # the latents of the active entries, with no boolean-mask selection (no read back to the host on a GPU):
+            # the inactive ones point at a spare last slot
+            fired = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=x.device)
+            fired = fired.index_fill_(0, idx.masked_fill(~active, self.cfg.d_sae).reshape(-1), True)[:-1]
             l0 = active.sum(-1).float().mean()
 
             def gather(i: Tensor) -> Tensor:

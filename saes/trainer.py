@@ -53,7 +53,7 @@ from interp import precision
 from interp.atomic import write_json
 from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
-from saes import guard, malloc, optim
+from saes import guard, hostsync, malloc, optim
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
 from saes.losses import (
@@ -82,6 +82,11 @@ class _Site:
     """Its RNG state on its accelerator (None on CPU)."""
     workspace: dict = dataclasses.field(default_factory=dict)
     """Scratch buffers its ``training_loss`` reuses from step to step (emptied when ``fit`` ends)."""
+    since_bound: int = 0
+    """An upper bound of ``since_fired`` known to the host: while it is under ``dead_tokens`` no latent can be
+    dead, and the step reads nothing about dead latents from the device."""
+    deferred: guard.Deferred | None = None
+    """The non-finite flag kept on the device (:class:`saes.guard.Deferred`), where the guard defers its reads."""
 
 
 class Trainer:
@@ -141,7 +146,33 @@ class Trainer:
             opt = optim.adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
-            self.sites[name] = _Site(sae, opt, sched, since)
+            self.sites[name] = st = _Site(sae, opt, sched, since)
+            if self._defers(st):
+                st.deferred = guard.Deferred(sae.device)
+                opt.found_inf = st.deferred.flag  # torch's fused Adam skips its step while the flag is set
+
+    def _defers(self, st: _Site) -> bool:
+        """Whether this SAE's guard keeps its flag on the device (:class:`saes.guard.Deferred`): off the CPU
+        (:func:`saes.hostsync.sync_free`), with torch's fused Adam (which can skip a step on the device) and no
+        ``after_step`` (which would still change the weights after a skipped step)."""
+        return (self.cfg.nonfinite_guard != "off" and hostsync.sync_free(st.sae.device)
+                and bool(st.opt.defaults.get("fused")) and getattr(st.sae, "after_step", None) is None)
+
+    def _check_deferred(self) -> None:
+        """Read every deferred flag (one read back per SAE) and stop at the first bad step."""
+        found = []
+        for name, st in self.sites.items():
+            bad = st.deferred.first_bad() if st.deferred is not None else None
+            if bad is not None:
+                found.append((bad[0], name, bad))
+        if found:
+            _, name, (step, loss, batch, lr, after) = min(found, key=lambda f: f[0])
+            for st in self.sites.values():
+                st.opt.zero_grad(set_to_none=True)
+            raise guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
+                              checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
+                              last_good=self._last_saved, unapplied_after=after,
+                              checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
 
     def _split(self, batch) -> dict[str, torch.Tensor]:
         """``{name: rows}``: each SAE's rows, taken from the batch by its site (a site read by several
@@ -264,11 +295,16 @@ class Trainer:
                 step += 1
                 self.tokens_ += cfg.batch_tokens
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                log = step % cfg.log_every == 0 or step == cfg.total_steps
+                save = ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                                  or step == cfg.total_steps)
+                if log or save or any(st.deferred is not None and st.deferred.due for st in self.sites.values()):
+                    self._check_deferred()
+                if log:
                     self._log(step, logs, bar, run)
-                if ckpt_root is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
-                                              or step == cfg.total_steps):
+                if save:
                     self._save(ckpt_root, step, data)
+            self._check_deferred()  # the data ran out
         finally:  # a stopped run ends its progress line, so an error prints on a line of its own
             bar.close()
             for st in self.sites.values():
@@ -297,36 +333,42 @@ class Trainer:
     def _step(self, name: str, st: _Site, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
         sae, cfg = st.sae, self.cfg
         x = ddp.local_rows(batch, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
-        state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=st.since_fired >= cfg.dead_tokens,
+        # no latent can be dead before since_fired may reach dead_tokens: the step then reads nothing about them
+        dead = st.since_fired >= cfg.dead_tokens if st.since_bound >= cfg.dead_tokens else None
+        state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=dead,
                            global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world,
                            workspace=st.workspace)
         with _own_rng(st), autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
         ddp.allsum_grads(sae.parameters())
-        if cfg.nonfinite_guard != "off" and not guard.finite(
-                out.loss, sae.parameters() if cfg.nonfinite_guard == "grads" else None):
+        checked = sae.parameters() if cfg.nonfinite_guard == "grads" else None
+        if st.deferred is not None:
+            st.deferred.record(step, out.loss, checked, batch, st.opt.param_groups[0]["lr"])
+        elif cfg.nonfinite_guard != "off" and not guard.finite(out.loss, checked):
             st.opt.zero_grad(set_to_none=True)
             raise guard.error(site=name, step=step, total_steps=cfg.total_steps, loss=out.loss,
                               checked_grads=cfg.nonfinite_guard == "grads", batch=batch,
                               lr=st.opt.param_groups[0]["lr"], last_good=self._last_saved,
                               checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
         norm = getattr(sae, "normalize_decoder", False)
-        one_pass = norm and optim.unit_rows_applies(st.opt, sae.W_dec)  # projection, Adam and renorm in one kernel
+        # projection, Adam and renorm in one kernel (which does not take the deferred flag)
+        one_pass = norm and st.deferred is None and optim.unit_rows_applies(st.opt, sae.W_dec)
         if norm and not one_pass:
             remove_parallel_grad(sae.W_dec, unit_rows=step > 0)  # normalize_rows ran after every earlier step
         st.opt.step(unit_rows={sae.W_dec: step > 0} if one_pass else None)
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)
         if norm and not one_pass:
-            normalize_rows(sae.W_dec)
+            normalize_rows(sae.W_dec, keep=st.deferred.flag if st.deferred is not None else None)
         after = getattr(sae, "after_step", None)
         if after is not None:
             with _own_rng(st):
                 after(state)
         fired = ddp.allsum(out.fired.to(torch.int32)) > 0
         st.since_fired += cfg.batch_tokens
-        st.since_fired[fired] = 0
+        st.since_bound += cfg.batch_tokens
+        st.since_fired.masked_fill_(fired, 0)
         if (step + 1) % cfg.log_every and step + 1 != cfg.total_steps:
             return {}
         sq = ddp.allsum((out.x_hat.detach().float() - x.float()).pow(2).sum().reshape(1))
@@ -364,6 +406,8 @@ class Trainer:
             warnings.warn(f"resuming a {meta['world_size']}-process run on {self.world} processes", stacklevel=4)
         diff = resume_ckpt.check_settings(meta, self._settings(data), accept_changes)
         resume_ckpt.unpack_sites(self.sites, tensors, meta["sites"])
+        for st in self.sites.values():
+            st.since_bound = int(st.since_fired.max()) if st.since_fired.numel() else 0
         if hasattr(data, "load_state_dict"):
             data.load_state_dict(meta["data"])
         resume_ckpt.set_rng_state(tensors, meta["rng"])

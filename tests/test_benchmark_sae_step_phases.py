@@ -49,6 +49,8 @@ def test_profile_steps_records_the_free_running_steps_and_their_ops(phases, tmp_
     assert all(op["calls_per_step"] > 0 and op["self_cpu_ms_per_step"] >= 0 and op["on"] == "host"
                for op in prof["top_ops"])
     assert prof["device_ms_per_step"] is None and prof["kernel_launches_per_step"] == 0  # on the CPU
+    reads = prof["host_reads_per_step"]  # the CPU's paths: the guard reads the loss every step there
+    assert reads["steps"] == 3 and reads["by_op"]["_local_scalar_dense"] >= 1 and reads["total"] >= 1
     assert "profile" not in phases.main(["--quick", "--rounds", "1", "--out", str(tmp_path / "q.json")])
 
 def test_each_step_is_cut_into_phases_that_add_up_to_it(phases):

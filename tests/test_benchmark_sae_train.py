@@ -119,6 +119,43 @@ def test_timer_takes_evaluation_time_off_the_training_clock(sae_train, monkeypat
     assert timer.t[-1] - timer.t[0] == 5.0 and timer.eval_seconds == 300.0
 
 
+def test_timer_on_cuda_stamps_events_and_waits_only_at_evaluations(sae_train, monkeypatch):
+    stream = [0.0]  # the device's clock: an event "runs" when recorded, at the stream's time then
+    waits = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            self.at = stream[0]
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1000
+
+        def synchronize(self):
+            waits.append("event")
+
+    monkeypatch.setattr(sae_train.torch.cuda, "Event", Event)
+    monkeypatch.setattr(sae_train.torch.cuda, "synchronize", lambda: waits.append("device"))
+    monkeypatch.setattr(sae_train.Timer, "_on_cuda", lambda self: True)
+
+    def slow_eval(sae, recon, held):  # each evaluation keeps the stream busy 100 s
+        stream[0] += 100.0
+        return {"fvu": 0.5}
+
+    monkeypatch.setattr(sae_train, "heldout_report", slow_eval)
+    timer = sae_train.Timer(steps=6, every=3, held=[None], batch=8)
+    timer.watch(None, lambda x: x)
+    for _ in range(6):
+        timer.tick()
+        stream[0] += 1.0  # a training step keeps it busy 1 s
+    assert waits == ["device", "event"] * 2  # at each evaluation only: reading t, and the evaluation's end
+    timer.tick()
+    assert [p["train_seconds"] for p in timer.curve] == [0.0, 3.0]
+    assert timer.t == [float(s) for s in range(7)] and timer.eval_seconds == 200.0
+
+
 def test_quick_run_records_a_curve_per_library_ending_at_the_final_fvu(quick):
     assert quick["eval_every"] == 1 and quick["steps"] == 4
     batch = quick["batch_tokens"]
