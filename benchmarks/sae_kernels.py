@@ -1,12 +1,14 @@
 """TopK training kernels on CPU against the torch ops they replace, on real activations.
 
-Two pieces of the sparse TopK step (:mod:`saes.kernels`) are timed beside torch's own op on the same tensors:
+Three pieces of the sparse TopK step (:mod:`saes.kernels`) are timed beside torch's own op on the same tensors:
 
 * ``topk_indices`` (the trainer's top-k: :func:`saes.native.topk` where it is built, ``topk_kernel``) and
   ``two_level_topk`` (the torch-only two levels) against ``Tensor.topk``, on the encoder pre-activations of a batch;
-* :class:`saes.kernels.BagSum` forward + backward (CSR product and ``sampled_addmm``) against
-  ``F.embedding_bag``'s (``trainer_uses_bag_sum``: whether the step takes it, by
-  ``saes.kernels.bag_sum_applies``).
+* :class:`saes.kernels.BagSum` forward + backward (its compiled or CSR weight gradient and its values' gradient)
+  against ``F.embedding_bag``'s (``trainer_uses_bag_sum``: whether the step takes it, by
+  ``saes.kernels.bag_sum_applies``);
+* the values' gradient alone, ``<g[b], W_dec[idx[b, j]]>`` for every entry: :func:`saes.native.gather_dot` (where
+  built) against ``torch.sparse.sampled_addmm`` on the same pattern (``grad_vals``, ``grad_vals_close``).
 
 Both are measured for a freshly initialised SAE and after training it (``--steps`` trainer steps on the same
 cache), since which latents fire, and so the layout of the sparse products, changes as an SAE trains. Each
@@ -94,9 +96,21 @@ def measure(sae, x: torch.Tensor, k: int, rounds: int, calls: int) -> dict:
     # fresh SAE has gradient entries near 260, where float32's spacing alone is 3e-5)
     rel = max(float((a - w).norm() / w.norm()) for a, w in zip(ours(), ref()))
     bag = compare(ref, ours, rounds, calls)
+    dots = None
+    Wd = sae.W_dec.detach()
+    if native.sparse_applies(idx, g, Wd):
+        crow = torch.arange(0, b * k + 1, k)
+        pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k), (b, d_sae), check_invariants=False)
+
+        def sampled():
+            return torch.sparse.sampled_addmm(pattern, g, Wd.T, beta=0.0).values().view(b, k)
+
+        dots = {**compare(sampled, lambda: native.gather_dot(idx, g, Wd), rounds, calls),
+                "close": bool(torch.allclose(native.gather_dot(idx, g, Wd), sampled(), rtol=1e-4, atol=1e-5))}
     return {"topk": topk, "topk_kernel": "native" if native.topk_applies(pre, k) else "two_level",
             "topk_two_level": two, "rows_with_second_topk": second, "topk_same_values": same_values,
             "bag_sum_forward_backward": bag, "bag_sum_grads_relative_error": rel, "bag_sum_grads_close": rel < 1e-5,
+            "grad_vals": dots,
             "entries_per_latent": b * k / d_sae,
             "trainer_uses_bag_sum": kernels.bag_sum_applies(W)}
 

@@ -12,7 +12,7 @@ the selected entries:
   ``batch * d_sae * d_model``).
 
 Decoding is ``embedding_bag(idx, W_dec, per_sample_weights=vals)``, a gather-sum (:func:`bag_sum`: on CPU
-in float32 its backward is :func:`scatter_rows` for ``W_dec`` and a ``sampled_addmm`` for the values). The top
+in float32 its backward is :func:`scatter_rows` for ``W_dec`` and a sampled product for the values). The top
 ``k`` come from :func:`topk_indices`, exact. On CPU in float32 the top-k and the sparse products are compiled
 kernels (:mod:`saes.native`) where a C compiler is at hand, torch ops elsewhere.
 """
@@ -198,7 +198,10 @@ class BagSum(torch.autograd.Function):
     """``sum_j vals[b, j] * W[idx[b, j]]`` (``embedding_bag`` in sum mode) with a sparse backward.
 
     ``grad W = S^T g`` by :func:`scatter_rows` (``S`` the sparse ``[batch, d_sae]`` matrix of ``vals``) and
-    ``grad vals[b, j] = <g[b], W[idx[b, j]]>`` by ``torch.sparse.sampled_addmm`` on the pattern of ``idx``.
+    ``grad vals[b, j] = <g[b], W[idx[b, j]]>`` by :func:`saes.native.gather_dot` where it applies (1.32-1.57x
+    ``torch.sparse.sampled_addmm``'s speed on the pattern of ``idx``, on the layer-12 cache at batch 1,024 and 4,096
+    with 9,216 and 36,864 latents, a fresh and a trained SAE; 2-core AMD EPYC with AVX-512:
+    ``benchmarks/results/sae_kernels_avx512_run17.json``), by that ``sampled_addmm`` elsewhere.
     Equal to ``embedding_bag``'s gradients to float rounding (``tests/saes/test_kernels.py``); faster on CPU
     (see :func:`bag_sum_applies`)."""
 
@@ -212,7 +215,9 @@ class BagSum(torch.autograd.Function):
         idx, vals, W = ctx.saved_tensors
         g = g.contiguous()
         grad_vals = grad_W = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and native.sparse_applies(idx, g, W):
+            grad_vals = native.gather_dot(idx, g, W)
+        elif ctx.needs_input_grad[1]:
             b, k = idx.shape
             crow = torch.arange(0, b * k + 1, k, device=idx.device)
             with warnings.catch_warnings():  # torch calls its CSR support "beta" once per process

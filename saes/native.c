@@ -6,6 +6,8 @@
  *                 component along its weight row, take torch's Adam step (no weight decay, no amsgrad),
  *                 renormalise the row.
  * scatter_rows:   the sparse product S^T dense of the sparse backwards, after a counting sort by latent.
+ * gather_dot:     the sampled product of the decoder's backward: each entry's dot product of its row of one matrix
+ *                 with its latent's row of another.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,7 +23,7 @@
 #define BLOCK 16
 #define MIN_ROWS_PER_THREAD 64
 
-int native_version(void) { return 4; }
+int native_version(void) { return 5; }
 
 /* Built with OpenMP, the kernels split their rows over native_set_threads() threads of the process's OpenMP
  * runtime: torch's own (the loader resolves libgomp.so.1 to the copy torch loaded), so no second pool of
@@ -288,4 +290,28 @@ static int scatter_range(int64_t r0, int64_t r1, const int64_t *starts, const in
 void scatter_rows(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *order, const float *vals, int64_t k,
                   const float *dense, int64_t ld, int64_t m, float *out) {
     SPLIT_ROWS(r0, r1, scatter_range(a, b, starts, order, vals, k, dense, ld, m, out));
+}
+
+/* Rows [r0, r1): out[b * k + j] = <g[b], W[idx[b * k + j]]> (rows of m floats; g's row stride ldg, W's ldw; W has
+ * n_rows rows). Returns -1 when an index is outside [0, n_rows), 0 otherwise. */
+static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *g, int64_t ldg,
+                            const float *W, int64_t ldw, int64_t n_rows, int64_t m, float *out) {
+    for (int64_t b = r0; b < r1; b++) {
+        const float *gr = g + b * ldg;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t l = idx[b * k + j];
+            if (l < 0 || l >= n_rows) return -1;
+            const float *w = W + l * ldw;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t c = 0; c < m; c++) s += gr[c] * w[c];
+            out[b * k + j] = s;
+        }
+    }
+    return 0;
+}
+
+int gather_dot(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *g, int64_t ldg, const float *W,
+               int64_t ldw, int64_t n_rows, int64_t m, float *out) {
+    return SPLIT_ROWS(r0, r1, gather_dot_range(a, b, idx, k, g, ldg, W, ldw, n_rows, m, out));
 }

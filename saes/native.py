@@ -8,6 +8,8 @@
   :func:`saes.optim.unit_rows_applies`.
 * :func:`scatter_rows`: the sparse backwards' weight gradients ``S^T dense`` by a counting sort and one pass
   writing the product: what :func:`saes.kernels.scatter_rows` takes on CPU.
+* :func:`gather_dot`: the decoder backward's gradient of the code values, ``<g[b], W[idx[b, j]]>`` for every entry,
+  in place of torch's ``sampled_addmm`` (:class:`saes.kernels.BagSum`).
 
 Figures: ``experiments/README.md``, SAE training run 15 (each kernel against the torch path it replaces, and the
 whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``).
@@ -47,7 +49,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-VERSION = 4
+VERSION = 5
 """``native_version()`` of the source this module speaks to."""
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
 MIN_ROWS_PER_THREAD = 64
@@ -139,6 +141,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.sort_by_latent.restype = ctypes.c_int
     lib.scatter_rows.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr, i64, i64, ptr]
     lib.scatter_rows.restype = None
+    lib.gather_dot.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr]
+    lib.gather_dot.restype = ctypes.c_int
     return lib
 
 
@@ -275,3 +279,21 @@ def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor
           dense.stride(0), m, out.data_ptr())
     return out
 
+
+
+def gather_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
+    """``out[b, j] = <g[b], W[idx[b, j]]>``, ``[batch, k]`` float32: the sampled product ``(g W^T)[b, idx[b, j]]`` of
+    the decoder's backward, each dot product summed in this kernel's vector order (equal to ``sampled_addmm``'s to
+    float rounding). Only where :func:`sparse_applies` (``idx`` ``[batch, k]``, ``g`` ``[batch, m]``, ``W``
+    ``[n, m]``); raises ValueError on an index outside ``[0, n)``."""
+    if not sparse_applies(idx, g, W) or g.shape[0] != idx.shape[0] or g.shape[1] != W.shape[1]:
+        raise ValueError(f"gather_dot takes int64 idx [b, k], float32 g [b, m] and W [n, m] on CPU, built with OpenMP "
+                         f"({status()}; got {idx.dtype} {tuple(idx.shape)}, {g.dtype} {tuple(g.shape)}, {W.dtype} "
+                         f"{tuple(W.shape)})")
+    b, k = idx.shape
+    out = torch.empty(b, k, dtype=torch.float32)
+    codes = _rows(library().gather_dot, b, idx.data_ptr(), k, g.data_ptr(), g.stride(0), W.data_ptr(), W.stride(0),
+                  W.shape[0], W.shape[1], out.data_ptr())
+    if any(codes):
+        raise ValueError(f"gather_dot: an index outside [0, {W.shape[0]}) (got {int(idx.min())}..{int(idx.max())})")
+    return out

@@ -211,6 +211,26 @@ def test_scatter_rows_equals_the_csr_product(b, k, d_sae, m):
         native.scatter_rows(idx.clamp_max(d_sae - 2) + 1, vals, dense, d_sae - 1)
 
 
+@built
+@pytest.mark.parametrize(("b", "k", "n", "m"), [(1024, 32, 9216, 64), (7, 3, 50, 5), (300, 8, 4096, 33)])
+def test_gather_dot_equals_the_sampled_product(b, k, n, m):
+    g = torch.Generator().manual_seed(b + k)
+    idx = torch.rand(b, n, generator=g).topk(k, dim=1).indices
+    grad = torch.randn(b, m + 3, generator=g)[:, :m]  # row strides other than m
+    W = torch.randn(n, m + 2, generator=g)[:, :m]
+    got = native.gather_dot(idx, grad, W)
+    want = (W.double()[idx] * grad.double()[:, None, :]).sum(-1).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    crow = torch.arange(0, b * k + 1, k)
+    pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), torch.zeros(b * k), (b, n), check_invariants=False)
+    sampled = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.T, beta=0.0).values().view(b, k)
+    torch.testing.assert_close(got, sampled, rtol=1e-5, atol=1e-5)  # what the decoder's backward took before
+    with pytest.raises(ValueError, match="outside"):
+        native.gather_dot(idx.clamp_max(n - 2) + 1, grad, W[: n - 1])
+    with pytest.raises(ValueError, match="gather_dot takes"):
+        native.gather_dot(idx, grad.double(), W)
+
+
 class NoOpenMP:
     """The built library as one without OpenMP would look: the Python threads split the rows."""
 
