@@ -475,18 +475,11 @@ def done_runs(path: Path, shrink: int) -> dict:
 
 def recorded_command(script: str, argv: list[str]) -> str:
     """The command line as recorded in a result: ``python SCRIPT ARGS``, with every cache folder (a path on the
-    machine that ran it) written as its flag's name: ``--cache CACHE``, ``--tune-cache TUNE_CACHE``."""
-    args = list(argv)
-    for i, a in enumerate(args):
-        flag, eq, _ = a.partition("=")
-        if not (flag.startswith("--") and flag.endswith("cache")):
-            continue
-        name = flag[2:].replace("-", "_").upper()
-        if eq:
-            args[i] = f"{flag}={name}"
-        elif i + 1 < len(args):
-            args[i + 1] = name
-    return " ".join(["python", script, *args])
+    machine that ran it) written as its flag's name: ``--cache CACHE``, ``--tune-cache TUNE_CACHE``, and any other
+    machine path so too (:func:`interp.provenance.recorded_command`)."""
+    from interp.provenance import recorded_command as path_free
+
+    return path_free(script, argv, placeholder_flags=("cache",))
 
 
 def eval_every(args) -> int:

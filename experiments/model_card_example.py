@@ -28,6 +28,7 @@ import torch
 import interp
 import saes
 from interp.data import load_texts, pack, token_mask
+from interp.provenance import recorded_command
 from interp.store import ActivationStore
 from saes.checkpoint import annotate, read
 from saes.evaluate import DENSITY_PLOT, downstream_metrics, reconstruction_metrics
@@ -105,7 +106,7 @@ def main() -> None:
         if work.exists():
             shutil.rmtree(work)
         run = train_small(work, args)
-        run["command"] = "python experiments/model_card_example.py " + " ".join(sys.argv[1:])
+        run["command"] = recorded_command("experiments/model_card_example.py", sys.argv[1:])
         (work / RUN_INFO).write_text(json.dumps(run, indent=1, default=str))
     plan = prepare(work, REPO_ID)
     results = Path(args.results)

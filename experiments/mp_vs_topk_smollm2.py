@@ -25,6 +25,7 @@ import torch
 import saes.mp
 import saes.topk  # noqa: F401 - registers topk
 from interp.atomic import write_json
+from interp.provenance import machine_path, placeholder
 from saes.base import build
 from saes.mp import mp_metrics
 from saes.trainer import TrainConfig, Trainer
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(row))
             results.append(row)
             write_json(done_path, {"site": site, "results": results, "partial": True})
-    result = {"site": site, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+    result = {"site": site, "args": {k: (placeholder(k) if isinstance(v, Path) and machine_path(str(v))
+                                         else str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
               "n_train": train.shape[0], "n_eval": test.shape[0], "capture_seconds": round(capture_s, 1),
               "results": results, "seconds": round(time.time() - t0, 1)}
     write_json(done_path, result)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from interp.provenance import recorded_command
+
 SITE = "blocks.12.hook_resid_post"
 
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     "context_size": args.context_size, "prepend_bos": False},
          sparsity=report["latent_density"],
          training={"n_tokens": tr.steps_ * args.batch_tokens, "metrics": metrics})
-    result = {"command": " ".join(["python", "experiments/train_sae_smollm2.py", *(argv or sys.argv[1:])]),
+    result = {"command": recorded_command("experiments/train_sae_smollm2.py", argv or sys.argv[1:]),
               "site": SITE, "d_sae": args.d_sae, "k": args.k, "train_tokens": tr.steps_ * args.batch_tokens,
               "batch_tokens": args.batch_tokens, "train_seconds": train_s,
               "train_tokens_per_s": tr.steps_ * args.batch_tokens / train_s, "eval_seconds": eval_s,

@@ -41,6 +41,7 @@ from interp.features.items import ITEM_SETS, TEMPLATES, item_activations
 from interp.features.multidim import MultiDimConfig, find_multidim_features
 from interp.features.plot import plot_clusters, plot_layer_scores
 from interp.models import load_model
+from interp.provenance import recorded_command
 
 DAYS = ITEM_SETS["days"]
 NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jack", "Kate", "Liam",
@@ -292,7 +293,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     t0 = time.time()
     model, tok = load_model("smollm2-135m", device="cpu")
-    result = {"command": "python experiments/weekday_circle_features.py " + " ".join(argv or sys.argv[1:]),
+    result = {"command": recorded_command("experiments/weekday_circle_features.py", argv or sys.argv[1:]),
               "model": "smollm2-135m (embedded GGUF, dequantized Q4_1, fp32, CPU)",
               "note": "CPU shared with other jobs; timings are indicative only"}
     rows = part_a(model, tok, args, out)

@@ -39,6 +39,7 @@ from interp.capture import site_widths
 from interp.data import load_texts, pack
 from interp.errors import CacheError, InputError
 from interp.folders import folder_lock, inside, remove_temps
+from interp.provenance import model_label
 from interp.sites import resolve
 from interp.source import (
     TOKENS,
@@ -122,7 +123,7 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
         raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype}")
     out = Path(out_dir)
     rank, world = _rank_world()
-    header = {"format": FORMAT, "model": model_name or getattr(getattr(model, "config", None), "_name_or_path", ""),
+    header = {"format": FORMAT, "model": model_name or model_label(model),
               "sites": sites, "context_size": context_size, "dtype": dtype_name, "n_tokens": n_tokens,
               "dataset": dataset_name(dataset), "exclude_first": exclude_first, "exclude_special": exclude_special,
               "prepend_bos": prepend_bos, "seed": seed, "world_size": world,

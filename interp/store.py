@@ -31,6 +31,7 @@ from interp.cache import CachedActivations, CacheInfo, cache_activations
 from interp.capture import site_widths
 from interp.data import load_texts, pack
 from interp.errors import InputError
+from interp.provenance import model_label
 from interp.sites import resolve
 from interp.source import (
     ActivationSource,
@@ -96,7 +97,7 @@ class ActivationStore(ActivationSource):
 
     def describe(self) -> dict[str, Any]:
         """What this store reads, JSON-ready (``rows`` is None: a live store has no fixed size)."""
-        return {"source": "live", "model": getattr(getattr(self.model, "config", None), "_name_or_path", ""),
+        return {"source": "live", "model": model_label(self.model),
                 "sites": list(self.sites), "widths": self.d_models, "dataset": dataset_name(self.dataset),
                 "context_size": self.context_size, "rows": None, "dtype": str(self.dtype).removeprefix("torch."),
                 "exclude_first": self.exclude_first, "exclude_special": self.exclude_special,

@@ -81,11 +81,12 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, codes: Tensor, state: TrainState) -> None:
-        pos = codes[codes > 0]
-        low = pos.min().float() if pos.numel() else codes.new_zeros((), dtype=torch.float32)
+        """The running threshold, updated on the device with nothing read back to the host (see
+        :mod:`saes.hostsync`): the smallest positive code of the batch (0 where none is), averaged over
+        processes; the first batch sets it, later ones move it by ``threshold_momentum``."""
+        pos = codes > 0
+        low = torch.where(pos, codes, torch.full((), torch.inf, dtype=codes.dtype, device=codes.device)).amin()
+        low = torch.where(pos.any(), low, torch.zeros_like(low)).float()
         low = state.allsum(low.reshape(1)).squeeze(0) / state.world_size
-        if float(self.threshold) < 0:
-            self.threshold.copy_(low)
-        else:
-            m = self.cfg.threshold_momentum
-            self.threshold.mul_(1 - m).add_(m * low)
+        m = self.cfg.threshold_momentum
+        self.threshold.copy_(torch.where(self.threshold < 0, low, self.threshold * (1 - m) + m * low))

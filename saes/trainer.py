@@ -332,7 +332,7 @@ class Trainer:
 
     def _step(self, name: str, st: _Site, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
         sae, cfg = st.sae, self.cfg
-        x = ddp.local_rows(batch, self.rank, self.world).to(sae.device, sae.dtype) * st.scale
+        x = to_device(ddp.local_rows(batch, self.rank, self.world), sae.device, sae.dtype) * st.scale
         # no latent can be dead before since_fired may reach dead_tokens: the step then reads nothing about them
         dead = st.since_fired >= cfg.dead_tokens if st.since_bound >= cfg.dead_tokens else None
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=dead,
@@ -448,6 +448,15 @@ class Trainer:
 
 LOCK_NAME = ".interp-lock"
 """The lock file a training run holds in its output folder (see :mod:`interp.folders`)."""
+
+
+def to_device(rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``rows`` on ``device`` in ``dtype``. From CPU memory to a CUDA device through a page-locked copy and a
+    transfer the host does not wait for: torch's copy from ordinary (pageable) memory waits until the device has
+    run everything queued before it (:mod:`saes.hostsync`), once a step for a data source on the CPU."""
+    if rows.device.type == "cpu" and torch.device(device).type == "cuda":
+        rows = rows.pin_memory().to(device, non_blocking=True)
+    return rows.to(device, dtype)
 
 
 def folder_name(name: str) -> str:

@@ -49,6 +49,7 @@ from interp.dashboard.units import Units, logit_effect, nearest_units
 from interp.data import DEFAULT_CONTEXT_SIZE, load_texts, pack, token_mask
 from interp.errors import InputError
 from interp.folders import folder_lock, remove_temps
+from interp.provenance import model_label
 from interp.sites import resolve
 
 __all__ = ["FORMAT", "DashboardConfig", "collect"]
@@ -162,7 +163,7 @@ def collect(model: nn.Module, tokenizer, site: str, units: Units, out: str | os.
     cfg = config or DashboardConfig()
     resolve(model, site)
     out = Path(out)
-    model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    model_name = model_name or model_label(model)
     want = _settings(cfg, units, site, model_name)
     if (out / "data.json").is_file():
         _check_same(out / "data.json", {k: _read_json(out / "data.json").get(k) for k in want}, want)

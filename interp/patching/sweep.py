@@ -46,6 +46,7 @@ from interp.errors import InputError
 from interp.intervene import intervene
 from interp.patching.grid import Pair, Plan, Row, grid_rows, plan
 from interp.patching.result import PatchingResult
+from interp.provenance import model_label
 from interp.sites import unwrap
 from interp.subspace import Subspace
 
@@ -249,7 +250,7 @@ def _sweep(method: str, model, clean, corrupted, metric, *, sites, layers, posit
         sites=[r.site for r in rows], units=[r.unit for r in rows], positions=p0.base_cols.tolist(),
         source_positions=p0.source_cols.tolist(), tokens=grid.tokens, source_tokens=grid.source_tokens,
         effects=torch.stack(effects).float(), base_metric=torch.tensor(base_m), source_metric=torch.tensor(src_m),
-        prompts=grid.prompts, model=str(getattr(getattr(unwrap(model), "config", None), "_name_or_path", "")),
+        prompts=grid.prompts, model=model_label(unwrap(model)),
         seconds=time.perf_counter() - t0)
 
 

@@ -210,3 +210,39 @@ def test_no_deferral_where_a_step_hook_would_change_the_weights():
         trainer.fit(SyntheticSource(D, rows=ROWS))
     assert trainer.sites[""].deferred is None
     assert all(math.isfinite(float(p.detach().abs().sum())) for p in sae.parameters())
+
+
+def test_batchtopk_reads_nothing_back_and_tracks_the_same_threshold():
+    torch.manual_seed(0)
+    sae = saes.build("batchtopk", d_model=D, d_sae=M, k=4)
+    with gpu_paths():
+        assert counted_steps(sae, cfg(), SyntheticSource(D, rows=ROWS)) == [0] * 12
+    state = TrainState(global_rows=8)
+    sae.threshold.fill_(-1.0)
+    codes = [torch.randn(8, M).relu(), torch.zeros(8, M), torch.randn(8, M).relu()]
+    want = -1.0
+    for c in codes:  # the smallest positive code (0 where none is); the first batch sets it, then a running mean
+        pos = c[c > 0]
+        low = float(pos.min()) if pos.numel() else 0.0
+        want = low if want < 0 else want * (1 - 0.01) + 0.01 * low
+        sae._update_threshold(c, state)
+        assert float(sae.threshold) == pytest.approx(want, rel=1e-6)
+
+
+def test_batches_from_cpu_memory_go_to_a_gpu_without_a_host_wait(monkeypatch):
+    from saes.trainer import to_device
+
+    calls = []
+
+    class Pinned:  # what pin_memory() hands back; its copy to the device is the one the host does not wait for
+        def to(self, device, non_blocking=False):
+            calls.append(("to", str(device), non_blocking))
+            return torch.ones(2, 3)
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or Pinned())
+    x = torch.zeros(2, 3, dtype=torch.float64)
+    with mock.patch.object(torch.Tensor, "to", lambda self, *a, **kw: calls.append(("plain", a)) or self):
+        to_device(x, torch.device("cuda"), torch.float32)
+    assert calls == ["pin", ("to", "cuda", True), ("plain", (torch.device("cuda"), torch.float32))]
+    calls.clear()
+    assert to_device(x, torch.device("cpu"), torch.float32).dtype == torch.float32 and calls == []
