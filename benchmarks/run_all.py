@@ -69,7 +69,8 @@ def plan(name: str, *, device: str, quick: bool, out: Path, work: Path, cache: P
     args = ["--device", device, "--out", shown(out / f"{name}.json")]
     model = ["--model", str(work / "tiny-llama")] if quick else []
     if quick:
-        sizes = {"sae_train": ["--quick", "--bf16"], "sae_step_phases": ["--quick", "--profile-steps", "2"],
+        sizes = {"sae_train": ["--quick", "--bf16"],
+                 "sae_step_phases": ["--quick", "--profile-steps", "2", "--decode-kernels", "embedding_bag", "bag_sum"],
                  "mp_sae": ["--quick"], "capture": ["--quick", "--bf16"],
                  "intervene": ["--quick"], "patching": ["--quick", "--rounds", "1"],
                  "dashboard": ["--quick", "--dataset", str(work / "docs.jsonl")], "probe_sweep": ["--quick"],
@@ -77,8 +78,8 @@ def plan(name: str, *, device: str, quick: bool, out: Path, work: Path, cache: P
     else:
         sizes = {"sae_train": ["--cache", str(cache), "--steps", "200", "--batch", "4096", "--repeats", "2", "--bf16",
                                "--libraries", *LIBRARIES],
-                 "sae_step_phases": ["--cache", str(cache), "--batch", "4096", "--rounds", "5",
-                                     "--profile-steps", "20"],
+                 "sae_step_phases": ["--cache", str(cache), "--batch", "4096", "--rounds", "3",
+                                     "--profile-steps", "20", "--decode-kernels", "embedding_bag", "bag_sum"],
                  "mp_sae": ["--overcomplete-bypass", "--rounds", "5"],
                  "capture": ["--bf16", "--repeats", "7"],
                  "intervene": [],
@@ -92,8 +93,9 @@ def plan(name: str, *, device: str, quick: bool, out: Path, work: Path, cache: P
 
 HEADLINES = {
     "sae_train": ("summary",),
-    "sae_step_phases": ("summary.ms", "summary.step_fraction_of_ceiling", "profile.step_ms_median",
-                        "profile.kernel_launches_per_step", "profile.device_ms_per_step"),
+    "sae_step_phases": ("summary.ms", "summary.step_fraction_of_ceiling", "summary.step_bag_sum_over_embedding_bag",
+                        "summary.by_kernel", "profile.step_ms_median", "profile.kernel_launches_per_step",
+                        "profile.device_ms_per_step", "profile.host_reads_per_step.total"),
     "mp_sae": ("speedup", "rounds.encode_vs_faster_peer_warm_median"),
     "capture": ("per_round_ratio_median", "speedup_vs_bridge_all30", "speedup_vs_nnsight_all30",
                 "speedup_vs_bridge_all30_kept_on_device", "speedup_vs_nnsight_all30_kept_on_device",

@@ -39,6 +39,11 @@ each kernel's phases and fraction, and the median of the rounds' step ratios. ``
 the same A/B for the compiled kernels of :mod:`saes.native` (top-k and the one-pass decoder step) against the
 torch paths the trainer takes where they are not built.
 
+``--decode-kernels embedding_bag bag_sum`` is the same A/B for the sparse decode, on any device: torch's
+``embedding_bag`` (the trainer's path off the CPU; its CUDA backward reads a count back to the host each step)
+against :class:`saes.kernels.BagSum` (the CPU's path: sorted sparse products, nothing read back), for the GPU to
+say which it should take.
+
 ``--profile-steps N`` adds, after the rounds, N steps of a fresh SAE under ``torch.profiler`` with no phase timer
 (only the per-step stamp of whole runs): the free-running step, each op's calls and self time per step (the
 device's on a GPU) and the host's calls into the device runtime per step (kernel launches, copies and
@@ -78,6 +83,7 @@ TIMED = ((kernels, "encoder_matmul", "encoder_matmul"), (kernels, "topk_indices"
 """``(module, function, phase)``: the functions the trainer calls through their module, timed as that phase."""
 ENCODER_KERNELS = ("onednn", "addmm")
 STEP_KERNELS = ("native", "torch")
+DECODE_KERNELS = ("embedding_bag", "bag_sum")
 
 
 class Clock:
@@ -144,7 +150,8 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
     """One fresh SAE trained on ``train`` by ``sae_train.run_ours`` with every phase timed; medians over the steps
     after the warm-up. ``kernel`` ``onednn`` or ``addmm`` forces the encoder matmul onto that kernel (through
     :func:`saes.kernels.prefer_onednn`), ``torch`` keeps the trainer off :mod:`saes.native`'s kernels, ``native``
-    (or None) leaves the trainer's own choice."""
+    (or None) leaves the trainer's own choice; ``embedding_bag`` or ``bag_sum`` decodes by that path on any device
+    (through :func:`saes.kernels.bag_sum_applies`)."""
     clock = Clock(args.device)
     with contextlib.ExitStack() as patches:  # the timers come off again, whatever happens
         for module, name, phase in TIMED:
@@ -153,6 +160,8 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
             patches.enter_context(mock.patch.object(kernels, "prefer_onednn", lambda: kernel == "onednn"))
         if kernel == "torch":
             patches.enter_context(mock.patch.object(native, "library", lambda: None))
+        if kernel in DECODE_KERNELS:
+            patches.enter_context(mock.patch.object(kernels, "bag_sum_applies", lambda W: kernel == "bag_sum"))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
@@ -270,6 +279,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "alternating order; default: the trainer's own choice for this CPU")
     p.add_argument("--step-kernels", nargs="+", choices=STEP_KERNELS, default=None,
                    help="an A/B of saes.native's compiled kernels against the torch paths (CPU), as --encoder-kernels")
+    p.add_argument("--decode-kernels", nargs="+", choices=DECODE_KERNELS, default=None,
+                   help="an A/B of the sparse decode's path on any device: torch's embedding_bag (whose CUDA backward "
+                        "reads a count back to the host) or saes.kernels.BagSum (sorted sparse products), as "
+                        "--encoder-kernels; default: the trainer's own choice (BagSum on CPU in float32)")
     p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the rounds, profile this many free-running steps of a fresh SAE (torch.profiler: "
@@ -280,11 +293,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.batch, args.d_sae, args.k, args.steps, args.warmup = 128, 256, 8, 6, 2
     elif args.cache is None:
         p.error("--cache is required (or --quick)")
-    if args.encoder_kernels and args.step_kernels:
-        p.error("--encoder-kernels and --step-kernels are two A/Bs: give one of them per run")
-    ab_flag = "--encoder-kernels" if args.encoder_kernels else "--step-kernels"
-    ab = args.encoder_kernels or args.step_kernels  # the kernels one A/B compares, or None
-    if ab and not str(args.device).startswith("cpu"):
+    given = [f for f, v in (("--encoder-kernels", args.encoder_kernels), ("--step-kernels", args.step_kernels),
+                            ("--decode-kernels", args.decode_kernels)) if v]
+    if len(given) > 1:
+        p.error(f"{' and '.join(given)} are separate A/Bs: give one of them per run")
+    ab_flag = given[0] if given else None
+    ab = args.encoder_kernels or args.step_kernels or args.decode_kernels  # the kernels one A/B compares, or None
+    if ab and not args.decode_kernels and not str(args.device).startswith("cpu"):
         p.error(f"{ab_flag} compares CPU kernels; --device is {args.device}: leave it out there")
     if ab and len(set(ab)) != len(ab):
         p.error(f"{ab_flag} names a kernel twice ({' '.join(ab)}); name each once")
@@ -339,6 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
               "encoder_kernel": args.encoder_kernels or trainer_kernel,
               "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
+              "decode_kernel": args.decode_kernels or ("bag_sum" if kernels.bag_sum_applies(
+                  torch.empty(1, 1, device=args.device)) else "embedding_bag"),
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, **({"profile": profiled} if profiled else {}),
               "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",
@@ -347,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
               "note": f"{os.cpu_count()} CPUs; the one-minute load average counts this benchmark's own "
                       f"{torch.get_num_threads()} threads: above that, something else ran"}
     for kernel, summ in (summary["by_kernel"].items() if ab else [(None, summary)]):
-        what = "encoder matmul on" if kernel in ENCODER_KERNELS else "step kernels:"
+        what = ("encoder matmul on" if kernel in ENCODER_KERNELS else "decode by" if kernel in DECODE_KERNELS
+                else "step kernels:")
         print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   ({what} {kernel})" if kernel else ""))
         for ph in PHASES:
             print(f"{ph:16s} {summ['ms'][ph]:8.2f} {summ['share_of_step'][ph]:7.1%}")

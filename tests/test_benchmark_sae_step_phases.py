@@ -155,3 +155,13 @@ def test_step_kernel_ab_trains_with_and_without_the_compiled_kernels(phases, mon
     assert "step_torch_over_native" in res["summary"]
     with pytest.raises(SystemExit):
         phases.main(["--quick", "--step-kernels", "native", "--encoder-kernels", "addmm"])
+
+
+def test_decode_kernels_ab_trains_each_path_per_round(phases, tmp_path):
+    res = phases.main(["--quick", "--rounds", "2", "--decode-kernels", "embedding_bag", "bag_sum",
+                       "--out", str(tmp_path / "d.json")])
+    assert res["decode_kernel"] == ["embedding_bag", "bag_sum"]
+    assert [sorted(r["by_kernel"]) for r in res["rounds"]] == [["bag_sum", "embedding_bag"]] * 2
+    assert res["summary"]["step_bag_sum_over_embedding_bag"] > 0
+    with pytest.raises(SystemExit):
+        phases.main(["--quick", "--decode-kernels", "bag_sum", "--step-kernels", "torch"])
