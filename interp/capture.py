@@ -136,6 +136,21 @@ def _own(kept: Tensor, value: Tensor) -> Tensor:
     return kept
 
 
+def _to(t: Tensor, device: str | torch.device, dtype: torch.dtype, pending: set) -> Tensor:
+    """``t`` on ``device`` in ``dtype``. A CUDA tensor bound for CPU memory is copied into page-locked memory
+    without the host waiting for it (a plain copy would wait for the device to reach this site, at every site of
+    the pass); its device goes into ``pending``, and the caller waits for those devices once before reading any
+    copy (:func:`capture` does, after the pass). The copy runs in the stream's order, before any later kernel
+    that could reuse or change ``t``."""
+    if t.device.type == "cuda" and torch.device(device).type == "cpu":
+        src = t.to(dtype)
+        host = torch.empty(src.shape, dtype=dtype, pin_memory=True)
+        host.copy_(src, non_blocking=True)
+        pending.add(t.device)
+        return host
+    return t.to(device=device, dtype=dtype)
+
+
 def capture(
     model: nn.Module,
     inputs,
@@ -170,7 +185,9 @@ def capture(
             the text inputs (or, for token ids, from their decoded text).
         dtype: dtype of the returned tensors (default: the model's).
         tokenizer: tokenizes text inputs and reads text selectors.
-        device: where the returned tensors live (default CPU, so GPU memory is not held).
+        device: where the returned tensors live (default CPU, so GPU memory is not held). From a GPU to the CPU
+            each site's rows are copied into page-locked memory as the pass runs, and the host waits for the
+            copies once per batch, after the pass, instead of at every site.
         batch_size: split the rows into forward passes of this many (with a progress bar).
         stop_early: stop the forward pass after the deepest requested site.
     """
@@ -201,12 +218,17 @@ def capture(
         chunk_pos = pos.rows(start, start + step)
         got: dict[str, Tensor] = {}
         handles: list = []
+        masks: dict[torch.device, Tensor] = {}  # the mask on each device a site ran on: moved there once a chunk
+        pending: set = set()  # devices with copies to CPU memory still running
 
-        def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask):
+        def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask,
+                     masks: dict = masks, pending: set = pending):
             def record(value: Tensor) -> None:
                 if site.name not in got:  # a module called twice records its first call
-                    got[site.name] = _own(chunk_pos.take(value.detach(), mask.to(value.device)).to(
-                        device=device, dtype=dtype or value.dtype), value)
+                    if value.device not in masks:
+                        masks[value.device] = mask.to(value.device)
+                    taken = chunk_pos.take(value.detach(), masks[value.device])
+                    got[site.name] = _own(_to(taken, device, dtype or value.dtype, pending), value)
             return record
 
         try:
@@ -215,6 +237,8 @@ def capture(
             run_to_sites(model, chunk, resolved, stop_early)
         finally:
             remove_hooks(handles)
+            for dev in pending:  # every copy to CPU memory has landed before anything reads it
+                torch.cuda.synchronize(dev)
         missing = [s.name for s in resolved if s.name not in got]
         if missing:
             raise SiteError(f"sites {missing} were registered but never reached by the forward pass of "

@@ -250,3 +250,36 @@ def test_capture_keeps_transformers_hidden_state_hooks_and_training_flag():
 def test_vocab_is_tiny():  # guards the fixtures: a real vocabulary would make these tests slow
     assert tiny_model("llama").config.vocab_size == VOCAB
     assert len(DECODERS) == len(ARCHS) - 1
+
+
+def test_copies_from_a_gpu_land_in_page_locked_memory_and_are_waited_for_once_a_chunk(monkeypatch):
+    import importlib
+
+    cap = importlib.import_module("interp.capture")  # the module (the package's attribute is the function)
+    waits = []
+    real_to = cap._to
+
+    def gpu_like(t, device, dtype, pending):  # as a CUDA tensor's copy to CPU memory would register itself
+        pending.add("cuda:0")
+        return real_to(t, device, dtype, pending)
+
+    monkeypatch.setattr(cap, "_to", gpu_like)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: waits.append(dev))
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (4, 6))
+    acts = capture(model, ids, ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"], batch_size=2)
+    assert waits == ["cuda:0", "cuda:0"]  # one wait per chunk, after the pass, for both sites
+    assert acts["blocks.1.hook_resid_post"].shape[:2] == (4, 6)
+
+    class FakeCuda(torch.Tensor):  # a CPU tensor that says it is on a GPU: the branch a CUDA tensor takes
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    pinned = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: pinned.append(kw.get("pin_memory")) or real_empty(*a))
+    pending: set = set()
+    out = real_to(torch.ones(2, 3).as_subclass(FakeCuda), "cpu", torch.float16, pending)
+    assert pinned == [True] and pending == {torch.device("cuda", 0)}  # page-locked, and waited for by the caller
+    assert type(out) is torch.Tensor and torch.equal(out, torch.ones(2, 3, dtype=torch.float16))
