@@ -25,6 +25,10 @@
 
 int native_version(void) { return 5; }
 
+/* Fewer rows than this per thread run on fewer threads (a thread hand-off costs tens of microseconds); the Python
+ * side reads it for its own split where the library has no OpenMP. */
+int native_min_rows_per_thread(void) { return MIN_ROWS_PER_THREAD; }
+
 /* Built with OpenMP, the kernels split their rows over native_set_threads() threads of the process's OpenMP
  * runtime: torch's own (the loader resolves libgomp.so.1 to the copy torch loaded), so no second pool of
  * threads competes with torch's. Built without it, each call runs on the calling thread and the caller splits. */

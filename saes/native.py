@@ -52,9 +52,6 @@ SOURCE = Path(__file__).with_name("native.c")
 VERSION = 5
 """``native_version()`` of the source this module speaks to."""
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
-MIN_ROWS_PER_THREAD = 64
-"""Fewer rows per thread run on fewer threads (a thread hand-off costs tens of microseconds; ``native.c`` uses the
-same figure)."""
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -130,6 +127,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.native_openmp.restype = ctypes.c_int
     lib.native_set_threads.argtypes = [ctypes.c_int]
     lib.native_set_threads.restype = None
+    lib.native_min_rows_per_thread.restype = ctypes.c_int
     if lib.native_version() != VERSION:
         raise RuntimeError(f"{path.name} speaks version {lib.native_version()}, this module {VERSION}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -186,13 +184,13 @@ def reset() -> None:
 def _rows(fn, rows: int, *args) -> list:
     """``fn(r0, r1, *args)`` over ``[0, rows)``: in one call where the library has OpenMP (the kernel splits the
     rows itself over ``torch.get_num_threads()`` threads), else split into that many ranges (fewer where a range
-    would hold under :data:`MIN_ROWS_PER_THREAD` rows) on Python threads, the first in this thread."""
+    would hold under ``native.c``'s ``MIN_ROWS_PER_THREAD`` rows) on Python threads, the first in this thread."""
     global _pool
     lib = library()
     if lib is not None and lib.native_openmp():  # the kernel splits its rows over OpenMP threads itself
         lib.native_set_threads(torch.get_num_threads())
         return [fn(0, rows, *args)]
-    n = max(1, min(torch.get_num_threads(), rows // MIN_ROWS_PER_THREAD))
+    n = max(1, min(torch.get_num_threads(), rows // max(1, lib.native_min_rows_per_thread())))
     bounds = [rows * i // n for i in range(n + 1)]
     if n == 1:
         return [fn(0, rows, *args)]
