@@ -246,3 +246,30 @@ def test_batches_from_cpu_memory_go_to_a_gpu_without_a_host_wait(monkeypatch):
     assert calls == ["pin", ("to", "cuda", True), ("plain", (torch.device("cuda"), torch.float32))]
     calls.clear()
     assert to_device(x, torch.device("cpu"), torch.float32).dtype == torch.float32 and calls == []
+
+
+def test_a_resumed_run_on_the_gpu_paths_ends_where_an_uninterrupted_one_does(tmp_path):
+    class Stop(Exception):
+        pass
+
+    class Interrupted(SyntheticSource):
+        def batch(self, i):
+            if i == 7:
+                raise Stop
+            return super().batch(i)
+
+    c = cfg(checkpoint_every=3, keep_checkpoints=2)  # dead latents from step 4 on: AuxK's path before and after
+    torch.manual_seed(0)
+    ref = saes.build("topk", d_model=D, d_sae=M, k=4)
+    run = saes.build("topk", d_model=D, d_sae=M, k=4)
+    run.load_state_dict(ref.state_dict())
+    with gpu_paths():
+        Trainer(ref, c).fit(SyntheticSource(D, rows=ROWS))
+        with pytest.raises(Stop):
+            Trainer(run, c, out_dir=tmp_path).fit(Interrupted(D, rows=ROWS))
+        resumed = saes.build("topk", d_model=D, d_sae=M, k=4)
+        trainer = Trainer(resumed, c, out_dir=tmp_path)
+        trainer.fit(SyntheticSource(D, rows=ROWS), resume=True)
+    assert trainer.sites[""].since_bound == 12 * ROWS  # restored from the checkpoint's counters, then counted on
+    for (name, p), q in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(p, q), name
