@@ -219,16 +219,27 @@ def capture(
         got: dict[str, Tensor] = {}
         handles: list = []
         masks: dict[torch.device, Tensor] = {}  # the mask on each device a site ran on: moved there once a chunk
+        rows: dict[object, Tensor] = {}  # a boolean positions mask's picked rows: found once a chunk, moved once
+        shape = tuple(chunk["input_ids"].shape)
         pending: set = set()  # devices with copies to CPU memory still running
 
         def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask,
-                     masks: dict = masks, pending: set = pending):
+                     masks: dict = masks, rows: dict = rows, shape: tuple = shape, pending: set = pending):
             def record(value: Tensor) -> None:
-                if site.name not in got:  # a module called twice records its first call
-                    if value.device not in masks:
-                        masks[value.device] = mask.to(value.device)
-                    taken = chunk_pos.take(value.detach(), masks[value.device])
-                    got[site.name] = _own(_to(taken, device, dtype or value.dtype, pending), value)
+                if site.name in got:  # a module called twice records its first call
+                    return
+                x = value.detach()
+                if chunk_pos.kind == "mask" and tuple(x.shape[:2]) == shape:  # the rows' positions, found once
+                    if "cpu" not in rows:
+                        rows["cpu"] = chunk_pos.flat_index(*shape)
+                    if x.device not in rows:
+                        rows[x.device] = rows["cpu"].to(x.device)
+                    taken = x.reshape(shape[0] * shape[1], *x.shape[2:]).index_select(0, rows[x.device])
+                else:
+                    if x.device not in masks:
+                        masks[x.device] = mask.to(x.device)
+                    taken = chunk_pos.take(x, masks[x.device])
+                got[site.name] = _own(_to(taken, device, dtype or value.dtype, pending), value)
             return record
 
         try:

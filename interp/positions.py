@@ -205,11 +205,8 @@ class Positions:
             raise InputError(f"positions={self.spec!r} selects by text: bind it to the token ids first "
                              "(Positions.bind, or pass tokenizer=)")
         if kind == "mask":
-            m = v.to(x.device)
-            if m.shape[1] != s or m.shape[0] not in (1, b):
-                raise InputError(f"a boolean positions mask must have shape [batch, seq] = {(b, s)}, got "
-                                 f"{tuple(m.shape)}; build it from the same tokenized inputs")
-            return x[m.expand(b, s)]
+            flat = self.flat_index(b, s).to(x.device)
+            return x.reshape(b * s, *x.shape[2:]).index_select(0, flat)
         pos = v.to(x.device)
         if pos.shape[0] not in (1, b):
             raise InputError(f"positions has {pos.shape[0]} rows; the batch has {b}. Give one list for all rows "
@@ -225,6 +222,18 @@ class Positions:
         if self.one_per_row:
             return got[:, 0]
         return got[real] if self.ragged else got
+
+    def flat_index(self, b: int, s: int) -> Tensor:
+        """For a boolean mask: where the rows :meth:`take` picks sit in ``x.reshape(b * s, d)``, in its order (row by
+        row), found where the mask lives (on the CPU, for a mask built there: no read back from a GPU). Callers that
+        take from several tensors of one batch find it once (:func:`interp.capture.capture`)."""
+        m = self.value
+        if self.kind != "mask":
+            raise InputError(f"flat_index is for a boolean positions mask, not positions={self.spec!r}")
+        if m.shape[1] != s or m.shape[0] not in (1, b):
+            raise InputError(f"a boolean positions mask must have shape [batch, seq] = {(b, s)}, got "
+                             f"{tuple(m.shape)}; build it from the same tokenized inputs")
+        return m.expand(b, s).reshape(-1).nonzero().squeeze(1)
 
     def select(self, batch: int, seq: int, offset: int, prompt_len: int,
                mask: Bool[Tensor, "batch seq"] | None, device: torch.device) -> Picked | None:

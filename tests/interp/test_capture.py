@@ -283,3 +283,20 @@ def test_copies_from_a_gpu_land_in_page_locked_memory_and_are_waited_for_once_a_
     out = real_to(torch.ones(2, 3).as_subclass(FakeCuda), "cpu", torch.float16, pending)
     assert pinned == [True] and pending == {torch.device("cuda", 0)}  # page-locked, and waited for by the caller
     assert type(out) is torch.Tensor and torch.equal(out, torch.ones(2, 3, dtype=torch.float16))
+
+
+def test_a_boolean_positions_mask_is_resolved_once_a_batch_for_every_site(monkeypatch):
+    from interp.positions import Positions
+
+    model = tiny_model("llama")
+    sites = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.1.hook_resid_mid"]
+    ids = torch.randint(0, VOCAB, (4, 6))
+    keep = torch.rand(4, 6) > 0.4
+    full = capture(model, ids, sites)
+    calls = []
+    real = Positions.flat_index
+    monkeypatch.setattr(Positions, "flat_index", lambda self, b, s: calls.append((b, s)) or real(self, b, s))
+    got = capture(model, ids, sites, positions=keep, batch_size=2)
+    assert calls == [(2, 6), (2, 6)]  # once per batch of 2 rows, not once per site
+    for site in sites:
+        assert torch.equal(got[site], full[site][keep])  # the rows a boolean index picks, in its order
