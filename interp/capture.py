@@ -229,16 +229,16 @@ def capture(
                 if site.name in got:  # a module called twice records its first call
                     return
                 x = value.detach()
+                if x.device not in masks:
+                    masks[x.device] = mask.to(x.device)
+                picked = None
                 if chunk_pos.kind == "mask" and tuple(x.shape[:2]) == shape:  # the rows' positions, found once
-                    if "cpu" not in rows:
-                        rows["cpu"] = chunk_pos.flat_index(*shape)
+                    if "found" not in rows:
+                        rows["found"] = chunk_pos.flat_index(*shape)
                     if x.device not in rows:
-                        rows[x.device] = rows["cpu"].to(x.device)
-                    taken = x.reshape(shape[0] * shape[1], *x.shape[2:]).index_select(0, rows[x.device])
-                else:
-                    if x.device not in masks:
-                        masks[x.device] = mask.to(x.device)
-                    taken = chunk_pos.take(x, masks[x.device])
+                        rows[x.device] = rows["found"].to(x.device)
+                    picked = rows[x.device]
+                taken = chunk_pos.take(x, masks[x.device], picked)
                 got[site.name] = _own(_to(taken, device, dtype or value.dtype, pending), value)
             return record
 

@@ -190,9 +190,11 @@ class Positions:
                                  "character indices count from the start of the prompt text")
         return self._with("mask", out)
 
-    def take(self, x: Shaped[Tensor, "batch seq d"], mask: Int[Tensor, "batch seq"]) -> Tensor:
+    def take(self, x: Shaped[Tensor, "batch seq d"], mask: Int[Tensor, "batch seq"],
+             rows: Tensor | None = None) -> Tensor:
         """The picked rows of ``x`` (any dtype: activations, or column indices) in capture's output shape for
-        this form (module docstring table)."""
+        this form (module docstring table). ``rows``: a boolean mask's :meth:`flat_index` for this batch, already on
+        ``x``'s device (a caller taking from several tensors of one batch finds it once)."""
         kind, v = self.kind, self.value
         b, s = x.shape[:2]
         if kind == "all":
@@ -205,7 +207,7 @@ class Positions:
             raise InputError(f"positions={self.spec!r} selects by text: bind it to the token ids first "
                              "(Positions.bind, or pass tokenizer=)")
         if kind == "mask":
-            flat = self.flat_index(b, s).to(x.device)
+            flat = self.flat_index(b, s).to(x.device) if rows is None else rows
             return x.reshape(b * s, *x.shape[2:]).index_select(0, flat)
         pos = v.to(x.device)
         if pos.shape[0] not in (1, b):

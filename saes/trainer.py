@@ -30,8 +30,8 @@ finite-value check of every step (:mod:`saes.guard`); periodic atomic resume che
 (:mod:`saes.resume`); gradient all-reduce over ``torch.distributed`` processes (:mod:`saes.distributed`); a
 progress bar with loss / L0 / FVU / dead fraction and optional wandb. On CPU, freed blocks are kept for
 the next step while the run lasts (:mod:`saes.malloc`: no page faults on weight-sized tensors each step).
-Every SAE draws its random numbers (atom dropout, data-row picks ...) from its own torch RNG stream, seeded
-with ``TrainConfig.seed``, so SAEs trained together from one stream come out exactly as each would trained
+Every SAE draws its random numbers from its own torch RNG stream (what the trainer keeps per SAE is in
+:mod:`saes.train_state`), so SAEs trained together from one stream come out exactly as each would trained
 alone on the same batches. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`;
 rank 0 under torchrun), so a second run into the same folder is refused with the holder's PID.
 """
@@ -42,7 +42,6 @@ import contextlib
 import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,26 +66,7 @@ from saes.losses import (
     typical_mean,
 )
 from saes.train_config import TrainConfig
-
-
-@dataclass
-class _Site:
-    sae: SAE
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
-    since_fired: torch.Tensor
-    scale: float = 1.0
-    rng: torch.Tensor | None = None
-    """This SAE's own CPU RNG state (swapped in around its steps)."""
-    device_rng: torch.Tensor | None = None
-    """Its RNG state on its accelerator (None on CPU)."""
-    workspace: dict = dataclasses.field(default_factory=dict)
-    """Scratch buffers its ``training_loss`` reuses from step to step (emptied when ``fit`` ends)."""
-    since_bound: int = 0
-    """An upper bound of ``since_fired`` known to the host: while it is under ``dead_tokens`` no latent can be
-    dead, and the step reads nothing about dead latents from the device."""
-    deferred: guard.Deferred | None = None
-    """The non-finite flag kept on the device (:class:`saes.guard.Deferred`), where the guard defers its reads."""
+from saes.train_state import SiteState
 
 
 class Trainer:
@@ -140,18 +120,18 @@ class Trainer:
     def _setup(self) -> None:
         dev = next(iter(self.saes.values())).device
         self.rank, self.world = ddp.setup(dev)
-        self.sites: dict[str, _Site] = {}
+        self.sites: dict[str, SiteState] = {}
         for name, sae in self.saes.items():
             lr = self.cfg.lr_for(sae)
             opt = optim.adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
-            self.sites[name] = st = _Site(sae, opt, sched, since)
+            self.sites[name] = st = SiteState(sae, opt, sched, since)
             if self._defers(st):
                 st.deferred = guard.Deferred(sae.device)
                 opt.found_inf = st.deferred.flag  # torch's fused Adam skips its step while the flag is set
 
-    def _defers(self, st: _Site) -> bool:
+    def _defers(self, st: SiteState) -> bool:
         """Whether this SAE's guard keeps its flag on the device (:class:`saes.guard.Deferred`): off the CPU
         (:func:`saes.hostsync.sync_free`), with torch's fused Adam (which can skip a step on the device) and no
         ``after_step`` (which would still change the weights after a skipped step)."""
@@ -167,12 +147,17 @@ class Trainer:
                 found.append((bad[0], name, bad))
         if found:
             _, name, (step, loss, batch, lr, after) = min(found, key=lambda f: f[0])
-            for st in self.sites.values():
-                st.opt.zero_grad(set_to_none=True)
-            raise guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
-                              checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
-                              last_good=self._last_saved, unapplied_after=after,
-                              checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
+            raise self._nonfinite(name, step, loss, batch, lr, unapplied_after=after)
+
+    def _nonfinite(self, name: str, step: int, loss: torch.Tensor, batch: torch.Tensor, lr: float,
+                   unapplied_after: int = 0) -> guard.NonFiniteError:
+        """The error that stops the run at a non-finite step (no gradient is left behind)."""
+        for st in self.sites.values():
+            st.opt.zero_grad(set_to_none=True)
+        return guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
+                           checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
+                           last_good=self._last_saved, unapplied_after=unapplied_after,
+                           checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
 
     def _split(self, batch) -> dict[str, torch.Tensor]:
         """``{name: rows}``: each SAE's rows, taken from the batch by its site (a site read by several
@@ -210,7 +195,7 @@ class Trainer:
                     st.sae.b_dec.copy_(typical_mean(x))
             init = getattr(st.sae, "init_from_data", None)
             if init is not None:
-                with _own_rng(st):
+                with st.own_rng():
                     init(x.to(st.sae.dtype))
 
     @contextlib.contextmanager
@@ -255,7 +240,7 @@ class Trainer:
 
         random.seed(cfg.seed)
         for st in self.sites.values():  # every SAE starts its own stream from the seed
-            _seed_rng(st)
+            st.seed_rng()
         self.history_: list[dict[str, Any]] = []
         self.tokens_ = step = 0
         ckpt_root = self.out_dir / "checkpoints" if self.out_dir is not None else None
@@ -330,7 +315,7 @@ class Trainer:
         if run is not None:
             run.log({f"{s}/{m}": float(v) for s, d in logs.items() for m, v in d.items()}, step=step)
 
-    def _step(self, name: str, st: _Site, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
+    def _step(self, name: str, st: SiteState, batch: torch.Tensor, step: int, autocast) -> dict[str, torch.Tensor]:
         sae, cfg = st.sae, self.cfg
         x = to_device(ddp.local_rows(batch, self.rank, self.world), sae.device, sae.dtype) * st.scale
         # no latent can be dead before since_fired may reach dead_tokens: the step then reads nothing about them
@@ -338,7 +323,7 @@ class Trainer:
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=dead,
                            global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world,
                            workspace=st.workspace)
-        with _own_rng(st), autocast:
+        with st.own_rng(), autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
         ddp.allsum_grads(sae.parameters())
@@ -346,11 +331,7 @@ class Trainer:
         if st.deferred is not None:
             st.deferred.record(step, out.loss, checked, batch, st.opt.param_groups[0]["lr"])
         elif cfg.nonfinite_guard != "off" and not guard.finite(out.loss, checked):
-            st.opt.zero_grad(set_to_none=True)
-            raise guard.error(site=name, step=step, total_steps=cfg.total_steps, loss=out.loss,
-                              checked_grads=cfg.nonfinite_guard == "grads", batch=batch,
-                              lr=st.opt.param_groups[0]["lr"], last_good=self._last_saved,
-                              checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
+            raise self._nonfinite(name, step, out.loss, batch, st.opt.param_groups[0]["lr"])
         norm = getattr(sae, "normalize_decoder", False)
         # projection, Adam and renorm in one kernel (which does not take the deferred flag)
         one_pass = norm and st.deferred is None and optim.unit_rows_applies(st.opt, sae.W_dec)
@@ -363,7 +344,7 @@ class Trainer:
             normalize_rows(sae.W_dec, keep=st.deferred.flag if st.deferred is not None else None)
         after = getattr(sae, "after_step", None)
         if after is not None:
-            with _own_rng(st):
+            with st.own_rng():
                 after(state)
         fired = ddp.allsum(out.fired.to(torch.int32)) > 0
         st.since_fired += cfg.batch_tokens
@@ -413,7 +394,7 @@ class Trainer:
         resume_ckpt.set_rng_state(tensors, meta["rng"])
         for st in self.sites.values():  # a checkpoint written before SAEs had their own streams: the global one
             if st.rng is None:
-                _seed_rng(st)
+                st.seed_rng()
         self.tokens_ = int(meta.get("tokens", step * meta["config"]["batch_tokens"]))
         self.history_ = list(meta.get("history", []))
         if diff:
@@ -487,34 +468,6 @@ def _check_folders(saes: dict[str, SAE]) -> None:
             raise SAEError(f"SAEs named {seen[folder]!r} and {name!r} would be saved to the same folder {folder!r} "
                            "('/' becomes '_'): rename one")
         seen[folder] = name
-
-
-def _rng_module(device: torch.device):
-    """``torch.cuda`` (or the module of another accelerator) for ``device``; None on CPU."""
-    return None if device.type == "cpu" else getattr(torch, device.type)
-
-
-def _seed_rng(st: _Site) -> None:
-    """Start ``st``'s own RNG stream at the current global state (right after ``manual_seed(cfg.seed)``,
-    or the state a resume checkpoint restored)."""
-    st.rng = torch.get_rng_state()
-    mod = _rng_module(st.sae.device)
-    st.device_rng = mod.get_rng_state(st.sae.device) if mod is not None else None
-
-
-@contextlib.contextmanager
-def _own_rng(st: _Site) -> Iterator[None]:
-    """Run the block on ``st``'s own RNG stream; the global stream is left as it was."""
-    dev = st.sae.device
-    mod = _rng_module(dev)
-    with torch.random.fork_rng(devices=[dev] if mod is not None else [], device_type=dev.type if mod else "cuda"):
-        torch.set_rng_state(st.rng)
-        if mod is not None:
-            mod.set_rng_state(st.device_rng, dev)
-        yield
-        st.rng = torch.get_rng_state()
-        if mod is not None:
-            st.device_rng = mod.get_rng_state(dev)
 
 
 def _jsonable(cfg) -> dict[str, Any]:
