@@ -44,6 +44,10 @@ torch paths the trainer takes where they are not built.
 against :class:`saes.kernels.BagSum` (the CPU's path: sorted sparse products, nothing read back), for the GPU to
 say which it should take.
 
+``--grad-kernels sparse dense`` is the same A/B for the weight gradients on CPU: kept sparse by the backward and
+made row by row in the optimizer's pass (:mod:`saes.sparse_grads`, the trainer's choice where the compiled kernels
+are built with OpenMP) against written whole by the backward and read back by Adam.
+
 ``--profile-steps N`` adds, after the rounds, N steps of a fresh SAE under ``torch.profiler`` with no phase timer
 (only the per-step stamp of whole runs): the free-running step, each op's calls and self time per step (the
 device's on a GPU) and the host's calls into the device runtime per step (kernel launches, copies and
@@ -72,7 +76,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_train  # noqa: E402
 
-from saes import hostsync, kernels, native, optim  # noqa: E402
+from saes import hostsync, kernels, native, optim, sparse_grads  # noqa: E402
 from saes import trainer as trainer_module  # noqa: E402
 
 PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
@@ -84,6 +88,7 @@ TIMED = ((kernels, "encoder_matmul", "encoder_matmul"), (kernels, "topk_indices"
 ENCODER_KERNELS = ("onednn", "addmm")
 STEP_KERNELS = ("native", "torch")
 DECODE_KERNELS = ("embedding_bag", "bag_sum")
+GRAD_KERNELS = ("sparse", "dense")
 
 
 class Clock:
@@ -151,7 +156,8 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
     after the warm-up. ``kernel`` ``onednn`` or ``addmm`` forces the encoder matmul onto that kernel (through
     :func:`saes.kernels.prefer_onednn`), ``torch`` keeps the trainer off :mod:`saes.native`'s kernels, ``native``
     (or None) leaves the trainer's own choice; ``embedding_bag`` or ``bag_sum`` decodes by that path on any device
-    (through :func:`saes.kernels.bag_sum_applies`)."""
+    (through :func:`saes.kernels.bag_sum_applies`); ``dense`` writes the weight gradients whole (no
+    :class:`saes.sparse_grads.SparseGrads`), ``sparse`` leaves the trainer's choice."""
     clock = Clock(args.device)
     with contextlib.ExitStack() as patches:  # the timers come off again, whatever happens
         for module, name, phase in TIMED:
@@ -162,6 +168,8 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
             patches.enter_context(mock.patch.object(native, "library", lambda: None))
         if kernel in DECODE_KERNELS:
             patches.enter_context(mock.patch.object(kernels, "bag_sum_applies", lambda W: kernel == "bag_sum"))
+        if kernel == "dense":
+            patches.enter_context(mock.patch.object(sparse_grads, "applies", lambda opt: False))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
@@ -283,6 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="an A/B of the sparse decode's path on any device: torch's embedding_bag (whose CUDA backward "
                         "reads a count back to the host) or saes.kernels.BagSum (sorted sparse products), as "
                         "--encoder-kernels; default: the trainer's own choice (BagSum on CPU in float32)")
+    p.add_argument("--grad-kernels", nargs="+", choices=GRAD_KERNELS, default=None,
+                   help="an A/B of the weight gradients (CPU): kept sparse and made by the optimizer as it steps "
+                        "(saes.sparse_grads, the trainer's choice where the compiled kernels are built) or written "
+                        "whole by the backward, as --encoder-kernels")
     p.add_argument("--quick", action="store_true", help="planted rows, tiny sizes: the code path only")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="after the rounds, profile this many free-running steps of a fresh SAE (torch.profiler: "
@@ -294,17 +306,22 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.cache is None:
         p.error("--cache is required (or --quick)")
     given = [f for f, v in (("--encoder-kernels", args.encoder_kernels), ("--step-kernels", args.step_kernels),
-                            ("--decode-kernels", args.decode_kernels)) if v]
+                            ("--decode-kernels", args.decode_kernels), ("--grad-kernels", args.grad_kernels)) if v]
     if len(given) > 1:
         p.error(f"{' and '.join(given)} are separate A/Bs: give one of them per run")
     ab_flag = given[0] if given else None
-    ab = args.encoder_kernels or args.step_kernels or args.decode_kernels  # the kernels one A/B compares, or None
+    ab = (args.encoder_kernels or args.step_kernels or args.decode_kernels
+          or args.grad_kernels)  # the kernels one A/B compares, or None
     if ab and not args.decode_kernels and not str(args.device).startswith("cpu"):
         p.error(f"{ab_flag} compares CPU kernels; --device is {args.device}: leave it out there")
     if ab and len(set(ab)) != len(ab):
         p.error(f"{ab_flag} names a kernel twice ({' '.join(ab)}); name each once")
     if args.step_kernels and "native" in args.step_kernels and native.library() is None:
         p.error(f"{ab_flag} names native, but saes.native's kernels are not built here ({native.status()})")
+    lib = native.library()
+    if args.grad_kernels and "sparse" in args.grad_kernels and not (lib and lib.native_openmp()):
+        p.error(f"{ab_flag} names sparse, but saes.native's kernels are not built with OpenMP here "
+                f"({native.status()})")
     if args.warmup >= args.steps - 1:
         p.error(f"--warmup {args.warmup} leaves no step of --steps {args.steps} to time; use a smaller --warmup")
     from saes.train_config import default_lr
@@ -354,6 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
               "encoder_kernel": args.encoder_kernels or trainer_kernel,
               "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
+              "grad_kernel": args.grad_kernels or ("sparse" if native.library() is not None
+                                                   and native.library().native_openmp() else "dense"),
               "decode_kernel": args.decode_kernels or ("bag_sum" if kernels.bag_sum_applies(
                   torch.empty(1, 1, device=args.device)) else "embedding_bag"),
               "machine": sae_train.machine(), "rounds": rounds,
@@ -365,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{torch.get_num_threads()} threads: above that, something else ran"}
     for kernel, summ in (summary["by_kernel"].items() if ab else [(None, summary)]):
         what = ("encoder matmul on" if kernel in ENCODER_KERNELS else "decode by" if kernel in DECODE_KERNELS
-                else "step kernels:")
+                else "weight gradients" if kernel in GRAD_KERNELS else "step kernels:")
         print(f"\n{'phase':16s} {'ms':>8s} {'share':>7s}" + (f"   ({what} {kernel})" if kernel else ""))
         for ph in PHASES:
             print(f"{ph:16s} {summ['ms'][ph]:8.2f} {summ['share_of_step'][ph]:7.1%}")

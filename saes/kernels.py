@@ -11,6 +11,9 @@ the selected entries:
   computed as a sparse-dense product (:func:`scatter_rows`: ``batch * k * d_model`` multiply-adds, not
   ``batch * d_sae * d_model``).
 
+Where the step hands them a :class:`saes.sparse_grads.SparseGrads`, both backwards leave the weight gradients there
+(the entries, sorted by latent) instead of writing them, for the optimizer to make row by row as it steps.
+
 Decoding is ``embedding_bag(idx, W_dec, per_sample_weights=vals)``, a gather-sum (:func:`bag_sum`: on CPU
 in float32 its backward is :func:`scatter_rows` for ``W_dec`` and a sampled product for the values). The top
 ``k`` come from :func:`topk_indices`, exact. On CPU in float32 the top-k and the sparse products are compiled
@@ -164,9 +167,10 @@ class GatherPre(torch.autograd.Function):
     ``values`` is the already computed ``pre.gather(1, idx)`` (forward does no matmul)."""
 
     @staticmethod
-    def forward(ctx, values, idx, x, W_enc, b_enc, b_dec):  # noqa: D102
+    def forward(ctx, values, idx, x, W_enc, b_enc, b_dec, sink=None):  # noqa: D102
         ctx.save_for_backward(idx, x, W_enc, b_dec if b_dec is not None else x.new_zeros(0))
         ctx.has_b_dec = b_dec is not None
+        ctx.sink, ctx.params = sink, (W_enc, b_dec) if sink is not None else None  # the parameters themselves
         return values.clone()
 
     @staticmethod
@@ -178,20 +182,43 @@ class GatherPre(torch.autograd.Function):
         if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
             grad_b_enc = torch.zeros(d_sae, dtype=W_enc.dtype, device=W_enc.device)
             grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
+        kept = False
         if ctx.needs_input_grad[3]:
-            xc = (x - b_dec) if ctx.has_b_dec else x
-            grad_W = scatter_rows(idx, g, xc.to(W_enc.dtype), d_sae).T
+            xc = ((x - b_dec) if ctx.has_b_dec else x).to(W_enc.dtype)
+            kept = _keep(ctx, 0, idx, g, xc)
+            if not kept:
+                grad_W = scatter_rows(idx, g, xc, d_sae).T
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
-            grad_b_dec = -(W_enc @ grad_b_enc)
+            if kept:  # summed with W_enc's step, in its pass over W_enc
+                ctx.sink.add_bias(ctx.params[0], ctx.params[1], grad_b_enc)
+            else:
+                grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
             grad_b_enc = None
-        return None, None, None, grad_W, grad_b_enc, grad_b_dec
+        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
+
+
+def _keep(ctx, which: int, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
+    """Record a weight's gradient in the step's :class:`saes.sparse_grads.SparseGrads` (``ctx.sink``) where one was
+    given, the weight is a leaf (a parameter the optimizer holds, not a tensor made from one) and the kernel takes
+    these tensors; whether it did."""
+    from saes import sparse_grads
+
+    if ctx.sink is None:
+        return False
+    W = ctx.params[which]
+    if not (W.is_leaf and sparse_grads.takes(W) and native.sparse_applies(idx, vals, dense)):
+        return False
+    ctx.sink.add(W, idx, vals, dense)
+    return True
 
 
 def gather_pre(pre: Float[Tensor, "batch d_sae"], idx: Int[Tensor, "batch k"], x: Tensor, W_enc: Tensor,
-               b_enc: Tensor, b_dec: Tensor | None) -> Float[Tensor, "batch k"]:
-    """Differentiable selected pre-activations (see :class:`GatherPre`)."""
-    return GatherPre.apply(pre.gather(1, idx), idx, x, W_enc, b_enc, b_dec)
+               b_enc: Tensor, b_dec: Tensor | None, sink=None) -> Float[Tensor, "batch k"]:
+    """Differentiable selected pre-activations (see :class:`GatherPre`). ``sink``: a
+    :class:`saes.sparse_grads.SparseGrads` that keeps ``W_enc``'s gradient (and ``b_dec``'s term from it) for the
+    optimizer, where its kernel applies."""
+    return GatherPre.apply(pre.gather(1, idx), idx, x, W_enc, b_enc, b_dec, sink)
 
 
 class BagSum(torch.autograd.Function):
@@ -206,8 +233,9 @@ class BagSum(torch.autograd.Function):
     (see :func:`bag_sum_applies`)."""
 
     @staticmethod
-    def forward(ctx, idx, vals, W):  # noqa: D102
+    def forward(ctx, idx, vals, W, sink=None):  # noqa: D102
         ctx.save_for_backward(idx, vals, W)
+        ctx.sink, ctx.params = sink, (W,) if sink is not None else None  # the parameter itself
         return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
     @staticmethod
@@ -225,9 +253,9 @@ class BagSum(torch.autograd.Function):
                 pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), vals.new_zeros(b * k), (b, W.shape[0]),
                                                   check_invariants=False)
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(b, k)
-        if ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2] and not _keep(ctx, 0, idx, vals, g):
             grad_W = scatter_rows(idx, vals, g, W.shape[0])
-        return None, grad_vals, grad_W
+        return None, grad_vals, grad_W, None
 
 
 def bag_sum_applies(W: Float[Tensor, "d_sae d_model"]) -> bool:
@@ -246,19 +274,19 @@ def bag_sum_applies(W: Float[Tensor, "d_sae d_model"]) -> bool:
 
 
 def bag_sum(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"],
-            W: Float[Tensor, "d_sae d_model"]) -> Float[Tensor, "batch d_model"]:
+            W: Float[Tensor, "d_sae d_model"], sink=None) -> Float[Tensor, "batch d_model"]:
     """``sum_j vals[b, j] * W[idx[b, j]]``: :class:`BagSum` where :func:`bag_sum_applies`, ``embedding_bag``
-    otherwise."""
+    otherwise. ``sink``: as :func:`gather_pre`'s, for ``W``'s gradient."""
     vals = vals.to(W.dtype)
     if bag_sum_applies(W):
-        return BagSum.apply(idx, vals, W)
+        return BagSum.apply(idx, vals, W, sink)
     return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
 
 def sparse_decode(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W_dec: Tensor,
-                  b_dec: Tensor) -> Float[Tensor, "batch d_model"]:
+                  b_dec: Tensor, sink=None) -> Float[Tensor, "batch d_model"]:
     """``sum_j vals[b, j] * W_dec[idx[b, j]] + b_dec`` without a dense code matrix (:func:`bag_sum`)."""
-    return bag_sum(idx, vals, W_dec) + b_dec
+    return bag_sum(idx, vals, W_dec, sink) + b_dec
 
 
 TWO_LEVEL_GROUP = 16
@@ -374,11 +402,12 @@ def two_level_topk(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "ba
 
 
 def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
-                 center: bool = True, workspace: dict | None = None):
+                 center: bool = True, workspace: dict | None = None, sink=None):
     """Sparse TopK encode: ``(idx, vals, pre)``; ``vals`` are differentiable, ``pre`` is dense
-    and detached (kept for AuxK's choice of dead latents; see :func:`pre_acts` for ``workspace``)."""
+    and detached (kept for AuxK's choice of dead latents; see :func:`pre_acts` for ``workspace``, :func:`gather_pre`
+    for ``sink``)."""
     x = x.to(W_enc.dtype)
     pre = pre_acts(x, W_enc, b_enc, b_dec if center else None, workspace)
     idx = topk_indices(pre, k)
-    vals = gather_pre(pre, idx, x, W_enc, b_enc, b_dec if center else None).relu()
+    vals = gather_pre(pre, idx, x, W_enc, b_enc, b_dec if center else None, sink).relu()
     return idx, vals, pre

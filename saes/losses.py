@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from jaxtyping import Bool, Float
@@ -50,6 +50,9 @@ class TrainState:
     workspace: dict | None = None
     """Scratch buffers this SAE may reuse from one step to the next (the trainer holds one dict per SAE for
     a run; None: allocate afresh). A buffer's contents are only valid within the step that wrote them."""
+    grads: Any = None
+    """A :class:`saes.sparse_grads.SparseGrads` where the trainer's optimizer makes the weight gradients the
+    sparse backwards leave there (None: every gradient goes to ``.grad``)."""
 
 
 class TrainStep(NamedTuple):
@@ -118,7 +121,7 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Float[Tensor, "batch d_sae"],
         idx = cols[pre.index_select(1, cols).topk(k, dim=-1, sorted=False).indices]
     vals = gather(idx).relu()
     e = x.float() - x_hat.detach().float()
-    e_hat = bag_sum(idx, vals, W_dec)
+    e_hat = bag_sum(idx, vals, W_dec, state.grads)
     tv = total_variance(e, state)
     return min(n_dead / k_aux, 1.0) * (e_hat.float() - e).pow(2).sum() / tv
 
@@ -131,7 +134,7 @@ def _auxk_masked(x: Tensor, x_hat: Tensor, pre: Tensor, gather: Callable[[Tensor
         live = ~dead[idx]
     vals = gather(idx).relu().masked_fill(live, 0)
     e = x.float() - x_hat.detach().float()
-    e_hat = bag_sum(idx, vals, W_dec)
+    e_hat = bag_sum(idx, vals, W_dec, state.grads)
     tv = total_variance(e, state)
     scale = (dead.sum() / k_aux).clamp(max=1.0)
     return scale * (e_hat.float() - e).pow(2).sum() / tv

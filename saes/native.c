@@ -8,6 +8,9 @@
  * scatter_rows:   the sparse product S^T dense of the sparse backwards, after a counting sort by latent.
  * gather_dot:     the sampled product of the decoder's backward: each entry's dot product of its row of one matrix
  *                 with its latent's row of another.
+ * sparse_adam:    Adam's step of a weight matrix whose gradient is kept sparse (the entries of each latent, never
+ *                 written as a dense gradient): each row's gradient made, stepped and (for a decoder) projected and
+ *                 renormalised in one pass; the encoder's pass also sums the b_dec gradient's product with it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -23,7 +26,7 @@
 #define BLOCK 16
 #define MIN_ROWS_PER_THREAD 64
 
-int native_version(void) { return 5; }
+int native_version(void) { return 6; }
 
 /* Fewer rows than this per thread run on fewer threads (a thread hand-off costs tens of microseconds); the Python
  * side reads it for its own split where the library has no OpenMP. */
@@ -65,6 +68,13 @@ int native_openmp(void) {
         (CALL);                                                                                                    \
     })
 #endif
+
+#ifndef AHEAD
+#define AHEAD 2
+#endif
+static inline void prefetch_row(const float *p, int64_t n) {
+    for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 0, 3);
+}
 
 /* An int32 key of a float that orders as the float does, NaN above +inf (as torch.topk orders it). */
 static inline int32_t key32(float x) {
@@ -214,40 +224,59 @@ int topk_rows(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, i
     return SPLIT_ROWS(r0, r1, topk_range(a, b, pre, d, ld, k, out));
 }
 
-/* Rows [r0, r1) of a decoder W (rows x cols, row-major) with gradient G and Adam moments M, V (same layout):
- *   g <- g - (<g, w> / <w, w>) w        (<w, w> taken as 1 when unit is set)
+/* Adam's constants of step number `step` (torch's: no weight decay, no amsgrad). */
+typedef struct {
+    float step_size, bc2, eps, b2, omb1, omb2;
+} adam_consts;
+
+static adam_consts adam_setup(double lr, double beta1, double beta2, double eps, double step) {
+    double bc1 = 1.0 - pow(beta1, step), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
+    adam_consts c = {(float)(lr / bc1), (float)bc2_sqrt, (float)eps, (float)beta2, (float)(1.0 - beta1),
+                     (float)(1.0 - beta2)};
+    return c;
+}
+
+/* One row w (moments m, v) of cols floats stepped with gradient g; a decoder row (decoder set) has g's component
+ * along w removed first (<w, w> taken as 1 when unit is set) and is renormalised after:
+ *   g <- g - (<g, w> / <w, w>) w
  *   m <- m + (1 - beta1) (g - m);  v <- beta2 v + (1 - beta2) g^2
  *   w <- w - step_size m / (sqrt(v) / bc2_sqrt + eps);  w <- w / max(|w|, 1e-12)
- * with step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step), as torch's Adam (no weight decay, no
- * amsgrad). G is not written. */
-static int adam_range(int64_t r0, int64_t r1, float *W, const float *G, float *M, float *V, int64_t cols,
-                      double lr, double beta1, double beta2, double eps, double step, int unit) {
-    double bc1 = 1.0 - pow(beta1, step), bc2_sqrt = sqrt(1.0 - pow(beta2, step));
-    float step_size = (float)(lr / bc1), bc2 = (float)bc2_sqrt, e = (float)eps;
-    float b2 = (float)beta2, omb1 = (float)(1.0 - beta1), omb2 = (float)(1.0 - beta2);
-    for (int64_t r = r0; r < r1; r++) {
-        float *w = W + r * cols, *m = M + r * cols, *v = V + r * cols;
-        const float *g = G + r * cols;
+ * with step_size = lr / (1 - beta1^step), bc2_sqrt = sqrt(1 - beta2^step). g is not written. */
+static inline void adam_row(float *restrict w, float *restrict m, float *restrict v, const float *restrict g,
+                            int64_t cols, const adam_consts *k, int decoder, int unit) {
+    float coef = 0.f;
+    if (decoder) {
         float gw = 0.f, ww = 0.f;
 #pragma omp simd reduction(+ : gw, ww)
         for (int64_t c = 0; c < cols; c++) { gw += g[c] * w[c]; ww += w[c] * w[c]; }
-        float coef = unit ? gw : gw / (ww > 1e-24f ? ww : 1e-24f);
-        float nn = 0.f;
+        coef = unit ? gw : gw / (ww > 1e-24f ? ww : 1e-24f);
+    }
+    float nn = 0.f, step_size = k->step_size, bc2 = k->bc2, e = k->eps, b2 = k->b2, omb1 = k->omb1, omb2 = k->omb2;
 #pragma omp simd reduction(+ : nn)
-        for (int64_t c = 0; c < cols; c++) {
-            float gc = g[c] - coef * w[c];
-            float mc = m[c] + omb1 * (gc - m[c]);
-            float vc = b2 * v[c] + omb2 * gc * gc;
-            m[c] = mc;
-            v[c] = vc;
-            float wc = w[c] - step_size * mc / (sqrtf(vc) / bc2 + e);
-            w[c] = wc;
-            nn += wc * wc;
-        }
+    for (int64_t c = 0; c < cols; c++) {
+        float gc = g[c] - coef * w[c];
+        float mc = m[c] + omb1 * (gc - m[c]);
+        float vc = b2 * v[c] + omb2 * gc * gc;
+        m[c] = mc;
+        v[c] = vc;
+        float wc = w[c] - step_size * mc / (sqrtf(vc) / bc2 + e);
+        w[c] = wc;
+        nn += wc * wc;
+    }
+    if (decoder) {
         float s = 1.0f / fmaxf(sqrtf(nn), 1e-12f);
 #pragma omp simd
         for (int64_t c = 0; c < cols; c++) w[c] *= s;
     }
+}
+
+/* Rows [r0, r1) of a decoder W (rows x cols, row-major) with gradient G and Adam moments M, V (same layout): each
+ * row's adam_row as a decoder row. G is not written. */
+static int adam_range(int64_t r0, int64_t r1, float *W, const float *G, float *M, float *V, int64_t cols,
+                      double lr, double beta1, double beta2, double eps, double step, int unit) {
+    adam_consts k = adam_setup(lr, beta1, beta2, eps, step);
+    for (int64_t r = r0; r < r1; r++)
+        adam_row(W + r * cols, M + r * cols, V + r * cols, G + r * cols, cols, &k, 1, unit);
     return 0;
 }
 
@@ -277,11 +306,14 @@ int sort_by_latent(const int64_t *idx, int64_t n, int64_t d_sae, int64_t *starts
  * (rows of m floats; dense's row stride ld). Rows of latents with no entry are zero. */
 static int scatter_range(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *order, const float *vals,
                          int64_t k, const float *dense, int64_t ld, int64_t m, float *out) {
+    int64_t e1 = starts[r1];
+    for (int64_t e = starts[r0]; e < starts[r0] + AHEAD && e < e1; e++) prefetch_row(dense + (order[e] / k) * ld, m);
     for (int64_t l = r0; l < r1; l++) {
         float *o = out + l * m;
         memset(o, 0, sizeof(float) * m);
         for (int64_t e = starts[l]; e < starts[l + 1]; e++) {
             int64_t i = order[e];
+            if (e + AHEAD < e1) prefetch_row(dense + (order[e + AHEAD] / k) * ld, m);
             const float *row = dense + (i / k) * ld;
             float v = vals[i];
 #pragma omp simd
@@ -303,8 +335,9 @@ static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t 
     for (int64_t b = r0; b < r1; b++) {
         const float *gr = g + b * ldg;
         for (int64_t j = 0; j < k; j++) {
-            int64_t l = idx[b * k + j];
+            int64_t l = idx[b * k + j], ahead = b * k + j + AHEAD;
             if (l < 0 || l >= n_rows) return -1;
+            if (ahead < r1 * k && idx[ahead] >= 0 && idx[ahead] < n_rows) prefetch_row(W + idx[ahead] * ldw, m);
             const float *w = W + l * ldw;
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
@@ -318,4 +351,132 @@ static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t 
 int gather_dot(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *g, int64_t ldg, const float *W,
                int64_t ldw, int64_t n_rows, int64_t m, float *out) {
     return SPLIT_ROWS(r0, r1, gather_dot_range(a, b, idx, k, g, ldg, W, ldw, n_rows, m, out));
+}
+
+/* One source of a weight gradient kept sparse: row l's gradient gets the sum over the entries i of latent l (in the
+ * order order[starts[l]] .. order[starts[l + 1] - 1]) of vals[i] * dense[i / k] (dense's row stride ld): what
+ * scatter_rows writes as row l. */
+typedef struct {
+    const int64_t *starts, *order;
+    const float *vals;
+    int64_t k;
+    const float *dense;
+    int64_t ld;
+} grad_source;
+
+/* Rows a chunk of the b_dec sums covers: each chunk's partial sum is one row of `partial`, so the result does not
+ * depend on how rows are split over threads. */
+#define CHUNK 64
+
+int native_sparse_chunk(void) { return CHUNK; }
+
+/* Asks for a row of n floats to be brought into the cache (the sparse products read rows in an order no hardware
+ * prefetcher can guess: each row is a few dozen cache lines, read once where it comes). */
+/* The gradient rows [r0, r1) into g (rows of cols floats; s: scratch of as many): G's rows (zero where G is NULL)
+ * plus the sources' sums, each source's sum made first and added (as autograd adds the gradients of several uses
+ * of a weight). */
+static void gradient_rows(int64_t r0, int64_t r1, const grad_source *src, int nsrc, const float *G, int64_t ldg,
+                          int64_t cols, float *restrict g, float *restrict s) {
+    int64_t n = r1 - r0;
+    if (G) {
+        for (int64_t r = 0; r < n; r++) memcpy(g + r * cols, G + (r0 + r) * ldg, sizeof(float) * cols);
+    } else {
+        memset(g, 0, sizeof(float) * cols * n);
+    }
+    int first = G == NULL;
+    for (int q = 0; q < nsrc; q++) {
+        const int64_t *order = src[q].order, *starts = src[q].starts, k = src[q].k, ld = src[q].ld;
+        const float *vals = src[q].vals, *dense = src[q].dense;
+        float *restrict acc = first ? g : s;
+        if (!first) memset(s, 0, sizeof(float) * cols * n);
+        int64_t t0 = starts[r0], t1 = starts[r1];
+        for (int64_t t = t0; t < t0 + AHEAD && t < t1; t++) prefetch_row(dense + (order[t] / k) * ld, cols);
+        for (int64_t r = 0; r < n; r++) {
+            float *restrict o = acc + r * cols;
+            for (int64_t t = starts[r0 + r]; t < starts[r0 + r + 1]; t++) {
+                int64_t i = order[t];
+                if (t + AHEAD < t1) prefetch_row(dense + (order[t + AHEAD] / k) * ld, cols);
+                const float *restrict row = dense + (i / k) * ld;
+                float val = vals[i];
+#pragma omp simd
+                for (int64_t j = 0; j < cols; j++) o[j] += val * row[j];
+            }
+        }
+        if (!first) {
+            for (int64_t r = 0; r < n; r++) {
+                if (starts[r0 + r] == starts[r0 + r + 1]) continue;  /* g + 0: as autograd's sum, no write */
+#pragma omp simd
+                for (int64_t j = 0; j < cols; j++) g[r * cols + j] += s[r * cols + j];
+            }
+        }
+        first = 0;
+    }
+}
+
+/* Rows [r0, r1) (r0 a multiple of CHUNK) of W (rows x cols, row-major; M, V its Adam moments, same layout), a chunk
+ * of CHUNK rows at a time: the chunk's gradient rows made first (gradient_rows: the random reads of the sources'
+ * dense rows apart from the streaming pass), then for each row
+ *   partial[r / CHUNK] += wb[r] * w  (before the step; where wb is not NULL);
+ *   adam_row (a decoder row where decoder is set).
+ * dry: the gradient rows and the partial sums only (W, M, V not written), each gradient row checked finite.
+ * Returns 0, SPARSE_NONFINITE where a dry run found a gradient entry that is NaN or infinite, SPARSE_NOMEM without
+ * scratch memory (flags: the threads' results are OR-ed). */
+#define SPARSE_NONFINITE 1
+#define SPARSE_NOMEM 2
+static int sparse_adam_range(int64_t r0, int64_t r1, const grad_source *src, int nsrc, const float *G, int64_t ldg,
+                             float *W, float *M, float *V, int64_t cols, double lr, double beta1, double beta2,
+                             double eps, double step, int decoder, int unit, const float *wb, float *partial,
+                             int dry) {
+    float *buf = malloc(sizeof(float) * cols * CHUNK * 2);
+    if (!buf) return SPARSE_NOMEM;
+    int rc = 0;
+    adam_consts k = adam_setup(lr, beta1, beta2, eps, step);
+    for (int64_t c0 = r0; c0 < r1; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < r1 ? c0 + CHUNK : r1;
+        gradient_rows(c0, c1, src, nsrc, G, ldg, cols, buf, buf + cols * CHUNK);
+        for (int64_t r = c0; r < c1; r++) {
+            float *w = W + r * cols;
+            const float *g = buf + (r - c0) * cols;
+            if (wb && wb[r] != 0.0f) {
+                float *p = partial + (r / CHUNK) * cols, f = wb[r];
+#pragma omp simd
+                for (int64_t j = 0; j < cols; j++) p[j] += f * w[j];
+            }
+            if (dry) {
+                float z = 0.f;
+#pragma omp simd reduction(+ : z)
+                for (int64_t j = 0; j < cols; j++) z += g[j] * 0.f;  /* NaN where an entry is NaN or infinite */
+                if (z != z) rc |= SPARSE_NONFINITE;
+                continue;
+            }
+            adam_row(w, M + r * cols, V + r * cols, g, cols, &k, decoder, unit);
+        }
+    }
+    free(buf);
+    return rc;
+}
+
+/* sparse_adam_range over all rows, split over threads at multiples of CHUNK rows (partial: zeroed by the caller,
+ * ceil(rows / CHUNK) rows of cols floats); its flags. */
+int sparse_adam(int64_t rows, const grad_source *src, int nsrc, const float *G, int64_t ldg, float *W, float *M,
+                float *V, int64_t cols, double lr, double beta1, double beta2, double eps, double step, int decoder,
+                int unit, const float *wb, float *partial, int dry) {
+    int64_t chunks = (rows + CHUNK - 1) / CHUNK;
+    int rc = 0;
+#ifdef _OPENMP
+    int64_t t = rows / MIN_ROWS_PER_THREAD;
+    int nt = t < 1 ? 1 : (t < n_threads ? (int)t : n_threads);
+#pragma omp parallel num_threads(nt) reduction(| : rc)
+    {
+        int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+        int64_t a = chunks * i / n * CHUNK, b = chunks * (i + 1) / n * CHUNK;
+        rc |= sparse_adam_range(a, b < rows ? b : rows, src, nsrc, G, ldg, W, M, V, cols, lr, beta1, beta2, eps,
+                                step, decoder, unit, wb, partial, dry);
+    }
+#else
+    (void)chunks;
+    rc = sparse_adam_range(0, rows, src, nsrc, G, ldg, W, M, V, cols, lr, beta1, beta2, eps, step, decoder, unit, wb,
+                           partial, dry);
+#endif
+    return rc;
 }

@@ -10,6 +10,9 @@
   writing the product: what :func:`saes.kernels.scatter_rows` takes on CPU.
 * :func:`gather_dot`: the decoder backward's gradient of the code values, ``<g[b], W[idx[b, j]]>`` for every entry,
   in place of torch's ``sampled_addmm`` (:class:`saes.kernels.BagSum`).
+* :func:`sparse_adam`: Adam's step of a weight whose gradient was kept sparse (:mod:`saes.sparse_grads`): each row's
+  gradient made from its latent's entries, stepped (and for a decoder projected and renormalised) in one pass,
+  with no dense gradient written or read.
 
 Figures: ``experiments/README.md``, SAE training run 15 (each kernel against the torch path it replaces, and the
 whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``).
@@ -49,7 +52,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-VERSION = 5
+VERSION = 6
 """``native_version()`` of the source this module speaks to."""
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
 
@@ -121,6 +124,13 @@ def _build_and_load(cc: str) -> tuple[ctypes.CDLL, Path]:
     raise RuntimeError(f"{cc} could not build {SOURCE.name}: {last}")
 
 
+class _Source(ctypes.Structure):
+    """``grad_source`` of ``native.c``."""
+
+    _fields_ = [("starts", ctypes.c_void_p), ("order", ctypes.c_void_p), ("vals", ctypes.c_void_p),
+                ("k", ctypes.c_int64), ("dense", ctypes.c_void_p), ("ld", ctypes.c_int64)]
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.native_version.restype = ctypes.c_int
@@ -141,6 +151,10 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.scatter_rows.restype = None
     lib.gather_dot.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr]
     lib.gather_dot.restype = ctypes.c_int
+    lib.native_sparse_chunk.restype = ctypes.c_int
+    lib.sparse_adam.argtypes = [i64, ctypes.POINTER(_Source), ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64,
+                                *[ctypes.c_double] * 5, ctypes.c_int, ctypes.c_int, ptr, ptr, ctypes.c_int]
+    lib.sparse_adam.restype = ctypes.c_int
     return lib
 
 
@@ -266,17 +280,80 @@ def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor
                          f"{idx.dtype} {tuple(idx.shape)}, {vals.dtype} {tuple(vals.shape)}, {dense.dtype} "
                          f"{tuple(dense.shape)})")
     lib, m = library(), dense.shape[1]
-    starts = torch.empty(d_sae + 1, dtype=torch.long)
-    order = torch.empty(b * k, dtype=torch.long)
-    code = lib.sort_by_latent(idx.data_ptr(), b * k, d_sae, starts.data_ptr(), order.data_ptr())
-    if code:
-        raise (ValueError(f"scatter_rows: an index outside [0, {d_sae}) (got {int(idx.min())}..{int(idx.max())})")
-               if code == -1 else MemoryError("scatter_rows could not allocate its sort"))
+    starts, order = sort_by_latent(idx, d_sae, "scatter_rows")
     out = torch.empty(d_sae, m, dtype=torch.float32)
     _rows(lib.scatter_rows, d_sae, starts.data_ptr(), order.data_ptr(), vals.data_ptr(), k, dense.data_ptr(),
           dense.stride(0), m, out.data_ptr())
     return out
 
+
+def sort_by_latent(idx: Tensor, d_sae: int, who: str = "sort_by_latent") -> tuple[Tensor, Tensor]:
+    """``(starts, order)``: the entries of ``idx`` (a contiguous int64 CPU tensor) by latent, a counting sort:
+    ``order[starts[l]:starts[l + 1]]`` are the flat positions of latent ``l``'s entries, ascending. Raises
+    ValueError on an index outside ``[0, d_sae)`` (naming ``who``)."""
+    n = idx.numel()
+    starts = torch.empty(d_sae + 1, dtype=torch.long)
+    order = torch.empty(n, dtype=torch.long)
+    code = library().sort_by_latent(idx.data_ptr(), n, d_sae, starts.data_ptr(), order.data_ptr())
+    if code:
+        raise (ValueError(f"{who}: an index outside [0, {d_sae}) (got {int(idx.min())}..{int(idx.max())})")
+               if code == -1 else MemoryError(f"{who} could not allocate its sort"))
+    return starts, order
+
+
+def sparse_adam(W: Tensor, M: Tensor, V: Tensor, sources: list[tuple[Tensor, Tensor, Tensor, Tensor]],
+                G: Tensor | None = None, *, lr: float, betas: tuple[float, float], eps: float, step: float,
+                decoder: bool, unit: bool = False, wb: Tensor | None = None, dry: bool = False):
+    """Adam's step number ``step`` (torch's, no weight decay, no amsgrad) in place on ``W``, ``M``, ``V``
+    (contiguous float32 CPU ``[rows, cols]``), with the gradient made row by row, never written whole: row ``l``'s
+    is ``G[l]`` (zero where ``G`` is None) plus, for each source ``(starts, order, vals, dense)``
+    (:func:`sort_by_latent` of a ``[batch, k]`` index; ``vals`` ``[batch, k]`` and ``dense`` ``[batch, cols]``
+    float32, unit column stride),
+    the sum over latent ``l``'s entries ``i`` of ``vals[i] * dense[i // k]`` in ``order``'s order: the row
+    :func:`scatter_rows` writes. Each source's sum is made first and then added, as autograd adds the gradients
+    of several uses of one weight. ``decoder``: the gradient's component along each row is removed first (``<w, w>``
+    taken as 1 where ``unit``) and the row renormalised after, as :func:`unit_row_adam`.
+
+    With ``wb`` (``[rows]`` float32) returns ``sum_l wb[l] * W[l]`` over the rows before the step (``[cols]``;
+    summed in chunks of ``native_sparse_chunk()`` rows, then over the chunks in order: the same on any number of
+    threads), else None. Only where :func:`sparse_applies`.
+
+    ``dry``: nothing is written; returns ``(finite, term)``: whether every entry of the gradient is finite (made as
+    the step would make it), and the ``wb`` sum (or None) as the step would return it, bit for bit."""
+    rows, cols = W.shape if W.dim() == 2 else (0, 0)
+    mats = (W, M, V) + ((G,) if G is not None else ())
+    dense = [d for _, _, _, d in sources]
+    vals = [v for _, _, v, _ in sources]
+    lib = library()
+    ok = (W.dim() == 2 and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                               and t.shape == W.shape for t in mats)
+          and all(d.device.type == v.device.type == "cpu" and d.dtype == v.dtype == torch.float32 and d.dim() == 2
+                  and d.shape[1] == cols and (d.stride(1) == 1 or cols <= 1) and v.dim() == 2
+                  and v.shape[0] == d.shape[0] and v.is_contiguous() for d, v in zip(dense, vals))
+          and all(s.dtype == o.dtype == torch.long and s.is_contiguous() and o.is_contiguous()
+                  and s.numel() == rows + 1 and o.numel() == v.numel() for s, o, v, _ in sources)
+          and (wb is None or (wb.dtype == torch.float32 and wb.is_contiguous() and wb.shape == (rows,)))
+          and lib is not None and bool(lib.native_openmp()))
+    if not ok:
+        raise ValueError("sparse_adam takes contiguous float32 CPU W, M, V (and G) of one [rows, cols] shape, sources "
+                         "of (starts, order, vals [batch, k], dense [batch, cols]) float32 with int64 sorts, and a "
+                         f"build with OpenMP ({status()}; got W {W.dtype}/{W.device}/{tuple(W.shape)}, "
+                         f"{len(sources)} source(s))")
+    structs = (_Source * max(1, len(sources)))()
+    for q, (starts, order, v, d) in enumerate(sources):
+        structs[q] = _Source(starts.data_ptr(), order.data_ptr(), v.data_ptr(), v.shape[1], d.data_ptr(), d.stride(0))
+    lib.native_set_threads(torch.get_num_threads())
+    partial = None
+    if wb is not None:
+        partial = torch.zeros(-(-rows // lib.native_sparse_chunk()), cols, dtype=torch.float32)
+    code = lib.sparse_adam(rows, structs, len(sources), G.data_ptr() if G is not None else None, cols, W.data_ptr(),
+                           M.data_ptr(), V.data_ptr(), cols, float(lr), float(betas[0]), float(betas[1]), float(eps),
+                           float(step), int(decoder), int(unit), wb.data_ptr() if wb is not None else None,
+                           partial.data_ptr() if partial is not None else None, int(dry))
+    if code & 2:
+        raise MemoryError(f"sparse_adam could not allocate its scratch rows ({cols} floats)")
+    term = partial.sum(0) if partial is not None else None
+    return (not code & 1, term) if dry else term
 
 
 def gather_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:

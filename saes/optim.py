@@ -37,18 +37,33 @@ class Adam(torch.optim.Adam):
     """``torch.optim.Adam`` that steps a 2-D parameter stored column-major through its row-major transpose
     (see the module docstring). Outside :meth:`step` parameters, gradients and moments keep their layouts."""
 
-    def step(self, closure=None, *, unit_rows: dict[Tensor, bool] | None = None):
+    def step(self, closure=None, *, unit_rows: dict[Tensor, bool] | None = None, sparse=None):
         """Adam's step. ``unit_rows`` maps decoder parameters whose rows are kept at unit norm (each where
-        :func:`unit_rows_applies`) to whether their rows have unit norm now: each is stepped by
-        :func:`saes.native.unit_row_adam` in one pass (the gradient's component along each row removed, Adam's
-        step, each row renormalised: what :func:`saes.losses.remove_parallel_grad`, this step and
+        :func:`unit_rows_applies`, or whose gradient waits in ``sparse``) to whether their rows have unit norm now:
+        each is stepped by :func:`saes.native.unit_row_adam` in one pass (the gradient's component along each row
+        removed, Adam's step, each row renormalised: what :func:`saes.losses.remove_parallel_grad`, this step and
         :func:`saes.losses.normalize_rows` do in three), with the same state (``step``, ``exp_avg``,
-        ``exp_avg_sq``) as torch keeps; its ``.grad`` is left as it came."""
+        ``exp_avg_sq``) as torch keeps; its ``.grad`` is left as it came.
+
+        ``sparse`` (a :class:`saes.sparse_grads.SparseGrads`): the parameters whose gradients wait there are
+        stepped first by :func:`saes.native.sparse_adam`, each row's gradient made as the row is stepped (added to
+        what ``.grad`` holds), with a ``b_dec`` term added to that parameter's ``.grad`` before torch's step;
+        ``sparse`` is left empty. Where :func:`saes.sparse_grads.applies` does not hold, the gradients are written
+        into ``.grad`` first (:meth:`~saes.sparse_grads.SparseGrads.materialize`) and stepped as usual."""
         loss = None
         if closure is not None:  # evaluated before any parameter is transposed
             with torch.enable_grad():
                 loss = closure()
-        unit_rows = unit_rows or {}
+        unit_rows = dict(unit_rows or {})
+        if sparse:
+            from saes import sparse_grads
+
+            if sparse_grads.applies(self) and all(sparse_grads.takes(p) and _moments_aligned(self, p)
+                                                  for p in self._sparse_params(sparse)):
+                for p in self._sparse_params(sparse):
+                    self._sparse_step(p, sparse, unit_rows.pop(p, None))
+            else:
+                sparse.materialize()
         for p in unit_rows:
             if not unit_rows_applies(self, p):
                 raise ValueError(f"unit_rows got a parameter the one-pass kernel cannot step ({tuple(p.shape)}, "
@@ -70,17 +85,47 @@ class Adam(torch.optim.Adam):
             self._unit_row_step(p, unit)
         return loss
 
-    @torch.no_grad()
-    def _unit_row_step(self, p: Tensor, unit: bool) -> None:
-        group = _group_of(self, p)
+    def _state_of(self, p: Tensor) -> dict:
+        """``p``'s state, set up as torch's Adam sets it up where empty (a float32 step count on the parameter's
+        device, moments in the parameter's layout)."""
         state = self.state[p]
-        if not state:  # as torch's Adam sets it up (a float32 step count on the parameter's device)
+        if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def _unit_row_step(self, p: Tensor, unit: bool) -> None:
+        group = _group_of(self, p)
+        state = self._state_of(p)
         state["step"] += 1
         native.unit_row_adam(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], betas=group["betas"],
                              eps=group["eps"], step=float(state["step"]), unit=unit)
+
+    def _sparse_params(self, sparse) -> list[Tensor]:
+        """This optimizer's parameters whose gradients wait in ``sparse``, in its order."""
+        return [p for g in self.param_groups for p in g["params"] if sparse.holds(p)]
+
+    @torch.no_grad()
+    def _sparse_step(self, p: Tensor, sparse, unit: bool | None) -> None:
+        """Step ``p`` from its waiting gradient (plus ``.grad``; a decoder where ``unit`` is not None), leaving
+        ``.grad`` None so that torch's step skips it; add the ``b_dec`` term to that parameter's ``.grad``."""
+        group = _group_of(self, p)
+        state = self._state_of(p)
+        sources, bias = sparse.pop(p)
+        rows, g = _row_view(p, p), p.grad
+        if g is not None:
+            g = _row_view(g, p).contiguous()
+        m, v = (_row_view(state[k], p) for k in ("exp_avg", "exp_avg_sq"))
+        state["step"] += 1
+        gb = bias[1].to(torch.float32).contiguous() if bias is not None else None
+        term = native.sparse_adam(rows, m, v, sources, g, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                  step=float(state["step"]), decoder=unit is not None, unit=bool(unit), wb=gb)
+        p.grad = None
+        if bias is not None:
+            b_dec = bias[0]
+            b_dec.grad = -term if b_dec.grad is None else b_dec.grad.sub_(term)
 
 
 def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
@@ -95,9 +140,7 @@ def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     if not isinstance(opt, Adam) or p.grad is None or p.dim() != 2:
         return False
     group = _group_of(opt, p)
-    if group is None or group.get("weight_decay") or group.get("amsgrad") or group.get("maximize") \
-            or group.get("differentiable") or group.get("capturable") or group.get("decoupled_weight_decay") \
-            or not isinstance(group["lr"], float) or not all(isinstance(b, float) for b in group["betas"]):
+    if group is None or not plain_group(group):
         return False
     state = opt.state.get(p, {})
     moments = [state[k] for k in ("exp_avg", "exp_avg_sq") if k in state]
@@ -106,6 +149,26 @@ def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     return (all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() and t.shape == p.shape
                 for t in (p, p.grad, *moments))
             and native.library() is not None)
+
+
+def _row_view(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (of ``p``'s shape) as ``p``'s row-major ``[latents, width]`` matrix (:func:`saes.sparse_grads.rows_of`
+    of ``p``): ``t``, or ``t.T`` where ``p`` is stored transposed."""
+    return t if p.is_contiguous() else t.T
+
+
+def _moments_aligned(opt: torch.optim.Optimizer, p: Tensor) -> bool:
+    """Whether ``p``'s Adam moments (if any yet) are laid out as ``p`` (what :func:`align_layouts` ensures)."""
+    state = opt.state.get(p, {})
+    return all(_row_view(state[k], p).is_contiguous() for k in ("exp_avg", "exp_avg_sq") if k in state)
+
+
+def plain_group(group: dict) -> bool:
+    """Whether a parameter group has the settings the compiled steps take: no weight decay, amsgrad, maximize,
+    differentiable or capturable step; float ``lr`` and ``betas``."""
+    return not (group.get("weight_decay") or group.get("amsgrad") or group.get("maximize")
+                or group.get("differentiable") or group.get("capturable") or group.get("decoupled_weight_decay")
+                or not isinstance(group["lr"], float) or not all(isinstance(b, float) for b in group["betas"]))
 
 
 def _group_of(opt: torch.optim.Optimizer, p: Tensor) -> dict | None:

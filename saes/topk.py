@@ -90,8 +90,8 @@ class TopKSAE(SAE):
         if self.cfg.sparse_kernels:
             x = x.to(self.dtype)
             idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
-                                          workspace=state.workspace)
-            x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec)
+                                          workspace=state.workspace, sink=state.grads)
+            x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec, state.grads)
             active = vals > 0
             # the latents of the active entries, with no boolean-mask selection (no read back to the host on a GPU):
             # the inactive ones point at a spare last slot
@@ -100,7 +100,7 @@ class TopKSAE(SAE):
             l0 = active.sum(-1).float().mean()
 
             def gather(i: Tensor) -> Tensor:
-                return gather_pre(pre, i, x, self.W_enc, self.b_enc, b_dec)
+                return gather_pre(pre, i, x, self.W_enc, self.b_enc, b_dec, state.grads)
         else:
             out = self(x)
             x_hat, pre = out.x_hat, out.pre_acts

@@ -18,6 +18,7 @@ import torch
 
 from saes import guard
 from saes.base import SAE
+from saes.sparse_grads import SparseGrads
 
 
 @dataclass
@@ -41,6 +42,9 @@ class SiteState:
     dead, and the step reads nothing about dead latents from the device."""
     deferred: guard.Deferred | None = None
     """The non-finite flag kept on the device (:class:`saes.guard.Deferred`), where the guard defers its reads."""
+    grads: SparseGrads | None = None
+    """Where the sparse backwards leave the weight gradients for the optimizer to make as it steps
+    (:mod:`saes.sparse_grads`), where it applies."""
 
     def seed_rng(self) -> None:
         """Start this SAE's own RNG stream at the current global state (right after ``manual_seed(cfg.seed)``,

@@ -16,6 +16,9 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
 * Optional class attribute ``normalize_decoder = True``: the trainer then removes the gradient
   component parallel to each decoder row before the step and renormalises rows after it (in one pass with
   Adam's step where :func:`saes.optim.unit_rows_applies`: the compiled kernel of :mod:`saes.native`).
+* Optional: weight gradients left in ``state.grads`` (a :class:`saes.sparse_grads.SparseGrads`, where the trainer
+  gives one) rather than in ``.grad``; the optimizer makes them row by row as it steps. Only for parameters the
+  optimizer holds: the run stops with an error naming any left over.
 * Optional ``after_step(state)``: called after every optimizer step (e.g. clamp thresholds).
 * Optional ``init_from_data(x)``: called once with the first (scaled, global) batch, after
   ``b_dec`` is set (e.g. atoms started from data rows).
@@ -23,7 +26,8 @@ What an architecture must provide to be trained here (``saes.mp`` and any new on
   (default :func:`saes.losses.fold_input_scale`, right for any SAE whose codes only depend on
   ``(x - b_dec) @ W_enc`` and whose reconstruction is ``codes @ W_dec + b_dec``).
 
-The loop: Adam (torch's fused kernel where it runs, :mod:`saes.optim`) with linear warm-up and a linear
+The loop: Adam (torch's fused kernel where it runs, :mod:`saes.optim`; on CPU a TopK SAE's weight gradients are
+kept sparse and made inside the optimizer's pass, :mod:`saes.sparse_grads`) with linear warm-up and a linear
 decay to zero at the end; ``b_dec`` initialised from the first batch (by default the mean of its typical
 rows); inputs scaled so that ``E||x||^2 = d_model`` (folded into the saved weights); optional bf16 autocast; a
 finite-value check of every step (:mod:`saes.guard`); periodic atomic resume checkpoints
@@ -52,7 +56,7 @@ from interp import precision
 from interp.atomic import write_json
 from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
-from saes import guard, hostsync, malloc, optim
+from saes import guard, hostsync, malloc, optim, sparse_grads
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
 from saes.losses import (
@@ -130,6 +134,8 @@ class Trainer:
             if self._defers(st):
                 st.deferred = guard.Deferred(sae.device)
                 opt.found_inf = st.deferred.flag  # torch's fused Adam skips its step while the flag is set
+            if self.world == 1 and st.deferred is None and sparse_grads.applies(opt):
+                st.grads = sparse_grads.SparseGrads()
 
     def _defers(self, st: SiteState) -> bool:
         """Whether this SAE's guard keeps its flag on the device (:class:`saes.guard.Deferred`): off the CPU
@@ -154,6 +160,8 @@ class Trainer:
         """The error that stops the run at a non-finite step (no gradient is left behind)."""
         for st in self.sites.values():
             st.opt.zero_grad(set_to_none=True)
+            if st.grads is not None:
+                st.grads.clear()
         return guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
                            checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
                            last_good=self._last_saved, unapplied_after=unapplied_after,
@@ -320,9 +328,11 @@ class Trainer:
         x = to_device(ddp.local_rows(batch, self.rank, self.world), sae.device, sae.dtype) * st.scale
         # no latent can be dead before since_fired may reach dead_tokens: the step then reads nothing about them
         dead = st.since_fired >= cfg.dead_tokens if st.since_bound >= cfg.dead_tokens else None
+        if st.grads is not None:
+            st.grads.clear()  # nothing of a step that was not applied
         state = TrainState(step=step, total_steps=cfg.total_steps, dead_mask=dead,
                            global_rows=cfg.batch_tokens, allsum=ddp.allsum, world_size=self.world,
-                           workspace=st.workspace)
+                           workspace=st.workspace, grads=st.grads)
         with st.own_rng(), autocast:
             out = sae.training_loss(x, state)
         out.loss.backward()
@@ -330,14 +340,22 @@ class Trainer:
         checked = sae.parameters() if cfg.nonfinite_guard == "grads" else None
         if st.deferred is not None:
             st.deferred.record(step, out.loss, checked, batch, st.opt.param_groups[0]["lr"])
-        elif cfg.nonfinite_guard != "off" and not guard.finite(out.loss, checked):
+        elif cfg.nonfinite_guard != "off" and not (guard.finite(out.loss, checked) and (
+                checked is None or st.grads is None or st.grads.finite())):
             raise self._nonfinite(name, step, out.loss, batch, st.opt.param_groups[0]["lr"])
         norm = getattr(sae, "normalize_decoder", False)
-        # projection, Adam and renorm in one kernel (which does not take the deferred flag)
-        one_pass = norm and st.deferred is None and optim.unit_rows_applies(st.opt, sae.W_dec)
+        # projection, Adam and renorm in one kernel (which does not take the deferred flag); with the gradient made
+        # in that pass where it was kept sparse
+        one_pass = norm and st.deferred is None and (optim.unit_rows_applies(st.opt, sae.W_dec)
+                                                     or (st.grads is not None and st.grads.holds(sae.W_dec)))
         if norm and not one_pass:
             remove_parallel_grad(sae.W_dec, unit_rows=step > 0)  # normalize_rows ran after every earlier step
-        st.opt.step(unit_rows={sae.W_dec: step > 0} if one_pass else None)
+        st.opt.step(unit_rows={sae.W_dec: step > 0} if one_pass else None, sparse=st.grads)
+        if st.grads:
+            left = [n for n, p in sae.named_parameters() if st.grads.holds(p)] or ["a tensor that is no parameter"]
+            st.grads.clear()
+            raise SAEError(f"the optimizer left the sparse gradients of {', '.join(left)} unapplied; an SAE may only "
+                           "keep the gradients of parameters its optimizer holds (saes.sparse_grads)")
         st.sched.step()
         st.opt.zero_grad(set_to_none=True)
         if norm and not one_pass:

@@ -1,0 +1,142 @@
+"""Weight gradients a training step keeps sparse, for the optimizer to make row by row as it steps.
+
+A TopK step's weight gradients are sparse by latent: ``W_enc``'s row of latent ``l`` (in its ``[d_sae, d_model]``
+layout) is the sum of ``g[b, j] * (x[b] - b_dec)`` over the entries ``(b, j)`` that picked ``l``, and ``W_dec``'s the
+sum of ``vals[b, j] * grad_x_hat[b]``. Written out whole, each is a pass over a weight-sized matrix, and Adam reads it
+back in another; ``b_dec``'s term ``-W_enc @ grad_b_enc`` is a third pass over ``W_enc``. Where the trainer hands
+the step a :class:`SparseGrads` (``TrainState.grads``), the sparse backwards (:class:`saes.kernels.GatherPre`,
+:class:`saes.kernels.BagSum`) record their entries here instead of returning a gradient for the weight, and
+:meth:`saes.optim.Adam.step` makes each row's gradient as it steps that row (:func:`saes.native.sparse_adam`):
+no weight gradient is written, and ``b_dec``'s term is summed in the same pass over ``W_enc``.
+
+The gradients are those of autograd to float rounding: each row's entries in the same order, each use of a weight
+summed apart and then added (``tests/saes/test_sparse_grads.py``). :meth:`SparseGrads.materialize` writes them
+into ``.grad`` instead, for anything that needs them whole.
+
+Where it applies (:func:`applies`): the compiled kernels built with OpenMP, float32 CPU parameters, this project's
+Adam with plain settings. The trainer also leaves it out under ``torch.distributed`` (gradients are all-reduced
+whole). With ``nonfinite_guard="grads"`` the waiting gradients are checked by :meth:`SparseGrads.finite`, made as
+the step will make them, so the guard does not change the step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saes import native
+
+
+def rows_of(p: Tensor) -> Tensor:
+    """``p`` as its ``[latents, width]`` row-major matrix: ``p`` itself, or its transpose where ``p`` is stored as
+    the transpose of a contiguous block (TopK's ``W_enc``); a view, no copy."""
+    return p if p.is_contiguous() else p.T
+
+
+def takes(p: Tensor) -> bool:
+    """Whether a weight's gradient can be kept here: a 2-D float32 CPU tensor, row-major or the transpose of a
+    row-major block, with the compiled kernels built with OpenMP."""
+    lib = native.library()
+    return (p.dim() == 2 and p.device.type == "cpu" and p.dtype == torch.float32 and rows_of(p).is_contiguous()
+            and lib is not None and bool(lib.native_openmp()))
+
+
+class SparseGrads:
+    """The entries of a step's sparse weight gradients, by parameter (see the module docstring).
+
+    :meth:`add` records one use of a weight: ``rows_of(W)[l] += sum of vals[b, j] * dense[b]`` over the entries
+    with ``idx[b, j] = l``. :meth:`add_bias` records ``b_dec.grad -= W_enc @ grad_b_enc`` for the pass over
+    ``W_enc``. The optimizer consumes them (:meth:`pop`); :meth:`clear` drops them (a step that is not applied)."""
+
+    def __init__(self) -> None:
+        self._sources: dict[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
+        self._idx: dict[Tensor, list[Tensor]] = {}
+        self._bias: dict[Tensor, tuple[Tensor, Tensor]] = {}
+
+    def add(self, W: Tensor, idx: Tensor, vals: Tensor, dense: Tensor) -> None:
+        """Record one use of ``W`` (``idx`` ``[batch, k]`` int64, ``vals`` ``[batch, k]`` and ``dense``
+        ``[batch, width]`` float32, kept until the step)."""
+        rows = rows_of(W)
+        starts, order = native.sort_by_latent(idx.contiguous(), rows.shape[0], "SparseGrads.add")
+        self._sources.setdefault(W, []).append((starts, order, vals.detach().contiguous(), dense.detach()))
+        self._idx.setdefault(W, []).append(idx)
+
+    def add_bias(self, W_enc: Tensor, b_dec: Tensor, grad_b_enc: Tensor) -> None:
+        """Record ``b_dec.grad -= W_enc @ grad_b_enc`` (summed with ``W_enc``'s step, from ``W_enc`` before it)."""
+        if W_enc in self._bias:
+            b, g = self._bias[W_enc]
+            if b is not b_dec:
+                raise ValueError("SparseGrads.add_bias: one W_enc with two different b_dec parameters")
+            self._bias[W_enc] = (b, g + grad_b_enc)
+        else:
+            self._bias[W_enc] = (b_dec, grad_b_enc.detach().clone())
+
+    def holds(self, p: Tensor) -> bool:
+        """Whether ``p`` has entries waiting (its ``.grad`` holds only what autograd gave it besides)."""
+        return p in self._sources
+
+    def __bool__(self) -> bool:
+        return bool(self._sources)
+
+    def pop(self, W: Tensor) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor]], tuple[Tensor, Tensor] | None]:
+        """``W``'s sources (for :func:`saes.native.sparse_adam`) and its ``b_dec`` term ``(b_dec, grad_b_enc)``
+        or None, removed from here."""
+        self._idx.pop(W, None)
+        return self._sources.pop(W), self._bias.pop(W, None)
+
+    @torch.no_grad()
+    def finite(self) -> bool:
+        """Whether every waiting gradient is finite: each row made as the step will make it (with what ``.grad``
+        holds besides), and each ``b_dec`` term as the step will add it, bit for bit (``nonfinite_guard="grads"``;
+        a pass over the entries and, for a ``b_dec`` term, over ``W_enc``; nothing is written)."""
+        for W, sources in self._sources.items():
+            rows, g = rows_of(W), W.grad
+            if g is not None:
+                g = (g if rows is W else g.T).contiguous()
+            bias = self._bias.get(W)
+            gb = bias[1].to(torch.float32).contiguous() if bias is not None else None
+            ok, term = native.sparse_adam(rows, rows, rows, sources, g, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1.0,
+                                          decoder=False, wb=gb, dry=True)
+            if not ok or (term is not None and not bool(torch.isfinite(term).all())):
+                return False
+        return True
+
+    def clear(self) -> None:
+        """Drop every entry (a step that will not be applied)."""
+        self._sources.clear()
+        self._idx.clear()
+        self._bias.clear()
+
+    @torch.no_grad()
+    def materialize(self, params=None) -> None:
+        """Write the waiting gradients into ``.grad`` (added to what is there) for ``params`` (default: all), as
+        autograd would have: each use's product summed apart, then added; ``b_dec``'s term from ``W_enc`` as it
+        is now."""
+        from saes.kernels import scatter_rows
+
+        for W in [p for p in list(self._sources) if params is None or any(p is q for q in params)]:
+            idxs = self._idx[W]
+            sources, bias = self.pop(W)
+            rows = rows_of(W)
+            for idx, (_, _, vals, dense) in zip(idxs, sources):
+                part = scatter_rows(idx, vals, dense, rows.shape[0])
+                g = part if rows is W else part.T
+                W.grad = g if W.grad is None else W.grad + g
+            if bias is not None:
+                b_dec, gb = bias
+                term = -(rows.T @ gb)
+                b_dec.grad = term if b_dec.grad is None else b_dec.grad + term
+
+
+def applies(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` can step weights whose gradients are kept here: this project's Adam
+    (:class:`saes.optim.Adam`) with plain settings in every group (no weight decay, amsgrad, maximize,
+    differentiable or capturable step; float ``lr`` and ``betas``), every parameter float32 on CPU, and the
+    compiled kernels built with OpenMP."""
+    from saes import optim
+
+    lib = native.library()
+    return (isinstance(opt, optim.Adam) and lib is not None and bool(lib.native_openmp())
+            and all(optim.plain_group(g) for g in opt.param_groups)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for g in opt.param_groups
+                    for p in g["params"]))
