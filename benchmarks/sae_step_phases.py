@@ -41,8 +41,9 @@ torch paths the trainer takes where they are not built.
 
 ``--decode-kernels embedding_bag bag_sum`` is the same A/B for the sparse decode, on any device: torch's
 ``embedding_bag`` (the trainer's path off the CPU; its CUDA backward reads a count back to the host each step)
-against :class:`saes.kernels.BagSum` (the CPU's path: sorted sparse products, nothing read back), for the GPU to
-say which it should take.
+against :class:`saes.kernels.BagSum` (sorted sparse products, nothing read back), for the GPU to say which it
+should take; both with the loss by torch ops. ``sparse_fvu`` (CPU) is the decode and the loss in one
+(:class:`saes.kernels.SparseFVU`, the CPU's path in float32 where the compiled kernels are built with OpenMP).
 
 ``--grad-kernels sparse dense`` is the same A/B for the weight gradients on CPU: kept sparse by the backward and
 made row by row in the optimizer's pass (:mod:`saes.sparse_grads`, the trainer's choice where the compiled kernels
@@ -87,7 +88,7 @@ TIMED = ((kernels, "encoder_matmul", "encoder_matmul"), (kernels, "topk_indices"
 """``(module, function, phase)``: the functions the trainer calls through their module, timed as that phase."""
 ENCODER_KERNELS = ("onednn", "addmm")
 STEP_KERNELS = ("native", "torch")
-DECODE_KERNELS = ("embedding_bag", "bag_sum")
+DECODE_KERNELS = ("embedding_bag", "bag_sum", "sparse_fvu")
 GRAD_KERNELS = ("sparse", "dense")
 
 
@@ -166,8 +167,9 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
             patches.enter_context(mock.patch.object(kernels, "prefer_onednn", lambda: kernel == "onednn"))
         if kernel == "torch":
             patches.enter_context(mock.patch.object(native, "library", lambda: None))
-        if kernel in DECODE_KERNELS:
+        if kernel in DECODE_KERNELS and kernel != "sparse_fvu":
             patches.enter_context(mock.patch.object(kernels, "bag_sum_applies", lambda W: kernel == "bag_sum"))
+            patches.enter_context(mock.patch.object(kernels, "sparse_fvu_applies", lambda *a: False))
         if kernel == "dense":
             patches.enter_context(mock.patch.object(sparse_grads, "applies", lambda opt: False))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
@@ -289,8 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="an A/B of saes.native's compiled kernels against the torch paths (CPU), as --encoder-kernels")
     p.add_argument("--decode-kernels", nargs="+", choices=DECODE_KERNELS, default=None,
                    help="an A/B of the sparse decode's path on any device: torch's embedding_bag (whose CUDA backward "
-                        "reads a count back to the host) or saes.kernels.BagSum (sorted sparse products), as "
-                        "--encoder-kernels; default: the trainer's own choice (BagSum on CPU in float32)")
+                        "reads a count back to the host) or saes.kernels.BagSum (sorted sparse products), both with "
+                        "the loss by torch ops, or (CPU) sparse_fvu, the decode and loss in one, as --encoder-kernels; "
+                        "default: the trainer's own choice (sparse_fvu on CPU in float32 with the compiled kernels)")
     p.add_argument("--grad-kernels", nargs="+", choices=GRAD_KERNELS, default=None,
                    help="an A/B of the weight gradients (CPU): kept sparse and made by the optimizer as it steps "
                         "(saes.sparse_grads, the trainer's choice where the compiled kernels are built) or written "
@@ -314,6 +317,9 @@ def main(argv: list[str] | None = None) -> dict:
           or args.grad_kernels)  # the kernels one A/B compares, or None
     if ab and not args.decode_kernels and not str(args.device).startswith("cpu"):
         p.error(f"{ab_flag} compares CPU kernels; --device is {args.device}: leave it out there")
+    if args.decode_kernels and "sparse_fvu" in args.decode_kernels and not str(args.device).startswith("cpu"):
+        p.error(f"--decode-kernels sparse_fvu is a CPU kernel; --device is {args.device}: compare embedding_bag "
+                "and bag_sum there")
     if ab and len(set(ab)) != len(ab):
         p.error(f"{ab_flag} names a kernel twice ({' '.join(ab)}); name each once")
     if args.step_kernels and "native" in args.step_kernels and native.library() is None:
@@ -373,8 +379,10 @@ def main(argv: list[str] | None = None) -> dict:
               "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
               "grad_kernel": args.grad_kernels or ("sparse" if native.library() is not None
                                                    and native.library().native_openmp() else "dense"),
-              "decode_kernel": args.decode_kernels or ("bag_sum" if kernels.bag_sum_applies(
-                  torch.empty(1, 1, device=args.device)) else "embedding_bag"),
+              "decode_kernel": args.decode_kernels or (
+                  "sparse_fvu" if str(args.device).startswith("cpu") and lib and lib.native_openmp()
+                  else "bag_sum" if kernels.bag_sum_applies(torch.empty(1, 1, device=args.device))
+                  else "embedding_bag"),
               "machine": sae_train.machine(), "rounds": rounds,
               "summary": summary, **({"profile": profiled} if profiled else {}),
               "command": sae_train.recorded_command("benchmarks/sae_step_phases.py",

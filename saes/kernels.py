@@ -283,6 +283,58 @@ def bag_sum(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"],
     return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
 
+class SparseFVU(torch.autograd.Function):
+    """The sparse decode and its FVU in one: ``(loss, x_hat)`` with ``x_hat = sum_j vals[b, j] * W[idx[b, j]] +
+    b_dec`` and ``loss = sum ||x_hat - x||^2 / tv`` (``x_hat`` not differentiable: the loss is its only
+    differentiable use), by :func:`saes.native.sparse_fvu`: each row's decoder rows are read once, for the decode
+    and, while in the cache, for the dot products ``<e[b], W[idx[b, j]]>`` that the code values' gradient needs
+    (``2 / tv`` times them), in place of :class:`BagSum`'s decode, the loss's elementwise ops and its backward's
+    :func:`saes.native.gather_dot`. ``W``'s gradient is the sparse product of ``2 vals / tv`` with the errors
+    (kept in ``sink`` as :func:`gather_pre`'s), ``b_dec``'s ``2 / tv`` times the summed errors. Equal to the decode,
+    :func:`saes.losses.fvu_loss` and their autograd to float rounding (``tests/saes/test_kernels.py``)."""
+
+    @staticmethod
+    def forward(ctx, idx, vals, W, b_dec, x, tv, sink=None):  # noqa: D102
+        x_hat, e, sse, dots = native.sparse_fvu(idx, vals.contiguous(), W, b_dec, x)
+        ctx.save_for_backward(idx, vals, e, dots, tv)
+        ctx.sink, ctx.params = sink, (W,) if sink is not None else None
+        ctx.n_rows = W.shape[0]
+        ctx.mark_non_differentiable(x_hat)
+        return sse.sum() / tv, x_hat
+
+    @staticmethod
+    def backward(ctx, g, _):  # noqa: D102
+        idx, vals, e, dots, tv = ctx.saved_tensors
+        s = 2 * g / tv
+        grad_vals = dots * s if ctx.needs_input_grad[1] else None
+        grad_W = grad_b_dec = None
+        if ctx.needs_input_grad[2]:
+            scaled = (vals * s).contiguous()
+            if not _keep(ctx, 0, idx, scaled, e):
+                grad_W = scatter_rows(idx, scaled, e, ctx.n_rows)
+        if ctx.needs_input_grad[3]:
+            grad_b_dec = e.sum(0) * s
+        return None, grad_vals, grad_W, grad_b_dec, None, None, None
+
+
+def sparse_fvu_applies(idx: Tensor, W_dec: Tensor, x: Tensor) -> bool:
+    """Whether :func:`sparse_fvu` takes :class:`SparseFVU`: float32 on CPU with the compiled kernels built with OpenMP
+    (:func:`saes.native.sparse_applies`), not under autocast."""
+    return (W_dec.dtype == x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            and native.sparse_applies(idx, W_dec, x))
+
+
+def sparse_fvu(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W_dec: Tensor, b_dec: Tensor,
+               x: Float[Tensor, "batch d_model"], tv: Tensor, sink=None) -> tuple[Tensor, Tensor]:
+    """``(sum ||x_hat - x||^2 / tv, x_hat)`` for ``x_hat = sum_j vals[b, j] * W_dec[idx[b, j]] + b_dec`` (``x_hat``
+    detached): :class:`SparseFVU` where :func:`sparse_fvu_applies`, else :func:`sparse_decode` and the loss by
+    torch ops. ``sink``: as :func:`gather_pre`'s, for ``W_dec``'s gradient."""
+    if sparse_fvu_applies(idx, W_dec, x):
+        return SparseFVU.apply(idx, vals.to(W_dec.dtype), W_dec, b_dec, x, tv, sink)
+    x_hat = sparse_decode(idx, vals, W_dec, b_dec, sink)
+    return (x_hat.float() - x.float()).pow(2).sum() / tv, x_hat.detach()
+
+
 def sparse_decode(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W_dec: Tensor,
                   b_dec: Tensor, sink=None) -> Float[Tensor, "batch d_model"]:
     """``sum_j vals[b, j] * W_dec[idx[b, j]] + b_dec`` without a dense code matrix (:func:`bag_sum`)."""
@@ -355,7 +407,7 @@ def two_level_candidates(pre: Float[Tensor, "batch d_sae"], k: int) -> tuple[Ten
     return sel, cand, mask, mask.sum(1) == k
 
 
-def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batch k"]:
+def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int, values: bool = False):
     """The positions of each row's ``k`` largest entries, in no particular order: the same values as
     ``pre.topk(k).indices`` picks (where entries tie at the k-th value, possibly other positions of it).
 
@@ -363,10 +415,12 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batc
     from them, selection among the few entries above it; :func:`saes.native.status`): on the layer-12 cache,
     2-core AMD EPYC with AVX2 (``benchmarks/results/sae_kernels_avx2_run15.json``), 4.1-5.9x ``Tensor.topk``'s
     speed at batch 1,024 and 4,096 with 9,216 and 36,864 latents, where the torch-only :func:`two_level_topk` ran
-    1.30-2.12x. Elsewhere :func:`two_level_topk`."""
+    1.30-2.12x. Elsewhere :func:`two_level_topk`. With ``values``, ``(positions, pre.gather(1, positions))`` (the
+    compiled kernel reads them while each row is in the cache)."""
     if native.topk_applies(pre, k):
-        return native.topk(pre, k)
-    return two_level_topk(pre, k)
+        return native.topk(pre, k, values)
+    idx = two_level_topk(pre, k)
+    return (idx, pre.gather(1, idx)) if values else idx
 
 
 def two_level_topk(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "batch k"]:
@@ -408,6 +462,6 @@ def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor
     for ``sink``)."""
     x = x.to(W_enc.dtype)
     pre = pre_acts(x, W_enc, b_enc, b_dec if center else None, workspace)
-    idx = topk_indices(pre, k)
-    vals = gather_pre(pre, idx, x, W_enc, b_enc, b_dec if center else None, sink).relu()
+    idx, picked = topk_indices(pre, k, values=True)
+    vals = GatherPre.apply(picked, idx, x, W_enc, b_enc, b_dec if center else None, sink).relu()
     return idx, vals, pre

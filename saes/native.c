@@ -1,13 +1,16 @@
 /* CPU kernels of the SAE training step, built at first use by saes/native.py (plain C, no Python or torch
  * headers; each call takes a range of rows, split over OpenMP threads where built with OpenMP).
  *
- * topk_rows:      the positions of each row's k largest entries (in no particular order).
+ * topk_rows:      the positions of each row's k largest entries (in no particular order), and their values.
  * unit_row_adam:  one pass over a decoder whose rows are kept at unit norm: remove each gradient row's
  *                 component along its weight row, take torch's Adam step (no weight decay, no amsgrad),
  *                 renormalise the row.
  * scatter_rows:   the sparse product S^T dense of the sparse backwards, after a counting sort by latent.
  * gather_dot:     the sampled product of the decoder's backward: each entry's dot product of its row of one matrix
  *                 with its latent's row of another.
+ * sparse_fvu:     the sparse decode and its reconstruction error in one pass over each row's latents: the decoded
+ *                 row, its error, the error's squared norm, and the error's dot product with each of its latents'
+ *                 rows (what the backward needs for the code values), the rows read once.
  * sparse_adam:    Adam's step of a weight matrix whose gradient is kept sparse (the entries of each latent, never
  *                 written as a dense gradient): each row's gradient made, stepped and (for a decoder) projected and
  *                 renormalised in one pass; the encoder's pass also sums the b_dec gradient's product with it.
@@ -26,7 +29,7 @@
 #define BLOCK 16
 #define MIN_ROWS_PER_THREAD 64
 
-int native_version(void) { return 6; }
+int native_version(void) { return 7; }
 
 /* Fewer rows than this per thread run on fewer threads (a thread hand-off costs tens of microseconds); the Python
  * side reads it for its own split where the library has no OpenMP. */
@@ -70,10 +73,42 @@ int native_openmp(void) {
 #endif
 
 #ifndef AHEAD
-#define AHEAD 2
+#define AHEAD 4
 #endif
 static inline void prefetch_row(const float *p, int64_t n) {
     for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 0, 3);
+}
+
+/* out[j] = <a, rows[j]> for j < n (rows of m floats): four rows at a time, so that four sums advance together (one
+ * running sum waits on its previous add at every step). */
+#define ROWS_AT_ONCE 16
+
+static inline void dots(const float *restrict a, const float *const *rows, int64_t n, int64_t m, float *out) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *restrict w0 = rows[j], *restrict w1 = rows[j + 1], *restrict w2 = rows[j + 2],
+                    *restrict w3 = rows[j + 3];
+        float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+#pragma omp simd reduction(+ : t0, t1, t2, t3)
+        for (int64_t c = 0; c < m; c++) {
+            float x = a[c];
+            t0 += x * w0[c];
+            t1 += x * w1[c];
+            t2 += x * w2[c];
+            t3 += x * w3[c];
+        }
+        out[j] = t0;
+        out[j + 1] = t1;
+        out[j + 2] = t2;
+        out[j + 3] = t3;
+    }
+    for (; j < n; j++) {
+        const float *restrict w = rows[j];
+        float t = 0.f;
+#pragma omp simd reduction(+ : t)
+        for (int64_t c = 0; c < m; c++) t += a[c] * w[c];
+        out[j] = t;
+    }
 }
 
 /* An int32 key of a float that orders as the float does, NaN above +inf (as torch.topk orders it). */
@@ -162,7 +197,8 @@ static int block_maxima(const float *p, int64_t d, float *bm) {
  * is >= L (about k of them), and the k largest of those. Other rows, and rows holding a NaN, count over the whole
  * row. Where entries tie at the k-th value, the first positions of it.
  * Returns 0, or -1 when scratch memory could not be had. */
-static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out) {
+static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out,
+                      float *vout) {
     int64_t nbl = (d + BLOCK - 1) / BLOCK;
     int64_t f = nbl / (4 * k) > 1 ? nbl / (4 * k) : 1, ng = (nbl + f - 1) / f;
     float *bm = malloc(sizeof(float) * (nbl + ng));
@@ -176,6 +212,8 @@ static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64
         if (nbl < 2 * k || block_maxima(p, d, bm)) {
             for (int64_t j = 0; j < d; j++) key[j] = key32(p[j]);
             take_top(key, NULL, d, k, o);
+            if (vout)
+                for (int64_t i = 0; i < k; i++) vout[r * k + i] = p[o[i]];
             continue;
         }
         for (int64_t g = 0; g < ng; g++) {
@@ -213,6 +251,8 @@ static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64
                 if (p[j] >= L) { key[n] = key32(p[j]); pos[n++] = j; }
         }
         take_top(key, pos, n, k, o);
+        if (vout)
+            for (int64_t i = 0; i < k; i++) vout[r * k + i] = p[o[i]];
     }
     free(bm);
     free(key);
@@ -220,8 +260,9 @@ static int topk_range(int64_t r0, int64_t r1, const float *pre, int64_t d, int64
     return 0;
 }
 
-int topk_rows(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out) {
-    return SPLIT_ROWS(r0, r1, topk_range(a, b, pre, d, ld, k, out));
+int topk_rows(int64_t r0, int64_t r1, const float *pre, int64_t d, int64_t ld, int64_t k, int64_t *out,
+              float *vout) {
+    return SPLIT_ROWS(r0, r1, topk_range(a, b, pre, d, ld, k, out, vout));
 }
 
 /* Adam's constants of step number `step` (torch's: no weight decay, no amsgrad). */
@@ -302,6 +343,31 @@ int sort_by_latent(const int64_t *idx, int64_t n, int64_t d_sae, int64_t *starts
     return 0;
 }
 
+/* o[0..m) += the sum over the entries t in [e0, e1) of vals[i] * dense[i / k] (i = order[t]; dense's row stride ld),
+ * four entries a pass over o; rows up to entry `end` (exclusive) are asked for AHEAD entries early. The one sum of
+ * the weight gradients (scatter_rows and sparse_adam add in the same order). */
+static inline void add_entries(float *restrict o, const int64_t *order, int64_t e0, int64_t e1, int64_t end,
+                               const float *vals, int64_t k, const float *dense, int64_t ld, int64_t m) {
+    int64_t t = e0;
+    for (; t + 4 <= e1; t += 4) {
+        for (int64_t q = t + AHEAD; q < t + AHEAD + 4 && q < end; q++) prefetch_row(dense + (order[q] / k) * ld, m);
+        int64_t i0 = order[t], i1 = order[t + 1], i2 = order[t + 2], i3 = order[t + 3];
+        const float *restrict d0 = dense + (i0 / k) * ld, *restrict d1 = dense + (i1 / k) * ld,
+                    *restrict d2 = dense + (i2 / k) * ld, *restrict d3 = dense + (i3 / k) * ld;
+        float v0 = vals[i0], v1 = vals[i1], v2 = vals[i2], v3 = vals[i3];
+#pragma omp simd
+        for (int64_t c = 0; c < m; c++) o[c] += v0 * d0[c] + v1 * d1[c] + v2 * d2[c] + v3 * d3[c];
+    }
+    for (; t < e1; t++) {
+        if (t + AHEAD < end) prefetch_row(dense + (order[t + AHEAD] / k) * ld, m);
+        int64_t i = order[t];
+        const float *restrict row = dense + (i / k) * ld;
+        float v = vals[i];
+#pragma omp simd
+        for (int64_t c = 0; c < m; c++) o[c] += v * row[c];
+    }
+}
+
 /* Latents [r0, r1): out[l] = sum over the entries i of latent l (in ascending order) of vals[i] * dense[i / k]
  * (rows of m floats; dense's row stride ld). Rows of latents with no entry are zero. */
 static int scatter_range(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *order, const float *vals,
@@ -311,14 +377,7 @@ static int scatter_range(int64_t r0, int64_t r1, const int64_t *starts, const in
     for (int64_t l = r0; l < r1; l++) {
         float *o = out + l * m;
         memset(o, 0, sizeof(float) * m);
-        for (int64_t e = starts[l]; e < starts[l + 1]; e++) {
-            int64_t i = order[e];
-            if (e + AHEAD < e1) prefetch_row(dense + (order[e + AHEAD] / k) * ld, m);
-            const float *row = dense + (i / k) * ld;
-            float v = vals[i];
-#pragma omp simd
-            for (int64_t c = 0; c < m; c++) o[c] += v * row[c];
-        }
+        add_entries(o, order, starts[l], starts[l + 1], e1, vals, k, dense, ld, m);
     }
     return 0;
 }
@@ -332,17 +391,19 @@ void scatter_rows(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *
  * n_rows rows). Returns -1 when an index is outside [0, n_rows), 0 otherwise. */
 static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *g, int64_t ldg,
                             const float *W, int64_t ldw, int64_t n_rows, int64_t m, float *out) {
+    for (int64_t i = r0 * k; i < r1 * k; i++)
+        if (idx[i] < 0 || idx[i] >= n_rows) return -1;
     for (int64_t b = r0; b < r1; b++) {
         const float *gr = g + b * ldg;
-        for (int64_t j = 0; j < k; j++) {
-            int64_t l = idx[b * k + j], ahead = b * k + j + AHEAD;
-            if (l < 0 || l >= n_rows) return -1;
-            if (ahead < r1 * k && idx[ahead] >= 0 && idx[ahead] < n_rows) prefetch_row(W + idx[ahead] * ldw, m);
-            const float *w = W + l * ldw;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t c = 0; c < m; c++) s += gr[c] * w[c];
-            out[b * k + j] = s;
+        for (int64_t j = 0; j < k; j += ROWS_AT_ONCE) {
+            const float *rows[ROWS_AT_ONCE];
+            int64_t n = k - j < ROWS_AT_ONCE ? k - j : ROWS_AT_ONCE;
+            for (int64_t q = 0; q < n; q++) {
+                int64_t ahead = b * k + j + q + ROWS_AT_ONCE;
+                if (ahead < r1 * k) prefetch_row(W + idx[ahead] * ldw, m);
+                rows[q] = W + idx[b * k + j + q] * ldw;
+            }
+            dots(gr, rows, n, m, out + b * k + j);
         }
     }
     return 0;
@@ -391,17 +452,8 @@ static void gradient_rows(int64_t r0, int64_t r1, const grad_source *src, int ns
         if (!first) memset(s, 0, sizeof(float) * cols * n);
         int64_t t0 = starts[r0], t1 = starts[r1];
         for (int64_t t = t0; t < t0 + AHEAD && t < t1; t++) prefetch_row(dense + (order[t] / k) * ld, cols);
-        for (int64_t r = 0; r < n; r++) {
-            float *restrict o = acc + r * cols;
-            for (int64_t t = starts[r0 + r]; t < starts[r0 + r + 1]; t++) {
-                int64_t i = order[t];
-                if (t + AHEAD < t1) prefetch_row(dense + (order[t + AHEAD] / k) * ld, cols);
-                const float *restrict row = dense + (i / k) * ld;
-                float val = vals[i];
-#pragma omp simd
-                for (int64_t j = 0; j < cols; j++) o[j] += val * row[j];
-            }
-        }
+        for (int64_t r = 0; r < n; r++)
+            add_entries(acc + r * cols, order, starts[r0 + r], starts[r0 + r + 1], t1, vals, k, dense, ld, cols);
         if (!first) {
             for (int64_t r = 0; r < n; r++) {
                 if (starts[r0 + r] == starts[r0 + r + 1]) continue;  /* g + 0: as autograd's sum, no write */
@@ -479,4 +531,64 @@ int sparse_adam(int64_t rows, const grad_source *src, int nsrc, const float *G, 
                            partial, dry);
 #endif
     return rc;
+}
+
+/* Rows [r0, r1) of a batch: xh[b] = sum_j vals[b * k + j] * W[idx[b * k + j]] + bias, e[b] = xh[b] - x[b],
+ * sse[b] = <e[b], e[b]>, dots[b * k + j] = <e[b], W[idx[b * k + j]]> (rows of m floats; W's row stride ldw, x's ldx;
+ * xh, e contiguous; bias NULL for none). Returns -1 when an index is outside [0, n_rows), 0 otherwise. */
+static int sparse_fvu_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *vals, const float *W,
+                            int64_t ldw, int64_t n_rows, const float *bias, const float *x, int64_t ldx, int64_t m,
+                            float *xh, float *e, float *sse, float *out_dots) {
+    for (int64_t i = r0 * k; i < r1 * k; i++)
+        if (idx[i] < 0 || idx[i] >= n_rows) return -1;
+    for (int64_t i = r0 * k; i < r0 * k + AHEAD && i < r1 * k; i++) prefetch_row(W + idx[i] * ldw, m);
+    for (int64_t b = r0; b < r1; b++) {
+        float *restrict o = xh + b * m, *restrict er = e + b * m;
+        const float *restrict xr = x + b * ldx;
+        memset(o, 0, sizeof(float) * m);
+        int64_t j = 0;
+        for (; j + 4 <= k; j += 4) {  /* four rows a pass over o */
+            for (int64_t q = j + AHEAD; q < j + AHEAD + 4; q++)
+                if (b * k + q < r1 * k) prefetch_row(W + idx[b * k + q] * ldw, m);
+            const int64_t *ix = idx + b * k + j;
+            const float *restrict w0 = W + ix[0] * ldw, *restrict w1 = W + ix[1] * ldw, *restrict w2 = W + ix[2] * ldw,
+                        *restrict w3 = W + ix[3] * ldw;
+            const float *v = vals + b * k + j;
+            float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+#pragma omp simd
+            for (int64_t c = 0; c < m; c++) o[c] += v0 * w0[c] + v1 * w1[c] + v2 * w2[c] + v3 * w3[c];
+        }
+        for (; j < k; j++) {
+            int64_t ahead = b * k + j + AHEAD;
+            if (ahead < r1 * k) prefetch_row(W + idx[ahead] * ldw, m);
+            const float *restrict w = W + idx[b * k + j] * ldw;
+            float v = vals[b * k + j];
+#pragma omp simd
+            for (int64_t c = 0; c < m; c++) o[c] += v * w[c];
+        }
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t c = 0; c < m; c++) {
+            float h = bias ? o[c] + bias[c] : o[c];
+            o[c] = h;
+            float d = h - xr[c];
+            er[c] = d;
+            s += d * d;
+        }
+        sse[b] = s;
+        for (int64_t j = 0; j < k; j += ROWS_AT_ONCE) {  /* the rows just read: in the cache */
+            const float *rows[ROWS_AT_ONCE];
+            int64_t n = k - j < ROWS_AT_ONCE ? k - j : ROWS_AT_ONCE;
+            for (int64_t q = 0; q < n; q++) rows[q] = W + idx[b * k + j + q] * ldw;
+            dots(er, rows, n, m, out_dots + b * k + j);
+        }
+    }
+    return 0;
+}
+
+int sparse_fvu(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *vals, const float *W, int64_t ldw,
+               int64_t n_rows, const float *bias, const float *x, int64_t ldx, int64_t m, float *xh, float *e,
+               float *sse, float *out_dots) {
+    return SPLIT_ROWS(r0, r1, sparse_fvu_range(a, b, idx, k, vals, W, ldw, n_rows, bias, x, ldx, m, xh, e, sse,
+                                               out_dots));
 }

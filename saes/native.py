@@ -10,6 +10,9 @@
   writing the product: what :func:`saes.kernels.scatter_rows` takes on CPU.
 * :func:`gather_dot`: the decoder backward's gradient of the code values, ``<g[b], W[idx[b, j]]>`` for every entry,
   in place of torch's ``sampled_addmm`` (:class:`saes.kernels.BagSum`).
+* :func:`sparse_fvu`: the sparse decode, its error against the input, the squared error, and the error's dot product
+  with each entry's decoder row, the rows read once (:class:`saes.kernels.SparseFVU`, in place of the decode,
+  the loss's elementwise ops and :func:`gather_dot` in the backward).
 * :func:`sparse_adam`: Adam's step of a weight whose gradient was kept sparse (:mod:`saes.sparse_grads`): each row's
   gradient made from its latent's entries, stepped (and for a decoder projected and renormalised) in one pass,
   with no dense gradient written or read.
@@ -52,7 +55,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-VERSION = 6
+VERSION = 7
 """``native_version()`` of the source this module speaks to."""
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
 
@@ -141,7 +144,7 @@ def _load(path: Path) -> ctypes.CDLL:
     if lib.native_version() != VERSION:
         raise RuntimeError(f"{path.name} speaks version {lib.native_version()}, this module {VERSION}")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.topk_rows.argtypes = [i64, i64, ptr, i64, i64, i64, ptr]
+    lib.topk_rows.argtypes = [i64, i64, ptr, i64, i64, i64, ptr, ptr]
     lib.topk_rows.restype = ctypes.c_int
     lib.unit_row_adam.argtypes = [i64, i64, ptr, ptr, ptr, ptr, i64, *[ctypes.c_double] * 5, ctypes.c_int]
     lib.unit_row_adam.restype = None
@@ -152,6 +155,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.gather_dot.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, i64, i64, i64, ptr]
     lib.gather_dot.restype = ctypes.c_int
     lib.native_sparse_chunk.restype = ctypes.c_int
+    lib.sparse_fvu.argtypes = [i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr]
+    lib.sparse_fvu.restype = ctypes.c_int
     lib.sparse_adam.argtypes = [i64, ctypes.POINTER(_Source), ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64,
                                 *[ctypes.c_double] * 5, ctypes.c_int, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.sparse_adam.restype = ctypes.c_int
@@ -225,20 +230,23 @@ def topk_applies(pre: Tensor, k: int) -> bool:
             and library() is not None)
 
 
-def topk(pre: Tensor, k: int) -> Tensor:
+def topk(pre: Tensor, k: int, values: bool = False):
     """The positions ``[batch, k]`` (int64) of each row's ``k`` largest entries, in no particular order: the
     same values as ``pre.topk(k).indices`` picks (NaN counts as the largest, as there; where entries tie at the
-    k-th value, possibly other positions of it). Only where :func:`topk_applies`."""
+    k-th value, possibly other positions of it); with ``values``, ``(positions, pre.gather(1, positions))``, the
+    values read while each row is in the cache. Only where :func:`topk_applies`."""
     if not topk_applies(pre, k):
         raise ValueError(f"native top-k takes a float32 CPU [batch, d] tensor with unit column stride and 1 <= k <= d "
                          f"(got {pre.dtype} on {pre.device}, shape {tuple(pre.shape)}, k={k}); use torch.topk")
     b, d = pre.shape
     out = torch.empty(b, k, dtype=torch.long)
+    vals = torch.empty(b, k, dtype=torch.float32) if values else None
     lib = library()
-    codes = _rows(lib.topk_rows, b, pre.data_ptr(), d, pre.stride(0), k, out.data_ptr())
+    codes = _rows(lib.topk_rows, b, pre.data_ptr(), d, pre.stride(0), k, out.data_ptr(),
+                  vals.data_ptr() if values else None)
     if any(codes):
         raise MemoryError(f"native top-k could not allocate its scratch rows ({d} entries)")
-    return out
+    return (out, vals) if values else out
 
 
 def unit_row_adam(W: Tensor, G: Tensor, M: Tensor, V: Tensor, *, lr: float, betas: tuple[float, float],
@@ -372,3 +380,30 @@ def gather_dot(idx: Tensor, g: Tensor, W: Tensor) -> Tensor:
     if any(codes):
         raise ValueError(f"gather_dot: an index outside [0, {W.shape[0]}) (got {int(idx.min())}..{int(idx.max())})")
     return out
+
+
+def sparse_fvu(idx: Tensor, vals: Tensor, W: Tensor, bias: Tensor | None, x: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x_hat, e, sse, dots)`` for a batch: ``x_hat[b] = sum_j vals[b, j] * W[idx[b, j]] + bias``, ``e = x_hat - x``,
+    ``sse[b] = ||e[b]||^2`` and ``dots[b, j] = <e[b], W[idx[b, j]]>`` (float32; each row's decoder rows read once, the
+    dot products while they are in the cache). Only where :func:`sparse_applies` (``idx`` ``[batch, k]``, ``vals``
+    ``[batch, k]`` contiguous, ``W`` ``[n, m]``, ``x`` ``[batch, m]``, ``bias`` ``[m]`` contiguous); raises
+    ValueError on an index outside ``[0, n)``."""
+    b, k = idx.shape
+    ok = (sparse_applies(idx, vals, W, x) and vals.shape == idx.shape and vals.is_contiguous()
+          and x.shape == (b, W.shape[1]) and (bias is None or (bias.shape == (W.shape[1],) and bias.is_contiguous()
+                                                               and bias.dtype == torch.float32
+                                                               and bias.device.type == "cpu")))
+    if not ok:
+        raise ValueError(f"sparse_fvu takes int64 idx [b, k], float32 vals [b, k], W [n, m], x [b, m] and bias [m] on "
+                         f"CPU, built with OpenMP ({status()}; got {idx.dtype} {tuple(idx.shape)}, {vals.dtype} "
+                         f"{tuple(vals.shape)}, {W.dtype} {tuple(W.shape)}, {x.dtype} {tuple(x.shape)})")
+    m = W.shape[1]
+    x_hat, e = torch.empty(b, m), torch.empty(b, m)
+    sse, dots = torch.empty(b), torch.empty(b, k)
+    codes = _rows(library().sparse_fvu, b, idx.data_ptr(), k, vals.data_ptr(), W.data_ptr(), W.stride(0), W.shape[0],
+                  bias.data_ptr() if bias is not None else None, x.data_ptr(), x.stride(0), m, x_hat.data_ptr(),
+                  e.data_ptr(), sse.data_ptr(), dots.data_ptr())
+    if any(codes):
+        raise ValueError(f"sparse_fvu: an index outside [0, {W.shape[0]}) (got {int(idx.min())}..{int(idx.max())})")
+    return x_hat, e, sse, dots

@@ -62,6 +62,10 @@ class Adam(torch.optim.Adam):
                                                   for p in self._sparse_params(sparse)):
                 for p in self._sparse_params(sparse):
                     self._sparse_step(p, sparse, unit_rows.pop(p, None))
+                vectors = [p for g in self.param_groups for p in g["params"]
+                           if p.grad is not None and p not in unit_rows and _vector_applies(self, p)]
+                for p in vectors:  # the biases: in the same kernel, not through torch's step for a few vectors
+                    self._sparse_step(p, None, None)
             else:
                 sparse.materialize()
         for p in unit_rows:
@@ -75,7 +79,8 @@ class Adam(torch.optim.Adam):
         for p in flipped:
             _transpose(p, self.state.get(p, {}))
         try:
-            super().step()
+            if any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                super().step()
         finally:
             for p in flipped:
                 _transpose(p, self.state.get(p, {}))
@@ -109,15 +114,21 @@ class Adam(torch.optim.Adam):
 
     @torch.no_grad()
     def _sparse_step(self, p: Tensor, sparse, unit: bool | None) -> None:
-        """Step ``p`` from its waiting gradient (plus ``.grad``; a decoder where ``unit`` is not None), leaving
-        ``.grad`` None so that torch's step skips it; add the ``b_dec`` term to that parameter's ``.grad``."""
+        """Step ``p`` from its waiting gradient in ``sparse`` (plus ``.grad``; a decoder where ``unit`` is not None),
+        or from ``.grad`` alone where ``sparse`` is None (a vector, as one row), leaving ``.grad`` None so that
+        torch's step skips it; add the ``b_dec`` term to that parameter's ``.grad``."""
         group = _group_of(self, p)
         state = self._state_of(p)
-        sources, bias = sparse.pop(p)
-        rows, g = _row_view(p, p), p.grad
-        if g is not None:
+        sources, bias = sparse.pop(p) if sparse is not None else ([], None)
+        if p.dim() == 1:
+            rows, g = p.view(1, -1), p.grad.view(1, -1) if p.grad is not None else None
+            state_rows = [state[k].view(1, -1) for k in ("exp_avg", "exp_avg_sq")]
+        else:
+            rows, g = _row_view(p, p), p.grad
+            state_rows = None
+        if g is not None and state_rows is None:
             g = _row_view(g, p).contiguous()
-        m, v = (_row_view(state[k], p) for k in ("exp_avg", "exp_avg_sq"))
+        m, v = state_rows or (_row_view(state[k], p) for k in ("exp_avg", "exp_avg_sq"))
         state["step"] += 1
         gb = bias[1].to(torch.float32).contiguous() if bias is not None else None
         term = native.sparse_adam(rows, m, v, sources, g, lr=group["lr"], betas=group["betas"], eps=group["eps"],
@@ -155,6 +166,20 @@ def _row_view(t: Tensor, p: Tensor) -> Tensor:
     """``t`` (of ``p``'s shape) as ``p``'s row-major ``[latents, width]`` matrix (:func:`saes.sparse_grads.rows_of`
     of ``p``): ``t``, or ``t.T`` where ``p`` is stored transposed."""
     return t if p.is_contiguous() else t.T
+
+
+def _vector_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
+    """Whether :meth:`Adam.step` steps ``p`` in its own kernel beside the sparse steps: a contiguous float32 CPU
+    vector of at most :data:`VECTOR_MAX` entries with a contiguous gradient and moments (one row: one thread)."""
+    state = opt.state.get(p, {})
+    return (p.dim() == 1 and p.numel() <= VECTOR_MAX and p.device.type == "cpu" and p.dtype == torch.float32
+            and p.is_contiguous() and p.grad.is_contiguous() and p.grad.dtype == torch.float32
+            and all(state[k].is_contiguous() for k in ("exp_avg", "exp_avg_sq") if k in state))
+
+
+VECTOR_MAX = 1 << 17
+"""Vectors up to this size are stepped by :func:`saes.native.sparse_adam` beside the sparse steps (a TopK SAE's
+``b_enc`` and ``b_dec``), in place of torch's step for them alone."""
 
 
 def _moments_aligned(opt: torch.optim.Optimizer, p: Tensor) -> bool:

@@ -13,8 +13,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saes.base import SAE, SAEError, UntiedSAEConfig, register
-from saes.kernels import gather_pre, sparse_decode, topk_forward
-from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss
+from saes.kernels import gather_pre, sparse_fvu, topk_forward
+from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss, total_variance
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +91,8 @@ class TopKSAE(SAE):
             x = x.to(self.dtype)
             idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
                                           workspace=state.workspace, sink=state.grads)
-            x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec, state.grads)
+            # the decode and its loss in one (x_hat comes back detached: the loss is its only differentiable use)
+            mse, x_hat = sparse_fvu(idx, vals, self.W_dec, self.b_dec, x, total_variance(x, state), state.grads)
             active = vals > 0
             # the latents of the active entries, with no boolean-mask selection (no read back to the host on a GPU):
             # the inactive ones point at a spare last slot
@@ -108,7 +109,7 @@ class TopKSAE(SAE):
 
             def gather(i: Tensor) -> Tensor:
                 return pre.gather(1, i)
-        mse, _ = fvu_loss(x, x_hat, state)
+            mse, _ = fvu_loss(x, x_hat, state)
         aux = auxk_loss(x, x_hat, pre, gather, self.W_dec, state, self.cfg.k_aux_)
         loss = mse + self.cfg.aux_coeff * aux
         return TrainStep(loss, x_hat, l0, fired, {"fvu": mse.detach(), "auxk": aux.detach()})

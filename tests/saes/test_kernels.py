@@ -178,14 +178,17 @@ def test_narrow_rows_go_to_torch_topk():
     assert torch.equal(kernels.two_level_topk(pre, 8), pre.topk(8, dim=-1, sorted=False).indices)
 
 
+def sparse_rows(b: int, k: int, d_sae: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(idx, vals, W)``: ``k`` distinct latents per row of ``b``, their values and a decoder, both requiring grad."""
+    torch.manual_seed(seed)
+    idx = torch.stack([torch.randperm(d_sae)[:k] for _ in range(b)])
+    return idx, torch.rand(b, k, requires_grad=True), torch.randn(d_sae, d, requires_grad=True)
+
+
 @pytest.mark.parametrize("k", [1, 7])
 def test_bag_sum_and_its_gradients_equal_embedding_bag(k):
-    torch.manual_seed(0)
-    b, d_sae, d = 50, 300, 24
-    idx = torch.stack([torch.randperm(d_sae)[:k] for _ in range(b)])
-    vals = torch.rand(b, k, requires_grad=True)
-    W = torch.randn(d_sae, d, requires_grad=True)
-    g = torch.randn(b, d)
+    idx, vals, W = sparse_rows(50, k, 300, 24, 0)
+    g = torch.randn(50, 24)
     out = kernels.BagSum.apply(idx, vals, W)
     got = torch.autograd.grad(out, (vals, W), g)
     ref_out = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
@@ -196,6 +199,32 @@ def test_bag_sum_and_its_gradients_equal_embedding_bag(k):
     # only the values' gradient asked for (a frozen decoder)
     (gv,) = torch.autograd.grad(kernels.BagSum.apply(idx, vals, W.detach()), (vals,), g)
     torch.testing.assert_close(gv, want[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (saes.native.library() and saes.native.library().native_openmp()),
+                    reason="saes.native is not built with OpenMP here")
+@pytest.mark.parametrize("k", [1, 8, 40])
+def test_sparse_fvu_and_its_gradients_equal_the_decode_and_loss_by_autograd(k):
+    b, d_sae, d = 70, 300, 24
+    idx, vals, W = sparse_rows(b, k, d_sae, d, 1)
+    b_dec = torch.randn(d, requires_grad=True)
+    x = torch.randn(b, d + 3)[:, :d]  # a row stride other than d
+    tv = torch.tensor(37.5)
+    assert kernels.sparse_fvu_applies(idx, W, x)
+    loss, x_hat = kernels.sparse_fvu(idx, vals, W, b_dec, x, tv)
+    assert type(loss.grad_fn).__name__ == "SparseFVUBackward" and not x_hat.requires_grad
+    got = torch.autograd.grad(3 * loss, (vals, W, b_dec))
+    ref_hat = torch.nn.functional.embedding_bag(idx, W, per_sample_weights=vals, mode="sum") + b_dec
+    ref = (ref_hat - x).pow(2).sum() / tv
+    want = torch.autograd.grad(3 * ref, (vals, W, b_dec))
+    torch.testing.assert_close(x_hat, ref_hat.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for name, a, w in zip(("vals", "W", "b_dec"), got, want):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="outside"):
+        saes.native.sparse_fvu(idx + d_sae, vals.detach(), W.detach(), b_dec.detach(), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast keeps the torch ops
+        assert not kernels.sparse_fvu_applies(idx, W, x)
 
 
 def test_bag_sum_takes_the_sparse_backward_in_float32_on_cpu():

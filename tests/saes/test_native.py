@@ -301,3 +301,15 @@ def test_the_portable_build_without_this_cpus_vector_instructions(fresh, monkeyp
     vals, dense = torch.randn(300, 8, generator=g), torch.randn(300, 24, generator=g)
     torch.testing.assert_close(native.scatter_rows(idx, vals, dense, 4096),
                                kernels.csr_matmul(kernels._sparse_t(idx, vals, 4096), dense), rtol=1e-5, atol=1e-5)
+
+
+@built
+def test_topk_values_are_the_entries_at_its_positions():
+    g = torch.Generator().manual_seed(8)
+    pre = torch.randn(200, 9216, generator=g)
+    pre[3, :100] = float("nan")  # a row counted over whole
+    idx, vals = native.topk(pre, 32, values=True)
+    assert torch.equal(idx, native.topk(pre, 32))
+    assert torch.allclose(vals, pre.gather(1, idx), equal_nan=True, rtol=0, atol=0)
+    i2, v2 = kernels.topk_indices(pre[:, :64].contiguous(), 8, values=True)  # the torch path's gather
+    assert torch.allclose(v2, pre[:, :64].gather(1, i2), equal_nan=True, rtol=0, atol=0)
