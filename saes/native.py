@@ -18,7 +18,8 @@
   with no dense gradient written or read.
 
 Figures: ``experiments/README.md``, SAE training run 15 (each kernel against the torch path it replaces, and the
-whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``).
+whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``) and run 18
+(:func:`sparse_adam` and :func:`sparse_fvu` inside the step).
 
 The source is plain C (no Python or torch headers): it builds in under a second with the system's C compiler
 (``$CC``, else Python's own, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``) and is kept in
