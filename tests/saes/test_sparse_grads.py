@@ -221,3 +221,26 @@ def test_applies_only_to_this_projects_plain_adam():
     assert not sparse_grads.applies(optim.Adam([p], lr=1e-3, weight_decay=0.1))
     assert not sparse_grads.applies(optim.adam([torch.nn.Parameter(torch.randn(8, 4).double())], lr=1e-3,
                                                betas=(0.9, 0.999)))
+
+
+def test_moments_in_another_layout_are_stepped_from_the_written_gradient():
+    """Moments that do not have the parameter's strides (the fused kernel would pair the wrong elements): the kept
+    gradient is written into ``.grad`` and torch's step takes it, as without a sink."""
+    torch.manual_seed(4)
+    idx, vals, dense = source(64, 4, 300, 12, 15)
+
+    def stepped(kept: bool):
+        W = torch.nn.Parameter(torch.randn(300, 12, generator=torch.Generator().manual_seed(16)).T)  # W_enc's layout
+        opt = optim.adam([W], lr=1e-2, betas=(0.9, 0.999))
+        opt.state[W].update(step=torch.tensor(2.0), exp_avg=torch.full((12, 300), 0.1),  # contiguous: not W's strides
+                            exp_avg_sq=torch.full((12, 300), 0.01))
+        sink = sparse_grads.SparseGrads()
+        if kept:
+            sink.add(W, idx, vals, dense)
+        else:
+            W.grad = kernels.scatter_rows(idx, vals, dense, 300).T
+        opt.step(sparse=sink)
+        assert not sink
+        return W.detach()
+
+    torch.testing.assert_close(stepped(True), stepped(False), rtol=0, atol=0)
