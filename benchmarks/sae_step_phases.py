@@ -77,7 +77,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import sae_train  # noqa: E402
 
-from saes import hostsync, kernels, native, optim, sparse_grads  # noqa: E402
+from saes import hostsync, kernels, native, optim  # noqa: E402
 from saes import trainer as trainer_module  # noqa: E402
 
 PHASES = ("encoder_matmul", "top_k", "loss_rest", "backward", "projection", "optimizer", "renorm", "rest")
@@ -171,7 +171,7 @@ def run_round(train: list[torch.Tensor], args, lr: float, seed: int, kernel: str
             patches.enter_context(mock.patch.object(kernels, "bag_sum_applies", lambda W: kernel == "bag_sum"))
             patches.enter_context(mock.patch.object(kernels, "sparse_fvu_applies", lambda *a: False))
         if kernel == "dense":
-            patches.enter_context(mock.patch.object(sparse_grads, "applies", lambda opt: False))
+            patches.enter_context(mock.patch.object(optim, "sparse_applies", lambda opt: False))
         sae_train.run_ours(train, lr, args.k, args.d_sae, args.device, clock, seed)
     steps = clock.steps()[args.warmup:]
     return {"seed": seed, "steps_timed": len(steps),
@@ -322,10 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
                 "and bag_sum there")
     if ab and len(set(ab)) != len(ab):
         p.error(f"{ab_flag} names a kernel twice ({' '.join(ab)}); name each once")
-    if args.step_kernels and "native" in args.step_kernels and native.library() is None:
-        p.error(f"{ab_flag} names native, but saes.native's kernels are not built here ({native.status()})")
     lib = native.library()
-    if args.grad_kernels and "sparse" in args.grad_kernels and not (lib and lib.native_openmp()):
+    # what the sparse weight gradients and the fused decode need (on CPU)
+    openmp = str(args.device).startswith("cpu") and lib is not None and bool(lib.native_openmp())
+    if args.step_kernels and "native" in args.step_kernels and lib is None:
+        p.error(f"{ab_flag} names native, but saes.native's kernels are not built here ({native.status()})")
+    if args.grad_kernels and "sparse" in args.grad_kernels and not openmp:
         p.error(f"{ab_flag} names sparse, but saes.native's kernels are not built with OpenMP here "
                 f"({native.status()})")
     if args.warmup >= args.steps - 1:
@@ -376,11 +378,10 @@ def main(argv: list[str] | None = None) -> dict:
               "batch_tokens": args.batch, "steps": args.steps, "warmup": args.warmup, "lr": lr,
               "quick": args.quick, "device": str(args.device), "torch_threads": torch.get_num_threads(),
               "encoder_kernel": args.encoder_kernels or trainer_kernel,
-              "step_kernels": args.step_kernels or ("native" if native.library() is not None else "torch"),
-              "grad_kernel": args.grad_kernels or ("sparse" if native.library() is not None
-                                                   and native.library().native_openmp() else "dense"),
+              "step_kernels": args.step_kernels or ("native" if lib is not None else "torch"),
+              "grad_kernel": args.grad_kernels or ("sparse" if openmp else "dense"),
               "decode_kernel": args.decode_kernels or (
-                  "sparse_fvu" if str(args.device).startswith("cpu") and lib and lib.native_openmp()
+                  "sparse_fvu" if openmp
                   else "bag_sum" if kernels.bag_sum_applies(torch.empty(1, 1, device=args.device))
                   else "embedding_bag"),
               "machine": sae_train.machine(), "rounds": rounds,

@@ -219,12 +219,14 @@ def capture(
         got: dict[str, Tensor] = {}
         handles: list = []
         masks: dict[torch.device, Tensor] = {}  # the mask on each device a site ran on: moved there once a chunk
-        rows: dict[object, Tensor] = {}  # a boolean positions mask's picked rows: found once a chunk, moved once
         shape = tuple(chunk["input_ids"].shape)
+        # a boolean positions mask's picked rows: found once a chunk (where the mask lives), moved once per device
+        found = chunk_pos.flat_index(*shape) if chunk_pos.kind == "mask" else None
+        rows: dict[torch.device, Tensor] = {}
         pending: set = set()  # devices with copies to CPU memory still running
 
         def recorder(site: Site, got: dict[str, Tensor] = got, chunk_pos=chunk_pos, mask: Tensor = mask,
-                     masks: dict = masks, rows: dict = rows, shape: tuple = shape, pending: set = pending):
+                     masks: dict = masks, rows: dict = rows, found=found, shape: tuple = shape, pending: set = pending):
             def record(value: Tensor) -> None:
                 if site.name in got:  # a module called twice records its first call
                     return
@@ -232,11 +234,9 @@ def capture(
                 if x.device not in masks:
                     masks[x.device] = mask.to(x.device)
                 picked = None
-                if chunk_pos.kind == "mask" and tuple(x.shape[:2]) == shape:  # the rows' positions, found once
-                    if "found" not in rows:
-                        rows["found"] = chunk_pos.flat_index(*shape)
+                if found is not None and tuple(x.shape[:2]) == shape:
                     if x.device not in rows:
-                        rows[x.device] = rows["found"].to(x.device)
+                        rows[x.device] = found.to(x.device)
                     picked = rows[x.device]
                 taken = chunk_pos.take(x, masks[x.device], picked)
                 got[site.name] = _own(_to(taken, device, dtype or value.dtype, pending), value)

@@ -29,7 +29,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.nn import functional as F
 
-from saes import hostsync, native
+from saes import hostsync, native, sparse_grads
 
 ONEDNN_MIN_FLOPS = 1e7
 """Smaller encoder matmuls stay on ``addmm``: oneDNN's per-call setup costs more than it saves there (2-core
@@ -170,7 +170,7 @@ class GatherPre(torch.autograd.Function):
     def forward(ctx, values, idx, x, W_enc, b_enc, b_dec, sink=None):  # noqa: D102
         ctx.save_for_backward(idx, x, W_enc, b_dec if b_dec is not None else x.new_zeros(0))
         ctx.has_b_dec = b_dec is not None
-        ctx.sink, ctx.params = sink, (W_enc, b_dec) if sink is not None else None  # the parameters themselves
+        ctx.sink, ctx.weight, ctx.b_dec = sink, W_enc, b_dec  # the parameters themselves, for the sink
         return values.clone()
 
     @staticmethod
@@ -185,12 +185,12 @@ class GatherPre(torch.autograd.Function):
         kept = False
         if ctx.needs_input_grad[3]:
             xc = ((x - b_dec) if ctx.has_b_dec else x).to(W_enc.dtype)
-            kept = _keep(ctx, 0, idx, g, xc)
+            kept = _keep(ctx, idx, g, xc)
             if not kept:
                 grad_W = scatter_rows(idx, g, xc, d_sae).T
         if ctx.has_b_dec and ctx.needs_input_grad[5]:
             if kept:  # summed with W_enc's step, in its pass over W_enc
-                ctx.sink.add_bias(ctx.params[0], ctx.params[1], grad_b_enc)
+                ctx.sink.add_bias(ctx.weight, ctx.b_dec, grad_b_enc)
             else:
                 grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
@@ -198,16 +198,12 @@ class GatherPre(torch.autograd.Function):
         return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
 
 
-def _keep(ctx, which: int, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
-    """Record a weight's gradient in the step's :class:`saes.sparse_grads.SparseGrads` (``ctx.sink``) where one was
-    given, the weight is a leaf (a parameter the optimizer holds, not a tensor made from one) and the kernel takes
-    these tensors; whether it did."""
-    from saes import sparse_grads
-
-    if ctx.sink is None:
-        return False
-    W = ctx.params[which]
-    if not (W.is_leaf and sparse_grads.takes(W) and native.sparse_applies(idx, vals, dense)):
+def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
+    """Record the gradient of the weight ``ctx.weight`` in the step's :class:`saes.sparse_grads.SparseGrads`
+    (``ctx.sink``) where one was given, the weight is a leaf (a parameter the optimizer holds, not a tensor made
+    from one) and the kernel takes these tensors; whether it did."""
+    W = ctx.weight
+    if ctx.sink is None or not (W.is_leaf and sparse_grads.takes(W) and native.sparse_applies(idx, vals, dense)):
         return False
     ctx.sink.add(W, idx, vals, dense)
     return True
@@ -235,7 +231,7 @@ class BagSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx, vals, W, sink=None):  # noqa: D102
         ctx.save_for_backward(idx, vals, W)
-        ctx.sink, ctx.params = sink, (W,) if sink is not None else None  # the parameter itself
+        ctx.sink, ctx.weight = sink, W  # the parameter itself, for the sink
         return F.embedding_bag(idx, W, per_sample_weights=vals, mode="sum")
 
     @staticmethod
@@ -253,7 +249,7 @@ class BagSum(torch.autograd.Function):
                 pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), vals.new_zeros(b * k), (b, W.shape[0]),
                                                   check_invariants=False)
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(b, k)
-        if ctx.needs_input_grad[2] and not _keep(ctx, 0, idx, vals, g):
+        if ctx.needs_input_grad[2] and not _keep(ctx, idx, vals, g):
             grad_W = scatter_rows(idx, vals, g, W.shape[0])
         return None, grad_vals, grad_W, None
 
@@ -300,8 +296,7 @@ class SparseFVU(torch.autograd.Function):
     def forward(ctx, idx, vals, W, b_dec, x, tv, sink=None):  # noqa: D102
         x_hat, e, sse, dots = native.sparse_fvu(idx, vals.contiguous(), W, b_dec, x)
         ctx.save_for_backward(idx, vals, e, dots, tv)
-        ctx.sink, ctx.params = sink, (W,) if sink is not None else None
-        ctx.n_rows = W.shape[0]
+        ctx.sink, ctx.weight = sink, W  # the parameter itself, for the sink
         ctx.mark_non_differentiable(x_hat)
         return sse.sum() / tv, x_hat
 
@@ -313,8 +308,8 @@ class SparseFVU(torch.autograd.Function):
         grad_W = grad_b_dec = None
         if ctx.needs_input_grad[2]:
             scaled = (vals * s).contiguous()
-            if not _keep(ctx, 0, idx, scaled, e):
-                grad_W = scatter_rows(idx, scaled, e, ctx.n_rows)
+            if not _keep(ctx, idx, scaled, e):
+                grad_W = scatter_rows(idx, scaled, e, ctx.weight.shape[0])
         if ctx.needs_input_grad[3]:
             grad_b_dec = e.sum(0) * s
         return None, grad_vals, grad_W, grad_b_dec, None, None, None
@@ -330,12 +325,9 @@ def sparse_fvu_applies(idx: Tensor, W_dec: Tensor, x: Tensor) -> bool:
 def sparse_fvu(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W_dec: Tensor, b_dec: Tensor,
                x: Float[Tensor, "batch d_model"], tv: Tensor, sink=None) -> tuple[Tensor, Tensor]:
     """``(sum ||x_hat - x||^2 / tv, x_hat)`` for ``x_hat = sum_j vals[b, j] * W_dec[idx[b, j]] + b_dec`` (``x_hat``
-    detached): :class:`SparseFVU` where :func:`sparse_fvu_applies`, else :func:`sparse_decode` and the loss by
-    torch ops. ``sink``: as :func:`gather_pre`'s, for ``W_dec``'s gradient."""
-    if sparse_fvu_applies(idx, W_dec, x):
-        return SparseFVU.apply(idx, vals.to(W_dec.dtype), W_dec, b_dec, x, tv, sink)
-    x_hat = sparse_decode(idx, vals, W_dec, b_dec, sink)
-    return (x_hat.float() - x.float()).pow(2).sum() / tv, x_hat.detach()
+    detached) by :class:`SparseFVU`; only where :func:`sparse_fvu_applies`. ``sink``: as :func:`gather_pre`'s, for
+    ``W_dec``'s gradient."""
+    return SparseFVU.apply(idx, vals.to(W_dec.dtype), W_dec, b_dec, x, tv, sink)
 
 
 def sparse_decode(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], W_dec: Tensor,

@@ -51,38 +51,45 @@ int native_openmp(void) {
 }
 
 /* Runs CALL (an int expression of the row range [a, b)) over [r0, r1) split into contiguous ranges, one per
- * thread; evaluates to the OR of the calls' results. */
+ * thread, each starting a multiple of UNIT rows after r0; evaluates to the OR of the calls' results. */
 #ifdef _OPENMP
-#define SPLIT_ROWS(r0, r1, CALL)                                                                                   \
+#define SPLIT_ROWS_BY(r0, r1, UNIT, CALL)                                                                          \
     ({                                                                                                             \
-        int64_t n_ = (r1) - (r0), t_ = n_ / MIN_ROWS_PER_THREAD;                                                   \
+        int64_t n_ = (r1) - (r0), t_ = n_ / MIN_ROWS_PER_THREAD, u_ = (n_ + (UNIT) - 1) / (UNIT);                  \
         int nt_ = t_ < 1 ? 1 : (t_ < n_threads ? (int)t_ : n_threads), rc_ = 0;                                    \
         _Pragma("omp parallel num_threads(nt_) reduction(| : rc_)") {                                              \
             int64_t i_ = omp_get_thread_num(), m_ = omp_get_num_threads();                                         \
-            int64_t a = (r0) + n_ * i_ / m_, b = (r0) + n_ * (i_ + 1) / m_;                                        \
+            int64_t a_ = u_ * i_ / m_ * (UNIT), b_ = u_ * (i_ + 1) / m_ * (UNIT);                                  \
+            int64_t a = (r0) + (a_ < n_ ? a_ : n_), b = (r0) + (b_ < n_ ? b_ : n_);                                \
             rc_ |= (CALL);                                                                                         \
         }                                                                                                          \
         rc_;                                                                                                       \
     })
 #else
-#define SPLIT_ROWS(r0, r1, CALL)                                                                                   \
+#define SPLIT_ROWS_BY(r0, r1, UNIT, CALL)                                                                          \
     ({                                                                                                             \
         int64_t a = (r0), b = (r1);                                                                                \
         (CALL);                                                                                                    \
     })
 #endif
+#define SPLIT_ROWS(r0, r1, CALL) SPLIT_ROWS_BY(r0, r1, 1, CALL)
 
+/* Entries ahead of the one being added whose rows are asked for (prefetch_row). */
 #ifndef AHEAD
 #define AHEAD 4
 #endif
+
+/* Asks for a row of n floats to be brought into the cache (the sparse products read rows in an order no hardware
+ * prefetcher can guess: each row is a few dozen cache lines, read once where it comes). */
 static inline void prefetch_row(const float *p, int64_t n) {
     for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(p + j, 0, 3);
 }
 
-/* out[j] = <a, rows[j]> for j < n (rows of m floats): four rows at a time, so that four sums advance together (one
- * running sum waits on its previous add at every step). */
+/* Rows gathered into one call of dots or add_rows. */
 #define ROWS_AT_ONCE 16
 
+/* out[j] = <a, rows[j]> for j < n (rows of m floats): four rows at a time, so that four sums advance together (one
+ * running sum waits on its previous add at every step). */
 static inline void dots(const float *restrict a, const float *const *rows, int64_t n, int64_t m, float *out) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
@@ -108,6 +115,25 @@ static inline void dots(const float *restrict a, const float *const *rows, int64
 #pragma omp simd reduction(+ : t)
         for (int64_t c = 0; c < m; c++) t += a[c] * w[c];
         out[j] = t;
+    }
+}
+
+/* o[0..m) += sum_j v[j] * rows[j] for j < n: four rows a pass over o, then one at a time. The one order of the
+ * sparse sums: the weight gradients (scatter_rows and sparse_adam add in the same order) and the decode. */
+static inline void add_rows(float *restrict o, const float *const *rows, const float *v, int64_t n, int64_t m) {
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) {
+        const float *restrict d0 = rows[j], *restrict d1 = rows[j + 1], *restrict d2 = rows[j + 2],
+                    *restrict d3 = rows[j + 3];
+        float v0 = v[j], v1 = v[j + 1], v2 = v[j + 2], v3 = v[j + 3];
+#pragma omp simd
+        for (int64_t c = 0; c < m; c++) o[c] += v0 * d0[c] + v1 * d1[c] + v2 * d2[c] + v3 * d3[c];
+    }
+    for (; j < n; j++) {
+        const float *restrict d = rows[j];
+        float vj = v[j];
+#pragma omp simd
+        for (int64_t c = 0; c < m; c++) o[c] += vj * d[c];
     }
 }
 
@@ -343,28 +369,21 @@ int sort_by_latent(const int64_t *idx, int64_t n, int64_t d_sae, int64_t *starts
     return 0;
 }
 
-/* o[0..m) += the sum over the entries t in [e0, e1) of vals[i] * dense[i / k] (i = order[t]; dense's row stride ld),
- * four entries a pass over o; rows up to entry `end` (exclusive) are asked for AHEAD entries early. The one sum of
- * the weight gradients (scatter_rows and sparse_adam add in the same order). */
+/* o[0..m) += the sum over the entries t in [e0, e1) of vals[i] * dense[i / k] (i = order[t]; dense's row stride ld)
+ * by add_rows; rows up to entry `end` (exclusive) are asked for AHEAD entries early. */
 static inline void add_entries(float *restrict o, const int64_t *order, int64_t e0, int64_t e1, int64_t end,
                                const float *vals, int64_t k, const float *dense, int64_t ld, int64_t m) {
-    int64_t t = e0;
-    for (; t + 4 <= e1; t += 4) {
-        for (int64_t q = t + AHEAD; q < t + AHEAD + 4 && q < end; q++) prefetch_row(dense + (order[q] / k) * ld, m);
-        int64_t i0 = order[t], i1 = order[t + 1], i2 = order[t + 2], i3 = order[t + 3];
-        const float *restrict d0 = dense + (i0 / k) * ld, *restrict d1 = dense + (i1 / k) * ld,
-                    *restrict d2 = dense + (i2 / k) * ld, *restrict d3 = dense + (i3 / k) * ld;
-        float v0 = vals[i0], v1 = vals[i1], v2 = vals[i2], v3 = vals[i3];
-#pragma omp simd
-        for (int64_t c = 0; c < m; c++) o[c] += v0 * d0[c] + v1 * d1[c] + v2 * d2[c] + v3 * d3[c];
-    }
-    for (; t < e1; t++) {
-        if (t + AHEAD < end) prefetch_row(dense + (order[t + AHEAD] / k) * ld, m);
-        int64_t i = order[t];
-        const float *restrict row = dense + (i / k) * ld;
-        float v = vals[i];
-#pragma omp simd
-        for (int64_t c = 0; c < m; c++) o[c] += v * row[c];
+    const float *rows[ROWS_AT_ONCE];
+    float v[ROWS_AT_ONCE];
+    for (int64_t t = e0; t < e1; t += ROWS_AT_ONCE) {
+        int64_t n = e1 - t < ROWS_AT_ONCE ? e1 - t : ROWS_AT_ONCE;
+        for (int64_t q = 0; q < n; q++) {
+            if (t + q + AHEAD < end) prefetch_row(dense + (order[t + q + AHEAD] / k) * ld, m);
+            int64_t i = order[t + q];
+            rows[q] = dense + (i / k) * ld;
+            v[q] = vals[i];
+        }
+        add_rows(o, rows, v, n, m);
     }
 }
 
@@ -387,6 +406,16 @@ void scatter_rows(int64_t r0, int64_t r1, const int64_t *starts, const int64_t *
     SPLIT_ROWS(r0, r1, scatter_range(a, b, starts, order, vals, k, dense, ld, m, out));
 }
 
+/* rows[q] = W's row idx[i0 + q] for q < n (row stride ldw, m floats), asking for the row of entry i0 + q + ahead
+ * where that entry is before `end`. */
+static inline void latent_rows(const float **rows, const float *W, int64_t ldw, const int64_t *idx, int64_t i0,
+                               int64_t n, int64_t ahead, int64_t end, int64_t m) {
+    for (int64_t q = 0; q < n; q++) {
+        if (i0 + q + ahead < end) prefetch_row(W + idx[i0 + q + ahead] * ldw, m);
+        rows[q] = W + idx[i0 + q] * ldw;
+    }
+}
+
 /* Rows [r0, r1): out[b * k + j] = <g[b], W[idx[b * k + j]]> (rows of m floats; g's row stride ldg, W's ldw; W has
  * n_rows rows). Returns -1 when an index is outside [0, n_rows), 0 otherwise. */
 static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t k, const float *g, int64_t ldg,
@@ -398,11 +427,7 @@ static int gather_dot_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t 
         for (int64_t j = 0; j < k; j += ROWS_AT_ONCE) {
             const float *rows[ROWS_AT_ONCE];
             int64_t n = k - j < ROWS_AT_ONCE ? k - j : ROWS_AT_ONCE;
-            for (int64_t q = 0; q < n; q++) {
-                int64_t ahead = b * k + j + q + ROWS_AT_ONCE;
-                if (ahead < r1 * k) prefetch_row(W + idx[ahead] * ldw, m);
-                rows[q] = W + idx[b * k + j + q] * ldw;
-            }
+            latent_rows(rows, W, ldw, idx, b * k + j, n, ROWS_AT_ONCE, r1 * k, m);
             dots(gr, rows, n, m, out + b * k + j);
         }
     }
@@ -431,8 +456,6 @@ typedef struct {
 
 int native_sparse_chunk(void) { return CHUNK; }
 
-/* Asks for a row of n floats to be brought into the cache (the sparse products read rows in an order no hardware
- * prefetcher can guess: each row is a few dozen cache lines, read once where it comes). */
 /* The gradient rows [r0, r1) into g (rows of cols floats; s: scratch of as many): G's rows (zero where G is NULL)
  * plus the sources' sums, each source's sum made first and added (as autograd adds the gradients of several uses
  * of a weight). */
@@ -513,24 +536,8 @@ static int sparse_adam_range(int64_t r0, int64_t r1, const grad_source *src, int
 int sparse_adam(int64_t rows, const grad_source *src, int nsrc, const float *G, int64_t ldg, float *W, float *M,
                 float *V, int64_t cols, double lr, double beta1, double beta2, double eps, double step, int decoder,
                 int unit, const float *wb, float *partial, int dry) {
-    int64_t chunks = (rows + CHUNK - 1) / CHUNK;
-    int rc = 0;
-#ifdef _OPENMP
-    int64_t t = rows / MIN_ROWS_PER_THREAD;
-    int nt = t < 1 ? 1 : (t < n_threads ? (int)t : n_threads);
-#pragma omp parallel num_threads(nt) reduction(| : rc)
-    {
-        int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
-        int64_t a = chunks * i / n * CHUNK, b = chunks * (i + 1) / n * CHUNK;
-        rc |= sparse_adam_range(a, b < rows ? b : rows, src, nsrc, G, ldg, W, M, V, cols, lr, beta1, beta2, eps,
-                                step, decoder, unit, wb, partial, dry);
-    }
-#else
-    (void)chunks;
-    rc = sparse_adam_range(0, rows, src, nsrc, G, ldg, W, M, V, cols, lr, beta1, beta2, eps, step, decoder, unit, wb,
-                           partial, dry);
-#endif
-    return rc;
+    return SPLIT_ROWS_BY(0, rows, CHUNK, sparse_adam_range(a, b, src, nsrc, G, ldg, W, M, V, cols, lr, beta1, beta2,
+                                                           eps, step, decoder, unit, wb, partial, dry));
 }
 
 /* Rows [r0, r1) of a batch: xh[b] = sum_j vals[b * k + j] * W[idx[b * k + j]] + bias, e[b] = xh[b] - x[b],
@@ -546,25 +553,11 @@ static int sparse_fvu_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t 
         float *restrict o = xh + b * m, *restrict er = e + b * m;
         const float *restrict xr = x + b * ldx;
         memset(o, 0, sizeof(float) * m);
-        int64_t j = 0;
-        for (; j + 4 <= k; j += 4) {  /* four rows a pass over o */
-            for (int64_t q = j + AHEAD; q < j + AHEAD + 4; q++)
-                if (b * k + q < r1 * k) prefetch_row(W + idx[b * k + q] * ldw, m);
-            const int64_t *ix = idx + b * k + j;
-            const float *restrict w0 = W + ix[0] * ldw, *restrict w1 = W + ix[1] * ldw, *restrict w2 = W + ix[2] * ldw,
-                        *restrict w3 = W + ix[3] * ldw;
-            const float *v = vals + b * k + j;
-            float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
-#pragma omp simd
-            for (int64_t c = 0; c < m; c++) o[c] += v0 * w0[c] + v1 * w1[c] + v2 * w2[c] + v3 * w3[c];
-        }
-        for (; j < k; j++) {
-            int64_t ahead = b * k + j + AHEAD;
-            if (ahead < r1 * k) prefetch_row(W + idx[ahead] * ldw, m);
-            const float *restrict w = W + idx[b * k + j] * ldw;
-            float v = vals[b * k + j];
-#pragma omp simd
-            for (int64_t c = 0; c < m; c++) o[c] += v * w[c];
+        for (int64_t j = 0; j < k; j += ROWS_AT_ONCE) {
+            const float *rows[ROWS_AT_ONCE];
+            int64_t n = k - j < ROWS_AT_ONCE ? k - j : ROWS_AT_ONCE;
+            latent_rows(rows, W, ldw, idx, b * k + j, n, AHEAD, r1 * k, m);
+            add_rows(o, rows, vals + b * k + j, n, m);
         }
         float s = 0.f;
 #pragma omp simd reduction(+ : s)
@@ -579,7 +572,7 @@ static int sparse_fvu_range(int64_t r0, int64_t r1, const int64_t *idx, int64_t 
         for (int64_t j = 0; j < k; j += ROWS_AT_ONCE) {  /* the rows just read: in the cache */
             const float *rows[ROWS_AT_ONCE];
             int64_t n = k - j < ROWS_AT_ONCE ? k - j : ROWS_AT_ONCE;
-            for (int64_t q = 0; q < n; q++) rows[q] = W + idx[b * k + j + q] * ldw;
+            latent_rows(rows, W, ldw, idx, b * k + j, n, 0, 0, m);
             dots(er, rows, n, m, out_dots + b * k + j);
         }
     }

@@ -288,11 +288,16 @@ def scatter_rows(idx: Tensor, vals: Tensor, dense: Tensor, d_sae: int) -> Tensor
                          f"with OpenMP ({status()}; got "
                          f"{idx.dtype} {tuple(idx.shape)}, {vals.dtype} {tuple(vals.shape)}, {dense.dtype} "
                          f"{tuple(dense.shape)})")
-    lib, m = library(), dense.shape[1]
-    starts, order = sort_by_latent(idx, d_sae, "scatter_rows")
-    out = torch.empty(d_sae, m, dtype=torch.float32)
-    _rows(lib.scatter_rows, d_sae, starts.data_ptr(), order.data_ptr(), vals.data_ptr(), k, dense.data_ptr(),
-          dense.stride(0), m, out.data_ptr())
+    return scatter_sorted(*sort_by_latent(idx, d_sae, "scatter_rows"), vals, dense)
+
+
+def scatter_sorted(starts: Tensor, order: Tensor, vals: Tensor, dense: Tensor) -> Tensor:
+    """:func:`scatter_rows` from its sort (:func:`sort_by_latent`'s ``starts`` and ``order`` of the index; ``vals``
+    contiguous ``[batch, k]``): ``[len(starts) - 1, m]``."""
+    rows, m = starts.numel() - 1, dense.shape[1]
+    out = torch.empty(rows, m, dtype=torch.float32)
+    _rows(library().scatter_rows, rows, starts.data_ptr(), order.data_ptr(), vals.data_ptr(), vals.shape[1],
+          dense.data_ptr(), dense.stride(0), m, out.data_ptr())
     return out
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from saes import native
+from saes import native, sparse_grads
+from saes.sparse_grads import rows_of
 
 FUSED_DEVICES = ("cpu", "cuda")
 FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -48,7 +49,7 @@ class Adam(torch.optim.Adam):
         ``sparse`` (a :class:`saes.sparse_grads.SparseGrads`): the parameters whose gradients wait there are
         stepped first by :func:`saes.native.sparse_adam`, each row's gradient made as the row is stepped (added to
         what ``.grad`` holds), with a ``b_dec`` term added to that parameter's ``.grad`` before torch's step;
-        ``sparse`` is left empty. Where :func:`saes.sparse_grads.applies` does not hold, the gradients are written
+        ``sparse`` is left empty. Where :func:`sparse_applies` does not hold, the gradients are written
         into ``.grad`` first (:meth:`~saes.sparse_grads.SparseGrads.materialize`) and stepped as usual."""
         loss = None
         if closure is not None:  # evaluated before any parameter is transposed
@@ -56,16 +57,14 @@ class Adam(torch.optim.Adam):
                 loss = closure()
         unit_rows = dict(unit_rows or {})
         if sparse:
-            from saes import sparse_grads
-
-            if sparse_grads.applies(self) and all(sparse_grads.takes(p) and _moments_aligned(self, p)
-                                                  for p in self._sparse_params(sparse)):
-                for p in self._sparse_params(sparse):
-                    self._sparse_step(p, sparse, unit_rows.pop(p, None))
-                vectors = [p for g in self.param_groups for p in g["params"]
-                           if p.grad is not None and p not in unit_rows and _vector_applies(self, p)]
-                for p in vectors:  # the biases: in the same kernel, not through torch's step for a few vectors
-                    self._sparse_step(p, None, None)
+            kept = [p for g in self.param_groups for p in g["params"] if sparse.holds(p)]
+            if sparse_applies(self) and all(sparse_grads.takes(p) and _moments_aligned(self, p) for p in kept):
+                for p in kept:
+                    self._sparse_step(p, *sparse.take(p), unit=unit_rows.pop(p, None))
+                for p in [p for g in self.param_groups for p in g["params"]
+                          if p.grad is not None and p not in unit_rows and _vector_applies(self, p)]:
+                    # the biases: in the same kernel, not through torch's step for a few vectors
+                    self._sparse_step(p, [], rows_of(p, p.grad), None, None)
             else:
                 sparse.materialize()
         for p in unit_rows:
@@ -108,34 +107,20 @@ class Adam(torch.optim.Adam):
         native.unit_row_adam(p, p.grad, state["exp_avg"], state["exp_avg_sq"], lr=group["lr"], betas=group["betas"],
                              eps=group["eps"], step=float(state["step"]), unit=unit)
 
-    def _sparse_params(self, sparse) -> list[Tensor]:
-        """This optimizer's parameters whose gradients wait in ``sparse``, in its order."""
-        return [p for g in self.param_groups for p in g["params"] if sparse.holds(p)]
-
     @torch.no_grad()
-    def _sparse_step(self, p: Tensor, sparse, unit: bool | None) -> None:
-        """Step ``p`` from its waiting gradient in ``sparse`` (plus ``.grad``; a decoder where ``unit`` is not None),
-        or from ``.grad`` alone where ``sparse`` is None (a vector, as one row), leaving ``.grad`` None so that
-        torch's step skips it; add the ``b_dec`` term to that parameter's ``.grad``."""
+    def _sparse_step(self, p: Tensor, sources: list, G: Tensor | None, b_dec: Tensor | None, gb: Tensor | None, *,
+                     unit: bool | None = None) -> None:
+        """Step ``p`` by :func:`saes.native.sparse_adam` from the gradient made of ``sources`` and ``G`` (what
+        :meth:`saes.sparse_grads.SparseGrads.take` gives; a decoder where ``unit`` is not None), leaving ``.grad``
+        None so that torch's step skips it; ``b_dec``'s term (from ``gb``) goes into its ``.grad``."""
         group = _group_of(self, p)
         state = self._state_of(p)
-        sources, bias = sparse.pop(p) if sparse is not None else ([], None)
-        if p.dim() == 1:
-            rows, g = p.view(1, -1), p.grad.view(1, -1) if p.grad is not None else None
-            state_rows = [state[k].view(1, -1) for k in ("exp_avg", "exp_avg_sq")]
-        else:
-            rows, g = _row_view(p, p), p.grad
-            state_rows = None
-        if g is not None and state_rows is None:
-            g = _row_view(g, p).contiguous()
-        m, v = state_rows or (_row_view(state[k], p) for k in ("exp_avg", "exp_avg_sq"))
         state["step"] += 1
-        gb = bias[1].to(torch.float32).contiguous() if bias is not None else None
-        term = native.sparse_adam(rows, m, v, sources, g, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                  step=float(state["step"]), decoder=unit is not None, unit=bool(unit), wb=gb)
+        term = native.sparse_adam(rows_of(p), rows_of(p, state["exp_avg"]), rows_of(p, state["exp_avg_sq"]), sources,
+                                  G, lr=group["lr"], betas=group["betas"], eps=group["eps"], step=float(state["step"]),
+                                  decoder=unit is not None, unit=bool(unit), wb=gb)
         p.grad = None
-        if bias is not None:
-            b_dec = bias[0]
+        if b_dec is not None:
             b_dec.grad = -term if b_dec.grad is None else b_dec.grad.sub_(term)
 
 
@@ -162,10 +147,15 @@ def unit_rows_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
             and native.library() is not None)
 
 
-def _row_view(t: Tensor, p: Tensor) -> Tensor:
-    """``t`` (of ``p``'s shape) as ``p``'s row-major ``[latents, width]`` matrix (:func:`saes.sparse_grads.rows_of`
-    of ``p``): ``t``, or ``t.T`` where ``p`` is stored transposed."""
-    return t if p.is_contiguous() else t.T
+def sparse_applies(opt: torch.optim.Optimizer) -> bool:
+    """Whether ``opt`` can step weights whose gradients wait in a :class:`saes.sparse_grads.SparseGrads`: this
+    module's :class:`Adam` with plain settings in every group (:func:`plain_group`), every parameter float32 on CPU,
+    and the compiled kernels built with OpenMP."""
+    lib = native.library()
+    return (isinstance(opt, Adam) and lib is not None and bool(lib.native_openmp())
+            and all(plain_group(g) for g in opt.param_groups)
+            and all(p.device.type == "cpu" and p.dtype == torch.float32 for g in opt.param_groups
+                    for p in g["params"]))
 
 
 def _vector_applies(opt: torch.optim.Optimizer, p: Tensor) -> bool:
@@ -185,7 +175,7 @@ VECTOR_MAX = 1 << 17
 def _moments_aligned(opt: torch.optim.Optimizer, p: Tensor) -> bool:
     """Whether ``p``'s Adam moments (if any yet) are laid out as ``p`` (what :func:`align_layouts` ensures)."""
     state = opt.state.get(p, {})
-    return all(_row_view(state[k], p).is_contiguous() for k in ("exp_avg", "exp_avg_sq") if k in state)
+    return all(rows_of(p, state[k]).is_contiguous() for k in ("exp_avg", "exp_avg_sq") if k in state)
 
 
 def plain_group(group: dict) -> bool:

@@ -17,10 +17,10 @@ The gradients are those of autograd to float rounding: each row's entries in the
 summed apart and then added (``tests/saes/test_sparse_grads.py``). :meth:`SparseGrads.materialize` writes them
 into ``.grad`` instead, for anything that needs them whole.
 
-Where it applies (:func:`applies`): the compiled kernels built with OpenMP, float32 CPU parameters, this project's
-Adam with plain settings. The trainer also leaves it out under ``torch.distributed`` (gradients are all-reduced
-whole). With ``nonfinite_guard="grads"`` the waiting gradients are checked by :meth:`SparseGrads.finite`, made as
-the step will make them, so the guard does not change the step.
+Where it applies (:func:`saes.optim.sparse_applies`): the compiled kernels built with OpenMP, float32 CPU
+parameters, this project's Adam with plain settings. The trainer also leaves it out under ``torch.distributed``
+(gradients are all-reduced whole). With ``nonfinite_guard="grads"`` the waiting gradients are checked by
+:meth:`SparseGrads.finite`, made as the step will make them, so the guard does not change the step.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ from torch import Tensor
 from saes import native
 
 
-def rows_of(p: Tensor) -> Tensor:
-    """``p`` as its ``[latents, width]`` row-major matrix: ``p`` itself, or its transpose where ``p`` is stored as
-    the transpose of a contiguous block (TopK's ``W_enc``); a view, no copy."""
-    return p if p.is_contiguous() else p.T
+def rows_of(p: Tensor, t: Tensor | None = None) -> Tensor:
+    """``t`` (default ``p``; a tensor of ``p``'s shape: its gradient, a moment) as ``p``'s ``[rows, width]``
+    row-major matrix: a vector as one row, a 2-D ``p`` itself, or its transpose where ``p`` is stored as the
+    transpose of a contiguous block (TopK's ``W_enc``); a view, no copy."""
+    t = p if t is None else t
+    return t.view(1, -1) if p.dim() == 1 else t if p.is_contiguous() else t.T
 
 
 def takes(p: Tensor) -> bool:
@@ -50,11 +52,10 @@ class SparseGrads:
 
     :meth:`add` records one use of a weight: ``rows_of(W)[l] += sum of vals[b, j] * dense[b]`` over the entries
     with ``idx[b, j] = l``. :meth:`add_bias` records ``b_dec.grad -= W_enc @ grad_b_enc`` for the pass over
-    ``W_enc``. The optimizer consumes them (:meth:`pop`); :meth:`clear` drops them (a step that is not applied)."""
+    ``W_enc``. The optimizer consumes them (:meth:`take`); :meth:`clear` drops them (a step that is not applied)."""
 
     def __init__(self) -> None:
         self._sources: dict[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
-        self._idx: dict[Tensor, list[Tensor]] = {}
         self._bias: dict[Tensor, tuple[Tensor, Tensor]] = {}
 
     def add(self, W: Tensor, idx: Tensor, vals: Tensor, dense: Tensor) -> None:
@@ -63,7 +64,6 @@ class SparseGrads:
         rows = rows_of(W)
         starts, order = native.sort_by_latent(idx.contiguous(), rows.shape[0], "SparseGrads.add")
         self._sources.setdefault(W, []).append((starts, order, vals.detach().contiguous(), dense.detach()))
-        self._idx.setdefault(W, []).append(idx)
 
     def add_bias(self, W_enc: Tensor, b_dec: Tensor, grad_b_enc: Tensor) -> None:
         """Record ``b_dec.grad -= W_enc @ grad_b_enc`` (summed with ``W_enc``'s step, from ``W_enc`` before it)."""
@@ -82,24 +82,26 @@ class SparseGrads:
     def __bool__(self) -> bool:
         return bool(self._sources)
 
-    def pop(self, W: Tensor) -> tuple[list[tuple[Tensor, Tensor, Tensor, Tensor]], tuple[Tensor, Tensor] | None]:
-        """``W``'s sources (for :func:`saes.native.sparse_adam`) and its ``b_dec`` term ``(b_dec, grad_b_enc)``
-        or None, removed from here."""
-        self._idx.pop(W, None)
-        return self._sources.pop(W), self._bias.pop(W, None)
+    def take(self, W: Tensor, keep: bool = False) -> tuple[list, Tensor | None, Tensor | None, Tensor | None]:
+        """What :func:`saes.native.sparse_adam` makes ``W``'s gradient from: ``(sources, G, b_dec, grad_b_enc)``,
+        with ``G`` what ``W.grad`` holds besides (as :func:`rows_of` ``W``, contiguous; None where it holds nothing)
+        and ``b_dec`` the parameter whose ``b_dec`` term comes from ``W``'s pass, with its ``grad_b_enc`` (both
+        None where there is none); removed from here unless ``keep``."""
+        get = dict.get if keep else dict.pop
+        sources, bias = get(self._sources, W), get(self._bias, W, None)
+        G = rows_of(W, W.grad).contiguous() if W.grad is not None else None
+        b_dec, gb = bias if bias is not None else (None, None)
+        return sources, G, b_dec, gb.to(torch.float32).contiguous() if gb is not None else None
 
     @torch.no_grad()
     def finite(self) -> bool:
         """Whether every waiting gradient is finite: each row made as the step will make it (with what ``.grad``
         holds besides), and each ``b_dec`` term as the step will add it, bit for bit (``nonfinite_guard="grads"``;
         a pass over the entries and, for a ``b_dec`` term, over ``W_enc``; nothing is written)."""
-        for W, sources in self._sources.items():
-            rows, g = rows_of(W), W.grad
-            if g is not None:
-                g = (g if rows is W else g.T).contiguous()
-            bias = self._bias.get(W)
-            gb = bias[1].to(torch.float32).contiguous() if bias is not None else None
-            ok, term = native.sparse_adam(rows, rows, rows, sources, g, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1.0,
+        for W in self._sources:
+            sources, G, _, gb = self.take(W, keep=True)
+            rows = rows_of(W)
+            ok, term = native.sparse_adam(rows, rows, rows, sources, G, lr=0.0, betas=(0.0, 0.0), eps=0.0, step=1.0,
                                           decoder=False, wb=gb, dry=True)
             if not ok or (term is not None and not bool(torch.isfinite(term).all())):
                 return False
@@ -108,7 +110,6 @@ class SparseGrads:
     def clear(self) -> None:
         """Drop every entry (a step that will not be applied)."""
         self._sources.clear()
-        self._idx.clear()
         self._bias.clear()
 
     @torch.no_grad()
@@ -116,31 +117,13 @@ class SparseGrads:
         """Write the waiting gradients into ``.grad`` (added to what is there) for ``params`` (default: all), as
         autograd would have: each use's product summed apart, then added; ``b_dec``'s term from ``W_enc`` as it
         is now."""
-        from saes.kernels import scatter_rows
-
         for W in [p for p in list(self._sources) if params is None or any(p is q for q in params)]:
-            idxs = self._idx[W]
-            sources, bias = self.pop(W)
+            sources, _, b_dec, gb = self.take(W)
             rows = rows_of(W)
-            for idx, (_, _, vals, dense) in zip(idxs, sources):
-                part = scatter_rows(idx, vals, dense, rows.shape[0])
+            for source in sources:
+                part = native.scatter_sorted(*source)
                 g = part if rows is W else part.T
                 W.grad = g if W.grad is None else W.grad + g
-            if bias is not None:
-                b_dec, gb = bias
+            if b_dec is not None:
                 term = -(rows.T @ gb)
                 b_dec.grad = term if b_dec.grad is None else b_dec.grad + term
-
-
-def applies(opt: torch.optim.Optimizer) -> bool:
-    """Whether ``opt`` can step weights whose gradients are kept here: this project's Adam
-    (:class:`saes.optim.Adam`) with plain settings in every group (no weight decay, amsgrad, maximize,
-    differentiable or capturable step; float ``lr`` and ``betas``), every parameter float32 on CPU, and the
-    compiled kernels built with OpenMP."""
-    from saes import optim
-
-    lib = native.library()
-    return (isinstance(opt, optim.Adam) and lib is not None and bool(lib.native_openmp())
-            and all(optim.plain_group(g) for g in opt.param_groups)
-            and all(p.device.type == "cpu" and p.dtype == torch.float32 for g in opt.param_groups
-                    for p in g["params"]))

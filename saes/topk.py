@@ -13,7 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saes.base import SAE, SAEError, UntiedSAEConfig, register
-from saes.kernels import gather_pre, sparse_fvu, topk_forward
+from saes.kernels import gather_pre, sparse_decode, sparse_fvu, sparse_fvu_applies, topk_forward
 from saes.losses import TrainState, TrainStep, active_mask, auxk_loss, fvu_loss, total_variance
 
 
@@ -87,12 +87,15 @@ class TopKSAE(SAE):
         self._check_input(x)
         center = self.cfg.apply_b_dec_to_input
         b_dec = self.b_dec if center else None
+        mse = None
         if self.cfg.sparse_kernels:
             x = x.to(self.dtype)
             idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
                                           workspace=state.workspace, sink=state.grads)
-            # the decode and its loss in one (x_hat comes back detached: the loss is its only differentiable use)
-            mse, x_hat = sparse_fvu(idx, vals, self.W_dec, self.b_dec, x, total_variance(x, state), state.grads)
+            if sparse_fvu_applies(idx, self.W_dec, x):  # the decode and its loss in one (x_hat comes back detached)
+                mse, x_hat = sparse_fvu(idx, vals, self.W_dec, self.b_dec, x, total_variance(x, state), state.grads)
+            else:
+                x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec, state.grads)
             active = vals > 0
             # the latents of the active entries, with no boolean-mask selection (no read back to the host on a GPU):
             # the inactive ones point at a spare last slot
@@ -109,6 +112,7 @@ class TopKSAE(SAE):
 
             def gather(i: Tensor) -> Tensor:
                 return pre.gather(1, i)
+        if mse is None:
             mse, _ = fvu_loss(x, x_hat, state)
         aux = auxk_loss(x, x_hat, pre, gather, self.W_dec, state, self.cfg.k_aux_)
         loss = mse + self.cfg.aux_coeff * aux

@@ -134,7 +134,7 @@ class Trainer:
             if self._defers(st):
                 st.deferred = guard.Deferred(sae.device)
                 opt.found_inf = st.deferred.flag  # torch's fused Adam skips its step while the flag is set
-            if self.world == 1 and st.deferred is None and sparse_grads.applies(opt):
+            if self.world == 1 and st.deferred is None and optim.sparse_applies(opt):
                 st.grads = sparse_grads.SparseGrads()
 
     def _defers(self, st: SiteState) -> bool:

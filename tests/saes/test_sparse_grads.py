@@ -135,7 +135,7 @@ def test_kept_gradients_are_autograds(with_dead):
 def _train(arch: str, sparse: bool, monkeypatch, steps: int = 12, **cfg):
     with monkeypatch.context() as m:
         if not sparse:
-            m.setattr(sparse_grads, "applies", lambda opt: False)
+            m.setattr(optim, "sparse_applies", lambda opt: False)
         else:  # no weight gradient is written whole on this path
             m.setattr(kernels, "scatter_rows", lambda *a: pytest.fail("a weight gradient was written whole"))
         torch.manual_seed(1)
@@ -216,10 +216,10 @@ def test_gradients_left_for_a_tensor_the_optimizer_does_not_hold_stop_the_run(mo
 
 def test_applies_only_to_this_projects_plain_adam():
     p = torch.nn.Parameter(torch.randn(8, 4))
-    assert sparse_grads.applies(optim.adam([p], lr=1e-3, betas=(0.9, 0.999)))
-    assert not sparse_grads.applies(torch.optim.Adam([p], lr=1e-3))
-    assert not sparse_grads.applies(optim.Adam([p], lr=1e-3, weight_decay=0.1))
-    assert not sparse_grads.applies(optim.adam([torch.nn.Parameter(torch.randn(8, 4).double())], lr=1e-3,
+    assert optim.sparse_applies(optim.adam([p], lr=1e-3, betas=(0.9, 0.999)))
+    assert not optim.sparse_applies(torch.optim.Adam([p], lr=1e-3))
+    assert not optim.sparse_applies(optim.Adam([p], lr=1e-3, weight_decay=0.1))
+    assert not optim.sparse_applies(optim.adam([torch.nn.Parameter(torch.randn(8, 4).double())], lr=1e-3,
                                                betas=(0.9, 0.999)))
 
 
