@@ -164,12 +164,13 @@ def scatter_rows(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], de
 class GatherPre(torch.autograd.Function):
     """``pre[b, idx[b, j]]`` where ``pre = (x - b_dec) @ W_enc + b_enc``, with a sparse backward.
 
-    ``values`` is the already computed ``pre.gather(1, idx)`` (forward does no matmul)."""
+    ``values`` is the already computed ``pre.gather(1, idx)`` (forward does no matmul). ``centred``: ``x`` is already
+    ``x - b_dec`` (the encoder's own input, not made again for the backward)."""
 
     @staticmethod
-    def forward(ctx, values, idx, x, W_enc, b_enc, b_dec, sink=None):  # noqa: D102
+    def forward(ctx, values, idx, x, W_enc, b_enc, b_dec, sink=None, centred=False):  # noqa: D102
         ctx.save_for_backward(idx, x, W_enc, b_dec if b_dec is not None else x.new_zeros(0))
-        ctx.has_b_dec = b_dec is not None
+        ctx.has_b_dec, ctx.centred = b_dec is not None, centred
         ctx.sink, ctx.weight, ctx.b_dec = sink, W_enc, b_dec  # the parameters themselves, for the sink
         return values.clone()
 
@@ -184,7 +185,7 @@ class GatherPre(torch.autograd.Function):
             grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
         kept = False
         if ctx.needs_input_grad[3]:
-            xc = ((x - b_dec) if ctx.has_b_dec else x).to(W_enc.dtype)
+            xc = ((x - b_dec) if ctx.has_b_dec and not ctx.centred else x).to(W_enc.dtype)
             kept = _keep(ctx, idx, g, xc)
             if not kept:
                 grad_W = scatter_rows(idx, g, xc, d_sae).T
@@ -195,7 +196,7 @@ class GatherPre(torch.autograd.Function):
                 grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
             grad_b_enc = None
-        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
+        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None, None
 
 
 def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
@@ -210,11 +211,12 @@ def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
 
 
 def gather_pre(pre: Float[Tensor, "batch d_sae"], idx: Int[Tensor, "batch k"], x: Tensor, W_enc: Tensor,
-               b_enc: Tensor, b_dec: Tensor | None, sink=None) -> Float[Tensor, "batch k"]:
+               b_enc: Tensor, b_dec: Tensor | None, sink=None, centred: bool = False) -> Float[Tensor, "batch k"]:
     """Differentiable selected pre-activations (see :class:`GatherPre`). ``sink``: a
     :class:`saes.sparse_grads.SparseGrads` that keeps ``W_enc``'s gradient (and ``b_dec``'s term from it) for the
-    optimizer, where its kernel applies."""
-    return GatherPre.apply(pre.gather(1, idx), idx, x, W_enc, b_enc, b_dec, sink)
+    optimizer, where its kernel applies. ``centred``: ``x`` is already ``x - b_dec`` (:func:`topk_forward`'s
+    ``xc``)."""
+    return GatherPre.apply(pre.gather(1, idx), idx, x, W_enc, b_enc, b_dec, sink, centred)
 
 
 class BagSum(torch.autograd.Function):
@@ -410,8 +412,9 @@ def topk_indices(pre: Float[Tensor, "batch d_sae"], k: int, values: bool = False
     from them, selection among the few entries above it; :func:`saes.native.status`): on the layer-12 cache,
     2-core AMD EPYC with AVX2 (``benchmarks/results/sae_kernels_avx2_run15.json``), 4.1-5.9x ``Tensor.topk``'s
     speed at batch 1,024 and 4,096 with 9,216 and 36,864 latents, where the torch-only :func:`two_level_topk` ran
-    1.30-2.12x. Elsewhere :func:`two_level_topk`. With ``values``, ``(positions, pre.gather(1, positions))`` (the
-    compiled kernel reads them while each row is in the cache)."""
+    1.30-2.12x; on an AMD EPYC with AVX-512, with its selection vectorised there, 7.1-10.9x
+    (``sae_kernels_avx512_run19.json``). Elsewhere :func:`two_level_topk`. With ``values``, ``(positions,
+    pre.gather(1, positions))`` (the compiled kernel reads them while each row is in the cache)."""
     if native.topk_applies(pre, k):
         return native.topk(pre, k, values)
     idx = two_level_topk(pre, k)
@@ -452,11 +455,14 @@ def two_level_topk(pre: Float[Tensor, "batch d_sae"], k: int) -> Int[Tensor, "ba
 
 def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, k: int,
                  center: bool = True, workspace: dict | None = None, sink=None):
-    """Sparse TopK encode: ``(idx, vals, pre)``; ``vals`` are differentiable, ``pre`` is dense
+    """Sparse TopK encode: ``(idx, vals, pre, xc)``; ``vals`` are differentiable, ``pre`` is dense
     and detached (kept for AuxK's choice of dead latents; see :func:`pre_acts` for ``workspace``, :func:`gather_pre`
-    for ``sink``)."""
+    for ``sink``), ``xc`` the encoder's detached input (``x - b_dec`` where ``center``, else ``x``), for
+    :func:`gather_pre` with ``centred=True``."""
     x = x.to(W_enc.dtype)
-    pre = pre_acts(x, W_enc, b_enc, b_dec if center else None, workspace)
+    with torch.no_grad():
+        xc = x - b_dec if center else x
+    pre = encoder_matmul(xc, W_enc, b_enc, workspace)
     idx, picked = topk_indices(pre, k, values=True)
-    vals = GatherPre.apply(picked, idx, x, W_enc, b_enc, b_dec if center else None, sink).relu()
-    return idx, vals, pre
+    vals = GatherPre.apply(picked, idx, xc, W_enc, b_enc, b_dec if center else None, sink, True).relu()
+    return idx, vals, pre, xc

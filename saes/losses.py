@@ -81,15 +81,17 @@ def total_variance(x: Float[Tensor, "batch d_model"], state: TrainState) -> Tens
     xd = x.detach().float()
     n = max(state.global_rows, 1)
     s1 = state.allsum(xd.sum(0))
-    s2 = state.allsum((xd * xd).sum().reshape(1)).squeeze(0)
+    flat = xd.reshape(-1)
+    s2 = state.allsum(torch.dot(flat, flat).reshape(1)).squeeze(0)  # no temporary of x's size
     return (s2 - (s1 * s1).sum() / n).clamp_min(1e-12)
 
 
-def fvu_loss(x: Tensor, x_hat: Tensor, state: TrainState) -> tuple[Tensor, Tensor]:
+def fvu_loss(x: Tensor, x_hat: Tensor, state: TrainState, tv: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Reconstruction loss as fraction of variance unexplained over the global batch.
 
-    Returns ``(loss share of this process, total variance)``."""
-    tv = total_variance(x, state)
+    Returns ``(loss share of this process, total variance)``; ``tv``: :func:`total_variance` of ``x``, where the
+    caller has it."""
+    tv = total_variance(x, state) if tv is None else tv
     return (x_hat.float() - x.float()).pow(2).sum() / tv, tv
 
 

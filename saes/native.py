@@ -56,7 +56,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native.c")
-VERSION = 7
+VERSION = 8
 """``native_version()`` of the source this module speaks to."""
 FLAGS = ("-O3", "-fno-math-errno", "-fPIC", "-shared")
 

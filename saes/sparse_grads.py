@@ -57,13 +57,24 @@ class SparseGrads:
     def __init__(self) -> None:
         self._sources: dict[Tensor, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = {}
         self._bias: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        self._sorts: list[tuple[Tensor, int, int, Tensor, Tensor]] = []
 
     def add(self, W: Tensor, idx: Tensor, vals: Tensor, dense: Tensor) -> None:
         """Record one use of ``W`` (``idx`` ``[batch, k]`` int64, ``vals`` ``[batch, k]`` and ``dense``
-        ``[batch, width]`` float32, kept until the step)."""
-        rows = rows_of(W)
-        starts, order = native.sort_by_latent(idx.contiguous(), rows.shape[0], "SparseGrads.add")
+        ``[batch, width]`` float32, kept until the step). An index sorted for an earlier use in this step (the
+        encoder's and the decoder's share the top-k's) is not sorted again."""
+        starts, order = self._sort(idx.contiguous(), rows_of(W).shape[0])
         self._sources.setdefault(W, []).append((starts, order, vals.detach().contiguous(), dense.detach()))
+
+    def _sort(self, idx: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """:func:`saes.native.sort_by_latent` of ``idx``, kept with the tensor (held, so that its memory is not
+        another's) and its version (an index written in place since is sorted again)."""
+        for held, version, n, starts, order in self._sorts:
+            if held is idx and version == idx._version and n == rows:
+                return starts, order
+        starts, order = native.sort_by_latent(idx, rows, "SparseGrads.add")
+        self._sorts.append((idx, idx._version, rows, starts, order))
+        return starts, order
 
     def add_bias(self, W_enc: Tensor, b_dec: Tensor, grad_b_enc: Tensor) -> None:
         """Record ``b_dec.grad -= W_enc @ grad_b_enc`` (summed with ``W_enc``'s step, from ``W_enc`` before it)."""
@@ -89,6 +100,8 @@ class SparseGrads:
         None where there is none); removed from here unless ``keep``."""
         get = dict.get if keep else dict.pop
         sources, bias = get(self._sources, W), get(self._bias, W, None)
+        if not self._sources:
+            self._sorts.clear()
         G = rows_of(W, W.grad).contiguous() if W.grad is not None else None
         b_dec, gb = bias if bias is not None else (None, None)
         return sources, G, b_dec, gb.to(torch.float32).contiguous() if gb is not None else None
@@ -111,6 +124,7 @@ class SparseGrads:
         """Drop every entry (a step that will not be applied)."""
         self._sources.clear()
         self._bias.clear()
+        self._sorts.clear()
 
     @torch.no_grad()
     def materialize(self, params=None) -> None:

@@ -87,24 +87,26 @@ class TopKSAE(SAE):
         self._check_input(x)
         center = self.cfg.apply_b_dec_to_input
         b_dec = self.b_dec if center else None
-        mse = None
+        mse = tv = None
         if self.cfg.sparse_kernels:
             x = x.to(self.dtype)
-            idx, vals, pre = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
-                                          workspace=state.workspace, sink=state.grads)
+            # before the encoder, whose [batch, d_sae] product leaves x in no cache: x is read here while it is in one
+            tv = total_variance(x, state)
+            idx, vals, pre, xc = topk_forward(x, self.W_enc, self.b_enc, self.b_dec, self.cfg.k, center=center,
+                                              workspace=state.workspace, sink=state.grads)
             if sparse_fvu_applies(idx, self.W_dec, x):  # the decode and its loss in one (x_hat comes back detached)
-                mse, x_hat = sparse_fvu(idx, vals, self.W_dec, self.b_dec, x, total_variance(x, state), state.grads)
+                mse, x_hat = sparse_fvu(idx, vals, self.W_dec, self.b_dec, x, tv, state.grads)
             else:
                 x_hat = sparse_decode(idx, vals, self.W_dec, self.b_dec, state.grads)
             active = vals > 0
             # the latents of the active entries, with no boolean-mask selection (no read back to the host on a GPU):
             # the inactive ones point at a spare last slot
             fired = torch.zeros(self.cfg.d_sae + 1, dtype=torch.bool, device=x.device)
-            fired = fired.index_fill_(0, idx.masked_fill(~active, self.cfg.d_sae).reshape(-1), True)[:-1]
-            l0 = active.sum(-1).float().mean()
+            fired = fired.index_fill_(0, torch.where(active, idx, self.cfg.d_sae).reshape(-1), True)[:-1]
+            l0 = active.sum(dtype=torch.float32) / active.shape[0]
 
             def gather(i: Tensor) -> Tensor:
-                return gather_pre(pre, i, x, self.W_enc, self.b_enc, b_dec, state.grads)
+                return gather_pre(pre, i, xc, self.W_enc, self.b_enc, b_dec, state.grads, centred=True)
         else:
             out = self(x)
             x_hat, pre = out.x_hat, out.pre_acts
@@ -113,7 +115,7 @@ class TopKSAE(SAE):
             def gather(i: Tensor) -> Tensor:
                 return pre.gather(1, i)
         if mse is None:
-            mse, _ = fvu_loss(x, x_hat, state)
+            mse, _ = fvu_loss(x, x_hat, state, tv)
         aux = auxk_loss(x, x_hat, pre, gather, self.W_dec, state, self.cfg.k_aux_)
         loss = mse + self.cfg.aux_coeff * aux
         return TrainStep(loss, x_hat, l0, fired, {"fvu": mse.detach(), "auxk": aux.detach()})

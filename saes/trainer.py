@@ -364,7 +364,7 @@ class Trainer:
         if after is not None:
             with st.own_rng():
                 after(state)
-        fired = ddp.allsum(out.fired.to(torch.int32)) > 0
+        fired = out.fired if self.world == 1 else ddp.allsum(out.fired.to(torch.int32)) > 0
         st.since_fired += cfg.batch_tokens
         st.since_bound += cfg.batch_tokens
         st.since_fired.masked_fill_(fired, 0)

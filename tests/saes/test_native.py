@@ -61,6 +61,14 @@ def test_topk_with_ties_nan_infinities_and_signed_zeros():
     idx = native.topk(pre, 32)
     assert 100 in idx[3].tolist() and 5 in idx[7].tolist() and 17 in idx[9].tolist()  # NaN counts as largest
     assert set(range(32)) <= set(idx[8].tolist())
+    pre = torch.full((5, 4096), float("-inf"))
+    pre[0, ::300] = torch.randn(14, generator=g)  # fewer finite entries than k: the first bound falls below -inf
+    pre[1] = 1 + torch.rand(4096, generator=g) * 1e-3  # every entry near the bound: all of them sorted out
+    pre[2] = -1 - torch.rand(4096, generator=g)  # negative keys only
+    pre[3] = torch.randn(4096, generator=g).abs() * 1e-40  # subnormals
+    pre[4, 1000:] = torch.randn(3096, generator=g)
+    check_topk(pre, 32)
+    check_topk(pre, 1)
 
 
 @built

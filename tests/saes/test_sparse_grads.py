@@ -132,6 +132,28 @@ def test_kept_gradients_are_autograds(with_dead):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
+def test_one_index_is_sorted_once_and_again_after_an_in_place_change(monkeypatch):
+    rows, cols = 60, 8
+    idx, vals, dense = source(30, 4, rows, cols, 21)
+    W, _, _ = weights(rows, cols, 22)
+    V = W.clone()
+    calls = []
+    real = native.sort_by_latent
+    monkeypatch.setattr(native, "sort_by_latent", lambda *a: calls.append(1) or real(*a))
+    sink = sparse_grads.SparseGrads()
+    sink.add(W, idx, vals, dense)
+    sink.add(V, idx, vals * 2, dense)  # the decoder's use of the encoder's top-k: one sort
+    assert len(calls) == 1
+    want = real(idx, rows)
+    assert all(torch.equal(a, b) for a, b in zip(sink.take(V)[0][0][:2], want))
+    idx[1] = idx[1].flip(0)  # written in place: row 1's entries in another order
+    sink.add(W, idx, vals, dense)
+    assert len(calls) == 2 and torch.equal(sink.take(W)[0][1][1], real(idx, rows)[1])
+    sink.clear()
+    sink.add(W, idx, vals, dense)  # a new step sorts afresh
+    assert len(calls) == 3
+
+
 def _train(arch: str, sparse: bool, monkeypatch, steps: int = 12, **cfg):
     with monkeypatch.context() as m:
         if not sparse:
