@@ -82,7 +82,8 @@ def total_variance(x: Float[Tensor, "batch d_model"], state: TrainState) -> Tens
     n = max(state.global_rows, 1)
     s1 = state.allsum(xd.sum(0))
     flat = xd.reshape(-1)
-    s2 = state.allsum(torch.dot(flat, flat).reshape(1)).squeeze(0)  # no temporary of x's size
+    with torch.autocast(x.device.type, enabled=False):  # in float32 whatever autocast would do with a dot product
+        s2 = state.allsum(torch.dot(flat, flat).reshape(1)).squeeze(0)  # no temporary of x's size
     return (s2 - (s1 * s1).sum() / n).clamp_min(1e-12)
 
 
