@@ -1,8 +1,8 @@
 """Compiled CPU kernels of the TopK training step, built from ``native.c`` at first use.
 
-* :func:`topk`: each row's ``k`` largest positions, in three steps per row (block maxima, the k-th largest of
-  them as a lower bound, the largest among the few entries above it), with none of torch's per-element work:
-  what :func:`saes.kernels.topk_indices` takes on CPU.
+* :func:`topk`: each row's ``k`` largest positions, in three steps per row (block maxima, a lower bound within
+  2^-7 of their k-th largest, the largest among the few entries above it; on AVX-512 the candidates listed by
+  vector compress), with none of torch's per-element work: what :func:`saes.kernels.topk_indices` takes on CPU.
 * :func:`unit_row_adam`: the decoder's update in one pass over its rows (remove the gradient's component along
   each row, torch's Adam step, renormalise the row) in place of three passes of torch ops: see
   :func:`saes.optim.unit_rows_applies`.
@@ -18,8 +18,8 @@
   with no dense gradient written or read.
 
 Figures: ``experiments/README.md``, SAE training run 15 (each kernel against the torch path it replaces, and the
-whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``) and run 18
-(:func:`sparse_adam` and :func:`sparse_fvu` inside the step).
+whole step with and without them: ``benchmarks/sae_step_phases.py --step-kernels native torch``), run 18
+(:func:`sparse_adam` and :func:`sparse_fvu` inside the step) and run 19 (the top-k's selection and the sparse sums).
 
 The source is plain C (no Python or torch headers): it builds in under a second with the system's C compiler
 (``$CC``, else Python's own, else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``) and is kept in
