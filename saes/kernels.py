@@ -101,6 +101,12 @@ def encoder_matmul(xc: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Ten
         return torch.addmm(b_enc, xc, W_enc, out=buf)
 
 
+def centred(x: Float[Tensor, "batch d_model"], b_dec: Tensor | None) -> Float[Tensor, "batch d_model"]:
+    """The encoder's input ``x - b_dec`` (``x`` itself where ``b_dec`` is None), without autograd."""
+    with torch.no_grad():
+        return x - b_dec if b_dec is not None else x
+
+
 def pre_acts(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
              b_dec: Tensor | None, workspace: dict | None = None) -> Float[Tensor, "batch d_sae"]:
     """Dense encoder pre-activations, without autograd (:func:`encoder_matmul` of ``x - b_dec``).
@@ -110,9 +116,7 @@ def pre_acts(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor,
     every step unless freed memory is kept (:mod:`saes.malloc`, which the trainer turns on for CPU runs).
     The buffer is overwritten by the next call with the same workspace. Not under autocast (the product
     comes out in another dtype there)."""
-    with torch.no_grad():
-        xc = x - b_dec if b_dec is not None else x
-        return encoder_matmul(xc, W_enc, b_enc, workspace)
+    return encoder_matmul(centred(x, b_dec), W_enc, b_enc, workspace)
 
 
 def _sparse_t(idx: Tensor, g: Tensor, d_sae: int) -> Tensor:
@@ -162,21 +166,21 @@ def scatter_rows(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], de
 
 
 class GatherPre(torch.autograd.Function):
-    """``pre[b, idx[b, j]]`` where ``pre = (x - b_dec) @ W_enc + b_enc``, with a sparse backward.
+    """``pre[b, idx[b, j]]`` where ``pre = xc @ W_enc + b_enc`` and ``xc = x - b_dec`` (:func:`centred`: the
+    encoder's own input, detached), with a sparse backward.
 
-    ``values`` is the already computed ``pre.gather(1, idx)`` (forward does no matmul). ``centred``: ``x`` is already
-    ``x - b_dec`` (the encoder's own input, not made again for the backward)."""
+    ``values`` is the already computed ``pre.gather(1, idx)`` (forward does no matmul); ``b_dec`` (None where the
+    input is not centred) takes the gradient through ``xc``."""
 
     @staticmethod
-    def forward(ctx, values, idx, x, W_enc, b_enc, b_dec, sink=None, centred=False):  # noqa: D102
-        ctx.save_for_backward(idx, x, W_enc, b_dec if b_dec is not None else x.new_zeros(0))
-        ctx.has_b_dec, ctx.centred = b_dec is not None, centred
+    def forward(ctx, values, idx, xc, W_enc, b_enc, b_dec, sink=None):  # noqa: D102
+        ctx.save_for_backward(idx, xc, W_enc)
         ctx.sink, ctx.weight, ctx.b_dec = sink, W_enc, b_dec  # the parameters themselves, for the sink
         return values.clone()
 
     @staticmethod
     def backward(ctx, g):  # noqa: D102
-        idx, x, W_enc, b_dec = ctx.saved_tensors
+        idx, xc, W_enc = ctx.saved_tensors
         d_sae = W_enc.shape[1]
         g = g.to(W_enc.dtype)
         grad_W = grad_b_enc = grad_b_dec = None
@@ -185,18 +189,18 @@ class GatherPre(torch.autograd.Function):
             grad_b_enc.index_add_(0, idx.reshape(-1), g.reshape(-1))
         kept = False
         if ctx.needs_input_grad[3]:
-            xc = ((x - b_dec) if ctx.has_b_dec and not ctx.centred else x).to(W_enc.dtype)
+            xc = xc.to(W_enc.dtype)
             kept = _keep(ctx, idx, g, xc)
             if not kept:
                 grad_W = scatter_rows(idx, g, xc, d_sae).T
-        if ctx.has_b_dec and ctx.needs_input_grad[5]:
+        if ctx.b_dec is not None and ctx.needs_input_grad[5]:
             if kept:  # summed with W_enc's step, in its pass over W_enc
                 ctx.sink.add_bias(ctx.weight, ctx.b_dec, grad_b_enc)
             else:
                 grad_b_dec = -(W_enc @ grad_b_enc)
         if not ctx.needs_input_grad[4]:
             grad_b_enc = None
-        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None, None
+        return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
 
 
 def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
@@ -210,13 +214,12 @@ def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
     return True
 
 
-def gather_pre(pre: Float[Tensor, "batch d_sae"], idx: Int[Tensor, "batch k"], x: Tensor, W_enc: Tensor,
-               b_enc: Tensor, b_dec: Tensor | None, sink=None, centred: bool = False) -> Float[Tensor, "batch k"]:
-    """Differentiable selected pre-activations (see :class:`GatherPre`). ``sink``: a
-    :class:`saes.sparse_grads.SparseGrads` that keeps ``W_enc``'s gradient (and ``b_dec``'s term from it) for the
-    optimizer, where its kernel applies. ``centred``: ``x`` is already ``x - b_dec`` (:func:`topk_forward`'s
-    ``xc``)."""
-    return GatherPre.apply(pre.gather(1, idx), idx, x, W_enc, b_enc, b_dec, sink, centred)
+def gather_pre(pre: Float[Tensor, "batch d_sae"], idx: Int[Tensor, "batch k"], xc: Tensor, W_enc: Tensor,
+               b_enc: Tensor, b_dec: Tensor | None, sink=None) -> Float[Tensor, "batch k"]:
+    """Differentiable selected pre-activations (see :class:`GatherPre`; ``xc``: the encoder's input,
+    :func:`centred`). ``sink``: a :class:`saes.sparse_grads.SparseGrads` that keeps ``W_enc``'s gradient (and
+    ``b_dec``'s term from it) for the optimizer, where its kernel applies."""
+    return GatherPre.apply(pre.gather(1, idx), idx, xc, W_enc, b_enc, b_dec, sink)
 
 
 class BagSum(torch.autograd.Function):
@@ -457,12 +460,10 @@ def topk_forward(x: Float[Tensor, "batch d_model"], W_enc: Tensor, b_enc: Tensor
                  center: bool = True, workspace: dict | None = None, sink=None):
     """Sparse TopK encode: ``(idx, vals, pre, xc)``; ``vals`` are differentiable, ``pre`` is dense
     and detached (kept for AuxK's choice of dead latents; see :func:`pre_acts` for ``workspace``, :func:`gather_pre`
-    for ``sink``), ``xc`` the encoder's detached input (``x - b_dec`` where ``center``, else ``x``), for
-    :func:`gather_pre` with ``centred=True``."""
-    x = x.to(W_enc.dtype)
-    with torch.no_grad():
-        xc = x - b_dec if center else x
+    for ``sink``), ``xc`` the encoder's input (:func:`centred`), for :func:`gather_pre`."""
+    b_dec = b_dec if center else None
+    xc = centred(x.to(W_enc.dtype), b_dec)
     pre = encoder_matmul(xc, W_enc, b_enc, workspace)
     idx, picked = topk_indices(pre, k, values=True)
-    vals = GatherPre.apply(picked, idx, xc, W_enc, b_enc, b_dec if center else None, sink, True).relu()
+    vals = GatherPre.apply(picked, idx, xc, W_enc, b_enc, b_dec, sink).relu()
     return idx, vals, pre, xc

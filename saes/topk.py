@@ -106,7 +106,7 @@ class TopKSAE(SAE):
             l0 = active.sum(dtype=torch.float32) / active.shape[0]
 
             def gather(i: Tensor) -> Tensor:
-                return gather_pre(pre, i, xc, self.W_enc, self.b_enc, b_dec, state.grads, centred=True)
+                return gather_pre(pre, i, xc, self.W_enc, self.b_enc, b_dec, state.grads)
         else:
             out = self(x)
             x_hat, pre = out.x_hat, out.pre_acts

@@ -131,7 +131,7 @@ def test_masked_auxk_equals_the_exact_one(n_dead):
             x_hat = x * 0.5
 
             def gather(i, pre=pre):
-                return gather_pre(pre, i, x, sae.W_enc, sae.b_enc, sae.b_dec)
+                return gather_pre(pre, i, x - sae.b_dec.detach(), sae.W_enc, sae.b_enc, sae.b_dec)
 
             loss = auxk_loss(x, x_hat, pre, gather, sae.W_dec, state, k_aux=8)
             if loss.requires_grad:
