@@ -26,12 +26,13 @@ from saes.publish import PublishError, publish
 from saes.relu import ReluConfig, ReluSAE
 from saes.topk import TopKConfig, TopKSAE
 from saes.train_config import TrainConfig
-from saes.trainer import Trainer
+from saes.trainer import DenseCodesWarning, Trainer
 
 __all__ = [
     "SAE", "SAEConfig", "UntiedSAEConfig", "SAEError", "SaeOutput", "REGISTRY", "register", "build", "get_architecture",
     "ReluSAE", "ReluConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
     "JumpReluSAE", "JumpReluConfig", "MPSAE", "MPSAEConfig", "TrainState", "TrainStep",
-    "Trainer", "TrainConfig", "evaluate", "reconstruction_metrics", "downstream_metrics", "explained_variance",
+    "Trainer", "TrainConfig", "DenseCodesWarning",
+    "evaluate", "reconstruction_metrics", "downstream_metrics", "explained_variance",
     "save", "load", "read", "annotate", "list_sites", "Checkpoint", "publish", "PublishError",
 ]

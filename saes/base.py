@@ -118,6 +118,15 @@ class SAE(nn.Module):
     """The trainer's default learning rate is ``2e-4 / sqrt(d_sae / 16384)`` times this
     (:meth:`saes.TrainConfig.lr_for`); 1 unless a study measured better for the architecture."""
 
+    sparsity_setting: ClassVar[str] = ""
+    """What a user changes for sparser codes, as the trainer's :class:`~saes.trainer.DenseCodesWarning` advises
+    (e.g. ``"raise l1_coeff"``); empty where none applies."""
+
+    def lr_factors(self) -> dict[str, float]:
+        """Learning-rate multipliers of named parameters, beside the SAE's learning rate (the trainer gives each
+        its own Adam parameter group); parameters not named here take the SAE's learning rate."""
+        return {}
+
     def __init__(self, cfg: SAEConfig):
         super().__init__()
         if not isinstance(cfg, self.config_class):

@@ -48,6 +48,7 @@ class BatchTopKSAE(SAE):
     """``codes = pre * (pre > threshold)`` at inference; batch-level top-k while training."""
 
     config_class = BatchTopKConfig
+    sparsity_setting = "lower k"
     normalize_decoder = True
     cfg: BatchTopKConfig
 

@@ -182,6 +182,7 @@ class MPSAE(SAE):
     """Matching-pursuit SAE; see the module docstring. ``W_enc`` is ``W_dec.T`` (tied)."""
 
     config_class = MPSAEConfig
+    sparsity_setting = "lower n_steps"
     normalize_decoder = True
     cfg: MPSAEConfig
 

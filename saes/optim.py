@@ -206,10 +206,25 @@ def _transpose(p: Tensor, state: dict) -> None:
             state[key] = v.T
 
 
-def adam(params: Iterable[Tensor], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
-    """:class:`Adam`, fused where :func:`fused_ok` (else torch's default implementation)."""
+def adam(params: Iterable[Tensor] | Iterable[dict], lr: float, betas: tuple[float, float]) -> torch.optim.Adam:
+    """:class:`Adam`, fused where :func:`fused_ok` (else torch's default implementation). ``params``: tensors, or
+    parameter groups (dicts with ``"params"`` and optionally their own ``"lr"``), as torch's optimizers take."""
     params = list(params)
-    return Adam(params, lr=lr, betas=betas, fused=True if fused_ok(params) else None)
+    tensors = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    return Adam(params, lr=lr, betas=betas, fused=True if fused_ok(tensors) else None)
+
+
+def param_groups(model: torch.nn.Module, lr: float, factors: dict[str, float]) -> list[dict]:
+    """``model``'s parameters as Adam parameter groups: one at ``lr`` for every parameter not named in ``factors``,
+    then one per named parameter at ``lr`` times its factor (a name ``model`` does not have is an error)."""
+    named = dict(model.named_parameters())
+    unknown = sorted(set(factors) - set(named))
+    if unknown:
+        raise ValueError(f"lr factors name parameters {unknown} that {type(model).__name__} does not have "
+                         f"(it has {sorted(named)})")
+    rest = [p for n, p in named.items() if n not in factors]
+    own = [{"params": [named[n]], "lr": lr * float(f)} for n, f in factors.items()]
+    return [{"params": rest}, *own] if rest else own
 
 
 def align_layouts(opt: torch.optim.Optimizer) -> None:

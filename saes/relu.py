@@ -38,6 +38,7 @@ class ReluSAE(SAE):
 
     config_class = ReluConfig
     normalize_decoder = False
+    sparsity_setting = "raise l1_coeff"
     cfg: ReluConfig
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:

@@ -55,6 +55,7 @@ class TopKSAE(SAE):
     """``codes = ReLU(TopK(W_enc^T (x - b_dec) + b_enc))``."""
 
     config_class = TopKConfig
+    sparsity_setting = "lower k"
     normalize_decoder = True
     default_lr_factor = 4.0
     """Chosen by held-out FVU at equal tokens in ``experiments/sae_lr_rule.py`` (``sae_lr_rule.md``)."""

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -127,7 +128,8 @@ class Trainer:
         self.sites: dict[str, SiteState] = {}
         for name, sae in self.saes.items():
             lr = self.cfg.lr_for(sae)
-            opt = optim.adam(sae.parameters(), lr=lr, betas=self.cfg.betas)
+            groups = optim.param_groups(sae, lr, getattr(sae, "lr_factors", dict)())
+            opt = optim.adam(groups, lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
             self.sites[name] = st = SiteState(sae, opt, sched, since)
@@ -304,6 +306,8 @@ class Trainer:
                 st.workspace.clear()
         if run is not None:
             run.finish()
+        if self.rank == 0:
+            self._warn_dense()
         self.steps_ = step
         self.scales_ = {name: st.scale for name, st in self.sites.items()}
         for st in self.sites.values():
@@ -314,6 +318,21 @@ class Trainer:
             self._export()
         ddp.barrier()
         return self
+
+    def _warn_dense(self) -> None:
+        """A :class:`DenseCodesWarning` for each SAE whose last logged L0 is above ``d_model / 2``."""
+        logged = [e for e in self.history_ if "event" not in e]
+        for name, st in self.sites.items():
+            l0 = next((e[name]["l0"] for e in reversed(logged) if "l0" in e.get(name, {})), None)
+            d = st.sae.cfg.d_model
+            if l0 is not None and l0 > d / 2:
+                knob = getattr(st.sae, "sparsity_setting", "")
+                warnings.warn(DenseCodesWarning(
+                    f"SAE {name or type(st.sae).__name__!r} ended training with L0 {l0:.0f} (active latents per row, "
+                    f"of {st.sae.cfg.d_sae}) above d_model / 2 = {d / 2:g}: no dictionary of {d}-dimensional atoms "
+                    "gives such codes uniquely (a sparse code is unique only below half the dictionary's spark, at "
+                    f"most (d_model + 1) / 2); {knob + ', ' if knob else ''}train on more tokens, or use a TopK SAE"),
+                    stacklevel=_outside_saes())
 
     def _log(self, step: int, logs: dict[str, dict[str, torch.Tensor]], bar, run) -> None:
         self.history_.append({"step": step, "tokens": self.tokens_,
@@ -443,6 +462,18 @@ class Trainer:
             warnings.warn("wandb_project is set but wandb is not installed; not logging", stacklevel=3)
             return None
         return wandb.init(project=self.cfg.wandb_project, config=_jsonable(self.cfg))
+
+
+def _outside_saes() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside this package (its caller's code)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("saes."):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class DenseCodesWarning(UserWarning):
+    """A trained SAE whose codes are not sparse: L0 above ``d_model / 2`` at the end of training."""
 
 
 LOCK_NAME = ".interp-lock"

@@ -311,3 +311,46 @@ def test_names_and_sites_of_several_saes_are_checked():
     with pytest.raises(saes.SAEError, match="yields one tensor per batch, but the SAEs read 2 sites"):
         Trainer({"a": a, "b": b}, cfg(), sites={"a": SITE, "b": "blocks.4.hook_resid_post"}).fit(
             SyntheticSource(D, rows=ROWS))
+
+
+def test_threshold_lr_factor_moves_jumprelu_thresholds_faster():
+    """Adam's first step moves each parameter by about its learning rate: the thresholds by the factor times the
+    SAE's, every other parameter by the SAE's (the same step with factor 1 moves the rest identically)."""
+    moved = {}
+    for factor in (1.0, 20.0):
+        torch.manual_seed(0)
+        sae = saes.build("jumprelu", d_model=D, d_sae=M, threshold_lr_factor=factor, init_threshold=0.5,
+                         bandwidth=1.0)
+        before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+        tr = Trainer(sae, cfg(total_tokens=ROWS, warmup_frac=0.0, decay_frac=0.0))
+        tr.fit(SyntheticSource(D, rows=ROWS))
+        groups = tr.sites[""].opt.param_groups
+        assert [g["lr"] for g in groups] == ([3e-3] if factor == 1 else [3e-3, 3e-3 * factor])
+        moved[factor] = {n: (p.detach() - before[n]).abs() for n, p in sae.named_parameters()}
+    step = moved[20.0]["threshold"][moved[1.0]["threshold"] > 0]
+    assert step.numel() > M // 2
+    torch.testing.assert_close(step, torch.full_like(step, 20 * 3e-3), rtol=1e-3, atol=0)
+    for name in ("W_enc", "b_enc", "b_dec"):
+        torch.testing.assert_close(moved[20.0][name], moved[1.0][name], msg=name)
+
+
+def test_lr_factors_must_name_parameters():
+    sae = saes.build("jumprelu", d_model=D, d_sae=M)
+    with pytest.raises(ValueError, match="'thresholds'.*does not have"):
+        saes.optim.param_groups(sae, 1e-3, {"thresholds": 2.0})
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_dense_codes_are_warned_about_at_the_end_of_training(arch, recwarn):
+    """No penalty: a ReLU SAE ends with about half its latents active, above d_model / 2, and is warned about with
+    what to change; a TopK SAE with k below d_model / 2 is not."""
+    torch.manual_seed(0)
+    sae = saes.build(arch, d_model=D, d_sae=M, **({"k": 4} if arch == "topk" else {"l1_coeff": 0.0}))
+    tr = Trainer(sae, cfg(total_tokens=ROWS * 10)).fit(SyntheticSource(D, rows=ROWS))
+    dense = [w for w in recwarn if issubclass(w.category, saes.DenseCodesWarning)]
+    l0 = tr.history_[-1][""]["l0"]
+    if arch == "relu":
+        assert l0 > D / 2
+        assert len(dense) == 1 and "raise l1_coeff" in str(dense[0].message) and f"L0 {l0:.0f}" in str(dense[0].message)
+    else:
+        assert l0 == 4 and not dense
