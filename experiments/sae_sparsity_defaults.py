@@ -42,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 import saes  # noqa: E402
 from benchmarks import sae_train as bench  # noqa: E402 - the benchmark's data and held-out FVU
 from interp.atomic import write_json  # noqa: E402
-from saes.train_config import default_lr  # noqa: E402
 from saes.trainer import TrainConfig, Trainer  # noqa: E402
 
 EVAL_BATCHES = 2
@@ -74,8 +73,8 @@ def run(train, held, arch: str, kwargs: dict, seed: int, d_sae: int, log_every: 
     torch.manual_seed(seed)
     batch = train[0].shape[0]
     sae = saes.build(arch, d_model=train[0].shape[-1], d_sae=d_sae, **kwargs)
-    cfg = TrainConfig(total_tokens=len(train) * batch, batch_tokens=batch, lr=default_lr(d_sae) * sae.default_lr_factor,
-                      normalize_inputs=False, progress=False, log_every=log_every)
+    cfg = TrainConfig(total_tokens=len(train) * batch, batch_tokens=batch, normalize_inputs=False, progress=False,
+                      log_every=log_every)  # the trainer's default learning rate for the architecture
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", saes.DenseCodesWarning)
         tr = Trainer(sae, cfg).fit(train)

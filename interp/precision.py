@@ -38,7 +38,7 @@ _LIBRARY = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                  for p in ("interp", "saes", "probes"))
 
 
-def _outside_stacklevel(frame) -> int:
+def outside_stacklevel(frame) -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made in ``frame`` that points at the first frame outside this
     library's packages and a runtime type checker's wrappers: the user's line."""
     level = 1
@@ -108,7 +108,7 @@ def warn_if_slow(device: str | torch.device, what: str, remedy: str, dtype: torc
         name = str(dtype).removeprefix("torch.")
         warnings.warn(f"{what} runs in {name}, but {why}; expected a CPU with AVX-512 BF16/FP16 or AMX, or a "
                       f"recent GPU, so this will run one to two orders of magnitude slower than float32: {remedy}",
-                      SlowPrecisionWarning, stacklevel=_outside_stacklevel(sys._getframe()))
+                      SlowPrecisionWarning, stacklevel=outside_stacklevel(sys._getframe()))
     return True
 
 

@@ -95,7 +95,7 @@ class JumpReluSAE(SAE):
 
     def lr_factors(self) -> dict[str, float]:
         """The thresholds step at ``threshold_lr_factor`` times the SAE's learning rate."""
-        return {"threshold": self.cfg.threshold_lr_factor} if self.cfg.threshold_lr_factor != 1 else {}
+        return {"threshold": self.cfg.threshold_lr_factor}
 
     def activation(self, pre: Float[Tensor, "... d_sae"]) -> Float[Tensor, "... d_sae"]:
         return pre * (pre > self.threshold)

@@ -215,15 +215,18 @@ def adam(params: Iterable[Tensor] | Iterable[dict], lr: float, betas: tuple[floa
 
 
 def param_groups(model: torch.nn.Module, lr: float, factors: dict[str, float]) -> list[dict]:
-    """``model``'s parameters as Adam parameter groups: one at ``lr`` for every parameter not named in ``factors``,
-    then one per named parameter at ``lr`` times its factor (a name ``model`` does not have is an error)."""
+    """``model``'s parameters as Adam parameter groups: one at ``lr`` for every parameter not named in ``factors``
+    or whose factor is 1, then one per other named parameter at ``lr`` times its factor (a name ``model`` does not
+    have is an error). A run whose factors are all 1 has the one group a run without factors has, so its
+    checkpoints resume either way."""
     named = dict(model.named_parameters())
     unknown = sorted(set(factors) - set(named))
     if unknown:
         raise ValueError(f"lr factors name parameters {unknown} that {type(model).__name__} does not have "
                          f"(it has {sorted(named)})")
+    factors = {n: float(f) for n, f in factors.items() if f != 1}
     rest = [p for n, p in named.items() if n not in factors]
-    own = [{"params": [named[n]], "lr": lr * float(f)} for n, f in factors.items()]
+    own = [{"params": [named[n]], "lr": lr * f} for n, f in factors.items()]
     return [{"params": rest}, *own] if rest else own
 
 

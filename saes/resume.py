@@ -238,16 +238,21 @@ def pack_sites(sites: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]
 
 
 def unpack_sites(sites: dict[str, Any], tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
-    """Restore what :func:`pack_sites` saved into the trainer's sites."""
+    """Restore what :func:`pack_sites` saved into the trainer's sites (nothing, where an optimizer's groups differ
+    from the checkpoint's)."""
+    for name, st in sites.items():
+        check_groups(st.opt, meta[name]["optimizer"])
     for name, st in sites.items():
         m = meta[name]
         prefix = f"{name}/sae."
         st.sae.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
         st.since_fired.copy_(tensors[f"{name}/since_fired"])
         dev = st.sae.device
+        base = list(st.sched.base_lrs)  # this run's learning rates, which a resume with accepted changes must keep
         optimizer_from_flat(st.opt, {k: v.to(dev) if v.dim() else v for k, v in tensors.items()},
                             m["optimizer"], f"{name}/opt.")
         st.sched.load_state_dict({**m["scheduler"], "lr_lambdas": [None]})
+        keep_learning_rates(st.opt, st.sched, base)
         st.scale = m["scale"]
         # None (a checkpoint from before SAEs had their own streams): the trainer starts it from the global one
         st.rng = tensors.get(f"{name}/rng")
@@ -277,6 +282,17 @@ def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
+def check_groups(opt: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Refuse an optimizer checkpoint (``meta``: :func:`optimizer_to_flat`'s JSON) whose parameter groups differ in
+    number or size from ``opt``'s."""
+    saved, have = [len(g["params"]) for g in meta["param_groups"]], [len(g["params"]) for g in opt.param_groups]
+    if saved != have:
+        raise SAEError(f"the resume checkpoint's optimizer holds its parameters in groups of {saved}, this run's in "
+                       f"{have}: a parameter's learning-rate factor changed to or from 1 (such as JumpReLU's "
+                       "threshold_lr_factor); resume with the checkpoint's factor, or start afresh in another output "
+                       "folder")
+
+
 def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any],
                         prefix: str) -> None:
     state: dict[int, dict[str, Any]] = {}
@@ -290,6 +306,18 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], 
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
     opt.load_state_dict({"state": state, "param_groups": optim.keep_implementation(opt, groups)})
     optim.align_layouts(opt)  # tensors come back contiguous: a fused step needs the parameters' strides
+
+
+def keep_learning_rates(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LambdaLR,
+                        base: list[float]) -> None:
+    """Give ``opt`` and ``sched``, just loaded from a checkpoint, this run's base learning rates ``base`` at the
+    schedule's position (the checkpoint's rates would otherwise stay, whatever a resume with accepted changes of
+    ``lr`` or of a learning-rate factor records). Where nothing changed, the rates are the ones loaded."""
+    sched.base_lrs = list(base)
+    for g, b, fn in zip(opt.param_groups, base, sched.lr_lambdas):
+        g["initial_lr"] = b
+        g["lr"] = b * fn(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 def rng_state() -> tuple[dict[str, Tensor], dict[str, Any]]:

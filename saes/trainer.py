@@ -36,17 +36,17 @@ progress bar with loss / L0 / FVU / dead fraction and optional wandb. On CPU, fr
 the next step while the run lasts (:mod:`saes.malloc`: no page faults on weight-sized tensors each step).
 Every SAE draws its random numbers from its own torch RNG stream (what the trainer keeps per SAE is in
 :mod:`saes.train_state`), so SAEs trained together from one stream come out exactly as each would trained
-alone on the same batches. While it writes ``out_dir``, the run holds that folder's lock (:mod:`interp.folders`;
-rank 0 under torchrun), so a second run into the same folder is refused with the holder's PID.
+alone on the same batches. What a run writes to ``out_dir`` and reads back (the folder's lock, held by rank 0 so
+that a second run into the same folder is refused with the holder's PID; resume checkpoints; the exported SAEs)
+is :mod:`saes.run_folder`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,8 @@ import torch
 from tqdm.auto import tqdm
 
 from interp import precision
-from interp.atomic import write_json
-from interp.folders import folder_lock, remove_temps
 from saes import distributed as ddp
-from saes import guard, hostsync, malloc, optim, sparse_grads
+from saes import guard, hostsync, malloc, optim, run_folder, sparse_grads
 from saes import resume as resume_ckpt
 from saes.base import SAE, SAEError
 from saes.losses import (
@@ -117,7 +115,7 @@ class Trainer:
                                "see saes.trainer's docstring for what an architecture must provide")
         self.saes, self.cfg = dict(saes), cfg
         self.site_of = _site_map(self.saes, sites)
-        _check_folders(self.saes)
+        run_folder.check_folders(self.saes)
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.metadata, self.data_summary = dict(metadata or {}), dict(data_summary or {})
 
@@ -128,7 +126,7 @@ class Trainer:
         self.sites: dict[str, SiteState] = {}
         for name, sae in self.saes.items():
             lr = self.cfg.lr_for(sae)
-            groups = optim.param_groups(sae, lr, getattr(sae, "lr_factors", dict)())
+            groups = optim.param_groups(sae, lr, sae.lr_factors())
             opt = optim.adam(groups, lr=lr, betas=self.cfg.betas)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, self.cfg.lr_factor)
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.device)
@@ -208,19 +206,6 @@ class Trainer:
                 with st.own_rng():
                     init(x.to(st.sae.dtype))
 
-    @contextlib.contextmanager
-    def _own_output(self) -> Iterator[None]:
-        """Hold ``out_dir``'s lock while training (rank 0) and remove temporary files a killed run left."""
-        if self.out_dir is None or self.rank != 0:
-            yield
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with folder_lock(self.out_dir, LOCK_NAME, f"the training output folder {self.out_dir}", error=SAEError):
-            remove_temps(self.out_dir)
-            if (self.out_dir / "checkpoints").is_dir():
-                remove_temps(self.out_dir / "checkpoints")
-            yield
-
     # ---------------------------------------------------------------------------------------------
     def fit(self, data: Iterable, *, resume: bool = False, overwrite: bool = False,
             accept_changes: bool = False) -> Trainer:
@@ -240,7 +225,7 @@ class Trainer:
             raise SAEError("resume=True needs out_dir (where the checkpoints are)")
         self._setup()
         on_cpu = any(sae.device.type == "cpu" for sae in self.saes.values())
-        with self._own_output(), malloc.reuse_freed_memory(on_cpu):
+        with run_folder.own_output(self.out_dir, self.rank), malloc.reuse_freed_memory(on_cpu):
             return self._fit(data, resume=resume, overwrite=overwrite, accept_changes=accept_changes)
 
     def _fit(self, data: Iterable, *, resume: bool, overwrite: bool, accept_changes: bool) -> Trainer:
@@ -257,7 +242,7 @@ class Trainer:
         loaded = resume_ckpt.start(ckpt_root, resume=resume, overwrite=overwrite, is_main=self.rank == 0)
         ddp.barrier()
         if loaded is not None:
-            step = self._load(*loaded, data, accept_changes)
+            step = run_folder.load_checkpoint(self, *loaded, data, accept_changes)
         self._last_saved = step if loaded is not None else None
         it = iter(data)
         if loaded is not None and not hasattr(data, "load_state_dict"):
@@ -298,7 +283,7 @@ class Trainer:
                 if log:
                     self._log(step, logs, bar, run)
                 if save:
-                    self._save(ckpt_root, step, data)
+                    run_folder.save_checkpoint(self, ckpt_root, step, data)
             self._check_deferred()  # the data ran out
         finally:  # a stopped run ends its progress line, so an error prints on a line of its own
             bar.close()
@@ -315,24 +300,28 @@ class Trainer:
             fold(st.scale) if fold is not None else fold_input_scale(st.sae, st.scale)
         self.saes_ = {name: st.sae for name, st in self.sites.items()}
         if self.out_dir is not None and self.rank == 0:
-            self._export()
+            run_folder.export(self)
         ddp.barrier()
         return self
 
+    def final_metrics(self, name: str) -> dict[str, float]:
+        """The metrics last logged for the SAE named ``name`` (empty before the first log)."""
+        logged = [e for e in self.history_ if "event" not in e]
+        return logged[-1].get(name, {}) if logged else {}
+
     def _warn_dense(self) -> None:
         """A :class:`DenseCodesWarning` for each SAE whose last logged L0 is above ``d_model / 2``."""
-        logged = [e for e in self.history_ if "event" not in e]
         for name, st in self.sites.items():
-            l0 = next((e[name]["l0"] for e in reversed(logged) if "l0" in e.get(name, {})), None)
+            l0 = self.final_metrics(name).get("l0")
             d = st.sae.cfg.d_model
             if l0 is not None and l0 > d / 2:
-                knob = getattr(st.sae, "sparsity_setting", "")
+                knob = st.sae.sparsity_setting
                 warnings.warn(DenseCodesWarning(
                     f"SAE {name or type(st.sae).__name__!r} ended training with L0 {l0:.0f} (active latents per row, "
                     f"of {st.sae.cfg.d_sae}) above d_model / 2 = {d / 2:g}: no dictionary of {d}-dimensional atoms "
                     "gives such codes uniquely (a sparse code is unique only below half the dictionary's spark, at "
                     f"most (d_model + 1) / 2); {knob + ', ' if knob else ''}train on more tokens, or use a TopK SAE"),
-                    stacklevel=_outside_saes())
+                    stacklevel=precision.outside_stacklevel(sys._getframe()))
 
     def _log(self, step: int, logs: dict[str, dict[str, torch.Tensor]], bar, run) -> None:
         self.history_.append({"step": step, "tokens": self.tokens_,
@@ -396,63 +385,6 @@ class Trainer:
                 "l0": ddp.allsum(out.l0.detach().float().reshape(1)).squeeze(0) / self.world,
                 "dead": (st.since_fired >= cfg.dead_tokens).float().mean()}
 
-    # ---------------------------------------------------------------------------------------------
-    def _settings(self, data) -> dict[str, Any]:
-        described = self.data_summary or (data.describe() if callable(getattr(data, "describe", None)) else {})
-        # the site is recorded where it differs from the name (runs of one SAE per site keep their old settings)
-        return resume_ckpt.settings(_jsonable(self.cfg), {n: {"architecture": st.sae.architecture,
-                                                              **st.sae.cfg.to_dict(),
-                                                              **({"site": self.site_of[n]} if self.site_of[n] != n
-                                                                 else {})} for n, st in self.sites.items()},
-                                    described)
-
-    def _save(self, root: Path, step: int, data) -> None:
-        if self.rank == 0:
-            tensors, meta = resume_ckpt.rng_state()
-            meta = {"rng": meta, "step": step, "tokens": self.tokens_, "world_size": self.world,
-                    "config": _jsonable(self.cfg), "settings": self._settings(data), "history": self.history_,
-                    "data": data.state_dict() if hasattr(data, "state_dict") else {"batches_consumed": step}}
-            site_tensors, meta["sites"] = resume_ckpt.pack_sites(self.sites)
-            tensors.update(site_tensors)
-            resume_ckpt.write(root, step, tensors, meta, keep=self.cfg.keep_checkpoints)
-        self._last_saved = step
-        ddp.barrier()
-
-    def _load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any], data, accept_changes: bool) -> int:
-        step = int(meta["step"])
-        if meta["world_size"] != self.world:
-            warnings.warn(f"resuming a {meta['world_size']}-process run on {self.world} processes", stacklevel=4)
-        diff = resume_ckpt.check_settings(meta, self._settings(data), accept_changes)
-        resume_ckpt.unpack_sites(self.sites, tensors, meta["sites"])
-        for st in self.sites.values():
-            st.since_bound = int(st.since_fired.max()) if st.since_fired.numel() else 0
-        if hasattr(data, "load_state_dict"):
-            data.load_state_dict(meta["data"])
-        resume_ckpt.set_rng_state(tensors, meta["rng"])
-        for st in self.sites.values():  # a checkpoint written before SAEs had their own streams: the global one
-            if st.rng is None:
-                st.seed_rng()
-        self.tokens_ = int(meta.get("tokens", step * meta["config"]["batch_tokens"]))
-        self.history_ = list(meta.get("history", []))
-        if diff:
-            self.history_.append({"step": step, "tokens": self.tokens_, "event": "resume", "changes": diff})
-        return step
-
-    def _export(self) -> None:
-        from saes.checkpoint import save  # lazy: the trainer does not need it to train
-
-        logged = [e for e in self.history_ if "event" not in e]
-        for name, sae in self.saes_.items():
-            folder = self.out_dir / folder_name(name)
-            last = logged[-1].get(name, {}) if logged else {}
-            data = {**self.data_summary, "tokens_trained": self.tokens_} if self.data_summary else {}
-            site = self.site_of[name]
-            save(sae, folder, metadata={**self.metadata, **({"hook_name": site} if site else {})},
-                 training={"n_tokens": self.tokens_, "steps": self.steps_, **({"data": data} if data else {}),
-                           "input_scale_folded": self.scales_[name], "config": _jsonable(self.cfg),
-                           "final_metrics": last})
-        write_json(self.out_dir / "train_history.json", self.history_)
-
     def _wandb(self):
         if not self.cfg.wandb_project or self.rank != 0:
             return None
@@ -461,23 +393,11 @@ class Trainer:
         except ImportError:
             warnings.warn("wandb_project is set but wandb is not installed; not logging", stacklevel=3)
             return None
-        return wandb.init(project=self.cfg.wandb_project, config=_jsonable(self.cfg))
-
-
-def _outside_saes() -> int:
-    """The ``stacklevel`` that points a warning at the first caller outside this package (its caller's code)."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("saes."):
-        frame, level = frame.f_back, level + 1
-    return level
+        return wandb.init(project=self.cfg.wandb_project, config=run_folder.jsonable(self.cfg))
 
 
 class DenseCodesWarning(UserWarning):
     """A trained SAE whose codes are not sparse: L0 above ``d_model / 2`` at the end of training."""
-
-
-LOCK_NAME = ".interp-lock"
-"""The lock file a training run holds in its output folder (see :mod:`interp.folders`)."""
 
 
 def to_device(rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -487,11 +407,6 @@ def to_device(rows: torch.Tensor, device: torch.device, dtype: torch.dtype) -> t
     if rows.device.type == "cpu" and torch.device(device).type == "cuda":
         rows = rows.pin_memory().to(device, non_blocking=True)
     return rows.to(device, dtype)
-
-
-def folder_name(name: str) -> str:
-    """The folder under ``out_dir`` that holds the SAE named ``name``."""
-    return name.replace("/", "_") or "sae"
 
 
 def _site_map(saes: dict[str, SAE], sites: str | dict[str, str] | None) -> dict[str, str]:
@@ -507,17 +422,3 @@ def _site_map(saes: dict[str, SAE], sites: str | dict[str, str] | None) -> dict[
         raise SAEError(f"Trainer(sites=...) must name the site of every SAE and nothing else: no site for {missing}, "
                        f"sites for names that have no SAE {extra}; the SAEs are named {list(saes)}")
     return {name: sites[name] for name in saes}
-
-
-def _check_folders(saes: dict[str, SAE]) -> None:
-    seen: dict[str, str] = {}
-    for name in saes:
-        folder = folder_name(name)
-        if folder in seen:
-            raise SAEError(f"SAEs named {seen[folder]!r} and {name!r} would be saved to the same folder {folder!r} "
-                           "('/' becomes '_'): rename one")
-        seen[folder] = name
-
-
-def _jsonable(cfg) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}

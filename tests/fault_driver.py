@@ -102,6 +102,7 @@ def install_kill(point: str, n: int) -> None:
     import interp.cache
     import saes.checkpoint
     import saes.resume
+    import saes.run_folder
     import saes.trainer
 
     if point == "step":  # after the n-th optimizer step, before that step's checkpoint
@@ -113,7 +114,7 @@ def install_kill(point: str, n: int) -> None:
     elif point == "export":  # the trained SAE half written in its temporary folder
         _wrap(saes.checkpoint, "save_file", n, before=False)
     elif point == "history":  # the SAE saved, train_history.json not yet
-        _wrap(saes.trainer, "write_json", n, before=True)
+        _wrap(saes.run_folder, "write_json", n, before=True)
     elif point == "shard_written":  # a shard in its temporary file
         _wrap(interp.cache, "save_file", n, before=False)
     elif point == "shard_unlisted":  # a shard renamed into place, not yet in the rank manifest

@@ -192,7 +192,7 @@ def run_train(args: argparse.Namespace) -> int:
                 "prepend_bos": source.get("prepend_bos", False), "dataset_path": source.get("dataset")}
     tr = saes.Trainer(models, cfg, sites=sites, out_dir=out, metadata=metadata, data_summary=source).fit(
         data, resume=run.resume, overwrite=run.overwrite, accept_changes=run.accept_changes)
-    from saes.trainer import folder_name
+    from saes.run_folder import folder_name
 
     print(json.dumps({"steps": tr.steps_, "tokens": tr.steps_ * cfg.batch_tokens,
                       "final": tr.history_[-1] if tr.history_ else None,

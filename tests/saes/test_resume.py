@@ -146,3 +146,50 @@ def test_accepted_changes_are_recorded_and_tokens_stay_counted(tmp_path):
     assert tr.history_[-1]["tokens"] == tr.tokens_ and tr.history_[0]["step"] == 2
     saved = json.loads((tmp_path / "sae" / "cfg.json").read_text())["interp"]["training"]
     assert saved["n_tokens"] == tr.tokens_ and saved["final_metrics"]["fvu"] > 0
+
+
+def jumprelu(threshold_lr_factor: float) -> saes.SAE:
+    torch.manual_seed(0)
+    return saes.build("jumprelu", d_model=D, d_sae=M, threshold_lr_factor=threshold_lr_factor)
+
+
+def test_an_accepted_learning_rate_change_is_the_rate_the_run_steps_at(tmp_path):
+    """A resume that accepts a new ``lr`` and a new learning-rate factor steps at the new rates, not the
+    checkpoint's (which it recorded as changed)."""
+    flat = dict(warmup_frac=0.0, decay_frac=0.0)
+    with pytest.raises(Crash):
+        Trainer(jumprelu(10.0), cfg(**flat), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))  # checkpoint at step 6
+    tr = Trainer(jumprelu(20.0), cfg(lr=1e-3, **flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS),
+                                                                              resume=True, accept_changes=True)
+    st = tr.sites[""]
+    assert [g["lr"] for g in st.opt.param_groups] == pytest.approx([1e-3, 2e-2], rel=1e-12)
+    assert st.sched.base_lrs == pytest.approx([1e-3, 2e-2], rel=1e-12)
+    assert next(h for h in tr.history_ if h.get("event") == "resume")["changes"] == {
+        "config.lr": [3e-3, 1e-3], "sites..threshold_lr_factor": [10.0, 20.0]}
+
+
+def test_keep_learning_rates_puts_the_base_rates_at_the_schedules_position():
+    p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.Adam([{"params": [p]}, {"params": [q], "lr": 9.0}], lr=7.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    resume.keep_learning_rates(opt, sched, [1.0, 2.0])
+    assert [g["lr"] for g in opt.param_groups] == [0.125, 0.25] == sched.get_last_lr()
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0625, 0.125]
+
+
+def test_a_learning_rate_factor_changed_to_or_from_1_is_refused_before_anything_loads(tmp_path):
+    """Factor 1 keeps the thresholds in the SAE's parameter group: the optimizers' groups differ, which no
+    accepted change can bridge; the SAE is left as it was."""
+    with pytest.raises(Crash):
+        Trainer(jumprelu(1.0), cfg(), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))
+    b = jumprelu(30.0)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    with pytest.raises(saes.SAEError, match=r"groups of \[5\], this run's in \[4, 1\].*threshold_lr_factor"):
+        Trainer(b, cfg(), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True, accept_changes=True)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -352,5 +352,6 @@ def test_dense_codes_are_warned_about_at_the_end_of_training(arch, recwarn):
     if arch == "relu":
         assert l0 > D / 2
         assert len(dense) == 1 and "raise l1_coeff" in str(dense[0].message) and f"L0 {l0:.0f}" in str(dense[0].message)
+        assert dense[0].filename == __file__  # the caller's line, not the library's
     else:
         assert l0 == 4 and not dense
