@@ -12,6 +12,10 @@ Arms, each on the same batches in the same order with the trainer's defaults oth
 ``threshold_lr_factor`` times the SAE's (1: before), its ``bandwidth`` and ``l0_coeff``; ReLU with
 ``l1_coeff``; TopK at its default ``k`` = 32 beside them, for the FVU a code of that sparsity reaches.
 
+Round 2 (after JumpReLU's FVU still trailed TopK's far): the learning rate (``lr_scale``: TopK's factor of 4
+over the base rule had been measured for TopK alone), the estimators' gradient to the pre-activations
+(``ste_to_input``), SAELens' bandwidth 0.05, and BatchTopK and ReLU at 1x and 4x the rule.
+
 Cells: layer 12 (where the defaults are chosen) and layer 20 (a check on data they were not chosen on), each
 9,216 latents, batch 1,024. Held-out FVU and L0 come from the cache's last 2,048 rows (the SAE benchmark's
 :func:`benchmarks.sae_train.load_batches` and :func:`~benchmarks.sae_train.final_fvu`); each run also records
@@ -28,6 +32,7 @@ what is there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -42,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 import saes  # noqa: E402
 from benchmarks import sae_train as bench  # noqa: E402 - the benchmark's data and held-out FVU
 from interp.atomic import write_json  # noqa: E402
+from saes.train_config import default_lr  # noqa: E402
 from saes.trainer import TrainConfig, Trainer  # noqa: E402
 
 EVAL_BATCHES = 2
@@ -51,36 +57,59 @@ D_SAE, BATCH = 9216, 1024
 """The study's width and batch (``--d-sae``, ``--batch``: smaller for a quick check, not the study)."""
 LOG_EVERY = 50
 """Steps between the training L0s each run records."""
-BEFORE_JUMPRELU = {"threshold_lr_factor": 1.0, "bandwidth": 1e-3, "init_threshold": 1e-3, "l0_coeff": 1e-3}
+BEFORE_JUMPRELU = {"lr_scale": 1.0, "threshold_lr_factor": 1.0, "bandwidth": 1e-3, "init_threshold": 1e-3,
+                   "l0_coeff": 1e-3}
 """JumpReLU's settings before this study, named in full so that a later default does not change the arm."""
+F30 = {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0, "bandwidth": 1e-3, "ste_to_input": False}
+"""JumpReLU after the first round (the thresholds' learning rate 30 times the SAE's), named in full."""
 ARMS = {
     "topk_k32": ("topk", {"k": 32}),
-    "relu_l1_5e-4": ("relu", {"l1_coeff": 5e-4}),
-    "relu_l1_2e-3": ("relu", {"l1_coeff": 2e-3}),
-    "relu_l1_5e-3": ("relu", {"l1_coeff": 5e-3}),
-    "relu_l1_1e-2": ("relu", {"l1_coeff": 1e-2}),
+    "relu_l1_5e-4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 1.0}),
+    "relu_l1_2e-3": ("relu", {"l1_coeff": 2e-3, "lr_scale": 1.0}),
+    "relu_l1_5e-3": ("relu", {"l1_coeff": 5e-3, "lr_scale": 1.0}),
+    "relu_l1_1e-2": ("relu", {"l1_coeff": 1e-2, "lr_scale": 1.0}),
     "jumprelu_before": ("jumprelu", BEFORE_JUMPRELU),
     "jumprelu_f10": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 10.0}),
     "jumprelu_f30": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0}),
     "jumprelu_f100": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 100.0}),
     "jumprelu_f100_l0_3e-3": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 100.0, "l0_coeff": 3e-3}),
     "jumprelu_f100_l0_1e-2": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 100.0, "l0_coeff": 1e-2}),
+    "jumprelu_f30_x4": ("jumprelu", {**F30, "lr_scale": 4.0, "threshold_lr_factor": 7.5}),
+    "jumprelu_f30_bw0.05": ("jumprelu", {**F30, "bandwidth": 0.05}),
+    "jumprelu_f30_ste": ("jumprelu", {**F30, "ste_to_input": True}),
+    "jumprelu_f30_x4_thr_x4": ("jumprelu", {**F30, "lr_scale": 4.0}),
+    "jumprelu_f30_x8": ("jumprelu", {**F30, "lr_scale": 8.0, "threshold_lr_factor": 3.75}),
+    "jumprelu_f30_x4_l0_3e-3": ("jumprelu", {**F30, "lr_scale": 4.0, "threshold_lr_factor": 7.5, "l0_coeff": 3e-3}),
+    "jumprelu_f30_x4_bw0.05": ("jumprelu", {**F30, "lr_scale": 4.0, "threshold_lr_factor": 7.5, "bandwidth": 0.05}),
+    "relu_l1_5e-3_x4": ("relu", {"l1_coeff": 5e-3, "lr_scale": 4.0}),
+    "relu_l1_5e-4_x4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 4.0}),
+    "relu_l1_1e-2_x4": ("relu", {"l1_coeff": 1e-2, "lr_scale": 4.0}),
+    "batchtopk_k32": ("batchtopk", {"k": 32, "lr_scale": 1.0}),
+    "batchtopk_k32_x4": ("batchtopk", {"k": 32, "lr_scale": 4.0}),
+    "relu_l1_2e-2": ("relu", {"l1_coeff": 2e-2, "lr_scale": 1.0}),
 }
-"""Arm name: (architecture, config settings)."""
+"""Arm name: (architecture, config settings; ``lr_scale``: Adam's learning rate is the trainer's base rule
+:func:`saes.train_config.default_lr` times this, whatever the architecture's ``default_lr_factor``; without it,
+the trainer's default for the architecture)."""
 
 
 def run(train, held, arch: str, kwargs: dict, seed: int, d_sae: int, log_every: int) -> dict:
     torch.manual_seed(seed)
     batch = train[0].shape[0]
+    kwargs = dict(kwargs)
+    lr_scale = kwargs.pop("lr_scale", None)
     sae = saes.build(arch, d_model=train[0].shape[-1], d_sae=d_sae, **kwargs)
     cfg = TrainConfig(total_tokens=len(train) * batch, batch_tokens=batch, normalize_inputs=False, progress=False,
                       log_every=log_every)  # the trainer's default learning rate for the architecture
+    if lr_scale is not None:
+        cfg = dataclasses.replace(cfg, lr=default_lr(d_sae) * lr_scale)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", saes.DenseCodesWarning)
         tr = Trainer(sae, cfg).fit(train)
     with torch.no_grad():
         codes = torch.cat([sae(x).codes for x in held])
-    out = {"heldout_fvu": bench.final_fvu(lambda x: sae(x).x_hat, held),
+    report = bench.final_report(lambda x: sae(x).x_hat, held)
+    out = {"lr": cfg.lr_for(sae), "heldout_fvu": report["fvu"], "heldout_fvu_typical": report["fvu_typical"],
            "heldout_l0": float((codes != 0).sum(-1).float().mean()),
            "never_fire_on_heldout": float(((codes != 0).sum(0) == 0).float().mean()),
            "training_l0": {str(e["step"]): e[""]["l0"] for e in tr.history_ if "event" not in e},
@@ -104,7 +133,7 @@ def summarize(runs: dict) -> dict:
             for layer, arms in sorted(out.items())}
 
 
-MARKERS = {"topk": "s", "relu": "o", "jumprelu": "^"}
+MARKERS = {"topk": "s", "relu": "o", "jumprelu": "^", "batchtopk": "D"}
 
 
 def plot(summary: dict, path: Path, d_model: int) -> None:
@@ -118,15 +147,18 @@ def plot(summary: dict, path: Path, d_model: int) -> None:
     for i, (layer, arms) in enumerate(summary.items()):
         ax = fig.add_subplot(1, len(summary), i + 1)
         for arm, row in arms.items():
-            ax.scatter(row["heldout_l0"], row["heldout_fvu"], marker=MARKERS[row["arch"]],
-                       color=f"C{list(MARKERS).index(row['arch'])}")
+            colour = f"C{list(MARKERS).index(row['arch'])}"
+            hollow = row["settings"].get("lr_scale", 4.0) < 4  # below the default rate of every architecture now
+            ax.scatter(row["heldout_l0"], row["heldout_fvu"], marker=MARKERS[row["arch"]], edgecolors=colour,
+                       facecolors="none" if hollow else colour)
             ax.annotate(arm, (row["heldout_l0"], row["heldout_fvu"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")
         ax.axvline(d_model / 2, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("held-out L0 (active latents per row)")
         ax.set_ylabel("held-out FVU")
-        ax.set_title(f"{layer}: squares TopK, circles ReLU, triangles JumpReLU", fontsize=9)
+        ax.set_title(f"{layer}: squares TopK, diamonds BatchTopK, circles ReLU, triangles JumpReLU;\n"
+                     "hollow: Adam's rate below 4 x the base rule (the old default but for TopK)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

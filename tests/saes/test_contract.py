@@ -236,6 +236,41 @@ def test_jumprelu_thresholds_receive_gradient():
     assert "threshold" in sae.state_dict() and sae.threshold.shape == (D_SAE,)
 
 
+@pytest.mark.parametrize("to_input", [False, True])
+def test_jumprelu_straight_through_gradients(to_input):
+    """The rectangle-kernel estimators of the jump and of the L0 step, written out: the thresholds always get them,
+    the pre-activations only with ``ste_to_input`` (and then exactly the thresholds' terms negated, row by row)."""
+    from saes.jumprelu import _JumpReLU, _Step
+
+    torch.manual_seed(0)
+    eps = 0.3
+    pre = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    th = (torch.rand(8, dtype=torch.float64) * 0.5).requires_grad_()
+    w1, w2 = torch.randn(16, 8, dtype=torch.float64), torch.randn(16, 8, dtype=torch.float64)
+    ((_JumpReLU.apply(pre, th, eps, to_input) * w1).sum() + (_Step.apply(pre, th, eps, to_input) * w2).sum()).backward()
+    with torch.no_grad():
+        kernel = ((pre - th).abs() < eps / 2).double() / eps
+        ste = kernel * (th * w1 + w2)
+        assert (kernel > 0).any() and (kernel == 0).any()
+        torch.testing.assert_close(th.grad, -ste.sum(0))
+        torch.testing.assert_close(pre.grad, w1 * (pre > th) + (ste if to_input else 0))
+
+
+def test_jumprelu_l0_penalty_reaches_the_encoder_only_with_ste_to_input():
+    x = torch.randn(64, D_MODEL)
+
+    def encoder_grad(**kw):
+        torch.manual_seed(0)
+        sae = make("jumprelu", bandwidth=0.5, init_threshold=0.2, **kw)
+        sae.training_loss(x, TrainState(global_rows=64)).loss.backward()
+        return sae.W_enc.grad
+
+    for to_input in (False, True):
+        without, alone = encoder_grad(l0_coeff=0.0, ste_to_input=to_input), encoder_grad(l0_coeff=1.0,
+                                                                                          ste_to_input=to_input)
+        assert torch.equal(without, alone) != to_input
+
+
 @pytest.mark.parametrize("arch,bad", [("topk", {"k": 0}), ("topk", {"k": D_SAE + 1}),
                                       ("relu", {"l1_coeff": -1.0}), ("jumprelu", {"bandwidth": 0.0}),
                                       ("batchtopk", {"threshold_momentum": 2.0})])

@@ -168,6 +168,38 @@ def test_an_accepted_learning_rate_change_is_the_rate_the_run_steps_at(tmp_path)
         "config.lr": [3e-3, 1e-3], "sites..threshold_lr_factor": [10.0, 20.0]}
 
 
+def test_a_default_learning_rate_changed_since_the_checkpoint_is_a_difference(tmp_path, monkeypatch):
+    """Same settings (``lr=None``) but the architecture's default rate changed between the runs: refused as a
+    change with both rates named, and with ``accept_changes`` the run steps at the new rate and records it."""
+    from saes.batchtopk import BatchTopKSAE
+    from saes.train_config import default_lr
+
+    def batchtopk():
+        torch.manual_seed(0)
+        return saes.build("batchtopk", d_model=D, d_sae=M, k=4)
+
+    flat = dict(lr=None, warmup_frac=0.0, decay_frac=0.0)
+    monkeypatch.setattr(BatchTopKSAE, "default_lr_factor", 1.0)
+    with pytest.raises(Crash):
+        Trainer(batchtopk(), cfg(**flat), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))
+    monkeypatch.setattr(BatchTopKSAE, "default_lr_factor", 4.0)
+    b = batchtopk()
+    with pytest.raises(saes.SAEError, match=r"sites\.\.learning_rates \[.*\] -> \[.*\]; resume with the same"):
+        Trainer(b, cfg(**flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True)
+    tr = Trainer(batchtopk(), cfg(**flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True,
+                                                                 accept_changes=True)
+    assert [g["lr"] for g in tr.sites[""].opt.param_groups] == pytest.approx([4 * default_lr(M)], rel=1e-12)
+    changes = next(h for h in tr.history_ if h.get("event") == "resume")["changes"]
+    assert changes == {"sites..learning_rates": [pytest.approx([default_lr(M)]), pytest.approx([4 * default_lr(M)])]}
+
+
+def test_an_unchanged_rate_is_no_difference(tmp_path):
+    with pytest.raises(Crash):
+        Trainer(sae(), cfg(lr=None), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))
+    tr = Trainer(sae(), cfg(lr=None), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True)
+    assert not [h for h in tr.history_ if h.get("event") == "resume"]
+
+
 def test_keep_learning_rates_puts_the_base_rates_at_the_schedules_position():
     p, q = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     opt = torch.optim.Adam([{"params": [p]}, {"params": [q], "lr": 9.0}], lr=7.0)

@@ -51,10 +51,12 @@ def test_default_learning_rate_is_the_rule_times_the_architecture_factor():
     from saes.train_config import default_lr
 
     assert default_lr(16384) == pytest.approx(2e-4) and default_lr(4 * 16384) == pytest.approx(1e-4)
-    topk, relu = saes.build("topk", d_model=D, d_sae=M, k=4), saes.build("relu", d_model=D, d_sae=M)
-    for sae, factor in ((topk, 4.0), (relu, 1.0)):
+    topk = saes.build("topk", d_model=D, d_sae=M, k=4)
+    for arch, kw, factor in (("topk", {"k": 4}, 4.0), ("batchtopk", {"k": 4}, 4.0), ("relu", {}, 4.0),
+                             ("jumprelu", {}, 4.0), ("mpsae", {"n_steps": 4}, 1.0)):
+        sae = saes.build(arch, d_model=D, d_sae=M, **kw)
         tr = Trainer(sae, cfg(lr=None, total_tokens=ROWS * 2)).fit(SyntheticSource(D, rows=ROWS))
-        assert tr.sites[""].opt.param_groups[0]["initial_lr"] == pytest.approx(factor * default_lr(M))
+        assert tr.sites[""].opt.param_groups[0]["initial_lr"] == pytest.approx(factor * default_lr(M)), arch
     assert cfg(lr=1e-3).lr_for(topk) == 1e-3  # a rate given wins
 
 
@@ -332,6 +334,18 @@ def test_threshold_lr_factor_moves_jumprelu_thresholds_faster():
     torch.testing.assert_close(step, torch.full_like(step, 20 * 3e-3), rtol=1e-3, atol=0)
     for name in ("W_enc", "b_enc", "b_dec"):
         torch.testing.assert_close(moved[20.0][name], moved[1.0][name], msg=name)
+
+
+def test_jumprelu_default_rates():
+    """JumpReLU trains at 4 times the base rule and its thresholds at 30 times it (7.5 x the SAE's rate), the
+    absolute threshold rate chosen before the SAE's own rate rose from 1 to 4 times the rule."""
+    from saes.train_config import default_lr
+
+    sae = saes.build("jumprelu", d_model=D, d_sae=M)
+    c = cfg(lr=None, total_tokens=ROWS)
+    assert c.lr_for(sae) == pytest.approx(4 * default_lr(M))
+    groups = Trainer(sae, c).fit(SyntheticSource(D, rows=ROWS)).sites[""].opt.param_groups
+    assert sorted(g["lr"] for g in groups) == pytest.approx([4 * default_lr(M), 30 * default_lr(M)])
 
 
 def test_lr_factors_must_name_parameters():
