@@ -87,6 +87,10 @@ ARMS = {
     "batchtopk_k32": ("batchtopk", {"k": 32, "lr_scale": 1.0}),
     "batchtopk_k32_x4": ("batchtopk", {"k": 32, "lr_scale": 4.0}),
     "relu_l1_2e-2": ("relu", {"l1_coeff": 2e-2, "lr_scale": 1.0}),
+    "mpsae_n32": ("mpsae", {"n_steps": 32, "lr_scale": 1.0}),
+    "mpsae_n32_x4": ("mpsae", {"n_steps": 32, "lr_scale": 4.0}),
+    "mpsae_n32_x2": ("mpsae", {"n_steps": 32, "lr_scale": 2.0}),
+    "mpsae_n32_x0.25": ("mpsae", {"n_steps": 32, "lr_scale": 0.25}),
 }
 """Arm name: (architecture, config settings; ``lr_scale``: Adam's learning rate is the trainer's base rule
 :func:`saes.train_config.default_lr` times this, whatever the architecture's ``default_lr_factor``; without it,
@@ -133,7 +137,7 @@ def summarize(runs: dict) -> dict:
             for layer, arms in sorted(out.items())}
 
 
-MARKERS = {"topk": "s", "relu": "o", "jumprelu": "^", "batchtopk": "D"}
+MARKERS = {"topk": "s", "relu": "o", "jumprelu": "^", "batchtopk": "D", "mpsae": "v"}
 
 
 def plot(summary: dict, path: Path, d_model: int) -> None:
@@ -157,8 +161,9 @@ def plot(summary: dict, path: Path, d_model: int) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("held-out L0 (active latents per row)")
         ax.set_ylabel("held-out FVU")
-        ax.set_title(f"{layer}: squares TopK, diamonds BatchTopK, circles ReLU, triangles JumpReLU;\n"
-                     "hollow: Adam's rate below 4 x the base rule (the old default but for TopK)", fontsize=9)
+        ax.set_title(f"{layer}: squares TopK, diamonds BatchTopK, circles ReLU, triangles JumpReLU (up) and\n"
+                     "MP-SAE (down); hollow: Adam's rate below 4 x the base rule",
+                     fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -184,6 +184,10 @@ class MPSAE(SAE):
     config_class = MPSAEConfig
     sparsity_setting = "lower n_steps"
     normalize_decoder = True
+    default_lr_factor = 1.0
+    """Not TopK's 4: on layer 12 of the embedded model (9,216 latents, ``n_steps`` 32, 400 steps of 1,024 rows) the
+    held-out FVU was 0.425 / 0.501 / 0.654 / 1.003 at 0.25 / 1 / 2 / 4 times the rule
+    (``experiments/sae_sparsity_defaults.md``); a lower factor is not chosen on that one width and length."""
     cfg: MPSAEConfig
 
     def __init__(self, cfg: MPSAEConfig):

@@ -24,8 +24,8 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)`` times the architecture's ``default_lr_factor``:
     4 for TopK, chosen by held-out FVU in ``experiments/sae_lr_rule.py``, and for BatchTopK, ReLU and JumpReLU,
-    measured in ``experiments/sae_sparsity_defaults.py``; 1, sparsify's Adam rule, for MP-SAE, which neither
-    study covered)."""
+    measured in ``experiments/sae_sparsity_defaults.py``; 1, sparsify's Adam rule, for MP-SAE, which
+    at 4 ended a 400-step run reconstructing nothing there)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_frac: float = 0.01

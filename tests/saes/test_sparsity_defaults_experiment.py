@@ -16,7 +16,8 @@ def test_study_reduced(tmp_path, monkeypatch):
     mod = load_script(monkeypatch, "experiments/sae_sparsity_defaults.py")
     monkeypatch.setattr(mod, "SITES", {12: SITE, 20: SITE})
     cache = tiny_cache(tmp_path / "cache", [SITE], 1200, shard_tokens=400)
-    arms = ["topk_k32", "relu_l1_5e-4", "jumprelu_before", "jumprelu_f100", "jumprelu_f30_x4", "batchtopk_k32"]
+    arms = ["topk_k32", "relu_l1_5e-4", "jumprelu_before", "jumprelu_f100", "jumprelu_f30_x4", "batchtopk_k32",
+            "mpsae_n32_x0.25"]
     args = ["--cache", str(cache), "--layer20-cache", str(cache), "--out", str(tmp_path / "out"), "--steps", "6",
             "--d-sae", "128", "--batch", "64", "--arms", *arms]
     res = mod.main(args)
