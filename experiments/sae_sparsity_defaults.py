@@ -32,7 +32,6 @@ what is there.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -60,7 +59,7 @@ LOG_EVERY = 50
 BEFORE_JUMPRELU = {"lr_scale": 1.0, "threshold_lr_factor": 1.0, "bandwidth": 1e-3, "init_threshold": 1e-3,
                    "l0_coeff": 1e-3}
 """JumpReLU's settings before this study, named in full so that a later default does not change the arm."""
-F30 = {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0, "bandwidth": 1e-3, "ste_to_input": False}
+F30 = {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0, "ste_to_input": False}
 """JumpReLU after the first round (the thresholds' learning rate 30 times the SAE's), named in full."""
 ARMS = {
     "topk_k32": ("topk", {"k": 32}),
@@ -104,9 +103,7 @@ def run(train, held, arch: str, kwargs: dict, seed: int, d_sae: int, log_every: 
     lr_scale = kwargs.pop("lr_scale", None)
     sae = saes.build(arch, d_model=train[0].shape[-1], d_sae=d_sae, **kwargs)
     cfg = TrainConfig(total_tokens=len(train) * batch, batch_tokens=batch, normalize_inputs=False, progress=False,
-                      log_every=log_every)  # the trainer's default learning rate for the architecture
-    if lr_scale is not None:
-        cfg = dataclasses.replace(cfg, lr=default_lr(d_sae) * lr_scale)
+                      log_every=log_every, lr=None if lr_scale is None else default_lr(d_sae) * lr_scale)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", saes.DenseCodesWarning)
         tr = Trainer(sae, cfg).fit(train)

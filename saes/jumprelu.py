@@ -54,7 +54,8 @@ class _Step(torch.autograd.Function):
         pre, th = ctx.saved_tensors
         eps = ctx.bandwidth
         ste = (1.0 / eps) * _rect((pre - th) / eps) * g
-        return (ste if ctx.to_input else torch.zeros_like(pre)), -ste.reshape(-1, th.shape[-1]).sum(0), None, None
+        # no gradient to the pre-activations is None, not a batch-sized tensor of zeros
+        return (ste if ctx.to_input else None), -ste.reshape(-1, th.shape[-1]).sum(0), None, None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -16,8 +16,8 @@ missing or names a folder that does not load, the newest step folder that loads 
 warning. (The published SAE format is :mod:`saes.checkpoint`'s, not this one.)
 
 A resume compares the saved settings (:func:`settings`) with the new run's: :func:`differences`
-lists every one that changes the result, and :func:`rate_changes` the learning rates themselves (a default rate
-may change between versions while the settings, ``lr=None``, stay the same).
+lists every one that changes the result, and :func:`default_rate_changes` a default learning rate that changed
+between versions while the settings (``lr=None``) stayed the same.
 """
 
 from __future__ import annotations
@@ -193,27 +193,26 @@ def differences(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def rate_changes(sites: dict[str, Any], meta_sites: dict[str, Any]) -> dict[str, list]:
-    """``{"sites.NAME.learning_rates": [saved, new]}`` for every SAE whose optimizer groups' base learning rates in
-    the checkpoint (``meta_sites``: :func:`pack_sites`'s JSON) differ from this run's (``sites``, the trainer's,
-    schedules built). With the same settings this happens where a default rate changed between the two runs (an
-    architecture's ``default_lr_factor``); groups of other sizes are left to :func:`check_groups`."""
+def default_rate_changes(sites: dict[str, Any], meta_sites: dict[str, Any]) -> dict[str, list]:
+    """``{"sites.NAME.default_lr": [saved, new]}`` for every SAE whose own learning rate (its optimizer's first
+    group; other groups are that rate times a factor the settings hold) differs between the checkpoint
+    (``meta_sites``: :func:`pack_sites`'s JSON) and this run (``sites``, schedules built). Where neither run set
+    ``lr``, that rate is the architecture's default, which is not among the settings and may change between
+    versions (``default_lr_factor``)."""
     out: dict[str, list] = {}
     for name, st in sites.items():
-        saved = [g.get("initial_lr") for g in meta_sites[name]["optimizer"]["param_groups"]]
-        now = [float(b) for b in st.sched.base_lrs]
-        if len(saved) == len(now) and not all(a is not None and math.isclose(a, b, rel_tol=1e-9)
-                                              for a, b in zip(saved, now)):
-            out[f"sites.{name}.learning_rates"] = [saved, now]
+        saved, now = meta_sites[name]["optimizer"]["param_groups"][0].get("initial_lr"), float(st.sched.base_lrs[0])
+        if saved is None or not math.isclose(saved, now, rel_tol=1e-9):
+            out[f"sites.{name}.default_lr"] = [saved, now]
     return out
 
 
 def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bool,
-                   rates: dict[str, list] | None = None) -> dict[str, list]:
+                   default_rates: dict[str, list] | None = None) -> dict[str, list]:
     """The differences between a checkpoint's settings and `new` (:func:`settings`); raises
-    :class:`SAEError` listing them unless `accept_changes` (never for an SAE of another shape). ``rates``
-    (:func:`rate_changes`) count as differences where no change of ``lr`` or of a learning-rate factor among the
-    settings explains them: a default rate that changed would otherwise change the run silently."""
+    :class:`SAEError` listing them unless `accept_changes` (never for an SAE of another shape).
+    ``default_rates`` (:func:`default_rate_changes`) count as differences where neither run set ``lr``: a default
+    rate that changed would otherwise change the run silently."""
     sites = meta["sites"]
     missing = [name for name in new["sites"] if name not in sites]
     if missing:
@@ -224,8 +223,8 @@ def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bo
                                           for n, m in sites.items()}, {})
         new = {**new, "data": {}}
     diff = differences(saved, new)
-    if rates and not any(k == "config.lr" or k.endswith("lr_factor") for k in diff):
-        diff.update(rates)
+    if default_rates and saved["config"].get("lr") is None and new["config"].get("lr") is None:
+        diff.update(default_rates)
     shapes = [k for k in diff if k.startswith("sites.") and k.rsplit(".", 1)[-1] in ("architecture", "d_model",
                                                                                       "d_sae")]
     if diff and (not accept_changes or shapes):

@@ -99,7 +99,7 @@ def load_checkpoint(tr: Trainer, tensors: dict[str, torch.Tensor], meta: dict[st
     if meta["world_size"] != tr.world:
         warnings.warn(f"resuming a {meta['world_size']}-process run on {tr.world} processes", stacklevel=4)
     diff = resume_ckpt.check_settings(meta, settings(tr, data), accept_changes,
-                                      resume_ckpt.rate_changes(tr.sites, meta["sites"]))
+                                      resume_ckpt.default_rate_changes(tr.sites, meta["sites"]))
     resume_ckpt.unpack_sites(tr.sites, tensors, meta["sites"])
     for st in tr.sites.values():
         st.since_bound = int(st.since_fired.max()) if st.since_fired.numel() else 0

@@ -184,13 +184,31 @@ def test_a_default_learning_rate_changed_since_the_checkpoint_is_a_difference(tm
         Trainer(batchtopk(), cfg(**flat), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))
     monkeypatch.setattr(BatchTopKSAE, "default_lr_factor", 4.0)
     b = batchtopk()
-    with pytest.raises(saes.SAEError, match=r"sites\.\.learning_rates \[.*\] -> \[.*\]; resume with the same"):
+    with pytest.raises(saes.SAEError, match=r"sites\.\.default_lr [\d.e-]+ -> [\d.e-]+; resume with the same"):
         Trainer(b, cfg(**flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True)
     tr = Trainer(batchtopk(), cfg(**flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True,
                                                                  accept_changes=True)
     assert [g["lr"] for g in tr.sites[""].opt.param_groups] == pytest.approx([4 * default_lr(M)], rel=1e-12)
     changes = next(h for h in tr.history_ if h.get("event") == "resume")["changes"]
-    assert changes == {"sites..learning_rates": [pytest.approx([default_lr(M)]), pytest.approx([4 * default_lr(M)])]}
+    assert changes == {"sites..default_lr": [pytest.approx(default_lr(M)), pytest.approx(4 * default_lr(M))]}
+
+
+def test_a_default_rate_change_is_recorded_beside_an_accepted_factor_change(tmp_path, monkeypatch):
+    """A factor change accepted on resume does not hide that the SAE's default rate changed as well."""
+    from saes.jumprelu import JumpReluSAE
+    from saes.train_config import default_lr
+
+    flat = dict(lr=None, warmup_frac=0.0, decay_frac=0.0)
+    monkeypatch.setattr(JumpReluSAE, "default_lr_factor", 1.0)
+    with pytest.raises(Crash):
+        Trainer(jumprelu(10.0), cfg(**flat), out_dir=tmp_path).fit(Dies(D, rows=ROWS, at=7))
+    monkeypatch.setattr(JumpReluSAE, "default_lr_factor", 4.0)
+    tr = Trainer(jumprelu(20.0), cfg(**flat), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True,
+                                                                    accept_changes=True)
+    assert [g["lr"] for g in tr.sites[""].opt.param_groups] == pytest.approx([4 * default_lr(M), 80 * default_lr(M)])
+    changes = next(h for h in tr.history_ if h.get("event") == "resume")["changes"]
+    assert changes == {"sites..threshold_lr_factor": [10.0, 20.0],
+                       "sites..default_lr": [pytest.approx(default_lr(M)), pytest.approx(4 * default_lr(M))]}
 
 
 def test_an_unchanged_rate_is_no_difference(tmp_path):
