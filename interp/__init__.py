@@ -18,7 +18,7 @@ from interp.edits import (
                           ZeroAblate,
 )
 from interp.errors import CacheError, DataError, InputError, InterpError, ModelLoadError, SiteError
-from interp.intervene import Intervention, intervene
+from interp.intervene import Intervention, PaddingWarning, intervene
 from interp.layout_check import LayoutCheck, check_layout
 from interp.models import EMBEDDED, load_model
 from interp.positions import Positions
@@ -27,8 +27,8 @@ from interp.subspace import CircleMap, LinearMap, Subspace, TableMap
 
 __all__ = [
     "Activations", "capture", "load_model", "EMBEDDED", "Site", "resolve", "site_names", "check_layout", "LayoutCheck",
-    "intervene", "Intervention", "Positions", "Edit", "EditContext", "Compose", "Lambda", "ZeroAblate",
-    "ProjectOut", "MeanAblate", "Steer", "Replace", "Patch", "SetCoords", "Rotate", "SaeEdit",
+    "intervene", "Intervention", "PaddingWarning", "Positions", "Edit", "EditContext", "Compose", "Lambda",
+    "ZeroAblate", "ProjectOut", "MeanAblate", "Steer", "Replace", "Patch", "SetCoords", "Rotate", "SaeEdit",
     "Subspace", "CircleMap", "LinearMap", "TableMap", "random_control", "random_like", "random_subspace",
     "InterpError", "SiteError", "InputError", "DataError", "CacheError", "ModelLoadError",
 ]

@@ -233,10 +233,12 @@ def _shard_entries(folder: Path, rp: Path) -> list[dict]:
 class CachedActivations(ActivationSource):
     """Read a cache folder back as shuffled batches ``{site: [batch_tokens, d]}`` (plus ``"tokens"``
     when `with_tokens`). Each epoch visits the shards in a new random order, `shards_in_memory` at a
-    time, and shuffles their rows together.
+    time, and shuffles their rows together. Every row is served once per epoch: a group's rows that do
+    not fill a whole batch begin a batch that the next group (or the next epoch's first group) ends, so
+    every batch holds `batch_tokens` rows and only the last epoch's final partial batch is not served.
 
-    The state (``state_dict()``) is ``{"epoch", "group", "served"}``: the shard group being served and
-    the batches of it already yielded.
+    The state (``state_dict()``) is ``{"epoch", "group", "row"}``: the shard group where the next batch
+    begins and the rows of it (in its shuffled order) already served.
     """
 
     def __init__(self, folder: str | os.PathLike, *, batch_tokens: int = 4096, seed: int = 0,

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from interp.errors import InputError, SiteError
+from interp.intervene import batch_rows
 from interp.positions import PositionsArg, as_positions, last_token_index
 from interp.sites import Site, add_read_hook, remove_hooks, resolve, unwrap, warn_if_bridged
 
@@ -151,6 +152,18 @@ def _to(t: Tensor, device: str | torch.device, dtype: torch.dtype, pending: set)
     return t.to(device=device, dtype=dtype)
 
 
+def _check_ids(model: nn.Module, ids: Tensor) -> None:
+    """Token ids outside the model's embedding table are refused here, not deep inside the embedding lookup."""
+    emb = unwrap(model).get_input_embeddings() if hasattr(unwrap(model), "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if vocab is None or ids.is_floating_point():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"input_ids hold token ids {lo}..{hi}, but the model's embedding has {vocab} rows "
+                         f"(ids 0..{vocab - 1}); tokenize with this model's own tokenizer")
+
+
 def capture(
     model: nn.Module,
     inputs,
@@ -200,6 +213,7 @@ def capture(
     n = batch["input_ids"].shape[0]
     if n == 0 or batch["input_ids"].shape[1] == 0:
         raise InputError(f"inputs hold no tokens (input_ids shape {tuple(batch['input_ids'].shape)})")
+    _check_ids(model, batch["input_ids"])
     step = batch_size or n
     pos = as_positions(positions)
     if pos.needs_text:
@@ -245,7 +259,8 @@ def capture(
         try:
             for s in resolved:
                 handles += add_read_hook(s, recorder(s))
-            run_to_sites(model, chunk, resolved, stop_early)
+            with batch_rows(start, n):  # edits active around capture pair per-row values with these rows
+                run_to_sites(model, chunk, resolved, stop_early)
         finally:
             remove_hooks(handles)
             for dev in pending:  # every copy to CPU memory has landed before anything reads it

@@ -202,7 +202,7 @@ class CircleRotation(RotatedPatch):
             raise InputError("CircleRotation has no targets: call set_target(class indices) before the forward pass")
         w = self.W.to(x)
         coords, center, radius = (t.to(x) for t in self.circle())
-        t = self.target.to(x.device)[ctx.batch_idx.to(x.device)]
+        t = per_row(self.target, ctx, x, "CircleRotation: the target classes")
         u = coords[t] - center
         point = center + self.scale * radius * u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return x + (point - (x - self.origin.to(x)) @ w.T) @ w

@@ -40,6 +40,9 @@ class EditContext:
     slot: Int[Tensor, "..."] | None
     """Index into explicit per-row positions (pairs base and source positions), else None."""
     site: str = ""
+    n_rows: int | None = None
+    """Rows of the whole batch that per-row values are given for (``capture(batch_size=)`` runs it in chunks,
+    and ``batch_idx`` counts from the start of the whole batch); None: not known, only checked per index."""
 
 
 def _check_width(v: Tensor, x: Tensor, what: str) -> None:
@@ -48,9 +51,21 @@ def _check_width(v: Tensor, x: Tensor, what: str) -> None:
                          "give one value per dimension of the site")
 
 
-def per_row(value: Tensor, ctx: EditContext, x: Tensor) -> Tensor:
-    """A value given per batch row (``[batch, ...]``) broadcast to the rows of ``x``."""
-    return value.to(device=x.device, dtype=x.dtype)[ctx.batch_idx.to(x.device)]
+def per_row(value: Tensor, ctx: EditContext, x: Tensor, what: str = "a per-row value") -> Tensor:
+    """A value given per batch row (``[batch, ...]``) broadcast to the rows of ``x``; a value with another
+    number of rows than the batch is refused (it would pair rows with the wrong prompts)."""
+    value = value.to(device=x.device, dtype=x.dtype if value.is_floating_point() else value.dtype)
+    idx = ctx.batch_idx.to(x.device)
+    if value.dim() == 0:
+        return value.expand(idx.shape)
+    rows = value.shape[0]
+    if rows == 1:  # one value for every row
+        return value[torch.zeros_like(idx)]
+    if (ctx.n_rows is not None and rows != ctx.n_rows) or (idx.numel() and int(idx.max()) >= rows):
+        raise InputError(f"{what} has {rows} rows, but the batch has "
+                         f"{ctx.n_rows if ctx.n_rows is not None else 'more'} prompts; give one per prompt (or a "
+                         "single value for all)")
+    return value[idx]
 
 
 class Edit(abc.ABC):
@@ -119,6 +134,7 @@ class ZeroAblate(Edit):
         self.subspace = _sub(subspace)
 
     def __call__(self, x, ctx):
+        _check_width(self.subspace.basis, x, "ZeroAblate: the subspace")
         b = _basis(self.subspace, x)
         return x - (x @ b.T) @ b
 
@@ -168,7 +184,7 @@ class Steer(Edit):
         _check_width(self.v, x, "Steer: the steering vector")
         v = self.v.to(device=x.device, dtype=x.dtype)
         if isinstance(self.alpha, Tensor):
-            return x + per_row(self.alpha, ctx, x)[..., None] * v
+            return x + per_row(self.alpha, ctx, x, "Steer: alpha")[..., None] * v
         return x + self.alpha * v
 
 
@@ -182,7 +198,7 @@ class Replace(Edit):
         _check_width(self.value, x, "Replace: the value")
         v = self.value.to(device=x.device, dtype=x.dtype)
         if v.dim() == 2:
-            v = per_row(self.value, ctx, x)
+            v = per_row(self.value, ctx, x, "Replace: the value")
         return v.expand_as(x).clone()
 
 
@@ -221,9 +237,10 @@ class Patch(Edit):
     def _source_rows(self, x: Tensor, ctx: EditContext) -> Tensor:
         src = self.source.to(device=x.device, dtype=x.dtype)
         bi = ctx.batch_idx.to(x.device)
-        if bi.numel() and int(bi.max()) >= src.shape[0]:
-            raise InputError(f"patch source has {src.shape[0]} rows but the base batch has more; "
-                             "pair every base prompt with a source prompt")
+        if (ctx.n_rows is not None and src.shape[0] != ctx.n_rows) or (bi.numel() and int(bi.max()) >= src.shape[0]):
+            raise InputError(f"patch source has {src.shape[0]} rows but the base batch has "
+                             f"{ctx.n_rows if ctx.n_rows is not None else 'more'}; pair every base prompt with one "
+                             "source prompt")
         if src.dim() == 2:
             return src[bi]
         if self.source_positions is not None:
@@ -239,6 +256,7 @@ class Patch(Edit):
         return src[bi, sp]
 
     def __call__(self, x, ctx):
+        _check_width(self.source, x, "Patch: the source")
         src = self._source_rows(x, ctx)
         if self.neurons is not None:
             idx = self.neurons.to(x.device)
@@ -246,10 +264,11 @@ class Patch(Edit):
                 bad = idx[(idx < 0) | (idx >= x.shape[-1])].unique().tolist()
                 raise InputError(f"neurons {bad} do not exist at {ctx.site or 'this site'}, whose width is "
                                  f"{x.shape[-1]} (valid: 0..{x.shape[-1] - 1})")
-            idx = idx[ctx.batch_idx.to(x.device)] if idx.dim() == 2 else idx.expand(*x.shape[:-1], -1)
+            idx = per_row(idx, ctx, x, "Patch: neurons") if idx.dim() == 2 else idx.expand(*x.shape[:-1], -1)
             return x.scatter(-1, idx, src.gather(-1, idx))
         if self.subspace is None:
             return src.clone()
+        _check_width(self.subspace.basis, x, "Patch: the subspace")
         b = _basis(self.subspace, x)
         return x + (src @ b.T - x @ b.T) @ b
 
@@ -280,7 +299,10 @@ class SetCoords(Edit):
 
     def __call__(self, x, ctx):
         c = self.coords
-        c = per_row(c, ctx, x) if c.dim() == 2 else c.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], -1)
+        if c.dim() == 2:
+            c = per_row(c, ctx, x, "SetCoords: coords")
+        else:
+            c = c.to(device=x.device, dtype=x.dtype).expand(*x.shape[:-1], -1)
         return self.subspace.with_coords(x, c)
 
 
@@ -370,15 +392,18 @@ class Rotate(Edit):
         c = self.subspace.project(x)[..., list(self.plane)] - self.center.to(x)
         if self.axes is None:
             return c
-        return torch.linalg.solve(self.axes.to(c), c.unsqueeze(-1)).squeeze(-1)
+        # solved in float32 at least: torch has no half-precision solve on CPU
+        dt = torch.promote_types(c.dtype, torch.float32)
+        uw = torch.linalg.solve(self.axes.to(device=c.device, dtype=dt), c.to(dt).unsqueeze(-1)).squeeze(-1)
+        return uw.to(c.dtype)
 
     def thetas(self, uw: Tensor, ctx: EditContext, x: Tensor):
         """``(turn per row, target angle per row or None)``; the turn is None for a no-op angle."""
         if self.to is not None:
-            target = per_row(self.to, ctx, x) if isinstance(self.to, Tensor) else self.to
+            target = per_row(self.to, ctx, x, "Rotate: to") if isinstance(self.to, Tensor) else self.to
             return target - torch.atan2(uw[..., 1], uw[..., 0]), target
         if isinstance(self.angle, Tensor):
-            return per_row(self.angle, ctx, x), None
+            return per_row(self.angle, ctx, x, "Rotate: angle"), None
         return (torch.full_like(uw[..., 0], self.angle) if self.angle % (2 * math.pi) else None), None
 
     def __call__(self, x, ctx):
@@ -421,6 +446,10 @@ class SaeEdit(Edit):
         xs = x.to(self._sae_dtype(x))
         codes = self.sae.encode(xs)
         idx = self.latents.to(codes.device)
+        if bool(((idx < 0) | (idx >= codes.shape[-1])).any()):
+            bad = idx[(idx < 0) | (idx >= codes.shape[-1])].unique().tolist()
+            raise InputError(f"SaeEdit: latents {bad} do not exist in an SAE of {codes.shape[-1]} latents "
+                             f"(valid: 0..{codes.shape[-1] - 1})")
         picked = codes.index_select(-1, idx)
         if self.mode == "ablate":
             new = torch.zeros_like(picked)

@@ -13,12 +13,19 @@ order; nested ``with`` blocks compose (outer first) and unwind independently. Fo
 Absolute positions stay right under ``generate`` with a KV cache: a pre-hook on the module that
 runs the blocks reads how many columns are already cached (``cache`` / ``past_key_values`` /
 ``cache_position``) and the 2-D attention mask, so each decode step knows which column it is.
+Without a cache (``generate(use_cache=False)``) every step runs over all columns again; a pass with
+``use_cache=False`` whose ``input_ids`` extend the previous prompt pass's is read as such a step, so
+``"last"`` and negative columns still count from the prompt's end and the same columns are edited as
+with a cache.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +34,7 @@ from torch import Tensor, nn
 from interp.edits import Edit, EditContext, as_edit
 from interp.errors import InputError
 from interp.positions import Positions, as_positions, is_dict_form
+from interp.precision import outside_stacklevel
 from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap, warn_if_bridged
 
 
@@ -42,6 +50,23 @@ class _Pass:
     calls: int = 0
     edited: dict[str, int] = field(default_factory=dict)
     resolved: dict[int, Positions] = field(default_factory=dict)  # text selectors bound on the prompt pass
+    prompt_ids: Tensor | None = None  # input_ids of the prompt pass (to know generate's steps without a cache)
+    warned: set[str] = field(default_factory=set)  # sites already warned about positions on padding
+
+
+_BATCH_ROWS: ContextVar[tuple[int, int] | None] = ContextVar("interp_batch_rows", default=None)
+
+
+@contextmanager
+def batch_rows(first: int, total: int) -> Iterator[None]:
+    """Forward passes in this block run rows ``first..`` of a batch of `total` rows (``capture(batch_size=)``
+    sets it for each chunk), so that per-row edit values and per-row positions, given for the whole batch,
+    pair each row with its own prompt."""
+    token = _BATCH_ROWS.set((first, total))
+    try:
+        yield
+    finally:
+        _BATCH_ROWS.reset(token)
 
 
 def blocks_owner(model: nn.Module) -> nn.Module:
@@ -71,6 +96,19 @@ def _input_shape(args: tuple, kwargs: dict) -> tuple[int, int] | None:
         if isinstance(v, Tensor) and v.dim() >= 2:
             return v.shape[0], v.shape[1]
     return None
+
+
+class PaddingWarning(UserWarning):
+    """Explicit positions fell on padding in some rows, which were left unedited there."""
+
+
+def _checked(new, rows: Tensor, name: str) -> Tensor:
+    """An edit's output, refused unless it is a tensor of the rows' shape; in the rows' dtype."""
+    if not isinstance(new, Tensor) or new.shape != rows.shape:
+        got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
+        raise InputError(f"the edit at {name!r} returned {got} for rows of shape {tuple(rows.shape)}; an edit must "
+                         "return a tensor of the shape it was given")
+    return new.to(rows.dtype)
 
 
 class Intervention:
@@ -130,11 +168,15 @@ class Intervention:
         b, s = shape
         st.seq = s
         st.offset = _cached_len(kwargs)
-        if st.offset == 0:
-            st.prompt_len = s
         mask = kwargs.get("attention_mask")
-        if st.offset == 0 and self.tokenizer is not None:
-            self._bind_text(args, kwargs, mask)
+        ids = kwargs.get("input_ids")
+        ids = args[0] if ids is None and args else ids
+        ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
+        if st.offset == 0 and not self._continues_prompt(ids, kwargs):
+            st.prompt_len = s
+            st.prompt_ids = ids
+            if self.tokenizer is not None:
+                self._bind_text(args, kwargs, mask)
         st.mask = None
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b:
             if mask.shape[1] >= st.offset + s:
@@ -146,6 +188,14 @@ class Intervention:
             if window is not None and not bool(window.bool().all()):
                 st.mask = window.bool()
         return None
+
+    def _continues_prompt(self, ids: Tensor | None, kwargs: dict) -> bool:
+        """Whether this pass is a step of ``generate(use_cache=False)``: it runs without a cache over the last
+        prompt pass's tokens plus new ones. Positions then keep counting from that prompt's end, so the
+        same columns are edited as with a cache."""
+        p = self._pass.prompt_ids
+        return (kwargs.get("use_cache") is False and ids is not None and p is not None and ids.shape[0] == p.shape[0]
+                and ids.shape[1] > p.shape[1] and torch.equal(ids[:, :p.shape[1]], p.to(ids.device)))
 
     def _bind_text(self, args: tuple, kwargs: dict, mask) -> None:
         """Resolve text selectors to this prompt's columns (kept for the decode steps that follow)."""
@@ -175,34 +225,42 @@ class Intervention:
                 raise InputError(f"site {name!r} produced shape {tuple(value.shape)}; interventions expect "
                                  "[batch, seq, d] activations")
             b, s = value.shape[:2]
+            first, n_rows = _BATCH_ROWS.get() or (0, b)
+            if first or n_rows != b:  # a chunk of a larger batch: per-row positions are the chunk's rows
+                pos = pos.rows(first, first + b) if pos.n_rows == n_rows else pos
             if st.active and st.seq == s:
                 offset, mask, prompt_len = st.offset, st.mask, st.prompt_len
             else:
                 offset, mask, prompt_len = 0, None, s
             if mask is not None:
                 mask = mask.to(value.device)
-            if pos.is_all and (mask is None or pos.edit_padding):
-                ctx = EditContext(torch.arange(b, device=value.device)[:, None].expand(b, s),
-                                  torch.arange(offset, offset + s, device=value.device)[None].expand(b, s), None, name)
-                st.edited[name] = st.edited.get(name, 0) + b * s
-                return edit(value, ctx).to(value.dtype)
-            if pos.is_all:  # every real token: edit everything, keep padding as it was
-                ctx = EditContext(torch.arange(b, device=value.device)[:, None].expand(b, s),
-                                  torch.arange(offset, offset + s, device=value.device)[None].expand(b, s), None, name)
+            if pos.is_all:
+                ctx = EditContext(first + torch.arange(b, device=value.device)[:, None].expand(b, s),
+                                  torch.arange(offset, offset + s, device=value.device)[None].expand(b, s), None, name,
+                                  n_rows)
+                new = _checked(edit(value, ctx), value, name)
+                if mask is None or pos.edit_padding:
+                    st.edited[name] = st.edited.get(name, 0) + b * s
+                    return new
+                # every real token: edit everything, keep padding as it was
                 st.edited[name] = st.edited.get(name, 0) + int(mask.sum())
-                return torch.where(mask[..., None], edit(value, ctx).to(value.dtype), value)
+                return torch.where(mask[..., None], new, value)
             sel = pos.select(b, s, offset, prompt_len, mask, value.device)
+            if sel.on_padding is not None and name not in st.warned:
+                st.warned.add(name)
+                rows = (sel.on_padding + first).tolist()
+                warnings.warn(f"positions={pos.spec!r} fall on padding in rows {rows[:10]} at {name!r}, which stay "
+                              "unedited there (columns count over the padded batch, negative ones from its end); "
+                              "use positions='last' for each row's last real token, or edit_padding=True",
+                              PaddingWarning, stacklevel=outside_stacklevel(sys._getframe(), through_torch=True))
             n = sel.batch_idx.numel()
             if n == 0:
                 return value
             st.edited[name] = st.edited.get(name, 0) + n
             rows = value[sel.batch_idx, sel.col]
-            ctx = EditContext(sel.batch_idx, sel.col + offset, sel.slot, name)
-            new = edit(rows, ctx)
-            if new.shape != rows.shape:
-                raise InputError(f"the edit at {name!r} returned shape {tuple(new.shape)} for rows of shape "
-                                 f"{tuple(rows.shape)}; an edit must keep the shape")
-            return value.index_put((sel.batch_idx, sel.col), new.to(value.dtype))
+            ctx = EditContext(first + sel.batch_idx, sel.col + offset, sel.slot, name, n_rows)
+            new = _checked(edit(rows, ctx), rows, name)
+            return value.index_put((sel.batch_idx, sel.col), new)
 
         return fn
 

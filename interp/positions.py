@@ -9,7 +9,8 @@ Each entry reads: form (Python) (YAML / JSON): picks; capture returns.
 
 - `None`, `"all"` (`all` (or `null`)): every real token (padding is edited only with
   `edit_padding=True`); `[b, seq, d]` (padding included)
-- `"last"` (`last`): the last real token of each row; under `generate`, then each new token; `[b, d]`
+- `"last"` (`last`): the last real token of each row's prompt; under `generate`, then each new token
+  (with or without a KV cache); `[b, d]`
 - `3`, `[0, -1]` (`3`, `[0, -1]`): these columns in every row; negative ones count back from the end of
   the prompt; `[b, n, d]`
 - `[[3, 7], [5, 6]]`, int `[b, n]` (`[[3, 7], [5, 6]]`): per-row columns; the k-th column of a row is its
@@ -33,7 +34,9 @@ may hold ``{field}`` placeholders filled per row by :meth:`Positions.fill` (the 
 each row's dataset fields, ``item_activations`` fills ``{item}`` with each prompt's item).
 
 In ``capture`` an integer column outside ``-seq..seq-1`` raises; in ``intervene`` it may name a
-column that ``generate`` has not reached yet. Padding is never edited unless ``edit_padding=True``.
+column that ``generate`` has not reached yet. Padding is never edited unless ``edit_padding=True``; an
+explicit column that falls on padding in some rows leaves them unedited there, and ``intervene`` warns
+(``PaddingWarning``) once per site.
 
 Under ``generate``, a forward pass sees the columns ``[offset, offset + seq)``: ``offset`` is 0 for
 the prompt step and the number of cached columns for a decode step. Absolute columns, masks and
@@ -73,6 +76,8 @@ class Picked:
     """Column inside this forward pass (absolute column = col + offset)."""
     slot: Int[Tensor, " n"] | None
     """Index into the explicit per-row column list (None for masks, slices, 'last', all)."""
+    on_padding: Int[Tensor, " m"] | None = None
+    """Rows where an explicit column of this pass fell on padding and was left unedited (None: none)."""
 
 
 class Positions:
@@ -120,7 +125,7 @@ class Positions:
 
     def rows(self, start: int, stop: int) -> Positions:
         """The positions of rows ``start..stop-1`` (per-row forms are sliced, others pass through)."""
-        return self if self.n_rows is None or self.needs_text else self._with(self.kind, self.value[start:stop])
+        return self if self.n_rows is None else self._with(self.kind, self.value[start:stop])
 
     def fill(self, rows: Sequence[Mapping]) -> Positions:
         """Fill ``{field}`` placeholders of a token string per row, from that row's fields."""
@@ -249,10 +254,15 @@ class Positions:
                 return None
             sel = mask.bool()
         elif kind == "last":
-            m = mask if mask is not None else torch.ones(batch, seq, dtype=torch.bool, device=device)
-            last = last_token_index(m)
+            # the prompt's last real token, then every new token: columns past the prompt (under generate)
+            m = mask.bool() if mask is not None else torch.ones(batch, seq, dtype=torch.bool, device=device)
+            new = (torch.arange(offset, offset + seq, device=device) >= prompt_len)[None]
+            last = last_token_index(m & ~new)
+            sel = m & new
             keep = last >= 0
-            return Picked(torch.arange(batch, device=device)[keep], last[keep], None)
+            sel[torch.arange(batch, device=device)[keep], last[keep]] = True
+            b_idx, col = sel.nonzero(as_tuple=True)
+            return Picked(b_idx, col, None)
         elif kind == "mask":
             full = v.to(device)
             if full.shape[0] not in (1, batch):
@@ -286,10 +296,13 @@ class Positions:
             hit = real & (local >= 0) & (local < seq)
             b_idx, k_idx = hit.nonzero(as_tuple=True)
             col = local[b_idx, k_idx]
+            skipped = None
             if mask is not None and not self.edit_padding:
                 keep = mask[b_idx, col].bool()
+                if not bool(keep.all()):
+                    skipped = b_idx[~keep].unique()
                 b_idx, k_idx, col = b_idx[keep], k_idx[keep], col[keep]
-            return Picked(b_idx, col, k_idx)
+            return Picked(b_idx, col, k_idx, skipped)
         if mask is not None and not self.edit_padding:
             sel = sel & mask.bool()
         b_idx, col = sel.nonzero(as_tuple=True)

@@ -38,12 +38,18 @@ _LIBRARY = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__
                  for p in ("interp", "saes", "probes"))
 
 
-def outside_stacklevel(frame) -> int:
+_FRAMEWORKS = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch,))
+
+
+def outside_stacklevel(frame, *, through_torch: bool = False) -> int:
     """The ``stacklevel`` for a ``warnings.warn`` made in ``frame`` that points at the first frame outside this
-    library's packages and a runtime type checker's wrappers: the user's line."""
+    library's packages and a runtime type checker's wrappers: the user's line. With `through_torch` (a
+    warning from a module hook) torch's frames and the model's own ``forward`` code are passed over too."""
     level = 1
     while frame is not None and (frame.f_code.co_filename.startswith(_LIBRARY)
-                                 or _is_wrapper(frame.f_code.co_filename)):
+                                 or _is_wrapper(frame.f_code.co_filename)
+                                 or (through_torch and (frame.f_code.co_filename.startswith(_FRAMEWORKS)
+                                                        or "transformers" + os.sep in frame.f_code.co_filename))):
         frame, level = frame.f_back, level + 1
     return level
 

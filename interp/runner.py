@@ -260,11 +260,20 @@ def _build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, 
     return Patch(src, sub)
 
 
-def resolve_positions(spec_pos, rows: list[dict], batch: Mapping[str, torch.Tensor], tok) -> Positions:
-    """Spec positions (any form of :mod:`interp.positions`) bound to this batch of rows; ``{field}``
-    in a token string is filled from each row's fields."""
-    return as_positions(spec_pos).fill(rows).bind(batch["input_ids"], batch["attention_mask"], tokenizer=tok,
-                                                  texts=[r["text"] for r in rows])
+def resolve_positions(spec_pos, rows: list[dict], batch: Mapping[str, torch.Tensor], tok, *, first_row: int = 0,
+                      n_rows: int | None = None) -> Positions:
+    """Spec positions (any form of :mod:`interp.positions`) bound to this batch of rows, rows ``first_row..`` of
+    the spec's `n_rows` (per-row forms are given for all of them); ``{field}`` in a token string is filled from
+    each row's fields."""
+    pos = as_positions(spec_pos)
+    total = len(rows) if n_rows is None else n_rows
+    if pos.n_rows is not None and pos.n_rows != total:
+        raise InputError(f"positions={pos.spec!r} gives {pos.n_rows} rows for {total} prompts; give one per prompt, "
+                         "or one for all")
+    if pos.n_rows is not None:
+        pos = pos.rows(first_row, first_row + len(rows))
+    return pos.fill(rows).bind(batch["input_ids"], batch["attention_mask"], tokenizer=tok,
+                               texts=[r["text"] for r in rows])
 
 
 def check_reach(pos: Positions, batch: Mapping[str, torch.Tensor], edit: str, first_row: int) -> None:
@@ -288,7 +297,8 @@ def check_reach(pos: Positions, batch: Mapping[str, torch.Tensor], edit: str, fi
         lengths = mask.sum(1)[rows].tolist()
         raise InputError(f"edit {edit!r}: positions={pos.spec!r} pick no real token of rows "
                          f"{(rows + first_row).tolist()[:10]} (prompts of {lengths[:10]} tokens); the edit would "
-                         "change nothing there: choose positions inside every prompt (e.g. -1, the last token)")
+                         "change nothing there: choose positions inside every prompt (e.g. 'last', each prompt's last "
+                         "real token; with right padding, -1 is the padded batch's last column)")
 
 
 def _token_ids(tok, value, n: int) -> torch.Tensor:
@@ -350,7 +360,8 @@ def run_spec(spec: RunSpec, model=None, tok=None, *, progress: bool | None = Non
         outs = {"none": base}
         for e in spec.edits:
             site = e.get("site", spec.site)
-            pos = resolve_positions(e.get("positions", spec.positions), chunk, batch, tok)
+            pos = resolve_positions(e.get("positions", spec.positions), chunk, batch, tok, first_row=start,
+                                    n_rows=len(rows))
             check_reach(pos, batch, e["name"], start)
             edit = build_edit(e, sub, chunk, model=model, tok=tok, site=site)
             with intervene(model, {site: edit}, positions=pos), torch.no_grad():

@@ -11,9 +11,19 @@ cache share.
   across sites, with exact resumption through ``state_dict()`` / ``load_state_dict()``. A subclass
   says only how to produce the groups of one epoch, from a given group on.
 
+Every row is served once per epoch, in batches of exactly ``batch_tokens`` rows: the shuffled rows of
+the groups, one group after the other and one epoch after the other, form one stream cut into batches,
+so a group's last rows (fewer than a batch) begin a batch that the next group ends, and an epoch's last
+rows begin the first batch of the next epoch (which may then hold a row twice, once per epoch). Only
+the rows after the last full batch of the last epoch (fewer than ``batch_tokens``) are never served.
+A source whose epoch holds fewer rows than one batch is refused (:class:`interp.errors.InputError`).
+Memory holds one group plus fewer than ``batch_tokens`` pending rows.
+
 Determinism: the rows of group ``g`` in epoch ``e`` are permuted with a generator seeded from
 ``(seed, e, g)``, so the same seed gives the same batches, and a source resumed from a state continues
-bit-exactly where the saved one stopped.
+bit-exactly where the saved one stopped. The state (``{"epoch", "group", "row"}`` plus a subclass's
+cursor) is where the next batch begins: row ``row`` of that group's shuffled order, so resuming reloads
+that group (and the following ones, when the batch spans them) and needs no saved rows.
 """
 
 from __future__ import annotations
@@ -76,8 +86,9 @@ def capture_rows(model: nn.Module, tokenizer, sites: Sequence[str], windows: Ite
 def take_rows(chunks: Iterator[tuple[dict[str, Tensor], int]], limit: int) -> tuple[dict[str, Tensor], int]:
     """Concatenate chunks from :func:`capture_rows` until they hold at least `limit` rows.
 
-    Returns the rows (``{}`` when the stream ended before any) and the windows they used. Fewer than
-    `limit` rows means the stream ended.
+    Returns the rows (``{}`` when the stream ended before any) and the windows they used: all of the
+    last chunk's rows, so possibly more than `limit` (no row is dropped). Fewer than `limit` rows means
+    the stream ended.
     """
     parts: dict[str, list[Tensor]] = {}
     rows = used = 0
@@ -101,7 +112,8 @@ class ActivationSource(ABC):
     The shared interface of the live store and the disk cache: iterate (or call :meth:`next_batch`),
     read ``sites``, ``d_models`` (``{site: width}``), ``d_model`` (the one width), ``batch_tokens``,
     ``n_tokens`` (rows available; None when unbounded), :meth:`describe`, and save/restore the position
-    with :meth:`state_dict` / :meth:`load_state_dict`.
+    with :meth:`state_dict` / :meth:`load_state_dict`. Each epoch serves every row once (see the module
+    doc: batches may span groups and epochs, so every batch holds ``batch_tokens`` rows).
 
     A subclass implements :meth:`_groups`, ``d_models`` and :meth:`describe`; it may name extra state
     keys in ``_cursor`` (what it needs to restart at a group, such as the windows already consumed).
@@ -151,14 +163,20 @@ class ActivationSource(ABC):
         return next(iter(widths.values()))
 
     def _start(self, epoch: int) -> dict[str, int]:
-        return {"epoch": epoch, "group": 0, "served": 0, **{k: 0 for k in self._cursor}}
+        return {"epoch": epoch, "group": 0, "row": 0, **{k: 0 for k in self._cursor}}
 
     def state_dict(self) -> dict[str, int]:
         """Position in the data: enough to resume exactly after the last yielded batch."""
         return dict(self._pos)
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume from a :meth:`state_dict` (the next batch is the one after the saved position)."""
+        """Resume from a :meth:`state_dict` (the next batch is the one after the saved position).
+
+        A state saved before ``"row"`` existed counts ``"served"`` whole batches of its group instead:
+        it resumes at row ``served * batch_tokens`` of that group, the batch it would have served next.
+        """
+        if "row" not in state and "served" in state:
+            state = {**state, "row": int(state["served"]) * self.batch_tokens}
         keys = tuple(self._start(0))
         missing = [k for k in keys if k not in state]
         if missing:
@@ -168,24 +186,41 @@ class ActivationSource(ABC):
         self._it = None
 
     def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        # The shuffled rows of the groups, one group after the other and one epoch after the other, form
+        # one stream cut into batches of batch_tokens rows: a group's last rows begin the next batch, which
+        # ends in the next group (or the next epoch). The state is where the next batch begins, so a resume
+        # reloads the groups from there on; the rows held are one group plus fewer than batch_tokens pending.
         resume = dict(self._pos)
         epoch = resume["epoch"]
+        pending: list[dict[str, Tensor]] = []
+        held = 0  # rows in pending
         while self.epochs is None or epoch < self.epochs:
             start = resume if epoch == resume["epoch"] else self._start(epoch)
-            g = start["group"]
+            whole, g, seen = start == self._start(epoch), start["group"], 0
             for cursor, rows in self._groups(epoch, start):
                 n = next(iter(rows.values())).shape[0]
+                seen += n
                 perm = torch.randperm(n, generator=generator(self.seed, epoch, g))
-                skip = start["served"] if g == start["group"] else 0
-                for i, lo in enumerate(range(0, n - self.batch_tokens + 1, self.batch_tokens)):
-                    if i < skip:
-                        continue
-                    self._pos = {"epoch": epoch, "group": g, "served": i + 1, **cursor}
-                    idx = perm[lo:lo + self.batch_tokens]
-                    yield {k: self._to_output(k, v[idx]) for k, v in rows.items()}
+                lo = start["row"] if g == start["group"] else 0
+                while lo < n:
+                    take = min(n - lo, self.batch_tokens - held)
+                    idx = perm[lo:lo + take]
+                    pending.append({k: v[idx] for k, v in rows.items()})
+                    held, lo = held + take, lo + take
+                    if held == self.batch_tokens:
+                        self._pos = {"epoch": epoch, "group": g, "row": lo, **cursor}
+                        batch = pending[0] if len(pending) == 1 else {k: torch.cat([p[k] for p in pending])
+                                                                       for k in pending[0]}
+                        pending, held = [], 0
+                        yield {k: self._to_output(k, v) for k, v in batch.items()}
                 g += 1
+            if whole and seen < self.batch_tokens:
+                raise InputError(f"{type(self).__name__}: epoch {epoch} holds only {seen} rows, fewer than "
+                                 f"batch_tokens={self.batch_tokens}, so no batch can be filled without repeating "
+                                 f"rows; pass batch_tokens <= {seen} or give it more data")
             epoch += 1
-            self._pos = self._start(epoch)
+            if not held:  # else the next batch begins among the pending rows, where self._pos already points
+                self._pos = self._start(epoch)
 
     def _to_output(self, key: str, rows: Tensor) -> Tensor:
         if key == TOKENS or self.dtype is None:

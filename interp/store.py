@@ -61,8 +61,11 @@ class ActivationStore(ActivationSource):
         max_windows: stop after this many windows (useful for small runs).
         progress: show a progress bar of the windows captured (out of ``max_windows`` when set).
 
-    The state (``state_dict()``) is ``{"epoch", "group", "served", "window"}``: the buffer being served,
-    the batches of it already yielded and the windows consumed before it.
+    Every row of an epoch is served once: a buffer's rows that do not fill a whole batch begin a batch
+    that the next buffer (or the next epoch) ends, so every batch holds `batch_tokens` rows.
+
+    The state (``state_dict()``) is ``{"epoch", "group", "row", "window"}``: the buffer where the next
+    batch begins, the rows of it (in its shuffled order) already served and the windows consumed before it.
     """
 
     _cursor = ("window",)

@@ -158,6 +158,11 @@ CoordMap = CircleMap | LinearMap | TableMap
 _MAPS = {"circle": CircleMap, "linear": LinearMap, "table": TableMap}
 
 
+ORTHO_TOL = 1e-4
+"""Largest ``|B B^T - I|`` entry a basis given as orthonormal may have, and the smallest length (relative to the
+longest row) a row keeps after the rows before it are projected out when the basis is orthonormalised."""
+
+
 class Subspace:
     """An affine subspace ``origin + span(basis)`` of the residual stream."""
 
@@ -170,13 +175,28 @@ class Subspace:
         if basis.dim() != 2 or basis.shape[0] == 0 or basis.shape[0] > basis.shape[1]:
             raise InputError(f"basis must be [rank, d_model] with 1 <= rank <= d_model; got {tuple(basis.shape)}")
         basis = basis.float()
+        if not bool(torch.isfinite(basis).all()):
+            raise InputError(f"basis [{basis.shape[0]}, {basis.shape[1]}] holds NaN or inf; a subspace needs finite "
+                             "directions (check what produced them)")
         if orthonormalize:
             q, r = torch.linalg.qr(basis.T)
+            rank = int((torch.diagonal(r).abs() > ORTHO_TOL * basis.norm(dim=1).max()).sum())
+            if rank < basis.shape[0]:
+                raise InputError(f"basis rows are linearly dependent: {basis.shape[0]} rows span only {rank} "
+                                 "dimensions; pass independent directions or fewer rows")
             basis = (q * torch.sign(torch.diagonal(r))).T.contiguous()  # keeps each row's direction
+        else:
+            err = float((basis.double() @ basis.double().T - torch.eye(basis.shape[0], dtype=torch.float64,
+                                                                        device=basis.device)).abs().max())
+            if err > ORTHO_TOL:
+                raise InputError(f"basis rows are not orthonormal (max |B B^T - I| = {err:.3g}, allowed "
+                                 f"{ORTHO_TOL:g}); pass orthonormalize=True or orthonormal rows")
         self.basis = basis
         self.origin = torch.zeros(basis.shape[1]) if origin is None else torch.as_tensor(origin).float()
         if self.origin.shape != (basis.shape[1],):
             raise InputError(f"origin must be [d_model={basis.shape[1]}]; got {tuple(self.origin.shape)}")
+        if not bool(torch.isfinite(self.origin).all()):
+            raise InputError("origin holds NaN or inf; a subspace needs a finite origin")
         self.coord_map = coord_map
         self.name = name
         self.meta = dict(meta or {})

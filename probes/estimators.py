@@ -13,6 +13,7 @@ residual-stream dimensions, or an SAE's latents (``sae.encode(x)``); each column
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,7 +25,15 @@ from interp.errors import InputError
 from probes.logistic import balanced_weights, fit_logistic, predict_logits
 from probes.metrics import classification_report
 from probes.selection import canonical_method, rank_neurons
-from probes.split import as_features, check_both_classes, encode_labels, fold_ids, log_grid, standardize_stats
+from probes.split import (
+    as_features,
+    check_both_classes,
+    check_positive,
+    encode_labels,
+    fold_ids,
+    log_grid,
+    standardize_stats,
+)
 
 DEFAULT_CS = tuple(log_grid(1e-3, 1e2, 6))
 """Values of C that ``LinearProbe(C=None)`` chooses from by cross-validation."""
@@ -93,6 +102,24 @@ def _prepare(X, y, standardize: bool, class_weight: str | None):
     return x, y01, classes, mean, scale, w
 
 
+def _check_ranking(ranking, d: int, n_neurons: int) -> Tensor:
+    """A given ranking as a long tensor of distinct column indices (at least `n_neurons`), or InputError."""
+    r = torch.as_tensor(ranking)
+    if r.dim() != 1 or r.is_floating_point() or r.is_complex() or r.dtype == torch.bool:
+        raise InputError(f"ranking must be a 1-D sequence of integer column indices; got dtype {r.dtype} and shape "
+                         f"{tuple(r.shape)}. Pass a fitted probe's ranking_ or probes.rank_neurons(X, y)")
+    r = r.long()
+    if r.numel() < n_neurons:
+        raise InputError(f"ranking holds {r.numel()} neurons; n_neurons={n_neurons} needs at least that many")
+    out = (r < 0) | (r >= d)
+    if bool(out.any()):
+        raise InputError(f"ranking holds indices {r[out][:5].tolist()} outside the {d} columns of X "
+                         f"(valid: 0..{d - 1}); was it computed on other activations?")
+    if r.unique().numel() != r.numel():
+        raise InputError("ranking repeats some neurons; it must list distinct column indices, most useful first")
+    return r
+
+
 @renamed_fields({"k": "n_neurons"})
 class SparseProbe(_BinaryProbe):
     """A sparse logistic probe: pick `n_neurons` neurons by `method`, then fit an L2 logistic regression
@@ -122,11 +149,12 @@ class SparseProbe(_BinaryProbe):
         self.class_weight = class_weight
         self.max_iter = max_iter
 
-    def fit(self, X: Float[Tensor, "n d"], y, ranking: Int[Tensor, " d"] | None = None) -> SparseProbe:
+    def fit(self, X: Float[Tensor, "n d"], y, ranking: Int[Tensor, " d"] | Sequence[int] | None = None) -> SparseProbe:
         """Select neurons and fit. Pass `ranking` to reuse a ranking computed earlier (skips selection)."""
         canonical_method(self.method)
         if not isinstance(self.n_neurons, int) or isinstance(self.n_neurons, bool) or self.n_neurons < 1:
             raise InputError(f"n_neurons={self.n_neurons!r} must be a positive integer (neurons the probe may use)")
+        check_positive(self.C, "C")
         x, y01, self.classes_, self.mean_, self.scale_, w = _prepare(X, y, self.standardize, self.class_weight)
         if self.n_neurons > x.shape[1]:
             raise InputError(f"n_neurons={self.n_neurons} exceeds the {x.shape[1]} neurons (columns) of X; "
@@ -134,7 +162,7 @@ class SparseProbe(_BinaryProbe):
         xs = (x - self.mean_) / self.scale_
         if ranking is None:
             ranking = rank_neurons(xs, y01, self.method, sample_weight=w, C=self.C)
-        self.ranking_ = torch.as_tensor(ranking, dtype=torch.long)
+        self.ranking_ = _check_ranking(ranking, x.shape[1], self.n_neurons)
         self.support_ = self.ranking_[: self.n_neurons]
         coef, b = fit_logistic(xs[None, :, self.support_], y01, C=self.C, sample_weight=w, max_iter=self.max_iter)
         self.coef_, self.intercept_ = coef[0], float(b[0])
@@ -184,17 +212,19 @@ class LinearProbe(_BinaryProbe):
         if self.C is None:
             self.C_, self.cv_scores_ = self._cross_validate(xs, y01, sw, groups)
         else:
-            if self.C <= 0:
-                raise InputError(f"C={self.C} must be > 0")
-            self.C_ = float(self.C)
+            self.C_ = check_positive(self.C, "C")
         coef, b = fit_logistic(xs[None], y01, C=self.C_, sample_weight=sw, solver=self.solver, max_iter=self.max_iter)
         self.coef_, self.intercept_ = coef[0], float(b[0])
         return self
 
     def _cross_validate(self, xs: Tensor, y: Tensor, sw: Tensor, groups) -> tuple[float, dict[float, float]]:
-        cs = [float(c) for c in self.Cs]
-        if not cs or min(cs) <= 0:
-            raise InputError(f"Cs={self.Cs!r} must be a non-empty list of positive values")
+        try:
+            cs = [float(c) for c in self.Cs]
+        except (TypeError, ValueError):
+            cs = []
+        if not cs or not all(math.isfinite(c) and c > 0 for c in cs):
+            raise InputError(f"Cs={self.Cs!r} must be a non-empty list of finite positive values, "
+                             f"e.g. {list(DEFAULT_CS)}")
         folds = fold_ids(xs.shape[0], self.cv, self.seed, groups)
         # every (fold, C) problem shares x; held-out rows get weight 0 in its training objective
         train = torch.stack([folds != f for f in range(self.cv)]).to(xs.dtype)  # [cv, n]

@@ -25,6 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.errors import InputError
+from probes.split import check_finite
 
 NEWTON_MAX_K = 640
 """Widest problem ``solver="auto"`` hands to Newton; wider ones go to L-BFGS."""
@@ -36,6 +37,15 @@ def balanced_weights(y: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch n"]:
     pos = y.sum(-1, keepdim=True).clamp(min=1.0)
     neg = (n - y.sum(-1, keepdim=True)).clamp(min=1.0)
     return torch.where(y > 0.5, n / (2 * pos), n / (2 * neg))
+
+
+def check_weights(s: Tensor, name: str = "sample_weight") -> None:
+    """InputError unless every weight is finite and >= 0 (a NaN, inf or negative weight fits nonsense)."""
+    bad = ~torch.isfinite(s) | (s < 0)
+    if bool(bad.any()):
+        vals = torch.unique(s[bad])[:3].tolist()
+        raise InputError(f"{name} holds {int(bad.sum())} NaN, infinite or negative values (e.g. {vals}); weights "
+                         "must be finite and >= 0: fix or drop those examples")
 
 
 def _mv(x: Tensor, v: Tensor) -> Tensor:
@@ -121,15 +131,20 @@ def _fit(x, y, C, sample_weight, fit_intercept, solver, max_iter, tol, init, hes
     if solver not in ("auto", "newton", "lbfgs"):
         raise InputError(f"solver={solver!r}: expected 'auto', 'newton' or 'lbfgs'")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    check_finite(x, "x")
     bsz, n, k = x.shape
     shape = torch.empty(bsz, n, dtype=x.dtype, device=x.device)
     y = _broadcast(y.to(x.dtype) if isinstance(y, Tensor) else y, shape, "y")
     if ((y != 0) & (y != 1)).any():
         raise InputError(f"labels must be 0/1; got values {torch.unique(y)[:6].tolist()}")
     s = torch.ones_like(y) if sample_weight is None else _broadcast(sample_weight, shape, "sample_weight")
+    if sample_weight is not None:
+        check_weights(s)
     c = _broadcast(C, torch.empty(bsz, dtype=x.dtype, device=x.device), "C")
-    if (c <= 0).any():
-        raise InputError(f"C must be > 0; got {c.min().item()}")
+    if not bool(torch.isfinite(c).all()) or (c <= 0).any():
+        bad = c[~torch.isfinite(c) | (c <= 0)]
+        raise InputError(f"C must be > 0 and finite; got {bad[0].item()} (scikit-learn's C, the inverse L2 "
+                         "strength, e.g. 1.0)")
     t = 2 * y - 1
     use_newton = solver == "newton" or (solver == "auto" and k + int(fit_intercept) <= NEWTON_MAX_K)
     if init is not None and (tuple(init[0].shape) != (bsz, k) or tuple(init[1].shape) != (bsz,)):

@@ -18,6 +18,7 @@ regression (penalty ``alpha``, intercept unpenalised) on the ``n`` best-ranked. 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -53,8 +54,12 @@ class RegressionSweepConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "n_neurons", probe_sizes(self.n_neurons))
-        if not self.alpha >= 0:
-            raise InputError(f"alpha={self.alpha} must be >= 0 (0: least squares)")
+        try:
+            alpha = float(self.alpha)
+        except (TypeError, ValueError):
+            alpha = math.nan
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise InputError(f"alpha={self.alpha!r} must be a finite number >= 0 (0: least squares), e.g. 1.0")
         if not 0 < self.test_size < 1:
             raise InputError(f"test_size={self.test_size} must be in (0, 1)")
 

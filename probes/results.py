@@ -9,6 +9,7 @@ still reads), ``SweepResult.layers`` -> ``.sites``, and the keywords ``layer=`` 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ METRICS = ("f1", "accuracy", "precision", "recall", "auc", "train_f1")
 """Per-cell metrics of a classification sweep (test split unless prefixed ``train_``)."""
 REGRESSION_METRICS = ("r2", "spearman", "train_r2")
 """Per-cell metrics of a regression sweep (:func:`probes.sweep_regression`)."""
+
+
+def _is_nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
 
 
 class SweepRecord(RenamedKeys):
@@ -84,14 +89,20 @@ class SweepResult:
     @renamed_keywords({"k": "n_neurons"})
     def best(self, n_neurons: int | None = None, metric: str | None = None) -> dict:
         """The record with the highest `metric` (default: the first of :attr:`metrics`), among probes
-        with `n_neurons` neurons when given."""
+        with `n_neurons` neurons when given. Records whose metric is NaN (undefined) are skipped;
+        InputError when every one is."""
         metric = metric or self.metrics[0]
         if metric not in self.metrics:
             raise InputError(f"metric={metric!r}; expected one of {self.metrics}")
         rows = [r for r in self.records if n_neurons is None or r["n_neurons"] == n_neurons]
         if not rows:
             raise InputError(f"no records at n_neurons={n_neurons}; the sweep has n_neurons {self._n_neurons()}")
-        return max(rows, key=lambda r: (r[metric], -r["n_neurons"]))
+        scored = [r for r in rows if not _is_nan(r[metric])]  # max() never replaces a NaN key: skip them
+        if not scored:
+            raise InputError(f"every record{'' if n_neurons is None else f' at n_neurons={n_neurons}'} has "
+                             f"{metric}=NaN (undefined, e.g. a constant prediction or a single class); "
+                             f"choose another metric from {self.metrics}")
+        return max(scored, key=lambda r: (r[metric], -r["n_neurons"]))
 
     def table(self, metric: str | None = None) -> str:
         """A text table of `metric` (default: the first of :attr:`metrics`): one row per site, one column

@@ -72,9 +72,13 @@ class RidgeProbe:
         """Choose alpha and fit on (X, y); `groups` keeps each group within one fold (needs ``cv``)."""
         x = as_features(X).double()
         t = as_target(y, x.shape[0])
-        alphas = torch.tensor([float(a) for a in self.alphas], dtype=torch.float64)
-        if alphas.numel() == 0 or (alphas <= 0).any():
-            raise InputError(f"alphas={self.alphas!r} must be a non-empty list of positive values")
+        try:
+            alphas = torch.tensor([float(a) for a in self.alphas], dtype=torch.float64)
+        except (TypeError, ValueError):
+            alphas = torch.empty(0, dtype=torch.float64)
+        if alphas.numel() == 0 or not bool((torch.isfinite(alphas) & (alphas > 0)).all()):
+            raise InputError(f"alphas={self.alphas!r} must be a non-empty list of finite positive values, "
+                             "e.g. [0.1, 1.0, 10.0]")
         if groups is not None and self.cv is None:
             raise InputError("groups are only used by k-fold CV: pass cv=5 (or another fold count) with groups")
         if x.shape[0] < 3:

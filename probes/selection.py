@@ -21,14 +21,16 @@ F-statistic enter the path or the first fit (``max_candidates``); the others ran
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from interp.errors import InputError
-from probes.logistic import NEWTON_MAX_K, fit_logistic
-from probes.split import check_finite
+from probes.logistic import NEWTON_MAX_K, check_weights, fit_logistic
+from probes.split import check_finite, check_positive, encode_labels
 
 METHODS = ("mean_diff", "f_stat", "mutual_info", "l1", "adaptive")
 """Names accepted by :func:`rank_neurons` (aliases: anova, mi, lasso, at)."""
@@ -258,11 +260,11 @@ def _screened(x: Tensor, y: Tensor, max_candidates: int | None, rank_fn) -> Tens
 
 
 def rank_neurons(
-    x: Float[Tensor, "*layer n d"],
-    y: Float[Tensor, " n"],
+    x: Float[Tensor, "*layer n d"] | np.ndarray,
+    y: Tensor | np.ndarray | Sequence,
     method: str = "f_stat",
     *,
-    sample_weight: Float[Tensor, " n"] | None = None,
+    sample_weight: Float[Tensor, " n"] | np.ndarray | None = None,
     C: float = 1.0,
     standardize: bool = False,
     max_candidates: int | None = 512,
@@ -272,10 +274,14 @@ def rank_neurons(
     Args:
         x: activations, one ``[n, d]`` matrix per layer (a single ``[n, d]`` is accepted);
             standardised, or raw with ``standardize=True``.
-        y: 0/1 labels ``[n]``.
+        y: binary labels ``[n]`` of any two values (a tensor, array or list), mapped as
+            :class:`probes.SparseProbe` and :func:`probes.sweep` map them: the larger value (1, True,
+            or the later string) is the positive class. Both classes must occur; NaN or None labels
+            are refused.
         method: one of :data:`METHODS`.
-        sample_weight: example weights for the model-based methods (``l1``, ``adaptive``).
-        C: inverse L2 strength of the logistic fits inside ``adaptive``.
+        sample_weight: example weights ``[n]`` (finite, >= 0) for the model-based methods (``l1``,
+            ``adaptive``); checked for every method.
+        C: inverse L2 strength of the logistic fits inside ``adaptive`` (finite, > 0).
         standardize: rank as if every neuron were scaled to zero mean and unit variance (f_stat and
             mutual_info are unaffected; mean_diff divides by the standard deviation; l1 and adaptive
             work on a standardised copy).
@@ -283,13 +289,28 @@ def rank_neurons(
             F-statistic, and rank the rest after them by F-statistic (None: every neuron).
     """
     method = canonical_method(method)
+    x = x if isinstance(x, Tensor) else torch.as_tensor(x)
     if x.dim() == 2:
         return rank_neurons(x[None], y, method, sample_weight=sample_weight, C=C, standardize=standardize,
                             max_candidates=max_candidates)[0]
-    if x.dim() != 3 or y.dim() != 1 or y.shape[0] != x.shape[1]:
-        raise InputError(f"expected x [layer, n, d] and y [n]; got x {tuple(x.shape)} and y {tuple(y.shape)}")
+    n_y = y.shape if hasattr(y, "shape") else (len(y),) if hasattr(y, "__len__") else ()
+    if x.dim() != 3 or len(n_y) != 1 or n_y[0] != x.shape[1]:
+        raise InputError(f"expected x [layer, n, d] and y [n]; got x {tuple(x.shape)} and y {tuple(n_y)}")
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     check_finite(x, "x")
+    y01, _ = encode_labels(y, x.shape[1])  # any two values, as SparseProbe and sweep: the larger is class 1
+    y = y01.to(device=x.device, dtype=x.dtype)
+    if sample_weight is not None:
+        sample_weight = torch.as_tensor(sample_weight, device=x.device).to(x.dtype)
+        if tuple(sample_weight.shape) != (x.shape[1],):
+            raise InputError(f"sample_weight must be one weight per example ([{x.shape[1]}]); "
+                             f"got shape {tuple(sample_weight.shape)}")
+        check_weights(sample_weight)
+        if not bool(sample_weight.sum() > 0):
+            raise InputError("sample_weight is 0 for every example; at least one example needs a positive weight")
+    C = check_positive(C, "C")
+    if x.shape[2] == 0:  # no neurons: the empty ranking (a sweep skips such a site's probe sizes)
+        return torch.empty(x.shape[0], 0, dtype=torch.long, device=x.device)
     if method == "mean_diff":
         return rank_by_score(mean_diff_scores(x, y, standardize))
     if method == "f_stat":

@@ -23,6 +23,9 @@ def as_features(x, name: str = "X") -> Float[Tensor, "n d"]:
     if t.dim() != 2:
         raise InputError(f"{name} must be [n_examples, n_features]; got shape {tuple(t.shape)}. "
                          "Capture one position per example (positions='last') or aggregate first")
+    if t.shape[1] == 0:
+        raise InputError(f"{name} has no columns (shape {tuple(t.shape)}); a probe needs at least one feature per "
+                         "example: check the site or the column selection")
     if not t.is_floating_point():
         t = t.float()
     check_finite(t, name)
@@ -31,6 +34,8 @@ def as_features(x, name: str = "X") -> Float[Tensor, "n d"]:
 
 def check_finite(x: Tensor, name: str = "X") -> None:
     """Refuse activations holding NaN or inf (every fit would fail or, worse, silently rank them)."""
+    if x.dtype in (torch.float32, torch.float64) and bool(torch.isfinite(x.sum())):
+        return  # fast path: one reduction, no mask (a sum is non-finite whenever a term is, or on overflow)
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = bad.reshape(-1, x.shape[-1]).any(-1).nonzero().flatten() if x.dim() else torch.zeros(1)
@@ -39,17 +44,50 @@ def check_finite(x: Tensor, name: str = "X") -> None:
                          "(a float16 capture that overflowed gives inf: capture in float32)")
 
 
+def check_positive(value, name: str) -> float:
+    """`value` as a float, or InputError unless it is a finite number > 0 (a C, an alpha)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not (math.isfinite(v) and v > 0):
+        raise InputError(f"{name}={value!r} must be a finite number > 0 (e.g. 1.0)")
+    return v
+
+
+def _first_rows(mask: np.ndarray) -> str:
+    rows = np.flatnonzero(mask)
+    return f"{rows.size} rows (first: {rows[:5].tolist()})"
+
+
 def encode_labels(y, n: int | None = None) -> tuple[Float[Tensor, " n"], list]:
     """Binary labels of any two values -> (0/1 float tensor, [negative class, positive class]).
 
     The positive class is the larger of the two (True, 1, or the later string in sorted order).
+    Labels holding NaN or None, or values that cannot be ordered, are refused.
     """
-    arr = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
+    if isinstance(y, Tensor):
+        y = y.detach().cpu()
+        y = y.float() if y.dtype == torch.bfloat16 else y  # numpy has no bfloat16
+    arr = np.asarray(y)
     if arr.ndim != 1:
         raise InputError(f"labels must be one value per example ([n]); got shape {arr.shape}")
     if n is not None and arr.shape[0] != n:
         raise InputError(f"got {arr.shape[0]} labels for {n} examples; they must match")
-    classes = sorted(np.unique(arr).tolist())
+    if arr.dtype == object:
+        missing = np.array([v is None or (isinstance(v, float) and math.isnan(v)) for v in arr], dtype=bool)
+        if missing.any():
+            raise InputError(f"labels hold None or NaN in {_first_rows(missing)}; every example needs one of two "
+                             "classes: drop those rows or fill them")
+    elif arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+        raise InputError(f"labels hold NaN or infinite values in {_first_rows(~np.isfinite(arr))}; every example "
+                         "needs one of two classes: drop those rows or fill them")
+    try:
+        classes = sorted(np.unique(arr).tolist())
+    except TypeError:
+        kinds = sorted({type(v).__name__ for v in arr.tolist()})
+        raise InputError(f"labels mix values of types {kinds} that cannot be ordered; give two classes of one "
+                         "type (e.g. 0/1 or two strings)") from None
     if len(classes) != 2:
         raise InputError(f"a binary probe needs exactly 2 classes; got {len(classes)}: {classes[:10]}. "
                          "For several classes fit one probe per class on (labels == c)")
@@ -58,7 +96,12 @@ def encode_labels(y, n: int | None = None) -> tuple[Float[Tensor, " n"], list]:
 
 def as_target(y, n: int | None = None) -> Float[Tensor, " n"]:
     """Real-valued regression targets ``[n]``."""
-    t = torch.as_tensor(np.asarray(y.cpu() if isinstance(y, Tensor) else y, dtype=np.float64))
+    try:
+        arr = np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"targets must be numbers (one real value per example); got values that are not ({e}). "
+                         "For class labels use a classification probe (SparseProbe, LinearProbe, sweep)") from None
+    t = torch.as_tensor(arr)
     if t.dim() != 1 or (n is not None and t.shape[0] != n):
         raise InputError(f"targets must be [n] = [{n}]; got shape {tuple(t.shape)}")
     if not torch.isfinite(t).all():

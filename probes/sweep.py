@@ -38,7 +38,14 @@ from probes.selection import (
     rank_by_score,
     rank_neurons,
 )
-from probes.split import check_both_classes, check_finite, encode_labels, train_test_split, undersample
+from probes.split import (
+    check_both_classes,
+    check_finite,
+    check_positive,
+    encode_labels,
+    train_test_split,
+    undersample,
+)
 
 DEFAULT_N_NEURONS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 """The probe sizes the paper sweeps (powers of two up to 256)."""
@@ -95,8 +102,7 @@ class SweepConfig:
     def __post_init__(self):
         object.__setattr__(self, "n_neurons", probe_sizes(self.n_neurons))
         object.__setattr__(self, "method", canonical_method(self.method))
-        if self.C <= 0:
-            raise InputError(f"C={self.C} must be > 0")
+        check_positive(self.C, "C")
         if not 0 < self.test_size < 1:
             raise InputError(f"test_size={self.test_size} must be in (0, 1)")
         if self.balance not in ("weight", "undersample", None):

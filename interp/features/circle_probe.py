@@ -115,6 +115,8 @@ def circle_probe(acts: Float[Tensor, "n d_model"], labels: Sequence[str], *, ord
         raise InputError(f"got {len(groups)} groups for {len(labels)} rows; pass one group (template id) per row")
     target = _target_angles(classes, angles, acts, labels)
     x = acts.double().cpu().numpy()
+    if not x.var(0).sum() > 0:
+        raise InputError(f"all {len(x)} activation rows are identical: a circle probe needs rows that vary")
     theta = np.array([target[v] for v in labels])
     y = np.stack([np.cos(theta), np.sin(theta)], 1)
     lab = np.array(labels)
@@ -151,6 +153,10 @@ def circle_probe(acts: Float[Tensor, "n d_model"], labels: Sequence[str], *, ord
     # the plane: the read-out directions in d_model, orthonormalised; p = R^T c + b in plane coordinates c
     w = torch.as_tensor(pca.components_.T @ reg.coef_.T)  # [d_model, 2]: the read-out as a linear map on x
     q, rr = torch.linalg.qr(w)
+    diag = torch.diagonal(rr).abs()
+    if not bool(diag.min() > 1e-6 * diag.max()):
+        raise InputError(f"the probe's read-out is degenerate (singular values of its plane {diag.tolist()}): the "
+                         "activations carry no two-dimensional signal of the classes (identical or constant rows?)")
     basis = q.T  # [2, d_model]
     origin = torch.as_tensor(pca.mean_)
     b = torch.as_tensor(reg.intercept_)  # the read-out at the origin (PCA scores are centred there)

@@ -29,6 +29,10 @@ from tqdm.auto import tqdm
 from interp.errors import InputError
 from interp.subspace import LinearMap, Subspace
 
+RANK_TOL = 1e-10
+"""A component whose score holds less than this fraction of centred x's total variance is refused as round-off
+(in float64, deflation leaves about 1e-30 of it once x's rank is used up)."""
+
 
 class PLSRegression:
     """NIPALS partial least squares regression of ``y [n, m]`` on ``x [n, d]``."""
@@ -36,7 +40,10 @@ class PLSRegression:
     def __init__(self, n_components: int = 2):
         self.n_components = n_components
 
-    def fit(self, x: Float[Tensor, "n d"], y: Float[Tensor, "n *m"]) -> PLSRegression:  # noqa: F821
+    def fit(self, x: Float[Tensor, "n d"], y: Float[Tensor, "n *m"], *,  # noqa: F821
+            up_to_rank: bool = False) -> PLSRegression:
+        """Fit ``n_components`` components; x's centred rank must allow them (an error names the rank), or
+        with `up_to_rank` as many as it allows (``n_components_`` says how many were fitted)."""
         x = torch.as_tensor(x).double()
         y = torch.as_tensor(y).double()
         y2 = y[:, None] if y.dim() == 1 else y
@@ -50,19 +57,27 @@ class PLSRegression:
         xk, yk = x - self.x_mean_, y2 - self.y_mean_
         d, m = x.shape[1], y2.shape[1]
         w_, p_, q_ = (x.new_zeros(d, k), x.new_zeros(d, k), x.new_zeros(m, k))
+        # a score with (almost) none of x's variance left is built from round-off: x's rank is exhausted
+        floor = RANK_TOL * float(xk.pow(2).sum())
         for a in range(k):
             # the NIPALS fixed point is the top left singular vector of xk^T yk; take it directly
             u_, _, _ = torch.linalg.svd(xk.T @ yk, full_matrices=False)
             w = u_[:, 0]
             t = xk @ w
             tt = t @ t
-            if tt <= 0:
-                raise InputError(f"x has rank {a} after deflation; use n_components <= {a}")
+            if not tt > floor:
+                if a == 0:
+                    raise InputError("x is constant over its rows: PLS needs varying activations")
+                if not up_to_rank:
+                    raise InputError(f"x has rank {a} after centring; use n_components <= {a} (got {k})")
+                w_, p_, q_ = w_[:, :a], p_[:, :a], q_[:, :a]
+                break
             p = xk.T @ t / tt
             q = yk.T @ t / tt
             xk = xk - torch.outer(t, p)
             yk = yk - torch.outer(t, q)
             w_[:, a], p_[:, a], q_[:, a] = w, p, q
+        self.n_components_ = w_.shape[1]
         self.x_weights_, self.x_loadings_, self.y_loadings_ = w_, p_, q_
         self.x_rotations_ = w_ @ torch.linalg.pinv(p_.T @ w_)
         self.coef_ = self.x_rotations_ @ q_.T  # [d, m]
@@ -102,12 +117,14 @@ def held_out_r2(x: Tensor, y: Tensor, max_components: int, *, n_folds: int = 5, 
     for test in tqdm(_folds(len(x), n_folds, groups, seed), desc="pls folds", disable=not progress):
         train = torch.ones(len(x), dtype=torch.bool)
         train[test] = False
-        model = PLSRegression(max_components).fit(x[train], y2[train])
+        # a fold whose rank is used up before max_components predicts with all it has from there on
+        model = PLSRegression(min(max_components, int(train.sum()) - 1)).fit(x[train], y2[train], up_to_rank=True)
         xt = x[test] - model.x_mean_
         pred = model.y_mean_.expand(len(test), -1).clone()
         t = xt @ model.x_rotations_  # scores; prediction with k comps uses the first k
         for k in range(max_components):
-            pred = pred + torch.outer(t[:, k], model.y_loadings_[:, k])
+            if k < model.n_components_:
+                pred = pred + torch.outer(t[:, k], model.y_loadings_[:, k])
             sse[k] += (y2[test] - pred).pow(2).sum()
         sst += (y2[test] - y2[train].mean(0)).pow(2).sum()
     return (1 - sse / sst).tolist()
@@ -147,9 +164,11 @@ def pls_subspace(acts: Float[Tensor, "n d_model"], values: Float[Tensor, " n"], 
     if values.std() == 0:
         raise InputError("values are constant; PLS needs a varying attribute")
     x = acts.double().cpu()
-    limit = min(max_components, x.shape[1], len(x) - len(x) // n_folds - 1)
+    smallest_train = len(x) - max(len(f) for f in _folds(len(x), n_folds, groups, seed))
+    limit = min(max_components, x.shape[1], smallest_train - 1)
     if limit < 1:
-        raise InputError(f"too few rows ({len(x)}) for {n_folds}-fold PLS")
+        raise InputError(f"too few rows ({len(x)}) for {n_folds}-fold PLS: the smallest training fold has "
+                         f"{smallest_train}; lower n_folds")
     r2 = None
     if n_components is None:
         r2 = held_out_r2(x, values, limit, n_folds=n_folds, groups=groups, seed=seed)

@@ -29,9 +29,12 @@ Bound = Callable[[Float[Tensor, "n vocab"]], Float[Tensor, " n"]]
 TYPES = ("logit_diff", "prob", "kl")
 
 
-def token_id(tokenizer, token: str | int, what: str) -> int:
-    """The single token id of ``token`` (an id passes through)."""
+def token_id(tokenizer, token: str | int, what: str, vocab: int | None = None) -> int:
+    """The single token id of ``token`` (an id passes through, checked against the `vocab` size when given)."""
     if isinstance(token, int) and not isinstance(token, bool):
+        if token < 0 or (vocab is not None and token >= vocab):
+            raise InputError(f"{what}: token id {token} is outside the vocabulary "
+                             f"(0..{'' if vocab is None else vocab - 1}); give a token string or a valid id")
         return token
     if not isinstance(token, str) or not token:
         raise InputError(f"{what}: expected a token string such as ' Monday' or a token id; got {token!r}")
@@ -76,8 +79,10 @@ class LogitDiff(Metric):
         self.target, self.baseline = target, baseline
 
     def bind(self, *, pair, n_pairs, clean_logits, tokenizer):
-        t = token_id(tokenizer, _per_pair(self.target, pair, n_pairs, "logit_diff target"), "logit_diff target")
-        b = token_id(tokenizer, _per_pair(self.baseline, pair, n_pairs, "logit_diff baseline"), "logit_diff baseline")
+        v = clean_logits.shape[-1]
+        t = token_id(tokenizer, _per_pair(self.target, pair, n_pairs, "logit_diff target"), "logit_diff target", v)
+        b = token_id(tokenizer, _per_pair(self.baseline, pair, n_pairs, "logit_diff baseline"), "logit_diff baseline",
+                     v)
         return lambda logits: logits[:, t] - logits[:, b]
 
     def describe(self):
@@ -93,7 +98,8 @@ class Prob(Metric):
         self.token = token
 
     def bind(self, *, pair, n_pairs, clean_logits, tokenizer):
-        t = token_id(tokenizer, _per_pair(self.token, pair, n_pairs, "prob token"), "prob token")
+        t = token_id(tokenizer, _per_pair(self.token, pair, n_pairs, "prob token"), "prob token",
+                     clean_logits.shape[-1])
         return lambda logits: logits.float().softmax(-1)[:, t]
 
     def describe(self):

@@ -60,7 +60,9 @@ class _Tap(Edit):
     def __call__(self, x, ctx):
         if self.site in self.store:  # a module run twice: the first call is the site
             return x
-        self.store[self.site] = x.detach()
+        # a copy: a model may add into this tensor in place later in the pass (Falcon adds attention into its
+        # MLP output), which would change what was recorded as the site's value
+        self.store[self.site] = x.detach().clone()
         if not self.grad:
             return x
         delta = torch.zeros_like(x, requires_grad=True)

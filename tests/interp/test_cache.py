@@ -62,7 +62,7 @@ def test_two_sites_of_different_widths_read_back_aligned(tmp_path):
     # every shuffled batch keeps the two sites' rows aligned (same position in both)
     index = {tuple(r.tolist()): i for i, r in enumerate(stored[RESID])}
     batches = list(reader)
-    assert len(batches) >= n // 50 - 2  # each shard group drops its last partial batch
+    assert len(batches) == n // 50  # a group's last rows begin a batch the next group ends: none is dropped
     assert all(b[MLP].shape == (50, 64) and b[RESID].shape == (50, 32) for b in batches)
     for b in batches:
         rows = torch.tensor([index[tuple(r.tolist())] for r in b[RESID]])
@@ -172,3 +172,103 @@ def test_cached_exact_resume_across_groups_and_epochs(tmp_path):
             assert all(torch.equal(x[k], y[k]) for k in (*WIDE, "tokens"))
     with pytest.raises(InputError, match="lacks"):
         CachedActivations(folder, **kw).load_state_dict({"epoch": 0})
+
+
+# -- every row once per epoch, fixed batch sizes, exact resume with a batch that spans groups ----------------
+
+
+def _tagged_cache(folder, sizes, *, width=3):
+    """A cache folder whose row ``i`` (over the shards in order) holds the value ``i`` in every column, so a
+    served row names itself. Written by hand: the reader sees an ordinary cache."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    shards, first = [], 0
+    for i, n in enumerate(sizes):
+        name = f"shard-r0-{i:06d}.safetensors"
+        ids = torch.arange(first, first + n)
+        save_file({RESID: ids[:, None].expand(n, width).float().contiguous(), "tokens": ids.to(torch.int32)},
+                  str(folder / name))
+        shards.append({"file": name, "rows": n, "bytes": (folder / name).stat().st_size})
+        first += n
+    (folder / "manifest.json").write_text(json.dumps({"format": cache_mod.FORMAT, "sites": [RESID],
+                                                      "widths": {RESID: width}, "context_size": 32}))
+    (folder / "manifest.rank0.json").write_text(json.dumps({"rank": 0, "shards": shards, "windows": 0,
+                                                            "complete": True}))
+    return folder
+
+
+def _ids(batch) -> list[int]:
+    return batch[RESID][:, 0].long().tolist()
+
+
+@pytest.mark.parametrize("sizes, batch_tokens, in_memory, epochs", [
+    ([617] * 5, 400, 1, 3),  # the audit's cache: batches do not divide a shard
+    ([617] * 5, 600, 4, 2),  # groups of 4 shards and 1 shard
+    ([617] * 5, 700, 1, 2),  # every group smaller than a batch: batches span groups
+    ([37, 41, 5, 60, 23, 1, 40], 25, 2, 3),  # uneven shards
+    ([37, 41, 5, 60, 23, 1, 40], 207, 3, 2),  # one batch = the whole cache
+])
+def test_cached_reader_serves_every_row_once_per_epoch(tmp_path, sizes, batch_tokens, in_memory, epochs):
+    folder = _tagged_cache(tmp_path / "c", sizes)
+    reader = CachedActivations(folder, batch_tokens=batch_tokens, shards_in_memory=in_memory, seed=7,
+                               epochs=epochs, with_tokens=True)
+    n = reader.n_tokens
+    assert n == sum(sizes) == reader.describe()["rows"]
+    batches = list(reader)
+    assert all(b[RESID].shape == (batch_tokens, 3) for b in batches)  # every batch is whole
+    served = [i for b in batches for i in _ids(b)]
+    assert all(torch.equal(b["tokens"].long(), b[RESID][:, 0].long()) for b in batches)  # keys stay aligned
+    assert len(served) == epochs * n // batch_tokens * batch_tokens  # only the last epoch's tail is not served
+    for e in range(epochs):  # the stream holds each epoch's rows one after the other
+        part = served[e * n:(e + 1) * n]
+        assert len(set(part)) == len(part) and set(part) <= set(range(n))
+        if len(part) == n:
+            assert sorted(part) == list(range(n)), f"epoch {e} does not serve every row once"
+    assert served[:n] != served[n:2 * n]  # epochs are shuffled differently
+
+
+def test_cached_reader_mixes_the_shards_of_a_group(tmp_path):
+    folder = _tagged_cache(tmp_path / "c", [100] * 8)
+    first = next(iter(CachedActivations(folder, batch_tokens=64, shards_in_memory=4, seed=1)))
+    assert len({i // 100 for i in _ids(first)}) == 4  # one batch draws from every shard in memory
+
+
+def test_cached_exact_resume_with_a_batch_spanning_groups_and_epochs(tmp_path):
+    folder = _tagged_cache(tmp_path / "c", [37, 41, 5, 60, 23, 1, 40])
+    kw = dict(batch_tokens=25, shards_in_memory=2, seed=3, epochs=3)
+    src = CachedActivations(folder, **kw)
+    full, states = [], []
+    for b in src:
+        full.append(_ids(b))
+        states.append(src.state_dict())
+    assert set(states[0]) == {"epoch", "group", "row"}
+    assert {s["epoch"] for s in states} == {0, 1, 2}
+    for cut in range(1, len(full)):
+        resumed = CachedActivations(folder, **kw)
+        resumed.load_state_dict(json.loads(json.dumps(states[cut - 1])))
+        assert [_ids(b) for b in resumed] == full[cut:], f"resume after batch {cut}"
+    # a batch that ends at row < batch_tokens of its group began in a group before (rows carried over)
+    carried = [cut for cut in range(1, len(full)) if states[cut]["row"] < 25]
+    assert len(carried) > 5 and any(states[c]["epoch"] != states[c - 1]["epoch"] for c in carried)
+    # a state saved before "row" existed counts whole batches of its group ("served")
+    old = CachedActivations(folder, **kw)
+    old.load_state_dict({"epoch": 0, "group": 0, "served": 2})
+    new = CachedActivations(folder, **kw)
+    new.load_state_dict({"epoch": 0, "group": 0, "row": 50})
+    assert old.state_dict() == new.state_dict() and _ids(old.next_batch()) == _ids(new.next_batch())
+
+
+def test_a_batch_larger_than_a_group_is_served_and_epochs_none_does_not_spin(tmp_path):
+    folder = _tagged_cache(tmp_path / "c", [617] * 5)
+    forever = CachedActivations(folder, batch_tokens=700, shards_in_memory=1, epochs=None)
+    served = [i for _ in range(9) for i in _ids(forever.next_batch())]  # 6,300 rows: two epochs and a bit
+    assert sorted(served[:3085]) == sorted(served[3085:6170]) == list(range(3085))
+
+
+def test_a_cache_smaller_than_one_batch_is_refused_in_one_line(tmp_path):
+    folder = _tagged_cache(tmp_path / "c", [617] * 5)
+    with pytest.raises(InputError, match=r"batch_tokens=3086 is larger than the whole cache \(3085 rows\)") as e:
+        CachedActivations(folder, batch_tokens=3086, epochs=None)
+    assert "\n" not in str(e.value) and "smaller batch_tokens" in str(e.value)
+    assert len(list(CachedActivations(folder, batch_tokens=3085, epochs=2))) == 2

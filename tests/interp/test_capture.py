@@ -300,3 +300,9 @@ def test_a_boolean_positions_mask_is_resolved_once_a_batch_for_every_site(monkey
     assert calls == [(2, 6), (2, 6)]  # once per batch of 2 rows, not once per site
     for site in sites:
         assert torch.equal(got[site], full[site][keep])  # the rows a boolean index picks, in its order
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line():
+    model = tiny_model("llama")
+    with pytest.raises(InputError, match=r"token ids 5\.\.400, but the model's embedding has 300 rows"):
+        capture(model, torch.tensor([[5, 400]]), "blocks.0.hook_resid_post")

@@ -257,3 +257,29 @@ def test_rotate_on_an_elliptical_circle_map_moves_what_the_map_reads():
     assert abs(math.remainder(float(cm.from_coords(cm.to_coords("Sat"))) - cm.angles["Sat"], 2 * math.pi)) < 1e-5
     with pytest.raises(InputError, match="invertible"):
         CircleMap(torch.zeros(2), 1.0, axes=torch.zeros(2, 2))
+
+
+def test_wrong_widths_and_latents_are_one_line():
+    x = torch.randn(3, D)
+    wide = Subspace(torch.randn(2, D + 4, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(InputError, match="ZeroAblate: the subspace has 20 values"):
+        ZeroAblate(wide)(x, _ctx(3))
+    with pytest.raises(InputError, match="Patch: the subspace has 20 values"):
+        Patch(torch.randn(3, D), wide)(x, _ctx(3))
+    with pytest.raises(InputError, match="Patch: the source has 12 values"):
+        Patch(torch.randn(3, 12))(x, _ctx(3))
+
+    class Sae(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(D, 8))
+
+        def encode(self, x):
+            return torch.relu(x @ self.w)
+
+        def decode(self, c):
+            return c @ self.w.T
+
+    for bad in ([8], [-1]):
+        with pytest.raises(InputError, match=rf"latents \[{bad[0]}\] do not exist in an SAE of 8 latents"):
+            SaeEdit(Sae(), bad, 1.0)(x, _ctx(3))

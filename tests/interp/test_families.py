@@ -288,6 +288,40 @@ def test_captured_tensors_are_not_changed_by_in_place_adds_later_in_the_forward(
     assert torch.equal(deeper["transformer.h.1.mlp"], alone)
 
 
+@pytest.mark.parametrize("family", ["falcon", "falcon_new"])
+def test_patching_records_the_site_before_in_place_adds(family):
+    """The patching sweep recorded the clean MLP output without a copy, so Falcon's in-place add of attention made
+    it MLP + attention: patching a prompt into itself moved the metric by up to 0.03."""
+    from interp.patching import activation_patching, attribution_patching, logit_diff
+
+    model = tiny(family)
+    clean = torch.randint(3, 250, (9,), generator=torch.Generator().manual_seed(3))
+    same = activation_patching(model, clean, clean, logit_diff(17, 42), sites=["mlp_out"], progress=False)
+    assert same.effect.abs().max() < 1e-6
+    corrupted = clean.clone()
+    corrupted[2] = 77
+    exact = activation_patching(model, clean, corrupted, logit_diff(17, 42), sites=["mlp_out"], progress=False)
+    assert exact.effect[:, :2].abs().max() < 1e-6  # before the first differing token nothing moves
+    # the recorded clean value is the MLP output capture returns, patched by hand with a plain hook
+    site = "blocks.1.hook_mlp_out"
+    src = capture(model, clean[None], site)[site]
+    mlp = model.transformer.h[1].mlp
+    with torch.no_grad():
+        base = model(input_ids=corrupted[None]).logits[0, -1]
+        handle = mlp.register_forward_hook(lambda m, a, o: torch.cat([o[:, :4], src[:, 4:5], o[:, 5:]], 1))
+        try:
+            patched = model(input_ids=corrupted[None]).logits[0, -1]
+        finally:
+            handle.remove()
+    hand = float((patched[17] - patched[42]) - (base[17] - base[42]))
+    assert exact.effect[1, 4].item() == pytest.approx(hand, abs=1e-5)
+    # prompts of different lengths take the no-grad recording path: a clean prompt patched into itself plus a tail
+    longer = torch.cat([clean, clean[:3]])
+    attr = attribution_patching(model, clean, longer, logit_diff(17, 42), sites=["mlp_out"], positions=list(range(9)),
+                                source_positions=list(range(9)))
+    assert attr.effect.abs().max() < 1e-6
+
+
 class _NeedsMore(_Toy):
     def forward(self, input_ids, attention_mask=None, *, scale):
         return super().forward(input_ids) * scale

@@ -79,6 +79,10 @@ def test_probe_plane_takes_a_rotation_to_a_class_and_saves():
     got = probe.predict(moved)
     thu = probe.coord_map.angles["Thursday"]
     assert torch.allclose(torch.remainder(got - thu + math.pi, 2 * math.pi) - math.pi, torch.zeros(5), atol=1e-4)
+    # in bfloat16 too (torch has no half-precision solve on CPU: the circle's axes are solved in float32)
+    moved16 = Rotate(probe, to="Thursday")(x[:5].bfloat16(), ctx)
+    assert moved16.dtype == torch.bfloat16
+    assert torch.allclose(moved16.float(), moved, atol=0.1)
     loaded = Subspace.load(probe.save(Path(tempfile.mkdtemp()) / "probe"))
     assert torch.allclose(loaded.coord_map.axes, probe.coord_map.axes)
     assert torch.allclose(loaded.predict(x[:9]), probe.predict(x[:9]), atol=1e-6)
@@ -100,3 +104,13 @@ def test_target_angles_from_the_class_means_or_given():
         circle_probe(x[:24], labels[:24])
     with pytest.raises(InputError, match="one group"):
         circle_probe(x, labels, groups=["a"])
+
+
+def test_rows_without_a_signal_are_refused_in_one_line():
+    x = torch.randn(1, 16, generator=torch.Generator().manual_seed(0)).expand(70, 16).clone()
+    with pytest.raises(InputError, match="identical"):
+        circle_probe(x, [DAYS[i % 7] for i in range(70)])
+    # rows that vary, but only along one direction: the read-out plane has one dimension
+    line = torch.randn(70, 1, generator=torch.Generator().manual_seed(1)) * torch.ones(1, 16)
+    with pytest.raises(InputError, match="degenerate"):
+        circle_probe(line, [DAYS[i % 7] for i in range(70)])

@@ -17,7 +17,7 @@ from interp.features.clusters import (
     kmeans,
     spectral_clusters,
 )
-from interp.features.multidim import MultiDimConfig, find_multidim_features
+from interp.features.multidim import MultiDimConfig, coverage, find_multidim_features
 from interp.subspace import CircleMap, Subspace
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -231,3 +231,30 @@ def test_a_clustering_that_finds_nothing_says_what_to_change():
         assert cluster_decoder(w, ClusterConfig(n_clusters=2, max_size=5)) == []
     with pytest.raises(InputError, match="n_clusters must be >= 2"):
         ClusterConfig(n_clusters=1)
+
+
+def test_seven_tight_classes_on_a_circle_are_flagged():
+    """Days of the week are seven clusters of angles: the coverage of 12 fixed sectors could never reach 0.75
+    for them (at most 8 of 12 sectors hold a cluster), so a perfect weekday circle was not flagged."""
+    g = torch.Generator().manual_seed(0)
+    plane, _ = torch.linalg.qr(torch.randn(32, 2, generator=g))
+    w = torch.cat([plane.T, -plane.T])  # +-e1, +-e2 of the plane
+    labels = [DAYS[i % 7] for i in range(700)]
+    th = torch.tensor([2 * math.pi * DAYS.index(x) / 7 for x in labels]) + 0.05 * torch.randn(700, generator=g)
+    c, s = th.cos(), th.sin()
+    codes = torch.stack([c.clamp(min=0), s.clamp(min=0), (-c).clamp(min=0), (-s).clamp(min=0)], 1)
+    f = find_multidim_features(w, codes, codes_given=True, clusters=[[0, 1, 2, 3]], labels=labels, order=DAYS)[0]
+    assert f.circle["radius_cv"] < 1e-3 and f.circle["label_order_matches"]
+    assert 0.85 < f.circle["coverage"] < 0.95 and f.is_circle
+
+
+def test_coverage_is_one_minus_the_largest_empty_arc():
+    g = torch.Generator().manual_seed(0)
+    half = torch.rand(700, generator=g) * math.pi
+    assert coverage(half) <= 0.5
+    # 20 stray points in the empty half (under half a sector's share each) do not close the gap
+    assert coverage(torch.cat([half, math.pi + torch.rand(20, generator=g) * math.pi])) <= 0.5
+    assert coverage(torch.rand(2000, generator=g) * 2 * math.pi) > 0.95
+    seven = torch.arange(7).repeat(100) * 2 * math.pi / 7
+    assert coverage(seven) == pytest.approx(1 - 10 / 72)  # each day fills one 5-degree sector; 10 empty between
+    assert coverage(torch.zeros(10)) == pytest.approx(1 / 72)

@@ -131,3 +131,34 @@ def test_components_are_chosen_beyond_eight_when_held_out_r2_keeps_rising():
     assert sub.meta["max_components"] == 32 and len(r2) == 32
     assert sub.meta["n_components"] == k  # the planted number of factors, past the old cap of 8
     assert 1 - r2[k - 1] < 0.5 * (1 - r2[7])  # the held-out error still halves after 8 components
+
+
+def test_components_past_the_rank_of_x_are_refused_or_never_chosen():
+    """x of rank 3: a fourth component would be built from deflation's round-off (coefficients of 1e5 and a
+    subspace that no longer predicts what PLS predicts), so it is refused; automatic choice stops at the rank."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100, 3, generator=g) @ torch.randn(3, 20, generator=g)
+    v = x[:, 0] + 0.1 * torch.randn(100, generator=g)
+    with pytest.raises(InputError, match=r"rank 3 after centring; use n_components <= 3 \(got 6\)"):
+        PLSRegression(6).fit(x, v)
+    with pytest.raises(InputError, match="rank 3"):
+        pls_subspace(x, v, n_components=6)
+    assert PLSRegression(6).fit(x, v, up_to_rank=True).n_components_ == 3
+    sub = pls_subspace(x, v)
+    assert sub.meta["n_components"] <= 3
+    r2 = sub.meta["held_out_r2"]
+    assert r2[3:] == pytest.approx([r2[2]] * (len(r2) - 3))  # past the rank, nothing new is predicted
+    assert float(sub.predict(sub.reconstruct(sub.to_coords(1.0))[None])) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(InputError, match="constant over its rows"):
+        PLSRegression(1).fit(torch.ones(10, 4), torch.randn(10))
+
+
+@pytest.mark.parametrize("n, d, groups", [(12, 20, None), (40, 30, [0] * 20 + list(range(1, 21)))])
+def test_uneven_folds_cap_the_components_at_the_smallest_training_fold(n, d, groups):
+    """12 rows in 5 folds leave 9 training rows in some folds and 10 in others; one group of 20 rows leaves a
+    fold of 20. Neither may fail with an n_components error the caller never passed."""
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(n, d, generator=g), torch.randn(n, generator=g)
+    sub = pls_subspace(x, v, groups=groups)
+    smallest = n - max(len(f) for f in _folds(n, 5, groups, seed=0))
+    assert len(sub.meta["held_out_r2"]) == min(d, smallest - 1)

@@ -151,3 +151,21 @@ def test_lda_projects_out_distractors():
     assert clean.meta["n_distractors"] == 1
     with pytest.raises(InputError, match="shrinkage"):
         lda_subspace(acts, labels, shrinkage=2.0)
+
+
+def test_lda_rank_leaves_room_for_the_distractors():
+    """8 classes in 8 dimensions with 2 distractors: 6 directions are left, not n_classes - 1 = 7 (the 7th
+    came back as a row of zeros in a basis called orthonormal)."""
+    g = torch.Generator().manual_seed(0)
+    d, k = 8, 8
+    acts = torch.cat([torch.randn(d, generator=g) * 3 + torch.randn(60, d, generator=g) for _ in range(k)])
+    labels = [str(c) for c in range(k) for _ in range(60)]
+    distractors = torch.randn(2, d, generator=g)
+    sub = lda_subspace(acts, labels, distractors=distractors)
+    assert sub.rank == 6
+    assert torch.allclose(sub.basis @ sub.basis.T, torch.eye(6), atol=1e-5)
+    assert (sub.basis @ torch.linalg.qr(distractors.T)[0]).abs().max() < 1e-5
+    with pytest.raises(InputError, match=r"min\(7, 6\)"):
+        lda_subspace(acts, labels, distractors=distractors, rank=7)
+    with pytest.raises(InputError, match="do not vary within any class"):
+        lda_subspace(torch.ones(40, d), ["a", "b"] * 20)

@@ -354,3 +354,95 @@ def test_dict_forms_are_positions_and_per_site_dicts_hold_them(model, ids):
     assert seen == {"a": [1, 3, 5], "b": [6]}
     with pytest.raises(InputError, match="tokenizer"):
         intervene(model, {a: rec("a")}, positions={a: {"token": " Monday"}})
+
+
+def _gen_logits(model, ids, use_cache, n=4):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=0,
+                         use_cache=use_cache, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("positions", ["last", [-1], {"slice": [-2, None]}, [2, 8]])
+def test_generate_without_a_cache_edits_the_columns_it_edits_with_one(model, ids, positions):
+    """Without a KV cache every step runs over all columns again (offset 0): "last" and negative columns must still
+    count from the prompt's end, and earlier columns stay edited, or the text generated differs from the cached
+    run's (it did: logits up to 10 apart for [-1])."""
+    site = "blocks.1.hook_resid_post"
+    v = torch.randn(D, generator=torch.Generator().manual_seed(3)) * 5
+    with intervene(model, {site: Steer(v)}, positions=positions):
+        seq_c, log_c = _gen_logits(model, ids, True)
+        seq_n, log_n = _gen_logits(model, ids, False)
+    assert torch.equal(seq_c, seq_n)
+    torch.testing.assert_close(log_n, log_c, atol=1e-4, rtol=1e-4)
+    plain = _gen_logits(model, ids, True)[1]
+    assert not torch.allclose(plain, log_c, atol=1e-3)  # the edit does change the generation
+
+
+def test_a_pass_that_does_not_extend_the_prompt_is_a_new_prompt(model, ids):
+    site, seen = "blocks.0.hook_resid_post", []
+
+    def record(x, ctx):
+        seen.append(sorted(set(ctx.pos.reshape(-1).tolist())))
+        return x
+
+    other = (ids + 1) % V
+    with intervene(model, {site: record}, positions="last"):
+        model(ids, use_cache=False)
+        model(torch.cat([other, other[:, :2]], 1), use_cache=False)  # longer, but not ids' continuation
+    assert seen == [[6], [8]]
+
+
+def test_capture_in_chunks_pairs_per_row_values_with_their_prompts(model, ids):
+    """capture(batch_size=) runs an edit's per-row values chunk by chunk; each chunk's rows count from 0, so row 2
+    took row 0's value before the rows were numbered over the whole batch."""
+    site = "blocks.1.hook_resid_post"
+    v = torch.randn(D, generator=torch.Generator().manual_seed(4))
+    ids4 = torch.cat([ids, ids[:1]])
+    src = capture(model, torch.randint(0, V, ids4.shape, generator=torch.Generator().manual_seed(6)), site)[site]
+    for edit, positions in ((Steer(v, alpha=torch.tensor([0.0, 1.0, 5.0, 9.0])), None),
+                            (Patch(src, _rand_sub(2)), [[1], [2], [3], [4]])):
+        with intervene(model, {site: edit}, positions=positions):
+            whole = capture(model, ids4, site)[site]
+            chunked = capture(model, ids4, site, batch_size=2)[site]
+            odd = capture(model, ids4, site, batch_size=3)[site]
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(odd, whole, atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_values_with_another_row_count_are_refused(model, ids):
+    site, sub = "blocks.1.hook_resid_post", _rand_sub(2)
+    for edit, what in ((Steer(torch.ones(D), alpha=torch.tensor([1.0, 2.0])), "Steer: alpha has 2 rows"),
+                       (Rotate(sub, angle=torch.tensor([0.1, 0.2, 0.3, 0.4])), "Rotate: angle has 4 rows"),
+                       (Patch(torch.randn(2, D)), "patch source has 2 rows but the base batch has 3")):
+        with intervene(model, {site: edit}, positions="last"), pytest.raises(InputError, match=what):
+            model(ids)
+    # one value for every row is still one value
+    with intervene(model, {site: Steer(torch.ones(D), alpha=torch.tensor([2.0]))}, positions="last"):
+        one = model(ids).logits
+    with intervene(model, {site: Steer(torch.ones(D), alpha=2.0)}, positions="last"):
+        torch.testing.assert_close(one, model(ids).logits)
+
+
+def test_an_edit_of_the_wrong_shape_is_refused_on_every_path(model, ids):
+    site = "blocks.1.hook_resid_post"
+    for positions in (None, "last"):
+        with intervene(model, {site: lambda x, ctx: x[:1]}, positions=positions), \
+                pytest.raises(InputError, match="must return a tensor of the shape"):
+            model(ids)
+
+
+def test_columns_on_padding_warn_once_per_site(model):
+    from interp import PaddingWarning
+
+    site = "blocks.1.hook_resid_post"
+    ids = torch.randint(1, V, (2, 6), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[1, 2:] = 0  # right padding: column -1 is padding in row 1
+    with intervene(model, {site: Steer(torch.ones(D), 3.0)}, positions=[-1]) as iv:
+        with pytest.warns(PaddingWarning, match=r"rows \[1\]"):
+            model(ids, attention_mask=mask)
+        import warnings as _w
+        with _w.catch_warnings():
+            _w.simplefilter("error")
+            model(ids, attention_mask=mask)  # once per site
+    assert iv.stats[site] == 2

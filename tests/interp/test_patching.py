@@ -284,6 +284,8 @@ def test_user_errors_are_one_line():
         (dict(metric=logit_diff(" Mon", B)), InputError, "is 4 tokens"),
         (dict(metric=lambda logits: logits.sum()), InputError, "one value per run"),
         (dict(corrupted=[CORRUPT, CORRUPT]), InputError, "1 clean prompts but 2 corrupted"),
+        (dict(metric=logit_diff(-1, B)), InputError, r"token id -1 is outside the vocabulary \(0\.\.299\)"),
+        (dict(metric=prob(5000)), InputError, "token id 5000 is outside the vocabulary"),
     ]
     for kw, err, msg in cases:
         args = dict(clean=CLEAN, corrupted=CORRUPT, metric=logit_diff(T, B), tokenizer=tok) | kw

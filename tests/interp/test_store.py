@@ -228,3 +228,61 @@ def test_live_store_progress_bar(capsys):
                             model_batch_size=2, max_windows=6)
     assert sum(b[SITES[0]].shape[0] for b in quiet) == rows
     assert "capturing" not in capsys.readouterr().err
+
+
+def _epoch_rows(store, epoch: int) -> list[tuple]:
+    """Every row the live store's windows of `epoch` hold, captured the way the store captures them."""
+    from interp.source import capture_rows
+
+    chunks = capture_rows(store.model, store.tokenizer, store.sites, store._windows(epoch),
+                          model_batch_size=store.model_batch_size, dtype=store.dtype)
+    return [tuple(r.tolist()) for c, _ in chunks for r in c[store.sites[0]]]
+
+
+@pytest.mark.parametrize("batch_tokens, buffer_tokens", [(100, 300), (100, 100), (64, 250), (37, 90)])
+def test_live_store_serves_every_row_once_per_epoch(batch_tokens, buffer_tokens):
+    """Buffers whose size the batch does not divide: their last rows begin a batch the next buffer ends."""
+    from collections import Counter
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    store = ActivationStore(model, tok, SITES[1], dataset=DOCS[:12], context_size=32, batch_tokens=batch_tokens,
+                            buffer_tokens=buffer_tokens, model_batch_size=3, epochs=2, seed=1)
+    batches = list(store)
+    assert all(b[SITES[1]].shape == (batch_tokens, 32) for b in batches)
+    served = [tuple(r.tolist()) for b in batches for r in b[SITES[1]]]
+    ref0, ref1 = _epoch_rows(store, 0), _epoch_rows(store, 1)
+    assert len(served) == (len(ref0) + len(ref1)) // batch_tokens * batch_tokens  # only the last tail is left
+    assert Counter(served[:len(ref0)]) == Counter(ref0)  # epoch 0: every row once
+    assert not Counter(served[len(ref0):]) - Counter(ref1)  # epoch 1 (cut at its end): no row twice
+
+
+def test_live_store_exact_resume_with_rows_carried_across_buffers():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    kw = dict(dataset=DOCS[:10], context_size=32, batch_tokens=70, buffer_tokens=150, model_batch_size=3, seed=2,
+              epochs=2)
+    store = ActivationStore(model, tok, SITES, **kw)
+    full, states = [], []
+    for b in store:
+        full.append(b[SITES[0]])
+        states.append(store.state_dict())
+    assert set(states[0]) == {"epoch", "group", "row", "window"}
+    # cuts after which the next batch spans buffers (it ends at row < batch_tokens of a later buffer)
+    carried = [c for c in range(1, len(full)) if states[c]["row"] < 70]
+    across_epochs = [c for c in carried if states[c]["epoch"] != states[c - 1]["epoch"]]
+    assert len(carried) > 3 and across_epochs
+    for cut in (carried[0], carried[len(carried) // 2], across_epochs[0]):
+        resumed = ActivationStore(model, tok, SITES, **kw)
+        resumed.load_state_dict(json.loads(json.dumps(states[cut - 1])))
+        rest = [b[SITES[0]] for b in resumed]
+        assert len(rest) == len(full) - cut
+        assert all(torch.equal(a, b) for a, b in zip(rest, full[cut:])), f"resume after batch {cut}"
+
+
+def test_live_store_smaller_than_one_batch_is_refused_in_one_line():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    for epochs in (1, None):  # None used to spin forever, running the model over empty epochs
+        store = ActivationStore(model, tok, SITES, dataset=DOCS[:2], context_size=32, batch_tokens=5000,
+                                epochs=epochs)
+        with pytest.raises(InputError, match=r"epoch 0 holds only \d+ rows, fewer than batch_tokens=5000") as e:
+            store.next_batch()
+        assert "\n" not in str(e.value) and "pass batch_tokens <=" in str(e.value)

@@ -117,3 +117,22 @@ def test_labelled_plot(tmp_path):
     assert torch.allclose(torch.tensor(means[0][0], dtype=torch.float32), expected, atol=1e-5)
     with pytest.raises(InputError, match="labels"):
         sub.plot(acts, labels[:-1])
+
+
+def test_a_basis_that_is_not_a_basis_is_refused():
+    v = torch.randn(8, generator=torch.Generator().manual_seed(0))
+    # dependent rows: QR would turn round-off into a spurious second direction
+    for rows in ([v, v], [v, 2 * v], [torch.zeros(8), v], [v, v + 1e-7 * torch.ones(8)]):
+        with pytest.raises(InputError, match="linearly dependent"):
+            Subspace(torch.stack(rows))
+    with pytest.raises(InputError, match="NaN or inf"):
+        Subspace(torch.stack([v, torch.full((8,), float("nan"))]))
+    with pytest.raises(InputError, match="origin holds NaN"):
+        Subspace(v[None], torch.full((8,), float("inf")))
+    # a basis said to be orthonormal is checked, not trusted
+    with pytest.raises(InputError, match="not orthonormal"):
+        Subspace(torch.stack([v, v]), orthonormalize=False)
+    with pytest.raises(InputError, match="not orthonormal"):
+        Subspace((2 * v / v.norm())[None], orthonormalize=False)
+    ok = Subspace(torch.stack([v, torch.randn(8, generator=torch.Generator().manual_seed(1))]))
+    assert Subspace(ok.basis, orthonormalize=False).rank == 2

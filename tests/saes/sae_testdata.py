@@ -321,7 +321,7 @@ BAD_CHECKPOINT_MESSAGES: dict[str, str] = {
     "wrong_bias_shape": r"tensor 'b_enc' has shape \[33\], the config needs \[32\]",
     "wrong_k": r"does not build a TopKConfig: TopKConfig.k must be an integer in \[1, d_sae=32\], got 33",
     "k_disagrees": r"k=5 disagrees with 'interp' \(4\)",
-    "rescaled_topk_off_unit_norm": r"W_dec row norms are in \[1\.0[45]\d*, 1\.05\d*\], not within 0.0001 of 1; "
+    "rescaled_topk_off_unit_norm": r"W_dec row norms are in \[1\.0[45]\d*, 1\.05\d*\], not within 1e-06 of 1; "
                                    r"with rescale_acts_by_decoder_norm=true .*fold_W_dec_norm",
     "matching_pursuit_off_unit_norm": r"W_dec row norms are in \[0\.[45]\d*, 0\.5\d*\].*SAELens' matching pursuit",
     "bogus_header_length": r"header length field says 4611686018427387904 bytes",
