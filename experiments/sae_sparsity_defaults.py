@@ -89,6 +89,7 @@ ARMS = {
     "mpsae_n32": ("mpsae", {"n_steps": 32, "lr_scale": 1.0}),
     "mpsae_n32_x4": ("mpsae", {"n_steps": 32, "lr_scale": 4.0}),
     "mpsae_n32_x2": ("mpsae", {"n_steps": 32, "lr_scale": 2.0}),
+    "mpsae_n32_x8": ("mpsae", {"n_steps": 32, "lr_scale": 8.0}),
     "mpsae_n32_x0.25": ("mpsae", {"n_steps": 32, "lr_scale": 0.25}),
 }
 """Arm name: (architecture, config settings; ``lr_scale``: Adam's learning rate is the trainer's base rule

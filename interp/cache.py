@@ -111,6 +111,8 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
 
     Resumes an interrupted run, grows a finished cache when `n_tokens` is larger than what it holds,
     and returns at once, writing nothing, when it already holds `n_tokens` rows (see :class:`CacheInfo`).
+    The dataset is opened (:func:`interp.data.load_texts`) before ``manifest.json`` is written, so one
+    that cannot be read fails without leaving a header (or a new empty folder) behind.
     """
     sites = [sites] if isinstance(sites, str) else list(sites)
     for s in sites:
@@ -134,27 +136,40 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
     target = -(-n_tokens // world)  # this rank's share
     if mine.get("exhausted") or sum(s["rows"] for s in mine["shards"]) >= target:
         return _info(out, n_tokens, world, added=0)  # nothing to capture: touch no file
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, f".interp-lock.rank{rank}", f"the activation cache at {out} (rank {rank})", error=CacheError):
-        remove_temps(out, f"shard-r{rank}-*")
-        remove_temps(out, f"manifest.rank{rank}.json")
-        if rank == 0:
-            remove_temps(out, "manifest.json")
-        old, mine = _read_manifests(out, mpath, rpath, header, rank)  # again: another writer may have finished
-        if mine.get("exhausted") or sum(s["rows"] for s in mine["shards"]) >= target:
-            return _info(out, n_tokens, world, added=0)
-        widths = site_widths(model, sites)
-        if old is not None and old.get("widths", widths) != widths:
-            raise CacheError(f"{out} holds sites of widths {old['widths']}, but this model gives {widths}: it was "
-                             "cached from another model. Use another output folder.")
-        new = {**(old or {}), **header, "n_tokens": max(n_tokens, (old or {}).get("n_tokens", 0)), "widths": widths,
-               "dtypes": {**{s: dtype_name for s in sites}, TOKENS: "int32"}}
-        if new != old and rank == 0:  # rank 0 owns the header; the other ranks only check it
-            _write_json(mpath, new)
-        added = _capture(model, tokenizer, sites, out, rank, world, mine, rpath, target, dataset=dataset,
-                         context_size=context_size, model_batch_size=model_batch_size, shard_tokens=shard_tokens,
-                         dtype=dtype, exclude_first=exclude_first, exclude_special=exclude_special,
-                         prepend_bos=prepend_bos, text_column=text_column, seed=seed, progress=progress)
+    try:
+        with folder_lock(out, f".interp-lock.rank{rank}", f"the activation cache at {out} (rank {rank})",
+                         error=CacheError):
+            remove_temps(out, f"shard-r{rank}-*")
+            remove_temps(out, f"manifest.rank{rank}.json")
+            if rank == 0:
+                remove_temps(out, "manifest.json")
+            old, mine = _read_manifests(out, mpath, rpath, header, rank)  # again: another writer may have finished
+            if mine.get("exhausted") or sum(s["rows"] for s in mine["shards"]) >= target:
+                return _info(out, n_tokens, world, added=0)
+            widths = site_widths(model, sites)
+            if old is not None and old.get("widths", widths) != widths:
+                raise CacheError(f"{out} holds sites of widths {old['widths']}, but this model gives {widths}: it "
+                                 "was cached from another model. Use another output folder.")
+            # open the corpus before the header is written: a dataset that cannot be read leaves no manifest
+            # behind that would refuse the corrected command as "other settings"
+            texts = load_texts(dataset, text_column=text_column, shuffle_seed=seed)
+            new = {**(old or {}), **header, "n_tokens": max(n_tokens, (old or {}).get("n_tokens", 0)),
+                   "widths": widths, "dtypes": {**{s: dtype_name for s in sites}, TOKENS: "int32"}}
+            if new != old and rank == 0:  # rank 0 owns the header; the other ranks only check it
+                _write_json(mpath, new)
+            added = _capture(model, tokenizer, sites, out, rank, world, mine, rpath, target, texts=texts,
+                             context_size=context_size, model_batch_size=model_batch_size, shard_tokens=shard_tokens,
+                             dtype=dtype, exclude_first=exclude_first, exclude_special=exclude_special,
+                             prepend_bos=prepend_bos, progress=progress)
+    except BaseException:
+        if created:  # a call that failed before writing anything leaves no empty folder behind
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+        raise
     return _info(out, n_tokens, world, added=added)
 
 
@@ -174,12 +189,11 @@ def _read_manifests(out: Path, mpath: Path, rpath: Path, header: dict, rank: int
 
 
 def _capture(model, tokenizer, sites, out: Path, rank: int, world: int, mine: dict, rpath: Path, target: int, *,
-             dataset, context_size, model_batch_size, shard_tokens, dtype, exclude_first, exclude_special,
-             prepend_bos, text_column, seed, progress) -> int:
-    """Capture this rank's windows into shards until it holds `target` rows (or the data ends); returns
-    the rows added. Each shard is renamed into place, then listed in the rank's manifest."""
+             texts, context_size, model_batch_size, shard_tokens, dtype, exclude_first, exclude_special,
+             prepend_bos, progress) -> int:
+    """Capture this rank's windows of the documents `texts` into shards until it holds `target` rows (or the
+    data ends); returns the rows added. Each shard is renamed into place, then listed in the rank's manifest."""
     done = sum(s["rows"] for s in mine["shards"])
-    texts = load_texts(dataset, text_column=text_column, shuffle_seed=seed)
     windows = itertools.islice(pack(texts, tokenizer, context_size, prepend_bos=prepend_bos), rank, None, world)
     chunks = capture_rows(model, tokenizer, sites, itertools.islice(windows, mine["windows"], None),
                           model_batch_size=model_batch_size, dtype=dtype, exclude_first=exclude_first,

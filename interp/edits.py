@@ -159,9 +159,20 @@ class MeanAblate(Edit):
             raise InputError(f"mean_coords must be [rank={self.subspace.rank}]; got {tuple(self.mean_coords.shape)}")
 
     @classmethod
-    def fit(cls, subspace: Subspace | Tensor, acts: Float[Tensor, "n d_model"]) -> MeanAblate:
+    def fit(cls, subspace: Subspace | Tensor, acts: Float[Tensor, "n d_model"] | Float[Tensor, "b seq d_model"],
+            attention_mask: Tensor | None = None) -> MeanAblate:
+        """The mean coordinates of `acts`: rows ``[n, d_model]``, or a capture's ``[batch, seq, d_model]`` with its
+        `attention_mask`, so that padded positions do not enter the mean."""
         sub = _sub(subspace)
-        return cls(sub, sub.project(acts.float().reshape(-1, acts.shape[-1])).mean(0))
+        if acts.dim() == 3:
+            if attention_mask is None:
+                raise InputError(f"MeanAblate.fit got activations {tuple(acts.shape)}, which may hold padded "
+                                 "positions; pass attention_mask= (a capture's acts.attention_mask), or rows "
+                                 "[n, d_model] (acts.reshape(-1, d_model) when no position is padding)")
+            acts = acts[attention_mask.to(acts.device).bool()]
+        if acts.dim() != 2 or len(acts) == 0:
+            raise InputError(f"MeanAblate.fit needs at least one [n, d_model] row; got shape {tuple(acts.shape)}")
+        return cls(sub, sub.project(acts.float()).mean(0))
 
     def __call__(self, x, ctx):
         return self.subspace.with_coords(x, self.mean_coords.to(x).expand(*x.shape[:-1], -1))

@@ -142,6 +142,7 @@ class Intervention:
         self._owner = blocks_owner(model)
         self._pass = _Pass()
         self._handles: list = []
+        self._depth = 0  # nested `with` blocks on this object
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -289,12 +290,18 @@ class Intervention:
         """Remove exactly this intervention's hooks (safe to call twice)."""
         remove_hooks(self._handles)
         self._pass.active = False
+        self._pass.prompt_ids = None  # a later attach starts from a fresh prompt (and holds no input tensor)
 
     def __enter__(self) -> Intervention:
-        return self.attach()
+        self.attach()
+        self._depth += 1
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.remove()
+        # the same object entered again inside its own block: only the outermost exit removes the hooks
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.remove()
 
 
 def intervene(model: nn.Module, edits: Mapping[str | Site, Edit | Callable | list | tuple], *, positions=None,

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from interp import precision
-from interp.errors import ModelLoadError
+from interp.errors import InputError, ModelLoadError
 from interp.folders import folder_lock, remove_temps, temp_name
 
 EMBEDDED = "smollm2-135m"
@@ -99,7 +99,9 @@ def _convert(gguf: Path, key: str, target: Path) -> Path:
 
 
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_FILE_SUFFIXES = _PICKLES + (".safetensors", ".gguf", ".json", ".yaml", ".yml", ".txt")
+_FILE_SUFFIXES = _PICKLES + (".safetensors", ".gguf", ".json", ".yaml", ".yml", ".txt", ".jsonl", ".csv",
+                             ".parquet")
+"""Suffixes of files (model files and the corpus files :func:`interp.data.load_texts` reads) that no Hub id has."""
 
 
 def looks_local(name: str) -> bool:
@@ -158,10 +160,25 @@ def _hub_reachable(name: str) -> bool:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU."""
+    """``None`` means CUDA when available, else CPU. A CUDA device this machine does not have (no CUDA, or
+    an index past its GPUs) is refused with one line."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"device={device!r} is not a device ({' '.join(str(e).split())[:200]}); expected 'cpu', "
+                         "'cuda', 'cuda:1', ... or None (CUDA when available)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"device={device!r} asks for CUDA, but this machine has none (torch "
+                             f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use device='cpu' "
+                             "(on the command line: --device cpu) or leave the device out")
+        if dev.index is not None and dev.index >= count:
+            raise InputError(f"device={device!r} asks for GPU {dev.index}, but this machine has {count} "
+                             f"(cuda:0..cuda:{count - 1}); pick one of them or leave the device out")
+    return dev
 
 
 def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | None = None,
@@ -171,15 +188,19 @@ def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | Non
     Args:
         name_or_path: ``"smollm2-135m"`` (the embedded model, offline), a HF hub name, or a local folder.
         device: ``"cpu"``, ``"cuda"``, ...; default CUDA when available.
-        dtype: ``torch.float32`` (default), ``torch.bfloat16``, or their names.
+        dtype: ``torch.float32`` (default), ``torch.bfloat16``, ``torch.float16``, or their names. The
+            older keyword ``torch_dtype=`` is read as ``dtype`` (both given and different: refused).
         kwargs: passed to ``from_pretrained`` (e.g. ``attn_implementation="eager"``).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None) if hasattr(torch, dtype) else None
-        if not isinstance(dtype, torch.dtype):
-            raise ModelLoadError(f"dtype must be a torch dtype or its name ('float32', 'bfloat16'); got {dtype!r}")
+    dtype = _as_dtype(dtype, "dtype")
+    if "torch_dtype" in kwargs:
+        old = _as_dtype(kwargs.pop("torch_dtype"), "torch_dtype")
+        if dtype is not None and old is not None and old != dtype:
+            raise ModelLoadError(f"load_model got dtype={dtype} and torch_dtype={old}; give one of them (dtype is "
+                                 "the current name of transformers' torch_dtype)")
+        dtype = dtype or old
     dtype = dtype or torch.float32
     dev = resolve_device(device)
     if dtype in (torch.bfloat16, torch.float16):
@@ -212,6 +233,15 @@ def load_model(name_or_path: str = EMBEDDED, *, device: str | torch.device | Non
         ) from None
     model.to(dev).eval()
     return model, tok
+
+
+def _as_dtype(value, name: str) -> torch.dtype | None:
+    """A floating torch dtype from a dtype or its name (None stays None); one line for anything else."""
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if value is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise ModelLoadError(f"{name} must be a floating torch dtype or its name ('float32', 'bfloat16', 'float16'); "
+                         f"got {value!r}. Leave it out for float32")
 
 
 def byte_tokenizer():

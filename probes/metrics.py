@@ -74,11 +74,15 @@ def roc_auc(y: Float[Tensor, "*batch n"], score: Float[Tensor, "*batch n"]) -> F
 
 
 def r2(y: Float[Tensor, "*batch n"], pred: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:
-    """Coefficient of determination 1 - SS_res / SS_tot over the whole set (predicting the mean gives 0)."""
+    """Coefficient of determination 1 - SS_res / SS_tot over the whole set (predicting the mean gives 0).
+
+    On a constant target (SS_tot = 0) it is 1 for a perfect prediction and 0 otherwise, as scikit-learn's
+    ``r2_score`` gives (not -inf or NaN)."""
     y, pred = y.double(), pred.double()
     ss_res = ((y - pred) ** 2).sum(-1)
     ss_tot = ((y - y.mean(-1, keepdim=True)) ** 2).sum(-1)
-    return (1 - ss_res / ss_tot).float()
+    constant = torch.where(ss_res == 0, torch.ones_like(ss_res), torch.zeros_like(ss_res))
+    return torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(torch.finfo(torch.float64).tiny), constant).float()
 
 
 def pearson(a: Float[Tensor, "*batch n"], b: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:

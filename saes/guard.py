@@ -93,13 +93,16 @@ class Deferred:
 
 
 def bad_rows(x: Tensor, limit: int = 10) -> tuple[list[int], int]:
-    """The first `limit` indices of rows of `x` ``[rows, d]`` holding NaN or inf, and how many there are."""
-    rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(-1).nonzero().flatten()
+    """The first `limit` indices of rows of `x` ``[rows, d]`` holding NaN or inf, or values so large that the row's
+    squared norm overflows float32 (a finite 1e20 does), and how many there are."""
+    flat = x.reshape(x.shape[0], -1)
+    rows = ((~torch.isfinite(flat)).any(-1) | ~torch.isfinite(flat.float().pow(2).sum(-1))).nonzero().flatten()
     return rows[:limit].tolist(), int(rows.numel())
 
 
 def error(*, site: str, step: int, total_steps: int, loss: Tensor, checked_grads: bool, batch: Tensor,
-          lr: float, checkpoints: Path | None, last_good: int | None, unapplied_after: int = 0) -> NonFiniteError:
+          lr: float, checkpoints: Path | None, last_good: int | None, unapplied_after: int = 0,
+          bf16: bool = False) -> NonFiniteError:
     """The one-line error for a non-finite step (`step` counts from 0; the message counts from 1).
     ``unapplied_after``: steps that ran after it, not applied either, before the check (:class:`Deferred`)."""
     value = float(loss.detach().float())
@@ -109,10 +112,10 @@ def error(*, site: str, step: int, total_steps: int, loss: Tensor, checked_grads
     if n_bad:
         more = f" (and {n_bad - len(rows)} more)" if n_bad > len(rows) else ""
         cause = (f"rows {rows}{more} of this batch of {batch.shape[0]} (batch {step + 1} of the data) hold NaN or "
-                 "inf inputs: filter or fix them in the data source")
+                 "inf inputs, or values so large that their squares overflow: filter or fix them in the data source")
     else:
-        cause = (f"no input row of this batch is NaN or inf, so the training diverged: lower lr (now {lr:.3g})"
-                 + ("" if checked_grads else ", or turn bf16 off"))
+        cause = (f"no input row of this batch is NaN, inf or overflowing, so the training diverged: lower lr (now "
+                 f"{lr:.3g})" + (", or turn bf16 off" if bf16 else ""))
     if checkpoints is None:
         kept = "nothing was saved (no out_dir)"
     elif last_good is None:

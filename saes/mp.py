@@ -223,12 +223,24 @@ class MPSAE(SAE):
     def _work_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
 
+    def _weights_key(self) -> tuple:
+        """What the cached Gram matrix was built from. Torch's in-place ops and the trainer's native steps raise
+        ``W_dec``'s version; a write through ``W_dec.data`` does not, so outside training (where a notebook edits
+        atoms, a step at a time or not) the key also holds a position-weighted float64 checksum of the values."""
+        w = self.W_dec.detach()
+        key: tuple = (self.W_dec._version, w.data_ptr(), self.training)
+        if not self.training:
+            rows = torch.arange(1, w.shape[0] + 1, dtype=torch.float64, device=w.device)
+            cols = torch.arange(1, w.shape[1] + 1, dtype=torch.float64, device=w.device).sqrt()
+            key += (float(w.sum(1, dtype=torch.float64) @ rows), float(w.sum(0, dtype=torch.float64) @ cols))
+        return key
+
     def _gram_for(self, atoms: Tensor, n: int, steps: int) -> Tensor | None:
         mode = self.cfg.correlation_update
-        key = (self.W_dec._version, self.W_dec.data_ptr(), atoms.dtype, atoms.device, self.training)
-        cached = self._gram is not None and self._gram_key == key
         if mode == "direct" or steps <= 1:
             return None
+        key = (*self._weights_key(), atoms.dtype, atoms.device)
+        cached = self._gram is not None and self._gram_key == key
         if mode == "auto" and not mp_pursuit.use_gram(n, self.cfg.d_model, self.cfg.d_sae, steps,
                                                      gram_cached=cached, elem_bytes=atoms.element_size()):
             return None

@@ -262,6 +262,14 @@ def unit_row_adam(W: Tensor, G: Tensor, M: Tensor, V: Tensor, *, lr: float, beta
                          + ", ".join(f"{t.dtype}/{t.device}/{tuple(t.shape)}" for t in ts))
     _rows(library().unit_row_adam, W.shape[0], W.data_ptr(), G.data_ptr(), M.data_ptr(), V.data_ptr(), W.shape[1],
           float(lr), float(betas[0]), float(betas[1]), float(eps), float(step), int(unit))
+    written(W, M, V)
+
+
+def written(*tensors: Tensor) -> None:
+    """Count a write through a raw pointer as torch counts its own in-place ops: each tensor's version goes up, so
+    whatever is keyed on it (autograd's saved-tensor check, an MP-SAE's cached Gram matrix) sees the change."""
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
 
 
 def sparse_applies(idx: Tensor, *dense: Tensor) -> bool:
@@ -366,6 +374,8 @@ def sparse_adam(W: Tensor, M: Tensor, V: Tensor, sources: list[tuple[Tensor, Ten
                            partial.data_ptr() if partial is not None else None, int(dry))
     if code & 2:
         raise MemoryError(f"sparse_adam could not allocate its scratch rows ({cols} floats)")
+    if not dry:
+        written(W, M, V)
     term = partial.sum(0) if partial is not None else None
     return (not code & 1, term) if dry else term
 

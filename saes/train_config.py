@@ -29,9 +29,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_frac: float = 0.01
-    """Fraction of steps with a linear learning-rate warm-up from 0."""
+    """Fraction of steps with a linear learning-rate warm-up from 0: over its ``W = int(warmup_frac * steps)`` steps
+    the rate is ``(i + 1) / (W + 1)`` of the base at the i-th of them."""
     decay_frac: float = 0.2
-    """Fraction of steps at the end with a linear decay of the learning rate to 0."""
+    """Fraction of steps at the end with a linear decay of the learning rate towards 0: over its ``D =
+    int(decay_frac * steps)`` steps the rate is ``(D - i) / D`` of the base at the i-th of them, so the first runs
+    at the full rate and the last at ``1 / D`` (0 would be reached one step after the run). With ``D`` of 1 or 0
+    (runs shorter than ``2 / decay_frac`` steps) nothing decays."""
     b_dec_init: str = "typical_mean"
     """How ``b_dec`` starts, from the first batch: ``"typical_mean"`` (the mean of the rows that are not
     massive activations, :func:`saes.losses.typical_mean`; chosen over several seeds in

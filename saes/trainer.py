@@ -44,6 +44,7 @@ is :mod:`saes.run_folder`'s.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from collections.abc import Iterable
@@ -164,7 +165,7 @@ class Trainer:
                 st.grads.clear()
         return guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
                            checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
-                           last_good=self._last_saved, unapplied_after=unapplied_after,
+                           last_good=self._last_saved, unapplied_after=unapplied_after, bf16=self.cfg.bf16,
                            checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
 
     def _split(self, batch) -> dict[str, torch.Tensor]:
@@ -282,7 +283,9 @@ class Trainer:
                     self._check_deferred()
                 if log:
                     self._log(step, logs, bar, run)
+                    self._check_diverged(step, logs)
                 if save:
+                    self._check_state_finite(step)
                     run_folder.save_checkpoint(self, ckpt_root, step, data)
             self._check_deferred()  # the data ran out
         finally:  # a stopped run ends its progress line, so an error prints on a line of its own
@@ -303,6 +306,46 @@ class Trainer:
             run_folder.export(self)
         ddp.barrier()
         return self
+
+    def _stop_line(self, step: int) -> str:
+        kept = (f"the last good resume checkpoint, step {self._last_saved}, is kept" if self._last_saved is not None
+                else "no resume checkpoint was written before it")
+        return f"lower lr (now {self.cfg.lr if self.cfg.lr is not None else 'the default'}); {kept}"
+
+    def _check_diverged(self, step: int, logs: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Stop a run whose reconstruction has blown up: finite losses can still diverge (FVU 2e9 after an lr of
+        100), and such an SAE would otherwise be saved and exported as if trained. Off with the guard
+        (``nonfinite_guard="off"``)."""
+        if self.cfg.nonfinite_guard == "off":
+            return
+        for name, m in logs.items():
+            st = self.sites[name]
+            fvu, zero = float(m.get("fvu", 0.0)), float(st.fvu_of_zero)
+            if st.first_fvu is None and math.isfinite(fvu):
+                st.first_fvu = fvu
+            ref = max(zero, st.first_fvu or 0.0, 1.0)
+            if not math.isfinite(fvu) or fvu > DIVERGED_FVU * ref:
+                raise TrainingDiverged(
+                    f"training diverged at step {step} of {self.cfg.total_steps}: SAE {name or '(unnamed)'!r} has "
+                    f"FVU {fvu:.3g} on its batch, over {DIVERGED_FVU:g} x {ref:.3g} (the larger of its first logged "
+                    f"FVU, {st.first_fvu if st.first_fvu is not None else float('nan'):.3g}, and that of outputting "
+                    f"zeros, {zero:.3g}); " + self._stop_line(step))
+
+    def _check_state_finite(self, step: int) -> None:
+        """Refuse to write a resume checkpoint whose weights or Adam moments are not finite (squared gradients can
+        overflow to inf while the loss and gradients stay finite): a resume would carry them on. Off with the guard
+        (``nonfinite_guard="off"``)."""
+        if self.cfg.nonfinite_guard == "off":
+            return
+        for name, st in self.sites.items():
+            tensors = [("weights", p) for p in st.sae.parameters()] + [
+                ("Adam moments", v) for s in st.opt.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            bad = sorted({what for what, t in tensors if not bool(torch.isfinite(t).all())})
+            if bad:
+                raise TrainingDiverged(f"training diverged by step {step}: SAE {name or '(unnamed)'!r} holds NaN or "
+                                       f"inf in its {' and '.join(bad)}, so no checkpoint was written; "
+                                       + self._stop_line(step))
 
     def final_metrics(self, name: str) -> dict[str, float]:
         """The metrics last logged for the SAE named ``name`` (empty before the first log)."""
@@ -380,8 +423,10 @@ class Trainer:
             return {}
         sq = ddp.allsum((out.x_hat.detach().float() - x.float()).pow(2).sum().reshape(1))
         terms = {k: ddp.allsum(v.detach().float().reshape(1)).squeeze(0) for k, v in out.terms.items()}
+        tv = total_variance(x, state)
+        st.fvu_of_zero = ddp.allsum(x.float().pow(2).sum().reshape(1)).squeeze(0) / tv  # for _check_diverged
         return {**terms, "loss": ddp.allsum(out.loss.detach().reshape(1)).squeeze(0),
-                "fvu": (sq.squeeze(0) / total_variance(x, state)),
+                "fvu": (sq.squeeze(0) / tv),
                 "l0": ddp.allsum(out.l0.detach().float().reshape(1)).squeeze(0) / self.world,
                 "dead": (st.since_fired >= cfg.dead_tokens).float().mean()}
 
@@ -394,6 +439,17 @@ class Trainer:
             warnings.warn("wandb_project is set but wandb is not installed; not logging", stacklevel=3)
             return None
         return wandb.init(project=self.cfg.wandb_project, config=run_folder.jsonable(self.cfg))
+
+
+DIVERGED_FVU = 10.0
+"""A logged FVU above this many times the larger of the run's first logged FVU, that of outputting zeros and 1 stops
+the run as diverged."""
+
+
+class TrainingDiverged(SAEError):
+    """The reconstruction blew up (FVU far above that of outputting zeros), or the weights or Adam's moments hold
+    NaN or inf at a checkpoint, while every loss and gradient stayed finite. Not checked with
+    ``TrainConfig.nonfinite_guard="off"``."""
 
 
 class DenseCodesWarning(UserWarning):

@@ -112,6 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     e.add_argument("--out", help="write eval.json, sparsity.safetensors and latent_density.png here instead of "
                    "recording the metrics in the checkpoint")
+    e.add_argument("--overwrite", action="store_true", help="replace the results an earlier evaluation wrote in --out "
+                   "(default: refuse)")
     from probes.absorption import AbsorptionConfig
 
     words = AbsorptionConfig().words_per_letter
@@ -137,9 +139,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------ train
 def _resolve_device(name: str | None):
-    import torch
+    from interp.models import resolve_device
 
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(name)  # a CUDA device this machine lacks is one line, not an assertion deep in torch
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -177,7 +179,6 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = saes.TrainConfig(total_tokens=tokens, **{k: v for k, v in got.items() if k in train_fields})
     import torch
 
-    torch.manual_seed(cfg.seed)
     arch_kw = {k: v for k, v in got.items() if k in fields and k not in ("d_model", "d_sae")}  # set just below
     variants = parse_variants(run.variants, run.arch, fields)
     models, sites = {}, {}
@@ -185,6 +186,7 @@ def run_train(args: argparse.Namespace) -> int:
         for vname, change in (variants or {"": {}}).items():
             name = f"{s}/{vname}" if vname else s
             kw = {**arch_kw, "d_sae": run.d_sae or run.expansion * w, **change}
+            torch.manual_seed(cfg.seed)  # each SAE starts from the weights it would have trained alone
             models[name], sites[name] = saes.build(run.arch, d_model=w, **kw).to(device), s
     out = Path(run.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -269,11 +271,15 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out is None and ck.source != "interp":
         raise SAEError(f"{args.sae} was written by {ck.source}, so its metrics cannot be recorded in it; pass "
                        "--out DIR to write them there")
+    if args.out is not None and (Path(args.out) / "eval.json").exists() and not args.overwrite:
+        raise SAEError(f"{args.out} already holds eval.json from an earlier evaluation; pass --overwrite to replace "
+                       "it, or another --out")
     device = _resolve_device(args.device)
     sae = ck.sae.to(device)
     model_name = args.model or meta.get("model_name") or EMBEDDED
     dataset = args.dataset or meta.get("dataset_path")
     context = args.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE
+    bos = bool(meta.get("prepend_bos", False))  # the windows the SAE was trained on began with BOS, or did not
     model, tok = load_model(model_name, device=device)
     bt = min(4096, args.tokens)
     if args.cache:
@@ -285,10 +291,11 @@ def run_eval(args: argparse.Namespace) -> int:
         from interp.store import ActivationStore
 
         data = ActivationStore(model, tok, [site], dataset=dataset, context_size=context, batch_tokens=bt,
-                               buffer_tokens=min(16 * bt, max(bt, args.tokens)), seed=args.eval_seed, device=device)
+                               buffer_tokens=min(16 * bt, max(bt, args.tokens)), seed=args.eval_seed, device=device,
+                               prepend_bos=bos)
     windows = mask = None
     if args.windows:
-        windows, mask = sample_windows(tok, args.windows, context, dataset, seed=args.eval_seed)
+        windows, mask = sample_windows(tok, args.windows, context, dataset, seed=args.eval_seed, prepend_bos=bos)
     report = evaluate(sae, data, site=site, n_batches=max(1, args.tokens // bt),
                       model=model if args.windows else None, windows=windows, splice_mask=mask, out_dir=args.out)
     if args.absorption:

@@ -26,6 +26,7 @@ token the pages show), ``extra`` (what the caller adds, e.g. class means of a su
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -111,7 +113,21 @@ class DashboardConfig:
 
 def _settings(cfg: DashboardConfig, units: Units, site: str, model_name: str) -> dict[str, Any]:
     return {"format": FORMAT, "model": model_name, "site": site, "kind": units.kind, "names": list(units.names),
-            "ids": units.unit_ids(), "signed": units.signed, "settings": dataclasses.asdict(cfg)}
+            "ids": units.unit_ids(), "signed": units.signed, "settings": dataclasses.asdict(cfg),
+            "directions_sha256": _fingerprint(units)}
+
+
+def _fingerprint(units: Units) -> str | None:
+    """A digest of the units' write directions (an SAE's decoder rows, a subspace's basis): two SAEs with the same
+    latent names are told apart, so a folder made from one is never resumed or reused for the other."""
+    if units.directions is None:
+        return None
+    d = units.directions.detach().float().cpu().contiguous()
+    return hashlib.sha256(d.numpy().tobytes()).hexdigest()
+
+
+_LATER_KEYS = ("directions_sha256",)
+"""Settings that folders written before they existed do not record: not compared there."""
 
 
 def _tracker(cfg: DashboardConfig, units: Units, device) -> Tracker:
@@ -141,7 +157,7 @@ def _comparable(d: dict) -> dict:
 
 def _check_same(path: Path, old: dict, new: dict) -> None:
     old, new = _comparable(old), _comparable(new)
-    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v and not (k in _LATER_KEYS and k not in old)}
     if diff:
         raise InputError(f"{path.parent} holds a dashboard made with other settings {diff} (old, new); use another "
                          "--out folder, or delete this one to start over")
@@ -166,7 +182,8 @@ def collect(model: nn.Module, tokenizer, site: str, units: Units, out: str | os.
     model_name = model_name or model_label(model)
     want = _settings(cfg, units, site, model_name)
     if (out / "data.json").is_file():
-        _check_same(out / "data.json", {k: _read_json(out / "data.json").get(k) for k in want}, want)
+        done = _read_json(out / "data.json")
+        _check_same(out / "data.json", {k: done[k] for k in want if k in done}, want)
         return out
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
@@ -176,9 +193,8 @@ def collect(model: nn.Module, tokenizer, site: str, units: Units, out: str | os.
         windows_done = 0
         if (out / "state.json").is_file():
             st = _read_json(out / "state.json")
-            _check_same(out / "state.json", {k: st.get(k) for k in want}, want)
-            tr.load_state_dict(load_file(str(out / "state.safetensors")))
-            windows_done = int(st["windows"])
+            _check_same(out / "state.json", {k: st[k] for k in want if k in st}, want)
+            windows_done = _load_state(out, tr, st)
         clock = _Clock(timings, dev)
         windows = _run(model, tokenizer, site, units, tr, cfg, out, want, windows_done, dev, progress, clock)
         _finish(model, tokenizer, units, tr, cfg, out, want, windows, extra or {}, clock)
@@ -248,9 +264,29 @@ class _Clock:
 
 
 def _save_state(out: Path, tr: Tracker, want: dict, windows: int) -> None:
+    # the tensors carry their own position, so a crash between the two writes cannot pair them with an older one
+    position = {"windows": windows, "batches": tr.batches, "n_tokens": tr.n_tokens}
     with atomic_path(out / "state.safetensors") as tmp:
-        save_file(tr.state_dict(), str(tmp))
-    write_json(out / "state.json", {**want, "windows": windows, "batches": tr.batches, "n_tokens": tr.n_tokens})
+        save_file(tr.state_dict(), str(tmp), metadata={k: str(v) for k, v in position.items()})
+    write_json(out / "state.json", {**want, **position})
+
+
+def _load_state(out: Path, tr: Tracker, st: dict) -> int:
+    """Load the saved tracker; returns the windows it has read. The position is the tensors' own (written with
+    them); a state file of an older version without it must agree with ``state.json``, else it is refused."""
+    path = out / "state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    tr.load_state_dict(load_file(str(path)))
+    if "windows" in meta:
+        if int(meta["n_tokens"]) != tr.n_tokens or int(meta["batches"]) != tr.batches:
+            raise InputError(f"{path} does not match its own position ({meta}); delete the folder and run again")
+        return int(meta["windows"])
+    if int(st.get("n_tokens", -1)) != tr.n_tokens or int(st.get("batches", -1)) != tr.batches:
+        raise InputError(f"{path} holds {tr.n_tokens} tokens in {tr.batches} batches but {out / 'state.json'} says "
+                         f"{st.get('n_tokens')} in {st.get('batches')} (a save was interrupted between the two); "
+                         "delete the folder and run again")
+    return int(st["windows"])
 
 
 def _decode(tokenizer, ids: list[Tensor]) -> dict[str, str]:

@@ -122,7 +122,7 @@ def render(folder: str | os.PathLike, units: Sequence[int] | None = None, *, tit
             histogram=histogram_svg(rec["histogram"]),
             prev=chosen[pos - 1] if pos > 0 else None, next=chosen[pos + 1] if pos + 1 < len(chosen) else None,
             pages=set(chosen))
-        write_text(folder / "units" / f"{u}.html", page)
+        write_text(folder / "units" / f"{u}.html", _utf8(page))
         words = [rec["name"]] + [t for c in rec["contexts"][:3] for t, _ in c["tokens"]] + \
             [t for t, _ in rec["logits_up"][:5]]
         rec["search"] = " ".join(words).lower()
@@ -134,4 +134,17 @@ def render(folder: str | os.PathLike, units: Sequence[int] | None = None, *, tit
     index = env.get_template("index.html").render(title=title, root="", info=info, units=records,
                                                   n_units=len(records),
                                                   scatter=scatter)
-    return write_text(folder / "index.html", index)
+    return write_text(folder / "index.html", _utf8(index))
+
+
+def _utf8(page: str) -> str:
+    """The page with any text UTF-8 cannot hold (a lone surrogate in a hand-edited or foreign token text) as "?"."""
+    return page.encode("utf-8", "replace").decode("utf-8") if _unencodable(page) else page
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

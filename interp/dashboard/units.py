@@ -12,9 +12,13 @@ imports ``saes``: the command layer hands an SAE checkpoint's ``encoder(sparse=T
 the model's output embedding (the input embedding when they are tied, as HF ties them) and
 ``norm`` is the final norm *as the model applies it to a single direction, up to a positive scale*:
 
-* RMSNorm (Llama, Qwen, Mistral ...): ``v * weight``; Gemma's ``(1 + weight)`` form is detected
-  from its class and applied as ``v * (1 + weight)``;
+* RMSNorm (Llama, Qwen, Mistral ...): ``v * weight``, or ``v * (1 + weight)`` for the norms that
+  scale that way (Gemma, VaultGemma, Qwen3-Next ...);
 * LayerNorm (GPT-2, GPT-NeoX ...): ``(v - mean(v)) * weight``.
+
+The model's own norm module computes it: it is run on the direction scaled to unit RMS (so its
+epsilon is negligible), minus its output on a zero vector (the norm's bias, if any). No norm class
+is recognised by its name, so a new one is applied as the model applies it.
 
 The division by the norm of the residual vector is a positive per-token scale, the same for every
 vocabulary entry, so it does not change which tokens a direction promotes; it is left out, as are
@@ -117,8 +121,10 @@ def neuron_units(neurons: Sequence[int], width: int, directions: Tensor | None =
 
 def subspace_units(subspace) -> Units:
     """Units for a :class:`~interp.subspace.Subspace`: each coordinate, and for a circle also one unit
-    per named point (``"angle Monday"``): the centred 2-D coordinates projected on that point's
-    direction, so its top contexts are the tokens the circle places furthest towards that point."""
+    per named point (``"angle Monday"``): the centred coordinates on the circle's own axes projected on
+    that point's angle, so its top contexts are the tokens the circle places furthest towards that point.
+    On an ellipse (a circle probe's ``axes``) the coordinates are read through the axes, as the probe
+    reads angles, and the unit's write direction is the point's direction from the centre."""
     from interp.subspace import CircleMap
 
     basis = subspace.basis.float()
@@ -132,14 +138,21 @@ def subspace_units(subspace) -> Units:
         for label, a in cm.angles.items():
             names.append(f"angle {label}")
             angles.append(float(a))
-            dirs.append(math.cos(a) * basis[0] + math.sin(a) * basis[1])
     unit_dirs = torch.tensor([[math.cos(a), math.sin(a)] for a in angles]).reshape(-1, 2)
+    axes = getattr(cm, "axes", None) if angles else None
+    # read: plane coordinates -> the circle's own coordinates (identity on a round circle)
+    read = torch.eye(2) if axes is None else torch.linalg.inv(axes.double()).float()
+    # write: each point's direction from the centre in the plane (axes @ (cos, sin) on an ellipse), unit length
+    write = unit_dirs if axes is None else unit_dirs @ axes.float().T
+    write = write / write.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    dirs += [u[0] * basis[0] + u[1] * basis[1] for u in write]
+    unit_read = (unit_dirs @ read).T  # [2, n_angles]: (coords - center) @ unit_read = circle coords . (cos, sin)
 
     def encode(x: Tensor) -> Tensor:
         coords = subspace.project(x.float())
         if not angles:
             return coords
-        return torch.cat([coords, (coords[:, :2] - center.to(coords)) @ unit_dirs.T.to(coords)], dim=1)
+        return torch.cat([coords, (coords[:, :2] - center.to(coords)) @ unit_read.to(coords)], dim=1)
 
     return Units(encode=encode, names=tuple(names), kind="coordinate", directions=torch.stack(dirs), signed=True)
 
@@ -153,21 +166,28 @@ def final_norm(model: nn.Module) -> nn.Module:
             mod = getattr(mod, part, None)
             if mod is None:
                 break
-        if isinstance(mod, nn.Module) and hasattr(mod, "weight"):
-            return mod
+        if isinstance(mod, nn.Module) and (hasattr(mod, "weight") or "norm" in type(mod).__name__.lower()):
+            return mod  # a norm without a weight (OLMo's non-affine LayerNorm) is still the final norm
     raise InputError(f"cannot find the final norm of {type(hf).__name__} (looked at {', '.join(_NORM_PATHS)}); "
                      "the logit effect needs it: build the dashboard without directions")
 
 
 def _apply_norm(norm: nn.Module, v: Tensor) -> Tensor:
-    """The final norm applied to directions, up to a positive scale per row (see the module docstring)."""
-    w = norm.weight.detach().float().to(v.device)
-    name = type(norm).__name__.lower()
-    if isinstance(norm, nn.LayerNorm) or "layernorm" in name and "rms" not in name:
-        v = v - v.mean(dim=-1, keepdim=True)
-    if name.startswith("gemma") and "rms" in name:  # Gemma's RMSNorm scales by (1 + weight)
-        w = 1 + w
-    return v * w
+    """The final norm applied to directions (see the module docstring): the model's own norm module on each
+    direction at unit scale, minus its output on zero (its bias), times the direction's own scale, so that the
+    result is ``v * weight`` for an RMSNorm (``v * (1 + weight)`` where the model scales so) and
+    ``(v - mean(v)) * weight`` for a LayerNorm, whatever the norm's class is called."""
+    p = next(norm.parameters(), v)
+    tiny = torch.finfo(torch.float32).tiny
+    with torch.no_grad():
+        zero = norm(torch.zeros(1, v.shape[-1], device=p.device, dtype=p.dtype)).float()
+        # a norm that subtracts the mean sends a constant vector to its bias: then its scale is the centred one
+        ones = norm(torch.ones(1, v.shape[-1], device=p.device, dtype=p.dtype)).float() - zero
+        centred = bool(ones.abs().max() <= 1e-3 * max(1.0, float(zero.abs().max())))
+        u = v.float() - v.float().mean(dim=-1, keepdim=True) if centred else v.float()
+        scale = u.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(tiny)
+        out = norm((v.float() / scale).to(device=p.device, dtype=p.dtype)).float() - zero
+    return (out.to(v.device) * scale).float()
 
 
 @torch.no_grad()

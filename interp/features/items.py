@@ -6,7 +6,9 @@ item is the last token and position 0 (an attention sink in models without BOS) 
 the last one by default, or a position of :mod:`interp.positions` that picks one token per prompt,
 such as ``positions={"token": " {item}"}`` for templates with the item in the middle (``{item}`` is
 filled per prompt with that prompt's item), or a character span per prompt ``{"chars": [[a, b], ...]}``
-(read at the span's last token).
+(read at the span's last token). ``"last"`` and negative columns count back from the end of each
+prompt's own tokens (padding, and special tokens the tokenizer appends such as BERT's ``[SEP]``, are
+not counted), so ``-1`` and ``"last"`` read the item on decoder and encoder models alike.
 """
 
 from __future__ import annotations
@@ -89,28 +91,66 @@ def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence
     span's last token is read), or a single column. Items that the tokenizer splits into several
     tokens are read at their last token.
 
+    ``"last"`` and negative columns count back from the end of each prompt's own text: the last token of
+    the prompt is ``-1`` in every row whatever the padding side, and special tokens the tokenizer appends
+    (BERT's and RoBERTa's ``[SEP]`` / ``</s>``) are not counted, so ``"last"`` reads the item, not
+    ``[SEP]``. Columns ``>= 0`` count from the start of the tokenized input (a prepended ``[CLS]`` or BOS
+    is column 0).
+
     Returns ``({site: [n, d_model]}, labels, template ids)``.
     """
-    from interp.capture import capture
+    from interp.capture import capture, tokenize
 
     pos = as_positions(positions)
     prompts, labels, tids = build_prompts(items, templates, item_last=pos.kind == "last")
     pos = pos.fill([{"item": label} for label in labels])
-    inputs = prompts
-    if pos.kind == "chars":  # a span per prompt: read its last token
-        from interp.capture import as_batch
-
-        inputs = as_batch(prompts, tokenizer)
-        mask = pos.bind(inputs["input_ids"], inputs["attention_mask"], tokenizer=tokenizer, texts=prompts).value
-        cols = torch.where(mask, torch.arange(mask.shape[1]), -1).max(1).values
-        pos = as_positions([[int(c)] for c in cols])
     single_col = pos.kind == "cols" and pos.value.shape[1] == 1 and not pos.ragged
-    if not (pos.one_per_row or single_col):
+    if not (pos.one_per_row or single_col or pos.kind == "chars"):
         raise InputError(f"item_activations reads one token per prompt; positions={positions!r} picks several. "
                          "Use 'last', {'token': ' {item}'}, {'chars': [a, b]} or a single column")
+    if single_col and pos.value.shape[0] not in (1, len(prompts)):
+        raise InputError(f"positions gives {pos.value.shape[0]} per-prompt columns for {len(prompts)} prompts "
+                         "(templates x items, in build_prompts order); give one column, or one per prompt")
+    inputs = prompts
+    if pos.kind == "chars" or pos.kind == "last" or (single_col and bool((pos.value < 0).any())):
+        # one column per prompt, found here: the span's last token, or counted back from the prompt's end
+        inputs = tokenize(tokenizer, prompts, return_special_tokens_mask=True)
+        added = inputs.pop("special_tokens_mask", None)
+        real = inputs["attention_mask"].bool()
+        if pos.kind == "chars":
+            mask = pos.bind(inputs["input_ids"], inputs["attention_mask"], tokenizer=tokenizer, texts=prompts).value
+            cols = torch.where(mask, torch.arange(mask.shape[1]), -1).max(1).values
+        else:
+            ends = _prompt_ends(real, added)
+            back = torch.full((len(prompts),), -1) if pos.kind == "last" else pos.value[:, 0].expand(len(prompts))
+            cols = torch.where(back < 0, ends + 1 + back, back)
+            starts = torch.where(real, torch.arange(real.shape[1]), real.shape[1]).min(1).values
+            bad = [i for i in range(len(prompts)) if back[i] < 0 and cols[i] < starts[i]]
+            if bad:
+                i = bad[0]
+                raise InputError(f"positions={positions!r} counts back past the start of prompt {i} "
+                                 f"({prompts[i]!r}, {int(ends[i] - starts[i]) + 1} tokens); give a column "
+                                 "inside every prompt")
+        pos = as_positions([[int(c)] for c in cols])
+        single_col = True
     acts = capture(model, inputs, list(sites), positions=pos, tokenizer=tokenizer, batch_size=batch_size,
                    device=device, dtype=torch.float32)
     return {s: acts[s][:, 0] if single_col else acts[s] for s in sites}, labels, tids
+
+
+def _prompt_ends(real: Tensor, added: Tensor | None) -> Tensor:
+    """Per row, the column of the prompt's last token: the last real column that is not a special token the
+    tokenizer appended (``[SEP]``, ``</s>``); `added` is the tokenizer's ``special_tokens_mask``."""
+    cols = torch.arange(real.shape[1])
+    if added is None:
+        return torch.where(real, cols, -1).max(1).values
+    ends = []
+    for row, extra in zip(real, added.bool()):
+        idx = cols[row].tolist()
+        while len(idx) > 1 and bool(extra[idx[-1]]):  # appended special tokens; a prompt keeps one column
+            idx.pop()
+        ends.append(idx[-1] if idx else -1)
+    return torch.tensor(ends)
 
 
 def token_counts(tokenizer, items: Sequence[str]) -> dict[str, int]:

@@ -158,7 +158,8 @@ def test_variants_train_several_saes_of_one_site_as_each_alone(cache, tmp_path, 
     small, wide = read(together / f"{SITES[0]}_small"), read(together / f"{SITES[0]}_wide")
     assert (small.sae.cfg.k, small.sae.cfg.d_sae, wide.sae.cfg.k, wide.sae.cfg.d_sae) == (2, 64, 4, 128)
     assert small.metadata["hook_name"] == wide.metadata["hook_name"] == SITES[0]
-    # the same SAE trained alone (its own initialisation: the variant built first draws the same weights)
+    # the same SAE trained alone (every variant starts from the weights it would draw alone; the second one is
+    # checked in test_variants_and_sites_each_start_from_the_weights_they_would_train_alone)
     assert main([*common, "--k", "2", "--out", str(tmp_path / "alone")]) == 0
     alone = read(tmp_path / "alone" / SITES[0])
     for key, value in alone.sae.state_dict().items():
@@ -191,3 +192,32 @@ def test_capture_from_a_bf16_model_is_recorded_and_close_to_fp32(tiny_dir, text_
     assert main([*grow, "--out", str(tmp_path / "bf16")]) == 1
     err = capsys.readouterr().err
     assert one_error_line(err) and "'model_dtype': ('bfloat16', 'float32')" in err
+
+
+def test_variants_and_sites_each_start_from_the_weights_they_would_train_alone(cache, tmp_path):
+    """The SAEs were built one after another from one seeded stream, so every SAE after the first (another site,
+    another variant) started from other weights than the same SAE trained alone."""
+    from safetensors.torch import load_file
+
+    common = ["sae", "train", "--cache", str(cache), "--arch", "topk", "--d-sae", "64", "--batch-tokens", "500",
+              "--tokens", "2000", "--device", "cpu"]
+    assert main([*common, "--sites", SITES[0], "--variants", "a:k=4", "b:k=8", "--out", str(tmp_path / "v")]) == 0
+    assert main([*common, "--sites", SITES[0], "--k", "8", "--out", str(tmp_path / "alone")]) == 0
+    together = load_file(str(tmp_path / "v" / f"{SITES[0]}_b" / "sae_weights.safetensors"))
+    alone = load_file(str(tmp_path / "alone" / SITES[0] / "sae_weights.safetensors"))
+    assert sorted(together) == sorted(alone) and all(torch.equal(together[k], alone[k]) for k in alone)
+
+
+def test_eval_into_a_folder_with_results_needs_overwrite(cache, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["sae", "train", "--cache", str(cache), "--sites", SITES[0], "--arch", "topk", "--k", "4",
+                 "--d-sae", "64", "--batch-tokens", "500", "--tokens", "1000", "--device", "cpu",
+                 "--out", str(run)]) == 0
+    ev = ["sae", "eval", str(run / SITES[0]), "--cache", str(cache), "--tokens", "1000", "--windows", "0",
+          "--device", "cpu", "--out", str(tmp_path / "ev")]
+    assert main(ev) == 0
+    capsys.readouterr()
+    assert main(ev) != 0
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "already holds eval.json" in err and "--overwrite" in err
+    assert main([*ev, "--overwrite"]) == 0

@@ -297,3 +297,107 @@ def test_neuronpedia_batch_holds_the_pages_data(signed_run):
         assert max(top[0]["values"]) == pytest.approx(rec["max"], abs=1e-3)
         for a in f["activations"][len(top):]:
             assert 0 < a["bin_contains"] <= 1
+
+
+def test_logit_effect_uses_the_models_own_final_norm_whatever_its_class_is_called():
+    """VaultGemma's final RMSNorm scales by (1 + weight) but its class name does not start with "gemma": the
+    effect was computed with the weight alone, and its top tokens were other tokens than the model's norm gives."""
+    import transformers as tr
+
+    from interp.dashboard import final_norm, logit_effect
+
+    torch.manual_seed(0)
+    model = tr.AutoModelForCausalLM.from_config(tr.VaultGemmaConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, max_position_embeddings=128)).eval()
+    with torch.no_grad():
+        final_norm(model).weight.copy_(torch.randn(32) * 0.5)  # trained norms are not all ones
+    dirs = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = final_norm(model)(dirs[:, None]).squeeze(1) @ model.get_output_embeddings().weight.T
+    up_i, _, dn_i, _ = logit_effect(model, dirs, n_tokens=10)
+    assert torch.equal(up_i, ref.topk(10, dim=1).indices) and torch.equal(dn_i, ref.topk(10, dim=1,
+                                                                                         largest=False).indices)
+
+
+def test_angle_units_of_an_ellipse_peak_at_their_own_point():
+    """A circle probe's circle is an ellipse in its plane (CircleMap.axes): the "angle X" units read (cos, sin) of
+    the plane instead of the ellipse's axes, and several peaked at the neighbouring day."""
+    from interp.dashboard import subspace_units
+    from interp.subspace import CircleMap, Subspace
+
+    days = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+    angles = {d: 2 * math.pi * i / 7 for i, d in enumerate(days)}
+    basis = torch.linalg.qr(torch.randn(32, 2, generator=torch.Generator().manual_seed(0)))[0].T
+    for axes in (None, torch.tensor([[1.0, 0.0], [1.5, 0.5]])):
+        sub = Subspace(basis, torch.randn(32, generator=torch.Generator().manual_seed(1)),
+                       CircleMap(torch.tensor([0.3, -0.2]), 2.0, angles, axes=axes), orthonormalize=False)
+        points = torch.stack([sub.reconstruct(sub.to_coords(d)) for d in days])
+        z = subspace_units(sub).encode(points)[:, 2:]
+        assert [days[int(i)] for i in z.argmax(0)] == days
+
+
+def test_a_state_pair_split_by_a_crash_resumes_from_the_tensors_own_position(text_file, tmp_path):
+    """A crash between writing state.safetensors and state.json paired new tensors with the old position: the
+    resume read some windows twice and others never."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    from interp.dashboard import collect
+
+    collect_mod = importlib.import_module("interp.dashboard.collect")  # the package's `collect` is the function
+
+    cfg, units = _cfg(text_file, tokens=1200), _units(True)
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    real, calls = collect_mod.write_json, {"n": 0}
+
+    def crash_on_fourth(path, *a, **kw):
+        if path.name == "state.json":
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise OSError("killed between the two state files")
+        return real(path, *a, **kw)
+
+    collect_mod.write_json = crash_on_fourth
+    try:
+        with pytest.raises(OSError, match="killed"):
+            collect(model, tok, SITE, units, tmp_path / "a", cfg, progress=False)
+    finally:
+        collect_mod.write_json = real
+    collect(model, tok, SITE, units, tmp_path / "a", cfg, progress=False)
+    collect(model, tok, SITE, units, tmp_path / "b", cfg, progress=False)
+    a, b = load_file(str(tmp_path / "a" / "data.safetensors")), load_file(str(tmp_path / "b" / "data.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads((tmp_path / x / "data.json").read_text())["n_windows"] for x in "ab"] == [
+        json.loads((tmp_path / "b" / "data.json").read_text())["n_windows"]] * 2
+
+
+def test_a_folder_made_from_other_directions_is_not_reused(text_file, tmp_path):
+    from interp.dashboard import Units, collect
+    from interp.errors import InputError
+
+    cfg, units = _cfg(text_file, tokens=300), _units(True)
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    collect(model, tok, SITE, units, tmp_path / "d", cfg, progress=False)
+    other = Units(encode=units.encode, names=units.names, directions=units.directions * 2, signed=True)
+    with pytest.raises(InputError, match="directions_sha256"):
+        collect(model, tok, SITE, other, tmp_path / "d", cfg, progress=False)
+    collect(model, tok, SITE, units, tmp_path / "d", cfg, progress=False)  # the same units: reused as it is
+
+
+def test_a_token_text_utf8_cannot_hold_is_rendered_not_raised(signed_run, tmp_path):
+    import shutil
+
+    from interp.dashboard import render
+
+    cfg, units, data = signed_run
+    folder = tmp_path / "copy"
+    shutil.copytree(data.path, folder)
+    info = json.loads((folder / "data.json").read_text())
+    for key in list(info["vocab"])[:3]:
+        info["vocab"][key] = "a\ud800b"  # a lone surrogate: json can hold it, UTF-8 cannot
+    (folder / "data.json").write_text(json.dumps(info))
+    page = render(folder)
+    assert "a?b" in page.read_text(encoding="utf-8") or any(
+        "a?b" in p.read_text(encoding="utf-8") for p in (folder / "units").glob("*.html"))

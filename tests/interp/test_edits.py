@@ -283,3 +283,14 @@ def test_wrong_widths_and_latents_are_one_line():
     for bad in ([8], [-1]):
         with pytest.raises(InputError, match=rf"latents \[{bad[0]}\] do not exist in an SAE of 8 latents"):
             SaeEdit(Sae(), bad, 1.0)(x, _ctx(3))
+
+
+def test_mean_ablate_fit_leaves_padding_out_of_the_mean():
+    sub = _sub(2, seed=3)
+    acts = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    acts[1, 2:] = 100.0  # padding: must not move the mean
+    fitted = MeanAblate.fit(sub, acts, attention_mask=mask)
+    torch.testing.assert_close(fitted.mean_coords, sub.project(acts[mask.bool()]).mean(0))
+    with pytest.raises(InputError, match="attention_mask="):
+        MeanAblate.fit(sub, acts)

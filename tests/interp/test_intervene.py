@@ -446,3 +446,15 @@ def test_columns_on_padding_warn_once_per_site(model):
             _w.simplefilter("error")
             model(ids, attention_mask=mask)  # once per site
     assert iv.stats[site] == 2
+
+
+def test_entering_the_same_intervention_twice_keeps_it_until_the_outer_block_ends(model, ids):
+    site = "blocks.1.hook_resid_post"
+    base = model(ids).logits
+    iv = intervene(model, {site: Steer(torch.ones(D), 3.0)})
+    with iv:
+        edited = model(ids).logits
+        with iv:
+            pass
+        torch.testing.assert_close(model(ids).logits, edited)  # the inner exit did not remove the hooks
+    assert torch.equal(model(ids).logits, base)

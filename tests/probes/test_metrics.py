@@ -40,3 +40,11 @@ def test_regression_metrics_and_batching():
         assert r2[i].item() == pytest.approx(skm.r2_score(y[i].numpy(), pred[i].numpy()), abs=1e-5)
         assert rho[i].item() == pytest.approx(spearmanr(y[i].numpy(), pred[i].numpy()).statistic, abs=1e-5)
     assert metrics.r2(y[0], y[0].mean().expand(50)).item() == pytest.approx(0.0, abs=1e-6)  # the mean scores 0
+
+
+def test_r2_on_a_constant_target_is_what_scikit_learn_gives():
+    y = torch.full((2, 20), 3.0)
+    pred = torch.stack([y[0], y[1] + torch.linspace(-1, 1, 20)])
+    got = metrics.r2(y, pred)
+    assert got.tolist() == [skm.r2_score(y[0].numpy(), pred[0].numpy()), skm.r2_score(y[1].numpy(), pred[1].numpy())]
+    assert got.tolist() == [1.0, 0.0]

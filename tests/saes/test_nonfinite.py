@@ -75,7 +75,8 @@ def test_training_stops_at_the_first_nonfinite_batch_and_keeps_the_last_good_che
 def test_a_diverging_run_is_named_as_such(tmp_path):
     torch.manual_seed(0)
     sae = saes.build("topk", d_model=D, d_sae=M, k=4)
-    with pytest.raises(NonFiniteError, match=r"no input row of this batch is NaN or inf, so the training diverged: "
+    with pytest.raises(NonFiniteError, match=r"no input row of this batch is NaN, inf or overflowing, so the training "
+                                             r"diverged: "
                                              r"lower lr \(now 1e\+30\).*no resume checkpoint was written yet"):
         Trainer(sae, cfg(lr=1e30, warmup_frac=0.0, checkpoint_every=0), out_dir=tmp_path).fit(
             SyntheticSource(D, rows=ROWS))
