@@ -23,9 +23,8 @@ class TrainConfig:
     """Rows per optimizer step (the global batch; each DDP process trains on its slice)."""
     lr: float | None = None
     """Adam learning rate (None: ``2e-4 / sqrt(d_sae / 16384)`` times the architecture's ``default_lr_factor``:
-    4 for TopK, chosen by held-out FVU in ``experiments/sae_lr_rule.py``, and for BatchTopK, ReLU and JumpReLU,
-    measured in ``experiments/sae_sparsity_defaults.py``; 1, sparsify's Adam rule, for MP-SAE, which
-    at 4 ended a 400-step run reconstructing nothing there)."""
+    4 for every architecture: chosen by held-out FVU for TopK in ``experiments/sae_lr_rule.py``, and measured for
+    BatchTopK, ReLU, JumpReLU and MP-SAE in ``experiments/sae_sparsity_defaults.py``)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
     warmup_frac: float = 0.01
@@ -112,5 +111,5 @@ class TrainConfig:
 
 def default_lr(d_sae: int) -> float:
     """The base of the trainer's default Adam learning rate for ``d_sae`` latents, ``2e-4 / sqrt(d_sae / 16384)``
-    (sparsify's Adam rule); each architecture multiplies it by its ``default_lr_factor`` (4 but for MP-SAE)."""
+    (sparsify's Adam rule); each architecture multiplies it by its ``default_lr_factor`` (4 for every one here)."""
     return 2e-4 / math.sqrt(d_sae / 16384)

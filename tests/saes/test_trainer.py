@@ -53,7 +53,7 @@ def test_default_learning_rate_is_the_rule_times_the_architecture_factor():
     assert default_lr(16384) == pytest.approx(2e-4) and default_lr(4 * 16384) == pytest.approx(1e-4)
     topk = saes.build("topk", d_model=D, d_sae=M, k=4)
     for arch, kw, factor in (("topk", {"k": 4}, 4.0), ("batchtopk", {"k": 4}, 4.0), ("relu", {}, 4.0),
-                             ("jumprelu", {}, 4.0), ("mpsae", {"n_steps": 4}, 1.0)):
+                             ("jumprelu", {}, 4.0), ("mpsae", {"n_steps": 4}, 4.0)):
         sae = saes.build(arch, d_model=D, d_sae=M, **kw)
         tr = Trainer(sae, cfg(lr=None, total_tokens=ROWS * 2)).fit(SyntheticSource(D, rows=ROWS))
         assert tr.sites[""].opt.param_groups[0]["initial_lr"] == pytest.approx(factor * default_lr(M)), arch
