@@ -117,6 +117,9 @@ def write(root: str | Path, step: int, tensors: dict[str, Tensor], meta: dict[st
         if final.exists():  # left by an earlier attempt at this step; latest.json names an older one
             shutil.rmtree(final)
         tmp.replace(final)
+    except OSError as e:  # a full disk: say where, as the other writes do (the newest good checkpoint is untouched)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"writing the resume checkpoint {root / name} failed: {e.strerror or e}") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -401,3 +401,23 @@ def test_a_token_text_utf8_cannot_hold_is_rendered_not_raised(signed_run, tmp_pa
     page = render(folder)
     assert "a?b" in page.read_text(encoding="utf-8") or any(
         "a?b" in p.read_text(encoding="utf-8") for p in (folder / "units").glob("*.html"))
+
+
+def test_logit_effect_with_a_final_norm_that_has_no_weight():
+    """OLMo's final LayerNorm has no parameters: it was not found as the final norm, and the logit effect refused."""
+    import transformers as tr
+
+    from interp.dashboard import final_norm, logit_effect
+
+    torch.manual_seed(0)
+    model = tr.AutoModelForCausalLM.from_config(tr.OlmoConfig(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)).eval()
+    norm = final_norm(model)
+    assert not list(norm.parameters())
+    dirs = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = norm(dirs[:, None]).squeeze(1) @ model.get_output_embeddings().weight.T
+    up_i, _, dn_i, _ = logit_effect(model, dirs, n_tokens=10)
+    assert torch.equal(up_i, ref.topk(10, dim=1).indices) and torch.equal(dn_i, ref.topk(10, dim=1,
+                                                                                         largest=False).indices)

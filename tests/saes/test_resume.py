@@ -243,3 +243,17 @@ def test_a_learning_rate_factor_changed_to_or_from_1_is_refused_before_anything_
         Trainer(b, cfg(), out_dir=tmp_path).fit(SyntheticSource(D, rows=ROWS), resume=True, accept_changes=True)
     for k, v in b.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_full_disk_while_writing_a_checkpoint_names_it_and_keeps_the_last_one(tmp_path, monkeypatch):
+    import errno
+
+    resume.write(tmp_path, 4, {"w": torch.zeros(3)}, {"step": 4})
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(resume, "save_file", full)
+    with pytest.raises(OSError, match=r"writing the resume checkpoint .*step_0+8 failed: No space left on device"):
+        resume.write(tmp_path, 8, {"w": torch.ones(3)}, {"step": 8})
+    assert resume.found(tmp_path) == [4] and json.loads((tmp_path / resume.LATEST).read_text())["step"] == 4
