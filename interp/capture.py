@@ -154,11 +154,11 @@ def _to(t: Tensor, device: str | torch.device, dtype: torch.dtype, pending: set)
 
 def _check_ids(model: nn.Module, ids: Tensor) -> None:
     """Token ids outside the model's embedding table are refused here, not deep inside the embedding lookup."""
-    emb = unwrap(model).get_input_embeddings() if hasattr(unwrap(model), "get_input_embeddings") else None
-    vocab = getattr(emb, "num_embeddings", None)
+    hf = unwrap(model)
+    vocab = getattr(hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None, "num_embeddings", None)
     if vocab is None or ids.is_floating_point():
         return
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
     if lo < 0 or hi >= vocab:
         raise InputError(f"input_ids hold token ids {lo}..{hi}, but the model's embedding has {vocab} rows "
                          f"(ids 0..{vocab - 1}); tokenize with this model's own tokenizer")

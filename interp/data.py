@@ -348,8 +348,6 @@ def sample_windows(tokenizer, n: int, context_size: int = DEFAULT_CONTEXT_SIZE, 
     starting with BOS with `prepend_bos`, as the SAE's training windows did) and the :func:`token_mask` of the
     positions an activation store feeds (not position 0, not special tokens): the splice mask of downstream SAE
     metrics."""
-    import itertools
-
     texts = load_texts(dataset, shuffle_seed=seed)
     wins = list(itertools.islice(pack(texts, tokenizer, context_size, prepend_bos=prepend_bos), n))
     if not wins:

@@ -58,14 +58,25 @@ def per_row(value: Tensor, ctx: EditContext, x: Tensor, what: str = "a per-row v
     idx = ctx.batch_idx.to(x.device)
     if value.dim() == 0:
         return value.expand(idx.shape)
-    rows = value.shape[0]
-    if rows == 1:  # one value for every row
+    if value.shape[0] == 1:  # one value for every row
         return value[torch.zeros_like(idx)]
+    check_rows(value.shape[0], ctx, idx, what, "give one per prompt (or a single value for all)")
+    return value[idx]
+
+
+def _check_indices(idx: Tensor, n: int, what: str, where: str) -> None:
+    """Refuse indices outside ``0..n-1`` in one line."""
+    out = (idx < 0) | (idx >= n)
+    if bool(out.any()):
+        raise InputError(f"{what} {idx[out].unique().tolist()} do not exist in {where} (valid: 0..{n - 1})")
+
+
+def check_rows(rows: int, ctx: EditContext, idx: Tensor, what: str, hint: str) -> None:
+    """Refuse a per-row value of `rows` rows that does not hold one row per prompt of the batch (``ctx.n_rows``
+    when known, else at least one for every index in `idx`)."""
     if (ctx.n_rows is not None and rows != ctx.n_rows) or (idx.numel() and int(idx.max()) >= rows):
         raise InputError(f"{what} has {rows} rows, but the batch has "
-                         f"{ctx.n_rows if ctx.n_rows is not None else 'more'} prompts; give one per prompt (or a "
-                         "single value for all)")
-    return value[idx]
+                         f"{ctx.n_rows if ctx.n_rows is not None else 'more'} prompts; {hint}")
 
 
 class Edit(abc.ABC):
@@ -248,10 +259,7 @@ class Patch(Edit):
     def _source_rows(self, x: Tensor, ctx: EditContext) -> Tensor:
         src = self.source.to(device=x.device, dtype=x.dtype)
         bi = ctx.batch_idx.to(x.device)
-        if (ctx.n_rows is not None and src.shape[0] != ctx.n_rows) or (bi.numel() and int(bi.max()) >= src.shape[0]):
-            raise InputError(f"patch source has {src.shape[0]} rows but the base batch has "
-                             f"{ctx.n_rows if ctx.n_rows is not None else 'more'}; pair every base prompt with one "
-                             "source prompt")
+        check_rows(src.shape[0], ctx, bi, "Patch: the source", "pair every base prompt with one source prompt")
         if src.dim() == 2:
             return src[bi]
         if self.source_positions is not None:
@@ -271,10 +279,7 @@ class Patch(Edit):
         src = self._source_rows(x, ctx)
         if self.neurons is not None:
             idx = self.neurons.to(x.device)
-            if bool(((idx < 0) | (idx >= x.shape[-1])).any()):
-                bad = idx[(idx < 0) | (idx >= x.shape[-1])].unique().tolist()
-                raise InputError(f"neurons {bad} do not exist at {ctx.site or 'this site'}, whose width is "
-                                 f"{x.shape[-1]} (valid: 0..{x.shape[-1] - 1})")
+            _check_indices(idx, x.shape[-1], "neurons", f"{ctx.site or 'this site'}, whose width is {x.shape[-1]}")
             idx = per_row(idx, ctx, x, "Patch: neurons") if idx.dim() == 2 else idx.expand(*x.shape[:-1], -1)
             return x.scatter(-1, idx, src.gather(-1, idx))
         if self.subspace is None:
@@ -457,10 +462,7 @@ class SaeEdit(Edit):
         xs = x.to(self._sae_dtype(x))
         codes = self.sae.encode(xs)
         idx = self.latents.to(codes.device)
-        if bool(((idx < 0) | (idx >= codes.shape[-1])).any()):
-            bad = idx[(idx < 0) | (idx >= codes.shape[-1])].unique().tolist()
-            raise InputError(f"SaeEdit: latents {bad} do not exist in an SAE of {codes.shape[-1]} latents "
-                             f"(valid: 0..{codes.shape[-1] - 1})")
+        _check_indices(idx, codes.shape[-1], "SaeEdit: latents", f"an SAE of {codes.shape[-1]} latents")
         picked = codes.index_select(-1, idx)
         if self.mode == "ablate":
             new = torch.zeros_like(picked)

@@ -177,7 +177,7 @@ class Intervention:
             st.prompt_len = s
             st.prompt_ids = ids
             if self.tokenizer is not None:
-                self._bind_text(args, kwargs, mask)
+                self._bind_text(ids, mask)
         st.mask = None
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.shape[0] == b:
             if mask.shape[1] >= st.offset + s:
@@ -198,16 +198,15 @@ class Intervention:
         return (kwargs.get("use_cache") is False and ids is not None and p is not None and ids.shape[0] == p.shape[0]
                 and ids.shape[1] > p.shape[1] and torch.equal(ids[:, :p.shape[1]], p.to(ids.device)))
 
-    def _bind_text(self, args: tuple, kwargs: dict, mask) -> None:
-        """Resolve text selectors to this prompt's columns (kept for the decode steps that follow)."""
+    def _bind_text(self, ids: Tensor | None, mask) -> None:
+        """Resolve text selectors to this prompt's columns (kept for the decode steps that follow); `ids` is the
+        pass's token ids (None when it got embeddings)."""
         st = self._pass
         st.resolved = {}
-        ids = kwargs.get("input_ids")
-        ids = args[0] if ids is None and args else ids
         for i, (_, _, pos) in enumerate(self.bound):
             if not pos.needs_text:
                 continue
-            if not isinstance(ids, Tensor) or ids.is_floating_point():
+            if ids is None:
                 raise InputError(f"positions={pos.spec!r} selects by text, which needs input_ids; this forward pass "
                                  "got embeddings: bind it first with Positions.bind(input_ids, ...)")
             full = mask if isinstance(mask, Tensor) and tuple(mask.shape) == tuple(ids.shape) else None

@@ -13,7 +13,6 @@ residual-stream dimensions, or an SAE's latents (``sae.encode(x)``); each column
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Sequence
 
 import torch
@@ -32,6 +31,7 @@ from probes.split import (
     encode_labels,
     fold_ids,
     log_grid,
+    positive_values,
     standardize_stats,
 )
 
@@ -218,13 +218,7 @@ class LinearProbe(_BinaryProbe):
         return self
 
     def _cross_validate(self, xs: Tensor, y: Tensor, sw: Tensor, groups) -> tuple[float, dict[float, float]]:
-        try:
-            cs = [float(c) for c in self.Cs]
-        except (TypeError, ValueError):
-            cs = []
-        if not cs or not all(math.isfinite(c) and c > 0 for c in cs):
-            raise InputError(f"Cs={self.Cs!r} must be a non-empty list of finite positive values, "
-                             f"e.g. {list(DEFAULT_CS)}")
+        cs = positive_values(self.Cs, "Cs", list(DEFAULT_CS))
         folds = fold_ids(xs.shape[0], self.cv, self.seed, groups)
         # every (fold, C) problem shares x; held-out rows get weight 0 in its training objective
         train = torch.stack([folds != f for f in range(self.cv)]).to(xs.dtype)  # [cv, n]

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from interp.errors import InputError
 from probes.metrics import regression_report
-from probes.split import as_features, as_target, fold_ids, log_grid, standardize_stats
+from probes.split import as_features, as_target, fold_ids, log_grid, positive_values, standardize_stats
 
 DEFAULT_ALPHAS = tuple(log_grid(1e-2, 1e5, 15))
 """Ridge penalties ``RidgeProbe`` chooses from."""
@@ -72,13 +72,7 @@ class RidgeProbe:
         """Choose alpha and fit on (X, y); `groups` keeps each group within one fold (needs ``cv``)."""
         x = as_features(X).double()
         t = as_target(y, x.shape[0])
-        try:
-            alphas = torch.tensor([float(a) for a in self.alphas], dtype=torch.float64)
-        except (TypeError, ValueError):
-            alphas = torch.empty(0, dtype=torch.float64)
-        if alphas.numel() == 0 or not bool((torch.isfinite(alphas) & (alphas > 0)).all()):
-            raise InputError(f"alphas={self.alphas!r} must be a non-empty list of finite positive values, "
-                             "e.g. [0.1, 1.0, 10.0]")
+        alphas = torch.tensor(positive_values(self.alphas, "alphas", [0.1, 1.0, 10.0]), dtype=torch.float64)
         if groups is not None and self.cv is None:
             raise InputError("groups are only used by k-fold CV: pass cv=5 (or another fold count) with groups")
         if x.shape[0] < 3:

@@ -55,6 +55,17 @@ def check_positive(value, name: str) -> float:
     return v
 
 
+def positive_values(values, name: str, example) -> list[float]:
+    """`values` as floats, or InputError unless they are a non-empty list of finite numbers > 0 (Cs, alphas)."""
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise InputError(f"{name}={values!r} must be a non-empty list of finite positive values, e.g. {example}")
+    return out
+
+
 def _first_rows(mask: np.ndarray) -> str:
     rows = np.flatnonzero(mask)
     return f"{rows.size} rows (first: {rows[:5].tolist()})"

@@ -100,8 +100,8 @@ def bad_rows(x: Tensor, limit: int = 10) -> tuple[list[int], int]:
     return rows[:limit].tolist(), int(rows.numel())
 
 
-def error(*, site: str, step: int, total_steps: int, loss: Tensor, checked_grads: bool, batch: Tensor,
-          lr: float, checkpoints: Path | None, last_good: int | None, unapplied_after: int = 0,
+def error(*, site: str, step: int, total_steps: int, loss: Tensor, batch: Tensor, lr: float,
+          checkpoints: Path | None, last_good: int | None, unapplied_after: int = 0,
           bf16: bool = False) -> NonFiniteError:
     """The one-line error for a non-finite step (`step` counts from 0; the message counts from 1).
     ``unapplied_after``: steps that ran after it, not applied either, before the check (:class:`Deferred`)."""

@@ -184,13 +184,6 @@ class MPSAE(SAE):
     config_class = MPSAEConfig
     sparsity_setting = "lower n_steps"
     normalize_decoder = True
-    default_lr_factor = 4.0
-    """TopK's 4: on layer 12 of the embedded model (9,216 latents, ``n_steps`` 32, 400 steps of 1,024 rows) the
-    held-out FVU was 0.343 / 0.211 / 0.160 / 0.123 / 0.102 at 0.25 / 1 / 2 / 4 / 8 times the rule, and on layer 20
-    (the check) 0.264 / 0.166 / 0.141 at 1 / 4 / 8 times (``experiments/sae_sparsity_defaults.md``). 8 did better
-    still in these 400-step runs; 4 is the factor TopK's study over lengths chose (``experiments/sae_lr_rule.md``),
-    and the grid's edge is not taken from runs this short. (Measured before the trainer kept the pursuit's Gram
-    matrix up to date, the order was reversed and 1 was kept.)"""
     cfg: MPSAEConfig
 
     def __init__(self, cfg: MPSAEConfig):

@@ -57,8 +57,6 @@ class TopKSAE(SAE):
     config_class = TopKConfig
     sparsity_setting = "lower k"
     normalize_decoder = True
-    default_lr_factor = 4.0
-    """Chosen by held-out FVU at equal tokens in ``experiments/sae_lr_rule.py`` (``sae_lr_rule.md``)."""
     cfg: TopKConfig
 
     def __init__(self, cfg: TopKConfig):

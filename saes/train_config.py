@@ -92,7 +92,7 @@ class TrainConfig:
         architecture's ``default_lr_factor``."""
         if self.lr is not None:
             return self.lr
-        return default_lr(sae.cfg.d_sae) * getattr(sae, "default_lr_factor", 1.0)
+        return default_lr(sae.cfg.d_sae) * sae.default_lr_factor
 
     @property
     def total_steps(self) -> int:

@@ -163,8 +163,7 @@ class Trainer:
             st.opt.zero_grad(set_to_none=True)
             if st.grads is not None:
                 st.grads.clear()
-        return guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss,
-                           checked_grads=self.cfg.nonfinite_guard == "grads", batch=batch, lr=lr,
+        return guard.error(site=name, step=step, total_steps=self.cfg.total_steps, loss=loss, batch=batch, lr=lr,
                            last_good=self._last_saved, unapplied_after=unapplied_after, bf16=self.cfg.bf16,
                            checkpoints=self.out_dir / "checkpoints" if self.out_dir is not None else None)
 
@@ -307,7 +306,7 @@ class Trainer:
         ddp.barrier()
         return self
 
-    def _stop_line(self, step: int) -> str:
+    def _stop_line(self) -> str:
         kept = (f"the last good resume checkpoint, step {self._last_saved}, is kept" if self._last_saved is not None
                 else "no resume checkpoint was written before it")
         return f"lower lr (now {self.cfg.lr if self.cfg.lr is not None else 'the default'}); {kept}"
@@ -329,7 +328,7 @@ class Trainer:
                     f"training diverged at step {step} of {self.cfg.total_steps}: SAE {name or '(unnamed)'!r} has "
                     f"FVU {fvu:.3g} on its batch, over {DIVERGED_FVU:g} x {ref:.3g} (the larger of its first logged "
                     f"FVU, {st.first_fvu if st.first_fvu is not None else float('nan'):.3g}, and that of outputting "
-                    f"zeros, {zero:.3g}); " + self._stop_line(step))
+                    f"zeros, {zero:.3g}); " + self._stop_line())
 
     def _check_state_finite(self, step: int) -> None:
         """Refuse to write a resume checkpoint whose weights or Adam moments are not finite (squared gradients can
@@ -341,11 +340,12 @@ class Trainer:
             tensors = [("weights", p) for p in st.sae.parameters()] + [
                 ("Adam moments", v) for s in st.opt.state.values() for v in s.values()
                 if isinstance(v, torch.Tensor) and v.is_floating_point()]
-            bad = sorted({what for what, t in tensors if not bool(torch.isfinite(t).all())})
+            finite = torch.stack([torch.isfinite(t).all() for _, t in tensors]).tolist()  # one read back
+            bad = sorted({what for (what, _), ok in zip(tensors, finite) if not ok})
             if bad:
                 raise TrainingDiverged(f"training diverged by step {step}: SAE {name or '(unnamed)'!r} holds NaN or "
                                        f"inf in its {' and '.join(bad)}, so no checkpoint was written; "
-                                       + self._stop_line(step))
+                                       + self._stop_line())
 
     def final_metrics(self, name: str) -> dict[str, float]:
         """The metrics last logged for the SAE named ``name`` (empty before the first log)."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from interp.cli import options as opt
 from interp.dashboard.collect import DashboardConfig
 from interp.errors import InputError
-from interp.models import EMBEDDED
+from interp.models import EMBEDDED, resolve_device
 
 
 def _indices(spec: str, n: int, flag: str) -> list[int]:
@@ -44,12 +44,6 @@ def _indices(spec: str, n: int, flag: str) -> list[int]:
 def _config(args) -> DashboardConfig:
     names = [f.name for f in dataclasses.fields(DashboardConfig)]
     return DashboardConfig(**opt.given(args, names))
-
-
-def _device(name: str | None):
-    import torch
-
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _finish(args, model, tok, site: str, units, model_name: str, extra: dict | None = None) -> int:
@@ -80,7 +74,7 @@ def run_sae(args: argparse.Namespace) -> int:
         raise InputError(f"{args.checkpoint}: its cfg.json names no hook_name; pass --site")
     decoder = ckpt.decoder()
     latents = _indices(args.latents, decoder.shape[0], "--latents") if args.latents else None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     ckpt.sae.to(device)
     units = sae_units(ckpt.encoder(sparse=True), decoder.to(device), latents)  # sparse codes: the pass's fastest
     model, tok = load_model(model_name, device=device)
@@ -115,7 +109,7 @@ def run_probe(args: argparse.Namespace) -> int:
     from interp.models import load_model
 
     neurons = _probe_neurons(args)
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     width = site_widths(model, [args.site])[args.site]
     units = neuron_units(neurons, width)  # checks the indices against the width
     if "resid" in args.site and width == model.get_input_embeddings().weight.shape[1]:
@@ -129,7 +123,7 @@ def run_subspace(args: argparse.Namespace) -> int:
     from interp.subspace import CircleMap, Subspace, TableMap
 
     sub = Subspace.load(args.subspace)
-    model, tok = load_model(args.model, device=_device(args.device))
+    model, tok = load_model(args.model, device=resolve_device(args.device))
     extra: dict = {}
     if args.items:
         from interp.features.items import item_activations, resolve_items

@@ -26,7 +26,7 @@ from typing import Any
 
 from interp.cli import options as opt
 from interp.data import DEFAULT_CONTEXT_SIZE
-from interp.models import EMBEDDED
+from interp.models import EMBEDDED, resolve_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,12 +138,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # ------------------------------------------------------------------------------------------ train
-def _resolve_device(name: str | None):
-    from interp.models import resolve_device
-
-    return resolve_device(name)  # a CUDA device this machine lacks is one line, not an assertion deep in torch
-
-
 def run_train(args: argparse.Namespace) -> int:
     import saes
     from saes.base import SAEError
@@ -164,7 +158,7 @@ def run_train(args: argparse.Namespace) -> int:
         have = sorted({a for n in foreign for a in owners[n]})
         raise SAEError(f"{flags} does not apply to architecture {run.arch!r} (it has no such field); drop it, or "
                        f"choose an architecture that has it: {', '.join(have)}")
-    device = _resolve_device(run.device)
+    device = resolve_device(run.device)
     data, widths, source = _train_data(run, got, device)
     tokens = got.get("tokens")
     if tokens is None:
@@ -274,7 +268,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out is not None and (Path(args.out) / "eval.json").exists() and not args.overwrite:
         raise SAEError(f"{args.out} already holds eval.json from an earlier evaluation; pass --overwrite to replace "
                        "it, or another --out")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     sae = ck.sae.to(device)
     model_name = args.model or meta.get("model_name") or EMBEDDED
     dataset = args.dataset or meta.get("dataset_path")

@@ -139,12 +139,8 @@ def render(folder: str | os.PathLike, units: Sequence[int] | None = None, *, tit
 
 def _utf8(page: str) -> str:
     """The page with any text UTF-8 cannot hold (a lone surrogate in a hand-edited or foreign token text) as "?"."""
-    return page.encode("utf-8", "replace").decode("utf-8") if _unencodable(page) else page
-
-
-def _unencodable(text: str) -> bool:
     try:
-        text.encode("utf-8")
+        page.encode("utf-8")
+        return page
     except UnicodeEncodeError:
-        return True
-    return False
+        return page.encode("utf-8", "replace").decode("utf-8")

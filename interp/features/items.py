@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.errors import InputError
-from interp.positions import PositionsArg, as_positions
+from interp.positions import PositionsArg, as_positions, last_token_index
 
 ITEM_SETS: dict[str, list[str]] = {
     "days": ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"],
@@ -141,16 +141,12 @@ def item_activations(model, tokenizer, items: Sequence[str], templates: Sequence
 def _prompt_ends(real: Tensor, added: Tensor | None) -> Tensor:
     """Per row, the column of the prompt's last token: the last real column that is not a special token the
     tokenizer appended (``[SEP]``, ``</s>``); `added` is the tokenizer's ``special_tokens_mask``."""
-    cols = torch.arange(real.shape[1])
     if added is None:
-        return torch.where(real, cols, -1).max(1).values
-    ends = []
-    for row, extra in zip(real, added.bool()):
-        idx = cols[row].tolist()
-        while len(idx) > 1 and bool(extra[idx[-1]]):  # appended special tokens; a prompt keeps one column
-            idx.pop()
-        ends.append(idx[-1] if idx else -1)
-    return torch.tensor(ends)
+        return last_token_index(real)
+    ends = last_token_index(real & ~added.bool())
+    # a prompt of special tokens only keeps its first column
+    first = torch.where(real, torch.arange(real.shape[1]), real.shape[1]).min(1).values
+    return torch.where(ends >= 0, ends, torch.where(real.any(1), first, -1))
 
 
 def token_counts(tokenizer, items: Sequence[str]) -> dict[str, int]:

@@ -195,12 +195,12 @@ def lda_subspace(acts: Float[Tensor, "n d_model"], labels: Sequence[str], *, ran
     if isinstance(distractors, Subspace):
         distractors = distractors.basis
     x, q = _orth_complement(acts.double(), None if distractors is None else torch.as_tensor(distractors).double())
-    # the directions live in the complement of the distractors: at most d_model - (their rank) of them
-    room = x.shape[1] - (0 if q is None else int(torch.linalg.matrix_rank(q)))
+    # the directions live in the complement of the distractors' span: d_model minus the columns QR removed
+    room = x.shape[1] - (0 if q is None else q.shape[1])
     top_rank = min(n_cls - 1, room)
     rank = top_rank if rank is None else rank
     if not 1 <= rank <= top_rank:
-        raise InputError(f"rank must be in [1, min(n_classes - 1, d_model - distractor rank) = "
+        raise InputError(f"rank must be in [1, min(n_classes - 1, d_model - number of distractors) = "
                          f"min({n_cls - 1}, {room})]; got {rank}")
     lab = [str(v) for v in labels]
     idx = torch.tensor([classes.index(v) for v in lab], device=x.device)

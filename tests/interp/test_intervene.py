@@ -413,7 +413,7 @@ def test_per_row_values_with_another_row_count_are_refused(model, ids):
     site, sub = "blocks.1.hook_resid_post", _rand_sub(2)
     for edit, what in ((Steer(torch.ones(D), alpha=torch.tensor([1.0, 2.0])), "Steer: alpha has 2 rows"),
                        (Rotate(sub, angle=torch.tensor([0.1, 0.2, 0.3, 0.4])), "Rotate: angle has 4 rows"),
-                       (Patch(torch.randn(2, D)), "patch source has 2 rows but the base batch has 3")):
+                       (Patch(torch.randn(2, D)), "Patch: the source has 2 rows, but the batch has 3 prompts")):
         with intervene(model, {site: edit}, positions="last"), pytest.raises(InputError, match=what):
             model(ids)
     # one value for every row is still one value
