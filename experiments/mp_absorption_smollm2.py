@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import t as t_dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mp_vs_topk_smollm2 as fvu_study  # noqa: E402 - capture_rows, evaluate
@@ -47,8 +48,6 @@ ARMS = ("mp_threshold", "mp", "topk", "topk_scale1")
 """``topk``: TopK with the library's defaults; ``topk_scale1``: the same with the encoder starting at the
 decoder's transpose (``enc_init_scale=1``, the default before it was measured; runs recorded before that
 change, whose config has no ``enc_init_scale``, are read as this arm)."""
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}
-"""Two-sided 95% Student t quantiles by sample size (n - 1 degrees of freedom)."""
 RUN_SETTINGS = ("layer", "train_tokens", "eval_tokens", "context_size", "d_sae", "batch", "lr", "residual_fraction",
                 "cap", "dead_batches", "windows", "words_per_letter", "icl_examples")
 """Arguments that change what a run measures: a resumed study must repeat them (``--seeds``, ``--threads``,
@@ -269,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
 def _interval(v: list[float]) -> dict[str, float]:
     m = sum(v) / len(v)
     sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    half = T95.get(len(v), 1.96) * sd / math.sqrt(len(v)) if len(v) > 1 else float("nan")
+    # the two-sided 95% Student t quantile at n - 1 degrees of freedom, for any number of seeds
+    half = float(t_dist.ppf(0.975, len(v) - 1)) * sd / math.sqrt(len(v)) if len(v) > 1 else float("nan")
     return {"mean": m, "sd": sd, "ci95": [m - half, m + half], "values": v}
 
 

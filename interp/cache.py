@@ -2,7 +2,8 @@
 
 Layout of a cache folder::
 
-    manifest.json                  what was cached: model (and its dtype), sites, widths, dtypes, context size, dataset
+    manifest.json                  what was cached: model (and its dtype), sites, widths, dtypes, context size,
+                                   dataset (and its text column)
     manifest.rank{R}.json          shards written by rank R so far (rewritten atomically after each shard)
     shard-r{R}-{I:06d}.safetensors one tensor per site [n, d] (rows aligned) + "tokens" [n] (int32 ids)
 
@@ -129,8 +130,9 @@ def cache_activations(model: nn.Module, tokenizer, sites: str | Sequence[str], o
               "sites": sites, "context_size": context_size, "dtype": dtype_name, "n_tokens": n_tokens,
               "dataset": dataset_name(dataset), "exclude_first": exclude_first, "exclude_special": exclude_special,
               "prepend_bos": prepend_bos, "seed": seed, "world_size": world,
-              # a cache made before this key was written has none: it is then not compared
-              "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+              # a cache made before these keys were written has none: they are then not compared
+              "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+              "text_column": text_column}
     mpath, rpath = out / "manifest.json", out / f"manifest.rank{rank}.json"
     _, mine = _read_manifests(out, mpath, rpath, header, rank)
     target = -(-n_tokens // world)  # this rank's share

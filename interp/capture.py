@@ -13,6 +13,7 @@ copied (the model may still modify it in place, as Falcon adds attention into it
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -91,10 +92,25 @@ def position_ids_for(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def derives_positions(hf: nn.Module) -> bool:
+    """Whether the model numbers positions from its input ids itself, skipping its padding token and starting past
+    it (RoBERTa, XLM-R, CamemBERT, ESM, ...: an embeddings module with ``create_position_ids_from_input_ids``).
+    Positions counted from 0 are wrong there (every activation of RoBERTa was off by up to 2.5), so
+    :func:`capture` passes none and the model's own are used."""
+    known = _DERIVES.get(hf)
+    if known is None:
+        known = _DERIVES[hf] = any(callable(getattr(m, "create_position_ids_from_input_ids", None))
+                                   for m in hf.modules())
+    return known
+
+
+_DERIVES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _forward_kwargs(hf: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tensor]:
     params = inspect.signature(hf.forward).parameters
     kw = {k: v for k, v in batch.items() if k in params or k in ("input_ids", "attention_mask")}
-    if "position_ids" in params and "position_ids" not in kw:
+    if "position_ids" in params and "position_ids" not in kw and not derives_positions(hf):
         kw["position_ids"] = position_ids_for(batch["attention_mask"])
     if "use_cache" in params:
         kw["use_cache"] = False
@@ -245,6 +261,13 @@ def capture(
                 if site.name in got:  # a module called twice records its first call
                     return
                 x = value.detach()
+                if tuple(x.shape[:2]) != shape:
+                    if x.dim() >= 2 and x.shape[0] == shape[0] * shape[1]:  # [batch * seq, ...] (OPT's fc1, a router)
+                        x = x.reshape(*shape, *x.shape[1:])
+                    elif chunk_pos.kind != "all":
+                        raise SiteError(f"{site.name} outputs {tuple(x.shape)}, not [batch, seq, ...] = [{shape[0]}, "
+                                        f"{shape[1]}, ...]: positions cannot pick its token columns. Capture it with "
+                                        "positions=None, or pick a site whose output is per token")
                 if x.device not in masks:
                     masks[x.device] = mask.to(x.device)
                 picked = None

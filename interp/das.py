@@ -14,6 +14,7 @@ the class-mean circle or the circle probe's.
 
 >>> das = fit_das(model, "blocks.8.hook_resid_post", base, source, labels, rank=2, steps=200)
 >>> das.subspace()                           # a Subspace for every other edit and for saving
+>>> interchange_accuracy(model, "blocks.8.hook_resid_post", das, test_base, test_source, test_labels)
 >>> planes = fit_das_circle(model, ["blocks.4.hook_resid_post"], batch, labels, day_tokens, order=DAYS,
 ...                         positions=day_columns)
 >>> Rotate(planes["blocks.4.hook_resid_post"], to="Thursday")
@@ -143,6 +144,38 @@ def fit_das(model: nn.Module, site: str, base: dict[str, Tensor], source: dict[s
             p.requires_grad_(f)
     das.set_source(src.to(device))
     return das
+
+
+def interchange_accuracy(model: nn.Module, site: str, das: RotatedPatch, base: dict[str, Tensor],
+                         source: dict[str, Tensor], labels: Int[Tensor, " batch"], *, batch_size: int = 32) -> float:
+    """Interchange intervention accuracy: the share of base rows that predict `labels` at their last real token
+    when `das` swaps in the paired source row's subspace component at `site` (that token too).
+
+    Score pairs the subspace was not trained on: :func:`fit_das` minimises the loss on its own pairs, so its
+    accuracy there is optimistic. `das` keeps the source it had.
+    """
+    n = base["input_ids"].shape[0]
+    labels = torch.as_tensor(labels)
+    if source["input_ids"].shape[0] != n or labels.shape != (n,):
+        raise InputError(f"base ({n} rows), source ({source['input_ids'].shape[0]}) and labels "
+                         f"({tuple(labels.shape)}) must pair up row by row")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1; got {batch_size}")
+    device = next(model.parameters()).device
+    kept, hits = das.source, 0
+    try:
+        for lo in range(0, n, batch_size):
+            rows = {k: v[lo:lo + batch_size].to(device) for k, v in base.items() if isinstance(v, Tensor)}
+            src = {k: v[lo:lo + batch_size] for k, v in source.items() if isinstance(v, Tensor)}
+            das.set_source(capture(model, src, site, positions="last")[site].float().to(device))
+            with torch.no_grad(), intervene(model, {site: das}, positions="last"):
+                logits = model(**rows).logits
+            last = last_token_index(rows["attention_mask"])
+            pred = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].argmax(-1)
+            hits += int((pred.cpu() == labels[lo:lo + batch_size].cpu()).sum())
+    finally:
+        das.source = kept
+    return hits / n
 
 
 def _kasa(points: Float[Tensor, "n 2"]) -> tuple[Tensor, Tensor]:

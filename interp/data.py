@@ -300,7 +300,8 @@ def pack(texts: Iterable[str], tokenizer, context_size: int, *, prepend_bos: boo
          separator: int | None = -1) -> Iterator[torch.Tensor]:
     """Tokenize documents and pack them into ``[context_size]`` windows.
 
-    Documents are joined by `separator` (default: the tokenizer's EOS id; None joins them directly).
+    Documents are joined by `separator` (default: the tokenizer's EOS id, with a :class:`DataWarning` when it
+    has none; None joins them directly).
     With `prepend_bos`, each window starts with the BOS token followed by ``context_size - 1`` tokens.
     A final partial window is dropped.
     """
@@ -308,6 +309,11 @@ def pack(texts: Iterable[str], tokenizer, context_size: int, *, prepend_bos: boo
         raise DataError(f"context_size must be >= 2, got {context_size}")
     if separator == -1:
         separator = tokenizer.eos_token_id
+        if separator is None:
+            warnings.warn(f"{type(tokenizer).__name__} has no EOS token, so documents are packed with nothing "
+                          "between them (the last token of one then predicts the first of the next); pass "
+                          "separator=<a token id> to mark the joins, or separator=None to silence this",
+                          DataWarning, stacklevel=2)
     bos = tokenizer.bos_token_id if prepend_bos else None
     if prepend_bos and bos is None:
         raise DataError(f"prepend_bos=True but {type(tokenizer).__name__} has no BOS token")

@@ -275,7 +275,8 @@ class Positions:
         elif kind == "slice":
             start, stop, step = v
             cols = torch.arange(offset, offset + seq, device=device)
-            start = 0 if start is None else (start + prompt_len if start < 0 else start)
+            # a negative start past the beginning counts from column 0, as Python's slicing (and capture) clamp it
+            start = 0 if start is None else (max(start + prompt_len, 0) if start < 0 else start)
             stop = None if stop is None else (stop + prompt_len if stop < 0 else stop)
             ok = (cols >= start) & ((cols - start) % step == 0)
             if stop is not None:

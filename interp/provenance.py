@@ -55,3 +55,14 @@ def model_label(model) -> str:
     if name and path.name.startswith(f"{EMBEDDED}-") and path.parent == cache_dir() / "models":
         return EMBEDDED
     return name
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (read in 1 MiB blocks), to record which data a result came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -181,7 +181,8 @@ class LinearProbe(_BinaryProbe):
     Args:
         C: inverse L2 strength; None chooses it from `Cs` by `cv`-fold cross-validated log-loss.
         Cs: candidate values of C when ``C`` is None.
-        cv: number of folds (by group when ``fit(..., groups=...)`` is given).
+        cv: number of folds, stratified by class (by group when ``fit(..., groups=...)`` is given); a fold
+            whose training part holds one class only is refused.
         standardize: scale every column to zero mean and unit variance on the training set.
         class_weight: ``"balanced"`` or None.
         solver: ``"auto"``, ``"newton"`` or ``"lbfgs"`` (see :func:`probes.logistic.fit_logistic`).
@@ -219,7 +220,15 @@ class LinearProbe(_BinaryProbe):
 
     def _cross_validate(self, xs: Tensor, y: Tensor, sw: Tensor, groups) -> tuple[float, dict[float, float]]:
         cs = positive_values(self.Cs, "Cs", list(DEFAULT_CS))
-        folds = fold_ids(xs.shape[0], self.cv, self.seed, groups)
+        folds = fold_ids(xs.shape[0], self.cv, self.seed, groups, y=y)
+        for f in range(self.cv):  # a training part of one class fits an intercept running to infinity
+            n_pos, n_train = int(y[folds != f].sum()), int((folds != f).sum())
+            if n_pos in (0, n_train):
+                rare = min(int(y.sum()), len(y) - int(y.sum()))
+                raise InputError(f"cross-validation fold {f} leaves a training part of a single class ({n_pos} "
+                                 f"positive of {n_train}; the rarer class has {rare} examples"
+                                 + (" and the groups put them together" if groups is not None else "")
+                                 + f"): lower cv={self.cv}, add examples of the rarer class, or give C= to skip CV")
         # every (fold, C) problem shares x; held-out rows get weight 0 in its training objective
         train = torch.stack([folds != f for f in range(self.cv)]).to(xs.dtype)  # [cv, n]
         weights = (train[:, None, :] * sw).expand(self.cv, len(cs), -1).reshape(-1, xs.shape[0])

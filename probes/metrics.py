@@ -1,7 +1,8 @@
 """Probe metrics in torch, batched over any leading dimensions (one value per layer, per k, ...).
 
 Classification metrics take 0/1 labels and 0/1 predictions (``f1``, ``precision``, ``recall``,
-``accuracy``) or real-valued scores (``roc_auc``); the positive class is 1. Regression metrics
+``accuracy``) or real-valued scores (``roc_auc``); the positive class is 1, and other label values are
+refused (``probes.split.encode_labels`` maps any two classes to 0/1, as the probes do). Regression metrics
 (``r2``, ``spearman``) take real targets and predictions. Undefined values (a precision with no
 positive prediction, an AUC with a single class) are 0.0 for precision/recall/F1, as scikit-learn's
 ``zero_division=0``, and NaN for AUC and correlations.
@@ -13,9 +14,22 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from interp.errors import InputError
+
+
+def _binary(name: str, v: Tensor) -> Tensor:
+    """`v` as floats, refused unless every value is 0 or 1 (labels of 1/2 or -1/1 gave precisions of 3.25)."""
+    v = torch.as_tensor(v)
+    f = v.float()
+    if v.dtype != torch.bool and bool(((f != 0) & (f != 1)).any()):
+        found = torch.unique(f.flatten()[:100_000]).tolist()[:6]
+        raise InputError(f"{name} must be 0/1 (the positive class 1); got values {found}. Map two classes with "
+                         "probes.split.encode_labels(labels), which the probes use (the larger value is positive)")
+    return f
+
 
 def _counts(y: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    y, pred = y.float(), pred.float()
+    y, pred = _binary("labels", y), _binary("predictions", pred)
     tp = (y * pred).sum(-1)
     fp = ((1 - y) * pred).sum(-1)
     fn = (y * (1 - pred)).sum(-1)
@@ -24,7 +38,7 @@ def _counts(y: Tensor, pred: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 def accuracy(y: Float[Tensor, "*batch n"], pred: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:
     """Fraction of predictions equal to the label."""
-    return (y.float() == pred.float()).float().mean(-1)
+    return (_binary("labels", y) == _binary("predictions", pred)).float().mean(-1)
 
 
 def precision(y: Float[Tensor, "*batch n"], pred: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:
@@ -64,7 +78,7 @@ def _average_ranks(v: Tensor) -> Tensor:
 
 def roc_auc(y: Float[Tensor, "*batch n"], score: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:
     """Area under the ROC curve (Mann-Whitney U with tie correction); NaN with a single class."""
-    y = y.double()
+    y = _binary("labels", y).double()
     ranks = _average_ranks(score)
     n_pos = y.sum(-1)
     n_neg = y.shape[-1] - n_pos
@@ -102,7 +116,7 @@ def classification_report(
 ) -> dict[str, Tensor]:
     """Accuracy, precision, recall, F1 (predicting ``score > threshold``) and AUC, each ``[*batch]``."""
     pred = (score > threshold).float()
-    y = y.float().expand_as(pred)
+    y = _binary("labels", y).expand_as(pred)
     return {"accuracy": accuracy(y, pred), "precision": precision(y, pred), "recall": recall(y, pred),
             "f1": f1(y, pred), "auc": roc_auc(y, score)}
 

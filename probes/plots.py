@@ -14,6 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from interp.deprecation import renamed_function
+from probes.split import encode_labels
 
 
 def _figure(ax, size):
@@ -53,7 +54,8 @@ def plot_metric_vs_n_neurons(result, path=None, *, metric: str = "f1", ax=None, 
     ax.set_xscale("log", base=2)
     ax.set_xlabel("n_neurons (neurons in the probe)")
     ax.set_ylabel(f"test {metric}")
-    ax.set_title(title or f"{metric} against n_neurons ({result.config.method})")
+    method = getattr(result.config, "method", None)  # a regression sweep's config has none
+    ax.set_title(title or f"{metric} against n_neurons" + (f" ({method})" if method else ""))
     ax.grid(alpha=0.3)
     if len(result.sites) <= 12:
         ax.legend(fontsize=7, ncol=2)
@@ -88,13 +90,19 @@ def plot_top_neurons(result, path=None, *, ax=None, title: str | None = None, dp
 
 
 def plot_neuron_activations(
-    values: Float[Tensor, " n"], labels, path=None, *, ax=None, title: str = "", class_names=("negative", "positive"),
+    values: Float[Tensor, " n"], labels, path=None, *, ax=None, title: str = "", class_names=None,
     dpi: int = 100,
 ):
-    """Histograms of one neuron's activations on held-out examples, split by class."""
-    fig, ax = _figure(ax, (4.5, 3))
+    """Histograms of one neuron's activations on held-out examples, split by class.
+
+    `labels` are any two values (as the probes take them; the larger is the positive class); `class_names`
+    default to those two values, or "negative"/"positive" for 0/1 and booleans."""
     v = torch.as_tensor(values).float()
-    y = torch.as_tensor(labels).bool()
+    y01, classes = encode_labels(labels, v.shape[0])
+    y = y01.bool()
+    if class_names is None:
+        class_names = ("negative", "positive") if classes in ([0, 1], [False, True]) else tuple(map(str, classes))
+    fig, ax = _figure(ax, (4.5, 3))
     lo, hi = float(v.min()), float(v.max())
     bins = torch.linspace(lo, hi if hi > lo else lo + 1, 41).numpy()
     ax.hist(v[~y].numpy(), bins=bins, alpha=0.6, density=True, label=f"{class_names[0]} (n={int((~y).sum())})")

@@ -120,7 +120,13 @@ def f_stat_scores(x: Float[Tensor, "layer n d"], y: Float[Tensor, " n"],
 def mutual_info_scores(
     x: Float[Tensor, "layer n d"], y: Float[Tensor, " n"], n_bins: int = 16
 ) -> Float[Tensor, "layer d"]:
-    """Mutual information (nats) between the label and each neuron cut into equal-frequency bins."""
+    """Mutual information (nats) between the label and each neuron cut into equal-frequency bins.
+
+    Miller-Madow corrected: the plug-in estimate of a neuron independent of the label is about
+    ``(bins occupied - 1) / (2 n)`` above zero (0.085 nats at n = 100 with 16 bins), while a sparse neuron (few
+    distinct values, two bins) gets almost none of that, so noise outranked a sparse informative latent at
+    small n. Each entropy gets ``(occupied cells - 1) / (2 n)``, which subtracts
+    ``(cells_xy - cells_x - cells_y + 1) / (2 n)`` from the plug-in value; it can be slightly negative."""
     n = x.shape[1]
     yl = y.long()
     out = []
@@ -135,7 +141,8 @@ def mutual_info_scores(
         pb = p.sum(2, keepdim=True)
         py = p.sum(1, keepdim=True)
         ratio = torch.where(p > 0, p / (pb * py).clamp(min=1e-300), torch.ones_like(p))
-        out.append((p * ratio.log()).sum((1, 2)))
+        cells = (p > 0).sum((1, 2)) - (pb > 0).sum((1, 2)) - (py > 0).sum((1, 2)) + 1
+        out.append((p * ratio.log()).sum((1, 2)) - cells / (2 * n))
     return torch.stack(out).to(x.dtype)
 
 

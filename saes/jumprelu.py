@@ -11,7 +11,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from saes.base import SAE, SAEError, UntiedSAEConfig, register
-from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, rows_of_batch, warmup_coeff
 
 
 def _rect(u: Tensor) -> Tensor:
@@ -123,7 +123,7 @@ class JumpReluSAE(SAE):
         x_hat = self.decode(codes)
         mse, _ = fvu_loss(x, x_hat, state)
         l0_term = _Step.apply(pre, self.threshold, self.cfg.bandwidth, self.cfg.ste_to_input).sum()
-        l0_term = l0_term / max(state.global_rows, 1)
+        l0_term = l0_term / rows_of_batch(x, state)
         coeff = warmup_coeff(self.cfg.l0_coeff, self.cfg.l0_warmup_steps, state)
         l0, fired = active_mask(codes.detach())
         return TrainStep(mse + coeff * l0_term, x_hat, l0, fired, {"fvu": mse.detach(), "l0_term": l0_term.detach()})

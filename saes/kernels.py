@@ -162,6 +162,9 @@ def scatter_rows(idx: Int[Tensor, "batch k"], vals: Float[Tensor, "batch k"], de
     :func:`_sparse_t`) elsewhere; each latent's terms summed in batch order in both."""
     if native.sparse_applies(idx, vals, dense):
         return native.scatter_rows(idx, vals, dense, d_sae)
+    if dense.device.type == "cpu" and dense.dtype not in (torch.float32, torch.float64):
+        # the CPU's CSR product has no bf16/fp16 kernel: a TopK SAE with bf16 weights could not train
+        return csr_matmul(_sparse_t(idx, vals.float(), d_sae), dense.float()).to(dense.dtype)
     return csr_matmul(_sparse_t(idx, vals, d_sae), dense)
 
 
@@ -190,7 +193,7 @@ class GatherPre(torch.autograd.Function):
         kept = False
         if ctx.needs_input_grad[3]:
             xc = xc.to(W_enc.dtype)
-            kept = _keep(ctx, idx, g, xc)
+            kept = _keep(ctx, idx, g, xc, latent_dim=1)
             if not kept:
                 grad_W = scatter_rows(idx, g, xc, d_sae).T
         if ctx.b_dec is not None and ctx.needs_input_grad[5]:
@@ -203,12 +206,18 @@ class GatherPre(torch.autograd.Function):
         return None, None, None, grad_W, grad_b_enc, grad_b_dec, None
 
 
-def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor) -> bool:
+def _keep(ctx, idx: Tensor, vals: Tensor, dense: Tensor, latent_dim: int) -> bool:
     """Record the gradient of the weight ``ctx.weight`` in the step's :class:`saes.sparse_grads.SparseGrads`
     (``ctx.sink``) where one was given, the weight is a leaf (a parameter the optimizer holds, not a tensor made
-    from one) and the kernel takes these tensors; whether it did."""
+    from one), the kernel takes these tensors, and the weight's stored rows are its latents (``latent_dim``: 1 for
+    ``W_enc [d_model, d_sae]``, 0 for ``W_dec``): a ``W_enc`` loaded as a plain contiguous tensor is stored
+    ``d_model``-major, and the sink would read its rows as latents (a wrong gradient when ``d_model == d_sae``, an
+    error otherwise); such a weight takes the dense gradient. Returns whether it was recorded."""
     W = ctx.weight
     if ctx.sink is None or not (W.is_leaf and sparse_grads.takes(W) and native.sparse_applies(idx, vals, dense)):
+        return False
+    rows, latent_major = sparse_grads.rows_of(W), (W if latent_dim == 0 else W.T)
+    if rows.shape != latent_major.shape or rows.stride() != latent_major.stride():
         return False
     ctx.sink.add(W, idx, vals, dense)
     return True
@@ -254,7 +263,7 @@ class BagSum(torch.autograd.Function):
                 pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), vals.new_zeros(b * k), (b, W.shape[0]),
                                                   check_invariants=False)
             grad_vals = torch.sparse.sampled_addmm(pattern, g, W.T, beta=0.0).values().view(b, k)
-        if ctx.needs_input_grad[2] and not _keep(ctx, idx, vals, g):
+        if ctx.needs_input_grad[2] and not _keep(ctx, idx, vals, g, latent_dim=0):
             grad_W = scatter_rows(idx, vals, g, W.shape[0])
         return None, grad_vals, grad_W, None
 
@@ -313,7 +322,7 @@ class SparseFVU(torch.autograd.Function):
         grad_W = grad_b_dec = None
         if ctx.needs_input_grad[2]:
             scaled = (vals * s).contiguous()
-            if not _keep(ctx, idx, scaled, e):
+            if not _keep(ctx, idx, scaled, e, latent_dim=0):
                 grad_W = scatter_rows(idx, scaled, e, ctx.weight.shape[0])
         if ctx.needs_input_grad[3]:
             grad_b_dec = e.sum(0) * s

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from interp.errors import InputError
 from saes import hostsync
 from saes.kernels import bag_sum
 
@@ -42,7 +43,8 @@ class TrainState:
     """``[d_sae]`` bool: latents that have not fired for ``TrainConfig.dead_tokens`` tokens; None while no latent
     can have gone that long (fewer tokens seen since the start than ``dead_tokens``)."""
     global_rows: int = 0
-    """Rows in the global batch (all processes together)."""
+    """Rows in the global batch (all processes together); 0: the rows of the batch ``training_loss`` is
+    given, on one process (:func:`rows_of_batch`). The trainer always sets it."""
     allsum: Callable[[Tensor], Tensor] = field(default=_identity)
     """Sums a (non-differentiable) tensor over DDP processes; identity on one process."""
     world_size: int = 1
@@ -76,15 +78,37 @@ def global_sum(x: Tensor, state: TrainState) -> Tensor:
     return state.allsum(x.detach().sum().reshape(1)).squeeze(0)
 
 
+def rows_of_batch(x: Tensor, state: TrainState) -> int:
+    """Rows of the global batch: ``state.global_rows``, or this batch's rows when it is 0 on one process.
+
+    A bare ``TrainState()`` used to count one row: FVUs 2e15 times too large and L1/L0 terms not averaged."""
+    if state.global_rows > 0:
+        return state.global_rows
+    if state.world_size > 1:
+        raise InputError("TrainState.global_rows must be set under several processes (the global batch's rows)")
+    return max(x.reshape(-1, x.shape[-1]).shape[0], 1)
+
+
+_TV_CHUNK = 1 << 22
+"""Elements of ``x - mean`` formed at once by :func:`total_variance` (16 MB of float32)."""
+
+
 def total_variance(x: Float[Tensor, "batch d_model"], state: TrainState) -> Tensor:
-    """``sum ||x - mean(x)||^2`` over the global batch (mean taken over the global batch)."""
-    xd = x.detach().float()
-    n = max(state.global_rows, 1)
-    s1 = state.allsum(xd.sum(0))
-    flat = xd.reshape(-1)
+    """``sum ||x - mean(x)||^2`` over the global batch (mean taken over the global batch).
+
+    Two passes: the mean first, then the squared deviations (in row chunks, so no float32 copy of a large
+    batch). One pass (``sum x^2 - |sum x|^2 / n``) cancelled when the rows share an offset: 2 % off at an
+    offset 100 x the spread, and a near-constant batch gave 1e-12 for 0.016 (an FVU 1e10 too large)."""
     with torch.autocast(x.device.type, enabled=False):  # in float32 whatever autocast would do with a dot product
-        s2 = state.allsum(torch.dot(flat, flat).reshape(1)).squeeze(0)  # no temporary of x's size
-    return (s2 - (s1 * s1).sum() / n).clamp_min(1e-12)
+        xd = x.detach().reshape(-1, x.shape[-1])
+        n = rows_of_batch(x, state)
+        mean = state.allsum(xd.float().sum(0)) / n
+        step = max(1, _TV_CHUNK // max(xd.shape[1], 1))
+        acc = torch.zeros((), dtype=torch.float32, device=x.device)
+        for lo in range(0, xd.shape[0], step):
+            dev = (xd[lo:lo + step].float() - mean).reshape(-1)
+            acc = acc + torch.dot(dev, dev)
+        return state.allsum(acc.reshape(1)).squeeze(0).clamp_min(1e-12)
 
 
 def fvu_loss(x: Tensor, x_hat: Tensor, state: TrainState, tv: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from saes.base import SAE, SAEError, UntiedSAEConfig, register
-from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, warmup_coeff
+from saes.losses import TrainState, TrainStep, active_mask, fvu_loss, rows_of_batch, warmup_coeff
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +50,7 @@ class ReluSAE(SAE):
     def training_loss(self, x: Float[Tensor, "batch d_model"], state: TrainState) -> TrainStep:
         out = self(x)
         mse, _ = fvu_loss(x, out.x_hat, state)
-        l1 = (out.codes.abs() * self.W_dec.norm(dim=1)).sum() / max(state.global_rows, 1)
+        l1 = (out.codes.abs() * self.W_dec.norm(dim=1)).sum() / rows_of_batch(x, state)
         coeff = warmup_coeff(self.cfg.l1_coeff, self.cfg.l1_warmup_steps, state)
         l0, fired = active_mask(out.codes)
         return TrainStep(mse + coeff * l1, out.x_hat, l0, fired, {"fvu": mse.detach(), "l1": l1.detach()})

@@ -69,10 +69,14 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SAEError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
-        for name in ("checkpoint_every", "keep_checkpoints", "dead_tokens"):
+        for name in ("checkpoint_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise SAEError(f"TrainConfig.{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.dead_tokens, int) or isinstance(self.dead_tokens, bool) or self.dead_tokens < 1:
+            # 0 would count every latent dead at every step: AuxK on all of them and a logged dead fraction of 1
+            raise SAEError(f"TrainConfig.dead_tokens must be a positive integer, got {self.dead_tokens!r}; to never "
+                           "count a latent dead, give more than total_tokens")
         if self.lr is not None and not self.lr > 0:
             raise SAEError(f"TrainConfig.lr must be > 0 or None, got {self.lr!r}")
         for name in ("warmup_frac", "decay_frac"):

@@ -27,6 +27,21 @@ def test_demo_quick_writes_a_report(tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "## 3. Rotating the circle" in report and "| circle x1 |" in report
+    assert res["command"] == "interp demo --quick" and res["scale"] is None
+
+
+@pytest.mark.parametrize("argv,command", [
+    (["--quick"], "interp demo --quick"),
+    (["--layer", "12", "--scale", "2", "--quick"], "interp demo --layer 12 --scale 2 --quick"),
+    (["--items", "months", "--model", "/home/me/models/x", "--out", "o"], "interp demo --model MODEL --items months"),
+])
+def test_the_recorded_command_repeats_the_run(argv, command):
+    """The command results.json and report.md record dropped --layer and --scale: rerun, it edited another layer
+    at another scale."""
+    from interp.cli import build_parser
+    from interp.cli.demo import _command
+
+    assert _command(build_parser().parse_args(["demo", *argv])) == command
 
 
 def test_demo_rejects_a_layer_out_of_range(tmp_path, capsys):

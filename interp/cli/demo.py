@@ -13,7 +13,8 @@
 5. write ``report.md`` + PNG plots + ``results.json`` to a folder and print where it is.
 
 ``results.json`` fields: ``model``, ``items_name`` (days or months), ``items``, ``layer`` (the edited
-layer), ``device``, ``command``, ``seconds``; ``circle``: one row per layer (``layer``,
+layer), ``scale`` (``--scale``; null: Rotate's default), ``device``, ``command`` (every option that differs from its
+default), ``seconds``; ``circle``: one row per layer (``layer``,
 ``order_matches``, ``cyclic_order``, ``loco_angle_error`` in radians, ``probe_loco_angle_error`` (the
 circle probe's), ``radius_cv``, ``top2_explained``); ``probe``: ``n_examples``, ``n_positive``, ``table`` (F1 by
 layer and neuron
@@ -47,18 +48,42 @@ REPEAT_TEMPLATES = {
 }
 
 
+DEFAULT_LAYER = 10
+"""The layer the demo edits unless ``--layer`` says otherwise."""
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="capture, find the weekday circle, probe, intervene, write a report")
     p.add_argument("--model", default=EMBEDDED,
                    help=f"embedded model name, HF name or local path (default: {EMBEDDED})")
     p.add_argument("--items", default="days", choices=["days", "months"], help="item family (default: days)")
-    p.add_argument("--layer", type=int, default=10, help="layer whose hook_resid_post is edited (default: 10)")
+    p.add_argument("--layer", type=int, default=DEFAULT_LAYER,
+                   help=f"layer whose hook_resid_post is edited (default: {DEFAULT_LAYER})")
     p.add_argument("--scale", type=float, default=None, help="circle edit: multiple of the circle radius the "
                    "target's point is put at (default: Rotate's, 4)")
     p.add_argument("--out", default="interp-demo", help="report folder (default: interp-demo)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
     p.add_argument("--quick", action="store_true", help="fewer layers and prompts (for tests)")
     p.set_defaults(func=run)
+
+
+def _command(args: argparse.Namespace) -> str:
+    """``interp demo`` with every option that changes what the run measures and differs from its default (a
+    model given as a machine path is written ``--model MODEL``)."""
+    from interp.provenance import machine_path
+
+    parts = ["interp demo"]
+    if args.model != EMBEDDED:
+        parts.append(f"--model {'MODEL' if machine_path(str(args.model)) else args.model}")
+    if args.items != "days":
+        parts.append(f"--items {args.items}")
+    if args.layer != DEFAULT_LAYER:
+        parts.append(f"--layer {args.layer}")
+    if args.scale is not None:
+        parts.append(f"--scale {args.scale:g}")
+    if args.quick:
+        parts.append("--quick")
+    return " ".join(parts)
 
 
 def _item_token_ids(tok, items: list[str]) -> list[int]:
@@ -246,8 +271,7 @@ def run(args) -> int:
     _bar_plot(inter, out / "intervention.png")
     res = {"model": args.model, "items_name": args.items, "items": items, "layer": args.layer,
            "device": str(next(model.parameters()).device),
-           "command": "interp demo" + (f" --items {args.items}" if args.items != "days" else "")
-                      + (" --quick" if args.quick else ""),
+           "scale": args.scale, "command": _command(args),
            "circle": circle_rows, "probe": info, "intervention": inter,
            "seconds": time.perf_counter() - t0}
     write_json(out / "results.json", json.loads(json.dumps(res, default=str)))

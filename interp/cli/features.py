@@ -15,7 +15,8 @@ plotted as ``<site>.png``; the probe's plane under ``subspaces/<site>.probe``.
 
 ``clusters.json``: ``sae``, ``d_sae``, ``architecture``, ``n_clusters`` (spectral: the number used,
 ``d_sae / 25`` unless ``--n-clusters``), ``cluster_config`` and ``config`` (the settings used), ``tokens``
-(activation rows read), ``n_scored`` and ``clusters``: one entry per
+(``--tokens``, the most rows to read), ``rows_read`` (the activation rows read: fewer where the data ended, or every
+cluster had ``max_points`` rows first), ``n_scored`` and ``clusters``: one entry per
 scored cluster, most irreducible first, with ``latents``, ``n_points``, ``explained_variance`` (of
 the cluster's reconstructions, per principal component), ``pairs`` (scores of each pair of
 components), ``best_pair``, ``separability`` (bits), ``mixture`` (epsilon-mixture index),
@@ -38,6 +39,7 @@ from interp.errors import InputError
 from interp.features.clusters import ClusterConfig, ClusterWarning, default_n_clusters
 from interp.features.multidim import MultiDimConfig
 from interp.models import EMBEDDED
+from interp.provenance import machine_path, placeholder
 
 
 def _write_json(path: Path, obj) -> None:
@@ -137,8 +139,15 @@ def run_clusters(args) -> int:
     decoder = ckpt.decoder()
     with warnings.catch_warnings(record=True) as caught:  # a clustering that finds nothing: one line, what to change
         warnings.simplefilter("always", ClusterWarning)
-        feats = find_multidim_features(decoder, data, encode=ckpt.encoder(), cluster_config=ccfg, config=mcfg,
-                                       max_rows=args.tokens)
+        read = [0]
+
+        def counted(batches):
+            for b in batches:
+                read[0] += len(next(iter(b.values())) if isinstance(b, dict) else b)
+                yield b
+
+        feats = find_multidim_features(decoder, counted(data), encode=ckpt.encoder(), cluster_config=ccfg,
+                                       config=mcfg, max_rows=args.tokens)
     for w in caught:
         if issubclass(w.category, ClusterWarning):
             print(f"hint: {w.message}")
@@ -147,7 +156,7 @@ def run_clusters(args) -> int:
     summary = {"sae": str(args.sae), "d_sae": int(decoder.shape[0]), "architecture": ckpt.sae.architecture,
                "n_clusters": (ccfg.n_clusters or default_n_clusters(int(decoder.shape[0])))
                if ccfg.method == "spectral" else None, "cluster_config": dataclasses.asdict(ccfg),
-               "config": dataclasses.asdict(mcfg), "tokens": args.tokens,
+               "config": dataclasses.asdict(mcfg), "tokens": args.tokens, "rows_read": read[0],
                "n_scored": len(feats), "clusters": [f.to_dict() for f in feats]}
     _write_json(out / "clusters.json", summary)
     if feats:
@@ -198,8 +207,22 @@ def register(subparsers) -> None:
 
 def _with_argv(fn):
     def run(args: argparse.Namespace) -> int:
-        args.argv_ = [f"--{k.replace('_', '-')} {v}" for k, v in sorted(vars(args).items())
-                      if k not in ("func", "command", "features_command", "argv_") and v not in (None, False)]
+        args.argv_ = recorded_flags(args)
         return fn(args)
 
     return run
+
+
+def recorded_flags(args: argparse.Namespace) -> list[str]:
+    """The options of a parsed command line as a result records them, so that the command runs again: one
+    ``--flag value`` per item of a repeated flag, a bare ``--flag`` for a switch that is on, 0 kept, and a
+    machine path written as the flag's name in capitals (``--model MODEL``, as :mod:`interp.provenance` does)."""
+    out = []
+    for k, v in sorted(vars(args).items()):
+        if k in ("func", "command", "features_command", "argv_") or v is None or v is False:
+            continue
+        flag = f"--{k.replace('_', '-')}"
+        for item in v if isinstance(v, list) else [v]:
+            text = str(item)
+            out.append(flag if item is True else f"{flag} {placeholder(flag) if machine_path(text) else text}")
+    return out

@@ -36,7 +36,14 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        old = [f for f in RENAMED_FLAGS if re.search(rf"(?:^|\s){re.escape(f)}(?:[\s=]|$)", message)]
+        if old and message.startswith("unrecognized arguments"):
+            message += " (renamed: " + ", ".join(f"{f} is now {RENAMED_FLAGS[f]}" for f in old) + ")"
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+RENAMED_FLAGS = {"--ks": "--n-neurons", "--top-k": "--n-neighbors", "--acts": "--cache"}
+"""Flags renamed in an earlier release: the old ones are refused, and the error names the new one."""
 
 
 def plain_block(text: str) -> str:

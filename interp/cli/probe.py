@@ -5,6 +5,9 @@
 Each row is one example (sequence-level label); activations are pooled over the row's tokens
 (``--aggregate mean``, position 0 left out) or read at its last token (``--aggregate last``).
 Writes ``results.json``, ``f1_vs_k.png`` and ``top_neurons.png`` to ``--out`` and prints the table.
+``results.json`` is :meth:`probes.SweepResult.save`'s content plus ``run``: the model (``model_label``), the data
+file's name and SHA-256, its columns, the site kind, layers, ``aggregate``, ``max_length``, ``limit`` and the rows
+read, so that two runs that measured different things are told apart.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import csv
 import json
 from pathlib import Path
 
+from interp.atomic import write_json
 from interp.cli.options import add_options, dataclass_options, given, parse_layers
 from interp.errors import DataError
 from interp.models import EMBEDDED
+from interp.provenance import file_sha256, model_label
 
 SITE_KINDS = ("mlp.hook_post", "hook_resid_post", "hook_resid_pre", "hook_resid_mid", "hook_mlp_out", "hook_attn_out")
 
@@ -103,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"best: {best['site']} n_neurons={best['n_neurons']} F1={best['f1']:.3f} neurons={best['neurons'][:8]}")
     if args.out:
         out = Path(args.out)
-        result.save(out / "results.json")
+        run = {"model": model_label(model), "data": Path(args.data).name, "data_sha256": file_sha256(args.data),
+               "text_col": args.text_col, "label_col": args.label_col, "group_col": args.group_col,
+               "site": args.site, "layers": layers, "aggregate": args.aggregate, "max_length": args.max_length,
+               "limit": args.limit, "n_rows": len(texts)}
+        write_json(out / "results.json", {**result.to_dict(), "run": run}, default=str)
         result.plot_f1(out / "f1_vs_k.png")
         result.plot_top_neurons(out / "top_neurons.png")
         print(f"wrote {out / 'results.json'}, {out / 'f1_vs_k.png'}, {out / 'top_neurons.png'}")

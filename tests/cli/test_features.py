@@ -43,6 +43,9 @@ def test_circles_cli_writes_json_png_and_subspaces(tiny_dir, tmp_path, capsys):
         assert (out / f"{r['site']}.png").stat().st_size > 1000
     assert (out / "scores.png").exists()
     assert "LOCO err" in capsys.readouterr().out
+    # the recorded command runs again: machine paths as placeholders, no list reprs
+    assert summary["command"] == ("interp features circles --device cpu --hook hook_resid_post --items days "
+                                  "--layers 0-1 --model MODEL --out OUT --rank 2")
     for r in summary["sites"]:  # the circle probe beside the class-mean circle
         probe = Subspace.load(out / "subspaces" / f"{r['site']}.probe")
         assert probe.meta["finder"] == "circle_probe" and probe.coord_map.axes is not None
@@ -64,6 +67,8 @@ def test_clusters_cli_on_sae_folder(tiny_dir, tmp_path):
                "--device", "cpu", "--out", str(out)])
     assert rc == 0
     summary = json.loads((out / "clusters.json").read_text())
+    # the rows read, not the --tokens asked for: every batch of 500 until 3000 or every cluster had its points
+    assert summary["tokens"] == 3000 and 0 < summary["rows_read"] <= 3000 and summary["rows_read"] % 500 == 0
     expected = {tuple(sorted(c)) for c in graph_clusters(w_dec, n_neighbors=2, sim_cutoff=0.5) if len(c) >= 2}
     assert {tuple(sorted(c["latents"])) for c in summary["clusters"]} <= expected
     scores = [c["irreducibility"] for c in summary["clusters"]]
@@ -101,3 +106,16 @@ def test_item_and_arg_errors(tmp_path):
     with pytest.raises(InputError, match="must end with"):
         build_prompts(["Monday"], ["{} is a day"])
     assert main(["features", "circles", "--out", str(tmp_path / "o")]) == 1  # no site named
+
+
+def test_a_repeated_site_is_recorded_as_one_flag_each():
+    """circles.json recorded --site ['a', 'b'], which no shell can run again, and dropped options equal to 0."""
+    from interp.cli import build_parser
+    from interp.cli.features import recorded_flags
+
+    args = build_parser().parse_args(["features", "circles", "--site", "blocks.1.hook_resid_post", "--site",
+                                      "blocks.2.hook_resid_post", "--rank", "0", "--out", "o"])
+    flags = recorded_flags(args)
+    assert [f for f in flags if f.startswith("--site")] == ["--site blocks.1.hook_resid_post",
+                                                            "--site blocks.2.hook_resid_post"]
+    assert "--rank 0" in flags and "--out o" in flags

@@ -27,6 +27,13 @@ def test_probe_command_writes_results(tiny_dir, tmp_path, capsys):
     assert "blocks.2.mlp.hook_post" in out and "best:" in out
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(saved["records"]) == 6 and (tmp_path / "out" / "f1_vs_k.png").is_file()
+    import hashlib  # what was measured is recorded: two runs with other data or pooling are told apart
+
+    run = saved["run"]
+    assert run == {"model": str(folder), "data": "data.jsonl",
+                   "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "text_col": "sentence",
+                   "label_col": "kind", "group_col": "doc", "site": "mlp.hook_post", "layers": [0, 1, 2],
+                   "aggregate": "mean", "max_length": 128, "limit": None, "n_rows": 24}
 
 
 def test_probe_command_reports_bad_input_in_one_line(tiny_dir, tmp_path, capsys):
@@ -54,3 +61,11 @@ def test_readers_and_layer_specs(tmp_path):
         parse_layers("31", 30)
     with pytest.raises(InputError, match="expected 'all'"):
         parse_layers("4 to 20")
+
+
+def test_a_renamed_flag_is_refused_with_its_new_name(tmp_path, capsys):
+    """The README promised the old flags still worked; argparse refused them without a word about the rename."""
+    with pytest.raises(SystemExit):
+        main(["probe", str(tmp_path / "d.csv"), "--ks", "4"])
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --ks 4 (renamed: --ks is now --n-neurons)" in err and one_error_line(err)

@@ -283,10 +283,16 @@ def test_bad_inputs_are_one_line_errors(text_file, tmp_path):
 
 def test_neuronpedia_batch_holds_the_pages_data(signed_run):
     from interp.dashboard import neuronpedia_batch
+    from interp.dashboard.neuronpedia import FEATURE_KEYS
 
     cfg, units, data = signed_run
     batch = json.loads(neuronpedia_batch(data.path, sae_set="res-test", model_id="tiny").read_text())
     assert (batch["model_id"], batch["layer"], batch["sae_set"]) == ("tiny", 1, "res-test")
+    # SAE-Dashboard's NeuronpediaDashboardBatch(**batch) takes exactly these keys and refuses any other
+    assert set(batch) == {"model_id", "layer", "sae_set", "features"}
+    assert all(set(f) == FEATURE_KEYS for f in batch["features"])
+    assert {(f["n_prompts_total"], f["n_tokens_in_prompt"]) for f in batch["features"]} == {
+        (data.info["n_windows"], cfg.context_size)}
     assert [f["feature_index"] for f in batch["features"]] == list(range(units.n_units))
     for f, u in zip(batch["features"], range(units.n_units)):
         rec = data.unit(u)
@@ -295,6 +301,8 @@ def test_neuronpedia_batch_holds_the_pages_data(signed_run):
         top = [a for a in f["activations"] if a["bin_min"] == -1]
         assert len(top) == len(rec["contexts"]) and all(len(a["tokens"]) == len(a["values"]) for a in top)
         assert max(top[0]["values"]) == pytest.approx(rec["max"], abs=1e-3)
+        for a in top:  # the token each context was chosen for is the one Neuronpedia highlights
+            assert a["values"][a["qualifying_token_index"]] == pytest.approx(max(a["values"]), abs=1e-3)
         for a in f["activations"][len(top):]:
             assert 0 < a["bin_contains"] <= 1
 

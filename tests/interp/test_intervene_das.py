@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.capture import capture
-from interp.das import CircleRotation, RotatedPatch, fit_das, fit_das_circle
+from interp.das import CircleRotation, RotatedPatch, fit_das, fit_das_circle, interchange_accuracy
 from interp.edits import EditContext
 from interp.errors import InputError
 from interp.intervene import intervene
@@ -58,6 +58,33 @@ def test_fit_das_learns_a_subspace_that_carries_the_source_answer(model):
     assert all(p.requires_grad for p in model.parameters())  # model flags restored
     w = das.subspace().basis
     torch.testing.assert_close(w @ w.T, torch.eye(4), atol=1e-4, rtol=0)
+
+
+def test_interchange_accuracy_is_the_edited_runs_hit_rate_on_held_out_padded_pairs(model):
+    """IIA counts the last real token of right-padded rows, in chunks, and leaves the edit's own source alone."""
+    site = "blocks.0.hook_resid_post"
+    g = torch.Generator().manual_seed(1)
+    n = 20
+    ones = torch.ones(n, 7, dtype=torch.long)
+    base = {"input_ids": torch.randint(0, V, (n, 7), generator=g), "attention_mask": ones.clone()}
+    base["attention_mask"][::3, 5:] = 0  # right padding on some rows
+    source = {"input_ids": torch.randint(0, V, (n, 7), generator=g), "attention_mask": ones.clone()}
+    source["attention_mask"][1::4, 4:] = 0
+    das = RotatedPatch(D, 4, seed=3)
+    mark = torch.full((1, D), 7.0)
+    das.set_source(mark)
+    with torch.no_grad():
+        src = capture(model, source, site, positions="last")[site]
+        with intervene(model, {site: RotatedPatch(D, 4, seed=3).set_source(src)}, positions="last"):
+            logits = model(**base).logits
+    last = base["attention_mask"].sum(1) - 1
+    pred = logits[torch.arange(n), last].argmax(-1)
+    labels = pred.clone()
+    labels[:7] = (labels[:7] + 1) % V  # 13 of 20 right
+    assert interchange_accuracy(model, site, das, base, source, labels, batch_size=6) == pytest.approx(13 / 20)
+    assert torch.equal(das.source, mark)
+    with pytest.raises(InputError, match="pair up"):
+        interchange_accuracy(model, site, das, base, source, labels[:5])
 
 
 def test_rotated_patch_within_a_span_starts_at_init_and_stays_there():

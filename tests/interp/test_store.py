@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
 from conftest import byte_tokenizer, tiny_model
 
 from interp.cache import CachedActivations, cache_activations
-from interp.data import load_texts, pack, token_mask
+from interp.data import DataWarning, load_texts, pack, token_mask
 from interp.errors import CacheError, DataError, InputError, SiteError
 from interp.store import ActivationStore
 
@@ -32,6 +33,27 @@ def test_pack_windows_and_mask():
     keep = token_mask(torch.stack(wins), tok)
     assert not keep[:, 0].any()
     assert not keep[torch.stack(wins) == tok.eos_token_id].any()
+
+
+def test_pack_without_eos_warns_and_joins_by_the_given_separator():
+    """A tokenizer with no EOS packs documents back to back, which is said once; an explicit separator is used."""
+    class NoEos:  # the byte tokenizer without its EOS token
+        eos_token_id, bos_token_id = None, byte_tokenizer().bos_token_id
+
+        def __call__(self, text, **kw):
+            return byte_tokenizer()(text, **kw)
+
+    tok = NoEos()
+    with pytest.warns(DataWarning, match="no EOS token"):
+        joined = torch.cat(list(pack(DOCS[:3], tok, 16))).tolist()
+    plain = [i for d in DOCS[:3] for i in tok(d, add_special_tokens=False)["input_ids"]]
+    assert joined == plain[: len(joined)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        marked = torch.cat(list(pack(DOCS[:3], tok, 16, separator=tok.bos_token_id))).tolist()
+        list(pack(DOCS[:3], tok, 16, separator=None))
+    first = len(tok(DOCS[0], add_special_tokens=False)["input_ids"])
+    assert marked[first] == tok.bos_token_id
 
 
 def test_empty_and_bad_datasets():
@@ -170,6 +192,9 @@ def test_truncated_shard_and_other_cache_damage(tmp_path):
         CachedActivations(tmp_path)
     with pytest.raises(CacheError, match="other settings"):
         cache_activations(model, tok, SITES, out, 400, dataset=DOCS, context_size=16, progress=False)
+    with pytest.raises(CacheError, match=r"'text_column': \('text', 'body'\)"):  # growing it from another column
+        cache_activations(model, tok, SITES, out, 800, dataset=DOCS, context_size=32, text_column="body",
+                          progress=False)
     with pytest.raises(CacheError, match="not in this cache"):
         CachedActivations(out, sites=["blocks.2.hook_resid_post"])
 

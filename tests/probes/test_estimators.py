@@ -121,3 +121,24 @@ def test_ridge_group_cv_holds_out_entities():
     assert grouped.cv_errors_[grouped.alpha_] > loo.cv_errors_[loo.alpha_]  # LOO leaks across prompts
     with pytest.raises(InputError, match="cv=5"):
         RidgeProbe().fit(x, target, groups=entity)
+
+
+def test_linear_probe_folds_are_stratified_and_a_one_class_training_part_is_refused():
+    """With 2 positives in 40 rows and 3 folds, plain random folds left a training part without a positive in a
+    third of draws (its held-out log-loss then chose C); folds are now dealt per class, as StratifiedKFold."""
+    from probes.split import fold_ids
+
+    y = torch.zeros(40)
+    y[[5, 31]] = 1
+    for seed in range(30):
+        folds = fold_ids(40, 3, seed, y=y)
+        assert sorted(torch.bincount(folds, minlength=3).tolist()) == [13, 13, 14]
+        assert len(set(folds[y == 1].tolist())) == 2  # the two positives in two folds: every training part has one
+    x = torch.randn(40, 5, generator=torch.Generator().manual_seed(0)) + y[:, None]
+    probe = LinearProbe(cv=3).fit(x, y)
+    assert all(np.isfinite(v) and v < 2 for v in probe.cv_scores_.values())
+    y1 = torch.zeros(40)
+    y1[7] = 1
+    with pytest.raises(InputError, match="fold .* single class .* rarer class has 1 examples"):
+        LinearProbe(cv=3).fit(x, y1)
+    LinearProbe(C=1.0).fit(x, y1)  # a fixed C needs no folds

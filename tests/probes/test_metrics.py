@@ -48,3 +48,20 @@ def test_r2_on_a_constant_target_is_what_scikit_learn_gives():
     got = metrics.r2(y, pred)
     assert got.tolist() == [skm.r2_score(y[0].numpy(), pred[0].numpy()), skm.r2_score(y[1].numpy(), pred[1].numpy())]
     assert got.tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("enc", [lambda v: 2 * v - 1, lambda v: v + 1], ids=["-1/1", "1/2"])
+def test_labels_other_than_0_1_are_refused_not_scored(enc):
+    """Labels of -1/1 gave a precision of 3.25 and an AUC of 2.0; 1/2 an AUC of NaN. 0/1 labels are scored."""
+    from interp.errors import InputError
+
+    y01 = torch.tensor([0, 1, 1, 0, 1, 0, 1, 1.0])
+    score = torch.tensor([0.1, 0.9, 0.4, 0.3, 0.8, 0.6, 0.7, 0.2])
+    pred = (score > 0.5).float()
+    for fn, args in [(metrics.accuracy, (enc(y01), pred)), (metrics.precision, (enc(y01), pred)),
+                     (metrics.recall, (y01, enc(pred))), (metrics.f1, (enc(y01), pred)),
+                     (metrics.roc_auc, (enc(y01), score)), (metrics.classification_report, (enc(y01), score))]:
+        with pytest.raises(InputError, match="must be 0/1.*encode_labels"):
+            fn(*args)
+    assert float(metrics.roc_auc(y01, score)) == pytest.approx(skm.roc_auc_score(y01.numpy(), score.numpy()))
+    assert float(metrics.f1(y01, pred)) == pytest.approx(skm.f1_score(y01.numpy(), pred.numpy()))

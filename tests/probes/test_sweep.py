@@ -151,3 +151,24 @@ def test_old_names_warn_and_give_the_same_sweep(layers, tmp_path):
         probes.plot_metric_vs_k(new, tmp_path / "old.png")
     probes.plot_metric_vs_n_neurons(new, tmp_path / "new.png")
     assert (tmp_path / "old.png").read_bytes() == (tmp_path / "new.png").read_bytes()
+
+
+def test_plots_of_a_regression_sweep_and_of_labels_other_than_0_1(tmp_path):
+    """plot_f1 on a regression sweep raised AttributeError (its config has no method); the activation histogram
+    of labels 1/2 or -1/1 counted every row positive (n=0 negatives) and refused string labels."""
+    pytest.importorskip("matplotlib")
+    import probes
+    from probes.plots import plot_neuron_activations
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(120, generator=g)
+    x = torch.randn(120, 6, generator=g) + y[:, None] * torch.tensor([2.0, 0, 0, 0, 0, 0])
+    fig = probes.sweep_regression({"a": x}, y, n_neurons=(1, 2), progress=False).plot_f1(tmp_path / "r2.png")
+    assert (tmp_path / "r2.png").is_file() and "r2" in fig.axes[0].get_title()
+    v = torch.randn(200, generator=g)
+    lab = (torch.rand(200, generator=g) < 0.45).long()
+    n_pos = int(lab.sum())
+    for labels, names in [(lab, ("negative", "positive")), (lab + 1, ("1", "2")), (2 * lab - 1, ("-1", "1")),
+                          (["b" if t else "a" for t in lab.tolist()], ("a", "b"))]:
+        legend = [t.get_text() for t in plot_neuron_activations(v, labels).axes[0].get_legend().get_texts()]
+        assert legend == [f"{names[0]} (n={200 - n_pos})", f"{names[1]} (n={n_pos})"]

@@ -132,6 +132,46 @@ def test_kept_gradients_are_autograds(with_dead):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("d_model,d_sae", [(64, 64), (32, 256)])
+@pytest.mark.parametrize("layout", ["W_enc contiguous", "W_dec column-major"])
+def test_weights_stored_in_another_layout_take_autograds_gradient(d_model, d_sae, layout):
+    """A TopK SAE filled by load_state_dict(assign=True) holds a contiguous W_enc [d_model, d_sae]: the kept
+    gradient read its rows as latents (a W_enc gradient 1.4 off at d_model == d_sae, an error otherwise). Such a
+    weight now takes the dense gradient, equal to autograd's."""
+    torch.manual_seed(0)
+    ref = TopKSAE(TopKConfig(d_model=d_model, d_sae=d_sae, k=4))
+    sd = {k: v.contiguous().clone() for k, v in ref.state_dict().items()}
+    if layout == "W_dec column-major":
+        sd["W_dec"] = sd["W_dec"].T.contiguous().T
+    sae = TopKSAE(TopKConfig(d_model=d_model, d_sae=d_sae, k=4))
+    sae.load_state_dict(sd, assign=True)
+    x = torch.randn(128, d_model)
+    want = _loss_grads(ref, x, None)
+    for p in sae.parameters():
+        p.grad = None
+    sink = sparse_grads.SparseGrads()
+    sae.training_loss(x, TrainState(step=1, total_steps=10, global_rows=128, grads=sink)).loss.backward()
+    sink.materialize()
+    for name, p in sae.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_topk_sae_with_half_precision_weights_trains(dtype):
+    """The CPU's CSR product has no bf16/fp16 kernel: a TopK SAE in those dtypes failed in its backward."""
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKConfig(d_model=32, d_sae=256, k=8)).to(dtype)
+    ref = TopKSAE(TopKConfig(d_model=32, d_sae=256, k=8))
+    ref.load_state_dict({k: v.float() for k, v in sae.state_dict().items()})
+    x = torch.randn(64, 32).to(dtype)
+    got = _loss_grads(sae, x, None)
+    want = _loss_grads(ref, x.float(), None)
+    assert got["W_enc"].dtype == dtype
+    torch.testing.assert_close(got["W_enc"].float(), want["W_enc"], rtol=0.05, atol=0.02)
+    Trainer(sae, TrainConfig(total_tokens=64 * 3, batch_tokens=64, lr=1e-3, progress=False)).fit(
+        iter([torch.randn(64, 32) for _ in range(3)]))
+
+
 def test_one_index_is_sorted_once_and_again_after_an_in_place_change(monkeypatch):
     rows, cols = 60, 8
     idx, vals, dense = source(30, 4, rows, cols, 21)

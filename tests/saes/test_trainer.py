@@ -160,6 +160,8 @@ def test_wrong_sites_and_bad_config_fail_clearly():
                 cfg()).fit(SyntheticSource(D, sites=("a", "b")))
     with pytest.raises(saes.SAEError, match="warmup_frac"):
         TrainConfig(total_tokens=10, warmup_frac=1.5)
+    with pytest.raises(saes.SAEError, match="dead_tokens must be a positive integer, got 0; to never count"):
+        TrainConfig(total_tokens=10, dead_tokens=0)  # would count every latent dead at every step
 
 
 def test_bf16_autocast_trains_like_fp32():
@@ -428,3 +430,33 @@ def test_huge_finite_inputs_are_named_not_blamed_on_the_learning_rate():
                                              r"overflow") as e:
         Trainer(saes.build("topk", d_model=D, d_sae=M, k=4), cfg()).fit(Big(D, rows=ROWS))
     assert "bf16" not in str(e.value)
+
+
+@pytest.mark.parametrize("offset", [0.0, 30.0, 100.0])
+def test_total_variance_is_exact_when_rows_share_a_large_offset(offset):
+    """The one-pass sum x^2 - |sum x|^2 / n cancelled in float32: 2 % off at an offset 100 x the spread, and a
+    near-constant batch gave 1e-12 for 0.016 (an FVU 1e10 too large, finite, so no guard saw it)."""
+    from saes.losses import TrainState, total_variance
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4096, 64, generator=g)
+    x = noise + offset * noise.norm(dim=1).mean() * torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    ref = float(((x.double() - x.double().mean(0)) ** 2).sum())
+    assert float(total_variance(x, TrainState(global_rows=4096))) == pytest.approx(ref, rel=1e-5)
+    flat = 3.0 + 1e-3 * torch.randn(256, 64, generator=g)
+    ref = float(((flat.double() - flat.double().mean(0)) ** 2).sum())
+    assert float(total_variance(flat, TrainState(global_rows=256))) == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu", "jumprelu"])
+def test_a_bare_train_state_counts_the_batchs_rows(arch):
+    """TrainState() counted one row: an FVU of 5e15, and L1 / L0 terms summed over the batch, not averaged."""
+    from saes.losses import TrainState
+
+    torch.manual_seed(0)
+    sae = saes.build(arch, d_model=32, d_sae=64, **({"k": 4} if arch == "topk" else {}))
+    x = torch.randn(256, 32)
+    bare = sae.training_loss(x, TrainState()).terms
+    given = sae.training_loss(x, TrainState(global_rows=256)).terms
+    assert {k: float(v) for k, v in bare.items()} == pytest.approx({k: float(v) for k, v in given.items()})
+    assert float(given["fvu"]) < 100
