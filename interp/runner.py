@@ -17,18 +17,25 @@ A spec::
     metric: {type: logit_diff, target: " Friday", baseline: " {day}"}
     out: out/intervene_run
 
+Paths in a spec (``out``, ``subspace``, ``dataset.path``) are relative to the spec file; an ``--out``
+flag to the working folder. Give ``prompts`` or ``dataset``, and ``edit`` or ``edits``, not both;
+``dataset.limit`` is a number of rows >= 1 (leave it out for every row).
+
 Strings holding ``{field}`` are filled in per row from the dataset's fields, so an edit or a metric
 can differ per prompt (``to: "{target}"``). Edit types: ``project_out``, ``zero_ablate``,
-``mean_ablate`` (``coords``), ``steer`` (``alpha``, ``coords`` or ``vector``), ``set_coords``
+``mean_ablate`` (``coords``), ``steer`` (``alpha``, and ``coords`` or ``vector``), ``set_coords``
 (``coords`` or ``value``), ``rotate`` (``angle`` or ``to``), ``replace`` (``vector``), ``patch``
-(``source_field``: the row field holding the source prompt; its last token is patched in).
-Metrics (at the last real token): ``top_token``, ``prob`` (``token``), ``logit_diff``
-(``target``, ``baseline``) and ``kl`` (from the unedited run).
+(``source_field``: the row field holding the source prompt; its last token is patched in); every edit
+may also set ``name``, ``site`` and ``positions``. Metrics (at the last real token): ``top_token``,
+``prob`` (``token``), ``logit_diff`` (``target``, ``baseline``) and ``kl`` (from the unedited run).
+A key that an edit type, the metric or the dataset does not read is refused when the spec is read
+(:data:`EDIT_KEYS`, :data:`METRIC_KEYS`, :data:`DATASET_KEYS`), with the closest valid key named.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import os
 import re
@@ -40,16 +47,33 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from interp.atomic import atomic_path, write_json
+from interp.atomic import atomic_path
 from interp.capture import capture, last_token_index, tokenize
 from interp.edits import Edit, MeanAblate, Patch, ProjectOut, Replace, Rotate, SetCoords, Steer, ZeroAblate
 from interp.errors import DataError, InputError, InterpError
+from interp.folders import folder_lock, remove_temps
 from interp.intervene import intervene
 from interp.positions import Positions, as_positions
 from interp.subspace import Subspace
 
-EDIT_TYPES = ("project_out", "zero_ablate", "mean_ablate", "steer", "set_coords", "rotate", "replace", "patch")
-METRICS = ("top_token", "prob", "logit_diff", "kl")
+EDIT_KEYS: dict[str, tuple[str, ...]] = {
+    "project_out": (), "zero_ablate": (), "mean_ablate": ("coords",), "steer": ("alpha", "coords", "vector"),
+    "set_coords": ("coords", "value"), "rotate": ("angle", "to"), "replace": ("vector",), "patch": ("source_field",)}
+"""The keys each edit type takes, besides the ones every edit takes (:data:`EDIT_COMMON_KEYS`)."""
+EDIT_COMMON_KEYS = ("name", "type", "site", "positions")
+_EDIT_NEEDS = {"mean_ablate": ("coords",), "replace": ("vector",), "patch": ("source_field",),
+               "set_coords": ("coords", "value"), "rotate": ("angle", "to")}
+"""Per edit type, the keys of which it needs at least one (several: exactly one)."""
+_EDIT_EXCLUSIVE = {"steer": ("vector", "coords"), "set_coords": ("coords", "value"), "rotate": ("angle", "to")}
+"""Per edit type, two keys that exclude each other."""
+EDIT_TYPES = tuple(EDIT_KEYS)
+METRIC_KEYS: dict[str, tuple[str, ...]] = {"top_token": (), "prob": ("token",), "logit_diff": ("target", "baseline"),
+                                           "kl": ()}
+"""The keys each metric type needs besides ``type`` (it takes no others)."""
+_METRIC_EXAMPLES = {"prob": "{type: prob, token: ' Friday'}",
+                    "logit_diff": "{type: logit_diff, target: ' Friday', baseline: ' Monday'}"}
+METRICS = tuple(METRIC_KEYS)
+DATASET_KEYS = ("path", "text_field", "limit")
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
@@ -83,14 +107,15 @@ class RunSpec:
             raise InputError("spec: no prompts; give prompts: [...] or dataset: {path: ...}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise InputError(f"spec.batch_size must be a positive integer; got {self.batch_size!r}")
-        if self.metric.get("type") not in METRICS:
-            raise InputError(f"spec.metric.type must be one of {METRICS}; got {self.metric.get('type')!r}")
+        _check_metric(self.metric)
         names = set()
         for e in self.edits:
-            if e.get("type") not in EDIT_TYPES:
-                raise InputError(f"spec.edits: type must be one of {EDIT_TYPES}; got {e.get('type')!r} in {e}")
-            if e["name"] in names or e["name"] == "none":
-                raise InputError(f"spec.edits: names must be unique and not 'none'; got {e['name']!r} twice")
+            _check_edit(e)
+            if e["name"] == "none":
+                raise InputError("spec.edits: an edit is named 'none', the name of the unedited run; rename it")
+            if e["name"] in names:
+                raise InputError(f"spec.edits: names must be unique; got {e['name']!r} twice (names are compared "
+                                 "as text: 1 and '1' are the same name)")
             names.add(e["name"])
         for where, p in [("spec.positions", self.positions)] + [(f"edit {e['name']!r}", e["positions"])
                                                                   for e in self.edits if "positions" in e]:
@@ -100,9 +125,52 @@ class RunSpec:
                 raise InputError(f"{where}: {err}") from None
 
 
+def check_keys(where: str, given: Mapping, allowed: Sequence[str]) -> None:
+    """Refuse a key of `given` outside `allowed`, naming it, the allowed keys and the closest of them."""
+    for key in given:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"{where}: unknown key {key!r}; it takes {', '.join(allowed)}{hint}")
+
+
+def _check_metric(metric: Mapping) -> None:
+    """The metric's type, and exactly the keys that type reads (checked before any model runs)."""
+    kind = metric.get("type")
+    if kind not in METRICS:
+        raise InputError(f"spec.metric.type must be one of {METRICS}; got {kind!r}")
+    where = f"spec.metric (type {kind})"
+    check_keys(where, metric, ("type", *METRIC_KEYS[kind]))
+    missing = [k for k in METRIC_KEYS[kind] if k not in metric]
+    if missing:
+        raise InputError(f"{where} needs {' and '.join(missing)}; got keys {sorted(map(str, metric))}, e.g. "
+                         f"{_METRIC_EXAMPLES[kind]}")
+
+
+def _check_edit(e: Mapping) -> None:
+    """An edit's type, name and keys: only the keys its type reads, no two that exclude each other, and the
+    ones it cannot run without (checked before any model runs)."""
+    kind = e.get("type")
+    if kind not in EDIT_TYPES:
+        raise InputError(f"spec.edits: type must be one of {EDIT_TYPES}; got {kind!r} in {e}")
+    name = e.get("name")
+    if not isinstance(name, str) or not name:
+        raise InputError(f"spec.edits: an edit's name must be non-empty text; got {name!r} in {e}")
+    where = f"edit {name!r} (type {kind})"
+    check_keys(where, e, EDIT_COMMON_KEYS + EDIT_KEYS[kind])
+    pair = _EDIT_EXCLUSIVE.get(kind)
+    if pair and all(k in e for k in pair):
+        raise InputError(f"{where} takes {pair[0]} or {pair[1]}, not both; got both: drop one")
+    need = _EDIT_NEEDS.get(kind, ())
+    if need and not any(k in e for k in need):
+        raise InputError(f"{where} needs {' or '.join(need)}; got keys {sorted(map(str, e))}")
+
+
 def read_rows(spec: Mapping, base: Path) -> list[dict]:
     """Rows of a spec's ``prompts: [...]`` or ``dataset: {path, text_field, limit}`` (paths relative to
     ``base``); each row's ``text`` is its prompt and its other keys are the dataset's fields."""
+    if "prompts" in spec and "dataset" in spec:
+        raise InputError("spec: give prompts: [...] or dataset: {path: ...}, not both; got both")
     if "prompts" in spec:
         prompts = spec["prompts"]
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
@@ -113,10 +181,18 @@ def read_rows(spec: Mapping, base: Path) -> list[dict]:
                              "token (the metrics read its last token)")
         return [{"text": str(p)} for p in prompts]
     ds = spec.get("dataset")
+    if isinstance(ds, Mapping):
+        check_keys("spec.dataset", ds, DATASET_KEYS)
     if not isinstance(ds, Mapping) or "path" not in ds:
         raise InputError("spec needs prompts: [...] or dataset: {path: FILE, text_field: NAME}")
     path = (base / ds["path"]) if not Path(ds["path"]).is_absolute() else Path(ds["path"])
     text_field = ds.get("text_field", "prompt")
+    if not isinstance(text_field, str):
+        raise InputError(f"spec.dataset.text_field must be the name of a field; got {text_field!r}")
+    limit = ds.get("limit")
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise InputError(f"spec.dataset.limit must be a number of rows >= 1 (leave it out to read every row); "
+                         f"got {limit!r}")
     try:
         if path.suffix == ".jsonl":
             data = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -133,7 +209,7 @@ def read_rows(spec: Mapping, base: Path) -> list[dict]:
         raise DataError(f"dataset {path}: expected a list of rows (objects), got {type(data).__name__}")
     if not data or any(text_field not in r for r in data):
         raise DataError(f"dataset {path}: every row needs the text field {text_field!r} (set dataset.text_field)")
-    return [{**r, "text": str(r[text_field])} for r in data[: ds.get("limit") or None]]
+    return [{**r, "text": str(r[text_field])} for r in data[:limit]]
 
 
 def load_spec(path: str | os.PathLike, **overrides) -> RunSpec:
@@ -161,17 +237,32 @@ def load_spec(path: str | os.PathLike, **overrides) -> RunSpec:
     return spec_from_dict(raw, base=path.parent, **overrides)
 
 
+def _edit_name(e: Mapping, i: int):
+    """An edit's name as text (a YAML ``name: 1`` is the name ``"1"``); other kinds are left for the check."""
+    name = e.get("name", e.get("type", f"edit{i}"))
+    return str(name) if isinstance(name, (int, float)) and not isinstance(name, bool) else name
+
+
 def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> RunSpec:
-    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    """A :class:`RunSpec` from a parsed spec; ``overrides`` (not None) replace its keys. Paths in the spec
+    (``subspace``, ``out``, ``dataset.path``) are relative to ``base``; overrides are taken as given."""
     base = Path(base)
-    known = {"model", "site", "edit", "edits", "metric", "prompts", "dataset", "positions", "subspace", "out",
-             "batch_size", "device"}
-    extra = set(raw) - known
+    raw = dict(raw)
+    if isinstance(raw.get("out"), (str, os.PathLike)) and not Path(raw["out"]).is_absolute():
+        raw["out"] = str(base / raw["out"])
+    raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
+    known = ["model", "site", "edit", "edits", "metric", "prompts", "dataset", "positions", "subspace", "out",
+             "batch_size", "device"]
+    extra = sorted(map(str, set(raw) - set(known)))
     if extra:
-        raise InputError(f"spec: unknown keys {sorted(extra)}; known keys: {sorted(known)}")
+        close = difflib.get_close_matches(extra[0], known, n=1)
+        hint = f"; did you mean {close[0]!r} for {extra[0]!r}?" if close else ""
+        raise InputError(f"spec: unknown keys {extra}; known keys: {sorted(known)}{hint}")
     for key in ("model", "site", "metric"):
         if key not in raw:
             raise InputError(f"spec: missing required key {key!r}")
+    if "edit" in raw and "edits" in raw:
+        raise InputError("spec: give edit: {...} (one edit) or edits: [...] (a list of edits), not both; got both")
     edits = raw.get("edits") or ([raw["edit"]] if "edit" in raw else [])
     if isinstance(edits, Mapping):
         edits = [edits]
@@ -183,16 +274,19 @@ def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> RunS
                              "project_out}")
     if not isinstance(raw["metric"], Mapping):
         raise InputError(f"spec.metric is {raw['metric']!r}; give a mapping such as {{type: top_token}}")
-    edits = tuple({"name": str(e.get("name", e.get("type", f"edit{i}"))), **e} for i, e in enumerate(edits))
+    edits = tuple({**e, "name": _edit_name(e, i)} for i, e in enumerate(edits))
     batch_size = raw.get("batch_size", 16)
     if not isinstance(batch_size, int) or isinstance(batch_size, bool):
         raise InputError(f"spec.batch_size must be a positive integer; got {batch_size!r}")
     sub = raw.get("subspace")
     if sub is not None and not Path(sub).is_absolute():
         sub = str(base / sub)
+    out = raw.get("out")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise InputError(f"spec.out must be a folder path; got {out!r}")
     return RunSpec(model=str(raw["model"]), site=str(raw["site"]), edits=edits, metric=dict(raw["metric"]),
                    rows=tuple(read_rows(raw, base)), positions=raw.get("positions", "last"), subspace=sub,
-                   out=str(raw.get("out", "intervene_out")), batch_size=batch_size,
+                   out=str(out if out is not None else "intervene_out"), batch_size=batch_size,
                    device=raw.get("device"))
 
 
@@ -238,7 +332,7 @@ def _build_edit(e: dict, sub: Subspace | None, rows: list[dict], *, model=None, 
         return ZeroAblate(_need_sub(sub, kind))
     if kind == "mean_ablate":
         s = _need_sub(sub, kind)
-        return MeanAblate(s, torch.tensor(p.get("coords", [0.0] * s.rank)))
+        return MeanAblate(s, torch.tensor(p["coords"]))
     if kind == "steer":
         if "vector" in p:
             return Steer(torch.tensor(p["vector"]), float(p.get("alpha", 1.0)))
@@ -386,7 +480,12 @@ def summarize(table: list[dict], spec: RunSpec) -> dict:
 
 
 def write_result(result: RunResult, out: str | os.PathLike) -> Path:
-    """Write ``results.csv`` and ``summary.json`` atomically into `out`.
+    """Write ``results.csv`` and ``summary.json`` atomically into `out`, holding the folder's lock.
+
+    Both files are written to temporary files first; then the old ``summary.json`` is removed,
+    ``results.csv`` renamed into place and ``summary.json`` last. A write that fails part way leaves the
+    previous run's pair, or a ``results.csv`` without a ``summary.json`` (no complete run), never one run's
+    table beside another run's summary. Temporary files left by a killed run are removed first.
 
     ``results.csv``: one row per prompt and edit (``none`` included): ``row``, ``prompt``, ``edit`` and
     the metric's columns (``top_token`` + ``changed``, ``prob``, ``logit_diff`` or ``kl``).
@@ -401,7 +500,13 @@ def write_result(result: RunResult, out: str | os.PathLike) -> Path:
         w.writeheader()
         w.writerows(result.table)
 
-    with atomic_path(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
-        write_csv(f)
-    write_json(out / "summary.json", result.summary, indent=2)
+    with folder_lock(out, ".interp-lock", f"the intervention output folder {out}"):
+        for name in ("results.csv", "summary.json"):
+            remove_temps(out, name)
+        # summary.json's context is entered first, so it exits last: results.csv is in place before it
+        with atomic_path(out / "summary.json") as summary_tmp, atomic_path(out / "results.csv") as csv_tmp:
+            with open(csv_tmp, "w", newline="") as f:
+                write_csv(f)
+            summary_tmp.write_text(json.dumps(result.summary, indent=2), encoding="utf-8")
+            (out / "summary.json").unlink(missing_ok=True)  # never beside the new results.csv
     return out

@@ -49,7 +49,7 @@ from interp.patching.metrics import as_metric, fill_fields
 from interp.patching.result import PatchingResult, agreement
 from interp.patching.sweep import activation_patching, attribution_patching
 from interp.positions import as_positions
-from interp.runner import read_rows
+from interp.runner import check_keys, read_rows
 
 _KEYS = {"model", "clean", "corrupted", "pairs", "dataset", "metric", "sites", "layers", "positions",
          "source_positions", "method", "direction", "subspace", "neurons", "per_neuron", "batch_size", "device", "out"}
@@ -139,6 +139,7 @@ def _pairs(raw: Mapping, base: Path) -> list[dict]:
     ds = raw["dataset"]
     if not isinstance(ds, Mapping) or "path" not in ds:
         raise InputError("spec.dataset must be {path: FILE, clean_field: NAME, corrupted_field: NAME, limit: N}")
+    check_keys("spec.dataset", ds, ("path", "clean_field", "corrupted_field", "limit"))
     cf, bf = ds.get("clean_field", "clean"), ds.get("corrupted_field", "corrupted")
     rows = read_rows({"dataset": {"path": ds["path"], "text_field": cf, "limit": ds.get("limit")}}, base)
     missing = [i for i, r in enumerate(rows) if bf not in r]
@@ -156,9 +157,7 @@ def spec_from_dict(raw: Mapping, *, base: Path | str = ".", **overrides) -> Patc
     raw = {**raw, **{k: str(base / raw[k]) for k in ("subspace", "out")
                      if isinstance(raw.get(k), str) and not Path(raw[k]).is_absolute()}}
     raw = {**raw, **{k: v for k, v in overrides.items() if v is not None}}
-    extra = set(raw) - _KEYS
-    if extra:
-        raise InputError(f"spec: unknown keys {sorted(extra)}; known keys: {sorted(_KEYS)}")
+    check_keys("spec", raw, sorted(_KEYS))
     for key in ("model", "metric"):
         if key not in raw:
             raise InputError(f"spec: missing required key {key!r}")

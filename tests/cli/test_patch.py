@@ -70,7 +70,7 @@ def test_patch_pairs_from_a_dataset_fill_fields_per_pair(tiny_dir, tmp_path):
     ({"metric": {"type": "logit_diff", "target": "M"}}, "takes keys"),
     ({"corrupted": "on Friday, again on"}, "source_positions"),
     ({"method": "fast"}, "method must be"),
-    ({"sits": ["resid_post"]}, "unknown keys"),
+    ({"sits": ["resid_post"]}, "unknown key 'sits'"),
     ({"positions": {"tokn": "M"}}, "spec.positions"),
 ])
 def test_patch_user_errors_are_one_line(tiny_dir, tmp_path, capsys, change, message):
@@ -79,3 +79,13 @@ def test_patch_user_errors_are_one_line(tiny_dir, tmp_path, capsys, change, mess
     err = capsys.readouterr().err
     assert one_error_line(err) and message in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_misspelled_dataset_key_of_a_patch_spec_is_refused(tiny_dir, tmp_path, capsys):
+    """clean_feild read the default column 'clean' without a word."""
+    (tmp_path / "p.jsonl").write_text('{"clean": "on Mon, again on", "corrupted": "on Fri, again on", "c": "x"}\n')
+    raw = {k: v for k, v in _spec(tiny_dir, out=str(tmp_path / "o")).items() if k not in ("clean", "corrupted")}
+    spec = _write(tmp_path / "spec.json", {**raw, "dataset": {"path": "p.jsonl", "clean_feild": "c"}})
+    assert main(["patch", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert one_error_line(err) and "spec.dataset: unknown key 'clean_feild'" in err and "'clean_field'" in err
