@@ -76,11 +76,40 @@ def summary(site: str, ckpt: Checkpoint) -> dict[str, Any]:
     row["absorption_fraction"] = absorption.get("absorption_fraction")
     row["eval_tokens"] = metrics.get("n_rows")
     row["eval_predicted_tokens"] = metrics.get("n_predicted_tokens")
+    evaluation = metrics.get("evaluation")
+    row["evaluated_on"] = evaluated_on(evaluation, ckpt.metadata) if isinstance(evaluation, dict) else None
     if isinstance(metrics.get("dead_fraction"), (int, float)):
         row["dead_fraction"] = metrics["dead_fraction"]
     elif ckpt.sparsity is not None:
         row["dead_fraction"] = float((ckpt.sparsity <= 0).float().mean())
     return row
+
+
+def evaluated_on(evaluation: dict[str, Any], metadata: dict[str, Any]) -> str:
+    """One line saying what an evaluation's metrics were measured on (``training["metrics"]["evaluation"]``, which
+    ``interp sae eval`` records): the cache or dataset, rows, seed, the downstream loss's windows, and the site or
+    model where they are not the SAE's own."""
+    rows = evaluation.get("rows")
+    seed = evaluation.get("seed")
+    counted = ", ".join(x for x in (f"{_fmt(rows)} rows" if rows is not None else "",
+                                    f"seed {seed}" if seed is not None else "") if x)
+    if evaluation.get("cache"):
+        of = evaluation.get("dataset")
+        text = f"activation cache `{evaluation['cache']}`" + (f" of dataset `{of}`" if of else "")
+    else:
+        text = f"live activations of dataset `{evaluation.get('dataset')}`"
+    text += f" ({counted})" if counted else ""
+    if evaluation.get("windows"):
+        text += (f"; downstream loss on {evaluation['windows']} windows of {evaluation.get('windows_context_size')} "
+                 f"tokens of `{evaluation.get('windows_dataset')}`")
+    else:
+        text += "; no downstream loss"
+    site, model = evaluation.get("site"), evaluation.get("model")
+    if site and site != metadata.get("hook_name"):
+        text += f"; at site `{site}`, not the SAE's `{metadata.get('hook_name')}`"
+    if model and model != metadata.get("model_name"):
+        text += f"; model `{model}`"
+    return text
 
 
 def front_matter(rows: list[dict[str, Any]], base: str | None, saelens_ok: bool) -> dict[str, Any]:
@@ -139,6 +168,10 @@ def render_card(checkpoints: dict[str, Checkpoint], repo_id: str, *, plot: str |
                   "probe recognises where the letter's main latents stay silent and another latent aligned with "
                   "the probe carries the letter; fraction: the share of the probe projection carried by such "
                   "latents. Means over the letters evaluated; lower is better.", ""]
+    if any(r.get("evaluated_on") for r in rows):
+        lines += ["Evaluation data (each SAE's metrics come from one evaluation, measured on):", ""]
+        lines += [f"- `{r['site']}`: {r.get('evaluated_on') or 'not recorded'}" for r in rows]
+        lines += [""]
     if plot:
         lines += ["## Latent density", "", f"![Latent density]({plot})", "",
                   "Histogram of log10 firing frequency of each latent (fraction of tokens where it is nonzero).", ""]

@@ -16,7 +16,6 @@ Loads are strict and never unpickle: see :func:`read`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from torch import Tensor
 
 from interp.atomic import save_file
 from interp.folders import remove_temps, temp_name
+from interp.provenance import file_sha256
 from saes import peers
 from saes.base import REGISTRY, SAE, SAEError
 from saes.locate import (
@@ -145,7 +145,7 @@ def save(
         if sparsity_state is not None:
             save_file(sparsity_state, str(tmp / SPARSITY_FILENAME), metadata={"format": "pt"})
         cfg_json[PROJECT_KEY]["files"] = {
-            p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())
+            p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())
         }
         _write_json(tmp / CFG_FILENAME, cfg_json)
         _swap_in(tmp, folder)
@@ -226,14 +226,6 @@ def _write_json(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2, allow_nan=False)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------- load
@@ -347,7 +339,7 @@ def _verify_files(folder: Path, files: Any, where: str) -> None:
         path = folder / str(name)
         if not isinstance(info, dict) or name not in CHECKPOINT_FILES[1:] or not path.is_file():
             raise CheckpointError(f"{path}: listed in {where} but missing or not a checkpoint file")
-        if path.stat().st_size != info.get("bytes") or _sha256(path) != info.get("sha256"):
+        if path.stat().st_size != info.get("bytes") or file_sha256(path) != info.get("sha256"):
             raise CheckpointError(f"{path}: size or SHA-256 differs from {where}; the file is truncated, "
                                   "corrupt or from another save")
 
@@ -392,7 +384,6 @@ def _read_sparsity(folder: Path, d_sae: int) -> Tensor | None:
     return (10.0 ** log - SPARSITY_EPS).clamp(0.0, 1.0)
 
 
-
 def annotate(
     folder: str | os.PathLike,
     *,
@@ -404,7 +395,10 @@ def annotate(
     """Add evaluation results to a saved SAE (e.g. before :func:`saes.publish.publish`).
 
     ``metrics`` (e.g. the report of :func:`saes.evaluate.evaluate`: ``l0_mean``,
-    ``explained_variance``, ``ce_loss_recovered`` ...) merge into ``training["metrics"]``; its
+    ``explained_variance``, ``ce_loss_recovered`` ...) replace ``training["metrics"]`` as a whole: the
+    metrics of one evaluation are never mixed with another's (an evaluation that skipped the downstream
+    loss leaves no ``ce_loss_recovered`` behind from an earlier one). ``interp sae eval`` puts what they
+    were measured on under ``metrics["evaluation"]`` (cache or dataset, seed, rows, site, model). Its
     ``latent_density`` tensor (``feature_density`` in older reports), if any, becomes the sparsity
     unless ``sparsity`` is given.
     ``metadata`` and ``training`` merge into theirs; ``sparsity`` (firing frequencies) replaces the
@@ -420,8 +414,7 @@ def annotate(
                               f"written by {ckpt.source} (load it and save() it here first)")
     new_training = {**ckpt.training, **(training or {})}
     if metrics:
-        old = ckpt.training.get("metrics")
-        new_training["metrics"] = {**(old if isinstance(old, dict) else {}), **metrics}
+        new_training["metrics"] = metrics
     new_meta = {k: v for k, v in {**ckpt.metadata, **(metadata or {})}.items() if k != "sae_lens_version"}
     return save(ckpt.sae, Path(folder), metadata=new_meta, training=new_training,
                 sparsity=sparsity if sparsity is not None else ckpt.sparsity)

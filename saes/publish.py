@@ -1,8 +1,8 @@
 """Publish a folder of SAEs (one subfolder per site) to the Hugging Face Hub.
 
 ``publish(folder, repo_id)`` validates every SAE first (it loads strictly; its metadata names
-the model and site; its training summary holds the token count and the evaluation metrics; its
-sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
+the model and site, and every SAE reads the same model; its training summary holds the token count and the
+evaluation metrics; its sparsity is saved), writes the model card ``README.md`` and ``latent_density.png`` into the
 folder, and only then uploads the checkpoint files, the card and the plot (and the feature dashboards
 that ``interp dashboard sae ... --out FOLDER/dashboard`` wrote there, linked from the card): the
 upload is the one ``huggingface_hub`` call at the end of :func:`publish`. ``interp sae publish`` runs it.
@@ -18,7 +18,7 @@ from typing import Any
 from interp.atomic import write_text
 from interp.errors import InterpError
 from saes.base import SAEError
-from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card
+from saes.card import CARD_METRICS, DENSITY_PLOT, base_model, is_finite_number, plot_latent_density, render_card
 from saes.checkpoint import Checkpoint, read
 from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
 
@@ -60,11 +60,24 @@ def validate(folder: str | os.PathLike) -> dict[str, Checkpoint]:
             continue
         found[site] = ckpt
         problems += [f"{where}: {p}" for p in _missing(ckpt)]
+    parts = []
     if problems:
-        raise PublishError("not ready to publish: " + "; ".join(problems) + ". Add what is missing (evaluate "
-                           "with 'interp sae eval', or saes.checkpoint.annotate(folder, metrics={...}, "
-                           "sparsity=..., metadata={...})), then publish again.")
+        parts.append("; ".join(problems) + ". Add what is missing (evaluate with 'interp sae eval', or "
+                     "saes.checkpoint.annotate(folder, metrics={...}, sparsity=..., metadata={...})), then publish "
+                     "again.")
+    models = {site: ck.metadata.get("model_name") for site, ck in found.items() if ck.metadata.get("model_name")}
+    if len({model_key(m) for m in models.values()}) > 1:
+        named = ", ".join(f"{site or '.'}: {m!r}" for site, m in models.items())
+        parts.append(f"{folder}: the SAEs read different models ({named}), and a repository's card names one base "
+                     "model; publish the SAEs of each model from a folder of their own.")
+    if parts:
+        raise PublishError("not ready to publish: " + " ".join(parts))
     return found
+
+
+def model_key(name: Any) -> Any:
+    """What two ``model_name`` values share when they name one model: the Hub id of a known alias, else the name."""
+    return base_model({"model_name": name}) or name
 
 
 def _missing(ckpt: Checkpoint) -> list[str]:

@@ -49,6 +49,10 @@ NOT_RESULT = ("progress", "log_every", "wandb_project", "checkpoint_every", "kee
 INIT_ONLY = ("enc_init_scale",)
 """SAE config fields that only set the initial weights, which a resume replaces by the checkpoint's: not
 compared (a checkpoint written before such a field existed resumes under the new default)."""
+FIXED_CONFIG = ("config.batch_tokens",)
+"""Settings a resume never accepts changed: the trainer counts steps in batches (``total_tokens // batch_tokens``
+from step 0, the learning-rate schedule included), so a resume with another batch size would train past
+``total_tokens`` or stop short of it."""
 CONFIG_INIT_ONLY = ("b_dec_init",)
 """TrainConfig fields that only set the initial weights (read on the first batch of a fresh run): not compared,
 so a run started under an earlier default resumes under the new one."""
@@ -83,23 +87,45 @@ def start(root: Path | None, *, resume: bool, overwrite: bool,
           is_main: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
     """The checkpoint a run starts from (None: step 0), after checking the folder is the run's own.
 
-    Without `resume`, checkpoints already under `root` are from an earlier run: refused, or deleted
-    with `overwrite` (by the main process). With `resume` and no checkpoint, a warning."""
+    Without `resume`, checkpoints already under `root` and the SAE folders and history an earlier run exported
+    beside it (:func:`saes.run_folder.earlier_outputs` of ``root.parent``) are from an earlier run: refused, or
+    deleted with `overwrite` (by the main process), so that the folder never holds the SAEs of two runs. With
+    `resume` and no checkpoint, a warning; an earlier run's output is then refused too (no checkpoint resumes it),
+    or deleted with `overwrite`."""
     if root is None:
         return None
     if not resume:
-        if holds_checkpoints(root):
+        from saes.run_folder import earlier_outputs, remove_outputs  # it imports this module
+
+        earlier = earlier_outputs(root.parent)
+        if holds_checkpoints(root) or earlier:
             if not overwrite:
-                raise SAEError(f"{root} holds resume checkpoints of an earlier run (steps {found(root)[-3:]}); "
-                               "continue it with resume=True (--resume), discard them with overwrite=True "
+                what = (f"{root} holds resume checkpoints of an earlier run (steps {found(root)[-3:]})"
+                        if holds_checkpoints(root) else f"{root.parent} holds the output of an earlier run "
+                        f"({_names(earlier)})")
+                raise SAEError(f"{what}; continue it with resume=True (--resume), discard them with overwrite=True "
                                "(--overwrite), or write to another output folder")
             if is_main:
                 clear(root)
+                remove_outputs(earlier)
         return None
     loaded = read_latest(root)
     if loaded is None:
+        from saes.run_folder import earlier_outputs, remove_outputs
+
+        earlier = earlier_outputs(root.parent)
+        if earlier and not overwrite:
+            raise SAEError(f"{root.parent} holds the output of an earlier run ({_names(earlier)}) but no resume "
+                           f"checkpoint under {root} to continue it from; discard it with overwrite=True "
+                           "(--overwrite), or write to another output folder")
+        if is_main:
+            remove_outputs(earlier)
         warnings.warn(f"no resume checkpoint under {root}: starting from step 0", stacklevel=4)
     return loaded
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(p.name for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
 
 
 def write(root: str | Path, step: int, tensors: dict[str, Tensor], meta: dict[str, Any], keep: int = 2) -> Path:
@@ -213,7 +239,8 @@ def default_rate_changes(sites: dict[str, Any], meta_sites: dict[str, Any]) -> d
 def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bool,
                    default_rates: dict[str, list] | None = None) -> dict[str, list]:
     """The differences between a checkpoint's settings and `new` (:func:`settings`); raises
-    :class:`SAEError` listing them unless `accept_changes` (never for an SAE of another shape).
+    :class:`SAEError` listing them unless `accept_changes` (never for an SAE of another shape, nor for another
+    batch size: :data:`FIXED_CONFIG`).
     ``default_rates`` (:func:`default_rate_changes`) count as differences where neither run set ``lr``: a default
     rate that changed would otherwise change the run silently."""
     sites = meta["sites"]
@@ -230,10 +257,18 @@ def check_settings(meta: dict[str, Any], new: dict[str, Any], accept_changes: bo
         diff.update(default_rates)
     shapes = [k for k in diff if k.startswith("sites.") and k.rsplit(".", 1)[-1] in ("architecture", "d_model",
                                                                                       "d_sae")]
-    if diff and (not accept_changes or shapes):
-        hint = ("these cannot be accepted: the weights differ in shape" if shapes else
-                "resume with the same settings, accept them with accept_changes=True (--accept-changes; recorded "
-                "in the history), or start afresh in another output folder")
+    batch = [k for k in diff if k in FIXED_CONFIG]
+    if diff and (not accept_changes or shapes or batch):
+        if shapes:
+            hint = "these cannot be accepted: the weights differ in shape"
+        else:
+            hint = ("resume with the same settings, accept them with accept_changes=True (--accept-changes; "
+                    "recorded in the history), or start afresh in another output folder")
+            if batch:
+                fixed = (f"{batch[0]} cannot be accepted: a run counts its steps in batches of the first run's "
+                         "size, so with another the steps left would not train total_tokens; resume with "
+                         f"batch_tokens={diff[batch[0]][0]} (--batch-tokens), or start afresh in another output folder")
+                hint = f"{hint}; but {fixed}" if not accept_changes else fixed
         raise SAEError(f"the resume checkpoint (step {meta['step']}) was made with other settings: "
                        f"{describe_differences(diff)}; {hint}")
     return diff

@@ -6,7 +6,9 @@
   left removed;
 * resume checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`; the format is :mod:`saes.resume`'s), which
   carry the settings that change the result (:func:`settings`) so that a resume with other settings is refused;
-* the trained SAEs, one folder each (:func:`folder_name`), and ``train_history.json`` (:func:`export`).
+* the trained SAEs, one folder each (:func:`folder_name`), and ``train_history.json`` (:func:`export`); a new run
+  (not a resume) in a folder holding an earlier run's (:func:`earlier_outputs`) is refused, or, with ``overwrite``,
+  starts by deleting them with the earlier run's checkpoints, so a folder never holds SAEs of two runs.
 """
 
 from __future__ import annotations
@@ -36,6 +38,56 @@ LOCK_NAME = ".interp-lock"
 def folder_name(name: str) -> str:
     """The folder under ``out_dir`` that holds the SAE named ``name``."""
     return name.replace("/", "_") or "sae"
+
+
+HISTORY_NAME = "train_history.json"
+EXPORT_KEYS = ("steps", "input_scale_folded", "final_metrics")
+"""Keys :func:`export` writes into every SAE's training summary: a folder whose ``cfg.json`` holds them is a
+training run's output (what :func:`earlier_outputs` finds)."""
+
+
+def earlier_outputs(out_dir: Path) -> list[Path]:
+    """What an earlier run exported to ``out_dir``: its ``train_history.json`` and every SAE folder that
+    :func:`export` wrote (a subfolder holding only checkpoint files, whose ``cfg.json`` is this project's with the
+    training summary of a run). Anything else in the folder is not a run's output and is never listed."""
+    import json
+
+    from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME
+
+    if not out_dir.is_dir():
+        return []
+    found = []
+    for p in sorted(out_dir.iterdir()):
+        if p.is_symlink() or not p.is_dir() or not (p / CFG_FILENAME).is_file():
+            continue
+        try:  # another process of the run may be deleting it
+            if any(c.name not in (CFG_FILENAME, WEIGHTS_FILENAME, SPARSITY_FILENAME) for c in p.iterdir()):
+                continue
+            training = json.loads((p / CFG_FILENAME).read_text(encoding="utf-8"))["interp"]["training"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(training, dict) and all(k in training for k in EXPORT_KEYS):
+            found.append(p)
+    history = out_dir / HISTORY_NAME
+    return found + ([history] if history.is_file() and not history.is_symlink() else [])
+
+
+def remove_outputs(paths: list[Path]) -> None:
+    """Delete what :func:`earlier_outputs` listed; each folder is renamed to a temporary name first, so a run
+    killed while deleting leaves no partial SAE folder (the next start removes the temporary one)."""
+    import shutil
+    import tempfile
+
+    from interp.folders import temp_name
+
+    for p in paths:
+        if p.is_dir():
+            tmp = Path(tempfile.mkdtemp(dir=p.parent, prefix=temp_name(p.name)))
+            tmp.rmdir()
+            p.replace(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def check_folders(saes: dict[str, SAE]) -> None:
@@ -127,4 +179,4 @@ def export(tr: Trainer) -> None:
              training={"n_tokens": tr.tokens_, "steps": tr.steps_, **({"data": data} if data else {}),
                        "input_scale_folded": tr.scales_[name], "config": jsonable(tr.cfg),
                        "final_metrics": tr.final_metrics(name)})
-    write_json(tr.out_dir / "train_history.json", tr.history_)
+    write_json(tr.out_dir / HISTORY_NAME, tr.history_)

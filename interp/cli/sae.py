@@ -103,7 +103,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--cache", help="activation cache to evaluate on (omit: live activations from the model)")
     e.add_argument("--dataset", help="text for live activations and for the downstream loss (default: the "
                    "dataset the checkpoint records, else the offline corpus)")
-    e.add_argument("--tokens", type=int, default=200_000, help="rows for the reconstruction metrics (default: 200000)")
+    e.add_argument("--tokens", type=int, default=200_000, help="rows for the reconstruction metrics, exactly (from "
+                   "a cache holding fewer: all of its rows, with a warning) (default: 200000)")
     e.add_argument("--windows", type=int, default=64, help="token windows for the downstream loss, 0 to skip "
                    "(default: 64)")
     e.add_argument("--context-size", type=int, help="tokens per window (default: what the checkpoint records, "
@@ -190,7 +191,7 @@ def run_train(args: argparse.Namespace) -> int:
         data, resume=run.resume, overwrite=run.overwrite, accept_changes=run.accept_changes)
     from saes.run_folder import folder_name
 
-    print(json.dumps({"steps": tr.steps_, "tokens": tr.steps_ * cfg.batch_tokens,
+    print(json.dumps({"steps": tr.steps_, "tokens": tr.tokens_,
                       "final": tr.history_[-1] if tr.history_ else None,
                       "saved": [str(out / folder_name(n)) for n in models]}, indent=1))
     return 0
@@ -250,12 +251,16 @@ def _train_data(run: TrainRun, got: dict[str, Any], device) -> tuple[Any, dict[s
 
 
 # ------------------------------------------------------------------------------------------ eval
+EVAL_BATCH = 4096
+"""Most rows per evaluation batch (``--tokens`` is split into equal batches of at most this many)."""
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    from interp.data import sample_windows
+    from interp.data import DEFAULT, sample_windows
     from interp.models import load_model
     from saes.base import SAEError
     from saes.checkpoint import annotate
-    from saes.evaluate import evaluate
+    from saes.evaluate import evaluate, save_report
 
     ck = read_one(args.sae, args.site)
     meta, training = ck.metadata or {}, ck.training or {}
@@ -265,33 +270,65 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out is None and ck.source != "interp":
         raise SAEError(f"{args.sae} was written by {ck.source}, so its metrics cannot be recorded in it; pass "
                        "--out DIR to write them there")
+    if args.tokens < 1:
+        raise SAEError(f"--tokens {args.tokens}: expected the number of activation rows to evaluate (>= 1), "
+                       "e.g. --tokens 200000")
+    model_name = args.model or meta.get("model_name") or EMBEDDED
+    if args.out is None:
+        _check_recorded_place(args, meta, ck.path)
     if args.out is not None and (Path(args.out) / "eval.json").exists() and not args.overwrite:
         raise SAEError(f"{args.out} already holds eval.json from an earlier evaluation; pass --overwrite to replace "
                        "it, or another --out")
     device = resolve_device(args.device)
     sae = ck.sae.to(device)
-    model_name = args.model or meta.get("model_name") or EMBEDDED
     dataset = args.dataset or meta.get("dataset_path")
     context = args.context_size or meta.get("context_size") or DEFAULT_CONTEXT_SIZE
     bos = bool(meta.get("prepend_bos", False))  # the windows the SAE was trained on began with BOS, or did not
     model, tok = load_model(model_name, device=device)
-    bt = min(4096, args.tokens)
+    rows = args.tokens
+    evaluated_on: dict[str, Any] = {"site": site, "model": model_name, "seed": args.eval_seed,
+                                    "tokens_requested": args.tokens}
     if args.cache:
         from interp.cache import CachedActivations
 
-        data = CachedActivations(args.cache, batch_tokens=bt, seed=args.eval_seed, sites=[site], device=device)
-        _warn_in_sample(args.cache, training.get("data") or {}, args.tokens)
+        held = CachedActivations(args.cache, batch_tokens=1, sites=[site]).n_tokens
+        if held < rows:
+            warnings.warn(f"--tokens {rows} but the cache {args.cache} holds {held} rows: evaluating on all {held}; "
+                          f"capture more rows ('interp capture ... --tokens {rows}') or ask for fewer", stacklevel=1)
+            rows = held
+    n_batches = -(-rows // EVAL_BATCH)
+    bt = -(-rows // n_batches)  # equal batches; first_rows cuts the last one to `rows` in all
+    if args.cache:
+        # two epochs, so that the last batch is served whole; only the first `rows` rows, all of them of the first
+        # epoch, are read
+        data = CachedActivations(args.cache, batch_tokens=bt, seed=args.eval_seed, sites=[site], device=device,
+                                 epochs=2)
+        _warn_in_sample(args.cache, training.get("data") or {}, rows)
+        # the folder's name, not its path: the record goes into the checkpoint and the published card
+        evaluated_on.update(cache=Path(args.cache).resolve().name, cache_model=data.header.get("model"),
+                            dataset=data.header.get("dataset"))
     else:
         from interp.store import ActivationStore
 
         data = ActivationStore(model, tok, [site], dataset=dataset, context_size=context, batch_tokens=bt,
-                               buffer_tokens=min(16 * bt, max(bt, args.tokens)), seed=args.eval_seed, device=device,
+                               buffer_tokens=min(16 * bt, max(bt, rows)), seed=args.eval_seed, device=device,
                                prepend_bos=bos)
+        evaluated_on.update(cache=None, dataset=dataset or DEFAULT, context_size=context)
     windows = mask = None
     if args.windows:
         windows, mask = sample_windows(tok, args.windows, context, dataset, seed=args.eval_seed, prepend_bos=bos)
-    report = evaluate(sae, data, site=site, n_batches=max(1, args.tokens // bt),
-                      model=model if args.windows else None, windows=windows, splice_mask=mask, out_dir=args.out)
+        evaluated_on.update(windows=int(windows.shape[0]), windows_dataset=dataset or DEFAULT,
+                            windows_context_size=context)
+    report = evaluate(sae, first_rows(data, site, rows), site=site, n_batches=n_batches,
+                      model=model if args.windows else None, windows=windows, splice_mask=mask)
+    if report["n_rows"] < args.tokens and not args.cache:
+        warnings.warn(f"--tokens {args.tokens} but the dataset {dataset or DEFAULT} gave {report['n_rows']} rows at "
+                      f"{site}: the metrics are over those {report['n_rows']}; give a larger --dataset or fewer "
+                      "--tokens", stacklevel=1)
+    evaluated_on["rows"] = report["n_rows"]
+    report["evaluation"] = evaluated_on
+    if args.out is not None:
+        save_report(report, args.out)
     if args.absorption:
         report["absorption"] = _absorption(ck, model, tok, site, args)
         if args.out is not None:
@@ -299,13 +336,51 @@ def run_eval(args: argparse.Namespace) -> int:
 
             write_json(Path(args.out) / "absorption.json", report["absorption"])
     if args.out is None:
-        annotate(ck.path, metrics=report)
+        annotate(ck.path, metrics=report)  # replaces the metrics of any earlier evaluation as a whole
     shown = {k: v for k, v in report.items() if not hasattr(v, "shape") and k not in ("l0_histogram", "absorption")}
     if args.absorption:
         shown["absorption"] = {k: v for k, v in report["absorption"].items() if k not in ("letters", "config")}
     print(json.dumps(shown, indent=1))
     print(f"metrics recorded in {ck.path / 'cfg.json'}" if args.out is None else f"wrote {args.out}")
     return 0
+
+
+def first_rows(batches, site: str, n: int):
+    """The first `n` rows of `batches` (``{site: tensor}`` each), the last batch cut short where it holds more."""
+    left = n
+    for b in batches:
+        x = b[site]
+        yield {site: x[:left]}
+        left -= min(left, x.shape[0])
+        if not left:
+            return
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names recorded or given name the same model: the same text, two aliases of the
+    embedded model, or two paths to the same local folder."""
+    from saes.card import BASE_MODELS
+
+    if a == b or (a.lower() in BASE_MODELS and b.lower() in BASE_MODELS):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _check_recorded_place(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> None:
+    """Refuse an evaluation at another site or of another model than the checkpoint records, when its metrics
+    would be written into that checkpoint (they would be read as the SAE's own)."""
+    from saes.base import SAEError
+
+    hook, recorded = meta.get("hook_name"), meta.get("model_name")
+    if args.site and hook and args.site != hook:
+        raise SAEError(f"--site {args.site}: this SAE reads {hook} (the hook_name in {path / 'cfg.json'}), so "
+                       f"metrics measured at {args.site} cannot be recorded in it; drop --site, or pass --out DIR "
+                       "to write them there (the site is recorded with them)")
+    if args.model and recorded and not same_model(args.model, str(recorded)):
+        raise SAEError(f"--model {args.model}: this SAE was trained on {recorded} (the model_name in "
+                       f"{path / 'cfg.json'}), so metrics measured on {args.model} cannot be recorded in it; drop "
+                       "--model, or pass --out DIR to write them there (the model is recorded with them)")
 
 
 def _absorption(ck, model, tok, site: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -319,7 +394,7 @@ def _absorption(ck, model, tok, site: str, args: argparse.Namespace) -> dict[str
 
 
 def _warn_in_sample(cache: str, trained: dict[str, Any], rows: int) -> None:
-    """Warn when the evaluation cache is the one the SAE trained on."""
+    """Warn when the evaluation cache is the one the SAE trained on (`rows`: the rows the evaluation reads)."""
     if trained.get("cache") and Path(trained["cache"]) == Path(cache).resolve():
         seen = min(int(trained.get("tokens_trained", 0)), int(trained.get("rows", 0)))
         warnings.warn(f"evaluating on {cache}, the cache this SAE trained on ({seen} of its {trained.get('rows')} rows "
