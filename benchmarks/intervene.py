@@ -49,8 +49,7 @@ def make_methods(model, site_layer: int, basis: torch.Tensor):
     methods["interp"] = interp_ctx
     handle = intervene(model, {site: ZeroAblate(sub)})
 
-    def interp_handle(ids):  # hooks attached once, kept across calls
-        handle.attach()
+    def interp_handle(ids):  # hooks attached before the timed call (see `time_shape`), not in it
         return model(ids).logits
 
     methods["interp (attached handle)"] = interp_handle
@@ -118,21 +117,47 @@ def micro(model, layer: int, basis: torch.Tensor, batch: int, seq: int, reps: in
             "attach_and_remove_s": best(lambda: (iv.attach(), iv.remove())), "reps": reps}
 
 
-def time_shape(methods, ids, rounds: int, sync) -> dict:
-    """Interleaved rounds over every method for one input shape; per-method medians and ratios."""
+def _hooks(model) -> int:
+    """Forward hooks and pre-hooks on the model's modules (0 between calls: no method's edit left behind)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def time_shape(methods, ids, rounds: int, sync, model, handle) -> dict:
+    """Interleaved rounds over every method for one input shape; per-method medians and ratios.
+
+    ``handle`` (the attached-handle method's intervention) is attached just before that method's timed call and
+    removed just after, outside the timing: left attached, it edited the bare model's (and the peers') forward
+    in the rounds that came after it. Every call starts from a model with no hooks, checked."""
+
+    def call(n):
+        if n == "interp (attached handle)":
+            handle.attach()
+        try:
+            return methods[n](ids)
+        finally:
+            if n == "interp (attached handle)":
+                handle.remove()
+
     with torch.inference_mode():
-        ref_logits = methods["interp"](ids)
-        max_diff = {n: float((f(ids) - ref_logits).abs().max()) for n, f in methods.items()}  # also warms up
+        ref_logits = call("interp")
+        max_diff = {n: float((call(n) - ref_logits).abs().max()) for n in methods}  # also warms up
         times: dict[str, list[float]] = {n: [] for n in methods}
         names = list(methods)
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for n in order:
+                if _hooks(model):
+                    raise RuntimeError(f"round {r}: the model holds hooks before {n!r} runs")
+                attached = n == "interp (attached handle)"
+                if attached:
+                    handle.attach()
                 sync()
                 t = time.perf_counter()
                 methods[n](ids)
                 sync()
                 times[n].append(time.perf_counter() - t)
+                if attached:
+                    handle.remove()
             if rounds <= 30 or (r + 1) % 25 == 0:
                 print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f}ms" for n in names),
                       flush=True)
@@ -199,8 +224,7 @@ def main(argv=None) -> int:
     for (batch, seq), n_rounds in zip(args.shapes, rounds):
         print(f"\nshape {batch}x{seq}, {n_rounds} rounds")
         ids = torch.randint(100, len(tok), (batch, seq), generator=g).to(device)
-        shapes.append(time_shape(methods, ids, n_rounds, sync))
-    handle.remove()
+        shapes.append(time_shape(methods, ids, n_rounds, sync, model, handle))
     try:
         load = os.getloadavg()
     except OSError:

@@ -11,9 +11,11 @@ and batch for everyone. Measured:
 * code parity: ours in overcomplete's mode (``coefficients="signed_max"``, accumulate, no decoder
   bias) against ``MpSAE.encode`` with the same dictionary; ours in SAELens' mode (``nonneg``,
   accumulate, ``b_dec``) against SAELens' encoder;
-* encode rounds (``--rounds``): every encoder timed once per round, the order reversed every other
-  round, and the ratio taken between medians; the peers' timings swing up to 2x between runs on a
-  shared CPU, so the medians are the figures to quote (``rounds`` in the JSON).
+* encode rounds and train-step rounds (``--rounds``): every encoder (every implementation's train step) timed
+  once per round, the order reversed every other round, and the ratio taken between medians; the peers'
+  timings swing up to 2x between runs on a shared CPU, so the medians are the figures to quote (``rounds`` and
+  ``train_rounds`` in the JSON). Every timed function is called once untimed first, ours and the peers' alike,
+  and the single-call rows keep the best of ``--reps`` (``--peer-reps``, default the same) calls.
 
 SAELens runs with ``residual_threshold=0``, ``max_iterations=n_steps`` and
 ``stop_on_duplicate_support=False`` so that it takes exactly ``n_steps`` steps like the others.
@@ -81,7 +83,11 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn, reps: int, warmup: bool = True) -> float:
+    """Best of `reps` calls, after one untimed call (first-call costs, an optimizer's state) for every side alike:
+    only our side had one before, and the peers' single timed call was their first ever."""
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(reps):
         _sync()
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--n-steps", type=int, default=32, help="matching-pursuit steps per row")
     p.add_argument("--batch", type=int, default=2048)
     p.add_argument("--reps", type=int, default=2, help="repetitions of our own timings (best kept)")
-    p.add_argument("--peer-reps", type=int, default=1)
+    p.add_argument("--peer-reps", type=int, default=None, help="repetitions of the peers' timings (default: "
+                   "--reps; every side is warmed up once first)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     p.add_argument("--overcomplete-bypass", action="store_true")
     p.add_argument("--rounds", type=int, default=5, help="encode rounds in alternating order (medians reported)")
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     if a.quick:
         a.d_model, a.d_sae, a.n_steps, a.batch, a.reps, a.rounds = 32, 128, 4, 64, 1, 2
+    a.peer_reps = a.reps if a.peer_reps is None else a.peer_reps
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -168,7 +176,6 @@ def main(argv: list[str] | None = None) -> dict:
         return step
 
     our_step = train_step(ours)
-    our_step()
     t_train = timed(our_step, a.reps)
     mem = saved_bytes(lambda: ours.training_loss(x, TrainState(step=0, global_rows=B)))
     add("ours (nonneg, accumulate) train step", seconds=t_train, saved_bytes=mem)
@@ -184,14 +191,12 @@ def main(argv: list[str] | None = None) -> dict:
         auto = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps).to(dev)
         auto.load_state_dict(ours.state_dict())
         auto_step = train_step(auto, bf16=True)
-        auto_step()
         t_train_autocast = timed(auto_step, a.reps)
         add("ours train step, bf16 autocast (TrainConfig(bf16=True))", seconds=t_train_autocast)
         ours.eval()
         low = build("mpsae", d_model=d, d_sae=m, n_steps=n_steps, pursuit_dtype="bfloat16").to(dev).eval()
         low.load_state_dict(ours.state_dict())
-        low.encode(x)  # the bf16 Gram matrix is cached, as for the warm fp32 row
-        t_low = timed(lambda: low.encode(x), a.reps)
+        t_low = timed(lambda: low.encode(x), a.reps)  # the warm-up caches the bf16 Gram matrix, as for fp32
         r32, r16 = ours.pursue(x), low.pursue(x)
         total = (x - x.mean(0)).pow(2).sum()
         fvu32, fvu16 = float((x - r32.x_hat).pow(2).sum() / total), float((x - r16.x_hat).pow(2).sum() / total)
@@ -280,12 +285,21 @@ def main(argv: list[str] | None = None) -> dict:
         encoders["overcomplete MpSAE encode"] = lambda: oc.encode(x)
     ours.eval()
     rounds = encode_rounds(encoders, a.rounds)
+    steps = {"ours (nonneg, accumulate) train step": our_step}
+    if sl_row:
+        steps["SAELens MatchingPursuit train step"] = sl_step
+    if oc_row:
+        oc.train()
+        steps["overcomplete MpSAE train step"] = oc_step
+    ours.train()
+    train_rounds = alternating_rounds(steps, a.rounds)
     peers = [r for r in (sl_row, oc_row) if r]
     speedup = {}
     if peers:
         speedup = {"encode_vs_faster_peer_warm": min(r["encode"] for r in peers) / warm,
                    "encode_vs_faster_peer_cold": min(r["encode"] for r in peers) / cold,
-                   "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train}
+                   "train_step_vs_faster_peer": min(r["train"] for r in peers) / t_train,
+                   "train_step_vs_faster_peer_median": train_rounds["faster_peer_over_ours_median"]}
         if not bf16_skipped:
             speedup["train_step_bf16_gram_vs_faster_peer"] = min(r["train"] for r in peers) / t_train_bf16
             speedup["train_step_bf16_autocast_vs_faster_peer"] = min(r["train"] for r in peers) / t_train_autocast
@@ -304,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "dtype": "float32 (rows naming bf16: see the module docstring)", "device": str(dev),
                          "threads": torch.get_num_threads(), "reps_ours": a.reps, "reps_peers": a.peer_reps,
                          **({"bf16_skipped": bf16_skipped} if bf16_skipped else {})},
-              "rows": rows, "speedup": speedup, "rounds": rounds,
+              "rows": rows, "speedup": speedup, "rounds": rounds, "train_rounds": train_rounds,
               "versions": {"torch": torch.__version__, "python": platform.python_version(),
                            "sae_lens": _version("sae_lens"), "overcomplete": _version("overcomplete")},
               "command": " ".join(["python", "benchmarks/mp_sae.py", *sys.argv[1:]]),  # no path of this machine
@@ -322,22 +336,32 @@ def main(argv: list[str] | None = None) -> dict:
 def encode_rounds(encoders: dict, n_rounds: int) -> dict:
     """Each encoder once per round, in the given order on even rounds and reversed on odd ones;
     per-round seconds, medians, and our warm encode against the faster peer's median."""
+    out = alternating_rounds(encoders, n_rounds)
+    if "faster_peer_over_ours_median" in out:
+        out["encode_vs_faster_peer_warm_median"] = out.pop("faster_peer_over_ours_median")
+    return out
+
+
+def alternating_rounds(fns: dict, n_rounds: int) -> dict:
+    """Each function once per round (the first named is ours), in the given order on even rounds and reversed on
+    odd ones; per-round seconds, medians, and the faster peer's median over ours (``faster_peer_over_ours_median``).
+    Every side has had its warm-up call before (:func:`timed`)."""
     import statistics
 
-    names = list(encoders)
+    names = list(fns)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     for r in range(n_rounds):
         for name in names if r % 2 == 0 else names[::-1]:
             _sync()
             t = time.perf_counter()
-            encoders[name]()
+            fns[name]()
             _sync()
             seconds[name].append(time.perf_counter() - t)
     median = {name: statistics.median(v) for name, v in seconds.items()}
     out = {"rounds": n_rounds, "order": names, "seconds": seconds, "median_seconds": median}
     peers = [median[n] for n in names[1:]]
     if peers:
-        out["encode_vs_faster_peer_warm_median"] = min(peers) / median[names[0]]
+        out["faster_peer_over_ours_median"] = min(peers) / median[names[0]]
     return out
 
 

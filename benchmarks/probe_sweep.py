@@ -50,6 +50,15 @@ def synthetic(n_layers: int, n: int, d: int, seed: int = 0) -> tuple[list[torch.
     return layers, y
 
 
+def import_sklearn() -> None:
+    """Import what :func:`run_sklearn` uses before the clock starts: timed inside it, about 1 s of scikit-learn,
+    scipy and pandas imports counted as the peer's work (``import probes`` loads none of them)."""
+    import sklearn.feature_selection  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.preprocessing  # noqa: F401
+
+
 def run_sklearn(layers, y, train, test, ks, C):
     from sklearn.feature_selection import f_classif
     from sklearn.linear_model import LogisticRegression
@@ -101,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     peer, t_peer, c_peer = {}, None, None
     if not args.skip_sklearn:
+        import_sklearn()
         t0, c0 = time.perf_counter(), time.process_time()
         peer = run_sklearn(layers, y, train, test, ks, 1.0)
         t_peer, c_peer = time.perf_counter() - t0, time.process_time() - c0
@@ -134,8 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
         "cells": [{"layer": int(layer), "k": k, "f1_probes": ours[(layer, k)], "f1_sklearn": peer.get((layer, k))}
                   for layer, k in sorted(ours, key=lambda c: (int(c[0]), c[1]))],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "note": "single-threaded on a 2-core CPU; load_average_1min tells whether other jobs shared the machine "
-                "(about 1 or less: quiet). CPU seconds (process time) are less affected by sharing than wall seconds",
+        "note": f"torch threads {torch.get_num_threads()} on a {os.cpu_count()}-core machine ({args.device}); "
+                "scikit-learn's BLAS threads as thread_env says (unset: its default); load_average_1min tells whether "
+                "other jobs shared the machine. CPU seconds (process time, every thread) are less affected by "
+                "sharing than wall seconds; the scikit-learn imports are done before either clock starts",
         "load_average_1min": {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)},
         "command": "python benchmarks/probe_sweep.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "skip_sklearn", "quick")),

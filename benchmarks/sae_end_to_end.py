@@ -338,7 +338,9 @@ def run_sparsify(spec: dict, out: Path, count: Counter):
     trainer.fit()
     t2 = time.perf_counter()
     sae = trainer.saes[spec["hookpoint"]]
-    return t1 - t0, t2 - t1, count.sae_rows, lambda x: sae(x).sae_out, {"path": "sparsify.Trainer"}
+    # evaluated in fp32: its forward is decorated with bf16 autocast on CUDA (the undecorated one is __wrapped__)
+    forward = getattr(type(sae).forward, "__wrapped__", type(sae).forward)
+    return t1 - t0, t2 - t1, count.sae_rows, lambda x: forward(sae, x).sae_out, {"path": "sparsify.Trainer"}
 
 
 RUNNERS = {"interp": run_interp, "saelens": run_saelens, "sparsify": run_sparsify}

@@ -324,13 +324,20 @@ def start_from_sparsify(sae: torch.nn.Module, seed: int = 0) -> None:
     sae.W_dec.copy_(sc.W_dec)
 
 
+def sparsify_fp32(sae):
+    """``x -> x_hat`` of a sparsify SAE in fp32: ``SparseCoder.forward`` is decorated with bf16 autocast on CUDA,
+    which turned the evaluation's ``autocast(enabled=False)`` back on inside the call."""
+    forward = getattr(type(sae).forward, "__wrapped__", type(sae).forward)
+    return lambda x: forward(sae, x).sae_out
+
+
 def run_sparsify(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
     n, d = len(train), train[0].shape[-1]
     sae = sparse_coder(d, d_sae, k, device, seed)
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, n))
     since = torch.zeros(d_sae, dtype=torch.long, device=device)
-    timer.watch(sae, lambda x: sae(x).sae_out)
+    timer.watch(sae, sparsify_fp32(sae))
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step, x in enumerate(train):
         timer.tick()
@@ -350,7 +357,7 @@ def run_sparsify(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16:
         sched.step()
     sae.set_decoder_norm_to_unit_norm()
     timer.tick()
-    return lambda x: sae(x).sae_out
+    return sparsify_fp32(sae)
 
 
 def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, seed: int = 0, bf16: bool = False):
@@ -377,7 +384,7 @@ def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, seed: int = 0
             for p, v in zip(sae.parameters(), kept):
                 p.copy_(v)
 
-    timer.watch(sae, lambda x: sae(x).sae_out, around=(averaged_in, training_back))
+    timer.watch(sae, sparsify_fp32(sae), around=(averaged_in, training_back))
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     for step, x in enumerate(train):
         timer.tick()
@@ -392,7 +399,7 @@ def run_sparsify_signum(train, lr, k, d_sae, device, timer: Timer, seed: int = 0
         opt.zero_grad()
     opt.eval()
     timer.tick()
-    return lambda x: sae(x).sae_out
+    return sparsify_fp32(sae)
 
 
 RUNNERS = {"interp": run_ours, "saelens": run_saelens, "sparsify": run_sparsify,
