@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from interp.edits import Edit, EditContext, as_edit
-from interp.errors import InputError
+from interp.errors import InputError, SiteError
 from interp.positions import Positions, as_positions, is_dict_form
 from interp.precision import outside_stacklevel
 from interp.sites import Site, add_write_hook, blocks_path, hooks_alive, remove_hooks, resolve, unwrap, warn_if_bridged
@@ -139,7 +139,14 @@ class Intervention:
         if text and tokenizer is None:
             raise InputError(f"positions={text[0].spec!r} selects by text, so intervene needs tokenizer=... to read "
                              "the prompt's tokens (or bind it first with Positions.bind)")
-        self._owner = blocks_owner(model)
+        try:
+            self._owner = blocks_owner(model)
+        except SiteError as e:
+            if "two stacks of blocks" not in str(e):
+                raise
+            raise SiteError(f"intervene edits models with one stack of blocks; {type(unwrap(model)).__name__} has an "
+                            "encoder and a decoder (capture reads either through an HF module path, e.g. "
+                            "'encoder.layers.0'; editing them is not supported)") from None
         self._pass = _Pass()
         self._handles: list = []
         self._depth = 0  # nested `with` blocks on this object

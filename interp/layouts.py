@@ -17,6 +17,8 @@ child names, and :mod:`interp.sites` only accepts the sites of a discovered layo
 
 The blocks themselves are found here too (:func:`find_blocks`: the largest ModuleList of identical
 modules), through a TransformerLens ``TransformerBridge`` when one wraps the model (:func:`unwrap`).
+An encoder-decoder model has two such stacks; its block sites are refused, and raw module paths
+name either stack.
 """
 
 from __future__ import annotations
@@ -62,8 +64,15 @@ class Layout:
     """``"path:input"`` of a module that reads the stream between attention and MLP (a pre-MLP norm;
     written as ``resid_pre + attn_out`` through ``attn_out``), or ``"path"`` of a module whose output
     is that stream (read and written there). None for parallel blocks."""
-    parallel: bool = False
-    """Attention and MLP both read ``resid_pre``; the block adds both outputs to it."""
+    resid_in: str | None = None
+    """A module whose first input is ``resid_pre`` as the block's own code receives it (after every
+    pre-hook on the block has run): the input norm, or the attention where nothing comes before it. A
+    ``"path:input"`` resid_mid is written as ``resid_pre + attn_out`` with ``resid_pre`` read there."""
+    parallel: bool | None = False
+    """Attention and MLP both read ``resid_pre``; the block adds both outputs to it. None: not known from
+    the child names (a discovered layout with no pre-MLP norm); :func:`check_layout` tells by steering
+    attention and reading the MLP's input, and checks ``resid_post = resid_pre + attn_out + mlp_out``,
+    which holds either way."""
     scale: str | None = None
     """Config attribute that multiplies the attention and MLP outputs before they are added to the
     residual stream (Granite's ``residual_multiplier``); ``attn_out``/``mlp_out`` include it."""
@@ -95,12 +104,14 @@ def _parallel(lay: Layout) -> Layout:
 
 
 _LLAMA = Layout(attn_out="self_attn", mlp_out="mlp", mlp_post="mlp.down_proj:input",
-                resid_mid="post_attention_layernorm:input")
+                resid_mid="post_attention_layernorm:input", resid_in="input_layernorm")
 _MOE_LLAMA = replace(_LLAMA, refused={"mlp.hook_post": _MOE})
 _NORMED_OUT = Layout(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm",
-                     mlp_post="mlp.down_proj:input", resid_mid="pre_feedforward_layernorm:input")  # Gemma 2/3
-_OLMO2 = replace(_NORMED_OUT, resid_mid="mlp:input")  # normalises the outputs; the MLP reads the stream as is
-_GPT2 = Layout(attn_out="attn", mlp_out="mlp", mlp_post="mlp.c_proj:input", resid_mid="ln_2:input")
+                     mlp_post="mlp.down_proj:input", resid_mid="pre_feedforward_layernorm:input",
+                     resid_in="input_layernorm")  # Gemma 2/3
+# OLMo 2 normalises the outputs: attention and MLP read the stream as is
+_OLMO2 = replace(_NORMED_OUT, resid_mid="mlp:input", resid_in="self_attn")
+_GPT2 = Layout(attn_out="attn", mlp_out="mlp", mlp_post="mlp.c_proj:input", resid_mid="ln_2:input", resid_in="ln_1")
 _GPTJ = _parallel(Layout(attn_out="attn", mlp_out="mlp", mlp_post="mlp.fc_out:input", resid_mid=None))
 _BERT = Layout(attn_out="attention.output.dense", mlp_out="output.dense", mlp_post="output.dense:input",
                resid_mid="attention", post_norms=("attention.output.LayerNorm", "output.LayerNorm"))
@@ -108,19 +119,19 @@ _BERT = Layout(attn_out="attention.output.dense", mlp_out="output.dense", mlp_po
 
 def _gpt_neox(cfg) -> Layout:
     lay = Layout(attn_out="post_attention_dropout", mlp_out="post_mlp_dropout", mlp_post="mlp.dense_4h_to_h:input",
-                 resid_mid="post_attention_layernorm:input")
+                 resid_mid="post_attention_layernorm:input", resid_in="input_layernorm")
     return _parallel(lay) if getattr(cfg, "use_parallel_residual", True) else lay
 
 
 def _stablelm(cfg) -> Layout:
     lay = Layout(attn_out="self_attn", mlp_out="dropout", mlp_post="mlp.down_proj:input",
-                 resid_mid="post_attention_layernorm:input")
+                 resid_mid="post_attention_layernorm:input", resid_in="input_layernorm")
     return _parallel(lay) if getattr(cfg, "use_parallel_residual", False) else lay
 
 
 def _falcon(cfg) -> Layout:
     lay = Layout(attn_out="self_attention", mlp_out="mlp", mlp_post="mlp.dense_4h_to_h:input",
-                 resid_mid="post_attention_layernorm:input")
+                 resid_mid="post_attention_layernorm:input", resid_in="input_layernorm")
     parallel = getattr(cfg, "new_decoder_architecture", False) or getattr(cfg, "parallel_attn", True)
     return _parallel(lay) if parallel else lay
 
@@ -146,7 +157,7 @@ def _opt(cfg) -> Layout:
     flat = ("mlp.hook_post", "hook_mlp_out")
     if getattr(cfg, "do_layer_norm_before", True):
         return Layout(attn_out="self_attn", mlp_out="fc2", mlp_post="fc2:input", resid_mid="final_layer_norm:input",
-                      flat=(*flat, "hook_resid_mid"))
+                      resid_in="self_attn_layer_norm", flat=(*flat, "hook_resid_mid"))
     return Layout(attn_out="self_attn", mlp_out="fc2", mlp_post="fc2:input", resid_mid="self_attn_layer_norm",
                   post_norms=("self_attn_layer_norm", "final_layer_norm"), flat=flat)
 
@@ -161,7 +172,7 @@ LAYOUTS: dict[str, Layout | Callable[[object], Layout]] = {
     "olmo2": _OLMO2,
     "olmo3": _OLMO2,
     "phi3": Layout(attn_out="resid_attn_dropout", mlp_out="resid_mlp_dropout", mlp_post="mlp.down_proj:input",
-                   resid_mid="post_attention_layernorm:input"),
+                   resid_mid="post_attention_layernorm:input", resid_in="input_layernorm"),
     "phi": _parallel(Layout(attn_out="self_attn", mlp_out="mlp", mlp_post="mlp.fc2:input", resid_mid=None)),
     "cohere": _parallel(replace(_LLAMA, resid_mid=None)),
     "gpt2": _GPT2,
@@ -195,6 +206,7 @@ def find_blocks(model: nn.Module) -> nn.ModuleList:
 
     Matches ``config.num_hidden_layers`` where the config has it. The path found is remembered per
     model and re-checked (still a non-empty ModuleList of one module type) on every later call.
+    Raises :class:`SiteError` for a model with an encoder stack and a decoder stack, naming both.
     """
     return blocks_path(model)[1]
 
@@ -207,13 +219,10 @@ def blocks_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
         mod = submodule(model, path) if path else model
         if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1:
             return path, mod
+    _refuse_two_stacks(model)
     n_expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     best, best_name, best_size = None, "", -1
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
+    for name, mod in _stacks(model):
         if n_expected is not None and len(mod) != n_expected:
             continue
         size = sum(p.numel() for p in mod.parameters())
@@ -232,6 +241,29 @@ def blocks_path(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best_name, best
 
 
+def _stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every non-empty ModuleList of modules of one type, with its dotted path."""
+    return [(name, mod) for name, mod in model.named_modules()
+            if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1]
+
+
+def _refuse_two_stacks(model: nn.Module) -> None:
+    """An encoder-decoder model has two stacks of blocks, so ``blocks.L`` would name either: refuse it."""
+    found = {}
+    for name, mod in _stacks(model):
+        parts = name.split(".")
+        for side in ("encoder", "decoder"):
+            if side in parts and side not in found:
+                found[side] = (name, mod)
+    if len(found) < 2:
+        return
+    (enc, enc_list), (dec, dec_list) = found["encoder"], found["decoder"]
+    raise SiteError(
+        f"{type(model).__name__} has two stacks of blocks, encoder {enc!r} ({len(enc_list)} blocks) and decoder "
+        f"{dec!r} ({len(dec_list)} blocks), so 'blocks.L' would not say which; name an HF module path of one "
+        f"instead, such as '{enc}.0' (its output) or '{dec}.0:input'")
+
+
 def submodule(root: nn.Module, path: str) -> nn.Module | None:
     """The module at dotted `path` inside `root`, or None."""
     try:
@@ -248,7 +280,10 @@ def warn_if_bridged(model: nn.Module) -> None:
     runs attention eagerly (while the config keeps saying e.g. ``sdpa``), so activations differ
     slightly from an unwrapped copy of the same model. Nothing here changes the attention implementation."""
     hf = unwrap(model)
-    blocks = find_blocks(hf)
+    try:
+        blocks = find_blocks(hf)
+    except SiteError:  # no single stack of blocks (raw module paths only): nothing of TransformerLens' to find
+        return
     if hf in _WARNED or (hf is model and not type(blocks[0]).__module__.startswith("transformer_lens")):
         return
     impl = getattr(getattr(hf, "config", None), "_attn_implementation", None)
@@ -266,7 +301,13 @@ def warn_if_bridged(model: nn.Module) -> None:
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn")
 _DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out")
-_MID_NORM_NAMES = ("post_attention_layernorm", "ln_2", "ffn_norm", "norm2")
+_MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "feedforward_layernorm", "ln_2",
+                   "ffn_norm", "norm2", "norm_2")
+"""Names of a norm that reads the stream between attention and MLP (a block that has both
+``pre_feedforward_layernorm`` and ``post_attention_layernorm`` normalises attention's output with the latter)."""
+_IN_NORM_NAMES = ("input_layernorm", "attention_layernorm", "ln_1", "norm1", "norm_1", "attention_norm",
+                  "self_attn_layer_norm")
+"""Names of a norm that reads ``resid_pre`` at the start of a block."""
 
 
 def listed_layout(config) -> Layout | None:
@@ -282,13 +323,15 @@ def discover_layout(block: nn.Module, config) -> Layout:
     mlp = next((n for n in _MLP_NAMES if n in names), None)
     down = next((f"{mlp}.{d}" for d in _DOWN_NAMES if mlp and f"{mlp}.{d}" in names), None)
     mid = next((n for n in _MID_NORM_NAMES if n in names), None)
+    # resid_pre as the block's code reads it: its input norm, else the attention (the check verifies either)
+    first = next((n for n in _IN_NORM_NAMES if n in names), attn)
     children = sorted(n for n in names if n and "." not in n)
     missing = f"its blocks' children ({children}) do not include the usual names for it"
     lay = Layout(attn_out=attn, mlp_out=mlp, mlp_post=f"{down}:input" if down else None,
-                 resid_mid=f"{mid}:input" if mid else None, discovered=True,
+                 resid_mid=f"{mid}:input" if mid else None, resid_in=first, discovered=True,
                  refused={k: missing for k, loc in (("hook_attn_out", attn), ("hook_mlp_out", mlp),
                                                     ("mlp.hook_post", down), ("hook_resid_mid", mid)) if loc is None})
     if getattr(config, "use_parallel_residual", False) or getattr(config, "parallel_attn", False):
         return _parallel(lay)
-    # No norm between attention and MLP found: the block may be parallel; the check tells.
-    return lay if mid else replace(lay, parallel=True)
+    # No norm between attention and MLP found: parallel or sequential, the check tells.
+    return lay if mid else replace(lay, parallel=None)

@@ -76,8 +76,21 @@ def layout_of(model: nn.Module) -> Layout:
 
 
 def is_parallel(model: nn.Module) -> bool:
-    """True when attention and MLP read the same residual (GPT-NeoX, GPT-J, Phi-2, Cohere, Falcon)."""
-    return layout_of(model).parallel
+    """True when attention and MLP read the same residual (GPT-NeoX, GPT-J, Phi-2, Cohere, Falcon).
+
+    For a family that is not listed, the layout check's verdict: it steers attention and reads the
+    MLP's input (:attr:`interp.layout_check.LayoutCheck.parallel`); raises :class:`SiteError` where it
+    could not tell."""
+    hf = unwrap(model)
+    lay = layout_of(hf)
+    if not lay.discovered:
+        return bool(lay.parallel)
+    check = _check(hf)
+    if check.parallel is None:
+        raise SiteError(f"cannot tell whether attention and MLP read the same residual in {type(hf).__name__} "
+                        f"(model type {getattr(getattr(hf, 'config', None), 'model_type', None)!r}): "
+                        f"{check.why_not_parallel}; add a Layout for it to interp.layouts.LAYOUTS")
+    return check.parallel
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,9 @@ class Site:
     """resid_mid of a pre-norm block is read at the pre-MLP norm's input but written as
     ``resid_pre + attn_out`` through this attn_out site (editing the norm's input would not reach
     the residual stream)."""
+    pre_in: Site | None = None
+    """With ``via``: where that write reads ``resid_pre``, the input of a module the block's code calls
+    with it (its input norm), so that every edit of ``resid_pre`` is in it, whenever it was registered."""
 
     def __repr__(self) -> str:
         return f"Site({self.name!r}, {type(self.module).__name__}:{self.io})"
@@ -130,7 +146,12 @@ def candidate_site(model: nn.Module, layer: int, kind: str, layout: Layout | Non
         scale = None if scale == 1.0 else scale
     site = Site(name, mod, io or "output", layer, order, block, scale=scale, flat=kind in lay.flat)
     if kind == "hook_resid_mid" and io == "input":
-        site = replace(site, via=candidate_site(hf, layer, "hook_attn_out", lay))
+        first = submodule(block, lay.resid_in) if lay.resid_in else None
+        if first is None:
+            raise refusal(hf, layer, kind, "it is written as resid_pre + attn_out, and no module of the block is "
+                          f"known to read resid_pre (expected {lay.resid_in!r})", lay)
+        site = replace(site, via=candidate_site(hf, layer, "hook_attn_out", lay),
+                       pre_in=Site(f"{name}:resid_pre", first, "input", layer, (layer, 0), block))
     return site
 
 
@@ -153,6 +174,9 @@ def refusal(model: nn.Module, layer: int, kind: str, why: str, layout: Layout | 
                      f"{why}; {alt}")
 
 
+_BOUNDARIES = ("hook_resid_pre", "hook_resid_post")
+"""The block's own input and output: given even where the check cannot run a forward pass."""
+
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """model -> its LayoutCheck, for models whose layout was discovered rather than listed."""
 
@@ -167,8 +191,11 @@ def _check(hf: nn.Module):
             got = check_layout(hf)
         except SiteError as exc:  # no forward pass to check with: only the block boundaries are given
             n = len(find_blocks(hf))
-            got = LayoutCheck(accepted=(), errors={}, refused={
-                f"blocks.{i}.{k}": str(refusal(hf, i, k, str(exc))) for i in range(n) for k in KINDS})
+            inside = [k for k in KINDS if k not in _BOUNDARIES]
+            got = LayoutCheck(accepted=tuple(f"blocks.{i}.{k}" for i in range(n) for k in _BOUNDARIES),
+                              errors={}, parallel=None, why_not_parallel=str(exc),
+                              refused={f"blocks.{i}.{k}": str(refusal(hf, i, k, str(exc))) for i in range(n)
+                                       for k in inside})
         try:
             _CHECKED[hf] = got
         except TypeError:  # not weakly referenceable: check again next time
@@ -187,7 +214,7 @@ def site_names(model: nn.Module) -> list[str]:
     for layer in range(n):
         for kind in KINDS:
             name = f"blocks.{layer}.{kind}"
-            if verified is not None and name not in verified and kind not in ("hook_resid_pre", "hook_resid_post"):
+            if verified is not None and name not in verified:
                 continue
             try:
                 candidate_site(hf, layer, kind, lay)
@@ -205,10 +232,10 @@ def resolve(model: nn.Module, name: str | Site) -> Site:
     if not isinstance(name, str):
         raise SiteError(f"a site is a string such as 'blocks.6.hook_resid_post'; got {type(name).__name__}: {name!r}")
     hf = unwrap(model)
-    blocks = find_blocks(hf)
     m = _SITE_RE.match(name)
     if m is None:
-        return _resolve_module_path(hf, blocks, name)
+        return _resolve_module_path(hf, name)
+    blocks = find_blocks(hf)
     layer, kind = int(m.group(1)), m.group(2)
     if layer >= len(blocks):
         raise SiteError(
@@ -216,14 +243,18 @@ def resolve(model: nn.Module, name: str | Site) -> Site:
             f"(layers 0..{len(blocks) - 1}). Closest: {closest(name, site_names(hf))}"
         )
     lay = layout_of(hf)
-    if lay.discovered and kind not in ("hook_resid_pre", "hook_resid_post"):
+    if lay.discovered:
         refused = _check(hf).refused.get(name)
         if refused is not None:
             raise SiteError(refused)
     return candidate_site(hf, layer, kind, lay)
 
 
-def _resolve_module_path(hf: nn.Module, blocks: nn.ModuleList, name: str) -> Site:
+def _resolve_module_path(hf: nn.Module, name: str) -> Site:
+    try:
+        blocks = find_blocks(hf)
+    except SiteError:  # no single stack (encoder-decoder): the path is read wherever it is, with no early stop
+        blocks = nn.ModuleList()
     path, _, io = name.partition(":")
     io = io or "output"
     if io not in ("input", "output"):
@@ -231,9 +262,10 @@ def _resolve_module_path(hf: nn.Module, blocks: nn.ModuleList, name: str) -> Sit
     mod = submodule(hf, path) if path else None
     if mod is None:
         mod_names = [n for n, _ in hf.named_modules() if n]
+        blocks_names = site_names(hf) if len(blocks) else []
         raise SiteError(
             f"unknown site {name!r}: neither a block site like 'blocks.6.hook_resid_post' nor a module "
-            f"of {type(hf).__name__}. Closest valid names: {closest(path, site_names(hf) + mod_names)}"
+            f"of {type(hf).__name__}. Closest valid names: {closest(path, blocks_names + mod_names)}"
         )
     layer = None
     for i, block in enumerate(blocks):
@@ -325,7 +357,10 @@ def add_read_hook(site: Site, fn: Callable[[torch.Tensor], None]) -> list:
 
 def add_write_hook(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> list:
     """Replace the site's value by ``fn(value)``; ``fn`` must return a new tensor (or the same
-    object to leave the forward pass untouched, bitwise). Returns the hook handles."""
+    object to leave the forward pass untouched, bitwise). Returns the hook handles.
+
+    A resid_mid write sees every edit of its block's resid_pre (any pre-hook of the block) and every
+    attn_out edit made here, whichever was registered first: they come before it in the forward pass."""
     if site.via is not None:  # resid_mid of a pre-norm block: written as resid_pre + attn_out
         state: dict[str, torch.Tensor] = {}
 
@@ -337,8 +372,34 @@ def add_write_hook(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> li
             new = fn(mid)
             return attn if new is mid else attn + (new - mid)
 
-        return [site.block.register_forward_pre_hook(keep_pre, with_kwargs=True),
-                *add_write_hook(site.via, through_attn)]
+        # First among the hooks of a module the block's code calls with resid_pre: after the block's own
+        # pre-hooks (resid_pre edits, registered before or after this one), before any edit of that module's input.
+        keep = site.pre_in.module.register_forward_pre_hook(keep_pre, with_kwargs=True, prepend=True)
+        handles = _register_write(site.via, through_attn)
+        _VIA[site.via.module] = [*_live(_VIA.get(site.via.module, [])), handles[-1]]
+        return [keep, *handles]
+    handles = _register_write(site, fn)
+    if site.io == "output":
+        _keep_via_last(site.module)
+    return handles
+
+
+_VIA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""attn_out module -> handles of the resid_mid writes made through its output, which run after every
+other write there (an attn_out edit comes before resid_mid in the forward pass)."""
+
+
+def _live(handles: list) -> list:
+    return [h for h in handles if hooks_alive([h])]
+
+
+def _keep_via_last(module: nn.Module) -> None:
+    """Move the resid_mid writes through this module's output behind the others, in their own order."""
+    for h in _live(_VIA.get(module, [])):
+        h.hooks_dict_ref().move_to_end(h.id)
+
+
+def _register_write(site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> list:
     handles, shape = _shape_keeper(site)
 
     def edited(raw: torch.Tensor) -> torch.Tensor | None:
