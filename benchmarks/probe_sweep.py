@@ -2,7 +2,9 @@
 
 Both sides see the same synthetic activations, the same train/test split and the same settings:
 standardise on the training rows, rank neurons by the ANOVA F-statistic, fit an L2 logistic
-regression (C=1, class_weight="balanced") on the top k neurons, score F1 on the test rows.
+regression (C=1, class_weight="balanced") on the top k neurons, score F1 on the test rows. Each of
+``--rounds`` rounds runs both, the order alternating; seconds are medians over the rounds and the speed-ups
+medians of the per-round ratios (every round in the JSON). scikit-learn's imports happen before any clock starts.
 
 Synthetic data (say so in the results): per layer, 576 Gaussian neurons, 20k examples, a binary
 label with 30% positives; 48 neurons per layer shift with the label, with effect sizes that decay
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -88,11 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layer-batch", type=int, default=10, help="layers fitted together by probes.sweep")
     ap.add_argument("--skip-sklearn", action="store_true")
     ap.add_argument("--device", default="cpu", help="where probes.sweep runs (cpu, cuda ...)")
-    ap.add_argument("--quick", action="store_true", help="2 layers x 400 examples x 64 neurons, k 1,2,4")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds, each side once per round, the order alternating; "
+                    "seconds are medians and speed-ups medians of the per-round ratios (default: 5)")
+    ap.add_argument("--quick", action="store_true", help="2 layers x 400 examples x 64 neurons, k 1,2,4, 2 rounds")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "probe_sweep.json"))
     args = ap.parse_args(argv)
     if args.quick:
-        args.layers, args.examples, args.dim, args.ks, args.layer_batch = 2, 400, 64, "1,2,4", 2
+        args.layers, args.examples, args.dim, args.ks, args.layer_batch, args.rounds = 2, 400, 64, "1,2,4", 2, 2
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1; got {args.rounds}")
     ks = tuple(int(k) for k in args.ks.split(","))
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     load_before = os.getloadavg()[0]
@@ -100,20 +107,39 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = train_test_split(len(y), 0.2, seed=0, stratify=y)
     acts = {str(i): x for i, x in enumerate(layers)}
 
-    sync()
-    t0, c0 = time.perf_counter(), time.process_time()
-    result = probes.sweep(acts, y, n_neurons=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch, top_n=0,
-                          device=args.device)
-    sync()
-    t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-    ours = {(r["site"], r["n_neurons"]): r["f1"] for r in result.records}
+    def run_ours():
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = probes.sweep(acts, y, n_neurons=ks, method="f_stat", C=1.0, seed=0, layer_batch=args.layer_batch,
+                           top_n=0, device=args.device)
+        sync()
+        return res, time.perf_counter() - t0, time.process_time() - c0
 
-    peer, t_peer, c_peer = {}, None, None
+    def run_peer():
+        t0, c0 = time.perf_counter(), time.process_time()
+        got = run_sklearn(layers, y, train, test, ks, 1.0)
+        return got, time.perf_counter() - t0, time.process_time() - c0
+
     if not args.skip_sklearn:
         import_sklearn()
-        t0, c0 = time.perf_counter(), time.process_time()
-        peer = run_sklearn(layers, y, train, test, ks, 1.0)
-        t_peer, c_peer = time.perf_counter() - t0, time.process_time() - c0
+    rounds = []
+    for r in range(args.rounds):  # alternating order: ours first in even rounds, scikit-learn first in odd ones
+        sides = ("probes.sweep", "sklearn_loop")[:: 1 if r % 2 == 0 else -1]
+        row: dict = {"order": [s for s in sides if s == "probes.sweep" or not args.skip_sklearn]}
+        for side in row["order"]:
+            if side == "probes.sweep":
+                result, row["wall_probes"], row["cpu_probes"] = run_ours()
+            else:
+                peer, row["wall_sklearn"], row["cpu_sklearn"] = run_peer()
+        rounds.append(row)
+    ours = {(r["site"], r["n_neurons"]): r["f1"] for r in result.records}
+    if args.skip_sklearn:
+        peer = {}
+    med = statistics.median
+    t_ours, c_ours = med(r["wall_probes"] for r in rounds), med(r["cpu_probes"] for r in rounds)
+    t_peer = c_peer = None
+    if peer:
+        t_peer, c_peer = med(r["wall_sklearn"] for r in rounds), med(r["cpu_sklearn"] for r in rounds)
     diffs = [abs(ours[c] - peer[c]) for c in ours] if peer else []
     print(f"{'':24}{'wall s':>10}{'CPU s':>10}{'cells':>8}")
     print(f"{'probes.sweep (torch)':24}{t_ours:10.2f}{c_ours:10.2f}{len(ours):8d}")
@@ -134,11 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
                      "thread_env": {v: os.environ.get(v)
                                     for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")},
                      "device": args.device, "quick": args.quick},
-        "wall_seconds": {"probes.sweep": round(t_ours, 3),
+        "wall_seconds": {"probes.sweep": round(t_ours, 3),  # medians over the rounds
                          "sklearn_loop": None if t_peer is None else round(t_peer, 3)},
         "cpu_seconds": {"probes.sweep": round(c_ours, 3), "sklearn_loop": None if c_peer is None else round(c_peer, 3)},
-        "speedup_wall": None if t_peer is None else round(t_peer / t_ours, 2),
-        "speedup_cpu": None if c_peer is None else round(c_peer / c_ours, 2),
+        # medians of the per-round ratios (the rounds alternate which side runs first)
+        "speedup_wall": None if t_peer is None else round(med(r["wall_sklearn"] / r["wall_probes"] for r in rounds), 2),
+        "speedup_cpu": None if c_peer is None else round(med(r["cpu_sklearn"] / r["cpu_probes"] for r in rounds), 2),
+        "rounds": rounds,
         "f1_abs_diff": {"max": max(diffs), "mean": float(np.mean(diffs)),
                         "cells_over_0.01": int(sum(d > 0.01 for d in diffs))} if diffs else None,
         "cells": [{"layer": int(layer), "k": k, "f1_probes": ours[(layer, k)], "f1_sklearn": peer.get((layer, k))}
