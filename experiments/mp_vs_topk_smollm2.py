@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
             tc = TrainConfig(total_tokens=a.batch * len(batches), batch_tokens=a.batch, lr=a.lr, progress=False,
                              log_every=max(1, len(batches) // 5))
             tr = Trainer(sae, tc).fit(batches)
-            row = {"arch": arch, "k": k, **evaluate(tr.saes_[""], test), "train_seconds": round(time.time() - t, 1),
+            # the rate it trained at: --lr None means the architecture's default, which changes between releases
+            row = {"arch": arch, "k": k, "lr": tc.lr_for(sae), **evaluate(tr.saes_[""], test),
+                   "train_seconds": round(time.time() - t, 1),
                    "train_fvu_history": [[h["tokens"], h[""]["fvu"]] for h in tr.history_]}
             print(json.dumps(row))
             results.append(row)

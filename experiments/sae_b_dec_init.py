@@ -258,7 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"cell {name} reads layer {cell['layer']}: pass {flag}")
         shrunk = dict(cell, d_sae=cell["d_sae"] // args.shrink, batch=cell["batch"] // args.shrink,
                       steps=max(2, cell["steps"] // args.shrink))
+        before = set(runs)
         run_cell(name, shrunk, caches[cell["layer"]], runs, save)
+        for key in set(runs) - before:  # each run records the invocation that made it ("command": the last one)
+            runs[key]["command"] = bench.recorded_command("experiments/sae_b_dec_init.py",
+                                                          sys.argv[1:] if argv is None else argv)
+        save()
     res = save()
     if res["summary"]:
         plot(res["summary"], out / "heldout_fvu_vs_typical_mean.png")

@@ -278,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "shrink": args.shrink, "training_rows": pool.shape[0], "held_out_rows": HELD_OUT // args.shrink,
                    "massive_rows_held_out": held["massive_held_out"], "massive_rows_training": held["massive_training"],
                    "torch_threads": torch.get_num_threads(),
+                   # the invocation that made this run (results.json's "command" is the last one)
+                   "command": bench.recorded_command("experiments/sae_lr_rule.py", argv or sys.argv[1:]),
                    **(run_peer(cell, pool, held) if mult == PEER else run(cell, mult, pool, held))}
             write_json(path, row)
             print(f"{name:28s} {mult!s:<8} held-out FVU {row['heldout_fvu']:.4f} "

@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
                        "distinct_training_rows": pool,
                        **run(train, held, arch, kwargs, seed, a.d_sae, min(LOG_EVERY, a.steps))}
                 row["seconds"] = round(time.perf_counter() - t0, 1)
+                # each run records the invocation that made it (the top-level "command" is the last one)
+                row["command"] = bench.recorded_command("experiments/sae_sparsity_defaults.py",
+                                                        sys.argv[1:] if argv is None else argv)
                 runs[key.format(arm)] = row
                 save()
                 print(f"layer {layer} seed {seed} {arm:22s} held-out FVU {row['heldout_fvu']:.4f} "

@@ -29,6 +29,7 @@ def test_study_reduced(tmp_path, experiment):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == res
     assert "CACHE" in res["command"] and str(cache) not in res["command"]
     runs = res["runs"]
+    assert all(r["command"] == res["command"] for r in runs.values())  # each run records its invocation
     cells = experiment.CELLS
     for name in CELLS:
         arms = {*experiment.ARMS, *(["sparsify"] if cells[name]["sparsify"] else []), *cells[name].get("extra", [])}

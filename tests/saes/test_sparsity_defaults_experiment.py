@@ -25,6 +25,7 @@ def test_study_reduced(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "heldout_fvu_vs_l0.png").stat().st_size > 0
     assert "CACHE" in res["command"] and str(cache) not in res["command"]
     assert len(res["runs"]) == 2 * len(arms)
+    assert all(r["command"] == res["command"] for r in res["runs"].values())  # each run records its invocation
     for r in res["runs"].values():
         assert 0 < r["heldout_fvu"] < 10 and 0 <= r["never_fire_on_heldout"] <= 1
         assert 0 < r["heldout_l0"] <= (32 if r["arch"] == "topk" else r["d_sae"])
