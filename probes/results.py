@@ -90,7 +90,11 @@ class SweepResult:
     def best(self, n_neurons: int | None = None, metric: str | None = None) -> dict:
         """The record with the highest `metric` (default: the first of :attr:`metrics`), among probes
         with `n_neurons` neurons when given. Records whose metric is NaN (undefined) are skipped;
-        InputError when every one is."""
+        InputError when every one is.
+
+        The metrics are test-split scores, so the best of several sites is chosen on the test split: its score
+        is optimistic by that choice. To report a held-out score for the chosen site, choose it on a validation
+        split (a sweep over the training rows only) and score that site on the test rows."""
         metric = metric or self.metrics[0]
         if metric not in self.metrics:
             raise InputError(f"metric={metric!r}; expected one of {self.metrics}")
