@@ -61,12 +61,14 @@ BEFORE_JUMPRELU = {"lr_scale": 1.0, "threshold_lr_factor": 1.0, "bandwidth": 1e-
 """JumpReLU's settings before this study, named in full so that a later default does not change the arm."""
 F30 = {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0, "ste_to_input": False}
 """JumpReLU after the first round (the thresholds' learning rate 30 times the SAE's), named in full."""
+DEC1 = {"dec_init_norm": 1.0}
+"""The ReLU decoder's initial row norm before round 3 (the arms run with it keep it)."""
 ARMS = {
     "topk_k32": ("topk", {"k": 32}),
-    "relu_l1_5e-4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 1.0}),
-    "relu_l1_2e-3": ("relu", {"l1_coeff": 2e-3, "lr_scale": 1.0}),
-    "relu_l1_5e-3": ("relu", {"l1_coeff": 5e-3, "lr_scale": 1.0}),
-    "relu_l1_1e-2": ("relu", {"l1_coeff": 1e-2, "lr_scale": 1.0}),
+    "relu_l1_5e-4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 1.0, **DEC1}),
+    "relu_l1_2e-3": ("relu", {"l1_coeff": 2e-3, "lr_scale": 1.0, **DEC1}),
+    "relu_l1_5e-3": ("relu", {"l1_coeff": 5e-3, "lr_scale": 1.0, **DEC1}),
+    "relu_l1_1e-2": ("relu", {"l1_coeff": 1e-2, "lr_scale": 1.0, **DEC1}),
     "jumprelu_before": ("jumprelu", BEFORE_JUMPRELU),
     "jumprelu_f10": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 10.0}),
     "jumprelu_f30": ("jumprelu", {**BEFORE_JUMPRELU, "threshold_lr_factor": 30.0}),
@@ -80,17 +82,22 @@ ARMS = {
     "jumprelu_f30_x8": ("jumprelu", {**F30, "lr_scale": 8.0, "threshold_lr_factor": 3.75}),
     "jumprelu_f30_x4_l0_3e-3": ("jumprelu", {**F30, "lr_scale": 4.0, "threshold_lr_factor": 7.5, "l0_coeff": 3e-3}),
     "jumprelu_f30_x4_bw0.05": ("jumprelu", {**F30, "lr_scale": 4.0, "threshold_lr_factor": 7.5, "bandwidth": 0.05}),
-    "relu_l1_5e-3_x4": ("relu", {"l1_coeff": 5e-3, "lr_scale": 4.0}),
-    "relu_l1_5e-4_x4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 4.0}),
-    "relu_l1_1e-2_x4": ("relu", {"l1_coeff": 1e-2, "lr_scale": 4.0}),
+    "relu_l1_5e-3_x4": ("relu", {"l1_coeff": 5e-3, "lr_scale": 4.0, **DEC1}),
+    "relu_l1_5e-4_x4": ("relu", {"l1_coeff": 5e-4, "lr_scale": 4.0, **DEC1}),
+    "relu_l1_1e-2_x4": ("relu", {"l1_coeff": 1e-2, "lr_scale": 4.0, **DEC1}),
     "batchtopk_k32": ("batchtopk", {"k": 32, "lr_scale": 1.0}),
     "batchtopk_k32_x4": ("batchtopk", {"k": 32, "lr_scale": 4.0}),
-    "relu_l1_2e-2": ("relu", {"l1_coeff": 2e-2, "lr_scale": 1.0}),
+    "relu_l1_2e-2": ("relu", {"l1_coeff": 2e-2, "lr_scale": 1.0, **DEC1}),
     "mpsae_n32": ("mpsae", {"n_steps": 32, "lr_scale": 1.0}),
     "mpsae_n32_x4": ("mpsae", {"n_steps": 32, "lr_scale": 4.0}),
     "mpsae_n32_x2": ("mpsae", {"n_steps": 32, "lr_scale": 2.0}),
     "mpsae_n32_x8": ("mpsae", {"n_steps": 32, "lr_scale": 8.0}),
     "mpsae_n32_x0.25": ("mpsae", {"n_steps": 32, "lr_scale": 0.25}),
+    # round 3: the ReLU decoder's initial row norm, on the fixed cache reader's batches (norm 1 rerun beside)
+    "relu_l1_5e-3_x4_rerun": ("relu", {"l1_coeff": 5e-3, "lr_scale": 4.0, **DEC1}),
+    "relu_l1_5e-3_x4_dec0.1": ("relu", {"l1_coeff": 5e-3, "lr_scale": 4.0, "dec_init_norm": 0.1}),
+    "relu_l1_1e-2_x4_dec0.1": ("relu", {"l1_coeff": 1e-2, "lr_scale": 4.0, "dec_init_norm": 0.1}),
+    "relu_l1_2e-2_x4_dec0.1": ("relu", {"l1_coeff": 2e-2, "lr_scale": 4.0, "dec_init_norm": 0.1}),
 }
 """Arm name: (architecture, config settings; ``lr_scale``: Adam's learning rate is the trainer's base rule
 :func:`saes.train_config.default_lr` times this, whatever the architecture's ``default_lr_factor``; without it,

@@ -46,7 +46,7 @@ _STEP = re.compile(r"^step_(\d{9,})$")
 
 NOT_RESULT = ("progress", "log_every", "wandb_project", "checkpoint_every", "keep_checkpoints", "nonfinite_guard")
 """TrainConfig fields that do not change the trained weights (a resume may change them freely)."""
-INIT_ONLY = ("enc_init_scale",)
+INIT_ONLY = ("enc_init_scale", "dec_init_norm")
 """SAE config fields that only set the initial weights, which a resume replaces by the checkpoint's: not
 compared (a checkpoint written before such a field existed resumes under the new default)."""
 FIXED_CONFIG = ("config.batch_tokens",)

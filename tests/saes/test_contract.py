@@ -150,7 +150,8 @@ def test_encoder_starts_as_the_scaled_decoder_transpose(arch, scale):
     sae = make(arch) if scale is None else make(arch, enc_init_scale=scale)
     want = saes.base.ENC_INIT_SCALE if scale is None else scale
     assert sae.cfg.enc_init_scale == want
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE))
+    rows = saes.relu.DEC_INIT_NORM if arch == "relu" else 1.0  # ReLU's decoder starts at 0.1 (dec_init_norm)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), rows))
     torch.testing.assert_close(sae.W_enc, want * sae.W_dec.T)
     assert torch.equal(sae.b_enc, torch.zeros(D_SAE)) and torch.equal(sae.b_dec, torch.zeros(D_MODEL))
 
@@ -277,3 +278,19 @@ def test_jumprelu_l0_penalty_reaches_the_encoder_only_with_ste_to_input():
 def test_bad_configs_name_the_field(arch, bad):
     with pytest.raises(saes.SAEError, match=next(iter(bad))):
         make(arch, **bad)
+
+
+@pytest.mark.parametrize("norm", [None, 1.0, 0.5])
+def test_relu_decoder_rows_start_at_dec_init_norm(norm):
+    """Unit rows started ReLU far above outputting zeros (FVU 15.7 against 2.05 on layer 12); the default is 0.1,
+    and the encoder is scaled with the decoder, so ``W_enc = enc_init_scale * W_dec.T`` still holds."""
+    torch.manual_seed(0)
+    sae = make("relu") if norm is None else make("relu", dec_init_norm=norm)
+    want = saes.relu.DEC_INIT_NORM if norm is None else norm
+    assert saes.relu.DEC_INIT_NORM == 0.1 and sae.cfg.dec_init_norm == want
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((D_SAE,), want))
+    torch.manual_seed(0)
+    unit = make("relu", dec_init_norm=1.0)
+    torch.testing.assert_close(sae.W_dec, want * unit.W_dec)  # the same draw, scaled
+    with pytest.raises(saes.SAEError, match="dec_init_norm must be a finite number > 0"):
+        make("relu", dec_init_norm=0)
