@@ -1,4 +1,5 @@
-"""``interp intervene SPEC``: run a declarative intervention experiment (see :mod:`interp.runner`).
+"""``interp intervene SPEC``: run a declarative intervention experiment (:mod:`interp.runner`; the spec format:
+:mod:`interp.intervene_spec`).
 
     interp intervene spec.yaml --out runs/friday     # writes results.csv + summary.json
 """
@@ -21,7 +22,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from interp.runner import load_spec, run_spec, write_result
+    from interp.intervene_spec import load_spec
+    from interp.runner import run_spec, write_result
 
     spec = load_spec(args.spec, out=args.out, device=args.device, batch_size=args.batch_size)
     result = run_spec(spec)

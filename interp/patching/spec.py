@@ -45,11 +45,11 @@ from typing import Any, Literal
 
 from interp.atomic import write_json
 from interp.errors import InputError
+from interp.intervene_spec import check_keys, read_rows
 from interp.patching.metrics import as_metric, fill_fields
 from interp.patching.result import PatchingResult, agreement
 from interp.patching.sweep import activation_patching, attribution_patching
 from interp.positions import as_positions
-from interp.runner import check_keys, read_rows
 
 _KEYS = {"model", "clean", "corrupted", "pairs", "dataset", "metric", "sites", "layers", "positions",
          "source_positions", "method", "direction", "subspace", "neurons", "per_neuron", "batch_size", "device", "out"}

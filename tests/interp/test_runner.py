@@ -12,7 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from interp.capture import tokenize
 from interp.errors import DataError, InputError
-from interp.runner import load_spec, resolve_positions, run_spec, spec_from_dict, write_result
+from interp.intervene_spec import load_spec, spec_from_dict
+from interp.runner import resolve_positions, run_spec, write_result
 from interp.subspace import CircleMap, Subspace
 
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -51,7 +52,7 @@ def _rows(tmp_path):
 def test_spec_validation_names_the_problem(tmp_path):
     base = {"model": "m", "site": "blocks.0.hook_resid_post", "prompts": ["a"], "metric": {"type": "kl"},
             "edit": {"type": "project_out"}}
-    with pytest.raises(InputError, match="unknown keys.*'sites'"):
+    with pytest.raises(InputError, match="unknown key 'sites'; it takes .*; did you mean 'site'"):
         spec_from_dict({**base, "sites": 1})
     with pytest.raises(InputError, match="type must be one of"):
         spec_from_dict({**base, "edit": {"type": "ablate_everything"}})

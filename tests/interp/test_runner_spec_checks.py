@@ -12,7 +12,8 @@ import pytest
 
 from interp.errors import InputError
 from interp.folders import LockError, folder_lock, temp_name
-from interp.runner import EDIT_KEYS, RunResult, load_spec, spec_from_dict, write_result
+from interp.intervene_spec import EDIT_KEYS, load_spec, spec_from_dict
+from interp.runner import RunResult, write_result
 
 VEC = [1.0] * 8
 BASE = {"model": "m", "site": "blocks.0.hook_resid_post", "prompts": ["a b", "c d"], "metric": {"type": "kl"},
@@ -122,7 +123,7 @@ def test_edit_names_are_text_before_they_are_compared():
 
 
 def test_top_level_typo_names_the_closest_key():
-    with pytest.raises(InputError, match=r"unknown keys \['promts'\].*did you mean 'prompts' for 'promts'\?"):
+    with pytest.raises(InputError, match=r"spec: unknown key 'promts'; it takes .*; did you mean 'prompts'\?"):
         spec_from_dict({**BASE, "promts": ["a"]})
 
 
