@@ -132,10 +132,8 @@ def fit_das(model: nn.Module, site: str, base: dict[str, Tensor], source: dict[s
             batch = {k: v[idx].to(device) for k, v in base.items() if isinstance(v, Tensor)}
             das.set_source(src[idx].to(device))
             with intervene(model, {site: das}, positions="last"):
-                logits = model(**batch).logits
-            last = last_token_index(batch["attention_mask"])
-            loss = nn.functional.cross_entropy(logits[torch.arange(len(idx), device=device), last].float(),
-                                               labels[idx].to(device))
+                logits = _last_logits(model, batch)
+            loss = nn.functional.cross_entropy(logits.float(), labels[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -169,9 +167,7 @@ def interchange_accuracy(model: nn.Module, site: str, das: RotatedPatch, base: d
             src = {k: v[lo:lo + batch_size] for k, v in source.items() if isinstance(v, Tensor)}
             das.set_source(capture(model, src, site, positions="last")[site].float().to(device))
             with torch.no_grad(), intervene(model, {site: das}, positions="last"):
-                logits = model(**rows).logits
-            last = last_token_index(rows["attention_mask"])
-            pred = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)].argmax(-1)
+                pred = _last_logits(model, rows).argmax(-1)
             hits += int((pred.cpu() == labels[lo:lo + batch_size].cpu()).sum())
     finally:
         das.source = kept
@@ -264,15 +260,20 @@ class CircleRotation(RotatedPatch):
                         orthonormalize=False)
 
 
-def _answer_logits(model: nn.Module, batch: dict[str, Tensor], class_tokens: Tensor) -> Tensor:
-    """Logits of the class tokens at each row's last real token ``[batch, n_classes]``."""
+def _last_logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Logits at each row's last real token ``[batch, vocab]`` (with left padding, or none, only the last
+    column's are computed)."""
     mask = batch["attention_mask"]
     last = last_token_index(mask)
-    if bool((last == mask.shape[1] - 1).all()):  # left padding (or none): only the last column's logits
-        rows = model(**batch, logits_to_keep=1).logits[:, -1]
-    else:
-        logits = model(**batch).logits
-        rows = logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
+    if bool((last == mask.shape[1] - 1).all()):
+        return model(**batch, logits_to_keep=1).logits[:, -1]
+    logits = model(**batch).logits
+    return logits[torch.arange(len(last), device=logits.device), last.to(logits.device)]
+
+
+def _answer_logits(model: nn.Module, batch: dict[str, Tensor], class_tokens: Tensor) -> Tensor:
+    """Logits of the class tokens at each row's last real token ``[batch, n_classes]``."""
+    rows = _last_logits(model, batch)
     return rows[:, class_tokens.to(rows.device)].float()
 
 

@@ -45,6 +45,17 @@ SPARSITY_FIELDS = (("k", "k"), ("n_steps", "MP steps"))
 ``k`` active latents per row (TopK; BatchTopK's batch mean), ``n_steps`` matching-pursuit steps."""
 
 
+def same_model(a: str, b: str) -> bool:
+    """Whether two model names (recorded in checkpoints, or given on the command line) name the same model: the
+    same text, names this project maps to the same Hub id (:data:`BASE_MODELS`: ``smollm2-135m`` and
+    ``HuggingFaceTB/SmolLM2-135M-Instruct``), or two paths to the same local folder."""
+    a, b = str(a), str(b)
+    if a == b or BASE_MODELS.get(a.lower(), a) == BASE_MODELS.get(b.lower(), b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
 def base_model(metadata: dict[str, Any]) -> str | None:
     """The Hub id of the model the SAE reads, where it can be told."""
     name = metadata.get("base_model") or metadata.get("model_name")

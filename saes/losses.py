@@ -86,7 +86,7 @@ def rows_of_batch(x: Tensor, state: TrainState) -> int:
         return state.global_rows
     if state.world_size > 1:
         raise InputError("TrainState.global_rows must be set under several processes (the global batch's rows)")
-    return max(x.reshape(-1, x.shape[-1]).shape[0], 1)
+    return max(x.numel() // x.shape[-1], 1)
 
 
 _TV_CHUNK = 1 << 22

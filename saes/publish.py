@@ -18,7 +18,7 @@ from typing import Any
 from interp.atomic import write_text
 from interp.errors import InterpError
 from saes.base import SAEError
-from saes.card import CARD_METRICS, DENSITY_PLOT, base_model, is_finite_number, plot_latent_density, render_card
+from saes.card import CARD_METRICS, DENSITY_PLOT, is_finite_number, plot_latent_density, render_card, same_model
 from saes.checkpoint import Checkpoint, read
 from saes.locate import CFG_FILENAME, SPARSITY_FILENAME, WEIGHTS_FILENAME, list_sites
 
@@ -66,18 +66,13 @@ def validate(folder: str | os.PathLike) -> dict[str, Checkpoint]:
                      "saes.checkpoint.annotate(folder, metrics={...}, sparsity=..., metadata={...})), then publish "
                      "again.")
     models = {site: ck.metadata.get("model_name") for site, ck in found.items() if ck.metadata.get("model_name")}
-    if len({model_key(m) for m in models.values()}) > 1:
+    if any(not same_model(m, next(iter(models.values()))) for m in models.values()):
         named = ", ".join(f"{site or '.'}: {m!r}" for site, m in models.items())
         parts.append(f"{folder}: the SAEs read different models ({named}), and a repository's card names one base "
                      "model; publish the SAEs of each model from a folder of their own.")
     if parts:
         raise PublishError("not ready to publish: " + " ".join(parts))
     return found
-
-
-def model_key(name: Any) -> Any:
-    """What two ``model_name`` values share when they name one model: the Hub id of a known alias, else the name."""
-    return base_model({"model_name": name}) or name
 
 
 def _missing(ckpt: Checkpoint) -> list[str]:

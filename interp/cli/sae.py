@@ -356,21 +356,11 @@ def first_rows(batches, site: str, n: int):
             return
 
 
-def same_model(a: str, b: str) -> bool:
-    """Whether two model names recorded or given name the same model: the same text, two aliases of the
-    embedded model, or two paths to the same local folder."""
-    from saes.card import BASE_MODELS
-
-    if a == b or (a.lower() in BASE_MODELS and b.lower() in BASE_MODELS):
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
 def _check_recorded_place(args: argparse.Namespace, meta: dict[str, Any], path: Path) -> None:
     """Refuse an evaluation at another site or of another model than the checkpoint records, when its metrics
     would be written into that checkpoint (they would be read as the SAE's own)."""
     from saes.base import SAEError
+    from saes.card import same_model
 
     hook, recorded = meta.get("hook_name"), meta.get("model_name")
     if args.site and hook and args.site != hook:
